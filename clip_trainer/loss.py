@@ -1,0 +1,97 @@
+"""CLIP's symmetric contrastive loss, over one process's batch or over the global batch of all processes.
+
+Plain functions over embeddings, so the maths is tested without a model or a trainer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def clip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """CLIP's symmetric cross-entropy over one batch of matching pairs.
+
+    Row `i` of `image_embeds` and row `i` of `text_embeds` are a pair; every other row is a negative. The loss is the
+    mean of the image-to-text and text-to-image cross-entropies of `logit_scale * image_embeds @ text_embeds.T`.
+
+    Args:
+        image_embeds (`torch.Tensor` of shape `(batch, dim)`): L2-normalised image embeddings.
+        text_embeds (`torch.Tensor` of shape `(batch, dim)`): L2-normalised text embeddings.
+        logit_scale (`torch.Tensor`, scalar): the inverse temperature, i.e. `exp` of the model's `logit_scale`.
+    """
+    logits_per_image = logit_scale * image_embeds @ text_embeds.T
+    labels = torch.arange(logits_per_image.shape[0], device=logits_per_image.device)
+    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_image.T, labels)) / 2
+
+
+def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    if tensor.shape[0] == rows:
+        return tensor
+    return torch.cat([tensor, tensor.new_zeros(rows - tensor.shape[0], *tensor.shape[1:])])
+
+
+def distributed_clip_loss(
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    logit_scale: torch.Tensor,
+    pad_to: int | None = None,
+    group: dist.ProcessGroup | None = None,
+) -> torch.Tensor:
+    """This process's share of the CLIP loss over the global batch of all processes.
+
+    Each process gathers every process's embeddings (gradients flow back to their owners through the gather) and
+    scores its own rows against all of them: memory grows as `local x global`, not `global x global`. Summed over
+    processes and divided by the world size, as DDP's gradient averaging does, the shares give exactly the loss and
+    gradients of [`clip_loss`] on the concatenated batch.
+
+    Args:
+        image_embeds, text_embeds (`torch.Tensor` of shape `(local_batch, dim)`): this process's normalised pairs.
+        logit_scale (`torch.Tensor`, scalar): the inverse temperature.
+        pad_to (`int`, *optional*): the largest local batch any process can have (the per-device batch size).
+            Local batches are padded to it and the padding is masked out, so processes may hold different numbers
+            of pairs (a skipped sample, an uneven last batch) without a host synchronisation to agree on sizes.
+        group: the process group; defaults to the world.
+    """
+    # Imported here: torch.distributed.nn pulls in RPC modules that a single-process run never needs.
+    from torch.distributed.nn.functional import all_gather
+
+    world_size = dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    local = image_embeds.shape[0]
+    rows = pad_to if pad_to is not None else local
+    if local > rows:
+        raise ValueError(f"A local batch of {local} pairs is larger than pad_to={rows}.")
+
+    valid = _pad_rows(torch.ones(local, dtype=torch.bool, device=image_embeds.device), rows)
+    all_valid = [torch.empty_like(valid) for _ in range(world_size)]
+    dist.all_gather(all_valid, valid, group=group)
+    column_valid = torch.cat(all_valid)
+    all_images = torch.cat(all_gather(_pad_rows(image_embeds, rows), group=group))
+    all_texts = torch.cat(all_gather(_pad_rows(text_embeds, rows), group=group))
+
+    labels = rank * rows + torch.arange(local, device=image_embeds.device)
+    # Padded columns get -inf logits: they are no negatives and take no gradient.
+    mask = torch.where(column_valid, 0.0, float("-inf")).to(image_embeds.dtype)
+    logits_image_to_text = logit_scale * image_embeds @ all_texts.T + mask
+    logits_text_to_image = logit_scale * text_embeds @ all_images.T + mask
+    total = F.cross_entropy(logits_image_to_text, labels, reduction="sum") + F.cross_entropy(
+        logits_text_to_image, labels, reduction="sum"
+    )
+    # Normalise by the global number of pairs, times the world size that DDP's averaging divides by again.
+    global_pairs = column_valid.sum()
+    return total / 2 / global_pairs * world_size
+
+
+def contrastive_loss(
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    logit_scale: torch.Tensor,
+    gather_negatives: bool = True,
+    pad_to: int | None = None,
+) -> torch.Tensor:
+    """[`distributed_clip_loss`] when several processes train and `gather_negatives` is on, else [`clip_loss`]."""
+    if gather_negatives and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return distributed_clip_loss(image_embeds, text_embeds, logit_scale, pad_to=pad_to)
+    return clip_loss(image_embeds, text_embeds, logit_scale)

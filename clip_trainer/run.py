@@ -1,0 +1,157 @@
+"""The whole run: arguments -> data -> processor and model -> trainer -> train / evaluate -> save (and push)."""
+
+from __future__ import annotations
+
+import logging as std_logging
+import os
+import sys
+
+import datasets
+from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils import logging
+
+from .arguments import CLIPTrainingArguments, ConfigError, DataArguments, ModelArguments, parse_arguments
+from .callbacks import FreezeTowersCallback
+from .collator import ImageTextCollator
+from .data import load_image_text_data, save_prepared_data
+from .modeling import image_input_size, load_clip_config, load_model, load_processor, max_text_positions
+from .trainer import CLIPContrastiveTrainer, check_metric_for_best_model
+
+logger = logging.get_logger("clip_trainer")
+
+
+def setup_logging(training_args: CLIPTrainingArguments) -> None:
+    """clip-trainer's own messages at INFO on the main process; the libraries at `log_level` (default: warnings)."""
+    std_logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%H:%M:%S",
+        handlers=[std_logging.StreamHandler(sys.stdout)],
+    )
+    library_level = training_args.get_process_log_level()
+    logging.set_verbosity(library_level)
+    datasets.utils.logging.set_verbosity(library_level)
+    logger.setLevel(std_logging.INFO if training_args.should_log else library_level)
+
+
+def check_arguments(model_args: ModelArguments, data_args: DataArguments, training_args: CLIPTrainingArguments):
+    """Every check that needs no data and no weights, so that a mistake stops the run in seconds.
+
+    Returns the model's `CLIPConfig` (loaded without weights).
+    """
+    config = load_clip_config(model_args)
+    positions = max_text_positions(config)
+    if data_args.max_seq_length is None:
+        data_args.max_seq_length = positions
+    elif data_args.max_seq_length > positions:
+        raise ConfigError(
+            f"`max_seq_length` is {data_args.max_seq_length} but the text model has {positions} positions; set it to "
+            f"{positions} or less."
+        )
+    check_metric_for_best_model(training_args, has_labels=data_args.label_column is not None)
+    if data_args.streaming and training_args.max_steps <= 0:
+        raise ConfigError("Streaming data has no known length: set `max_steps` (e.g. --max_steps 10000).")
+    return config
+
+
+def resolve_resume_checkpoint(training_args: CLIPTrainingArguments) -> str | None:
+    """`resume_from_checkpoint`: a path, or `true` for the newest checkpoint in `output_dir`."""
+    value = training_args.resume_from_checkpoint
+    if value is None or str(value).lower() in ("false", ""):
+        return None
+    if str(value).lower() != "true":
+        if not os.path.isdir(value):
+            raise ConfigError(f"`resume_from_checkpoint` is {value!r}, which is not a folder.")
+        return value
+    last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+    if last is None:
+        raise ConfigError(
+            f"`resume_from_checkpoint` is true but {training_args.output_dir!r} holds no checkpoint-* folder; "
+            "start without it, or give a checkpoint path."
+        )
+    return last
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    """Runs training and/or evaluation as configured; returns the final metrics."""
+    model_args, data_args, training_args = parse_arguments(argv)
+    setup_logging(training_args)
+    config = check_arguments(model_args, data_args, training_args)
+    resume_checkpoint = resolve_resume_checkpoint(training_args) if training_args.do_train else None
+
+    # --- data -------------------------------------------------------------------------------------------------
+    with training_args.main_process_first(desc="loading the data"):
+        data = load_image_text_data(data_args, seed=training_args.seed, cache_dir=model_args.cache_dir)
+    if data_args.prepare_only:
+        if training_args.should_save:
+            save_prepared_data(data, data_args, training_args.output_dir)
+            logger.info(f"Prepared data written to {training_args.output_dir}; train with --dataset_name pointing at it.")
+        return {}
+
+    # --- processor and model --------------------------------------------------------------------------------------
+    captions = None
+    if model_args.tokenizer_name is None and model_args.model_name_or_path is None:
+        captions = data.train.with_format(None)[data_args.caption_column]
+    processor = load_processor(model_args, config, captions)
+    model = load_model(model_args, config, processor.tokenizer)
+    shortest_edge, crop_size = image_input_size(processor.image_processor)
+    collator = ImageTextCollator(
+        tokenizer=processor.tokenizer,
+        shortest_edge=shortest_edge,
+        crop_size=crop_size,
+        max_seq_length=data_args.max_seq_length,
+        image_column=data_args.image_column,
+        caption_column=data_args.caption_column,
+        max_image_pixels=data_args.max_image_pixels,
+    )
+
+    # --- trainer ------------------------------------------------------------------------------------------------
+    callbacks = []
+    if model_args.freeze_vision_model or model_args.freeze_text_model:
+        callbacks.append(
+            FreezeTowersCallback(
+                model_args.freeze_vision_model, model_args.freeze_text_model, model_args.unfreeze_after_steps
+            )
+        )
+    trainer = CLIPContrastiveTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=data.train if training_args.do_train else None,
+        eval_dataset=data.validation if (training_args.do_eval or training_args.eval_strategy != "no") else None,
+        data_collator=collator,
+        processing_class=processor,
+        callbacks=callbacks,
+        class_names=data.class_names,
+        zeroshot_templates=data_args.zeroshot_templates,
+    )
+
+    # --- train and evaluate ---------------------------------------------------------------------------------------
+    results: dict[str, float] = {}
+    if training_args.do_train:
+        train_result = trainer.train(resume_from_checkpoint=resume_checkpoint)
+        trainer.save_model()  # model (safetensors), config and processor in output_dir
+        metrics = dict(train_result.metrics)
+        metrics["train_samples"] = len(data.train) if hasattr(data.train, "__len__") else trainer.state.global_step
+        trainer.log_metrics("train", metrics)
+        trainer.save_metrics("train", metrics)
+        trainer.save_state()
+        results.update(metrics)
+    if training_args.do_eval:
+        metrics = trainer.evaluate()
+        metrics["eval_samples"] = len(data.validation)
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+        results.update(metrics)
+    if training_args.do_eval and not training_args.do_train and training_args.should_save:
+        # An evaluation-only run leaves the processor beside its results so the folder documents what was measured.
+        processor.save_pretrained(training_args.output_dir)
+    return results
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """`run_clip.py`'s entry point: a configuration mistake prints one message and exits with status 2."""
+    try:
+        main(argv)
+    except ConfigError as error:
+        print(f"run_clip.py: error: {error}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,113 @@
+"""Shared fixtures: a tiny CLIP model saved to disk, and small image-caption data made on the fly."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+
+COLORS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 60, 220), "yellow": (230, 210, 20)}
+SHAPES = ("circle", "square", "triangle")
+BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0)}
+
+TINY_TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+TINY_VISION = {"image_size": 32, "patch_size": 8, **TINY_TEXT}
+
+
+def draw_shape(color: str, shape: str, background: str = "white", size: int = 48) -> Image.Image:
+    image = Image.new("RGB", (size, size), BACKGROUNDS[background])
+    draw = ImageDraw.Draw(image)
+    box = (size // 6, size // 6, size - size // 6, size - size // 6)
+    if shape == "circle":
+        draw.ellipse(box, fill=COLORS[color])
+    elif shape == "square":
+        draw.rectangle(box, fill=COLORS[color])
+    else:
+        draw.polygon([(size // 2, box[1]), (box[2], box[3]), (box[0], box[3])], fill=COLORS[color])
+    return image
+
+
+def shape_rows() -> list[tuple[str, str, str, str]]:
+    """Every (color, shape, background, caption): 24 distinct, learnable pairs."""
+    rows = []
+    for color, shape, background in itertools.product(COLORS, SHAPES, BACKGROUNDS):
+        rows.append((color, shape, background, f"a {color} {shape} on {background}"))
+    return rows
+
+
+def write_shapes_csv(folder: Path, repeats: int = 2, name: str = "pairs.csv") -> Path:
+    """Writes PNGs under `folder/images/` and a CSV of relative paths and captions; returns the CSV path."""
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "caption", "shape"])
+        for repeat in range(repeats):
+            for color, shape, background, caption in shape_rows():
+                file = f"images/{color}_{shape}_{background}_{repeat}.png"
+                draw_shape(color, shape, background, size=40 + 8 * repeat).save(folder / file)
+                writer.writerow([file, caption, shape])
+    return path
+
+
+@pytest.fixture(scope="session")
+def shapes_csv(tmp_path_factory) -> Path:
+    return write_shapes_csv(tmp_path_factory.mktemp("shapes"), repeats=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory) -> Path:
+    """A tiny random CLIP model with a caption tokenizer and a 32 px image processor, saved like a Hub model."""
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor
+
+    from clip_trainer.tokenization import text_config_token_ids, train_caption_tokenizer
+
+    captions = [caption for *_, caption in shape_rows()]
+    tokenizer = train_caption_tokenizer(captions * 4, vocab_size=300, model_max_length=16)
+    config = CLIPConfig(
+        text_config={**TINY_TEXT, "max_position_embeddings": 16, **text_config_token_ids(tokenizer)},
+        vision_config=TINY_VISION,
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    model = CLIPModel(config)
+    folder = tmp_path_factory.mktemp("tiny-clip")
+    model.save_pretrained(folder)
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def base_args(tiny_clip_dir, shapes_csv, tmp_path) -> list[str]:
+    """Command-line arguments for a fast CPU run of the tiny model on the shapes data."""
+    return [
+        "--model_name_or_path", str(tiny_clip_dir),
+        "--train_file", str(shapes_csv),
+        "--output_dir", str(tmp_path / "out"),
+        "--per_device_train_batch_size", "8",
+        "--per_device_eval_batch_size", "16",
+        "--learning_rate", "3e-3",
+        "--weight_decay", "0.0",
+        "--warmup_steps", "0",
+        "--lr_scheduler_type", "constant",
+        "--num_train_epochs", "2",
+        "--logging_steps", "2",
+        "--report_to", "none",
+        "--dataloader_num_workers", "0",
+        "--dataloader_persistent_workers", "false",
+        "--save_strategy", "no",
+        "--eval_strategy", "no",
+        "--use_cpu", "true",
+        "--seed", "1",
+    ]  # fmt: skip
