@@ -59,7 +59,9 @@ class ModelArguments:
     )
     image_processor_name: str | None = field(
         default=None,
-        metadata={"help": "Image processor to use (Hub id or folder). Defaults to the model's, or one sized for the config."},
+        metadata={
+            "help": "Image processor to use (Hub id or folder). Defaults to the model's, or one sized for the config."
+        },
     )
     tokenizer_vocab_size: int = field(
         default=4096,
@@ -71,7 +73,9 @@ class ModelArguments:
     freeze_text_model: bool = field(default=False, metadata={"help": "Keep the text tower's weights fixed."})
     unfreeze_after_steps: int | None = field(
         default=None,
-        metadata={"help": "Unfreeze the frozen tower(s) after this many optimizer steps. Empty: frozen for the whole run."},
+        metadata={
+            "help": "Unfreeze the frozen tower(s) after this many optimizer steps. Empty: frozen for the whole run."
+        },
     )
     dropout: float | None = field(
         default=None,
@@ -140,7 +144,9 @@ class DataArguments:
     dataset_config_name: str | None = field(default=None, metadata={"help": "The Hub dataset's configuration name."})
     train_file: str | None = field(
         default=None,
-        metadata={"help": "csv, json/jsonl or parquet file of training pairs; image paths are relative to its folder."},
+        metadata={
+            "help": "csv, json/jsonl or parquet file of training pairs; image paths are relative to its folder."
+        },
     )
     validation_file: str | None = field(
         default=None, metadata={"help": "csv, json/jsonl or parquet file of validation pairs (same format)."}
@@ -170,7 +176,9 @@ class DataArguments:
     )
     max_seq_length: int | None = field(
         default=None,
-        metadata={"help": "Longest caption in tokens; longer ones are truncated. Default and upper bound: the text model's positions."},
+        metadata={
+            "help": "Longest caption in tokens; longer ones are truncated. Default and upper bound: the text model's positions."
+        },
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only this many training pairs."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only this many validation pairs."})
@@ -219,10 +227,14 @@ class DataArguments:
                 f"`validation_split_percentage` is {self.validation_split_percentage}; it must be between 0 and 100."
             )
         if self.max_seq_length is not None and self.max_seq_length < 2:
-            raise ConfigError(f"`max_seq_length` is {self.max_seq_length}; it must be at least 2 (start and end token).")
+            raise ConfigError(
+                f"`max_seq_length` is {self.max_seq_length}; it must be at least 2 (start and end token)."
+            )
         for template in self.zeroshot_templates or []:
             if template.count("{}") != 1:
-                raise ConfigError(f"zero-shot template {template!r} must contain exactly one `{{}}` for the class name.")
+                raise ConfigError(
+                    f"zero-shot template {template!r} must contain exactly one `{{}}` for the class name."
+                )
 
 
 @dataclass
@@ -231,7 +243,9 @@ class CLIPTrainingArguments(TrainingArguments):
 
     # --- Parent defaults changed for CLIP -------------------------------------------------------------------------
     # The collator needs the raw image and caption columns; the Trainer must not drop them.
-    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep False: the collator reads raw columns."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Keep False: the collator reads raw columns."}
+    )
     # CLIP's own AdamW settings (Radford et al. 2021; open_clip): beta2 0.98, eps 1e-6, weight decay 0.2.
     adam_beta2: float = field(default=0.98, metadata={"help": "Adam beta2 (CLIP: 0.98)."})
     adam_epsilon: float = field(default=1e-6, metadata={"help": "Adam epsilon (CLIP: 1e-6)."})
@@ -256,12 +270,18 @@ class CLIPTrainingArguments(TrainingArguments):
         },
     )
     # Evaluate, log and keep the best and the last checkpoint every epoch, as the seed project did.
-    eval_strategy: IntervalStrategy | str = field(default="epoch", metadata={"help": "When to evaluate: no, steps or epoch."})
-    save_strategy: SaveStrategy | str = field(default="epoch", metadata={"help": "When to save a checkpoint: no, steps, epoch or best."})
+    eval_strategy: IntervalStrategy | str = field(
+        default="epoch", metadata={"help": "When to evaluate: no, steps or epoch."}
+    )
+    save_strategy: SaveStrategy | str = field(
+        default="epoch", metadata={"help": "When to save a checkpoint: no, steps, epoch or best."}
+    )
     save_total_limit: int | None = field(
         default=1, metadata={"help": "Checkpoints kept besides the best one (1: the best and the last)."}
     )
-    logging_steps: float = field(default=10, metadata={"help": "Log every N optimizer steps (or a fraction of the run)."})
+    logging_steps: float = field(
+        default=10, metadata={"help": "Log every N optimizer steps (or a fraction of the run)."}
+    )
     report_to: None | str | list[str] = field(
         default="tensorboard",
         metadata={"help": "Where to log: tensorboard, wandb, all, none, or a comma-separated list of them."},
@@ -287,13 +307,24 @@ class CLIPTrainingArguments(TrainingArguments):
             "(exact global-batch loss and gradients). False: negatives from the local batch only."
         },
     )
+    accumulation_mode: str = field(
+        default="cached",
+        metadata={
+            "help": "With gradient_accumulation_steps > 1: `cached` contrasts every pair of the whole accumulated "
+            "batch (per_device_train_batch_size x steps negatives, memory of one micro-batch: the GradCache "
+            "method); `independent` sums the micro-batches' own losses (fewer negatives, as plain accumulation).",
+            "choices": ["cached", "independent"],
+        },
+    )
     early_stopping_patience: int | None = field(
         default=None,
         metadata={"help": "Stop after this many evaluations without improvement of `metric_for_best_model`."},
     )
     early_stopping_threshold: float = field(
         default=0.0,
-        metadata={"help": "Smallest change of `metric_for_best_model` that counts as an improvement (the seed's min_delta)."},
+        metadata={
+            "help": "Smallest change of `metric_for_best_model` that counts as an improvement (the seed's min_delta)."
+        },
     )
     retrieval_chunk_size: int = field(
         default=1024, metadata={"help": "Queries ranked at once during retrieval evaluation (bounds its memory)."}

@@ -62,7 +62,9 @@ class ImageTextCollator:
             except BadSampleError as error:
                 self.skipped += 1
                 # Rows are checked for cheap faults before training; what is left (a corrupt file) is rare.
-                logger.warning(f"Skipping a sample that cannot be used ({error.reason}); {self.skipped} skipped so far.")
+                logger.warning(
+                    f"Skipping a sample that cannot be used ({error.reason}); {self.skipped} skipped so far."
+                )
                 if not self.keep_invalid_rows:
                     continue
                 pixels.append(np.zeros((3, *self.crop_size), dtype=np.uint8))

@@ -70,6 +70,9 @@ def _reference_values(args: Any) -> dict[str, Any]:
     Comparing against a fresh instance rather than the declared field defaults matters: `__post_init__` turns
     `"epoch"` into `IntervalStrategy.EPOCH`, `report_to="none"` into `[]`, and so on, and a subclass changes parent
     defaults. A class that cannot be built without arguments falls back to its declared defaults.
+
+    Building a `TrainingArguments` resets accelerate's global state, so call this before the trainer exists (run.py
+    does, right after parsing), never while it trains.
     """
     cls = type(args)
     try:
@@ -307,7 +310,10 @@ Zero-shot image classification, one caption per class:
 from transformers import pipeline
 
 classifier = pipeline("zero-shot-image-classification", model="{repo_id}")
-predictions = classifier("cat.jpg", candidate_labels=["a photo of a cat", "a photo of a dog"])
+# Each label is a whole caption, so the prompt template is the label itself.
+predictions = classifier(
+    "cat.jpg", candidate_labels=["a photo of a cat", "a photo of a dog"], hypothesis_template="{{}}"
+)
 print(predictions[0]["label"], predictions[0]["score"])
 ```
 
@@ -323,6 +329,7 @@ processor = AutoProcessor.from_pretrained("{repo_id}")
 
 images = [Image.open(path) for path in ["cat.jpg", "dog.jpg"]]
 texts = ["a photo of a cat", "a photo of a dog"]
+# In transformers 5, get_*_features return an output whose pooler_output is the projected embedding.
 with torch.inference_mode():
     image_embeds = model.get_image_features(**processor(images=images, return_tensors="pt")).pooler_output
     text_embeds = model.get_text_features(**processor(text=texts, padding=True, return_tensors="pt")).pooler_output

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging as std_logging
 import os
 import sys
+from pathlib import Path
 
 import datasets
 from transformers.trainer_utils import get_last_checkpoint
@@ -14,6 +15,8 @@ from .arguments import CLIPTrainingArguments, ConfigError, DataArguments, ModelA
 from .callbacks import FreezeTowersCallback
 from .collator import ImageTextCollator
 from .data import load_image_text_data, save_prepared_data
+from .hub import NETWORK_ERRORS, check_hub_access
+from .model_card import non_default_training_arguments
 from .modeling import image_input_size, load_clip_config, load_model, load_processor, max_text_positions
 from .trainer import CLIPContrastiveTrainer, check_metric_for_best_model
 
@@ -50,6 +53,9 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
     check_metric_for_best_model(training_args, has_labels=data_args.label_column is not None)
     if data_args.streaming and training_args.max_steps <= 0:
         raise ConfigError("Streaming data has no known length: set `max_steps` (e.g. --max_steps 10000).")
+    if training_args.push_to_hub and training_args.should_save:
+        # Known before hours of training: a missing token, no network, a repository this user cannot write.
+        training_args.hub_model_id = check_hub_access(training_args)
     return config
 
 
@@ -75,6 +81,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     """Runs training and/or evaluation as configured; returns the final metrics."""
     model_args, data_args, training_args = parse_arguments(argv)
     setup_logging(training_args)
+    # For the model card; computed now because it builds a default TrainingArguments, which resets accelerate's
+    # global state and so must not happen once the trainer exists.
+    hyperparameters = non_default_training_arguments(training_args) if training_args.should_save else {}
     config = check_arguments(model_args, data_args, training_args)
     resume_checkpoint = resolve_resume_checkpoint(training_args) if training_args.do_train else None
 
@@ -84,7 +93,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if data_args.prepare_only:
         if training_args.should_save:
             save_prepared_data(data, data_args, training_args.output_dir)
-            logger.info(f"Prepared data written to {training_args.output_dir}; train with --dataset_name pointing at it.")
+            logger.info(
+                f"Prepared data written to {training_args.output_dir}; train with --dataset_name pointing at it."
+            )
         return {}
 
     # --- processor and model --------------------------------------------------------------------------------------
@@ -112,7 +123,26 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 model_args.freeze_vision_model, model_args.freeze_text_model, model_args.unfreeze_after_steps
             )
         )
-    trainer = CLIPContrastiveTrainer(
+    try:
+        trainer = build_trainer(model, training_args, data, collator, processor, callbacks, data_args)
+    except NETWORK_ERRORS as error:  # `push_to_hub` creates the Hub repository in Trainer.__init__
+        if not training_args.push_to_hub:
+            raise
+        raise ConfigError(f"Cannot create the Hub repository {training_args.hub_model_id!r}: {error}") from None
+    trainer.card_info = {
+        "model_name": Path(training_args.output_dir).absolute().name,
+        "repo_id": training_args.hub_model_id,
+        "base_model": model_args.model_name_or_path,
+        "dataset_name": data_args.dataset_name or data_args.train_file,
+        "num_train_pairs": len(data.train) if training_args.do_train and hasattr(data.train, "__len__") else None,
+        "num_eval_pairs": len(data.validation) if data.validation is not None else None,
+        "hyperparameters": hyperparameters,
+    }
+    return run_stages(trainer, training_args, data, processor, resume_checkpoint)
+
+
+def build_trainer(model, training_args, data, collator, processor, callbacks, data_args) -> CLIPContrastiveTrainer:
+    return CLIPContrastiveTrainer(
         model=model,
         args=training_args,
         train_dataset=data.train if training_args.do_train else None,
@@ -124,7 +154,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         zeroshot_templates=data_args.zeroshot_templates,
     )
 
-    # --- train and evaluate ---------------------------------------------------------------------------------------
+
+def run_stages(trainer: CLIPContrastiveTrainer, training_args, data, processor, resume_checkpoint) -> dict[str, float]:
+    """Train, evaluate, document and publish, each as configured."""
     results: dict[str, float] = {}
     if training_args.do_train:
         train_result = trainer.train(resume_from_checkpoint=resume_checkpoint)
@@ -141,10 +173,28 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
         results.update(metrics)
+        trainer.final_eval_metrics = metrics
     if training_args.do_eval and not training_args.do_train and training_args.should_save:
         # An evaluation-only run leaves the processor beside its results so the folder documents what was measured.
         processor.save_pretrained(training_args.output_dir)
+
+    # --- document and publish -------------------------------------------------------------------------------------
+    if training_args.should_save and training_args.do_train:
+        trainer.create_model_card()  # README.md + training_curves.png in output_dir, pushed or not
+    if training_args.push_to_hub and training_args.do_train:
+        try:
+            trainer.push_to_hub(commit_message="Upload model trained with clip-trainer")
+        except NETWORK_ERRORS as error:
+            raise PushError(
+                f"Pushing to {training_args.hub_model_id!r} failed ({error}). The trained model is saved in "
+                f"{training_args.output_dir}; upload it later with `hf upload {training_args.hub_model_id} "
+                f"{training_args.output_dir}`."
+            ) from None
     return results
+
+
+class PushError(RuntimeError):
+    """Publishing failed after the model was saved locally."""
 
 
 def cli(argv: list[str] | None = None) -> int:
@@ -154,4 +204,7 @@ def cli(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"run_clip.py: error: {error}", file=sys.stderr)
         return 2
+    except PushError as error:
+        print(f"run_clip.py: error: {error}", file=sys.stderr)
+        return 1
     return 0

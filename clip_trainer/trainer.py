@@ -79,7 +79,9 @@ class CLIPContrastiveTrainer(Trainer):
             raise ConfigError("CLIPContrastiveTrainer needs `CLIPTrainingArguments` (clip_trainer.arguments).")
         # --- model ------------------------------------------------------------------------------------------------
         if not hasattr(self.model, "logit_scale"):
-            raise ConfigError(f"{type(self.model).__name__} has no `logit_scale`; CLIPContrastiveTrainer needs a CLIPModel.")
+            raise ConfigError(
+                f"{type(self.model).__name__} has no `logit_scale`; CLIPContrastiveTrainer needs a CLIPModel."
+            )
         # The loss is ours: the model is never asked for one.
         self.model_accepts_loss_kwargs = False
         # --- data -------------------------------------------------------------------------------------------------
@@ -93,6 +95,11 @@ class CLIPContrastiveTrainer(Trainer):
         self._pixel_shift = -mean / std
         # --- loss -------------------------------------------------------------------------------------------------
         self.add_callback(ClampLogitScaleCallback(self.args.log_max_logit_scale))
+        self.gradient_cache = None
+        if self.args.gradient_accumulation_steps > 1 and self.args.accumulation_mode == "cached":
+            from .gradient_cache import GradientCache
+
+            self.gradient_cache = GradientCache()
         # --- metrics ----------------------------------------------------------------------------------------------
         self.class_names = class_names
         self.zeroshot_templates = list(zeroshot_templates or DEFAULT_ZEROSHOT_TEMPLATES)
@@ -105,6 +112,10 @@ class CLIPContrastiveTrainer(Trainer):
         self._samples_since_log = 0
         self._last_log_time: float | None = None
         self._eval_buffer: dict[str, list[torch.Tensor]] | None = None
+        # --- hub ------------------------------------------------------------------------------------------------
+        # What the model card says about the run (set by run.py); the final evaluation's metrics go in too.
+        self.card_info: dict | None = None
+        self.final_eval_metrics: dict[str, float] | None = None
 
     # ------------------------------------------------------------------------------------------------------------
     # Optimizer and schedule
@@ -189,11 +200,20 @@ class CLIPContrastiveTrainer(Trainer):
             return loss, {"image_embeds": all_image_embeds, "text_embeds": all_text_embeds}
         return loss
 
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.gradient_cache is not None:
+            # The cached accumulation needs every micro-batch of the optimizer step before the first backward.
+            self.gradient_cache.start_step(batch_samples)
+        return batch_samples, num_items_in_batch
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         skipped = inputs.get("skipped_samples")
         if skipped is not None:
             self._skipped_samples += int(skipped)  # a CPU tensor from the collator: no device synchronisation
         self._samples_since_log += inputs["input_ids"].shape[0]
+        if self.gradient_cache is not None and self.gradient_cache.owns(inputs):
+            return self.gradient_cache.training_step(self, model, inputs)
         return super().training_step(model, inputs, num_items_in_batch)
 
     # ------------------------------------------------------------------------------------------------------------
@@ -224,6 +244,17 @@ class CLIPContrastiveTrainer(Trainer):
         self._last_log_time, self._samples_since_log = time.perf_counter(), 0
         return super()._inner_training_loop(*args, **kwargs)
 
+    def create_model_card(self, *args, **kwargs) -> None:
+        """Writes clip-trainer's model card (metrics before/after, curves, usage) instead of the generic one.
+
+        `Trainer.push_to_hub` calls this just before uploading `output_dir`.
+        """
+        if self.card_info is None or not self.is_world_process_zero():
+            return super().create_model_card(*args, **kwargs)
+        from .hub import document_run
+
+        document_run(self, self.card_info, self.final_eval_metrics)
+
     # ------------------------------------------------------------------------------------------------------------
     # Evaluation
     # ------------------------------------------------------------------------------------------------------------
@@ -253,10 +284,14 @@ class CLIPContrastiveTrainer(Trainer):
                 self._eval_buffer[key].append(value.detach().cpu())
         return loss.detach(), None, None
 
-    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
         self._eval_buffer = defaultdict(list)
         try:
-            output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+            output = super().evaluation_loop(
+                dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
+            )
             collected = {key: torch.cat(values) for key, values in self._eval_buffer.items()}
         finally:
             self._eval_buffer = None

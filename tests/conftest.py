@@ -111,3 +111,6 @@ def base_args(tiny_clip_dir, shapes_csv, tmp_path) -> list[str]:
         "--use_cpu", "true",
         "--seed", "1",
     ]  # fmt: skip
+
+
+from fake_hub import fake_hub  # noqa: E402,F401 - the fixture: a local stand-in for the Hub's HTTP API

@@ -30,6 +30,7 @@ import hashlib
 import itertools
 import json
 import os
+import tempfile
 import threading
 import traceback
 from collections.abc import Iterator
@@ -84,12 +85,20 @@ class _Repo:
 class HubError(Exception):
     """An HTTP error answer, with the headers the Hub sets and `huggingface_hub` turns into its own exceptions."""
 
-    def __init__(self, status: int, message: str, error_code: str | None = None, headers: dict | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        error_code: str | None = None,
+        headers: dict[str, str] | None = None,
+        body: dict[str, Any] | None = None,
+    ):
         super().__init__(message)
         self.status = status
         self.message = message
         self.error_code = error_code
         self.headers = headers or {}
+        self.body = body or {}
 
 
 class FakeHub:
@@ -143,7 +152,13 @@ class FakeHub:
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="fake-hub", daemon=True)
+        self._thread = threading.Thread(
+            # A short poll interval: `shutdown()` waits for one, and every test stops a hub.
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name="fake-hub",
+            daemon=True,
+        )
         self._thread.start()
         return self
 
@@ -228,7 +243,8 @@ class FakeHub:
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
         monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
         monkeypatch.setattr(hf_api.api, "endpoint", url)
-        no_token_file = Path(cache_dir or os.devnull).parent / "fake-hub-no-token"
+        # A path that does not exist: `huggingface_hub` then finds no saved login.
+        no_token_file = Path(tempfile.gettempdir()) / f"fake-hub-{os.getpid()}-{id(self)}-no-token"
         monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(no_token_file))
         try:
             import transformers.utils.hub as transformers_hub
@@ -422,7 +438,7 @@ class _Handler(BaseHTTPRequestHandler):
             headers = {"X-Error-Message": error.message, **error.headers}
             if error.error_code:
                 headers["X-Error-Code"] = error.error_code
-            self._send_json(method, {"error": error.message}, status=error.status, headers=headers)
+            self._send_json(method, {"error": error.message, **error.body}, status=error.status, headers=headers)
         except Exception as error:  # a bug in the fake: answer 500 with the reason, rather than hang the client
             hub.server_errors.append(traceback.format_exc())
             self._send_json(method, {"error": f"FakeHub error: {error!r}"}, status=500)
@@ -511,7 +527,8 @@ class _Handler(BaseHTTPRequestHandler):
         hub._check_write(user, repo_id, f"create a {repo_type}")
         existing = hub._repos.get((repo_type, repo_id))
         if existing is not None:
-            raise HubError(409, f"You already created this {repo_type} repo")
+            # The Hub's 409 carries the repo's URL, which `create_repo(..., exist_ok=True)` returns.
+            raise HubError(409, f"You already created this {repo_type} repo", body={"url": hub._repo_url(existing)})
         private = bool(payload.get("private")) or payload.get("visibility") == "private"
         repo = hub._create(repo_type, repo_id, private)
         self._send_json(method, {"url": hub._repo_url(repo), "name": repo_id, "id": repo_id})

@@ -1,0 +1,85 @@
+"""The collator's tensors: uint8 pixels of the model's size, dynamically padded and truncated captions."""
+
+from __future__ import annotations
+
+import io
+
+import torch
+from conftest import draw_shape
+from transformers import AutoProcessor
+
+from clip_trainer.collator import ImageTextCollator
+from clip_trainer.data import IMAGE_ID_COLUMN, LABEL_COLUMN
+
+
+def png_bytes(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def make_collator(tiny_clip_dir, **kwargs) -> tuple[ImageTextCollator, object]:
+    processor = AutoProcessor.from_pretrained(tiny_clip_dir)
+    collator = ImageTextCollator(
+        tokenizer=processor.tokenizer, shortest_edge=32, crop_size=(32, 32), max_seq_length=8, **kwargs
+    )
+    return collator, processor
+
+
+def test_batch_tensors(tiny_clip_dir, tmp_path):
+    collator, processor = make_collator(tiny_clip_dir)
+    path = tmp_path / "a.png"
+    draw_shape("red", "circle", size=50).save(path)
+    rows = [
+        {"image": str(path), "caption": "a red circle"},  # a path
+        {
+            "image": {"bytes": png_bytes(draw_shape("blue", "square", size=64)), "path": None},
+            "caption": "a blue square",
+        },
+        {"image": draw_shape("green", "triangle", size=20), "caption": "a green triangle on white " * 10},  # PIL
+    ]
+    batch = collator(rows)
+    assert batch["pixel_values"].dtype == torch.uint8
+    assert batch["pixel_values"].shape == (3, 3, 32, 32)
+    # Dynamic padding to the longest caption, truncated at max_seq_length, ending with the end token.
+    assert batch["input_ids"].shape == batch["attention_mask"].shape == (3, 8)
+    assert batch["attention_mask"][0].sum() < 8
+    assert batch["input_ids"][2, -1].item() == processor.tokenizer.eos_token_id
+    assert int(batch["skipped_samples"]) == 0
+    # Pixels equal the image processor's after normalisation (the trainer normalises on the device).
+    expected = processor.image_processor(draw_shape("red", "circle", size=50), return_tensors="pt").pixel_values[0]
+    mean = torch.tensor(processor.image_processor.image_mean).view(3, 1, 1)
+    std = torch.tensor(processor.image_processor.image_std).view(3, 1, 1)
+    torch.testing.assert_close((batch["pixel_values"][0].float() / 255 - mean) / std, expected, atol=1e-5, rtol=0)
+
+
+def test_short_batch_pads_less(tiny_clip_dir):
+    collator, _ = make_collator(tiny_clip_dir)
+    batch = collator([{"image": draw_shape("red", "circle"), "caption": "red"}])
+    assert batch["input_ids"].shape[1] < 8
+
+
+def test_unusable_rows_are_skipped_and_counted(tiny_clip_dir, tmp_path):
+    collator, _ = make_collator(tiny_clip_dir)
+    rows = [
+        {"image": draw_shape("red", "circle"), "caption": "a red circle"},
+        {"image": str(tmp_path / "missing.png"), "caption": "gone"},
+        {"image": {"bytes": b"not an image", "path": None}, "caption": "junk"},
+        {"image": draw_shape("red", "square"), "caption": "   "},
+    ]
+    batch = collator(rows)
+    assert batch["pixel_values"].shape[0] == batch["input_ids"].shape[0] == 1
+    assert int(batch["skipped_samples"]) == 3
+
+
+def test_evaluation_rows_carry_ids_labels_and_placeholders(tiny_clip_dir):
+    collator, _ = make_collator(tiny_clip_dir, keep_invalid_rows=True)
+    rows = [
+        {"image": draw_shape("red", "circle"), "caption": "a", IMAGE_ID_COLUMN: 0, LABEL_COLUMN: 2},
+        {"image": {"bytes": b"", "path": None}, "caption": "b", IMAGE_ID_COLUMN: 1, LABEL_COLUMN: 0},
+    ]
+    batch = collator(rows)
+    assert batch["pixel_values"].shape[0] == 2  # the bad row stays as a placeholder...
+    assert batch["valid"].tolist() == [True, False]  # ...flagged, so it is left out of the metrics
+    assert batch["image_ids"].tolist() == [0, 1]
+    assert batch["class_labels"].tolist() == [2, 0]
