@@ -210,6 +210,15 @@ class DataArguments:
     )
 
     def __post_init__(self) -> None:
+        # An empty value on the command line (--dataset_name "") unsets what a config file set.
+        for key in ("dataset_name", "train_file", "validation_file"):
+            if getattr(self, key) == "":
+                setattr(self, key, None)
+        if self.dataset_name is not None and self.train_file is not None:
+            raise ConfigError(
+                f"Both `dataset_name` ({self.dataset_name!r}) and `train_file` ({self.train_file!r}) are set; keep one "
+                '(on the command line, --dataset_name "" unsets a config file\'s dataset).'
+            )
         if self.dataset_name is None and self.train_file is None:
             raise ConfigError(
                 "No training data given: set `dataset_name` (a Hub id, a prepared folder, or `emoji`) or `train_file`."

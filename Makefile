@@ -1,0 +1,20 @@
+# The two commands of the README: `make demo` (install + train the bundled demo) and `make test`.
+PYTHON ?= python
+TORCH ?= torch==2.13.0
+
+.PHONY: install demo test test-all lint
+
+install:
+	$(PYTHON) -m pip install $(TORCH) -e ".[dev]"
+
+demo: install
+	$(PYTHON) run_clip.py configs/demo.json
+
+test:
+	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest
+
+test-all:
+	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -m "slow or not slow"
+
+lint:
+	ruff check . && ruff format --check .
