@@ -7,6 +7,7 @@ Every field of [`ModelArguments`], [`DataArguments`] and [`CLIPTrainingArguments
 
 from __future__ import annotations
 
+import copy
 import difflib
 import json
 import math
@@ -338,6 +339,14 @@ class CLIPTrainingArguments(TrainingArguments):
     retrieval_chunk_size: int = field(
         default=1024, metadata={"help": "Queries ranked at once during retrieval evaluation (bounds its memory)."}
     )
+    max_nonfinite_steps: int = field(
+        default=5,
+        metadata={
+            "help": "Optimizer steps whose loss or gradients are NaN/inf are skipped (weights untouched) and counted "
+            "(`nonfinite_steps_skipped`); after this many in a row the run saves a checkpoint and stops with an "
+            "error. 0: never stop."
+        },
+    )
 
     def __post_init__(self) -> None:
         # `TrainingArguments` accepts only its own optimizer and scheduler names; ours are swapped out for a
@@ -372,6 +381,32 @@ class CLIPTrainingArguments(TrainingArguments):
             raise ConfigError(f"`early_stopping_patience` is {self.early_stopping_patience}; it must be at least 1.")
         if self.lr_step_size < 1:
             raise ConfigError(f"`lr_step_size` is {self.lr_step_size}; it must be at least 1.")
+        if self.max_nonfinite_steps < 0:
+            raise ConfigError(
+                f"`max_nonfinite_steps` is {self.max_nonfinite_steps}; it must be 0 (never stop) or more."
+            )
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The Trainer pickles these arguments into every `training_args.bin` (`torch.save(self.args, ...)` in
+        # `_save` and `_push_from_checkpoint`), and pushes that file to the Hub; `to_dict` redacts `*_token` fields
+        # but pickling does not. Every pickled copy therefore leaves the tokens out, as `to_dict` does.
+        state = self.__dict__.copy()
+        for name in state:
+            if name.endswith("_token"):
+                state[name] = None
+        return state
+
+    # Copies in memory keep the tokens (only pickles drop them): `copy` would otherwise go through `__getstate__`.
+    def __copy__(self) -> CLIPTrainingArguments:
+        copied = object.__new__(type(self))
+        copied.__dict__.update(self.__dict__)
+        return copied
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> CLIPTrainingArguments:
+        copied = object.__new__(type(self))
+        memo[id(self)] = copied
+        copied.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return copied
 
     @property
     def log_max_logit_scale(self) -> float:
@@ -389,7 +424,14 @@ def build_parser() -> HfArgumentParser:
     )
     # An abbreviated flag (--learning_rat) would otherwise be silently taken for another.
     parser.allow_abbrev = False
+    parser.error = _raise_config_error  # type: ignore[method-assign]
     return parser
+
+
+def _raise_config_error(message: str) -> None:
+    # argparse's own `error` prints the usage line of every option (hundreds) before the one line that matters, and
+    # exits from inside the parser; a ConfigError reaches `cli`, which prints the message alone with status 2.
+    raise ConfigError(f"{message}. See `run_clip.py --help`.")
 
 
 def _closest(name: str, valid: list[str]) -> str:

@@ -8,6 +8,7 @@ catches most broken rows before training starts, without decoding any image.
 """
 
 import io
+import json
 import math
 import os
 import re
@@ -529,7 +530,12 @@ def find_bad_rows(
     offset = 0
     for batch in batches:
         image_reasons = _image_column_checks(batch.column(image_column), base_dir, stat_cache)
-        captions = batch.column(caption_column).to_pylist()
+        caption_column_values = batch.column(caption_column)
+        captions = caption_column_values.to_pylist()
+        if getattr(caption_column_values.type, "extension_name", None) == "arrow.json":
+            # A column of mixed types (a JSON file with a number where a caption should be) is stored as JSON text,
+            # `"a cat"` with its quotes and `5` as "5"; decoded, the number is seen as the non-string it is.
+            captions = [None if caption is None else json.loads(caption) for caption in captions]
         for position, (caption, image_reason) in enumerate(zip(captions, image_reasons)):
             reason = image_reason
             if reason is None:

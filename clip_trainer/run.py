@@ -8,13 +8,13 @@ import sys
 from pathlib import Path
 
 import datasets
-from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
 from .arguments import CLIPTrainingArguments, ConfigError, DataArguments, ModelArguments, parse_arguments
 from .callbacks import FreezeTowersCallback
 from .collator import ImageTextCollator
 from .data import load_image_text_data, save_prepared_data
+from .faults import NonFiniteTrainingError, checkpoint_problems, latest_complete_checkpoint
 from .hub import NETWORK_ERRORS, check_hub_access
 from .model_card import non_default_training_arguments
 from .modeling import image_input_size, load_clip_config, load_model, load_processor, max_text_positions
@@ -51,6 +51,7 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
             f"{positions} or less."
         )
     check_metric_for_best_model(training_args, has_labels=data_args.label_column is not None)
+    check_report_to(training_args.report_to)
     if data_args.streaming and training_args.max_steps <= 0:
         raise ConfigError("Streaming data has no known length: set `max_steps` (e.g. --max_steps 10000).")
     if training_args.push_to_hub and training_args.should_save:
@@ -59,21 +60,60 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
     return config
 
 
+def check_report_to(report_to: str | list[str] | None) -> None:
+    """Unknown or uninstalled loggers fail here: `Trainer.__init__` would only find out after loading data and model."""
+    import difflib
+
+    from transformers.integrations import is_tensorboard_available, is_wandb_available
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    known = sorted(INTEGRATION_TO_CALLBACK)
+    for name in names:
+        if name in (None, "none", "all"):
+            continue
+        if name not in INTEGRATION_TO_CALLBACK:
+            match = difflib.get_close_matches(name, known, n=1)
+            hint = f" Did you mean `{match[0]}`?" if match else ""
+            raise ConfigError(
+                f"`report_to` names {name!r}, which transformers cannot log to.{hint} Choose from: none, all, "
+                f"{', '.join(known)}."
+            )
+    installed = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
+    for name, available in installed.items():
+        if name in names and not available():
+            extra = "pip install 'clip-trainer[wandb]'" if name == "wandb" else "pip install tensorboard"
+            raise ConfigError(
+                f"`report_to` includes {name}, which is not installed: {extra}, or drop it from `report_to`."
+            )
+
+
 def resolve_resume_checkpoint(training_args: CLIPTrainingArguments) -> str | None:
-    """`resume_from_checkpoint`: a path, or `true` for the newest checkpoint in `output_dir`."""
+    """`resume_from_checkpoint`: a path, or `true` for the newest complete checkpoint in `output_dir`.
+
+    A checkpoint a crash left half-written is passed over (`true`) or refused (a path), never loaded.
+    """
     value = training_args.resume_from_checkpoint
     if value is None or str(value).lower() in ("false", ""):
         return None
     if str(value).lower() != "true":
         if not os.path.isdir(value):
             raise ConfigError(f"`resume_from_checkpoint` is {value!r}, which is not a folder.")
+        problems = checkpoint_problems(value)
+        if problems:
+            newest = latest_complete_checkpoint(os.path.dirname(os.path.abspath(value)))
+            hint = f"; the newest complete one beside it is {newest!r}" if newest else ""
+            raise ConfigError(
+                f"`resume_from_checkpoint` is {value!r}, which is incomplete ({'; '.join(problems)}){hint}."
+            )
         return value
-    last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+    last = latest_complete_checkpoint(training_args.output_dir)
     if last is None:
         raise ConfigError(
-            f"`resume_from_checkpoint` is true but {training_args.output_dir!r} holds no checkpoint-* folder; "
-            "start without it, or give a checkpoint path."
+            f"`resume_from_checkpoint` is true but {training_args.output_dir!r} holds no checkpoint-* folder that is "
+            "complete (incomplete ones are named in the warnings above); start without it, or give a checkpoint path."
         )
+    logger.info(f"Resuming from {last}.")
     return last
 
 
@@ -204,7 +244,7 @@ def cli(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"run_clip.py: error: {error}", file=sys.stderr)
         return 2
-    except PushError as error:
+    except (PushError, NonFiniteTrainingError) as error:
         print(f"run_clip.py: error: {error}", file=sys.stderr)
         return 1
     return 0

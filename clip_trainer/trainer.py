@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import time
 from collections import defaultdict
 
@@ -15,6 +16,7 @@ from .arguments import CLIPTrainingArguments, ConfigError
 from .callbacks import ClampLogitScaleCallback
 from .collator import ImageTextCollator
 from .evaluation import DEFAULT_ZEROSHOT_TEMPLATES, build_zeroshot_classifier, retrieval_metrics, zeroshot_accuracy
+from .faults import NonFiniteLossCallback
 from .loss import contrastive_loss
 
 logger = logging.get_logger(__name__)
@@ -95,6 +97,10 @@ class CLIPContrastiveTrainer(Trainer):
         self._pixel_shift = -mean / std
         # --- loss -------------------------------------------------------------------------------------------------
         self.add_callback(ClampLogitScaleCallback(self.args.log_max_logit_scale))
+        # Skips updates whose loss or gradients are NaN/inf, stops after `max_nonfinite_steps` in a row. Added after
+        # the Trainer's reporters, so its `on_train_end` (which raises when it stopped the run) runs once they closed.
+        self.nonfinite_guard = NonFiniteLossCallback(self.args.max_nonfinite_steps)
+        self.add_callback(self.nonfinite_guard)
         self.gradient_cache = None
         if self.args.gradient_accumulation_steps > 1 and self.args.accumulation_mode == "cached":
             from .gradient_cache import GradientCache
@@ -213,8 +219,11 @@ class CLIPContrastiveTrainer(Trainer):
             self._skipped_samples += int(skipped)  # a CPU tensor from the collator: no device synchronisation
         self._samples_since_log += inputs["input_ids"].shape[0]
         if self.gradient_cache is not None and self.gradient_cache.owns(inputs):
-            return self.gradient_cache.training_step(self, model, inputs)
-        return super().training_step(model, inputs, num_items_in_batch)
+            loss = self.gradient_cache.training_step(self, model, inputs)
+        else:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        self.nonfinite_guard.observe_loss(loss)
+        return loss
 
     # ------------------------------------------------------------------------------------------------------------
     # Logging
@@ -238,6 +247,8 @@ class CLIPContrastiveTrainer(Trainer):
             self._last_log_time, self._samples_since_log = now, 0
             if self._skipped_samples:
                 logs["skipped_samples"] = self._skipped_samples
+            if self.nonfinite_guard.skipped_steps:
+                logs["nonfinite_steps_skipped"] = self.nonfinite_guard.skipped_steps
         super().log(logs, start_time)
 
     def _inner_training_loop(self, *args, **kwargs):
@@ -350,7 +361,11 @@ def check_metric_for_best_model(args: CLIPTrainingArguments, has_labels: bool) -
     if has_labels:
         known.update(ZEROSHOT_METRIC_NAMES)
     if name not in known:
-        hint = "" if has_labels else " (zero-shot metrics need `label_column`)"
+        if name in ZEROSHOT_METRIC_NAMES:
+            hint = " (zero-shot metrics need `label_column`)"
+        else:
+            match = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = f" (did you mean `eval_{match[0]}`?)" if match else ""
         raise ConfigError(
             f"`metric_for_best_model` is {metric!r}, which evaluation never computes{hint}. Choose one of: "
             + ", ".join(f"eval_{key}" for key in sorted(known))

@@ -57,17 +57,18 @@ def test_wrong_label_column_is_named(base_args, capsys, no_weights_loaded):
 
 
 @pytest.mark.parametrize(
-    ("metric", "expected"),
+    ("metric", "expected", "not_expected"),
     [
-        ("eval_zeroshot_top1", "zero-shot metrics need `label_column`"),
-        ("eval_foo", "eval_mean_recall"),
+        ("eval_zeroshot_top1", "(zero-shot metrics need `label_column`)", "did you mean"),
+        ("eval_mean_recal", "(did you mean `eval_mean_recall`?)", "label_column"),
+        ("eval_foo", "never computes. Choose one of", "label_column"),
     ],
 )
-def test_best_model_metric_that_is_never_computed(base_args, capsys, nothing_loaded, metric, expected):
+def test_best_model_metric_that_is_never_computed(base_args, capsys, nothing_loaded, metric, expected, not_expected):
     message = error_of([*base_args, "--metric_for_best_model", metric], capsys)
-    assert f"`metric_for_best_model` is '{metric}'" in message
-    assert "never computes" in message and expected in message
-    assert "eval_loss" in message  # the valid choices are listed
+    assert f"`metric_for_best_model` is '{metric}', which evaluation never computes" in message
+    assert expected in message and not_expected not in message
+    assert "eval_loss" in message and "eval_t2i_recall@5" in message  # the valid choices are listed
 
 
 def test_load_best_model_at_end_needs_matching_strategies(base_args, capsys, nothing_loaded):
@@ -101,7 +102,10 @@ def test_unknown_key_in_config_file_suggests_the_closest(base_args, tmp_path, ca
 def test_unknown_flag_suggests_the_closest(base_args, capsys, nothing_loaded):
     message = error_of([*base_args, "--per_device_batch_size", "4"], capsys)
     assert "Unknown option `--per_device_batch_size`" in message
-    assert "Did you mean `per_device_train_batch_size`?" in message or "Did you mean `per_device_eval_batch_size`?" in message
+    assert (
+        "Did you mean `per_device_train_batch_size`?" in message
+        or "Did you mean `per_device_eval_batch_size`?" in message
+    )
 
 
 def test_missing_config_file(base_args, tmp_path, capsys, nothing_loaded):
@@ -132,6 +136,7 @@ def test_missing_train_file(base_args, tmp_path, capsys, nothing_loaded):
 
 
 def test_bad_value_for_a_typed_option(base_args, capsys, nothing_loaded):
+    # argparse would print the usage of every option (hundreds of lines) and exit from inside the parser.
     message = error_of([*base_args, "--learning_rate", "fast"], capsys)
     assert "learning_rate" in message and "fast" in message
 
@@ -139,3 +144,17 @@ def test_bad_value_for_a_typed_option(base_args, capsys, nothing_loaded):
 def test_bad_choice_names_the_choices(base_args, capsys, nothing_loaded):
     message = error_of([*base_args, "--on_bad_rows", "ignore"], capsys)
     assert "on_bad_rows" in message and "skip" in message and "error" in message
+
+
+def test_unknown_logger_in_report_to(base_args, capsys, nothing_loaded):
+    message = error_of([*base_args, "--report_to", "tensorbord"], capsys)
+    assert "`report_to` names 'tensorbord'" in message and "Did you mean `tensorboard`?" in message
+
+
+def test_logger_that_is_not_installed(base_args, capsys, nothing_loaded):
+    from transformers.integrations import is_wandb_available
+
+    if is_wandb_available():
+        pytest.skip("wandb is installed here")
+    message = error_of([*base_args, "--report_to", "wandb"], capsys)
+    assert "`report_to` includes wandb, which is not installed" in message and "clip-trainer[wandb]" in message
