@@ -39,6 +39,8 @@ class ImageTextCollator:
         keep_invalid_rows: for evaluation: keep an unusable row as a blank placeholder flagged in `valid` instead
             of dropping it, so that every process returns as many rows as its sampler gave it (which gathering
             the embeddings of a distributed evaluation relies on); the placeholders are left out of the metrics.
+        jpeg_draft: decode JPEGs at a reduced scale (1/2, 1/4, 1/8) when they are at least twice `shortest_edge`:
+            about 2x faster on large photos, with pixels slightly different from `CLIPImageProcessor`'s.
     """
 
     tokenizer: PreTrainedTokenizerBase
@@ -49,6 +51,7 @@ class ImageTextCollator:
     caption_column: str = "caption"
     max_image_pixels: int | None = 89_478_485
     keep_invalid_rows: bool = False
+    jpeg_draft: bool = False
     skipped: int = field(default=0, init=False)
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -57,7 +60,11 @@ class ImageTextCollator:
         for row in rows:
             try:
                 caption = check_caption(row.get(self.caption_column))
-                image = load_image(row.get(self.image_column), max_pixels=self.max_image_pixels)
+                image = load_image(
+                    row.get(self.image_column),
+                    max_pixels=self.max_image_pixels,
+                    draft_size=(self.shortest_edge, self.shortest_edge) if self.jpeg_draft else None,
+                )
                 pixels.append(resize_center_crop(image, self.shortest_edge, self.crop_size))
             except BadSampleError as error:
                 self.skipped += 1

@@ -229,6 +229,7 @@ def load_image(
     value: ImageSource,
     base_dir: str | None = None,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    draft_size: tuple[int, int] | None = None,
 ) -> PIL.Image.Image:
     """
     Decode one image fully and return it as RGB, or raise [`BadSampleError`] saying why it cannot be used.
@@ -248,6 +249,10 @@ def load_image(
             Reject images with more pixels than this, checked from the header before any decoding, so that a small
             file declaring a huge image (a decompression bomb) cannot exhaust a worker's memory. `None` disables
             this check, but Pillow still refuses images above twice its global `PIL.Image.MAX_IMAGE_PIXELS`.
+        draft_size (`tuple[int, int]`, *optional*):
+            For a JPEG, let the decoder scale the image down by 1/2, 1/4 or 1/8 while decoding, as far as both sides
+            stay at least `(width, height)` (`PIL.Image.Image.draft`). Decoding and the later resize get up to 2x
+            faster on photos twice the target size or more; the pixels differ slightly from a full decode.
 
     Returns:
         `PIL.Image.Image`: A fully loaded image in mode `"RGB"`. A PIL input that is already RGB and upright may be
@@ -279,6 +284,8 @@ def load_image(
             except Exception as error:  # broken headers raise SyntaxError, struct.error, ...
                 raise BadSampleError(f"cannot open image ({type(error).__name__}: {error}){where}") from None
         _check_size(image, max_pixels, where)
+        if draft_size is not None and image.format == "JPEG":
+            image.draft(None, draft_size)  # before decoding; the size check above read the full size
         _load_pixels(image, where)
         try:
             return _to_rgb(_apply_exif_orientation(image))

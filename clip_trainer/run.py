@@ -153,6 +153,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         image_column=data_args.image_column,
         caption_column=data_args.caption_column,
         max_image_pixels=data_args.max_image_pixels,
+        jpeg_draft=data_args.jpeg_draft,
     )
 
     # --- trainer ------------------------------------------------------------------------------------------------

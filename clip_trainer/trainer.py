@@ -114,8 +114,11 @@ class CLIPContrastiveTrainer(Trainer):
                 EarlyStoppingCallback(self.args.early_stopping_patience, self.args.early_stopping_threshold)
             )
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
-        self._skipped_samples = 0
+        # A device tensor once training runs (see `training_step`); read at logging steps only.
+        self._skipped_samples: int | torch.Tensor = 0
+        self._filter_nonfinite_loss = self.args.logging_nan_inf_filter
         self._samples_since_log = 0
+        self._tower_weights: tuple[int, int] | None = None
         self._last_log_time: float | None = None
         self._eval_buffer: dict[str, list[torch.Tensor]] | None = None
         # --- hub ------------------------------------------------------------------------------------------------
@@ -216,14 +219,42 @@ class CLIPContrastiveTrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         skipped = inputs.get("skipped_samples")
         if skipped is not None:
-            self._skipped_samples += int(skipped)  # a CPU tensor from the collator: no device synchronisation
+            # accelerate has already moved the batch to the device: `int(skipped)` would wait for the device at every
+            # step. The count is summed where it is and read at logging steps, which synchronise anyway.
+            self._skipped_samples = self._skipped_samples + skipped
         self._samples_since_log += inputs["input_ids"].shape[0]
         if self.gradient_cache is not None and self.gradient_cache.owns(inputs):
             loss = self.gradient_cache.training_step(self, model, inputs)
         else:
             loss = super().training_step(model, inputs, num_items_in_batch)
         self.nonfinite_guard.observe_loss(loss)
+        if self._filter_nonfinite_loss:
+            # `logging_nan_inf_filter`, on the device: a NaN or inf loss is logged as the average of the losses since
+            # the last log, which is what the Trainer substitutes. Only the logged value changes, never a gradient.
+            since_log = 1 + self.state.global_step - self._globalstep_last_logged
+            loss = torch.where(torch.isfinite(loss), loss, self._tr_loss.to(loss.dtype) / since_log)
         return loss
+
+    def floating_point_ops(self, inputs: dict) -> int:
+        """Training FLOPs of a batch for `total_flos`: 6 x matmul weights x tokens, tower by tower.
+
+        transformers' estimate multiplies every parameter by the text tokens alone (for ViT-B/32 it says 58 GFLOP per
+        pair where `clip_trainer.flops` counts 44), and it walks every module to count the parameters at every
+        step; the towers' weights are counted once here.
+        """
+        model = self.accelerator.unwrap_model(self.model)
+        pixels, input_ids = inputs.get("pixel_values"), inputs.get("input_ids")
+        if pixels is None or input_ids is None or not hasattr(model, "vision_model"):
+            return super().floating_point_ops(inputs)
+        if self._tower_weights is None:
+            self._tower_weights = (
+                _matmul_weights(model.vision_model, model.visual_projection),
+                _matmul_weights(model.text_model, model.text_projection),
+            )
+        vision, text = self._tower_weights
+        patch = model.config.vision_config.patch_size
+        image_tokens = (pixels.shape[-2] // patch) * (pixels.shape[-1] // patch) + 1  # patches and the class token
+        return 6 * input_ids.shape[0] * (vision * image_tokens + text * input_ids.shape[1])
 
     # ------------------------------------------------------------------------------------------------------------
     # Logging
@@ -245,15 +276,24 @@ class CLIPContrastiveTrainer(Trainer):
                 throughput = self._samples_since_log * self.args.world_size / (now - self._last_log_time)
                 logs["samples_per_second"] = round(throughput, 2)
             self._last_log_time, self._samples_since_log = now, 0
-            if self._skipped_samples:
-                logs["skipped_samples"] = self._skipped_samples
+            skipped = int(self._skipped_samples)
+            if skipped:
+                logs["skipped_samples"] = skipped
             if self.nonfinite_guard.skipped_steps:
                 logs["nonfinite_steps_skipped"] = self.nonfinite_guard.skipped_steps
         super().log(logs, start_time)
 
     def _inner_training_loop(self, *args, **kwargs):
         self._last_log_time, self._samples_since_log = time.perf_counter(), 0
-        return super()._inner_training_loop(*args, **kwargs)
+        # transformers applies `logging_nan_inf_filter` by reading every step's loss on the host
+        # (`torch.isnan(loss) or ...`), a device synchronisation per step; `training_step` filters on the device
+        # instead, so the Trainer's own check is off while training (evaluation switches it back, see below).
+        self._filter_nonfinite_loss = self.args.logging_nan_inf_filter
+        self.args.logging_nan_inf_filter = False
+        try:
+            return super()._inner_training_loop(*args, **kwargs)
+        finally:
+            self.args.logging_nan_inf_filter = self._filter_nonfinite_loss
 
     def create_model_card(self, *args, **kwargs) -> None:
         """Writes clip-trainer's model card (metrics before/after, curves, usage) instead of the generic one.
@@ -299,6 +339,9 @@ class CLIPContrastiveTrainer(Trainer):
         self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
     ):
         self._eval_buffer = defaultdict(list)
+        # Evaluation filters its losses on the host as transformers does (it reads them there anyway).
+        filter_during_training = self.args.logging_nan_inf_filter
+        self.args.logging_nan_inf_filter = self._filter_nonfinite_loss
         try:
             output = super().evaluation_loop(
                 dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
@@ -306,6 +349,7 @@ class CLIPContrastiveTrainer(Trainer):
             collected = {key: torch.cat(values) for key, values in self._eval_buffer.items()}
         finally:
             self._eval_buffer = None
+            self.args.logging_nan_inf_filter = filter_during_training
         valid = collected.pop("valid", None)
         if valid is not None:
             collected = {key: value[valid] for key, value in collected.items()}
@@ -347,6 +391,15 @@ class CLIPContrastiveTrainer(Trainer):
             chunks.append(nn.functional.normalize(features.float(), dim=-1).cpu())
         model.train(was_training)
         return torch.cat(chunks)
+
+
+def _matmul_weights(*modules: nn.Module) -> int:
+    """Elements of the weight matrices (and convolution kernels) of `modules`; embedding tables are looked up, not
+    multiplied, and do not count."""
+    tables = {
+        id(p) for module in modules for m in module.modules() if isinstance(m, nn.Embedding) for p in m.parameters()
+    }
+    return sum(p.numel() for module in modules for p in module.parameters() if p.ndim >= 2 and id(p) not in tables)
 
 
 def check_metric_for_best_model(args: CLIPTrainingArguments, has_labels: bool) -> None:
