@@ -347,6 +347,13 @@ class CLIPTrainingArguments(TrainingArguments):
     retrieval_chunk_size: int = field(
         default=1024, metadata={"help": "Queries ranked at once during retrieval evaluation (bounds its memory)."}
     )
+    peak_tflops: float | None = field(
+        default=None,
+        metadata={
+            "help": "Peak TFLOP/s of one device in the training precision (e.g. 989 for an H100's dense bf16); when "
+            "set, training logs report `mfu`, model FLOPs utilisation, next to `samples_per_second`."
+        },
+    )
     max_nonfinite_steps: int = field(
         default=5,
         metadata={

@@ -118,6 +118,7 @@ class CLIPContrastiveTrainer(Trainer):
         self._skipped_samples: int | torch.Tensor = 0
         self._filter_nonfinite_loss = self.args.logging_nan_inf_filter
         self._samples_since_log = 0
+        self._flops_since_log = 0
         self._tower_weights: tuple[int, int] | None = None
         self._last_log_time: float | None = None
         self._eval_buffer: dict[str, list[torch.Tensor]] | None = None
@@ -223,6 +224,8 @@ class CLIPContrastiveTrainer(Trainer):
             # step. The count is summed where it is and read at logging steps, which synchronise anyway.
             self._skipped_samples = self._skipped_samples + skipped
         self._samples_since_log += inputs["input_ids"].shape[0]
+        if self.args.peak_tflops is not None:
+            self._flops_since_log += self.floating_point_ops(inputs)
         if self.gradient_cache is not None and self.gradient_cache.owns(inputs):
             loss = self.gradient_cache.training_step(self, model, inputs)
         else:
@@ -275,6 +278,11 @@ class CLIPContrastiveTrainer(Trainer):
             if self._last_log_time is not None and now > self._last_log_time:
                 throughput = self._samples_since_log * self.args.world_size / (now - self._last_log_time)
                 logs["samples_per_second"] = round(throughput, 2)
+                if self.args.peak_tflops is not None:
+                    # Model FLOPs utilisation of this process's device: its training FLOPs per second over its peak.
+                    achieved = self._flops_since_log / (now - self._last_log_time)
+                    logs["mfu"] = round(achieved / (self.args.peak_tflops * 1e12), 4)
+            self._flops_since_log = 0
             self._last_log_time, self._samples_since_log = now, 0
             skipped = int(self._skipped_samples)
             if skipped:
@@ -284,7 +292,7 @@ class CLIPContrastiveTrainer(Trainer):
         super().log(logs, start_time)
 
     def _inner_training_loop(self, *args, **kwargs):
-        self._last_log_time, self._samples_since_log = time.perf_counter(), 0
+        self._last_log_time, self._samples_since_log, self._flops_since_log = time.perf_counter(), 0, 0
         # transformers applies `logging_nan_inf_filter` by reading every step's loss on the host
         # (`torch.isnan(loss) or ...`), a device synchronisation per step; `training_step` filters on the device
         # instead, so the Trainer's own check is off while training (evaluation switches it back, see below).

@@ -149,3 +149,11 @@ def test_logit_scale_is_clamped_at_log_100(base_args, tmp_path, tiny_clip_dir):
     AutoProcessor.from_pretrained(tiny_clip_dir).save_pretrained(start)
     main([*base_args, "--model_name_or_path", str(start), "--max_steps", "1"])
     assert weights(tmp_path / "out")["logit_scale"].item() == pytest.approx(math.log(100), abs=1e-6)
+
+
+def test_mfu_is_logged_when_the_peak_is_known(base_args, tmp_path):
+    out = tmp_path / "out"
+    main([*base_args, "--max_steps", "4", "--logging_steps", "2", "--peak_tflops", "0.05"])
+    state = json.loads((out / "trainer_state.json").read_text())
+    mfus = [entry["mfu"] for entry in state["log_history"] if "mfu" in entry]
+    assert mfus and all(0 < value < 10 for value in mfus)
