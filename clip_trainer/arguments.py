@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import glob
 import json
 import math
 import os
@@ -146,7 +147,8 @@ class DataArguments:
     train_file: str | None = field(
         default=None,
         metadata={
-            "help": "csv, json/jsonl or parquet file of training pairs; image paths are relative to its folder."
+            "help": "csv, json/jsonl or parquet file of training pairs, or a glob of such shards "
+            "(data/train-*.parquet); image paths are relative to the file's folder."
         },
     )
     validation_file: str | None = field(
@@ -214,6 +216,13 @@ class DataArguments:
         default=False,
         metadata={"help": "Stream the training data instead of loading it (needs `max_steps`)."},
     )
+    shuffle_buffer_size: int = field(
+        default=10_000,
+        metadata={
+            "help": "With `streaming`: rows held in the shuffle buffer. They are kept encoded, so the buffer takes "
+            "about this many times the average image file size of memory."
+        },
+    )
     preprocessing_num_workers: int | None = field(
         default=None, metadata={"help": "Processes used by `datasets` to prepare the data."}
     )
@@ -238,8 +247,13 @@ class DataArguments:
                 continue
             if Path(path).suffix.lower() not in {".csv", ".json", ".jsonl", ".parquet"}:
                 raise ConfigError(f"`{key}` is {path!r}; it must be a .csv, .json, .jsonl or .parquet file.")
-            if not os.path.exists(path):
+            if glob.has_magic(path):  # shards: data/train-*.parquet
+                if not glob.glob(path):
+                    raise ConfigError(f"`{key}` is {path!r}, a pattern that matches no file.")
+            elif not os.path.exists(path):
                 raise ConfigError(f"`{key}` is {path!r}, which does not exist.")
+        if self.shuffle_buffer_size < 1:
+            raise ConfigError(f"`shuffle_buffer_size` is {self.shuffle_buffer_size}; it must be at least 1.")
         if not 0 < self.validation_split_percentage < 100:
             raise ConfigError(
                 f"`validation_split_percentage` is {self.validation_split_percentage}; it must be between 0 and 100."

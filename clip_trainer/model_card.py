@@ -19,8 +19,10 @@ from collections.abc import Mapping
 from importlib import metadata
 from typing import Any
 
+from accelerate import PartialState
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
+from transformers import TrainingArguments
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
@@ -77,8 +79,16 @@ def _reference_values(args: Any) -> dict[str, Any]:
     cls = type(args)
     try:
         kwargs = {"output_dir": args.output_dir} if hasattr(args, "output_dir") else {}
+        if isinstance(args, TrainingArguments) and PartialState._shared_state:
+            # Keep the run's accelerate state: a fresh TrainingArguments would reset it to its own defaults (no
+            # `use_cpu`, no DeepSpeed) on the main process only, which then disagrees with the others about the
+            # world size (a `torchrun ... --use_cpu true` run hangs in its first barrier).
+            kwargs["accelerator_config"] = {"use_configured_state": True}
         fresh = cls(**kwargs)
-        return {field.name: getattr(fresh, field.name, dataclasses.MISSING) for field in dataclasses.fields(fresh)}
+        reference = {f.name: getattr(fresh, f.name, dataclasses.MISSING) for f in dataclasses.fields(fresh)}
+        if "accelerator_config" in kwargs:
+            reference["accelerator_config"] = type(fresh.accelerator_config)()
+        return reference
     except Exception as error:
         logger.debug(f"Could not build a default {cls.__name__} ({error!r}); comparing with declared defaults.")
     reference: dict[str, Any] = {}

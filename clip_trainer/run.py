@@ -54,6 +54,11 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
     check_report_to(training_args.report_to)
     if data_args.streaming and training_args.max_steps <= 0:
         raise ConfigError("Streaming data has no known length: set `max_steps` (e.g. --max_steps 10000).")
+    if data_args.streaming and model_args.model_name_or_path is None and model_args.tokenizer_name is None:
+        raise ConfigError(
+            "A model built from scratch gets a tokenizer trained on the training captions, which a stream cannot "
+            "give up front: set `tokenizer_name`, or train without `streaming`."
+        )
     if training_args.push_to_hub and training_args.should_save:
         # Known before hours of training: a missing token, no network, a repository this user cannot write.
         training_args.hub_model_id = check_hub_access(training_args)
@@ -157,6 +162,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
 
     # --- trainer ------------------------------------------------------------------------------------------------
+    if data_args.streaming and training_args.accelerator_config.dispatch_batches is None:
+        # accelerate's default for iterable data reads every batch on process 0 and concatenates them to dispatch
+        # slices, which fails on our batches (captions padded per batch, a scalar count of skipped samples), even
+        # with one process. Each process reads its own shards of the stream instead.
+        training_args.accelerator_config.dispatch_batches = False
     callbacks = []
     if model_args.freeze_vision_model or model_args.freeze_text_model:
         callbacks.append(

@@ -1,0 +1,76 @@
+"""`torchrun --nproc_per_node 2` runs of run_clip.py on the CPU (gloo): DDP with global negatives and cached
+accumulation, from a file and from a stream, trains and saves a model that reloads.
+
+These start two fresh Python processes each and take tens of seconds, so they are `slow`; the default suite checks
+the same maths in two processes with `mp.spawn` (tests/test_gradient_cache.py, tests/test_loss.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_streaming import without_option, write_parquet_shards
+from transformers import CLIPModel
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable, "-m", "torch.distributed.run",
+        "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+        str(REPO / "run_clip.py"), *args,
+    ]  # fmt: skip
+    # One thread per process: two processes on a small machine would otherwise fight over every core.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def check_run(result: subprocess.CompletedProcess, out: Path, steps: int) -> None:
+    assert result.returncode == 0, f"stdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-4000:]}"
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == steps
+    losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+    assert losses and all(loss == loss for loss in losses)  # logged, and not NaN
+    CLIPModel.from_pretrained(out)
+
+
+DISTRIBUTED_ARGS = [
+    "--max_steps", "4",
+    "--per_device_train_batch_size", "4",
+    "--gradient_accumulation_steps", "2",  # cached accumulation under DDP: no_sync, then one synchronised backward
+    "--logging_steps", "1",
+    "--ddp_backend", "gloo",
+]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_train_and_save(base_args, tmp_path):
+    out = tmp_path / "out"
+    result = torchrun([*base_args, *DISTRIBUTED_ARGS])
+    check_run(result, out, steps=4)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_stream_and_save(base_args, tmp_path):
+    shards = write_parquet_shards(tmp_path / "shards", shards=3)
+    out = tmp_path / "out"
+    args = [
+        *without_option(base_args, "--train_file"), *DISTRIBUTED_ARGS,
+        "--dataset_name", str(shards), "--streaming", "true", "--max_eval_samples", "8",
+        "--shuffle_buffer_size", "64",
+    ]  # fmt: skip
+    result = torchrun(args)
+    check_run(result, out, steps=4)

@@ -1,0 +1,143 @@
+"""Streaming: a run from local parquet shards trains, evaluates and saves; held-out pairs stay out of training;
+relative image paths of globbed files resolve; processes read disjoint data."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import datasets
+import pytest
+from accelerate.data_loader import prepare_data_loader
+from conftest import draw_shape, shape_rows, write_shapes_csv
+from torch.utils.data import DataLoader
+from transformers import CLIPModel
+
+from clip_trainer.arguments import DataArguments
+from clip_trainer.data import _image_key
+from clip_trainer.run import main
+from clip_trainer.streaming import load_streaming_data
+
+FEATURES = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
+
+
+@pytest.fixture(autouse=True)
+def _short_parquet_shutdown_wait(monkeypatch):
+    """`datasets` waits 5 s for arrow's reader threads whenever a parquet stream is left before its end (apache/arrow
+    issue 45214), which these tests do a dozen times; a short wait does here, where the readers are idle."""
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0.1)
+
+
+def write_parquet_shards(folder: Path, shards: int) -> Path:
+    """`shards` parquet files of the 24 shape pairs, images as PNG bytes; each shard draws at its own size, so no
+    two rows share an image."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for shard in range(shards):
+        images, captions = [], []
+        for color, shape, background, caption in shape_rows():
+            buffer = io.BytesIO()
+            draw_shape(color, shape, background, size=36 + 4 * shard).save(buffer, format="PNG")
+            images.append({"bytes": buffer.getvalue(), "path": None})
+            captions.append(caption)
+        dataset = datasets.Dataset.from_dict({"image": images, "caption": captions}, features=FEATURES)
+        dataset.to_parquet(folder / f"train-{shard:05d}-of-{shards:05d}.parquet")
+    return folder
+
+
+def without_option(args: list[str], option: str) -> list[str]:
+    index = args.index(option)
+    return args[:index] + args[index + 2 :]
+
+
+def streaming_args(**kwargs) -> DataArguments:
+    data_args = DataArguments(streaming=True, **kwargs)
+    # A buffer of a few dozen rows fills at once; the default one would first read ~10,000 rows of the repeated stream.
+    data_args.shuffle_buffer_size = 64
+    return data_args
+
+
+def pair_key(row: dict) -> tuple[str, str]:
+    return _image_key(row["image"]), row["caption"]
+
+
+def test_streaming_run_trains_evaluates_and_saves(base_args, tmp_path):
+    shards = write_parquet_shards(tmp_path / "shards", shards=3)
+    out = tmp_path / "out"
+    results = main(
+        [
+            *without_option(base_args, "--train_file"),
+            "--dataset_name", str(shards),
+            "--streaming", "true",
+            "--max_steps", "6",
+            "--max_eval_samples", "16",
+            "--shuffle_buffer_size", "64",
+            "--gradient_accumulation_steps", "2",  # cached accumulation over a stream
+            "--logging_steps", "2",
+            "--do_train", "true",
+            "--do_eval", "true",
+        ]
+    )  # fmt: skip
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 6
+    assert [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+    assert results["eval_samples"] == 16 and "eval_loss" in results
+    assert any(key.startswith("eval_") and "recall" in key for key in results)
+    CLIPModel.from_pretrained(out)
+
+
+def test_held_out_pairs_are_never_trained_on(tmp_path):
+    shards = write_parquet_shards(tmp_path / "shards", shards=2)
+    data = load_streaming_data(streaming_args(dataset_name=str(shards), max_eval_samples=10), seed=0)
+    assert len(data.validation) == 10 and "_image_id" in data.validation.column_names
+    held_out = {pair_key(row) for row in data.validation}
+    assert len(held_out) == 10
+    # The stream repeats without end; 400 draws of the 38 pairs left include every one of them, and no held-out one.
+    trained = [pair_key(row) for row in data.train.take(400)]
+    assert not held_out & set(trained)
+    assert len(set(trained)) == 38
+
+
+def test_globbed_csv_shards_resolve_image_paths_against_their_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "csv"
+    write_shapes_csv(folder, repeats=1, name="part-0.csv")
+    write_shapes_csv(folder, repeats=1, name="part-1.csv")
+    data_args = streaming_args(train_file=str(folder / "part-0.csv"), max_eval_samples=4)
+    # A glob is what sharded data looks like; set after construction because `DataArguments` checks that the file
+    # exists (a glob is accepted there once its validation allows patterns).
+    data_args.train_file = str(folder / "part-*.csv")
+    monkeypatch.chdir(tmp_path)  # relative paths must not depend on the working directory
+    data = load_streaming_data(data_args, seed=0)
+    for row in data.train.take(8):
+        assert Path(row["image"]).is_absolute() and Path(row["image"]).is_file()
+    assert all(Path(path).is_file() for path in data.validation["image"])
+
+
+def _rank_rows(stream: datasets.IterableDataset, rank: int, batches: int) -> list[dict]:
+    """The rows process `rank` of 2 trains on: the Trainer's DataLoader, prepared as accelerate prepares it when
+    batches are not dispatched from process 0."""
+    loader = DataLoader(stream, batch_size=4, collate_fn=list)
+    loader = prepare_data_loader(
+        loader, num_processes=2, process_index=rank, put_on_device=False, dispatch_batches=False
+    )
+    iterator = iter(loader)
+    return [row for _ in range(batches) for row in next(iterator)]
+
+
+def test_two_processes_read_disjoint_shards(tmp_path):
+    folder = write_parquet_shards(tmp_path / "shards", shards=3)
+    data = load_streaming_data(streaming_args(dataset_name=str(folder), max_eval_samples=4), seed=3)
+    seen = [{pair_key(row) for row in _rank_rows(data.train, rank, batches=10)} for rank in range(2)]
+    assert seen[0] and seen[1]
+    assert not seen[0] & seen[1]
+
+
+def test_two_processes_split_a_single_shard_by_examples(tmp_path):
+    """One file and two processes: both read the same shuffled stream and take alternate batches of it."""
+    folder = write_parquet_shards(tmp_path / "shards", shards=1)
+    data = load_streaming_data(streaming_args(dataset_name=str(folder), max_eval_samples=4), seed=3)
+    stream = [pair_key(row) for row in data.train.take(32)]
+    ranks = [[pair_key(row) for row in _rank_rows(data.train, rank, batches=4)] for rank in range(2)]
+    for step in range(4):
+        assert ranks[0][4 * step : 4 * step + 4] == stream[8 * step : 8 * step + 4]
+        assert ranks[1][4 * step : 4 * step + 4] == stream[8 * step + 4 : 8 * step + 8]
