@@ -309,7 +309,8 @@ class CLIPTrainingArguments(TrainingArguments):
         default="epoch", metadata={"help": "When to save a checkpoint: no, steps, epoch or best."}
     )
     save_total_limit: int | None = field(
-        default=2, metadata={"help": "Checkpoints kept; with load_best_model_at_end the best one is always among them."}
+        default=2,
+        metadata={"help": "Checkpoints kept; with load_best_model_at_end the best one is always among them."},
     )
     logging_steps: float = field(
         default=10, metadata={"help": "Log every N optimizer steps (or a fraction of the run)."}

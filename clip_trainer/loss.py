@@ -26,6 +26,35 @@ def clip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale
     return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_image.T, labels)) / 2
 
 
+class _GatherWithGradient(torch.autograd.Function):
+    """All processes' tensors, with each gradient sent back to (and summed on) the process that owns the rows.
+
+    Written here because `torch.distributed.nn.functional.all_gather` is deprecated in torch 2.13 and its import
+    starts RPC machinery that can abort a process at exit; the backward is an all-reduce of the gradient of the
+    whole gathered tensor followed by taking one's own slice (a reduce-scatter, which gloo lacks).
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        ctx.rank = dist.get_rank(group)
+        ctx.rows = tensor.shape[0]
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, tensor.contiguous(), group=group)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows], None
+
+
+def gather_with_gradient(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """Concatenation of every process's `tensor` (same shape everywhere), differentiable back to each owner."""
+    return _GatherWithGradient.apply(tensor, group)
+
+
 def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
     if tensor.shape[0] == rows:
         return tensor
@@ -54,9 +83,6 @@ def distributed_clip_loss(
             of pairs (a skipped sample, an uneven last batch) without a host synchronisation to agree on sizes.
         group: the process group; defaults to the world.
     """
-    # Imported here: torch.distributed.nn pulls in RPC modules that a single-process run never needs.
-    from torch.distributed.nn.functional import all_gather
-
     world_size = dist.get_world_size(group)
     rank = dist.get_rank(group)
     local = image_embeds.shape[0]
@@ -68,8 +94,8 @@ def distributed_clip_loss(
     all_valid = [torch.empty_like(valid) for _ in range(world_size)]
     dist.all_gather(all_valid, valid, group=group)
     column_valid = torch.cat(all_valid)
-    all_images = torch.cat(all_gather(_pad_rows(image_embeds, rows), group=group))
-    all_texts = torch.cat(all_gather(_pad_rows(text_embeds, rows), group=group))
+    all_images = gather_with_gradient(_pad_rows(image_embeds, rows), group)
+    all_texts = gather_with_gradient(_pad_rows(text_embeds, rows), group)
 
     labels = rank * rows + torch.arange(local, device=image_embeds.device)
     # Padded columns get -inf logits: they are no negatives and take no gradient.

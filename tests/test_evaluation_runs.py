@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 
+from conftest import draw_shape
 from transformers import pipeline
 
 from clip_trainer.evaluation import RETRIEVAL_METRIC_NAMES, ZEROSHOT_METRIC_NAMES
 from clip_trainer.run import main
-from conftest import draw_shape
 
 
 def test_eval_only_run_measures_the_given_model(base_args, tmp_path, tiny_clip_dir):

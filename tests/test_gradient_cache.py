@@ -213,6 +213,8 @@ def _distributed_worker(rank: int, world_size: int, port: int, out_dir: str) -> 
         dist.all_reduce(loss)
         if rank == 0:
             torch.save({"grads": grads, "loss": loss / world_size}, os.path.join(out_dir, "result.pt"))
+        # Both processes leave together: gloo aborts a process whose peer tears the group down mid-exchange.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -98,6 +98,8 @@ def _distributed_worker(rank: int, world_size: int, port: int, sizes: list[int],
         dist.all_gather(losses, loss.detach())
         if rank == 0:
             torch.save({"loss": torch.stack(losses).mean(), "grads": grads}, os.path.join(out_dir, "result.pt"))
+        # Both processes leave together: gloo aborts a process whose peer tears the group down mid-exchange.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
