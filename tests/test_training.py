@@ -157,3 +157,31 @@ def test_mfu_is_logged_when_the_peak_is_known(base_args, tmp_path):
     state = json.loads((out / "trainer_state.json").read_text())
     mfus = [entry["mfu"] for entry in state["log_history"] if "mfu" in entry]
     assert mfus and all(0 < value < 10 for value in mfus)
+
+
+def test_prepare_only_writes_splits_that_a_later_run_trains_from(base_args, tmp_path, shapes_csv):
+    import datasets
+    from conftest import write_shapes_csv
+
+    own_csv = write_shapes_csv(tmp_path / "own", repeats=3)  # its images are deleted below
+    base_args = [str(own_csv) if a == str(shapes_csv) else a for a in base_args]
+    prepared = tmp_path / "prepared"
+    assert main([*base_args, "--prepare_only", "true", "--output_dir", str(prepared)]) == {}
+    splits = datasets.load_from_disk(str(prepared))
+    assert set(splits) == {"train", "validation"}
+    assert len(splits["train"]) == 61 and len(splits["validation"]) == 11  # the 85/15 split of 72 pairs
+    row = splits["train"].cast_column("image", datasets.Image(decode=False))[0]
+    assert (
+        row["image"]["bytes"][:8] == b"\x89PNG\r\n\x1a\n" and row["image"]["path"] is None
+    )  # compact, self-contained
+    assert (prepared / "train").is_dir() and not (prepared / "model.safetensors").exists()
+
+    # Train from the folder alone: the image files are no longer needed.
+    import shutil
+
+    shutil.rmtree(own_csv.parent / "images")
+    args = [a for a in base_args if a != str(own_csv)]
+    args.remove("--train_file")
+    out = tmp_path / "from-prepared"
+    main([*args, "--dataset_name", str(prepared), "--output_dir", str(out), "--max_steps", "2"])
+    assert (out / "model.safetensors").exists()
