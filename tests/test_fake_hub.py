@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_TEXT, TINY_VISION
 from fake_hub import FakeHub
 from huggingface_hub import HfApi, constants, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError, RemoteEntryNotFoundError, RepositoryNotFoundError
@@ -17,22 +18,7 @@ TOKEN = "hf_test"
 @pytest.fixture(scope="module")
 def pushed_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config = CLIPConfig(
-        text_config=dict(
-            vocab_size=99,
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=77,
-        ),
-        vision_config=dict(
-            image_size=32,
-            patch_size=8,
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-        ),
+        text_config={**TINY_TEXT, "vocab_size": 99, "max_position_embeddings": 77}, vision_config=TINY_VISION
     )
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("tiny_clip")

@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 import torch
+from conftest import TINY_TEXT, TINY_VISION
 from tokenizers import Tokenizer, models
 from transformers import (
     AutoProcessor,
@@ -104,24 +105,7 @@ def test_round_trip_through_clip_processor(tokenizer, tmp_path):
 
 def test_clip_text_model_pools_the_eos_token(tokenizer):
     ids = text_config_token_ids(tokenizer)
-    config = CLIPConfig(
-        text_config=dict(
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=77,
-            **ids,
-        ),
-        vision_config=dict(
-            image_size=32,
-            patch_size=8,
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-        ),
-    )
+    config = CLIPConfig(text_config={**TINY_TEXT, "max_position_embeddings": 77, **ids}, vision_config=TINY_VISION)
     torch.manual_seed(0)
     model = CLIPModel(config).eval()
     assert model.text_model.eos_token_id == ids["eos_token_id"]
