@@ -498,6 +498,11 @@ def run_clip_trainer(setup: Setup) -> dict[str, float]:
         processing_class=setup.processor,
         callbacks=[timer],
     )
+    return train_timed(trainer, timer, setup)
+
+
+def train_timed(trainer: Trainer, timer: StepTimer, setup: Setup) -> dict[str, float]:
+    """Trains quietly (no progress bars) under `timer` and returns the timed figures."""
     trainer.step_timer = timer
     for callback in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(callback)
@@ -519,13 +524,7 @@ def run_stock_trainer(setup: Setup) -> dict[str, float]:
         data_collator=setup.stock_collator(),
         callbacks=[timer],
     )
-    trainer.step_timer = timer
-    for callback in (PrinterCallback, ProgressCallback):
-        trainer.remove_callback(callback)
-    trainer.train()
-    result = trainer_result(trainer, timer, setup)
-    stop_workers(trainer)
-    return result
+    return train_timed(trainer, timer, setup)
 
 
 def device_batch(setup: Setup, rows: int) -> dict[str, torch.Tensor]:

@@ -6,7 +6,7 @@ quarter of the bytes of float pixels); the trainer normalises them on the device
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,7 +26,7 @@ class ImageTextCollator:
 
     Returns `pixel_values` (`uint8`, `(B, 3, H, W)`), `input_ids` and `attention_mask` (padded to the longest caption
     of the batch, truncated at `max_seq_length`), for validation rows `image_ids` and `class_labels`, and `skipped_samples`. A row whose
-    image cannot be decoded or whose caption is empty is left out of the batch and counted in `skipped`; it never
+    image cannot be decoded or whose caption is empty is left out of the batch and counted in `skipped_samples`; it never
     stops the run.
 
     Args:
@@ -52,11 +52,11 @@ class ImageTextCollator:
     max_image_pixels: int | None = 89_478_485
     keep_invalid_rows: bool = False
     jpeg_draft: bool = False
-    skipped: int = field(default=0, init=False)
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         pixels, captions, kept, valid = [], [], [], []
-        skipped_before = self.skipped
+        # Counted per batch: workers are separate processes, so a running total here would never reach the trainer.
+        skipped = 0
         for row in rows:
             try:
                 caption = check_caption(row.get(self.caption_column))
@@ -67,11 +67,9 @@ class ImageTextCollator:
                 )
                 pixels.append(resize_center_crop(image, self.shortest_edge, self.crop_size))
             except BadSampleError as error:
-                self.skipped += 1
+                skipped += 1
                 # Rows are checked for cheap faults before training; what is left (a corrupt file) is rare.
-                logger.warning(
-                    f"Skipping a sample that cannot be used ({error.reason}); {self.skipped} skipped so far."
-                )
+                logger.warning(f"Skipping a sample that cannot be used ({error.reason}); {skipped} in this batch.")
                 if not self.keep_invalid_rows:
                     continue
                 pixels.append(np.zeros((3, *self.crop_size), dtype=np.uint8))
@@ -98,8 +96,7 @@ class ImageTextCollator:
             "pixel_values": torch.from_numpy(np.stack(pixels)),
             "input_ids": text["input_ids"],
             "attention_mask": text["attention_mask"],
-            # Workers cannot update the main process's counters; the count travels with the batch.
-            "skipped_samples": torch.tensor(self.skipped - skipped_before),
+            "skipped_samples": torch.tensor(skipped),
         }
         if self.keep_invalid_rows:
             batch["valid"] = torch.tensor(valid, dtype=torch.bool)

@@ -150,8 +150,7 @@ def _drop_bad_rows(dataset: Dataset, split: str, data_args: DataArguments) -> Da
     if data_args.on_bad_rows == "error":
         raise ConfigError(message + " Fix or remove these rows, or set `on_bad_rows` to `skip`.")
     logger.warning(message)
-    bad = set(report.bad_indices)
-    return dataset.select([i for i in range(len(dataset)) if i not in bad])
+    return dataset.select(report.good_indices())
 
 
 def load_image_text_data(data_args: DataArguments, seed: int, cache_dir: str | None = None) -> ImageTextData:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from huggingface_hub import HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from transformers.utils import logging
@@ -16,8 +18,6 @@ NETWORK_ERRORS = (HfHubHTTPError, OfflineModeIsEnabled, ConnectionError, OSError
 
 def hub_repo_id(training_args: CLIPTrainingArguments, user: str) -> str:
     """The repository a push goes to: `hub_model_id` (with the user's namespace added when it has none)."""
-    from pathlib import Path
-
     name = training_args.hub_model_id or Path(training_args.output_dir).absolute().name
     return name if "/" in name else f"{user}/{name}"
 

@@ -113,7 +113,6 @@ class CLIPContrastiveTrainer(Trainer):
             self.add_callback(
                 EarlyStoppingCallback(self.args.early_stopping_patience, self.args.early_stopping_threshold)
             )
-        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         # A device tensor once training runs (see `training_step`); read at logging steps only.
         self._skipped_samples: int | torch.Tensor = 0
         self._filter_nonfinite_loss = self.args.logging_nan_inf_filter
@@ -263,14 +262,12 @@ class CLIPContrastiveTrainer(Trainer):
     # Logging
     # ------------------------------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Adds the averaged metric buffer, the temperature and the throughput to what the Trainer logs."""
-        mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
-        buffered = {key: sum(values) / len(values) for key, values in self._metrics[mode].items() if values}
-        if mode == "eval":
-            buffered = {f"eval_{key}": value for key, value in buffered.items()}
-        logs = {**logs, **buffered}
-        self._metrics[mode].clear()
-        if mode == "train" and "loss" in logs:
+        """Adds the temperature, the throughput and the skip counts to the Trainer's training logs.
+
+        Evaluation metrics need no buffer: they are computed once over the whole set in `evaluation_loop`.
+        """
+        logs = dict(logs)
+        if "loss" in logs and not any(key.startswith("eval_") for key in logs):
             scale = self.model.logit_scale.detach().exp().item()
             logs["logit_scale"] = round(scale, 4)
             logs["temperature"] = round(1.0 / scale, 6)
