@@ -38,12 +38,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from accelerate.utils import DistributedType  # noqa: E402
 from transformers import CLIPConfig, CLIPModel  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -98,56 +96,40 @@ def make_batch(model: CLIPModel, size: int, device: torch.device) -> dict[str, t
     }
 
 
-class Harness:
-    """What [`GradientCache`] needs from the trainer, with `CLIPContrastiveTrainer`'s `embed` and loss."""
+class Step:
+    """One optimizer step's forward and backward in each mode, with the callables the trainer gives [`GradientCache`]."""
 
     def __init__(self, model: CLIPModel, micro_batch: int, accumulation: int, bf16: bool) -> None:
         self.model = model
-        self.optimizer = None
-        device = next(model.parameters()).device
-        self.args = SimpleNamespace(
-            gather_negatives=True,
-            per_device_train_batch_size=micro_batch,
-            gradient_accumulation_steps=accumulation,
-            device=device,
-        )
-        self.accelerator = SimpleNamespace(distributed_type=DistributedType.NO, backward=lambda loss: loss.backward())
+        self.device = next(model.parameters()).device
         self.bf16 = bf16
+        self.cache = GradientCache(
+            embed=self.embed,
+            loss_scalars=lambda: (model.logit_scale.exp(),),
+            loss=lambda images, texts, scale, pad_to, valid: clip_loss(images, texts, scale, valid=valid),
+            backward=lambda loss: loss.backward(),
+            micro_batch_size=micro_batch,
+            accumulation_steps=accumulation,
+        )
 
-    def _prepare_inputs(self, inputs: dict) -> dict:
-        return inputs
-
-    def compute_loss_context_manager(self):
-        if self.bf16:
-            return torch.autocast(device_type=self.args.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    def embed(self, model: CLIPModel, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        outputs = model(**inputs, return_loss=False)
+    def embed(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        context = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+        with context:
+            outputs = self.model(**inputs, return_loss=False)
         return outputs.image_embeds.float(), outputs.text_embeds.float()
 
-    def logit_scale(self) -> torch.Tensor:
-        return self.model.logit_scale.exp()
-
-
-def train_step(harness: Harness, mode: str, batches: list[dict], whole: dict) -> None:
-    """One optimizer step's forward and backward in `mode`, with the Trainer's call pattern."""
-    model = harness.model
-    model.zero_grad(set_to_none=False)  # gradients stay allocated, as between an optimizer's steps
-    if mode == "plain":
-        with harness.compute_loss_context_manager():
-            image, text = harness.embed(model, whole)
-        clip_loss(image, text, harness.logit_scale()).backward()
-    elif mode == "cached":
-        cache = GradientCache()
-        cache.start_step(batches)
-        for batch in batches:
-            cache.training_step(harness, model, batch)
-    else:
-        for batch in batches:
-            with harness.compute_loss_context_manager():
-                image, text = harness.embed(model, batch)
-            (clip_loss(image, text, harness.logit_scale()) / len(batches)).backward()
+    def run(self, mode: str, batches: list[dict], whole: dict) -> None:
+        self.model.zero_grad(set_to_none=False)  # gradients stay allocated, as between an optimizer's steps
+        scale = self.model.logit_scale.exp
+        if mode == "plain":
+            clip_loss(*self.embed(whole), scale()).backward()
+        elif mode == "cached":
+            self.cache.start_step(batches)
+            for batch in batches:
+                self.cache.training_step(batch)
+        else:
+            for batch in batches:
+                (clip_loss(*self.embed(batch), scale()) / len(batches)).backward()
 
 
 def max_rss_bytes() -> int:
@@ -168,13 +150,13 @@ def worker(options: argparse.Namespace) -> dict:
                for start, size in zip(range(0, options.batch_size, micro), sizes)]  # fmt: skip
     for parameter in model.parameters():
         parameter.grad = torch.zeros_like(parameter)
-    harness = Harness(model, micro, len(batches), options.bf16)
+    step = Step(model, micro, len(batches), options.bf16)
 
     cuda = device.type == "cuda"
     # On the CPU the high-water mark cannot be reset, so the warm-up step counts towards it, from a baseline taken
     # before it; on the GPU the peak is measured over the timed steps alone.
     baseline = max_rss_bytes()
-    train_step(harness, options.mode, batches, whole)  # warm-up (kernels, allocator)
+    step.run(options.mode, batches, whole)  # warm-up (kernels, allocator)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -182,7 +164,7 @@ def worker(options: argparse.Namespace) -> dict:
     step_times = []
     for _ in range(options.steps):
         start = time.perf_counter()
-        train_step(harness, options.mode, batches, whole)
+        step.run(options.mode, batches, whole)
         if cuda:
             torch.cuda.synchronize()
         step_times.append(time.perf_counter() - start)

@@ -21,7 +21,7 @@ warm-up step to the end of the last step, with a device synchronisation at both 
 for data; the figure from the median step time is printed beside it. The data-wait share is the time the Trainer
 spent in `get_batch_samples` (fetching the next batch from the workers and copying it to the device) over that wall
 time. On the CPU the variants run three times, alternating, and each reports its best run: a shared CPU is noisy.
-FLOPs per pair are counted with `clip_trainer.flops` (FlopCounterMode); MFU is against a large matmul measured on
+FLOPs per pair are counted with `benchmarks/flops.py` (FlopCounterMode); MFU is against a large matmul measured on
 the same device (bf16 8192^3 on CUDA, fp32 1024^3 on the CPU).
 
 Every caption is long enough to fill the text context, so every variant runs the same number of text tokens as
@@ -80,12 +80,12 @@ from transformers import (  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from flops import measure_peak_flops, mfu, training_flops_per_sample  # noqa: E402
+
 from clip_trainer.arguments import CLIPTrainingArguments, DataArguments  # noqa: E402
 from clip_trainer.collator import ImageTextCollator  # noqa: E402
 from clip_trainer.data import load_image_text_data  # noqa: E402
-from clip_trainer.flops import measure_peak_flops, mfu, training_flops_per_sample  # noqa: E402
 from clip_trainer.loss import clip_loss  # noqa: E402
-from clip_trainer.modeling import image_input_size  # noqa: E402
 from clip_trainer.tokenization import train_caption_tokenizer  # noqa: E402
 from clip_trainer.trainer import CLIPContrastiveTrainer, no_weight_decay_parameter_names  # noqa: E402
 
@@ -478,11 +478,8 @@ def trainer_result(trainer: DataWaitMixin, timer: StepTimer, setup: Setup) -> di
 def run_clip_trainer(setup: Setup) -> dict[str, float]:
     """(a): clip-trainer's own path, from the prepared folder on disk to the optimizer step."""
     data = load_image_text_data(DataArguments(dataset_name=str(setup.data_dir)), seed=0)
-    shortest_edge, crop_size = image_input_size(setup.processor.image_processor)
-    collator = ImageTextCollator(
-        tokenizer=setup.processor.tokenizer,
-        shortest_edge=shortest_edge,
-        crop_size=crop_size,
+    collator = ImageTextCollator.from_processor(
+        setup.processor,
         max_seq_length=setup.max_length,
         **({"jpeg_draft": True} if setup.jpeg_draft else {}),
     )

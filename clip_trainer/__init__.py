@@ -1,3 +1,32 @@
-"""clip-trainer: train and fine-tune CLIP models on image-caption data, the Hugging Face way."""
+"""clip-trainer: train and fine-tune CLIP models on image-caption data, the Hugging Face way.
 
-__version__ = "0.1.0"
+The public API, in pipeline order: the argument classes, the data loader, the collator, the loss functions and the
+trainer. `python run_clip.py CONFIG.json [--flag value ...]` runs all of them (see `clip_trainer.run.main`).
+"""
+
+__version__ = "0.2.0"
+
+from .arguments import CLIPTrainingArguments, ConfigError, DataArguments, ModelArguments, parse_arguments
+from .collator import ImageTextCollator
+from .data import ImageTextData, load_image_text_data
+from .loss import clip_loss, contrastive_loss, distributed_clip_loss
+from .model_card import CLIPModelCardData
+from .preprocessing import ImagePreprocessor
+from .trainer import CLIPContrastiveTrainer
+
+__all__ = [
+    "CLIPContrastiveTrainer",
+    "CLIPModelCardData",
+    "CLIPTrainingArguments",
+    "ConfigError",
+    "DataArguments",
+    "ImagePreprocessor",
+    "ImageTextCollator",
+    "ImageTextData",
+    "ModelArguments",
+    "clip_loss",
+    "contrastive_loss",
+    "distributed_clip_loss",
+    "load_image_text_data",
+    "parse_arguments",
+]

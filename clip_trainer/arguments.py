@@ -2,7 +2,11 @@
 
 `python run_clip.py a.json b.json --learning_rate 1e-4` applies the JSON files left to right, then the flags.
 Every field of [`ModelArguments`], [`DataArguments`] and [`CLIPTrainingArguments`] (which is a
-`transformers.TrainingArguments`) can be set either way.
+`transformers.TrainingArguments`) can be set either way. A relative path in a config file is read against the config
+file's folder when something exists there, else against the working folder (see [`CONFIG_RELATIVE_PATH_KEYS`]).
+
+Validation lives here, in two steps: each dataclass's `__post_init__` checks its own fields, and [`check_arguments`]
+checks what needs several of them or the model's config (known before any data or weights are loaded).
 """
 
 from __future__ import annotations
@@ -28,7 +32,15 @@ class ConfigError(ValueError):
     """A mistake in the run's configuration. The command line prints its message alone, with no traceback."""
 
 
+def did_you_mean(name: str, choices: list[str] | tuple[str, ...], prefix: str = "") -> str:
+    """`" Did you mean `x`?"` for the closest of `choices` to `name`, or `""` when none is close."""
+    match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return f" Did you mean `{prefix}{match[0]}`?" if match else ""
+
+
 ATTENTION_IMPLEMENTATIONS = ["sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"]
+# 256 byte tokens, the pad token and bos/eos (see tokenization.py).
+MIN_TOKENIZER_VOCAB_SIZE = 259
 # Optimizers and schedules the seed project offered that `TrainingArguments` lacks; the trainer builds them.
 EXTRA_OPTIMIZERS = ["adam"]
 EXTRA_SCHEDULERS = ["step"]
@@ -69,16 +81,6 @@ class ModelArguments:
         default=4096,
         metadata={"help": "Vocabulary size of the tokenizer trained on the captions when none is given."},
     )
-    freeze_vision_model: bool = field(
-        default=False, metadata={"help": "Keep the image tower's weights fixed (the seed's freeze_image_encoder)."}
-    )
-    freeze_text_model: bool = field(default=False, metadata={"help": "Keep the text tower's weights fixed."})
-    unfreeze_after_steps: int | None = field(
-        default=None,
-        metadata={
-            "help": "Unfreeze the frozen tower(s) after this many optimizer steps. Empty: frozen for the whole run."
-        },
-    )
     dropout: float | None = field(
         default=None,
         metadata={
@@ -105,6 +107,10 @@ class ModelArguments:
     )
 
     def __post_init__(self) -> None:
+        # An empty value on the command line (--model_name_or_path "") unsets what a config file set.
+        for key in ("model_name_or_path", "config_name", "tokenizer_name", "image_processor_name"):
+            if getattr(self, key) is not None and not str(getattr(self, key)).strip():
+                setattr(self, key, None)
         if self.better_transformer:
             warnings.warn(
                 "`better_transformer` is deprecated: optimum's BetterTransformer was removed and refused training "
@@ -120,16 +126,23 @@ class ModelArguments:
             )
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"`dropout` is {self.dropout}; it must be in [0, 1).")
-        if self.unfreeze_after_steps is not None and not (self.freeze_vision_model or self.freeze_text_model):
+        if self.tokenizer_vocab_size < MIN_TOKENIZER_VOCAB_SIZE:
             raise ConfigError(
-                "`unfreeze_after_steps` is set but no tower is frozen; set `freeze_vision_model` or "
-                "`freeze_text_model`, or remove `unfreeze_after_steps`."
+                f"`tokenizer_vocab_size` is {self.tokenizer_vocab_size}; a byte-level tokenizer needs at least "
+                f"{MIN_TOKENIZER_VOCAB_SIZE} (256 bytes and 3 special tokens). Use 1024 or more for real captions."
             )
-        if self.freeze_vision_model and self.freeze_text_model and self.unfreeze_after_steps is None:
-            raise ConfigError(
-                "Both towers are frozen (`freeze_vision_model` and `freeze_text_model`), so nothing but the "
-                "temperature would train; unset one of them or set `unfreeze_after_steps`."
-            )
+        _check_attention_available(self.attn_implementation)
+
+
+def _check_attention_available(implementation: str) -> None:
+    from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
+
+    available = {"flash_attention_2": is_flash_attn_2_available, "flash_attention_3": is_flash_attn_3_available}
+    if implementation in available and not available[implementation]():
+        raise ConfigError(
+            f"`attn_implementation` is {implementation!r}, but the flash-attn package for it is not installed (or "
+            "no CUDA device supports it here); install it, or use `sdpa` (the default, fused attention in PyTorch)."
+        )
 
 
 @dataclass
@@ -169,13 +182,13 @@ class DataArguments:
             "rows with the same image file (or the same image bytes) are the same image."
         },
     )
-    zeroshot_templates: list[str] | None = field(
-        default=None,
-        metadata={"help": "Prompt templates for zero-shot classification, each with one `{}`. Empty: a default list."},
-    )
     validation_split_percentage: float = field(
         default=15,
-        metadata={"help": "Percent of the training data held out for validation when there is no validation split."},
+        metadata={
+            "help": "Percent of the training data held out for validation when there is no validation split. 0: train "
+            "on everything (no evaluation unless `validation_file` is given). Nothing is held out when the run does "
+            "not evaluate."
+        },
     )
     max_seq_length: int | None = field(
         default=None,
@@ -237,10 +250,6 @@ class DataArguments:
                 f"Both `dataset_name` ({self.dataset_name!r}) and `train_file` ({self.train_file!r}) are set; keep one "
                 '(on the command line, --dataset_name "" unsets a config file\'s dataset).'
             )
-        if self.dataset_name is None and self.train_file is None:
-            raise ConfigError(
-                "No training data given: set `dataset_name` (a Hub id, a prepared folder, or `emoji`) or `train_file`."
-            )
         for key in ("train_file", "validation_file"):
             path = getattr(self, key)
             if path is None:
@@ -254,19 +263,15 @@ class DataArguments:
                 raise ConfigError(f"`{key}` is {path!r}, which does not exist.")
         if self.shuffle_buffer_size < 1:
             raise ConfigError(f"`shuffle_buffer_size` is {self.shuffle_buffer_size}; it must be at least 1.")
-        if not 0 < self.validation_split_percentage < 100:
+        if not 0 <= self.validation_split_percentage < 100:
             raise ConfigError(
-                f"`validation_split_percentage` is {self.validation_split_percentage}; it must be between 0 and 100."
+                f"`validation_split_percentage` is {self.validation_split_percentage}; it must be at least 0 (train "
+                "on everything) and below 100."
             )
         if self.max_seq_length is not None and self.max_seq_length < 2:
             raise ConfigError(
                 f"`max_seq_length` is {self.max_seq_length}; it must be at least 2 (start and end token)."
             )
-        for template in self.zeroshot_templates or []:
-            if template.count("{}") != 1:
-                raise ConfigError(
-                    f"zero-shot template {template!r} must contain exactly one `{{}}` for the class name."
-                )
 
 
 @dataclass
@@ -325,8 +330,39 @@ class CLIPTrainingArguments(TrainingArguments):
     dataloader_persistent_workers: bool = field(
         default=True, metadata={"help": "Keep data workers alive between epochs and evaluations."}
     )
+    # transformers' filter reads every step's loss on the host (`torch.isnan(loss)`), a device synchronisation per
+    # step. The trainer does the same on the device (a non-finite step's loss is logged as the mean of the finite ones
+    # since the last log), and the non-finite guard (`max_nonfinite_steps`) skips such a step's update and counts it.
+    logging_nan_inf_filter: bool = field(
+        default=False,
+        metadata={
+            "help": "transformers' host-side filter of NaN/inf training losses (a device sync per step). Off: "
+            "clip-trainer filters the logged loss on the device instead; non-finite steps are skipped either way."
+        },
+    )
 
     # --- clip-trainer's own options -------------------------------------------------------------------------------
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Train into an `output_dir` that holds another run's checkpoints (they are deleted first). "
+            "Without it such a run stops and says how to resume or where else to write."
+        },
+    )
+    freeze_vision_model: bool = field(
+        default=False, metadata={"help": "Keep the image tower's weights fixed (the seed's freeze_image_encoder)."}
+    )
+    freeze_text_model: bool = field(default=False, metadata={"help": "Keep the text tower's weights fixed."})
+    unfreeze_after_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Unfreeze the frozen tower(s) after this many optimizer steps. Empty: frozen for the whole run."
+        },
+    )
+    zeroshot_templates: list[str] | None = field(
+        default=None,
+        metadata={"help": "Prompt templates for zero-shot classification, each with one `{}`. Empty: a default list."},
+    )
     lr_step_size: int = field(default=1000, metadata={"help": "For lr_scheduler_type=step: steps between decays."})
     lr_step_gamma: float = field(default=0.1, metadata={"help": "For lr_scheduler_type=step: decay factor."})
     max_logit_scale: float = field(
@@ -379,6 +415,7 @@ class CLIPTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        self._check_numbers()
         # `TrainingArguments` accepts only its own optimizer and scheduler names; ours are swapped out for a
         # stand-in while it validates, then put back for the trainer to build.
         extra_optim = self.optim if self.optim in EXTRA_OPTIMIZERS else None
@@ -419,6 +456,52 @@ class CLIPTrainingArguments(TrainingArguments):
         if self.max_nonfinite_steps < 0:
             raise ConfigError(
                 f"`max_nonfinite_steps` is {self.max_nonfinite_steps}; it must be 0 (never stop) or more."
+            )
+        if self.unfreeze_after_steps is not None and not (self.freeze_vision_model or self.freeze_text_model):
+            raise ConfigError(
+                "`unfreeze_after_steps` is set but no tower is frozen; set `freeze_vision_model` or "
+                "`freeze_text_model`, or remove `unfreeze_after_steps`."
+            )
+        if self.freeze_vision_model and self.freeze_text_model and self.unfreeze_after_steps is None:
+            raise ConfigError(
+                "Both towers are frozen (`freeze_vision_model` and `freeze_text_model`), so nothing but the "
+                "temperature would train; unset one of them or set `unfreeze_after_steps`."
+            )
+        for template in self.zeroshot_templates or []:
+            if template.count("{}") != 1:
+                raise ConfigError(
+                    f"zero-shot template {template!r} must contain exactly one `{{}}` for the class name."
+                )
+
+    def _check_numbers(self) -> None:
+        """Values a JSON file can get wrong in ways argparse never sees (null, a list, a negative number)."""
+
+        def number(key: str, minimum: float, integer: bool, allow: tuple = ()) -> None:
+            value = getattr(self, key)
+            if value in allow:
+                return
+            kind = int if integer else (int, float)
+            if isinstance(value, bool) or not isinstance(value, kind) or value < minimum or value != value:
+                what = "a whole number" if integer else "a number"
+                raise ConfigError(f"`{key}` is {value!r}; it must be {what} of at least {minimum}.")
+
+        number("per_device_train_batch_size", 1, integer=True)
+        number("per_device_eval_batch_size", 1, integer=True)
+        number("gradient_accumulation_steps", 1, integer=True)
+        number("dataloader_num_workers", 0, integer=True)
+        number("num_train_epochs", 0, integer=False)
+        number("max_steps", -1, integer=True)
+        number("warmup_steps", 0, integer=False)
+        number("weight_decay", 0, integer=False)
+        rate = self.learning_rate
+        if isinstance(rate, bool) or not isinstance(rate, int | float) or not rate >= 0:
+            raise ConfigError(f"`learning_rate` is {rate!r}; it must be a number of at least 0 (e.g. 1e-4).")
+        if self.max_steps == 0:
+            raise ConfigError("`max_steps` is 0, so nothing would train; set a positive number, or -1 to use epochs.")
+        if self.max_steps < 0 and self.num_train_epochs <= 0:
+            raise ConfigError(
+                f"`num_train_epochs` is {self.num_train_epochs}, so nothing would train; set a positive number of "
+                "epochs or `max_steps`."
             )
 
     def __getstate__(self) -> dict[str, Any]:
@@ -469,9 +552,32 @@ def _raise_config_error(message: str) -> None:
     raise ConfigError(f"{message}. See `run_clip.py --help`.")
 
 
-def _closest(name: str, valid: list[str]) -> str:
-    match = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
-    return f" Did you mean `{match[0]}`?" if match else ""
+# Keys whose value is a path the run reads. In a config file, a relative one is looked up beside the config file
+# first (the rule of tools such as Hydra or tsconfig: a config and what it names travel together), then in the
+# working folder, and a Hub id stays a Hub id. `output_dir` is what the run writes, so it stays relative to the
+# working folder, like every path given on the command line.
+CONFIG_RELATIVE_PATH_KEYS = (
+    "model_name_or_path",
+    "config_name",
+    "tokenizer_name",
+    "image_processor_name",
+    "dataset_name",
+    "train_file",
+    "validation_file",
+    "resume_from_checkpoint",
+    "deepspeed",
+    "fsdp_config",
+)
+
+
+def _resolve_against_config(value: Any, config_dir: Path) -> Any:
+    """`value` read beside its config file when something is there (a file, a folder, or a glob's matches)."""
+    if not isinstance(value, str) or not value or os.path.isabs(value) or value.lower() in ("true", "false"):
+        return value
+    candidate = config_dir / value
+    if glob.has_magic(value) or "{" in value:
+        return str(candidate) if glob.glob(str(candidate)) else value
+    return str(candidate) if candidate.exists() else value
 
 
 def _read_config_file(path: str) -> dict[str, Any]:
@@ -508,21 +614,18 @@ def parse_arguments(
         config_files.append(argv.pop(0))
     merged: dict[str, Any] = {}
     for path in config_files:
+        config_dir = Path(path).resolve().parent
         for key, value in _read_config_file(path).items():
             if key not in valid_keys:
-                raise ConfigError(f"Unknown key `{key}` in {path}.{_closest(key, valid_keys)}")
-            merged[key] = value
+                raise ConfigError(f"Unknown key `{key}` in {path}.{did_you_mean(key, valid_keys)}")
+            merged[key] = _resolve_against_config(value, config_dir) if key in CONFIG_RELATIVE_PATH_KEYS else value
     # Values from files become the parser's defaults, so that flags on the command line win.
     parser.set_defaults(**merged)
-    # Required fields (output_dir has a default in transformers 5) need no special handling.
-    try:
-        namespace, remaining = parser.parse_known_args(argv)
-    except SystemExit:
-        raise
+    namespace, remaining = parser.parse_known_args(argv)
     if remaining:
         flag = next((arg for arg in remaining if arg.startswith("-")), remaining[0])
         name = flag.lstrip("-").split("=")[0]
-        hint = _closest(name, valid_keys)
+        hint = did_you_mean(name, valid_keys)
         raise ConfigError(
             f"Unknown option `{flag}`.{hint}" if flag.startswith("-") else f"Unexpected argument `{flag}`."
         )
@@ -543,3 +646,114 @@ def parse_arguments(
         # TrainingArguments validates with ValueError; its messages name the fields.
         raise ConfigError(str(error)) from None
     return tuple(outputs)  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Checks across the argument classes and against the model's config
+# --------------------------------------------------------------------------------------------------------------
+
+
+def check_arguments(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: CLIPTrainingArguments,
+    text_positions: int,
+) -> None:
+    """Every check that needs several argument classes or the model's config, but no data and no weights, so that a
+    mistake stops the run in seconds. Changes nothing.
+
+    Args:
+        text_positions: the text model's `max_position_embeddings`, from its config.
+
+    Raises:
+        [`ConfigError`]: naming the key and the fix.
+    """
+    has_data_source = data_args.dataset_name is not None or data_args.train_file is not None
+    if training_args.do_train and not has_data_source:
+        raise ConfigError(
+            "No training data given: set `dataset_name` (a Hub id, a prepared folder, or `emoji`) or `train_file`; "
+            "or pass only --do_eval to evaluate a model."
+        )
+    if not training_args.do_train and training_args.do_eval and not (has_data_source or data_args.validation_file):
+        raise ConfigError(
+            "--do_eval needs evaluation data: set `validation_file`, or `dataset_name` (a Hub dataset with a "
+            "validation or test split, or a prepared folder)."
+        )
+    if data_args.max_seq_length is not None and data_args.max_seq_length > text_positions:
+        raise ConfigError(
+            f"`max_seq_length` is {data_args.max_seq_length} but the text model has {text_positions} positions; set "
+            f"it to {text_positions} or less."
+        )
+    if training_args.early_stopping_patience is not None and training_args.eval_strategy == IntervalStrategy.NO:
+        raise ConfigError(
+            "`early_stopping_patience` stops on evaluations, but `eval_strategy` is no; set it to epoch or steps."
+        )
+    _check_metric_for_best_model(training_args, has_labels=data_args.label_column is not None)
+    _check_report_to(training_args.report_to)
+    if training_args.do_train:
+        _check_negatives(training_args)
+    if data_args.streaming and training_args.do_train and training_args.max_steps <= 0:
+        raise ConfigError("Streaming data has no known length: set `max_steps` (e.g. --max_steps 10000).")
+
+
+def _check_negatives(args: CLIPTrainingArguments) -> None:
+    """A contrastive batch of one pair has no negative: its loss is 0 whatever the weights, so nothing would train."""
+    pairs = args.per_device_train_batch_size
+    if args.gather_negatives:
+        pairs *= args.world_size
+    if args.accumulation_mode == "cached":
+        pairs *= args.gradient_accumulation_steps
+    if pairs < 2:
+        raise ConfigError(
+            "`per_device_train_batch_size` is 1, so each pair is contrasted with no other pair: the loss is 0 and "
+            "nothing trains. Use a batch of at least 2 (CLIP trains with hundreds), or keep 1 and set "
+            "`gradient_accumulation_steps` > 1 with `accumulation_mode` cached."
+        )
+
+
+def _check_metric_for_best_model(args: CLIPTrainingArguments, has_labels: bool) -> None:
+    """Fails fast when `metric_for_best_model` names a metric that evaluation will never compute."""
+    from .evaluation import RETRIEVAL_METRIC_NAMES, ZEROSHOT_METRIC_NAMES
+
+    metric = args.metric_for_best_model
+    if metric is None:
+        return
+    name = metric.removeprefix("eval_")
+    known = {"loss", "inverse_temperature", *RETRIEVAL_METRIC_NAMES}
+    if has_labels:
+        known.update(ZEROSHOT_METRIC_NAMES)
+    if name in known:
+        return
+    if name in ZEROSHOT_METRIC_NAMES:
+        hint = " Zero-shot metrics need `label_column`."
+    else:
+        hint = did_you_mean(name, sorted(known), prefix="eval_")
+    raise ConfigError(
+        f"`metric_for_best_model` is {metric!r}, which evaluation never computes.{hint} Choose one of: "
+        + ", ".join(f"eval_{key}" for key in sorted(known))
+        + "."
+    )
+
+
+def _check_report_to(report_to: str | list[str] | None) -> None:
+    """Unknown or uninstalled loggers fail here: `Trainer.__init__` would only find out after loading data and model."""
+    from transformers.integrations import is_tensorboard_available, is_wandb_available
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    known = sorted(INTEGRATION_TO_CALLBACK)
+    for name in names:
+        if name in (None, "none", "all"):
+            continue
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise ConfigError(
+                f"`report_to` names {name!r}, which transformers cannot log to.{did_you_mean(name, known)} Choose "
+                f"from: none, all, {', '.join(known)}."
+            )
+    installed = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
+    for name, available in installed.items():
+        if name in names and not available():
+            extra = "pip install 'clip-trainer[wandb]'" if name == "wandb" else "pip install tensorboard"
+            raise ConfigError(
+                f"`report_to` includes {name}, which is not installed: {extra}, or drop it from `report_to`."
+            )

@@ -1,27 +1,65 @@
-"""Loading image-caption pairs: from the Hub, local files, a prepared folder or the bundled demo data.
+"""Loading image-caption pairs: from the Hub, local files, a prepared folder or the bundled demo data, loaded or
+streamed.
+
+One path for both modes. Every source is opened with `datasets` (`load_dataset(..., streaming=...)`,
+`load_from_disk` + `to_iterable_dataset`, the emoji loader's `streaming` flag); image paths are resolved against the
+folder of the file that names them; then the validation split is finished the same way whatever the mode (a finite,
+checked `Dataset` with image ids and class labels), and the training split is either checked up front (loaded) or
+shuffled in a buffer and repeated (streamed, [`_finish_training_stream`]).
 
 Images are never decoded here: they stay file paths or encoded bytes, and the collator decodes each batch.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
-from dataclasses import dataclass
+from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import datasets
 from datasets import ClassLabel, Dataset, DatasetDict, IterableDataset
 from transformers.utils import logging
 
 from .arguments import ConfigError, DataArguments
-from .images import find_bad_rows
+from .images import BadSampleError, decode_base64_image, load_image
+from .rows import find_bad_rows
 
 logger = logging.get_logger(__name__)
 
 IMAGE_ID_COLUMN = "_image_id"
 LABEL_COLUMN = "_label"
 FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+VALIDATION_SPLIT_NAMES = ("validation", "valid", "val")
+# Pairs held out of a stream for validation when the source has no validation split and `max_eval_samples` is unset.
+DEFAULT_STREAMING_EVAL_SAMPLES = 1000
+# Captions a tokenizer for a model built from scratch is trained on, at most (a stream is read this far).
+TOKENIZER_TRAINING_CAPTIONS = 100_000
+# Shards a loaded dataset is cut into when streamed, so that processes and DataLoader workers split it by shards
+# rather than each reading every example.
+STREAM_SHARDS = 64
+
+
+@dataclass
+class DataSource:
+    """What the data is, for the model card.
+
+    Attributes:
+        kind: `hub` (a Hub dataset id), `bundled` (clip-trainer's demo data) or `local` (files or folders).
+        name: the Hub id, `emoji`, or the file or folder name (not its full path, which is the author's business).
+        description: one line for a reader of the model card.
+    """
+
+    kind: str
+    name: str
+    description: str
+
+    @property
+    def hub_id(self) -> str | None:
+        return self.name if self.kind == "hub" else None
 
 
 @dataclass
@@ -29,15 +67,36 @@ class ImageTextData:
     """The splits a run trains and evaluates on.
 
     Attributes:
-        train: training pairs (`None` for an evaluation-only run without training data).
-        validation: validation pairs with an integer image id per row (`_image_id`) so that several captions of one
-            image are scored as one image, and an integer class label (`_label`) when zero-shot is on.
-        class_names: names of the zero-shot classes, indexed by `_label`; `None` without a label column.
+        train: training pairs (`None` for an evaluation-only run); a `datasets.IterableDataset` when streamed.
+        validation: validation pairs with an integer image id per row (`_image_id`), so that several captions of one
+            image are scored as one image, and a `ClassLabel` column `_label` (-1: no label) when zero-shot is on.
+        source: what the data is, for the model card.
     """
 
     train: Dataset | IterableDataset | None
     validation: Dataset | None
-    class_names: list[str] | None = None
+    source: DataSource
+    # One pass over the training pairs (a stream before it is repeated and shuffled), for `training_captions`.
+    one_pass: Dataset | IterableDataset | None = field(default=None, repr=False)
+
+    def training_captions(self, caption_column: str, limit: int = TOKENIZER_TRAINING_CAPTIONS) -> list[str]:
+        """The first `limit` training captions (all of a loaded split), e.g. to train a tokenizer on."""
+        source = self.one_pass if self.one_pass is not None else self.train
+        if isinstance(source, Dataset):
+            return [str(c) for c in source.select(range(min(limit, len(source))))[caption_column] if c is not None]
+        return [str(row[caption_column]) for row in source.take(limit) if row[caption_column] is not None]
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """The zero-shot class names, indexed by `_label`; `None` without a label column."""
+        return class_names_of(self.validation)
+
+
+def class_names_of(dataset: Dataset | None) -> list[str] | None:
+    """The class names of a validation split's `_label` column, or `None` when it has none."""
+    if dataset is None or LABEL_COLUMN not in (dataset.column_names or []):
+        return None
+    return list(dataset.features[LABEL_COLUMN].names)
 
 
 def is_prepared_folder(path: str) -> bool:
@@ -45,42 +104,170 @@ def is_prepared_folder(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "dataset_dict.json")) or os.path.isfile(os.path.join(path, "state.json"))
 
 
-def _load_source(data_args: DataArguments, cache_dir: str | None) -> tuple[DatasetDict, dict[str, str | None]]:
-    """Returns the raw splits and, per split, the folder that relative image paths are resolved against."""
+# --------------------------------------------------------------------------------------------------------------
+# Sources
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _stream(dataset: Dataset, streaming: bool) -> Dataset | IterableDataset:
+    if not streaming:
+        return dataset
+    return dataset.to_iterable_dataset(num_shards=max(1, min(STREAM_SHARDS, len(dataset))))
+
+
+def _load_source(
+    data_args: DataArguments, cache_dir: str | None, streaming: bool, need_train: bool
+) -> tuple[dict[str, Dataset | IterableDataset], DataSource]:
+    """The source's splits, with images kept encoded and relative paths resolved, and what the source is."""
     name = data_args.dataset_name
     if name == "emoji":
         from .demo_data import load_emoji_dataset
 
-        return DatasetDict({"train": load_emoji_dataset()}), {}
+        # Loaded, not streamed, even with `streaming`: it is held out by percentage as in a loaded run, and the
+        # training split is streamed after that (see `load_image_text_data`).
+        train = load_emoji_dataset()
+        description = "the emoji demo data bundled with clip-trainer (3,655 Noto Color Emoji with their CLDR names)"
+        return {"train": _with_lazy_images(train, data_args.image_column, None)}, DataSource(
+            "bundled", name, description
+        )
     if name is not None and os.path.isdir(name) and is_prepared_folder(name):
         loaded = datasets.load_from_disk(name)
-        if isinstance(loaded, Dataset):
-            loaded = DatasetDict({"train": loaded})
-        return loaded, {}
+        splits = {"train": loaded} if isinstance(loaded, Dataset) else dict(loaded)
+        splits = {split: _with_lazy_images(dataset, data_args.image_column, None) for split, dataset in splits.items()}
+        return splits, _local_source(name, splits)
     if name is not None:
-        loaded = datasets.load_dataset(name, data_args.dataset_config_name, cache_dir=cache_dir)
-        base = name if os.path.isdir(name) else None
-        return loaded, {split: base for split in loaded}
+        # A Hub id or a local folder of data files. Opening every split as a stream reads no data yet.
+        local = os.path.isdir(name)
+        try:
+            loaded = datasets.load_dataset(
+                name, data_args.dataset_config_name, cache_dir=cache_dir, streaming=streaming
+            )
+        except (FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as error:
+            raise ConfigError(f"Cannot load `dataset_name` {name!r}: {error}") from None
+        base = str(Path(name).resolve()) if local else None
+        splits = {split: _with_lazy_images(dataset, data_args.image_column, base) for split, dataset in loaded.items()}
+        if local:
+            return splits, _local_source(name, splits)
+        return splits, DataSource("hub", name, f"[{name}](https://huggingface.co/datasets/{name})")
 
-    files = {"train": data_args.train_file}
-    if data_args.validation_file:
-        files["validation"] = data_args.validation_file
-    splits, base_dirs = {}, {}
-    for split, path in files.items():
-        builder = FILE_BUILDERS[Path(path).suffix.lower()]
-        splits[split] = datasets.load_dataset(builder, data_files={split: path}, cache_dir=cache_dir)[split]
-        base_dirs[split] = str(Path(path).resolve().parent)
-    return DatasetDict(splits), base_dirs
+    splits = {}
+    if data_args.train_file is not None and (need_train or data_args.validation_file is None):
+        splits["train"] = _load_data_files(data_args.train_file, "train_file", data_args, cache_dir, streaming)
+    if data_args.validation_file is not None:
+        # Loaded whole even when training streams: evaluation sees the same finite set every time.
+        splits["validation"] = _load_data_files(
+            data_args.validation_file, "validation_file", data_args, cache_dir, streaming=False
+        )
+    return splits, _local_source(data_args.train_file or data_args.validation_file, splits)
 
 
-def _check_columns(dataset: Dataset, split: str, data_args: DataArguments) -> None:
-    columns = dataset.column_names
+def _local_source(path: str, splits: dict) -> DataSource:
+    name = os.path.basename(os.path.normpath(path))
+    sizes = [f"{len(dataset):,} {split}" for split, dataset in splits.items() if isinstance(dataset, Dataset)]
+    return DataSource("local", name, f"local data `{name}`" + (f" ({', '.join(sizes)} pairs)" if sizes else ""))
+
+
+def _expand(pattern: str) -> list[str]:
+    if glob.has_magic(pattern):
+        return sorted(glob.glob(pattern))
+    return [pattern]
+
+
+def _load_data_files(
+    pattern: str, key: str, data_args: DataArguments, cache_dir: str | None, streaming: bool
+) -> Dataset | IterableDataset:
+    """One data file or a glob of shards, each file's relative image paths resolved against its own folder.
+
+    Files are grouped by folder and each group is loaded as one dataset (`datasets` does not record which file a
+    row came from), so shards in one folder stay one dataset that processes and workers split by file.
+    """
+    by_folder: dict[str, list[str]] = defaultdict(list)
+    for path in _expand(pattern):
+        by_folder[str(Path(path).resolve().parent)].append(path)
+    parts = []
+    for folder, files in by_folder.items():
+        builder = FILE_BUILDERS[Path(files[0]).suffix.lower()]
+        kwargs: dict[str, Any] = {}
+        if builder == "csv":
+            # Text columns stay text: pandas would read a column of numbers ("12", "007") as integers.
+            text_columns = [data_args.image_column, data_args.caption_column, data_args.label_column]
+            kwargs["converters"] = {column: str for column in text_columns + [data_args.image_id_column] if column}
+        try:
+            dataset = datasets.load_dataset(
+                builder, data_files={"data": files}, split="data", cache_dir=cache_dir, streaming=streaming, **kwargs
+            )
+        except Exception as error:
+            raise _file_error(key, files, error) from None
+        parts.append(_with_lazy_images(dataset, data_args.image_column, folder))
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
+def _file_error(key: str, files: list[str], error: Exception) -> ConfigError:
+    """A data file `datasets` could not read, said in one line with the fix."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, UnicodeDecodeError):
+            return ConfigError(
+                f"`{key}` {files[0]!r} is not UTF-8 text ({cause.reason} at byte {cause.start}); save it as UTF-8 "
+                "(e.g. `iconv -f latin1 -t utf-8 in.csv > out.csv`)."
+            )
+        if type(cause).__name__ == "EmptyDataError" or "corresponds to no data" in str(cause):
+            return ConfigError(
+                f"`{key}` {files[0]!r} has no rows (empty, or a header only); it needs a header row and one row per "
+                "image-caption pair."
+            )
+        cause = cause.__cause__ or cause.__context__
+    return ConfigError(f"Cannot read `{key}` {files[0]!r}: {type(error).__name__}: {error}")
+
+
+def _resolve_image_value(value: Any, base_dir: str) -> Any:
+    if isinstance(value, str) and value and not os.path.isabs(value) and "://" not in value:
+        return os.path.join(base_dir, value)
+    if isinstance(value, dict) and not value.get("bytes") and isinstance(value.get("path"), str):
+        return {**value, "path": _resolve_image_value(value["path"], base_dir)}
+    return value
+
+
+class _ResolveImagePaths:
+    """Batched map: relative image paths (plain, or inside `{"bytes", "path"}` dicts) made absolute. A class, not a
+    closure, so that DataLoader workers can pickle the streams it is mapped over."""
+
+    def __init__(self, image_column: str, base_dir: str) -> None:
+        self.image_column = image_column
+        self.base_dir = base_dir
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        return {self.image_column: [_resolve_image_value(v, self.base_dir) for v in batch[self.image_column]]}
+
+
+def _with_lazy_images(
+    dataset: Dataset | IterableDataset, image_column: str, base_dir: str | None
+) -> Dataset | IterableDataset:
+    """Keeps images encoded (bytes or absolute paths) so that only the collator decodes them."""
+    features = dataset.features
+    feature = features.get(image_column) if features is not None else None
+    if isinstance(feature, datasets.Image):
+        dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
+    if base_dir is None or (features is not None and image_column not in features):
+        return dataset
+    resolve = _ResolveImagePaths(image_column, base_dir)
+    if isinstance(dataset, Dataset):
+        return dataset.map(resolve, batched=True, desc="Resolving image paths")
+    return dataset.map(resolve, batched=True, features=dataset.features)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Splits
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _check_columns(columns: list[str], split: str, data_args: DataArguments) -> None:
     wanted = {
         "image_column": data_args.image_column,
         "caption_column": data_args.caption_column,
         "image_id_column": data_args.image_id_column,
     }
-    if split == "validation":
+    if split != "train":
         wanted["label_column"] = data_args.label_column
     for key, column in wanted.items():
         if column is not None and column not in columns:
@@ -90,56 +277,12 @@ def _check_columns(dataset: Dataset, split: str, data_args: DataArguments) -> No
             )
 
 
-def _make_image_column_lazy(dataset: Dataset, image_column: str, base_dir: str | None) -> Dataset:
-    """Keeps images encoded (bytes or absolute paths) so that only the collator decodes them."""
-    feature = dataset.features[image_column]
-    if isinstance(feature, datasets.Image):
-        return dataset.cast_column(image_column, datasets.Image(decode=False))
-    if base_dir is None:
-        return dataset
-
-    def resolve(batch: dict) -> dict:
-        return {
-            image_column: [
-                p if not isinstance(p, str) or os.path.isabs(p) else os.path.join(base_dir, p)
-                for p in batch[image_column]
-            ]
-        }
-
-    return dataset.map(resolve, batched=True, desc="Resolving image paths")
-
-
-def _image_key(value) -> str:
-    """What identifies an image across rows: its path, else a digest of its bytes."""
-    if isinstance(value, dict):
-        if value.get("path"):
-            return str(value["path"])
-        value = value.get("bytes")
-    if isinstance(value, bytes | bytearray):
-        return hashlib.blake2b(value, digest_size=16).hexdigest()
-    return str(value)
-
-
-def add_image_ids(dataset: Dataset, image_column: str, image_id_column: str | None) -> Dataset:
-    """Adds `_image_id`: rows showing the same image get the same integer, so retrieval scores them as one image."""
-    source = image_id_column or image_column
-    keys = [str(v) if image_id_column else _image_key(v) for v in dataset.with_format(None)[source]]
-    ids: dict[str, int] = {}
-    return dataset.add_column(IMAGE_ID_COLUMN, [ids.setdefault(key, len(ids)) for key in keys])
-
-
-def add_class_labels(dataset: Dataset, label_column: str) -> tuple[Dataset, list[str]]:
-    """Adds `_label` (an integer class) and returns the class names for zero-shot prompts."""
-    feature = dataset.features[label_column]
-    values = dataset.with_format(None)[label_column]
-    if isinstance(feature, ClassLabel):
-        names = [name.replace("_", " ") for name in feature.names]
-        labels = list(values)
-    else:
-        names = sorted({str(v) for v in values})
-        index = {name: i for i, name in enumerate(names)}
-        labels = [index[str(v)] for v in values]
-    return dataset.add_column(LABEL_COLUMN, labels), names
+def _captions_as_text(dataset: Dataset, caption_column: str) -> Dataset:
+    # A JSON or parquet column of numbers is text to whoever wrote it (product codes, years).
+    feature = dataset.features[caption_column]
+    if isinstance(feature, datasets.Value) and feature.dtype not in ("string", "large_string"):
+        return dataset.cast_column(caption_column, datasets.Value("string"))
+    return dataset
 
 
 def _drop_bad_rows(dataset: Dataset, split: str, data_args: DataArguments) -> Dataset:
@@ -153,77 +296,324 @@ def _drop_bad_rows(dataset: Dataset, split: str, data_args: DataArguments) -> Da
     return dataset.select(report.good_indices())
 
 
-def load_image_text_data(data_args: DataArguments, seed: int, cache_dir: str | None = None) -> ImageTextData:
-    """Loads, splits and checks the training and validation pairs described by `data_args`.
-
-    The validation split is the source's own `validation` split, or `validation_split_percentage` percent of the
-    training data drawn with `seed` (the seed project's 85/15).
-    """
-    if data_args.streaming:
-        from .streaming import load_streaming_data
-
-        return load_streaming_data(data_args, seed, cache_dir)
-
-    raw, base_dirs = _load_source(data_args, cache_dir)
-    if "train" not in raw:
-        raise ConfigError(f"The data has no `train` split; its splits are: {', '.join(raw)}.")
-    train = raw["train"]
-    validation = raw.get("validation") or raw.get("valid") or raw.get("val")
-    base_dirs.setdefault("validation", base_dirs.get("train"))
-    if validation is None:
-        split = train.train_test_split(test_size=data_args.validation_split_percentage / 100, seed=seed)
-        train, validation = split["train"], split["test"]
-        base_dirs["validation"] = base_dirs.get("train")
-
-    splits = {"train": train, "validation": validation}
-    for name, dataset in splits.items():
-        _check_columns(dataset, name, data_args)
-        dataset = _make_image_column_lazy(dataset, data_args.image_column, base_dirs.get(name))
-        splits[name] = _drop_bad_rows(dataset, name, data_args)
-
-    train, validation = splits["train"], splits["validation"]
+def _finish_training_split(train: Dataset, data_args: DataArguments) -> Dataset:
+    _check_columns(train.column_names, "train", data_args)
+    if len(train) == 0:
+        raise ConfigError("The training data has no rows (a header only?); it needs one row per image-caption pair.")
+    train = _drop_bad_rows(_captions_as_text(train, data_args.caption_column), "train", data_args)
     if data_args.max_train_samples is not None:
         train = train.select(range(min(data_args.max_train_samples, len(train))))
+    if len(train) == 0:
+        raise ConfigError("No training pairs are left after removing bad rows; check the data (summary above).")
+    return train
+
+
+def _image_identity(value: Any) -> str:
+    """What makes two rows the same image: a digest of the image's bytes, read from its file when it has one.
+
+    Identical pictures under different file names are one image for retrieval, as the same path twice is; a file
+    that cannot be read keeps its path as identity (the collator will flag it unusable anyway).
+    """
+    data = None
+    if isinstance(value, dict):
+        data = value.get("bytes")
+        value = value.get("path") if not data else None
+    if isinstance(value, str):
+        data = decode_base64_image(value) if not os.path.exists(value) else None
+        if data is None:
+            try:
+                data = Path(value).read_bytes()
+            except OSError:
+                return value
+    if isinstance(data, str):
+        data = data.encode()
+    if isinstance(data, bytes | bytearray | memoryview):
+        return hashlib.blake2b(bytes(data), digest_size=16).hexdigest()
+    return str(value)
+
+
+def add_image_ids(dataset: Dataset, image_column: str, image_id_column: str | None) -> Dataset:
+    """Adds `_image_id`: rows showing the same image get the same integer, so retrieval scores them as one image."""
+    source = image_id_column or image_column
+    keys = [str(v) if image_id_column else _image_identity(v) for v in dataset.with_format(None)[source]]
+    ids: dict[str, int] = {}
+    return dataset.add_column(IMAGE_ID_COLUMN, [ids.setdefault(key, len(ids)) for key in keys])
+
+
+def _is_blank(value: Any) -> bool:
+    return (
+        value is None
+        or (isinstance(value, float) and value != value)
+        or (isinstance(value, str) and not value.strip())
+    )
+
+
+def add_class_labels(dataset: Dataset, label_column: str) -> Dataset:
+    """Adds `_label`, a `ClassLabel` whose names are the zero-shot classes; a blank label becomes -1 (no class), so
+    that its row counts for retrieval and not for zero-shot accuracy."""
+    feature = dataset.features[label_column]
+    values = dataset.with_format(None)[label_column]
+    if isinstance(feature, ClassLabel):
+        names = [name.replace("_", " ") for name in feature.names]
+        labels = [-1 if value is None else value for value in values]
+    else:
+        names = sorted({str(v).strip() for v in values if not _is_blank(v)})
+        index = {name: i for i, name in enumerate(names)}
+        labels = [-1 if _is_blank(v) else index[str(v).strip()] for v in values]
+    if not names:
+        raise ConfigError(f"`label_column` {label_column!r} is blank in every validation row; no class to score.")
+    return dataset.add_column(LABEL_COLUMN, labels, feature=ClassLabel(names=names))
+
+
+def _finish_validation(validation: Dataset | IterableDataset, data_args: DataArguments, split: str) -> Dataset:
+    """The one validation finisher: materialised, checked, cut, with image ids and class labels."""
+    if isinstance(validation, IterableDataset):
+        rows = list(validation.take(data_args.max_eval_samples) if data_args.max_eval_samples else validation)
+        validation = Dataset.from_list(rows, features=validation.features)
+    _check_columns(validation.column_names, split, data_args)
+    validation = _drop_bad_rows(_captions_as_text(validation, data_args.caption_column), split, data_args)
     if data_args.max_eval_samples is not None:
         validation = validation.select(range(min(data_args.max_eval_samples, len(validation))))
-    if len(train) == 0:
-        raise ConfigError("No training pairs are left after removing bad rows; check the data.")
-
+    if len(validation) < 2:
+        raise ConfigError(
+            f"The {split} data has {len(validation)} usable pair(s); retrieval needs at least 2 (one to find, one to "
+            "rank it against). Give more validation pairs (`validation_file`, `validation_split_percentage`)."
+        )
     validation = add_image_ids(validation, data_args.image_column, data_args.image_id_column)
-    class_names = None
     if data_args.label_column is not None:
-        validation, class_names = add_class_labels(validation, data_args.label_column)
-    logger.info(f"Training pairs: {len(train):,}; validation pairs: {len(validation):,}")
-    return ImageTextData(train=train, validation=validation, class_names=class_names)
+        validation = add_class_labels(validation, data_args.label_column)
+    return validation
 
 
-def _embed_image_bytes(dataset: Dataset, image_column: str, num_proc: int | None) -> Dataset:
-    """Replaces image paths by the files' encoded bytes, so the prepared folder is self-contained."""
+def _held_out_split(train: Dataset, data_args: DataArguments, seed: int) -> tuple[Dataset, Dataset]:
+    fraction = data_args.validation_split_percentage / 100
+    try:
+        split = train.train_test_split(test_size=fraction, seed=seed)
+    except ValueError as error:
+        raise ConfigError(
+            f"Cannot hold out {data_args.validation_split_percentage:g}% of {len(train):,} training pair(s) for "
+            f"validation ({error}). Give a `validation_file`, or set `validation_split_percentage` to 0 to train "
+            "on everything without evaluation."
+        ) from None
+    return split["train"], split["test"]
 
-    def read(batch: dict) -> dict:
-        images = []
-        for value in batch[image_column]:
-            if isinstance(value, dict) and value.get("bytes") is not None:
-                images.append({"bytes": value["bytes"], "path": None})
+
+# --------------------------------------------------------------------------------------------------------------
+# What only a stream needs
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _stream_key(value: Any) -> str:
+    """A cheap identity of a streamed row's image (its path, or a digest of its bytes): the stream is filtered with
+    it at every row, so it never reads a file."""
+    if isinstance(value, dict):
+        if value.get("path") and not value.get("bytes"):
+            return str(value["path"])
+        value = value.get("bytes")
+    if isinstance(value, bytes | bytearray):
+        return hashlib.blake2b(value, digest_size=16).hexdigest()
+    return str(value)
+
+
+class _NotHeldOut:
+    """Filter predicate: drops the pairs held out for validation (a picklable class, for DataLoader workers).
+
+    A pair is recognised by its image and caption, not by its position: positions are not stable once `accelerate`
+    shards the stream, and a duplicate of a validation pair must not be trained on either.
+    """
+
+    def __init__(self, keys: set[tuple[str, str]], image_column: str, caption_column: str) -> None:
+        self.keys = keys
+        self.image_column = image_column
+        self.caption_column = caption_column
+
+    def __call__(self, row: dict[str, Any]) -> bool:
+        return (_stream_key(row[self.image_column]), str(row[self.caption_column])) not in self.keys
+
+
+def _column_names(stream: IterableDataset) -> list[str]:
+    """The stream's columns; csv streams know them only once a row is read."""
+    if stream.column_names is not None:
+        return list(stream.column_names)
+    first = next(iter(stream.take(1)), None)
+    if first is None:
+        raise ConfigError("The training stream is empty; check `dataset_name` / `train_file`.")
+    return list(first)
+
+
+def _finish_training_stream(
+    train: IterableDataset, hold_out: bool, data_args: DataArguments, seed: int
+) -> tuple[IterableDataset, Dataset | None]:
+    """Holds out the head of the stream for validation (when `hold_out`), then repeats and shuffles the rest.
+
+    Training rows are not checked up front (that would read the whole stream): the collator flags unusable samples
+    as it meets them and the trainer counts them.
+    """
+    try:
+        columns = _column_names(train)
+    except ConfigError:
+        raise
+    except Exception as error:  # a stream reads its first file only now
+        key, source = (
+            ("train_file", data_args.train_file) if data_args.train_file else ("dataset_name", data_args.dataset_name)
+        )
+        raise _file_error(key, [str(source)], error) from None
+    _check_columns(columns, "train", data_args)
+    if hold_out:
+        # The head of the unshuffled stream, so that every process and every restart holds out the same pairs.
+        held_out = data_args.max_eval_samples or DEFAULT_STREAMING_EVAL_SAMPLES
+        head = list(train.take(held_out))
+        if len(head) < held_out:
+            raise ConfigError(
+                f"The training stream has only {len(head)} pairs, all of them held out for validation; give a "
+                "`validation_file` or a smaller `max_eval_samples`, or train without `streaming`."
+            )
+        validation: Dataset | None = Dataset.from_list(head, features=train.features)
+        keys = {(_stream_key(row[data_args.image_column]), str(row[data_args.caption_column])) for row in head}
+        train = train.filter(_NotHeldOut(keys, data_args.image_column, data_args.caption_column))
+        logger.info(f"Held out the first {len(head):,} pairs of the stream for validation.")
+    else:
+        validation = None
+    if data_args.max_train_samples is not None:
+        train = train.take(data_args.max_train_samples)
+    # Repeated without end: `max_steps` alone ends the run, and no process runs out of data before the others (which
+    # would leave them waiting in a collective) when `accelerate` deals out shards of unequal sizes. Shuffled after
+    # repeating, so that the buffer keeps drawing new orders on every pass rather than replaying the first one.
+    train = train.repeat(None).shuffle(seed=seed, buffer_size=data_args.shuffle_buffer_size)
+    logger.info(
+        f"Streaming the training pairs ({train.num_shards} shard(s), shuffle buffer {data_args.shuffle_buffer_size:,})."
+    )
+    return train, validation
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The loader
+# --------------------------------------------------------------------------------------------------------------
+
+
+def load_image_text_data(
+    data_args: DataArguments,
+    seed: int,
+    cache_dir: str | None = None,
+    *,
+    train: bool = True,
+    evaluate: bool = True,
+) -> ImageTextData:
+    """Loads, splits and checks the training and validation pairs described by `data_args`.
+
+    Args:
+        data_args: where the pairs come from: `dataset_name` (a Hub id, a local folder of data files, a prepared
+            folder, or `emoji`) or `train_file` (a csv/json/parquet file, or a glob of shards such as
+            `data/*/train-*.parquet`), with an optional `validation_file`; `streaming` reads the training pairs as
+            a stream.
+        seed: the seed of the held-out split and of the stream's shuffle (the same on every process, so that they
+            agree on the order of the shards `accelerate` deals out to them).
+        cache_dir: the `datasets` cache.
+        train: whether the run trains; an evaluation-only run loads no more training data than it needs to find
+            its validation pairs.
+        evaluate: whether the run evaluates; without evaluation nothing is held out.
+
+    The validation split is the source's own (`validation`, `valid`, `val`; `test` too for an evaluation-only run),
+    a `validation_file`, or else `validation_split_percentage` percent of the training data drawn with `seed` (the
+    seed project's 85/15); a stream holds out its first `max_eval_samples` pairs (default 1,000) instead.
+    """
+    streaming = data_args.streaming and train
+    splits, source = _load_source(data_args, cache_dir, streaming, need_train=train)
+    names = VALIDATION_SPLIT_NAMES if train else (*VALIDATION_SPLIT_NAMES, "test")
+    validation = next((splits[name] for name in names if name in splits), None) if evaluate else None
+    train_split = splits.get("train")
+    if (train or (evaluate and validation is None)) and train_split is None:
+        raise ConfigError(f"The data has no `train` split; its splits are: {', '.join(splits) or 'none'}.")
+
+    hold_out = evaluate and validation is None and data_args.validation_split_percentage > 0
+    if evaluate and validation is None and not hold_out:
+        if not train:
+            raise ConfigError(
+                "`validation_split_percentage` is 0 and the data has no validation split, so there is nothing to "
+                "evaluate; give a `validation_file`, or a percentage of the data to hold out."
+            )
+        logger.warning("No validation data (`validation_split_percentage` is 0): the run trains on every pair.")
+    if hold_out and isinstance(train_split, Dataset):
+        if len(train_split) == 0:
+            raise ConfigError("The training data has no rows (a header only?); it needs one row per pair.")
+        train_split, validation = _held_out_split(train_split, data_args, seed)
+        hold_out = False
+
+    if not train:
+        train_split = None
+    elif isinstance(train_split, Dataset):
+        train_split = _finish_training_split(train_split, data_args)
+        if streaming:  # checked like a loaded split, then read as a stream
+            train_split = _stream(train_split, streaming=True)
+    one_pass = train_split
+    if isinstance(train_split, IterableDataset):
+        train_split, held_out = _finish_training_stream(train_split, hold_out, data_args, seed)
+        validation = held_out if hold_out else validation
+    if validation is not None:
+        validation = _finish_validation(validation, data_args, "validation")
+    sizes = [f"training pairs: {len(train_split):,}"] if isinstance(train_split, Dataset) else []
+    sizes.append(f"validation pairs: {len(validation):,}" if validation is not None else "no validation pairs")
+    logger.info("; ".join(sizes))
+    return ImageTextData(train=train_split, validation=validation, source=source, one_pass=one_pass)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Preparing once, training many times
+# --------------------------------------------------------------------------------------------------------------
+
+
+class _EmbedImageBytes:
+    """Batched map: each image replaced by its file's encoded bytes, and flagged when it does not decode."""
+
+    def __init__(self, image_column: str, max_pixels: int | None) -> None:
+        self.image_column = image_column
+        self.max_pixels = max_pixels
+
+    def __call__(self, batch: dict) -> dict:
+        images, usable = [], []
+        for value in batch[self.image_column]:
+            try:
+                load_image(value, max_pixels=self.max_pixels)  # only what decodes as an image is copied
+            except BadSampleError:
+                images.append({"bytes": None, "path": None})
+                usable.append(False)
                 continue
-            path = value["path"] if isinstance(value, dict) else value
-            images.append({"bytes": Path(path).read_bytes(), "path": None})
-        return {image_column: images}
-
-    features = dataset.features.copy()
-    features[image_column] = datasets.Image(decode=False)
-    return dataset.map(read, batched=True, features=features, num_proc=num_proc, desc="Embedding image bytes")
+            if isinstance(value, dict) and value.get("bytes"):
+                data = value["bytes"]
+            else:
+                path = value["path"] if isinstance(value, dict) else value
+                data = decode_base64_image(path) if not os.path.exists(path) else Path(path).read_bytes()
+            images.append({"bytes": data, "path": None})
+            usable.append(True)
+        return {self.image_column: images, "_usable": usable}
 
 
 def save_prepared_data(data: ImageTextData, data_args: DataArguments, output_dir: str) -> str:
     """Writes the checked train/validation splits to `output_dir` with images as their encoded bytes.
 
     This is the seed project's preparation step without its 600 KB float arrays: a later run trains from the folder
-    with `--dataset_name output_dir`, with no network and no re-checking of files.
+    with `--dataset_name output_dir`, with no network and no re-checking of files. Every image is decoded once on
+    the way, and only files that decode as images are copied (a path to any other file, however it got into the
+    data, is left out and reported, so the prepared folder can be shared).
     """
     splits = {}
     for name, dataset in (("train", data.train), ("validation", data.validation)):
+        if dataset is None:
+            continue
         dataset = dataset.remove_columns([c for c in (IMAGE_ID_COLUMN, LABEL_COLUMN) if c in dataset.column_names])
-        splits[name] = _embed_image_bytes(dataset, data_args.image_column, data_args.preprocessing_num_workers)
+        features = dataset.features.copy()
+        features[data_args.image_column] = datasets.Image(decode=False)
+        features["_usable"] = datasets.Value("bool")
+        embedded = dataset.map(
+            _EmbedImageBytes(data_args.image_column, data_args.max_image_pixels),
+            batched=True,
+            features=features,
+            num_proc=data_args.preprocessing_num_workers,
+            desc=f"Embedding {name} image bytes",
+        )
+        usable = embedded["_usable"]
+        if not all(usable):
+            logger.warning(f"{name} data: left out {usable.count(False):,} row(s) whose image does not decode.")
+        splits[name] = embedded.filter(lambda flag: flag, input_columns="_usable").remove_columns("_usable")
     DatasetDict(splits).save_to_disk(output_dir)
     return output_dir

@@ -1,7 +1,8 @@
-"""Documenting a run (plots + model card in `output_dir`) and publishing it to the Hugging Face Hub."""
+"""Publishing to the Hugging Face Hub: checking access before a run, and naming the errors a failed call raises."""
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 from huggingface_hub import HfApi, get_token
@@ -12,8 +13,22 @@ from .arguments import CLIPTrainingArguments, ConfigError
 
 logger = logging.get_logger(__name__)
 
-# What a failed Hub call can raise besides HTTP errors: no network at all.
-NETWORK_ERRORS = (HfHubHTTPError, OfflineModeIsEnabled, ConnectionError, OSError)
+
+def _transport_errors() -> tuple[type[Exception], ...]:
+    # huggingface_hub 1.x and 2.x talk HTTP through httpx (2.x: its fork `httpx2`), whose connection and timeout
+    # errors are no OSError; which one is installed depends on the huggingface_hub version.
+    errors = []
+    for name in ("httpx2", "httpx"):
+        try:
+            errors.append(importlib.import_module(name).TransportError)
+        except (ImportError, AttributeError):
+            continue
+    return tuple(errors)
+
+
+# What a failed Hub call raises: HTTP errors, offline mode, and no network at all. Not a bare OSError: a full disk
+# or a permission error while saving is no network problem and must not be reported as one.
+NETWORK_ERRORS = (HfHubHTTPError, OfflineModeIsEnabled, ConnectionError, TimeoutError, *_transport_errors())
 
 
 def hub_repo_id(training_args: CLIPTrainingArguments, user: str) -> str:
@@ -61,34 +76,3 @@ def check_hub_access(training_args: CLIPTrainingArguments) -> str:
             f"--hub_model_id {user}/<name> or an organization you belong to."
         )
     return repo_id
-
-
-def evaluation_before_training(log_history: list[dict]) -> dict[str, float] | None:
-    """The metrics of an evaluation at step 0 (`eval_on_start`), if the run made one."""
-    for entry in log_history:
-        if entry.get("step") == 0 and any(key.startswith("eval_") for key in entry):
-            return {key: value for key, value in entry.items() if key.startswith("eval_")}
-    return None
-
-
-def document_run(trainer, card_info: dict, eval_after: dict[str, float] | None) -> str:
-    """Writes the training curves and the model card (`README.md`) into `output_dir`; returns the card's path."""
-    from .model_card import non_default_training_arguments, write_model_card
-    from .plots import save_training_plots
-
-    output_dir = trainer.args.output_dir
-    plots = save_training_plots(trainer.state.log_history, output_dir)
-    return write_model_card(
-        output_dir,
-        model_name=card_info["model_name"],
-        repo_id=card_info.get("repo_id"),
-        base_model=card_info.get("base_model"),
-        dataset_name=card_info.get("dataset_name"),
-        num_train_pairs=card_info.get("num_train_pairs"),
-        num_eval_pairs=card_info.get("num_eval_pairs"),
-        eval_before=evaluation_before_training(trainer.state.log_history),
-        eval_after=eval_after,
-        hyperparameters=card_info.get("hyperparameters") or non_default_training_arguments(trainer.args),
-        license=card_info.get("license"),
-        plots=plots,
-    )

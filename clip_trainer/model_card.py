@@ -27,7 +27,7 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["MODEL_CARD_FILENAME", "non_default_training_arguments", "write_model_card"]
+__all__ = ["MODEL_CARD_FILENAME", "CLIPModelCardData", "non_default_training_arguments", "write_model_card"]
 
 MODEL_CARD_FILENAME = "README.md"
 
@@ -44,9 +44,6 @@ _NOT_HYPERPARAMETER_PREFIXES = ("hub_",)
 # second line of defence, for a token that arrives under a name we could not foresee.
 _TOKEN_PATTERN = re.compile(r"\b(?:hf|api_org)_[A-Za-z0-9]{20,}\b")
 
-# Trainer bookkeeping that `evaluate()` reports beside the metrics; none of it describes the model.
-_BOOKKEEPING_SUFFIXES = ("runtime", "per_second", "_time", "epoch", "step", "flos")
-
 
 # --- Hyperparameters -------------------------------------------------------------------------------------------------
 
@@ -56,6 +53,10 @@ def _is_secret(key: str) -> bool:
 
 
 def _render(value: Any) -> str:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        # A config object (accelerate's `AcceleratorConfig`): what differs from its defaults, not its repr.
+        changed = non_default_training_arguments(value)
+        return ", ".join(f"{key}={item}" for key, item in changed.items()) or "defaults"
     if isinstance(value, enum.Enum):
         return str(value.value)
     if isinstance(value, list | tuple | set | frozenset):
@@ -140,12 +141,17 @@ def non_default_training_arguments(args: Any) -> dict[str, str]:
 # --- Metrics -----------------------------------------------------------------------------------------------------------
 
 
+_METRIC_NAME = re.compile(r"^(?:(?:t2i|i2t)_(?:recall@\d+|median_rank)|mean_recall|zeroshot_top\d+|loss)$")
+
+
 def _strip_prefix(metrics: Mapping[str, Any] | None) -> dict[str, float]:
-    """`{"eval_t2i_recall@1": 0.5, ...}` -> `{"t2i_recall@1": 0.5, ...}`, numbers only, no bookkeeping or secrets."""
+    """`{"eval_t2i_recall@1": 0.5, ...}` -> `{"t2i_recall@1": 0.5, ...}`: the metrics only, numbers only.
+
+    Bookkeeping the Trainer and the run report beside them (`eval_runtime`, `eval_samples`, ...) is no metric."""
     cleaned: dict[str, float] = {}
     for key, value in (metrics or {}).items():
         name = key.removeprefix("eval_")
-        if _is_secret(name) or name.endswith(_BOOKKEEPING_SUFFIXES):
+        if _is_secret(name) or not _METRIC_NAME.match(name):
             continue
         if isinstance(value, bool) or not isinstance(value, int | float):
             continue
@@ -202,6 +208,36 @@ def _format_metric(name: str, value: float | None) -> str:
 
 # --- Card --------------------------------------------------------------------------------------------------------------
 
+TEMPLATE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates", "model_card.md")
+
+
+@dataclasses.dataclass
+class CLIPModelCardData:
+    """What the model card says about a run beyond what the trainer knows (its metrics, curves and arguments).
+
+    Args:
+        model_name: the card's title; defaults to the output folder's name.
+        repo_id: the Hub id used in the usage code; defaults to `model_name`.
+        base_model: the checkpoint training started from (`None`: trained from scratch). It becomes `base_model`
+            metadata only when it is a Hub id; a local path is shown by its folder name.
+        dataset_id: the training data's Hub dataset id, set as `datasets` metadata; `None` for local or bundled data.
+        dataset_description: the training data in words, for data that is not on the Hub (or a link that is).
+        num_train_pairs, num_eval_pairs: image-caption pairs trained and evaluated on.
+        license: a Hub license id (`apache-2.0`, `mit`, ...); omitted from the metadata when unknown.
+        tags: extra Hub tags, after `clip`, `clip-trainer`, `contrastive-learning` and
+            `zero-shot-image-classification`.
+    """
+
+    model_name: str | None = None
+    repo_id: str | None = None
+    base_model: str | None = None
+    dataset_id: str | None = None
+    dataset_description: str | None = None
+    num_train_pairs: int | None = None
+    num_eval_pairs: int | None = None
+    license: str | None = None
+    tags: list[str] = dataclasses.field(default_factory=list)
+
 
 def _hub_id(name: str | None) -> str | None:
     """`name` if it can be a Hub repository id, `None` for a local path or anything the Hub would reject."""
@@ -222,138 +258,40 @@ def _unique(items: list[str]) -> list[str]:
     return list(dict.fromkeys(item for item in items if item))
 
 
-def _intro(
-    model_name: str,
-    base_model: str | None,
-    dataset_name: str | None,
-    num_train_pairs: int | None,
-    num_eval_pairs: int | None,
-) -> str:
+def _origin(base_model: str | None) -> str:
     base_id = _hub_id(base_model)
     if base_model is None:
-        origin = "trained from scratch"
-    elif base_id:
-        origin = f"fine-tuned from [{base_id}](https://huggingface.co/{base_id})"
-    else:
-        origin = f"fine-tuned from `{os.path.basename(os.path.normpath(base_model))}`"
-    dataset_id = _hub_id(dataset_name)
-    if dataset_id:
-        data = f" on [{dataset_id}](https://huggingface.co/datasets/{dataset_id})"
-    elif dataset_name:
-        # A local folder: its name identifies the data to the author without publishing their file system layout.
-        data = f" on `{os.path.basename(os.path.normpath(dataset_name))}`"
-    else:
-        data = ""
-    pairs = f" ({num_train_pairs:,} image-caption pairs)" if num_train_pairs is not None else ""
-    held_out = f" It was evaluated on {num_eval_pairs:,} held-out pairs." if num_eval_pairs is not None else ""
-    return (
-        f"# {model_name}\n\n"
-        f"A [CLIP](https://huggingface.co/docs/transformers/model_doc/clip) model {origin}{data}{pairs} with "
-        "clip-trainer, a contrastive image-text trainer built on `transformers.Trainer`."
-        f"{held_out}\n\n"
-        "It embeds images and texts into one space where a matching image and caption lie close together. Use it for "
-        "zero-shot image classification (score an image against one caption per class) and for text-to-image or "
-        "image-to-text retrieval (rank by cosine similarity of the embeddings).\n"
-    )
+        return "trained from scratch"
+    if base_id:
+        return f"fine-tuned from [{base_id}](https://huggingface.co/{base_id})"
+    return f"fine-tuned from `{os.path.basename(os.path.normpath(base_model))}`"
 
 
-def _evaluation_section(before: dict[str, float], after: dict[str, float], num_eval_pairs: int | None) -> str:
+def _evaluation_table(before: dict[str, float], after: dict[str, float]) -> tuple[list[str], list[list[str]]]:
     names = sorted(set(before) | set(after), key=_metric_order)
-    if not names:
-        return ""
     columns = [(title, values) for title, values in (("Before training", before), ("After training", after)) if values]
-    header = "| Metric | " + " | ".join(title for title, _ in columns) + " |"
-    rule = "|:---|" + "---:|" * len(columns)
     rows = [
-        f"| {_escape_cell(_metric_label(name))} | "
-        + " | ".join(_format_metric(name, values.get(name)) for _, values in columns)
-        + " |"
+        [_escape_cell(_metric_label(name)), *(_format_metric(name, values.get(name)) for _, values in columns)]
         for name in names
     ]
-    on = f"the {num_eval_pairs:,} evaluation pairs" if num_eval_pairs is not None else "the evaluation split"
-    return (
-        "## Evaluation\n\n"
-        f"Measured on {on}. Recall@k is the share of queries whose match is among the k nearest candidates "
-        "(text-to-image: a caption queries all images; image-to-text: an image queries all captions); the median rank "
-        "is that of the match (1 is best). Zero-shot accuracy classifies each image against one prompt per class.\n\n"
-        + "\n".join([header, rule, *rows])
-        + "\n"
-    )
+    return [title for title, _ in columns], rows
 
 
-def _curves_section(output_dir: str, plots: list[str]) -> str:
+def _plot_links(output_dir: str, plots: list[str]) -> list[str]:
+    """Links relative to the card, which lies in `output_dir`; plots outside it would not be uploaded with it."""
     links = []
     root = os.path.abspath(output_dir)
     for plot in plots:
-        path = os.path.abspath(plot if os.path.isabs(plot) else os.path.join(output_dir, plot))
-        relative = os.path.relpath(path, root)
+        relative = os.path.relpath(os.path.abspath(plot), root)
         if relative.startswith(os.pardir):
-            # Only files inside the output folder are uploaded with the card; a link elsewhere would be broken.
             logger.warning(f"Plot {plot} is outside {output_dir}; it is not linked from the model card.")
             continue
         links.append(relative.replace(os.sep, "/"))
-    if not links:
-        return ""
-    images = "\n\n".join(f"![Training curves]({link})" for link in links)
-    return f"## Training curves\n\n{images}\n"
+    return links
 
 
-def _hyperparameters_section(hyperparameters: Mapping[str, Any]) -> str:
-    safe = {key: value for key, value in hyperparameters.items() if not _is_secret(key)}
-    if not safe:
-        return "## Training hyperparameters\n\nAll training arguments were left at their defaults.\n"
-    rows = [f"| `{_escape_cell(key)}` | {_escape_cell(_render(value))} |" for key, value in safe.items()]
-    return (
-        "## Training hyperparameters\n\n"
-        "The training arguments that differ from their defaults:\n\n"
-        + "\n".join(["| Argument | Value |", "|:---|:---|", *rows])
-        + "\n"
-    )
-
-
-def _usage_section(repo_id: str) -> str:
-    return f"""## Usage
-
-Zero-shot image classification, one caption per class:
-
-```python
-from transformers import pipeline
-
-classifier = pipeline("zero-shot-image-classification", model="{repo_id}")
-# Each label is a whole caption, so the prompt template is the label itself.
-predictions = classifier(
-    "cat.jpg", candidate_labels=["a photo of a cat", "a photo of a dog"], hypothesis_template="{{}}"
-)
-print(predictions[0]["label"], predictions[0]["score"])
-```
-
-Text-image retrieval, by cosine similarity of the embeddings:
-
-```python
-import torch
-from PIL import Image
-from transformers import AutoProcessor, CLIPModel
-
-model = CLIPModel.from_pretrained("{repo_id}")
-processor = AutoProcessor.from_pretrained("{repo_id}")
-
-images = [Image.open(path) for path in ["cat.jpg", "dog.jpg"]]
-texts = ["a photo of a cat", "a photo of a dog"]
-# In transformers 5, get_*_features return an output whose pooler_output is the projected embedding.
-with torch.inference_mode():
-    image_embeds = model.get_image_features(**processor(images=images, return_tensors="pt")).pooler_output
-    text_embeds = model.get_text_features(**processor(text=texts, padding=True, return_tensors="pt")).pooler_output
-image_embeds = torch.nn.functional.normalize(image_embeds, dim=-1)
-text_embeds = torch.nn.functional.normalize(text_embeds, dim=-1)
-
-similarity = text_embeds @ image_embeds.T  # (texts, images) cosine similarities
-best_image_per_text = similarity.argmax(dim=1)
-```
-"""
-
-
-def _versions_section() -> str:
-    lines = []
+def _versions() -> list[tuple[str, str]]:
+    versions = []
     for package in ("clip-trainer", "transformers", "torch", "datasets", "huggingface_hub"):
         try:
             version = metadata.version(package)
@@ -361,8 +299,8 @@ def _versions_section() -> str:
             if package != "clip-trainer":
                 continue
             from clip_trainer import __version__ as version  # run from a checkout that is not pip-installed
-        lines.append(f"- {package}: {version}")
-    return "## Framework versions\n\n" + "\n".join(lines) + "\n"
+        versions.append((package, version))
+    return versions
 
 
 def _model_index(dataset_id: str | None, after: dict[str, float]) -> list[EvalResult] | None:
@@ -372,7 +310,7 @@ def _model_index(dataset_id: str | None, after: dict[str, float]) -> list[EvalRe
     results = []
     for name in sorted(after, key=_metric_order):
         value = after[name]
-        if name == "loss" or not math.isfinite(value) or _metric_order(name)[0] > 5:
+        if name == "loss" or not math.isfinite(value):
             continue
         zeroshot = name.startswith("zeroshot_top")
         results.append(
@@ -391,83 +329,79 @@ def _model_index(dataset_id: str | None, after: dict[str, float]) -> list[EvalRe
 
 def write_model_card(
     output_dir: str,
+    card_data: CLIPModelCardData,
     *,
-    model_name: str,
-    base_model: str | None,
-    dataset_name: str | None,
-    num_train_pairs: int | None,
-    num_eval_pairs: int | None,
     eval_before: Mapping[str, Any] | None,
     eval_after: Mapping[str, Any] | None,
     hyperparameters: Mapping[str, Any],
-    license: str | None,
     plots: list[str],
-    tags: list[str] | None = None,
-    repo_id: str | None = None,
 ) -> str:
     """
-    Writes `README.md` in `output_dir`: Hub metadata, what was trained, the evaluation, the curves and usage code.
+    Writes `README.md` in `output_dir` from the Markdown template `templates/model_card.md`: Hub metadata, what was
+    trained, the evaluation, the curves and usage code.
 
     Args:
         output_dir (`str`):
             The folder that is pushed to the Hub; created if missing.
-        model_name (`str`):
-            Title of the card and `model-index` name.
-        base_model (`str`, *optional*):
-            The checkpoint training started from, `None` for a model trained from scratch. Set as `base_model` metadata
-            only when it is a Hub id (a local path is shown by its folder name).
-        dataset_name (`str`, *optional*):
-            The training data; set as `datasets` metadata (and `model-index` results) only when it is a Hub id.
-        num_train_pairs (`int`, *optional*), num_eval_pairs (`int`, *optional*):
-            Number of image-caption pairs trained and evaluated on.
+        card_data ([`CLIPModelCardData`]):
+            What the run was trained from and on.
         eval_before (`dict`, *optional*), eval_after (`dict`, *optional*):
             `trainer.evaluate()` results before and after training, keys with their `eval_` prefix (`eval_loss`,
             `eval_t2i_recall@1`, `eval_i2t_median_rank`, `eval_zeroshot_top1`, ...). Recalls and accuracies are
-            fractions in `[0, 1]`, shown as percentages. Runtime and throughput keys are left out.
+            fractions in `[0, 1]`, shown as percentages. Keys that are no metric (runtime, throughput, sample
+            counts) are left out.
         hyperparameters (`dict`):
             The arguments to list, usually `non_default_training_arguments(training_args)`. Keys containing "token" are
             dropped whatever the caller passes.
-        license (`str`, *optional*):
-            A Hub license id (`apache-2.0`, `mit`, ...); omitted from the metadata when unknown.
         plots (`list[str]`):
-            PNGs to show, such as the paths `save_training_plots` returns; linked relative to `output_dir`, and skipped
-            when they lie outside it (they would not be uploaded).
-        tags (`list[str]`, *optional*):
-            Extra Hub tags, after `clip`, `clip-trainer`, `contrastive-learning` and `zero-shot-image-classification`.
-        repo_id (`str`, *optional*):
-            The Hub id used in the usage code; defaults to `model_name`.
+            PNGs to show, such as the paths `save_training_plots` returns; linked relative to the card, and skipped
+            when they lie outside `output_dir` (they would not be uploaded).
 
     Returns:
         `str`: the path of the card written.
     """
     before = _strip_prefix(eval_before)
     after = _strip_prefix(eval_after)
-    base_id = _hub_id(base_model)
-    dataset_id = _hub_id(dataset_name)
+    model_name = card_data.model_name or os.path.basename(os.path.abspath(output_dir))
+    base_id = _hub_id(card_data.base_model)
+    dataset_id = _hub_id(card_data.dataset_id)
     eval_results = _model_index(dataset_id, after)
-
-    card_data = ModelCardData(
+    metadata_card = ModelCardData(
         library_name="transformers",
         pipeline_tag="zero-shot-image-classification",
-        tags=_unique([*_DEFAULT_TAGS, *(tags or [])]),
+        tags=_unique([*_DEFAULT_TAGS, *card_data.tags]),
         base_model=base_id,
         datasets=[dataset_id] if dataset_id else None,
-        license=license or None,
+        license=card_data.license or None,
         model_name=model_name if eval_results else None,
         eval_results=eval_results,
     )
-    sections = [
-        _intro(model_name, base_model, dataset_name, num_train_pairs, num_eval_pairs),
-        _evaluation_section(before, after, num_eval_pairs),
-        _curves_section(output_dir, plots),
-        _hyperparameters_section(hyperparameters),
-        _usage_section(repo_id or model_name),
-        _versions_section(),
+    if dataset_id:
+        dataset = f"[{dataset_id}](https://huggingface.co/datasets/{dataset_id})"
+    else:
+        dataset = card_data.dataset_description
+    columns, rows = _evaluation_table(before, after)
+    safe = [
+        (_escape_cell(key), _escape_cell(_render(value)))
+        for key, value in hyperparameters.items()
+        if not _is_secret(key)
     ]
-    body = "\n".join(section for section in sections if section)
-    content = f"---\n{card_data.to_yaml()}\n---\n\n{body}"
-    content = _TOKEN_PATTERN.sub("<redacted>", content)
-
+    card = ModelCard.from_template(
+        metadata_card,
+        template_path=TEMPLATE_PATH,
+        model_name=model_name,
+        origin=_origin(card_data.base_model),
+        dataset=dataset,
+        num_train_pairs=card_data.num_train_pairs,
+        num_eval_pairs=card_data.num_eval_pairs,
+        evaluation_columns=columns,
+        evaluation_rows=rows,
+        plots=_plot_links(output_dir, plots),
+        hyperparameters=safe,
+        repo_id=card_data.repo_id or model_name,
+        versions=_versions(),
+    )
+    content = _TOKEN_PATTERN.sub("<redacted>", str(card))
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, MODEL_CARD_FILENAME)
     ModelCard(content).save(path)

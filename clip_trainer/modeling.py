@@ -1,17 +1,24 @@
-"""Building the CLIP model and its processor (tokenizer + image processor) from the model arguments."""
+"""Building the model and its processor (tokenizer + image processor) from the model arguments.
+
+Only what the model arguments name is loaded, and a checkpoint that is not a model clip-trainer trains is refused by
+name before any weights are read.
+"""
 
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Iterable
 
 from transformers import (
+    AutoConfig,
     AutoImageProcessor,
     AutoTokenizer,
     CLIPConfig,
     CLIPImageProcessorPil,
     CLIPModel,
     CLIPProcessor,
+    PretrainedConfig,
 )
 from transformers.utils import logging
 
@@ -19,20 +26,38 @@ from .arguments import ConfigError, ModelArguments
 
 logger = logging.get_logger(__name__)
 
+# model_type -> what clip-trainer trains for it.
+SUPPORTED_MODEL_TYPES = {"clip": CLIPModel}
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 
-def load_clip_config(model_args: ModelArguments) -> CLIPConfig:
-    """The model's configuration, loaded cheaply (no weights) so that arguments can be checked against it first."""
+
+def load_model_config(model_args: ModelArguments) -> PretrainedConfig:
+    """The model's configuration, loaded cheaply (no weights) so that arguments can be checked against it first.
+
+    Raises:
+        [`ConfigError`]: for a source that has no config, or whose `model_type` clip-trainer does not train.
+    """
+    key = "config_name" if model_args.config_name else "model_name_or_path"
     source = model_args.config_name or model_args.model_name_or_path
+    if os.path.isdir(source) and not os.path.isfile(os.path.join(source, "config.json")):
+        raise ConfigError(f"`{key}` {source!r} is a folder without a config.json, so it is not a saved model.")
     try:
-        config = CLIPConfig.from_pretrained(
+        config = AutoConfig.from_pretrained(
             source,
             cache_dir=model_args.cache_dir,
             revision=model_args.model_revision,
             trust_remote_code=model_args.trust_remote_code,
         )
-    except OSError as error:
-        key = "config_name" if model_args.config_name else "model_name_or_path"
-        raise ConfigError(f"Cannot load a CLIP config from `{key}` = {source!r}: {error}") from None
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"Cannot load a model config from `{key}` = {source!r}: {first_line}") from None
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(
+            f"`{key}` {source!r} is a {config.model_type!r} model ({type(config).__name__}); clip-trainer trains "
+            f"{', '.join(repr(name) for name in SUPPORTED_MODEL_TYPES)} models. Give a CLIP checkpoint, or a "
+            "CLIPConfig as `config_name` to train one from scratch."
+        )
+    _check_weights(model_args.model_name_or_path)
     if model_args.dropout is not None:
         for tower in (config.text_config, config.vision_config):
             # CLIP's layers read only `attention_dropout`; `dropout` is set too so the saved config says it.
@@ -41,23 +66,23 @@ def load_clip_config(model_args: ModelArguments) -> CLIPConfig:
     return config
 
 
+def _check_weights(source: str | None) -> None:
+    """A local model folder must hold safetensors weights; checked with the config, before any data is loaded."""
+    if source is None or not os.path.isdir(source):
+        return
+    if any(os.path.isfile(os.path.join(source, name)) for name in WEIGHT_FILES):
+        return
+    found = sorted(name for name in os.listdir(source) if name.endswith((".bin", ".pt", ".pth", ".ckpt")))
+    pickled = f" (it has {', '.join(found)}: pickled weights, which can run code when loaded)" if found else ""
+    raise ConfigError(
+        f"`model_name_or_path` {source!r} has no model.safetensors{pickled}; clip-trainer loads safetensors weights "
+        "only. Convert them (`model.save_pretrained(folder)` saves safetensors), or use `config_name` to train a new "
+        "model from this config."
+    )
+
+
 def max_text_positions(config: CLIPConfig) -> int:
     return config.text_config.max_position_embeddings
-
-
-def image_input_size(image_processor) -> tuple[int, tuple[int, int]]:
-    """`(shortest_edge, (crop_height, crop_width))` the collator resizes and crops images to."""
-    size = image_processor.size
-    crop = getattr(image_processor, "crop_size", None) or size
-    if "shortest_edge" in size:
-        shortest = size["shortest_edge"]
-    else:
-        shortest = min(size["height"], size["width"])
-    if "height" in crop:
-        crop_hw = (crop["height"], crop["width"])
-    else:
-        crop_hw = (crop["shortest_edge"], crop["shortest_edge"])
-    return shortest, crop_hw
 
 
 def load_processor(
@@ -97,14 +122,17 @@ def load_processor(
 
 
 def load_model(model_args: ModelArguments, config: CLIPConfig, tokenizer=None) -> CLIPModel:
-    """The CLIP model: pretrained weights from `model_name_or_path`, or a new model built from `config`.
+    """The model: pretrained weights from `model_name_or_path`, or a new model built from `config`.
 
     For a model built from scratch the text config takes the tokenizer's vocabulary size and special-token ids; CLIP
-    pools the text at `eos_token_id`, which must therefore match the tokenizer.
+    pools the text at `eos_token_id`, which must therefore match the tokenizer. Seed the run before calling this:
+    a new model's weights are drawn from torch's generator.
     """
-    if model_args.model_name_or_path is not None:
-        return CLIPModel.from_pretrained(
-            model_args.model_name_or_path,
+    model_class = SUPPORTED_MODEL_TYPES[config.model_type]
+    source = model_args.model_name_or_path
+    if source is not None:
+        return model_class.from_pretrained(
+            source,
             config=config,
             cache_dir=model_args.cache_dir,
             revision=model_args.model_revision,
@@ -119,4 +147,4 @@ def load_model(model_args: ModelArguments, config: CLIPConfig, tokenizer=None) -
 
         for key, value in text_config_token_ids(tokenizer).items():
             setattr(config.text_config, key, value)
-    return CLIPModel._from_config(config, attn_implementation=model_args.attn_implementation)
+    return model_class._from_config(config, attn_implementation=model_args.attn_implementation)

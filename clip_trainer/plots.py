@@ -95,11 +95,8 @@ def _panels(log_history: list[dict]) -> list[tuple[str, str, dict[str, Series]]]
         ),
         ("Learning rate", "learning rate", {"learning_rate": _series(log_history, "learning_rate")}),
     ]
-    # The trainer logs either the temperature itself or CLIP's logit scale; plot what is there, under its own name,
-    # rather than guess whether a `logit_scale` was logged before or after `exp`.
-    temperature_key = "temperature" if "temperature" in keys else "logit_scale"
-    title = "Temperature" if temperature_key == "temperature" else "Temperature (logged as logit_scale)"
-    panels.append((title, temperature_key, {temperature_key: _series(log_history, temperature_key)}))
+    # The temperature, 1 / exp(logit_scale): the trainer also logs its inverse, which would say the same again.
+    panels.append(("Temperature", "temperature", {"temperature": _series(log_history, "temperature")}))
     return [
         (title, ylabel, {label: series for label, series in curves.items() if series[0]})
         for title, ylabel, curves in panels
@@ -113,7 +110,7 @@ def save_training_plots(log_history: list[dict], output_dir: str) -> list[str]:
 
     Panels, each drawn only when the history has points for it: loss (train and eval), retrieval recall (every
     `eval_*recall*` key, in percent), zero-shot accuracy (`eval_zeroshot_top*`, in percent), learning rate, and
-    temperature (`temperature`, or `logit_scale` when that is what was logged). The x axis is the optimizer step.
+    temperature (`temperature`). The x axis is the optimizer step.
 
     Args:
         log_history (`list[dict]`):
@@ -124,7 +121,7 @@ def save_training_plots(log_history: list[dict], output_dir: str) -> list[str]:
             Folder to write into; created if missing.
 
     Returns:
-        `list[str]`: the paths written, `[]` when the history has nothing to draw (no file is written then, so a model
+        `list[str]`: the absolute paths written, `[]` when the history has nothing to draw (no file is written then, so a model
         card never links an empty image).
     """
     panels = _panels(list(log_history or []))
@@ -159,6 +156,6 @@ def save_training_plots(log_history: list[dict], output_dir: str) -> list[str]:
             axes.legend(fontsize="small")
 
     os.makedirs(output_dir, exist_ok=True)
-    path = os.path.join(output_dir, TRAINING_CURVES_FILENAME)
+    path = os.path.abspath(os.path.join(output_dir, TRAINING_CURVES_FILENAME))
     figure.savefig(path, dpi=100)
     return [path]

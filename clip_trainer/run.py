@@ -1,26 +1,41 @@
-"""The whole run: arguments -> data -> processor and model -> trainer -> train / evaluate -> save (and push)."""
+"""The whole run, in pipeline order: parse -> check -> data -> processor and model -> trainer -> train / evaluate ->
+document and publish."""
 
 from __future__ import annotations
 
+import errno
 import logging as std_logging
-import os
 import sys
 from pathlib import Path
 
 import datasets
+from transformers import enable_full_determinism, set_seed
+from transformers.trainer_utils import IntervalStrategy
 from transformers.utils import logging
 
-from .arguments import CLIPTrainingArguments, ConfigError, DataArguments, ModelArguments, parse_arguments
-from .callbacks import FreezeTowersCallback
+from .arguments import CLIPTrainingArguments, ConfigError, check_arguments, parse_arguments
+from .callbacks import NonFiniteTrainingError, TrainingInterrupted
+from .checkpoints import claim_output_dir, describe_save_error, resolve_resume_checkpoint
 from .collator import ImageTextCollator
-from .data import load_image_text_data, save_prepared_data
-from .faults import NonFiniteTrainingError, checkpoint_problems, latest_complete_checkpoint
+from .data import ImageTextData, load_image_text_data, save_prepared_data
 from .hub import NETWORK_ERRORS, check_hub_access
-from .model_card import non_default_training_arguments
-from .modeling import image_input_size, load_clip_config, load_model, load_processor, max_text_positions
-from .trainer import CLIPContrastiveTrainer, check_metric_for_best_model
+from .model_card import CLIPModelCardData
+from .modeling import load_model, load_model_config, load_processor, max_text_positions
+from .preprocessing import UnsupportedImageProcessorError
+from .trainer import CLIPContrastiveTrainer
 
 logger = logging.get_logger("clip_trainer")
+
+# Errors of the file system that a save can meet hours into a run; reported in one line, with what was kept.
+_DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT}
+
+
+class PushError(RuntimeError):
+    """Publishing failed after the model was saved locally."""
+
+
+class SaveError(RuntimeError):
+    """Writing into `output_dir` failed (disk full, read-only); the message says what was kept."""
 
 
 def setup_logging(training_args: CLIPTrainingArguments) -> None:
@@ -36,105 +51,59 @@ def setup_logging(training_args: CLIPTrainingArguments) -> None:
     logger.setLevel(std_logging.INFO if training_args.should_log else library_level)
 
 
-def check_arguments(model_args: ModelArguments, data_args: DataArguments, training_args: CLIPTrainingArguments):
-    """Every check that needs no data and no weights, so that a mistake stops the run in seconds.
-
-    Returns the model's `CLIPConfig` (loaded without weights).
-    """
-    config = load_clip_config(model_args)
-    positions = max_text_positions(config)
-    if data_args.max_seq_length is None:
-        data_args.max_seq_length = positions
-    elif data_args.max_seq_length > positions:
+def _evaluation_off(training_args: CLIPTrainingArguments) -> None:
+    """No validation data (`validation_split_percentage` 0): the run trains without evaluating, and says so."""
+    if training_args.early_stopping_patience is not None:
         raise ConfigError(
-            f"`max_seq_length` is {data_args.max_seq_length} but the text model has {positions} positions; set it to "
-            f"{positions} or less."
+            "`early_stopping_patience` needs evaluation, but there is no validation data "
+            "(`validation_split_percentage` is 0); give a `validation_file` or a percentage, or drop early stopping."
         )
-    check_metric_for_best_model(training_args, has_labels=data_args.label_column is not None)
-    check_report_to(training_args.report_to)
-    if data_args.streaming and training_args.max_steps <= 0:
-        raise ConfigError("Streaming data has no known length: set `max_steps` (e.g. --max_steps 10000).")
-    if data_args.streaming and model_args.model_name_or_path is None and model_args.tokenizer_name is None:
-        raise ConfigError(
-            "A model built from scratch gets a tokenizer trained on the training captions, which a stream cannot "
-            "give up front: set `tokenizer_name`, or train without `streaming`."
-        )
-    if training_args.push_to_hub and training_args.should_save:
-        # Known before hours of training: a missing token, no network, a repository this user cannot write.
-        training_args.hub_model_id = check_hub_access(training_args)
-    return config
-
-
-def check_report_to(report_to: str | list[str] | None) -> None:
-    """Unknown or uninstalled loggers fail here: `Trainer.__init__` would only find out after loading data and model."""
-    import difflib
-
-    from transformers.integrations import is_tensorboard_available, is_wandb_available
-    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
-
-    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
-    known = sorted(INTEGRATION_TO_CALLBACK)
-    for name in names:
-        if name in (None, "none", "all"):
-            continue
-        if name not in INTEGRATION_TO_CALLBACK:
-            match = difflib.get_close_matches(name, known, n=1)
-            hint = f" Did you mean `{match[0]}`?" if match else ""
-            raise ConfigError(
-                f"`report_to` names {name!r}, which transformers cannot log to.{hint} Choose from: none, all, "
-                f"{', '.join(known)}."
-            )
-    installed = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
-    for name, available in installed.items():
-        if name in names and not available():
-            extra = "pip install 'clip-trainer[wandb]'" if name == "wandb" else "pip install tensorboard"
-            raise ConfigError(
-                f"`report_to` includes {name}, which is not installed: {extra}, or drop it from `report_to`."
-            )
-
-
-def resolve_resume_checkpoint(training_args: CLIPTrainingArguments) -> str | None:
-    """`resume_from_checkpoint`: a path, or `true` for the newest complete checkpoint in `output_dir`.
-
-    A checkpoint a crash left half-written is passed over (`true`) or refused (a path), never loaded.
-    """
-    value = training_args.resume_from_checkpoint
-    if value is None or str(value).lower() in ("false", ""):
-        return None
-    if str(value).lower() != "true":
-        if not os.path.isdir(value):
-            raise ConfigError(f"`resume_from_checkpoint` is {value!r}, which is not a folder.")
-        problems = checkpoint_problems(value)
-        if problems:
-            newest = latest_complete_checkpoint(os.path.dirname(os.path.abspath(value)))
-            hint = f"; the newest complete one beside it is {newest!r}" if newest else ""
-            raise ConfigError(
-                f"`resume_from_checkpoint` is {value!r}, which is incomplete ({'; '.join(problems)}){hint}."
-            )
-        return value
-    last = latest_complete_checkpoint(training_args.output_dir)
-    if last is None:
-        raise ConfigError(
-            f"`resume_from_checkpoint` is true but {training_args.output_dir!r} holds no checkpoint-* folder that is "
-            "complete (incomplete ones are named in the warnings above); start without it, or give a checkpoint path."
-        )
-    logger.info(f"Resuming from {last}.")
-    return last
+    logger.warning("No validation data: evaluation, `eval_on_start` and `load_best_model_at_end` are off.")
+    training_args.eval_strategy = IntervalStrategy.NO
+    training_args.do_eval = False
+    training_args.eval_on_start = False
+    training_args.load_best_model_at_end = False
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Runs training and/or evaluation as configured; returns the final metrics."""
+    # --- arguments: everything that can be checked without data or weights ----------------------------------------
     model_args, data_args, training_args = parse_arguments(argv)
     setup_logging(training_args)
-    # For the model card; computed now because it builds a default TrainingArguments, which resets accelerate's
-    # global state and so must not happen once the trainer exists.
-    hyperparameters = non_default_training_arguments(training_args) if training_args.should_save else {}
-    config = check_arguments(model_args, data_args, training_args)
-    resume_checkpoint = resolve_resume_checkpoint(training_args) if training_args.do_train else None
+    config = load_model_config(model_args)
+    check_arguments(model_args, data_args, training_args, max_text_positions(config))
+    training = training_args.do_train and not data_args.prepare_only
+    if training_args.push_to_hub and training_args.should_save and training:
+        # Known before hours of training: a missing token, no network, a repository this user cannot write.
+        training_args.hub_model_id = check_hub_access(training_args)
+    resume_checkpoint = None
+    if training:
+        resume_checkpoint = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+        if training_args.should_save:
+            # Held until the process ends: a second run into the same folder stops here.
+            claim_output_dir(
+                training_args.output_dir,
+                resuming=resume_checkpoint is not None,
+                overwrite=training_args.overwrite_output_dir,
+            )
+    # A preparation run writes both splits, whatever the later runs do with them.
+    evaluate = training_args.do_eval or training_args.eval_strategy != IntervalStrategy.NO or data_args.prepare_only
+    # Before anything random: the held-out split, the tokenizer trained on the captions, a new model's weights.
+    # (`Trainer.__init__` seeds again, too late for the model.)
+    if training_args.full_determinism:
+        enable_full_determinism(training_args.seed)
+    else:
+        set_seed(training_args.seed)
 
-    # --- data -------------------------------------------------------------------------------------------------
+    # --- data -----------------------------------------------------------------------------------------------------
     with training_args.main_process_first(desc="loading the data"):
-        data = load_image_text_data(data_args, seed=training_args.seed, cache_dir=model_args.cache_dir)
+        data = load_image_text_data(
+            data_args,
+            seed=training_args.seed,
+            cache_dir=model_args.cache_dir,
+            train=training_args.do_train,
+            evaluate=evaluate,
+        )
     if data_args.prepare_only:
         if training_args.should_save:
             save_prepared_data(data, data_args, training_args.output_dir)
@@ -142,74 +111,67 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 f"Prepared data written to {training_args.output_dir}; train with --dataset_name pointing at it."
             )
         return {}
+    if evaluate and data.validation is None:
+        _evaluation_off(training_args)
 
     # --- processor and model --------------------------------------------------------------------------------------
     captions = None
     if model_args.tokenizer_name is None and model_args.model_name_or_path is None:
-        captions = data.train.with_format(None)[data_args.caption_column]
+        # A new tokenizer for a new model, trained on the training captions (a stream's first 100,000).
+        captions = data.training_captions(data_args.caption_column)
     processor = load_processor(model_args, config, captions)
     model = load_model(model_args, config, processor.tokenizer)
-    shortest_edge, crop_size = image_input_size(processor.image_processor)
-    collator = ImageTextCollator(
-        tokenizer=processor.tokenizer,
-        shortest_edge=shortest_edge,
-        crop_size=crop_size,
-        max_seq_length=data_args.max_seq_length,
-        image_column=data_args.image_column,
-        caption_column=data_args.caption_column,
-        max_image_pixels=data_args.max_image_pixels,
-        jpeg_draft=data_args.jpeg_draft,
-    )
-
-    # --- trainer ------------------------------------------------------------------------------------------------
-    if data_args.streaming and training_args.accelerator_config.dispatch_batches is None:
-        # accelerate's default for iterable data reads every batch on process 0 and concatenates them to dispatch
-        # slices, which fails on our batches (captions padded per batch, a scalar count of skipped samples), even
-        # with one process. Each process reads its own shards of the stream instead.
-        training_args.accelerator_config.dispatch_batches = False
-    callbacks = []
-    if model_args.freeze_vision_model or model_args.freeze_text_model:
-        callbacks.append(
-            FreezeTowersCallback(
-                model_args.freeze_vision_model, model_args.freeze_text_model, model_args.unfreeze_after_steps
-            )
-        )
     try:
-        trainer = build_trainer(model, training_args, data, collator, processor, callbacks, data_args)
+        collator = ImageTextCollator.from_processor(
+            processor,
+            max_seq_length=data_args.max_seq_length or max_text_positions(config),
+            image_column=data_args.image_column,
+            caption_column=data_args.caption_column,
+            max_image_pixels=data_args.max_image_pixels,
+            jpeg_draft=data_args.jpeg_draft,
+        )
+    except UnsupportedImageProcessorError as error:
+        raise ConfigError(str(error)) from None
+
+    # --- trainer --------------------------------------------------------------------------------------------------
+    card = CLIPModelCardData(
+        model_name=Path(training_args.output_dir).absolute().name,
+        repo_id=training_args.hub_model_id,
+        base_model=model_args.model_name_or_path,
+        dataset_id=data.source.hub_id,
+        dataset_description=data.source.description,
+        num_train_pairs=len(data.train) if hasattr(data.train, "__len__") else None,
+        num_eval_pairs=len(data.validation) if data.validation is not None else None,
+    )
+    try:
+        trainer = CLIPContrastiveTrainer(
+            model=model,
+            args=training_args,
+            data_collator=collator,
+            train_dataset=data.train,
+            eval_dataset=data.validation if training_args.do_eval or training_args.eval_strategy != "no" else None,
+            processing_class=processor,
+            model_card_data=card,
+        )
     except NETWORK_ERRORS as error:  # `push_to_hub` creates the Hub repository in Trainer.__init__
         if not training_args.push_to_hub:
             raise
         raise ConfigError(f"Cannot create the Hub repository {training_args.hub_model_id!r}: {error}") from None
-    trainer.card_info = {
-        "model_name": Path(training_args.output_dir).absolute().name,
-        "repo_id": training_args.hub_model_id,
-        "base_model": model_args.model_name_or_path,
-        "dataset_name": data_args.dataset_name or data_args.train_file,
-        "num_train_pairs": len(data.train) if training_args.do_train and hasattr(data.train, "__len__") else None,
-        "num_eval_pairs": len(data.validation) if data.validation is not None else None,
-        "hyperparameters": hyperparameters,
-    }
-    return run_stages(trainer, training_args, data, processor, resume_checkpoint)
+    try:
+        return run_stages(trainer, data, resume_checkpoint)
+    except OSError as error:
+        if error.errno in _DISK_ERRNOS:
+            raise SaveError(describe_save_error(error, training_args.output_dir)) from None
+        raise
 
 
-def build_trainer(model, training_args, data, collator, processor, callbacks, data_args) -> CLIPContrastiveTrainer:
-    return CLIPContrastiveTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=data.train if training_args.do_train else None,
-        eval_dataset=data.validation if (training_args.do_eval or training_args.eval_strategy != "no") else None,
-        data_collator=collator,
-        processing_class=processor,
-        callbacks=callbacks,
-        class_names=data.class_names,
-        zeroshot_templates=data_args.zeroshot_templates,
-    )
-
-
-def run_stages(trainer: CLIPContrastiveTrainer, training_args, data, processor, resume_checkpoint) -> dict[str, float]:
+def run_stages(
+    trainer: CLIPContrastiveTrainer, data: ImageTextData, resume_checkpoint: str | None
+) -> dict[str, float]:
     """Train, evaluate, document and publish, each as configured."""
+    args = trainer.args
     results: dict[str, float] = {}
-    if training_args.do_train:
+    if args.do_train:
         train_result = trainer.train(resume_from_checkpoint=resume_checkpoint)
         trainer.save_model()  # model (safetensors), config and processor in output_dir
         metrics = dict(train_result.metrics)
@@ -218,44 +180,48 @@ def run_stages(trainer: CLIPContrastiveTrainer, training_args, data, processor, 
         trainer.save_metrics("train", metrics)
         trainer.save_state()
         results.update(metrics)
-    if training_args.do_eval:
+    if args.do_eval:
         metrics = trainer.evaluate()
         metrics["eval_samples"] = len(data.validation)
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
         results.update(metrics)
-        trainer.final_eval_metrics = metrics
-    if training_args.do_eval and not training_args.do_train and training_args.should_save:
+    if args.do_eval and not args.do_train and args.should_save:
         # An evaluation-only run leaves the processor beside its results so the folder documents what was measured.
-        processor.save_pretrained(training_args.output_dir)
+        trainer.processing_class.save_pretrained(args.output_dir)
 
     # --- document and publish -------------------------------------------------------------------------------------
-    if training_args.should_save and training_args.do_train:
+    if args.should_save and args.do_train:
         trainer.create_model_card()  # README.md + training_curves.png in output_dir, pushed or not
-    if training_args.push_to_hub and training_args.do_train:
+    if args.push_to_hub and args.do_train:
         try:
             trainer.push_to_hub(commit_message="Upload model trained with clip-trainer")
         except NETWORK_ERRORS as error:
             raise PushError(
-                f"Pushing to {training_args.hub_model_id!r} failed ({error}). The trained model is saved in "
-                f"{training_args.output_dir}; upload it later with `hf upload {training_args.hub_model_id} "
-                f"{training_args.output_dir}`."
+                f"Pushing to {args.hub_model_id!r} failed ({error}). The trained model is saved in {args.output_dir}; "
+                f"upload it later with `hf upload {args.hub_model_id} {args.output_dir}`."
             ) from None
     return results
 
 
-class PushError(RuntimeError):
-    """Publishing failed after the model was saved locally."""
-
-
 def cli(argv: list[str] | None = None) -> int:
-    """`run_clip.py`'s entry point: a configuration mistake prints one message and exits with status 2."""
+    """`run_clip.py`'s entry point: a mistake or a fault prints one message, never a traceback.
+
+    Exit status: 0 done; 1 training stopped (non-finite losses, a failed push or save); 2 a configuration or data
+    mistake; 130 / 143 stopped by SIGINT / SIGTERM after saving a checkpoint (128 + the signal, as shells report).
+    """
     try:
         main(argv)
     except ConfigError as error:
         print(f"run_clip.py: error: {error}", file=sys.stderr)
         return 2
-    except (PushError, NonFiniteTrainingError) as error:
+    except (PushError, SaveError, NonFiniteTrainingError) as error:
         print(f"run_clip.py: error: {error}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as error:
+        print(f"run_clip.py: {error}", file=sys.stderr)
+        return 128 + error.signal_number
+    except KeyboardInterrupt:
+        print("run_clip.py: interrupted (Ctrl-C); nothing was saved since the last checkpoint.", file=sys.stderr)
+        return 130
     return 0

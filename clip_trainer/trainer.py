@@ -2,27 +2,33 @@
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import time
 from collections import defaultdict
 
 import torch
+from accelerate.utils import DistributedType
+from datasets import IterableDataset
 from torch import nn
+from torch.utils.data import DataLoader
 from transformers import EarlyStoppingCallback, Trainer
 from transformers.utils import logging
 
 from .arguments import CLIPTrainingArguments, ConfigError
-from .callbacks import ClampLogitScaleCallback
-from .collator import ImageTextCollator
+from .callbacks import (
+    ClampLogitScaleCallback,
+    FreezeTowersCallback,
+    NonFiniteLossCallback,
+    StopOnSignalCallback,
+)
+from .collator import ROW_INFO_KEYS, ImageTextCollator
+from .data import class_names_of
 from .evaluation import DEFAULT_ZEROSHOT_TEMPLATES, build_zeroshot_classifier, retrieval_metrics, zeroshot_accuracy
-from .faults import NonFiniteLossCallback
 from .loss import contrastive_loss
+from .model_card import CLIPModelCardData, non_default_training_arguments, write_model_card
+from .plots import save_training_plots
+from .preprocessing import ImagePreprocessor, UnsupportedImageProcessorError
 
 logger = logging.get_logger(__name__)
-
-# Batch entries that describe the rows and are not model inputs.
-ROW_INFO_KEYS = ("image_ids", "class_labels", "skipped_samples", "valid")
 
 
 def no_weight_decay_parameter_names(model: nn.Module) -> set[str]:
@@ -54,77 +60,130 @@ class CLIPContrastiveTrainer(Trainer):
     """A `transformers.Trainer` for CLIP models trained on image-caption pairs.
 
     - `compute_loss` is CLIP's symmetric cross-entropy over normalised embeddings ([`contrastive_loss`]); with several
-      processes and `gather_negatives` each process contrasts its pairs against the global batch.
+      processes and `gather_negatives` each process contrasts its pairs against the global batch; with gradient
+      accumulation and `accumulation_mode="cached"` against the whole accumulated batch ([`GradientCache`]).
     - The optimizer applies no weight decay to biases, norms, embeddings and `logit_scale`; `logit_scale` is clamped at
       `log(max_logit_scale)` after every step; the temperature is logged.
     - Evaluation collects the embeddings of the whole validation set (across processes) and reports retrieval recall
-      and, when `class_names` are given, zero-shot accuracy next to `eval_loss`, so `metric_for_best_model` and early
+      and, when the evaluation data has class labels (a `_label` `ClassLabel` column, see
+      [`load_image_text_data`]), zero-shot accuracy next to `eval_loss`, so `metric_for_best_model` and early
       stopping can use them.
-    - Images arrive from [`ImageTextCollator`] as `uint8`; they are normalised on the device.
+    - Images arrive from [`ImageTextCollator`] as `uint8`; they are normalised on the device by the same
+      [`ImagePreprocessor`], read from `processing_class.image_processor`.
+
+    Everything the run needs is set up here from the arguments: the default collator, the freeze, clamp, non-finite,
+    signal and early-stopping callbacks, and `dispatch_batches=False` for streamed (iterable) training data.
 
     Args:
-        class_names (`list[str]`, *optional*): zero-shot classes, indexed by the batches' `class_labels`.
-        zeroshot_templates (`list[str]`, *optional*): prompts with one `{}` for the class name.
-        Other arguments are those of `transformers.Trainer`; `processing_class` must be the `CLIPProcessor`.
+        model: a `CLIPModel`.
+        args ([`CLIPTrainingArguments`]): the training arguments.
+        data_collator (*optional*): defaults to an [`ImageTextCollator`] built from `processing_class`.
+        train_dataset, eval_dataset: rows of images and captions (`image`, `caption` columns by default).
+        processing_class: the `CLIPProcessor` (tokenizer + image processor); saved with the model.
+        model_card_data ([`CLIPModelCardData`], *optional*): what the model card says about the run's origin and
+            data; the metrics, curves and arguments come from the trainer itself.
+        Other arguments are those of `transformers.Trainer`.
     """
 
     def __init__(
         self,
-        *args,
-        class_names: list[str] | None = None,
-        zeroshot_templates: list[str] | None = None,
+        model: nn.Module | None = None,
+        args: CLIPTrainingArguments | None = None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        model_card_data: CLIPModelCardData | None = None,
+        callbacks=None,
         **kwargs,
     ) -> None:
-        super().__init__(*args, **kwargs)
-        # --- args -------------------------------------------------------------------------------------------------
-        if not isinstance(self.args, CLIPTrainingArguments):
+        # --- args -----------------------------------------------------------------------------------------------------
+        if args is None:
+            args = CLIPTrainingArguments(output_dir="clip-trainer-output")
+        if not isinstance(args, CLIPTrainingArguments):
             raise ConfigError("CLIPContrastiveTrainer needs `CLIPTrainingArguments` (clip_trainer.arguments).")
-        # --- model ------------------------------------------------------------------------------------------------
-        if not hasattr(self.model, "logit_scale"):
-            raise ConfigError(
-                f"{type(self.model).__name__} has no `logit_scale`; CLIPContrastiveTrainer needs a CLIPModel."
+        if isinstance(train_dataset, IterableDataset | torch.utils.data.IterableDataset):
+            if args.accelerator_config.dispatch_batches is None:
+                # accelerate's default for iterable data reads every batch on process 0 and concatenates them to
+                # dispatch slices, which needs equal shapes (captions are padded per batch). Each process reads its
+                # own shards of the stream instead.
+                args.accelerator_config.dispatch_batches = False
+        # For the model card, computed before the Trainer builds its accelerator: it builds a default
+        # TrainingArguments, which must not reset the state of an accelerator that exists.
+        self.card_hyperparameters = non_default_training_arguments(args) if args.should_save else {}
+        self.model_card_data = model_card_data or CLIPModelCardData()
+        # --- model ----------------------------------------------------------------------------------------------------
+        if model is None or not hasattr(model, "logit_scale"):
+            name = type(model).__name__ if model is not None else "None"
+            raise ConfigError(f"{name} has no `logit_scale`; CLIPContrastiveTrainer needs a CLIPModel.")
+        # --- data -----------------------------------------------------------------------------------------------------
+        image_processor = getattr(processing_class, "image_processor", None)
+        if image_processor is None or getattr(processing_class, "tokenizer", None) is None:
+            raise ConfigError("`processing_class` must be a CLIPProcessor (tokenizer + image processor).")
+        try:
+            self.image_preprocessor = ImagePreprocessor.from_image_processor(image_processor)
+        except UnsupportedImageProcessorError as error:
+            raise ConfigError(str(error)) from None
+        if data_collator is None:
+            positions = model.config.text_config.max_position_embeddings
+            data_collator = ImageTextCollator(
+                tokenizer=processing_class.tokenizer,
+                image_preprocessor=self.image_preprocessor,
+                max_seq_length=min(positions, processing_class.tokenizer.model_max_length),
             )
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            **kwargs,
+        )
+        # --- loss -----------------------------------------------------------------------------------------------------
         # The loss is ours: the model is never asked for one.
         self.model_accepts_loss_kwargs = False
-        # --- data -------------------------------------------------------------------------------------------------
-        image_processor = getattr(self.processing_class, "image_processor", None)
-        if image_processor is None:
-            raise ConfigError("`processing_class` must be a CLIPProcessor (tokenizer + image processor).")
-        # uint8 pixels are mapped to the processor's normalised values in one multiply-add: x * scale + shift.
-        mean = torch.tensor(image_processor.image_mean, dtype=torch.float32).view(1, -1, 1, 1)
-        std = torch.tensor(image_processor.image_std, dtype=torch.float32).view(1, -1, 1, 1)
-        self._pixel_scale = 1.0 / (255.0 * std)
-        self._pixel_shift = -mean / std
-        # --- loss -------------------------------------------------------------------------------------------------
         self.add_callback(ClampLogitScaleCallback(self.args.log_max_logit_scale))
-        # Skips updates whose loss or gradients are NaN/inf, stops after `max_nonfinite_steps` in a row. Added after
-        # the Trainer's reporters, so its `on_train_end` (which raises when it stopped the run) runs once they closed.
+        # Added after the Trainer's reporters, so that their `on_train_end` runs before these raise (when they stopped
+        # the run). The signal callback goes first: it restores the process's handlers before it raises.
+        self.add_callback(StopOnSignalCallback())
         self.nonfinite_guard = NonFiniteLossCallback(self.args.max_nonfinite_steps)
         self.add_callback(self.nonfinite_guard)
         self.gradient_cache = None
         if self.args.gradient_accumulation_steps > 1 and self.args.accumulation_mode == "cached":
             from .gradient_cache import GradientCache
 
-            self.gradient_cache = GradientCache()
-        # --- metrics ----------------------------------------------------------------------------------------------
-        self.class_names = class_names
-        self.zeroshot_templates = list(zeroshot_templates or DEFAULT_ZEROSHOT_TEMPLATES)
+            self.gradient_cache = GradientCache(
+                embed=self._embed_for_loss,
+                loss_scalars=lambda: (self.inverse_temperature(),),
+                loss=self._loss_over_embeddings,
+                backward=self._backward,
+                micro_batch_size=self.args.per_device_train_batch_size,
+                accumulation_steps=self.args.gradient_accumulation_steps,
+            )
+        # --- callbacks ------------------------------------------------------------------------------------------------
+        if self.args.freeze_vision_model or self.args.freeze_text_model:
+            self.add_callback(
+                FreezeTowersCallback(
+                    self.args.freeze_vision_model, self.args.freeze_text_model, self.args.unfreeze_after_steps
+                )
+            )
         if self.args.early_stopping_patience is not None:
             self.add_callback(
                 EarlyStoppingCallback(self.args.early_stopping_patience, self.args.early_stopping_threshold)
             )
-        # A device tensor once training runs (see `training_step`); read at logging steps only.
+        # --- metrics --------------------------------------------------------------------------------------------------
+        self.zeroshot_templates = list(self.args.zeroshot_templates or DEFAULT_ZEROSHOT_TEMPLATES)
+        # Device tensors once training runs (see `training_step`); read at logging steps only.
         self._skipped_samples: int | torch.Tensor = 0
-        self._filter_nonfinite_loss = self.args.logging_nan_inf_filter
         self._samples_since_log = 0
         self._flops_since_log = 0
         self._tower_weights: tuple[int, int] | None = None
         self._last_log_time: float | None = None
+        self._finite_loss_sum: torch.Tensor | None = None
+        self._finite_loss_count: torch.Tensor | None = None
         self._eval_buffer: dict[str, list[torch.Tensor]] | None = None
-        # --- hub ------------------------------------------------------------------------------------------------
-        # What the model card says about the run (set by run.py); the final evaluation's metrics go in too.
-        self.card_info: dict | None = None
-        self.final_eval_metrics: dict[str, float] | None = None
 
     # ------------------------------------------------------------------------------------------------------------
     # Optimizer and schedule
@@ -172,41 +231,55 @@ class CLIPContrastiveTrainer(Trainer):
     # ------------------------------------------------------------------------------------------------------------
     # Loss
     # ------------------------------------------------------------------------------------------------------------
-    def _prepare_inputs(self, inputs: dict) -> dict:
-        inputs = super()._prepare_inputs(inputs)
-        pixels = inputs.get("pixel_values")
-        if pixels is not None and pixels.dtype == torch.uint8:
-            if self._pixel_scale.device != pixels.device:
-                self._pixel_scale = self._pixel_scale.to(pixels.device)
-                self._pixel_shift = self._pixel_shift.to(pixels.device)
-            inputs["pixel_values"] = torch.addcmul(self._pixel_shift, pixels.float(), self._pixel_scale)
-        return inputs
-
-    def logit_scale(self) -> torch.Tensor:
-        """The inverse temperature `exp(logit_scale)`, with its gradient."""
+    def inverse_temperature(self) -> torch.Tensor:
+        """`exp(logit_scale)`, CLIP's inverse temperature `t` (logits are `t * cosine`), with its gradient."""
         return self.model.logit_scale.exp()
 
     def embed(self, model: nn.Module, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalised image and text embeddings of a batch, in float32 for the loss."""
+        """Normalised image and text embeddings of a batch, in float32 for the loss.
+
+        uint8 pixels from the collator are normalised here, on their device, as the image processor would have.
+        """
         model_inputs = {key: value for key, value in inputs.items() if key not in ROW_INFO_KEYS}
+        pixels = model_inputs.get("pixel_values")
+        if pixels is not None and pixels.dtype == torch.uint8:
+            model_inputs["pixel_values"] = self.image_preprocessor.normalize(pixels)
         outputs = model(**model_inputs, return_loss=False)
         return outputs.image_embeds.float(), outputs.text_embeds.float()
 
-    def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
-        all_image_embeds, all_text_embeds = self.embed(model, inputs)
-        image_embeds, text_embeds = all_image_embeds, all_text_embeds
-        if "valid" in inputs:  # evaluation keeps unusable rows as placeholders; they are no pairs
-            image_embeds, text_embeds = image_embeds[inputs["valid"]], text_embeds[inputs["valid"]]
-        batch_size = self.args.per_device_train_batch_size if model.training else self.args.per_device_eval_batch_size
-        loss = contrastive_loss(
+    def _embed_for_loss(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        with self.compute_loss_context_manager():
+            return self.embed(self.model_wrapped, inputs)
+
+    def _loss_over_embeddings(self, image_embeds, text_embeds, inverse_temperature, pad_to, valid=None):
+        return contrastive_loss(
             image_embeds,
             text_embeds,
-            self.logit_scale(),
+            inverse_temperature,
             gather_negatives=self.args.gather_negatives,
+            pad_to=pad_to,
+            valid=valid,
+        )
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        kwargs = {}
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            # As in `Trainer.training_step`: our loss is already the step's share, DeepSpeed must not divide it.
+            kwargs["scale_wrt_gas"] = False
+        self.accelerator.backward(loss, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
+        image_embeds, text_embeds = self.embed(model, inputs)
+        batch_size = self.args.per_device_train_batch_size if model.training else self.args.per_device_eval_batch_size
+        loss = self._loss_over_embeddings(
+            image_embeds,
+            text_embeds,
+            self.inverse_temperature(),
             pad_to=max(batch_size, image_embeds.shape[0]),
+            valid=inputs.get("valid"),
         )
         if return_outputs:
-            return loss, {"image_embeds": all_image_embeds, "text_embeds": all_text_embeds}
+            return loss, {"image_embeds": image_embeds, "text_embeds": text_embeds}
         return loss
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -217,32 +290,53 @@ class CLIPContrastiveTrainer(Trainer):
         return batch_samples, num_items_in_batch
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        skipped = inputs.get("skipped_samples")
-        if skipped is not None:
-            # accelerate has already moved the batch to the device: `int(skipped)` would wait for the device at every
-            # step. The count is summed where it is and read at logging steps, which synchronise anyway.
-            self._skipped_samples = self._skipped_samples + skipped
+        if self._last_log_time is None:
+            self._last_log_time = time.perf_counter()
+        valid = inputs.get("valid")
+        pairs = None
+        if valid is not None:
+            # accelerate has already moved the batch to the device: `int(...)` would wait for the device at every
+            # step. The counts are summed where they are and read at logging steps, which synchronise anyway.
+            pairs = valid.sum()
+            self._skipped_samples = self._skipped_samples + (valid.numel() - pairs)
         self._samples_since_log += inputs["input_ids"].shape[0]
         if self.args.peak_tflops is not None:
             self._flops_since_log += self.floating_point_ops(inputs)
         if self.gradient_cache is not None and self.gradient_cache.owns(inputs):
-            loss = self.gradient_cache.training_step(self, model, inputs)
+            # What `Trainer.training_step` does before its forward.
+            model.train()
+            if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+                self.optimizer.train()
+            loss = self.gradient_cache.training_step(inputs)
         else:
             loss = super().training_step(model, inputs, num_items_in_batch)
-        self.nonfinite_guard.observe_loss(loss)
-        if self._filter_nonfinite_loss:
-            # `logging_nan_inf_filter`, on the device: a NaN or inf loss is logged as the average of the losses since
-            # the last log, which is what the Trainer substitutes. Only the logged value changes, never a gradient.
-            since_log = 1 + self.state.global_step - self._globalstep_last_logged
-            loss = torch.where(torch.isfinite(loss), loss, self._tr_loss.to(loss.dtype) / since_log)
-        return loss
+        self.nonfinite_guard.observe_loss(loss, pairs)
+        return self._finite_for_logging(loss)
+
+    def _finite_for_logging(self, loss: torch.Tensor) -> torch.Tensor:
+        """A non-finite loss replaced, for the logged average only, by the mean of the finite ones since the last log.
+
+        The update of such a step is skipped by the non-finite guard; what is left is the Trainer's running sum of
+        losses, which one NaN would turn into NaN for the rest of the run (its reset is `tr_loss -= tr_loss`). This is
+        what `logging_nan_inf_filter` does, computed on the device: transformers' filter reads every step's loss on
+        the host, a synchronisation per step, which is why clip-trainer turns it off by default.
+        """
+        detached = loss.detach()
+        finite = torch.isfinite(detached)
+        if self._finite_loss_sum is None:
+            self._finite_loss_sum = torch.zeros_like(detached)
+            self._finite_loss_count = torch.zeros_like(detached)
+        self._finite_loss_sum = self._finite_loss_sum + torch.where(finite, detached, 0.0)
+        self._finite_loss_count = self._finite_loss_count + finite.to(detached.dtype)
+        mean = self._finite_loss_sum / self._finite_loss_count.clamp(min=1)
+        return torch.where(finite, loss, mean)
 
     def floating_point_ops(self, inputs: dict) -> int:
-        """Training FLOPs of a batch for `total_flos`: 6 x matmul weights x tokens, tower by tower.
+        """Training FLOPs of a batch for `total_flos` and `mfu`: 6 x matmul weights x tokens, tower by tower.
 
         transformers' estimate multiplies every parameter by the text tokens alone (for ViT-B/32 it says 58 GFLOP per
-        pair where `clip_trainer.flops` counts 44), and it walks every module to count the parameters at every
-        step; the towers' weights are counted once here.
+        pair where a FLOP counter says 44), and it walks every module to count the parameters at every step; the
+        towers' weights are counted once here.
         """
         model = self.accelerator.unwrap_model(self.model)
         pixels, input_ids = inputs.get("pixel_values"), inputs.get("input_ids")
@@ -268,9 +362,9 @@ class CLIPContrastiveTrainer(Trainer):
         """
         logs = dict(logs)
         if "loss" in logs and not any(key.startswith("eval_") for key in logs):
-            scale = self.model.logit_scale.detach().exp().item()
-            logs["logit_scale"] = round(scale, 4)
-            logs["temperature"] = round(1.0 / scale, 6)
+            inverse_temperature = self.model.logit_scale.detach().exp().item()
+            logs["inverse_temperature"] = round(inverse_temperature, 4)
+            logs["temperature"] = round(1.0 / inverse_temperature, 6)
             now = time.perf_counter()
             if self._last_log_time is not None and now > self._last_log_time:
                 throughput = self._samples_since_log * self.args.world_size / (now - self._last_log_time)
@@ -281,6 +375,7 @@ class CLIPContrastiveTrainer(Trainer):
                     logs["mfu"] = round(achieved / (self.args.peak_tflops * 1e12), 4)
             self._flops_since_log = 0
             self._last_log_time, self._samples_since_log = now, 0
+            self._finite_loss_sum = self._finite_loss_count = None
             skipped = int(self._skipped_samples)
             if skipped:
                 logs["skipped_samples"] = skipped
@@ -288,45 +383,61 @@ class CLIPContrastiveTrainer(Trainer):
                 logs["nonfinite_steps_skipped"] = self.nonfinite_guard.skipped_steps
         super().log(logs, start_time)
 
-    def _inner_training_loop(self, *args, **kwargs):
-        self._last_log_time, self._samples_since_log, self._flops_since_log = time.perf_counter(), 0, 0
-        # transformers applies `logging_nan_inf_filter` by reading every step's loss on the host
-        # (`torch.isnan(loss) or ...`), a device synchronisation per step; `training_step` filters on the device
-        # instead, so the Trainer's own check is off while training (evaluation switches it back, see below).
-        self._filter_nonfinite_loss = self.args.logging_nan_inf_filter
-        self.args.logging_nan_inf_filter = False
-        try:
-            return super()._inner_training_loop(*args, **kwargs)
-        finally:
-            self.args.logging_nan_inf_filter = self._filter_nonfinite_loss
-
     def create_model_card(self, *args, **kwargs) -> None:
-        """Writes clip-trainer's model card (metrics before/after, curves, usage) instead of the generic one.
+        """Writes clip-trainer's model card (`README.md`: metrics before/after, curves, usage) and the training curves
+        (`training_curves.png`) into `output_dir`, instead of the Trainer's generic card.
 
         `Trainer.push_to_hub` calls this just before uploading `output_dir`.
         """
-        if self.card_info is None or not self.is_world_process_zero():
-            return super().create_model_card(*args, **kwargs)
-        from .hub import document_run
-
-        document_run(self, self.card_info, self.final_eval_metrics)
+        if not self.is_world_process_zero():
+            return
+        history = self.state.log_history
+        write_model_card(
+            self.args.output_dir,
+            self.model_card_data,
+            eval_before=_evaluation_at(history, first=True),
+            eval_after=_evaluation_at(history, first=False),
+            hyperparameters=self.card_hyperparameters,
+            plots=save_training_plots(history, self.args.output_dir),
+        )
 
     # ------------------------------------------------------------------------------------------------------------
     # Evaluation
     # ------------------------------------------------------------------------------------------------------------
-    def get_eval_dataloader(self, eval_dataset=None):
-        """Evaluation batches keep unusable rows as flagged placeholders (see [`ImageTextCollator`])."""
-        collator = self.data_collator
-        if isinstance(collator, ImageTextCollator):
-            self.data_collator = dataclasses.replace(collator, keep_invalid_rows=True)
-        try:
+    def get_eval_dataloader(self, eval_dataset=None) -> DataLoader:
+        """The Trainer's evaluation DataLoader, except that it never drops a last partial batch.
+
+        `Trainer` applies `dataloader_drop_last` to evaluation too, which would leave pairs out of the retrieval
+        metrics (recalls in multiples of 1/batch); it has no hook for evaluation alone, so the loader is built here.
+        """
+        if not self.args.dataloader_drop_last:
             return super().get_eval_dataloader(eval_dataset)
-        finally:
-            self.data_collator = collator
+        key = eval_dataset if isinstance(eval_dataset, str) else "eval"
+        cached = getattr(self, "_eval_dataloaders", {}).get(key)
+        if cached is not None and self.args.dataloader_persistent_workers:
+            return cached
+        if isinstance(eval_dataset, str):
+            dataset = self.eval_dataset[eval_dataset]
+        else:
+            dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        loader = DataLoader(
+            dataset,
+            batch_size=self.args.eval_batch_size,
+            sampler=self._get_eval_sampler(dataset),
+            collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory,
+            persistent_workers=self.args.dataloader_persistent_workers,
+            prefetch_factor=self.args.dataloader_prefetch_factor,
+            drop_last=False,
+        )
+        loader = self.accelerator.prepare(loader)
+        if self.args.dataloader_persistent_workers:
+            self._eval_dataloaders = {**getattr(self, "_eval_dataloaders", {}), key: loader}
+        return loader
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Computes the batch's loss and keeps its embeddings (gathered from every process) for retrieval."""
-        inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
             loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
         if self._eval_buffer is not None:
@@ -344,9 +455,6 @@ class CLIPContrastiveTrainer(Trainer):
         self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
     ):
         self._eval_buffer = defaultdict(list)
-        # Evaluation filters its losses on the host as transformers does (it reads them there anyway).
-        filter_during_training = self.args.logging_nan_inf_filter
-        self.args.logging_nan_inf_filter = self._filter_nonfinite_loss
         try:
             output = super().evaluation_loop(
                 dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
@@ -354,27 +462,37 @@ class CLIPContrastiveTrainer(Trainer):
             collected = {key: torch.cat(values) for key, values in self._eval_buffer.items()}
         finally:
             self._eval_buffer = None
-            self.args.logging_nan_inf_filter = filter_during_training
         valid = collected.pop("valid", None)
         if valid is not None:
             collected = {key: value[valid] for key, value in collected.items()}
-        if collected.get("image_embeds") is not None and len(collected["image_embeds"]) > 0:
-            metrics = self.compute_embedding_metrics(collected)
+        usable = len(collected.get("image_embeds", ()))
+        if usable < 2:
+            logger.warning(
+                f"Only {usable} usable evaluation pair(s) (the others' images did not decode): no retrieval metrics."
+            )
+        else:
+            class_names = class_names_of(getattr(dataloader, "dataset", None))
+            metrics = self.compute_embedding_metrics(collected, class_names)
             output.metrics.update({f"{metric_key_prefix}_{key}": value for key, value in metrics.items()})
-            output.metrics[f"{metric_key_prefix}_logit_scale"] = self.model.logit_scale.detach().exp().item()
+            output.metrics[f"{metric_key_prefix}_inverse_temperature"] = self.model.logit_scale.detach().exp().item()
         return output
 
-    def compute_embedding_metrics(self, collected: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Retrieval recall over the whole evaluation set, and zero-shot accuracy when classes are known."""
+    def compute_embedding_metrics(
+        self, collected: dict[str, torch.Tensor], class_names: list[str] | None = None
+    ) -> dict[str, float]:
+        """Retrieval recall over the whole evaluation set, and zero-shot accuracy when classes are known (over the
+        rows that have a label: -1 is none)."""
         metrics = retrieval_metrics(
             collected["image_embeds"],
             collected["text_embeds"],
             collected.get("image_ids"),
             chunk_size=self.args.retrieval_chunk_size,
         )
-        if self.class_names and "class_labels" in collected:
-            classifier = build_zeroshot_classifier(self.encode_text, self.class_names, self.zeroshot_templates)
-            metrics.update(zeroshot_accuracy(collected["image_embeds"], collected["class_labels"], classifier))
+        labels = collected.get("class_labels")
+        if class_names and labels is not None and bool((labels >= 0).any()):
+            labelled = labels >= 0
+            classifier = build_zeroshot_classifier(self.encode_text, class_names, self.zeroshot_templates)
+            metrics.update(zeroshot_accuracy(collected["image_embeds"][labelled], labels[labelled], classifier))
         return metrics
 
     @torch.no_grad()
@@ -398,6 +516,22 @@ class CLIPContrastiveTrainer(Trainer):
         return torch.cat(chunks)
 
 
+def _evaluation_at(log_history: list[dict], first: bool) -> dict[str, float] | None:
+    """The metrics of the evaluation before training (`first`: `eval_on_start`, at step 0) or of the last one.
+
+    The last is the final `evaluate()` of the run when it made one (after the best checkpoint was loaded back).
+    """
+    evaluations = [entry for entry in log_history if any(key.startswith("eval_") for key in entry)]
+    if first:
+        evaluations = [entry for entry in evaluations if entry.get("step") == 0][:1]
+    elif evaluations and evaluations[-1].get("step") == 0 and len(evaluations) == 1:
+        evaluations = []  # only the baseline: nothing after training
+    if not evaluations:
+        return None
+    entry = evaluations[0] if first else evaluations[-1]
+    return {key: value for key, value in entry.items() if key.startswith("eval_")}
+
+
 def _matmul_weights(*modules: nn.Module) -> int:
     """Elements of the weight matrices (and convolution kernels) of `modules`; embedding tables are looked up, not
     multiplied, and do not count."""
@@ -405,27 +539,3 @@ def _matmul_weights(*modules: nn.Module) -> int:
         id(p) for module in modules for m in module.modules() if isinstance(m, nn.Embedding) for p in m.parameters()
     }
     return sum(p.numel() for module in modules for p in module.parameters() if p.ndim >= 2 and id(p) not in tables)
-
-
-def check_metric_for_best_model(args: CLIPTrainingArguments, has_labels: bool) -> None:
-    """Fails fast when `metric_for_best_model` names a metric that evaluation will never compute."""
-    from .evaluation import RETRIEVAL_METRIC_NAMES, ZEROSHOT_METRIC_NAMES
-
-    metric = args.metric_for_best_model
-    if metric is None:
-        return
-    name = metric[len("eval_") :] if metric.startswith("eval_") else metric
-    known = {"loss", "logit_scale", *RETRIEVAL_METRIC_NAMES}
-    if has_labels:
-        known.update(ZEROSHOT_METRIC_NAMES)
-    if name not in known:
-        if name in ZEROSHOT_METRIC_NAMES:
-            hint = " (zero-shot metrics need `label_column`)"
-        else:
-            match = difflib.get_close_matches(name, sorted(known), n=1)
-            hint = f" (did you mean `eval_{match[0]}`?)" if match else ""
-        raise ConfigError(
-            f"`metric_for_best_model` is {metric!r}, which evaluation never computes{hint}. Choose one of: "
-            + ", ".join(f"eval_{key}" for key in sorted(known))
-            + "."
-        )

@@ -115,4 +115,45 @@ def base_args(tiny_clip_dir, shapes_csv, tmp_path) -> list[str]:
     ]  # fmt: skip
 
 
+# The training arguments of `base_args`, for tests that build the trainer themselves.
+FAST_TRAINING = dict(
+    per_device_train_batch_size=8,
+    per_device_eval_batch_size=16,
+    learning_rate=3e-3,
+    weight_decay=0.0,
+    warmup_steps=0,
+    lr_scheduler_type="constant",
+    num_train_epochs=2,
+    logging_steps=2,
+    report_to="none",
+    dataloader_num_workers=0,
+    dataloader_persistent_workers=False,
+    save_strategy="no",
+    eval_strategy="no",
+    use_cpu=True,
+    seed=1,
+)
+
+
+def build_trainer(tmp_path: Path, model_dir: Path, train_csv: Path, trainer_class=None, **training):
+    """`CLIPContrastiveTrainer` as a library user builds it, without run_clip.py: arguments, data, model, processor."""
+    from transformers import AutoProcessor, CLIPModel
+
+    from clip_trainer import CLIPContrastiveTrainer, CLIPTrainingArguments, DataArguments, load_image_text_data
+
+    args = CLIPTrainingArguments(output_dir=str(tmp_path / "out"), **{**FAST_TRAINING, **training})
+    data = load_image_text_data(
+        DataArguments(train_file=str(train_csv)), seed=args.seed, evaluate=args.eval_strategy != "no"
+    )
+    torch.manual_seed(args.seed)
+    trainer_class = trainer_class or CLIPContrastiveTrainer
+    return trainer_class(
+        model=CLIPModel.from_pretrained(model_dir),
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.validation,
+        processing_class=AutoProcessor.from_pretrained(model_dir, backend="pil"),
+    )
+
+
 from fake_hub import fake_hub  # noqa: E402,F401 - the fixture: a local stand-in for the Hub's HTTP API

@@ -1,4 +1,5 @@
-"""The collator's tensors: uint8 pixels of the model's size, dynamically padded and truncated captions."""
+"""The collator's tensors: uint8 pixels of the model's size, dynamically padded and truncated captions, unusable
+rows kept as flagged placeholders."""
 
 from __future__ import annotations
 
@@ -19,11 +20,8 @@ def png_bytes(image) -> bytes:
 
 
 def make_collator(tiny_clip_dir, **kwargs) -> tuple[ImageTextCollator, object]:
-    processor = AutoProcessor.from_pretrained(tiny_clip_dir)
-    collator = ImageTextCollator(
-        tokenizer=processor.tokenizer, shortest_edge=32, crop_size=(32, 32), max_seq_length=8, **kwargs
-    )
-    return collator, processor
+    processor = AutoProcessor.from_pretrained(tiny_clip_dir, backend="pil")
+    return ImageTextCollator.from_processor(processor, max_seq_length=8, **kwargs), processor
 
 
 def test_batch_tensors(tiny_clip_dir, tmp_path):
@@ -45,7 +43,7 @@ def test_batch_tensors(tiny_clip_dir, tmp_path):
     assert batch["input_ids"].shape == batch["attention_mask"].shape == (3, 8)
     assert batch["attention_mask"][0].sum() < 8
     assert batch["input_ids"][2, -1].item() == processor.tokenizer.eos_token_id
-    assert int(batch["skipped_samples"]) == 0
+    assert batch["valid"].tolist() == [True, True, True]
     # Pixels equal the image processor's after normalisation (the trainer normalises on the device).
     expected = processor.image_processor(draw_shape("red", "circle", size=50), return_tensors="pt").pixel_values[0]
     mean = torch.tensor(processor.image_processor.image_mean).view(3, 1, 1)
@@ -59,7 +57,13 @@ def test_short_batch_pads_less(tiny_clip_dir):
     assert batch["input_ids"].shape[1] < 8
 
 
-def test_unusable_rows_are_skipped_and_counted(tiny_clip_dir, tmp_path):
+def test_padding_to_max_length_gives_one_shape(tiny_clip_dir):
+    collator, _ = make_collator(tiny_clip_dir, padding="max_length")
+    batch = collator([{"image": draw_shape("red", "circle"), "caption": "red"}])
+    assert batch["input_ids"].shape[1] == 8
+
+
+def test_unusable_rows_are_flagged_placeholders(tiny_clip_dir, tmp_path):
     collator, _ = make_collator(tiny_clip_dir)
     rows = [
         {"image": draw_shape("red", "circle"), "caption": "a red circle"},
@@ -68,12 +72,16 @@ def test_unusable_rows_are_skipped_and_counted(tiny_clip_dir, tmp_path):
         {"image": draw_shape("red", "square"), "caption": "   "},
     ]
     batch = collator(rows)
-    assert batch["pixel_values"].shape[0] == batch["input_ids"].shape[0] == 1
-    assert int(batch["skipped_samples"]) == 3
+    # Every row keeps its place, so a batch of only bad samples is still a batch the model can take.
+    assert batch["pixel_values"].shape[0] == batch["input_ids"].shape[0] == 4
+    assert batch["valid"].tolist() == [True, False, False, False]
+    assert batch["pixel_values"][1:].sum() == 0
+    all_bad = collator(rows[1:2])
+    assert all_bad["pixel_values"].shape == (1, 3, 32, 32) and all_bad["valid"].tolist() == [False]
 
 
 def test_evaluation_rows_carry_ids_labels_and_placeholders(tiny_clip_dir):
-    collator, _ = make_collator(tiny_clip_dir, keep_invalid_rows=True)
+    collator, _ = make_collator(tiny_clip_dir)
     rows = [
         {"image": draw_shape("red", "circle"), "caption": "a", IMAGE_ID_COLUMN: 0, LABEL_COLUMN: 2},
         {"image": {"bytes": b"", "path": None}, "caption": "b", IMAGE_ID_COLUMN: 1, LABEL_COLUMN: 0},

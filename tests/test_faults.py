@@ -22,13 +22,8 @@ from transformers import TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from clip_trainer import run
-from clip_trainer.faults import (
-    NonFiniteLossCallback,
-    NonFiniteTrainingError,
-    all_finite,
-    checkpoint_problems,
-    latest_complete_checkpoint,
-)
+from clip_trainer.callbacks import NonFiniteLossCallback, NonFiniteTrainingError, all_finite
+from clip_trainer.checkpoints import checkpoint_problems, latest_complete_checkpoint
 from clip_trainer.trainer import CLIPContrastiveTrainer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -168,8 +163,8 @@ def test_a_nan_step_is_skipped_counted_and_training_goes_on(base_args, tmp_path,
     history = [entry for entry in _log_history(out) if "loss" in entry]
     assert [entry["step"] for entry in history] == [1, 2, 3, 4, 5, 6]
     assert [entry.get("nonfinite_steps_skipped", 0) for entry in history] == [0, 0, 1, 1, 1, 1]
-    assert all(math.isfinite(entry["loss"]) for entry in history)  # transformers' logging_nan_inf_filter
-    warnings = [r.getMessage() for r in caplog.records if r.name == "clip_trainer.faults"]
+    assert all(math.isfinite(entry["loss"]) for entry in history)  # the logged loss is filtered on the device
+    warnings = [r.getMessage() for r in caplog.records if r.name == "clip_trainer.callbacks"]
     assert len(warnings) == 1 and warnings[0].startswith("Step 3: the loss or the gradients are NaN or inf")
 
 
@@ -281,7 +276,7 @@ def test_incomplete_checkpoints_are_found_and_passed_over(finished_run, tmp_path
     assert get_last_checkpoint(str(out)) == str(out / "checkpoint-10")  # what transformers would resume from
     caplog.set_level(logging.WARNING, logger="clip_trainer")
     assert latest_complete_checkpoint(str(out)) == str(out / "checkpoint-4")
-    warned = " ".join(r.getMessage() for r in caplog.records if r.name == "clip_trainer.faults")
+    warned = " ".join(r.getMessage() for r in caplog.records if r.name == "clip_trainer.checkpoints")
     assert "checkpoint-6: model.safetensors is unreadable" in warned and "checkpoint-10" in warned
     assert latest_complete_checkpoint(str(tmp_path / "nowhere")) is None
 

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import CLIPConfig, CLIPModel
 
-from clip_trainer.flops import count_training_step_flops, measure_peak_flops, mfu, training_flops_per_sample
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from flops import count_training_step_flops, measure_peak_flops, mfu, training_flops_per_sample  # noqa: E402
 
 WIDTH, MLP, LAYERS, HEADS = 32, 64, 2, 2
 IMAGE, PATCH, CHANNELS = 32, 8, 3

@@ -3,23 +3,19 @@ through the real Trainer loop, where it also logs the big batch's loss."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
 import socket
-from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from accelerate.utils import DistributedType
-from conftest import TINY_TEXT, TINY_VISION
+from conftest import TINY_TEXT, TINY_VISION, build_trainer
 from transformers import CLIPConfig, CLIPModel, TrainerCallback
 
-from clip_trainer import run
 from clip_trainer.gradient_cache import GradientCache, RandomState
-from clip_trainer.loss import clip_loss
+from clip_trainer.loss import clip_loss, contrastive_loss
 from clip_trainer.trainer import CLIPContrastiveTrainer
 
 VOCAB, EOS, SEQ = 64, 63, 7
@@ -58,35 +54,24 @@ def make_batches(sizes: list[int], dtype: torch.dtype, seed: int = 1) -> list[di
     return batches
 
 
-class StubTrainer:
-    """The part of [`CLIPContrastiveTrainer`] that [`GradientCache`] uses, with no accelerator and no cast of the
-    embeddings to float32, so that the cached path can be checked in float64 and in spawned processes."""
+def make_cache(model: CLIPModel, per_device_batch: int, accumulation: int) -> GradientCache:
+    """The cache as the trainer builds it, with plain-autograd callables (no accelerator, no float32 cast), so that
+    the cached path can be checked in float64 and in spawned processes."""
 
-    def __init__(self, model: CLIPModel, per_device_batch: int, accumulation: int, gather_negatives: bool = True):
-        self.model = model
-        self.optimizer = None
-        self.args = SimpleNamespace(
-            gather_negatives=gather_negatives,
-            per_device_train_batch_size=per_device_batch,
-            gradient_accumulation_steps=accumulation,
-            device=torch.device("cpu"),
-        )
-        self.accelerator = SimpleNamespace(
-            distributed_type=DistributedType.NO, backward=lambda loss, **kwargs: loss.backward(**kwargs)
-        )
-
-    def _prepare_inputs(self, inputs: dict) -> dict:
-        return dict(inputs)
-
-    def compute_loss_context_manager(self):
-        return contextlib.nullcontext()
-
-    def embed(self, model: CLIPModel, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        outputs = model(**inputs, return_loss=False)
+    def embed(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        outputs = model(**batch, return_loss=False)
         return outputs.image_embeds, outputs.text_embeds
 
-    def logit_scale(self) -> torch.Tensor:
-        return self.model.logit_scale.exp()
+    return GradientCache(
+        embed=embed,
+        loss_scalars=lambda: (model.logit_scale.exp(),),
+        loss=lambda images, texts, scale, pad_to, valid: contrastive_loss(
+            images, texts, scale, pad_to=pad_to, valid=valid
+        ),
+        backward=lambda loss: loss.backward(),
+        micro_batch_size=per_device_batch,
+        accumulation_steps=accumulation,
+    )
 
 
 def gradients(model: CLIPModel) -> dict[str, torch.Tensor]:
@@ -96,11 +81,10 @@ def gradients(model: CLIPModel) -> dict[str, torch.Tensor]:
 def cached_step(model: CLIPModel, batches: list[dict], seed: int, per_device_batch: int | None = None):
     """One optimizer step's gradients and summed returned losses, with the Trainer's call pattern."""
     model.zero_grad(set_to_none=True)
-    trainer = StubTrainer(model, per_device_batch or max(len(b["input_ids"]) for b in batches), len(batches))
-    cache = GradientCache()
+    cache = make_cache(model, per_device_batch or max(len(b["input_ids"]) for b in batches), len(batches))
     cache.start_step(batches)
     torch.manual_seed(seed)
-    total = sum(cache.training_step(trainer, model, batch) for batch in batches)
+    total = sum(cache.training_step(batch) for batch in batches)
     return gradients(model), total
 
 
@@ -177,7 +161,7 @@ def test_random_state_round_trip():
 
 def test_owns_only_the_stashed_micro_batches():
     batches = make_batches([2, 2], torch.float32)
-    cache = GradientCache()
+    cache = make_cache(make_model(torch.float32), 2, 2)
     cache.start_step(batches)
     assert cache.owns(batches[1])
     assert not cache.owns(dict(batches[1]))  # an equal dict is not the Trainer's micro-batch
@@ -229,7 +213,7 @@ def test_two_processes_with_cached_accumulation_equal_one_big_batch(tmp_path):
     torch.testing.assert_close(result["loss"], expected_loss, rtol=1e-12, atol=1e-12)
 
 
-# --- through the Trainer: run_clip's main with a trainer that records batches and gradients -----------------------
+# --- through the Trainer: a trainer, built directly, that records batches and gradients ---------------------------
 
 
 class _RecordGradients(TrainerCallback):
@@ -243,14 +227,11 @@ class _RecordGradients(TrainerCallback):
 class RecordingTrainer(CLIPContrastiveTrainer):
     """Keeps the initial weights, the first step's micro-batches and the gradients the optimizer is handed."""
 
-    last: RecordingTrainer | None = None
-
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.initial_model = copy.deepcopy(self.model)
         self.record: dict = {}
         self.add_callback(_RecordGradients(self.record))
-        RecordingTrainer.last = self
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
@@ -258,20 +239,15 @@ class RecordingTrainer(CLIPContrastiveTrainer):
         return batches, num_items
 
 
-def run_one_step(monkeypatch, base_args: list[str], mode: str) -> RecordingTrainer:
-    monkeypatch.setattr(run, "CLIPContrastiveTrainer", RecordingTrainer)
-    run.main(
-        [
-            *base_args,
-            "--per_device_train_batch_size", "4",
-            "--gradient_accumulation_steps", "4",
-            "--max_steps", "1",
-            "--max_grad_norm", "0",  # the recorded gradients are the raw ones, not clipped ones
-            "--logging_steps", "1",
-            "--accumulation_mode", mode,
-        ]
+def run_one_step(tmp_path, tiny_clip_dir, shapes_csv, mode: str, **overrides) -> RecordingTrainer:
+    trainer = build_trainer(
+        tmp_path, tiny_clip_dir, shapes_csv, trainer_class=RecordingTrainer,
+        per_device_train_batch_size=4, gradient_accumulation_steps=4, max_steps=1,
+        max_grad_norm=0,  # the recorded gradients are the raw ones, not clipped ones
+        logging_steps=1, accumulation_mode=mode, **overrides,
     )  # fmt: skip
-    return RecordingTrainer.last
+    trainer.train()
+    return trainer
 
 
 def reference_losses(trainer: RecordingTrainer) -> tuple[dict, torch.Tensor, dict, torch.Tensor]:
@@ -279,8 +255,9 @@ def reference_losses(trainer: RecordingTrainer) -> tuple[dict, torch.Tensor, dic
     the micro-batches' own losses (plain accumulation)."""
     model = trainer.initial_model
     model.train()
-    batches = [trainer._prepare_inputs(batch) for batch in trainer.record["batches"]]
-    embeddings = [trainer.embed(model, batch) for batch in batches]  # captions are padded per micro-batch
+    embeddings = [
+        trainer.embed(model, batch) for batch in trainer.record["batches"]
+    ]  # captions are padded per micro-batch
     image = torch.cat([image for image, _ in embeddings])
     text = torch.cat([text for _, text in embeddings])
     model.zero_grad(set_to_none=True)
@@ -293,8 +270,8 @@ def reference_losses(trainer: RecordingTrainer) -> tuple[dict, torch.Tensor, dic
     return big_grads, big_loss.detach(), gradients(model), micro_loss.detach()
 
 
-def test_trainer_cached_accumulation_equals_the_big_batch_and_logs_its_loss(monkeypatch, base_args):
-    trainer = run_one_step(monkeypatch, base_args, "cached")
+def test_trainer_cached_accumulation_equals_the_big_batch_and_logs_its_loss(tmp_path, tiny_clip_dir, shapes_csv):
+    trainer = run_one_step(tmp_path, tiny_clip_dir, shapes_csv, "cached")
     assert trainer.gradient_cache is not None
     assert [len(batch["input_ids"]) for batch in trainer.record["batches"]] == [4, 4, 4, 4]
     big_grads, big_loss, micro_grads, micro_loss = reference_losses(trainer)
@@ -305,8 +282,8 @@ def test_trainer_cached_accumulation_equals_the_big_batch_and_logs_its_loss(monk
     assert abs(big_loss.item() - micro_loss.item()) > 1e-3
 
 
-def test_trainer_independent_accumulation_is_plain_accumulation(monkeypatch, base_args):
-    trainer = run_one_step(monkeypatch, base_args, "independent")
+def test_trainer_independent_accumulation_is_plain_accumulation(tmp_path, tiny_clip_dir, shapes_csv):
+    trainer = run_one_step(tmp_path, tiny_clip_dir, shapes_csv, "independent")
     assert trainer.gradient_cache is None
     big_grads, _, micro_grads, micro_loss = reference_losses(trainer)
     assert_gradients_close(trainer.record["grads"], micro_grads, torch.float32)
@@ -317,9 +294,9 @@ def test_trainer_independent_accumulation_is_plain_accumulation(monkeypatch, bas
     assert not torch.allclose(trainer.record["grads"][name], big_grads[name], rtol=1e-3, atol=1e-6)
 
 
-def test_trainer_cached_accumulation_under_bf16_autocast(monkeypatch, base_args):
+def test_trainer_cached_accumulation_under_bf16_autocast(tmp_path, tiny_clip_dir, shapes_csv):
     """The towers run in bf16 and the loss and cached gradients in float32: the gradients point where float32's do."""
-    trainer = run_one_step(monkeypatch, [*base_args, "--bf16", "true"], "cached")
+    trainer = run_one_step(tmp_path, tiny_clip_dir, shapes_csv, "cached", bf16=True)
     big_grads, big_loss, _, _ = reference_losses(trainer)
     got = torch.cat([trainer.record["grads"][name].flatten() for name in big_grads])
     expected = torch.cat([grad.flatten() for grad in big_grads.values()])

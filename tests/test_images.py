@@ -1,29 +1,17 @@
-"""Tests for `clip_trainer.images`: robust decoding, mode conversion, resize/crop parity and the up-front row check."""
+"""Tests for `clip_trainer.images`: robust decoding of every value a dataset holds, and mode conversion."""
 
 import io
 import pickle
 import struct
 import warnings
 import zlib
-from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import pytest
-import torch
-from datasets import Dataset, Features, Value
-from datasets import Image as ImageFeature
 from PIL import ImageOps
 
-from clip_trainer.images import (
-    DEFAULT_MAX_PIXELS,
-    BadRowReport,
-    BadSampleError,
-    check_caption,
-    find_bad_rows,
-    load_image,
-    resize_center_crop,
-)
+from clip_trainer.images import DEFAULT_MAX_PIXELS, HEADER_BYTES, BadSampleError, load_image
 
 
 def encode(image: PIL.Image.Image, fmt: str, **kwargs) -> bytes:
@@ -301,184 +289,48 @@ def test_exif_orientation_is_applied():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Captions
+# Values that are no local file: URLs, base64 text, files that are no image
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def test_check_caption():
-    assert check_caption("  a dog on a beach \n") == "a dog on a beach"
-    assert check_caption(np.str_("numpy string")) == "numpy string"
-    for value, reason in [
-        (None, "missing caption (None)"),
-        (float("nan"), "missing caption (NaN)"),
-        (3.0, "caption is not a string (float)"),
-        (["a", "b"], "caption is not a string (list)"),
-        (b"bytes", "caption is not a string (bytes)"),
-        ("", "empty caption"),
-        (" \t\n", "empty caption"),
-    ]:
-        with pytest.raises(BadSampleError) as info:
-            check_caption(value)
-        assert info.value.reason == reason
+def test_a_url_is_refused_as_a_url():
+    with pytest.raises(BadSampleError, match="URLs are not fetched: https://example.com/cat.jpg"):
+        load_image("https://example.com/cat.jpg")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Resize and crop parity with transformers
-# ----------------------------------------------------------------------------------------------------------------
+def test_base64_text_and_data_uris_are_images():
+    import base64
+
+    data = encode(noise_image(9, 7), "PNG")
+    text = base64.b64encode(data).decode()
+    assert pixels(load_image(text)).shape == (7, 9, 3)
+    assert np.array_equal(pixels(load_image("data:image/png;base64," + text)), pixels(load_image(data)))
+    # JSON Lines hold `{"bytes": ..., "path": ...}` image dicts with the bytes as base64 text.
+    assert pixels(load_image({"bytes": text, "path": "x.png"})).shape == (7, 9, 3)
 
 
-@pytest.fixture(scope="module")
-def clip_processors():
-    from transformers import CLIPImageProcessorPil
+def test_a_large_file_that_is_no_image_is_refused_from_its_header(tmp_path, monkeypatch):
+    path = tmp_path / "video.jpg"
+    path.write_bytes(b"\x00\x01not an image" * (HEADER_BYTES // 4))  # four headers' worth
+    reads = []
+    real_open = open
 
-    def make(shortest_edge: int, crop: tuple[int, int]):
-        return CLIPImageProcessorPil(
-            size={"shortest_edge": shortest_edge}, crop_size={"height": crop[0], "width": crop[1]}
-        )
+    class CountingFile:
+        def __init__(self, handle):
+            self.handle = handle
 
-    return make
+        def read(self, size=-1):
+            data = self.handle.read(size)
+            reads.append(len(data))
+            return data
 
+        def __enter__(self):
+            return self
 
-@pytest.mark.parametrize("shortest_edge, crop", [(224, (224, 224)), (256, (224, 224)), (96, (80, 64)), (64, (80, 72))])
-def test_resize_center_crop_matches_clip_image_processor(clip_processors, shortest_edge, crop):
-    processor = clip_processors(shortest_edge, crop)
-    mean = torch.tensor(processor.image_mean).view(3, 1, 1)
-    std = torch.tensor(processor.image_std).view(3, 1, 1)
-    # Square, landscape, portrait, odd sizes, smaller than the crop, extreme aspect ratios.
-    sizes = [(224, 224), (640, 480), (480, 640), (225, 224), (223, 225), (50, 30), (31, 31), (17, 300), (600, 11)]
-    for seed, (width, height) in enumerate(sizes):
-        image = noise_image(width, height, seed=seed)
-        reference = processor(image, return_tensors="pt").pixel_values[0]
-        ours = resize_center_crop(image, shortest_edge, crop)
-        assert ours.dtype == np.uint8 and ours.shape == (3, *crop) and ours.flags.c_contiguous
-        # What the lead does on the device. Measured: bit-identical to the processor's float32 output; the
-        # tolerance only leaves room for a different float op order elsewhere (one uint8 step is ~0.0142).
-        normalised = (torch.from_numpy(ours).float() / 255 - mean) / std
-        torch.testing.assert_close(normalised, reference, rtol=0, atol=1e-6)
-        # And the underlying uint8 pixels are identical.
-        recovered = torch.round((reference.double() * std.double() + mean.double()) * 255).to(torch.uint8)
-        assert torch.equal(recovered, torch.from_numpy(ours)), (width, height)
+        def __exit__(self, *exc):
+            self.handle.close()
 
-
-def test_resize_center_crop_converts_other_modes_and_rejects_bad_arguments():
-    grey = PIL.Image.new("L", (30, 20), 77)
-    out = resize_center_crop(grey, 16, (16, 16))
-    assert out.shape == (3, 16, 16) and (out == 77).all()
-    with pytest.raises(ValueError, match="must be positive"):
-        resize_center_crop(grey, 0, (16, 16))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Up-front row check
-# ----------------------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def image_dir(tmp_path: Path) -> Path:
-    (tmp_path / "images").mkdir()
-    noise_image(8, 8).save(tmp_path / "images" / "good.jpg")
-    noise_image(8, 8, seed=1).save(tmp_path / "images" / "good.png")
-    (tmp_path / "images" / "empty.jpg").write_bytes(b"")
-    return tmp_path
-
-
-def test_find_bad_rows_with_path_strings(image_dir):
-    base = str(image_dir)
-    dataset = Dataset.from_dict(
-        {
-            "image": [
-                "images/good.jpg",
-                "images/missing.jpg",
-                str(image_dir / "images" / "good.png"),  # absolute paths ignore base_dir
-                "images/empty.jpg",
-                "images/good.jpg",
-                None,
-                "images/good.png",
-                "images",
-            ],
-            "caption": ["a", "b", "  ", "d", None, "f", "g", "h"],
-        }
-    )
-    report = find_bad_rows(dataset, "image", "caption", base_dir=base)
-    assert report.num_rows == 8
-    assert report.bad_indices == [1, 2, 3, 4, 5, 7]
-    assert report.reasons == {
-        1: f"image file not found: {image_dir / 'images' / 'missing.jpg'}",
-        2: "empty caption",
-        3: f"empty image file: {image_dir / 'images' / 'empty.jpg'}",
-        4: "missing caption (None)",
-        5: "image is missing (None)",
-        7: f"image path is a directory: {image_dir / 'images'}",
-    }
-    assert report.good_indices() == [0, 6]
-    kept = dataset.select(report.good_indices())
-    assert kept["caption"] == ["a", "g"]
-    assert report.summary() == (
-        "skipped 6 of 8 rows (1 image file not found, 1 empty caption, 1 empty image file, 1 missing caption, "
-        "1 image is missing, 1 image path is a directory): "
-        f"row 1: image file not found: {image_dir / 'images' / 'missing.jpg'}; row 2: empty caption; "
-        f"row 3: empty image file: {image_dir / 'images' / 'empty.jpg'} (and 3 more)"
-    )
-
-
-def test_find_bad_rows_with_image_feature(image_dir):
-    good_bytes = (image_dir / "images" / "good.png").read_bytes()
-    rows = [
-        {"bytes": good_bytes, "path": None},
-        {"bytes": None, "path": str(image_dir / "images" / "good.jpg")},
-        {"bytes": None, "path": str(image_dir / "images" / "gone.jpg")},
-        {"bytes": b"", "path": None},
-        {"bytes": None, "path": None},
-        {"bytes": None, "path": "images/good.png"},
-        None,
-        {"bytes": b"", "path": str(image_dir / "images" / "good.jpg")},  # empty bytes fall back to the path
-    ]
-    captions = ["a", "b", "c", "d", "e", "f", "g", float("nan")]
-    for decode in (False, True):
-        # Built as a plain struct and then cast, because `Image.encode_example` refuses a dict with neither field
-        # set, which other writers (or a hand-made Arrow file) can still produce.
-        dataset = Dataset.from_dict(
-            {"img": rows, "text": [c if isinstance(c, str) else None for c in captions]},
-            features=Features({"img": {"bytes": Value("binary"), "path": Value("string")}, "text": Value("string")}),
-        ).cast_column("img", ImageFeature(decode=decode))
-        report = find_bad_rows(dataset, "img", "text", base_dir=str(image_dir), max_reports=3)
-        assert report.bad_indices == [2, 3, 4, 6, 7]
-        # Only the first `max_reports` reasons are kept, but every bad row is counted.
-        assert report.reasons == {
-            2: f"image file not found: {image_dir / 'images' / 'gone.jpg'}",
-            3: "empty image bytes",
-            4: "image is missing (no bytes and no path)",
-        }
-        assert report.reason_counts == {
-            "image file not found": 1,
-            "empty image bytes": 1,
-            "image is missing": 2,
-            "missing caption": 1,
-        }
-        assert report.summary(total=100, max_listed=5).endswith(
-            "row 4: image is missing (no bytes and no path) (and 2 more)"
-        )
-        assert report.summary(total=100).startswith("skipped 5 of 100 rows (2 image is missing, ")
-        # Every row the check passes is loadable by the collator's function.
-        undecoded = dataset.cast_column("img", ImageFeature(decode=False))
-        for index in report.good_indices():
-            assert load_image(undecoded[index]["img"], base_dir=str(image_dir)).mode == "RGB"
-
-
-def test_find_bad_rows_respects_select_and_bytes_columns(image_dir):
-    dataset = Dataset.from_dict(
-        {"image": [b"\x89PNG fake but non-empty", b"", None, b"x"], "caption": ["a", "b", "c", ""]}
-    )
-    report = find_bad_rows(dataset.select([3, 2, 1, 0]), "image", "caption", base_dir=None)
-    # Positions refer to the selected dataset, not to the underlying table.
-    assert report.bad_indices == [0, 1, 2]
-    assert report.reasons == {0: "empty caption", 1: "image is missing (None)", 2: "empty image bytes"}
-
-
-def test_find_bad_rows_clean_dataset_and_unknown_column(image_dir):
-    dataset = Dataset.from_dict({"image": ["images/good.jpg"] * 3, "caption": ["x", "y", "z"]})
-    report = find_bad_rows(dataset, "image", "caption", base_dir=str(image_dir))
-    assert report == BadRowReport(num_rows=3)
-    assert report.summary() == "skipped 0 of 3 rows"
-    with pytest.raises(KeyError, match="'picture' is not in the dataset"):
-        find_bad_rows(dataset, "picture", "caption", base_dir=None)
+    monkeypatch.setattr("builtins.open", lambda p, mode="r", *a, **k: CountingFile(real_open(p, mode, *a, **k)))
+    with pytest.raises(BadSampleError, match="not an image"):
+        load_image(str(path))
+    assert sum(reads) == HEADER_BYTES  # the first bytes only, not the whole file

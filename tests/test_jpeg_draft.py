@@ -7,8 +7,14 @@ import io
 import numpy as np
 import pytest
 from PIL import Image
+from transformers import CLIPImageProcessorPil
 
-from clip_trainer.images import load_image, resize_center_crop
+from clip_trainer.images import load_image
+from clip_trainer.preprocessing import ImagePreprocessor
+
+resize_and_crop = ImagePreprocessor.from_image_processor(
+    CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
+)
 
 
 def _jpeg(width: int, height: int, mode: str = "RGB") -> bytes:
@@ -23,14 +29,14 @@ def _jpeg(width: int, height: int, mode: str = "RGB") -> bytes:
 def test_jpeg_draft_decodes_large_images_smaller_and_close(mode):
     large = _jpeg(640, 480, mode)
     assert load_image(large, draft_size=(224, 224)).size == (320, 240)
-    full = resize_center_crop(load_image(large), 224, (224, 224)).astype(int)
-    drafted = resize_center_crop(load_image(large, draft_size=(224, 224)), 224, (224, 224)).astype(int)
+    full = resize_and_crop(load_image(large)).astype(int)
+    drafted = resize_and_crop(load_image(large, draft_size=resize_and_crop.draft_size)).astype(int)
     assert drafted.shape == full.shape == (3, 224, 224)
     assert np.abs(full - drafted).mean() < 3
     # Not twice the target: decoded in full, so pixel-exact.
     small = _jpeg(320, 240, mode)
     assert load_image(small, draft_size=(224, 224)).size == (320, 240)
     assert np.array_equal(
-        resize_center_crop(load_image(small), 224, (224, 224)),
-        resize_center_crop(load_image(small, draft_size=(224, 224)), 224, (224, 224)),
+        resize_and_crop(load_image(small)),
+        resize_and_crop(load_image(small, draft_size=(224, 224))),
     )

@@ -12,7 +12,7 @@ from huggingface_hub import ModelCard
 from PIL import Image
 from transformers import TrainingArguments
 
-from clip_trainer.model_card import non_default_training_arguments, write_model_card
+from clip_trainer.model_card import CLIPModelCardData, non_default_training_arguments, write_model_card
 from clip_trainer.plots import TRAINING_CURVES_FILENAME, save_training_plots
 
 SECRET = "hf_" + "a1B2c3D4e5" * 4  # shaped like a real token, so that the pattern redaction is exercised too
@@ -32,6 +32,8 @@ EVAL_BEFORE = {
     "eval_zeroshot_top5": 1.0,
     "eval_runtime": 0.52,
     "eval_samples_per_second": 92.1,
+    "eval_samples": 56,  # what the run adds to the metrics files: a count, no metric
+    "eval_inverse_temperature": 14.3,
     "epoch": 0.0,
 }
 EVAL_AFTER = {
@@ -83,20 +85,24 @@ def _log_history() -> list[dict]:
 
 
 def _write(output_dir: Path, **overrides) -> Path:
-    kwargs = dict(
+    card = dict(
         model_name="clip-shapes",
         base_model="openai/clip-vit-base-patch32",
-        dataset_name="user/shapes-captions",
+        dataset_id="user/shapes-captions",
         num_train_pairs=1234,
         num_eval_pairs=56,
+        license="apache-2.0",
+        repo_id="user/clip-shapes",
+    )
+    run = dict(
         eval_before=EVAL_BEFORE,
         eval_after=EVAL_AFTER,
         hyperparameters={"learning_rate": "0.0003", "num_train_epochs": "3"},
-        license="apache-2.0",
         plots=[],
-        repo_id="user/clip-shapes",
     )
-    return Path(write_model_card(str(output_dir), **(kwargs | overrides)))
+    card.update({key: value for key, value in overrides.items() if key not in run})
+    run.update({key: value for key, value in overrides.items() if key in run})
+    return Path(write_model_card(str(output_dir), CLIPModelCardData(**card), **run))
 
 
 def _table(text: str, header: str) -> dict[str, list[str]]:
@@ -149,6 +155,7 @@ def test_evaluation_table_equals_the_metrics(tmp_path: Path) -> None:
                 assert float(cell) == pytest.approx(value, abs=1e-4), label
     assert "| Metric | Before training | After training |" in text
     assert "runtime" not in text and "samples_per_second" not in text
+    assert "| samples |" not in text and "inverse_temperature" not in text  # counts and scales are no metric rows
 
 
 def test_only_known_columns_and_local_sources_stay_out_of_metadata(tmp_path: Path) -> None:
@@ -157,7 +164,8 @@ def test_only_known_columns_and_local_sources_stay_out_of_metadata(tmp_path: Pat
     path = _write(
         tmp_path / "out",
         base_model=str(local_model),
-        dataset_name=str(tmp_path / "captions.csv"),
+        dataset_id=None,
+        dataset_description="local data `captions.csv` (1,234 train pairs)",
         eval_before=None,
         license=None,
     )
@@ -174,7 +182,7 @@ def test_only_known_columns_and_local_sources_stay_out_of_metadata(tmp_path: Pat
 
 
 def test_model_trained_from_scratch_without_evaluation(tmp_path: Path) -> None:
-    path = _write(tmp_path, base_model=None, dataset_name=None, eval_before=None, eval_after=None, hyperparameters={})
+    path = _write(tmp_path, base_model=None, dataset_id=None, eval_before=None, eval_after=None, hyperparameters={})
 
     text = path.read_text()
 

@@ -71,15 +71,16 @@ def test_a_model_with_only_pickled_weights_is_refused(tiny_clip_dir, tmp_path):
     # A pickle can run code when loaded; the project loads weights with `use_safetensors=True` only.
     from safetensors.torch import load_file
 
-    from clip_trainer.modeling import load_clip_config, load_model
+    from clip_trainer.arguments import ConfigError
+    from clip_trainer.modeling import load_model_config
 
     folder = tmp_path / "pickled"
     folder.mkdir()
     (folder / "config.json").write_bytes((tiny_clip_dir / "config.json").read_bytes())
     torch.save(load_file(str(tiny_clip_dir / "model.safetensors")), folder / "pytorch_model.bin")
     model_args = ModelArguments(model_name_or_path=str(folder))
-    with pytest.raises(OSError, match="safetensors|model.safetensors"):
-        load_model(model_args, load_clip_config(model_args))
+    with pytest.raises(ConfigError, match="has no model.safetensors .it has pytorch_model.bin: pickled weights"):
+        load_model_config(model_args)  # refused with the config, before any data or weights are read
 
 
 def test_hub_token_is_not_pushed(base_args, tmp_path, monkeypatch):

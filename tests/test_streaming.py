@@ -1,5 +1,6 @@
-"""Streaming: a run from local parquet shards trains, evaluates and saves; held-out pairs stay out of training;
-relative image paths of globbed files resolve; processes read disjoint data."""
+"""Streaming: a run from local parquet shards trains, evaluates and saves; the demo streams; held-out pairs stay out
+of training; relative image paths of globbed files resolve against each file's folder, streamed or not; processes
+read disjoint data."""
 
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ from torch.utils.data import DataLoader
 from transformers import CLIPModel
 
 from clip_trainer.arguments import DataArguments
-from clip_trainer.data import _image_key
+from clip_trainer.data import _stream_key, load_image_text_data
 from clip_trainer.run import main
-from clip_trainer.streaming import load_streaming_data
+
+REPO = Path(__file__).resolve().parents[1]
 
 FEATURES = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
 
@@ -51,14 +53,16 @@ def without_option(args: list[str], option: str) -> list[str]:
 
 
 def streaming_args(**kwargs) -> DataArguments:
-    data_args = DataArguments(streaming=True, **kwargs)
     # A buffer of a few dozen rows fills at once; the default one would first read ~10,000 rows of the repeated stream.
-    data_args.shuffle_buffer_size = 64
-    return data_args
+    return DataArguments(streaming=True, shuffle_buffer_size=64, **kwargs)
+
+
+def load_streaming_data(data_args: DataArguments, seed: int):
+    return load_image_text_data(data_args, seed=seed)
 
 
 def pair_key(row: dict) -> tuple[str, str]:
-    return _image_key(row["image"]), row["caption"]
+    return _stream_key(row["image"]), row["caption"]
 
 
 def test_streaming_run_trains_evaluates_and_saves(base_args, tmp_path):
@@ -98,19 +102,38 @@ def test_held_out_pairs_are_never_trained_on(tmp_path):
     assert len(set(trained)) == 38
 
 
-def test_globbed_csv_shards_resolve_image_paths_against_their_folder(tmp_path, monkeypatch):
-    folder = tmp_path / "csv"
-    write_shapes_csv(folder, repeats=1, name="part-0.csv")
-    write_shapes_csv(folder, repeats=1, name="part-1.csv")
-    data_args = streaming_args(train_file=str(folder / "part-0.csv"), max_eval_samples=4)
-    # A glob is what sharded data looks like; set after construction because `DataArguments` checks that the file
-    # exists (a glob is accepted there once its validation allows patterns).
-    data_args.train_file = str(folder / "part-*.csv")
-    monkeypatch.chdir(tmp_path)  # relative paths must not depend on the working directory
-    data = load_streaming_data(data_args, seed=0)
-    for row in data.train.take(8):
-        assert Path(row["image"]).is_absolute() and Path(row["image"]).is_file()
-    assert all(Path(path).is_file() for path in data.validation["image"])
+def test_the_demo_streams(tmp_path, monkeypatch):
+    """The documented command, from another working folder: the streamed demo keeps its label column for zero-shot."""
+    monkeypatch.chdir(tmp_path)
+    results = main(
+        [str(REPO / "configs" / "demo.json"), "--streaming", "true", "--max_steps", "50",
+         "--output_dir", str(tmp_path / "demo"), "--report_to", "none", "--dataloader_num_workers", "0",
+         "--dataloader_persistent_workers", "false"]
+    )  # fmt: skip
+    assert results["train_samples"] == 50 and results["eval_samples"] == 549
+    assert "eval_zeroshot_top1" in results and "eval_t2i_recall@10" in results
+
+
+@pytest.mark.parametrize("streaming", [True, False], ids=["streamed", "loaded"])
+def test_a_glob_of_csvs_in_several_folders_resolves_each_against_its_own(tmp_path, monkeypatch, streaming):
+    # Each folder has its own images/ with the same file names but other pictures (drawn at other sizes).
+    for index, name in enumerate(("a", "b")):
+        write_shapes_csv(tmp_path / "data" / name, repeats=1 + index, name="pairs.csv")
+    monkeypatch.chdir(tmp_path)  # a relative glob, as a user types it
+    data_args = DataArguments(
+        train_file="data/*/pairs.csv",
+        streaming=streaming,
+        shuffle_buffer_size=64,
+        max_eval_samples=8 if streaming else None,
+    )
+    data = load_image_text_data(data_args, seed=0)
+    rows = list(data.train.take(200)) if streaming else list(data.train)
+    rows += list(data.validation)
+    paths = {row["image"] for row in rows}
+    assert all(Path(path).is_absolute() and Path(path).is_file() for path in paths)
+    assert {Path(path).parts[-3] for path in paths} == {"a", "b"}  # each file's images, from its own folder
+    assert not any("*" in path for path in paths)
+    assert len(paths) == 24 + 48  # every image of both folders
 
 
 def _rank_rows(stream: datasets.IterableDataset, rank: int, batches: int) -> list[dict]:

@@ -55,7 +55,10 @@ def test_training_lowers_the_loss_and_the_output_reloads(base_args, tmp_path, ti
     # The temperature and throughput are logged while training.
     state = json.loads((out / "trainer_state.json").read_text())
     train_logs = [entry for entry in state["log_history"] if "loss" in entry]
-    assert all("temperature" in entry and "logit_scale" in entry for entry in train_logs)
+    assert all("temperature" in entry and "inverse_temperature" in entry for entry in train_logs)
+    assert all(
+        entry["temperature"] == pytest.approx(1 / entry["inverse_temperature"], rel=1e-3) for entry in train_logs
+    )
     assert any("samples_per_second" in entry for entry in train_logs)
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils import flop_counter
 
-from .loss import clip_loss
+from clip_trainer.loss import clip_loss
 
 # Inputs of a CLIP model's forward; everything else in a batch (row ids, skip counts) is left out.
 MODEL_INPUT_KEYS = ("pixel_values", "input_ids", "attention_mask", "position_ids")

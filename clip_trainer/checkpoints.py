@@ -1,0 +1,263 @@
+"""Checkpoints and the output folder: which checkpoint a run resumes from, whether a checkpoint is complete, and who
+may write into `output_dir`.
+
+- [`latest_complete_checkpoint`] finds the newest checkpoint in `output_dir` that a resumed run can load, passing
+  over one that a killed process left incomplete; [`resolve_resume_checkpoint`] turns `resume_from_checkpoint`
+  (`true` or a path) into that folder, or says why there is none.
+- [`claim_output_dir`] makes sure a run does not write over another run's checkpoints unasked, and that two runs
+  cannot write into one folder at the same time (a lock file held for the run's duration).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import re
+import shutil
+import zipfile
+
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import logging
+
+from .arguments import ConfigError
+
+logger = logging.get_logger(__name__)
+
+# --------------------------------------------------------------------------------------------------------------
+# Checkpoints left incomplete by a crash
+# --------------------------------------------------------------------------------------------------------------
+
+_CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+TRAINER_STATE_NAME = "trainer_state.json"
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+# Written with `torch.save`, a zip archive: one cut short has no central directory at its end.
+TRAINING_STATE_FILES = ("optimizer.pt", "scheduler.pt")
+
+
+def _safetensors_problem(path: str) -> str | None:
+    from safetensors import SafetensorError, safe_open
+
+    if not os.path.isfile(path):
+        return f"{os.path.basename(path)} is missing"
+    try:
+        # Reads only the header; the library checks that the tensors it lists cover the file exactly, so a file cut
+        # short (or zero-length) is refused without reading the weights.
+        with safe_open(path, framework="pt"):
+            pass
+    except (SafetensorError, OSError) as error:
+        return f"{os.path.basename(path)} is unreadable ({error})"
+    return None
+
+
+def _torch_file_problem(path: str) -> str | None:
+    if not os.path.isfile(path):
+        return f"{os.path.basename(path)} is missing"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            archive.namelist()
+    except (zipfile.BadZipFile, OSError) as error:
+        return f"{os.path.basename(path)} is unreadable ({error})"
+    return None
+
+
+def checkpoint_problems(folder: str) -> list[str]:
+    """Why a Trainer checkpoint folder cannot be resumed from; an empty list when it is complete.
+
+    `Trainer._save_checkpoint` (transformers 5.24) writes straight into `checkpoint-N`, not into a temporary folder
+    renamed at the end: the weights, config and processor, then `optimizer.pt`, `scheduler.pt` and `scaler.pt`,
+    `rng_state.pth` (`rng_state_<rank>.pth` with several processes), and `trainer_state.json` last. A process killed on
+    the way leaves a folder under the final name with some of these missing or cut short. Every file a resume loads is
+    checked cheaply: the safetensors headers (single file, or index and every shard), the zip directory of each
+    `torch.save` file, and that `trainer_state.json` parses.
+
+    The layout checked is the Trainer's for one process or DDP; DeepSpeed and FSDP checkpoints store the model and
+    optimizer differently and are reported as incomplete.
+    """
+    problems = []
+    state_path = os.path.join(folder, TRAINER_STATE_NAME)
+    try:
+        with open(state_path, encoding="utf-8") as handle:
+            state = json.load(handle)
+        if not isinstance(state, dict) or "global_step" not in state:
+            problems.append(f"{TRAINER_STATE_NAME} has no global_step")
+    except FileNotFoundError:
+        problems.append(f"{TRAINER_STATE_NAME} is missing")
+    except (OSError, ValueError) as error:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+        problems.append(f"{TRAINER_STATE_NAME} is unreadable ({error})")
+
+    index_path = os.path.join(folder, SAFE_WEIGHTS_INDEX_NAME)
+    if os.path.isfile(index_path):
+        try:
+            with open(index_path, encoding="utf-8") as handle:
+                shards = sorted(set(json.load(handle)["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            problems.append(f"{SAFE_WEIGHTS_INDEX_NAME} is unreadable ({error!r})")
+            shards = []
+        problems.extend(p for shard in shards if (p := _safetensors_problem(os.path.join(folder, shard))))
+    else:
+        problem = _safetensors_problem(os.path.join(folder, SAFE_WEIGHTS_NAME))
+        if problem:
+            problems.append(problem)
+
+    problems.extend(p for name in TRAINING_STATE_FILES if (p := _torch_file_problem(os.path.join(folder, name))))
+    if os.path.exists(os.path.join(folder, "scaler.pt")):  # only written in fp16
+        problem = _torch_file_problem(os.path.join(folder, "scaler.pt"))
+        if problem:
+            problems.append(problem)
+    rng_files = [name for name in os.listdir(folder) if name.startswith("rng_state") and name.endswith(".pth")]
+    if not rng_files:
+        problems.append("rng_state.pth is missing")
+    problems.extend(p for name in sorted(rng_files) if (p := _torch_file_problem(os.path.join(folder, name))))
+    return problems
+
+
+def latest_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest `checkpoint-N` folder in `output_dir` that is complete, or `None` when there is none.
+
+    `transformers.trainer_utils.get_last_checkpoint` returns the highest-numbered folder whatever its state, so after
+    a crash during a save it names the half-written one, and resuming from it fails (or, worse, loads a model whose
+    optimizer state is missing). Incomplete folders are passed over with a warning saying what is wrong; they are
+    not deleted, since what to do with them is the user's call.
+    """
+    if not os.path.isdir(output_dir):
+        return None
+    numbered = []
+    for name in os.listdir(output_dir):
+        match = _CHECKPOINT_NAME.match(name)
+        if match and os.path.isdir(os.path.join(output_dir, name)):
+            numbered.append((int(match.group(1)), os.path.join(output_dir, name)))
+    for _, folder in sorted(numbered, reverse=True):
+        problems = checkpoint_problems(folder)
+        if not problems:
+            return folder
+        logger.warning(f"Passing over incomplete checkpoint {folder}: {'; '.join(problems)}.")
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Resuming
+# --------------------------------------------------------------------------------------------------------------
+
+
+def resolve_resume_checkpoint(resume_from_checkpoint: str | bool | None, output_dir: str) -> str | None:
+    """`resume_from_checkpoint`: a path, or `true` for the newest complete checkpoint in `output_dir`.
+
+    A checkpoint a crash left half-written is passed over (`true`) or refused (a path), never loaded.
+    """
+    value = resume_from_checkpoint
+    if value is None or str(value).lower() in ("false", ""):
+        return None
+    if str(value).lower() != "true":
+        if not os.path.isdir(value):
+            raise ConfigError(f"`resume_from_checkpoint` is {value!r}, which is not a folder.")
+        problems = checkpoint_problems(value)
+        if problems:
+            newest = latest_complete_checkpoint(os.path.dirname(os.path.abspath(value)))
+            hint = f"; the newest complete one beside it is {newest!r}" if newest else ""
+            raise ConfigError(
+                f"`resume_from_checkpoint` is {value!r}, which is incomplete ({'; '.join(problems)}){hint}."
+            )
+        return value
+    last = latest_complete_checkpoint(output_dir)
+    if last is None:
+        raise ConfigError(
+            f"`resume_from_checkpoint` is true but {output_dir!r} holds no checkpoint-* folder that is complete "
+            "(incomplete ones are named in the warnings above); start without it, or give a checkpoint path."
+        )
+    logger.info(f"Resuming from {last}.")
+    return last
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Who writes into output_dir
+# --------------------------------------------------------------------------------------------------------------
+
+LOCK_FILE_NAME = ".clip-trainer.lock"
+
+
+def _checkpoint_folders(output_dir: str) -> list[str]:
+    if not os.path.isdir(output_dir):
+        return []
+    return sorted(name for name in os.listdir(output_dir) if _CHECKPOINT_NAME.match(name))
+
+
+class OutputDirLock:
+    """An exclusive `flock` on `output_dir/.clip-trainer.lock`, held until [`release`] or the process ends.
+
+    The kernel drops the lock when the process dies, however it dies, so a crashed run never leaves a stale lock
+    behind; the file itself stays and is harmless. It records the holder's pid for the message a second run shows.
+    """
+
+    def __init__(self, output_dir: str) -> None:
+        self.path = os.path.join(output_dir, LOCK_FILE_NAME)
+        self._handle = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held for the run's lifetime
+        try:
+            fcntl.flock(self._handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._handle.seek(0)
+            holder = self._handle.read().strip() or "another process"
+            self._handle.close()
+            raise ConfigError(
+                f"Another run ({holder}) is writing into {output_dir!r}; wait for it to finish, or choose another "
+                "`output_dir`."
+            ) from None
+        self._handle.seek(0)
+        self._handle.truncate()
+        self._handle.write(f"pid {os.getpid()}")
+        self._handle.flush()
+
+    def release(self) -> None:
+        if not self._handle.closed:
+            fcntl.flock(self._handle, fcntl.LOCK_UN)
+            self._handle.close()
+
+
+def claim_output_dir(output_dir: str, resuming: bool, overwrite: bool) -> OutputDirLock:
+    """Checks that a training run may write into `output_dir`, and locks it against a concurrent run.
+
+    - `output_dir` must be a folder this process can create and write (not a file, not on a read-only file system);
+    - if it holds another run's checkpoints, the run resumes from them (`resuming`), or deletes them first
+      (`overwrite`, i.e. `--overwrite_output_dir`), or stops and says so: the Trainer would otherwise mix the two
+      runs' checkpoints and then rotate the older run's away without a word.
+
+    Call it on the main process only. Returns the lock, held until the process ends or it is released.
+    """
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ConfigError(f"`output_dir` {output_dir!r} is a file; give a folder (it is created if missing).")
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        probe = os.path.join(output_dir, ".clip-trainer-write-test")
+        with open(probe, "w", encoding="utf-8") as handle:
+            handle.write("ok")
+        os.remove(probe)
+    except OSError as error:
+        reason = "the file system is read-only" if error.errno == errno.EROFS else (error.strerror or str(error))
+        raise ConfigError(f"Cannot write into `output_dir` {output_dir!r}: {reason}; choose another folder.") from None
+    lock = OutputDirLock(output_dir)
+    existing = _checkpoint_folders(output_dir)
+    if existing and not resuming:
+        if not overwrite:
+            lock.release()
+            raise ConfigError(
+                f"`output_dir` {output_dir!r} holds checkpoints of an earlier run ({', '.join(existing[:3])}"
+                f"{', ...' if len(existing) > 3 else ''}). Continue it with --resume_from_checkpoint true, choose "
+                "another --output_dir, or pass --overwrite_output_dir true to delete them and start over."
+            )
+        for name in existing:
+            shutil.rmtree(os.path.join(output_dir, name))
+        logger.warning(f"`overwrite_output_dir`: deleted {len(existing)} checkpoint(s) of an earlier run.")
+    return lock
+
+
+def describe_save_error(error: OSError, output_dir: str) -> str:
+    """One line for a failed save: what happened, and where the last complete checkpoint is."""
+    newest = latest_complete_checkpoint(output_dir)
+    where = f" The newest complete checkpoint is {newest}." if newest else " No complete checkpoint was written."
+    if error.errno == errno.ENOSPC:
+        what = f"The disk is full: saving into {output_dir!r} failed"
+    else:
+        what = f"Saving into {output_dir!r} failed ({error.strerror or error})"
+    return f"{what}.{where} Free space or choose another `output_dir`, then resume with --resume_from_checkpoint true."

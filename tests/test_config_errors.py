@@ -1,0 +1,243 @@
+"""Every configuration and data mistake, met as a user meets it: the documented command line (`run_clip.py`'s `cli`),
+from a temporary working folder. Each gives exit status 2 and one message that names the key, file or row and the
+fix, no traceback, and (wherever the data is not needed to tell) stops before any data or weights are loaded.
+
+One table: each case is a name, how it changes the base command line, the phrases the message must contain, and how
+far the run may get (`nothing`: no data and no weights loaded; `data`: the data may be read, no weights).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from clip_trainer import run
+from clip_trainer.data import load_image_text_data as real_load_image_text_data
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def option(argv: list[str], name: str, value: str) -> list[str]:
+    """`argv` with `--name value` set (replaced if present)."""
+    argv = list(argv)
+    if f"--{name}" in argv:
+        argv[argv.index(f"--{name}") + 1] = value
+        return argv
+    return [*argv, f"--{name}", value]
+
+
+def without(argv: list[str], name: str) -> list[str]:
+    index = argv.index(f"--{name}")
+    return argv[:index] + argv[index + 2 :]
+
+
+def config_file(tmp: Path, values: dict, name: str = "config.json") -> str:
+    path = tmp / name
+    path.write_text(json.dumps(values))
+    return str(path)
+
+
+def csv_file(tmp: Path, text: str, encoding: str = "utf-8", name: str = "pairs.csv") -> str:
+    path = tmp / name
+    path.write_bytes(text.encode(encoding))
+    return str(path)
+
+
+def an_image(argv: list[str]) -> str:
+    """An image file of the base command line's training data, by absolute path."""
+    return str(Path(argv[argv.index("--train_file") + 1]).parent / "images" / "red_circle_white_0.png")
+
+
+def not_clip_folder(tmp: Path) -> str:
+    from transformers import BertConfig
+
+    folder = tmp / "bert"
+    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(
+        folder
+    )
+    (folder / "preprocessor_config.json").write_text(json.dumps({"image_processor_type": "CLIPImageProcessor"}))
+    return str(folder)
+
+
+def config_only_folder(tmp: Path, tiny_clip_dir: Path) -> str:
+    folder = tmp / "config-only"
+    folder.mkdir()
+    (folder / "config.json").write_bytes((tiny_clip_dir / "config.json").read_bytes())
+    return str(folder)
+
+
+@dataclass
+class Case:
+    name: str
+    # (base argv, tmp folder, tiny model folder) -> argv
+    argv: Callable[[list[str], Path, Path], list[str]]
+    expected: tuple[str, ...]
+    reaches: str = "nothing"  # "nothing" or "data"
+
+
+CASES = [
+    # --- the command line and config files ---------------------------------------------------------------------
+    Case("unknown key in a config file", lambda a, t, m: [config_file(t, {"learning_rte": 1e-4}), *a],
+         ("Unknown key `learning_rte`", "config.json", "Did you mean `learning_rate`?")),
+    Case("unknown flag", lambda a, t, m: [*a, "--per_device_batch_size", "4"],
+         ("Unknown option `--per_device_batch_size`", "Did you mean `per_device_")),
+    Case("abbreviated flag", lambda a, t, m: [*a, "--learning_r", "1e-3"], ("Unknown option `--learning_r`",)),
+    Case("missing config file", lambda a, t, m: [str(t / "nowhere.json"), *a], ("nowhere.json' does not exist",)),
+    Case("malformed config file", lambda a, t, m: [csv_file(t, '{"learning_rate": 1e-4,}', name="broken.json"), *a],
+         ("is not valid JSON", "line 1")),
+    Case("config file that is not an object", lambda a, t, m: [csv_file(t, "[1, 2]", name="list.json"), *a],
+         ("must hold one JSON object",)),
+    Case("bad value for a typed option", lambda a, t, m: [*a, "--learning_rate", "fast"], ("learning_rate", "fast")),
+    Case("bad choice", lambda a, t, m: [*a, "--on_bad_rows", "ignore"], ("on_bad_rows", "skip", "error")),
+    # --- numbers a JSON file gets wrong --------------------------------------------------------------------------
+    Case("eval batch size 0", lambda a, t, m: option(a, "per_device_eval_batch_size", "0"),
+         ("`per_device_eval_batch_size` is 0", "at least 1")),
+    Case("negative batch size", lambda a, t, m: option(a, "per_device_train_batch_size", "-4"),
+         ("`per_device_train_batch_size` is -4",)),
+    Case("batch size 0", lambda a, t, m: option(a, "per_device_train_batch_size", "0"),
+         ("`per_device_train_batch_size` is 0",)),
+    Case("fractional batch size", lambda a, t, m: option(a, "per_device_train_batch_size", "8.5"),
+         ("per_device_train_batch_size", "8.5")),
+    Case("fractional batch size in a file",
+         lambda a, t, m: [config_file(t, {"per_device_train_batch_size": 8.5}), *without(a, "per_device_train_batch_size")],
+         ("`per_device_train_batch_size` is 8.5", "whole number")),
+    Case("batch size 1", lambda a, t, m: option(a, "per_device_train_batch_size", "1"),
+         ("`per_device_train_batch_size` is 1", "no other pair", "nothing trains")),
+    Case("learning rate null", lambda a, t, m: [config_file(t, {"learning_rate": None}), *without(a, "learning_rate")],
+         ("`learning_rate` is None", "a number of at least 0")),
+    Case("learning rate list", lambda a, t, m: [config_file(t, {"learning_rate": [1e-3]}), *without(a, "learning_rate")],
+         ("`learning_rate` is [0.001]",)),
+    Case("negative learning rate", lambda a, t, m: [*without(a, "learning_rate"), "--learning_rate=-1e-3"],
+         ("`learning_rate` is -0.001",)),
+    Case("negative workers", lambda a, t, m: option(a, "dataloader_num_workers", "-1"),
+         ("`dataloader_num_workers` is -1",)),
+    Case("max_steps 0", lambda a, t, m: [*a, "--max_steps", "0"], ("`max_steps` is 0", "-1 to use epochs")),
+    Case("no epochs", lambda a, t, m: option(a, "num_train_epochs", "0"), ("`num_train_epochs` is 0",)),
+    Case("negative max_nonfinite_steps", lambda a, t, m: [*a, "--max_nonfinite_steps", "-1"],
+         ("`max_nonfinite_steps` is -1",)),
+    Case("tiny tokenizer vocabulary", lambda a, t, m: [*a, "--tokenizer_vocab_size", "100"],
+         ("`tokenizer_vocab_size` is 100", "at least 259")),
+    Case("flash attention without the package", lambda a, t, m: [*a, "--attn_implementation", "flash_attention_2"],
+         ("flash_attention_2", "not installed", "sdpa")),
+    Case("validation percentage 100", lambda a, t, m: [*a, "--validation_split_percentage", "100"],
+         ("`validation_split_percentage` is 100",)),
+    # --- the model -------------------------------------------------------------------------------------------------
+    Case("empty model name and no config", lambda a, t, m: option(a, "model_name_or_path", ""), ("No model given",)),
+    Case("a checkpoint that is not CLIP", lambda a, t, m: option(a, "model_name_or_path", not_clip_folder(t)),
+         ("is a 'bert' model", "clip-trainer trains 'clip' models")),
+    Case("an empty folder as the model", lambda a, t, m: option(a, "model_name_or_path", str(t)),
+         ("without a config.json",)),
+    Case("a config-only folder as the model", lambda a, t, m: option(a, "model_name_or_path", config_only_folder(t, m)),
+         ("has no model.safetensors", "`config_name`"), "data"),
+    Case("max_seq_length beyond the text model", lambda a, t, m: [*a, "--max_seq_length", "100"],
+         ("`max_seq_length` is 100", "set it to 16 or less")),
+    Case("both towers frozen", lambda a, t, m: [*a, "--freeze_vision_model", "true", "--freeze_text_model", "true"],
+         ("`freeze_vision_model` and `freeze_text_model`", "unfreeze_after_steps")),
+    # --- evaluation and logging ------------------------------------------------------------------------------------
+    Case("zero-shot metric without labels", lambda a, t, m: [*a, "--metric_for_best_model", "eval_zeroshot_top1"],
+         ("which evaluation never computes", "Zero-shot metrics need `label_column`", "eval_t2i_recall@5")),
+    Case("misspelt metric", lambda a, t, m: [*a, "--metric_for_best_model", "eval_mean_recal"],
+         ("Did you mean `eval_mean_recall`?",)),
+    Case("unknown metric", lambda a, t, m: [*a, "--metric_for_best_model", "eval_foo"],
+         ("never computes. Choose one of", "eval_loss")),
+    Case("best model with mismatched strategies",
+         lambda a, t, m: [*a, "--load_best_model_at_end", "true", "--eval_strategy", "epoch", "--save_strategy", "steps"],
+         ("load_best_model_at_end",)),
+    Case("unknown logger", lambda a, t, m: option(a, "report_to", "tensorbord"),
+         ("`report_to` names 'tensorbord'", "Did you mean `tensorboard`?")),
+    Case("resume with nothing to resume", lambda a, t, m: [*a, "--resume_from_checkpoint", "true"],
+         ("holds no checkpoint",)),
+    # --- output_dir ------------------------------------------------------------------------------------------------
+    Case("output_dir is a file", lambda a, t, m: option(a, "output_dir", csv_file(t, "x", name="file.txt")),
+         ("is a file; give a folder",)),
+    Case("output_dir cannot be created", lambda a, t, m: option(a, "output_dir", str(Path(csv_file(t, "x", name="f")) / "out")),
+         ("Cannot write into `output_dir`", "choose another folder")),
+    # --- data files ----------------------------------------------------------------------------------------------
+    Case("missing train file", lambda a, t, m: option(a, "train_file", str(t / "missing.csv")),
+         ("`train_file`", "does not exist")),
+    Case("no training data", lambda a, t, m: without(a, "train_file"),
+         ("No training data given", "--do_eval")),
+    Case("wrong caption column", lambda a, t, m: [*a, "--caption_column", "text"],
+         ("`caption_column` is 'text'", "image, caption, shape", "Set `caption_column` to one of them"), "data"),
+    Case("wrong label column", lambda a, t, m: [*a, "--label_column", "colour", "--eval_strategy", "epoch"],
+         ("`label_column` is 'colour'", "shape"), "data"),
+    Case("a CSV with a header only", lambda a, t, m: option(a, "train_file", csv_file(t, "image,caption\n")),
+         ("has no rows", "one row per"), "data"),
+    Case("an empty CSV", lambda a, t, m: option(a, "train_file", csv_file(t, "")), ("has no rows", "header row"), "data"),
+    Case("a CSV of one row",
+         lambda a, t, m: [*option(a, "train_file", csv_file(t, f"image,caption\n{an_image(a)},a cat\n")), "--eval_strategy", "epoch"],
+         ("Cannot hold out 15% of 1 training pair", "validation_split_percentage` to 0"), "data"),
+    Case("a latin-1 CSV", lambda a, t, m: option(a, "train_file", csv_file(t, "image,caption\na.png,caf\u00e9 cr\u00e8me\n", "latin-1")),
+         ("is not UTF-8", "save it as UTF-8"), "data"),
+    Case("a validation set with one pair",
+         lambda a, t, m: [*a, "--eval_strategy", "epoch", "--validation_file",
+                          csv_file(t, f"image,caption\nnone.png,a cat\n{an_image(a)},a red circle\n", name="val.csv")],
+         ("1 usable pair(s)", "at least 2"), "data"),
+    Case("early stopping without evaluation", lambda a, t, m: [*a, "--early_stopping_patience", "2"],
+         ("`early_stopping_patience` stops on evaluations", "`eval_strategy` is no")),
+    Case("early stopping without validation data",
+         lambda a, t, m: [*a, "--validation_split_percentage", "0", "--early_stopping_patience", "2", "--eval_strategy", "epoch", "--save_strategy", "epoch"],
+         ("`early_stopping_patience` needs evaluation",), "data"),
+]  # fmt: skip
+
+
+@pytest.fixture
+def guarded(monkeypatch):
+    """Records how far the run got: the data loader and the model loader report when they are reached."""
+    reached: list[str] = []
+
+    def load_data(*args, **kwargs):
+        reached.append("data")
+        return real_load_image_text_data(*args, **kwargs)
+
+    def load_model(*args, **kwargs):
+        raise AssertionError("the mistake should have stopped the run before the model's weights were loaded")
+
+    monkeypatch.setattr(run, "load_image_text_data", load_data)
+    monkeypatch.setattr(run, "load_model", load_model)
+    return reached
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
+def test_mistake_gives_one_line_naming_the_fix(case, base_args, tiny_clip_dir, tmp_path, monkeypatch, capsys, guarded):
+    (tmp_path / "user").mkdir()
+    monkeypatch.chdir(tmp_path / "user")  # a user's working folder, not the repository
+    argv = case.argv(base_args, tmp_path / "user", tiny_clip_dir)
+    status = run.cli(argv)
+    captured = capsys.readouterr()
+    assert status == 2, captured.err[-2000:]
+    assert "Traceback" not in captured.err and "Traceback" not in captured.out
+    errors = [line for line in captured.err.splitlines() if line.startswith("run_clip.py: error:")]
+    assert len(errors) == 1, captured.err
+    for phrase in case.expected:
+        assert phrase in errors[0], (phrase, errors[0])
+    if case.reaches == "nothing":
+        assert guarded == [], "the data was loaded although the mistake is known without it"
+
+
+def test_logger_that_is_not_installed(base_args, capsys, guarded):
+    from transformers.integrations import is_wandb_available
+
+    if is_wandb_available():
+        pytest.skip("wandb is installed here, so this mistake cannot be made")
+    assert run.cli(option(base_args, "report_to", "wandb")) == 2
+    message = capsys.readouterr().err
+    assert "`report_to` includes wandb, which is not installed" in message and "clip-trainer[wandb]" in message
+
+
+def test_the_real_entry_point_prints_one_line(tmp_path, shapes_csv):
+    """Through `python run_clip.py` in a fresh process, from another folder: no traceback, status 2."""
+    result = subprocess.run(
+        [sys.executable, str(REPO / "run_clip.py"), "--config_name", "x", "--train_file", str(shapes_csv),
+         "--num_train_epoch", "3"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "Did you mean `num_train_epochs`" in result.stderr

@@ -1,0 +1,97 @@
+"""The image preprocessor obeys the image processor: its uint8 resize and crop plus the device-side normalisation
+give the processor's own output, for CLIP's bicubic shortest-edge + crop, for a bilinear processor, and for a
+processor that resizes to a square without cropping (SigLIP's way); what it cannot follow, it refuses."""
+
+from __future__ import annotations
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from transformers import CLIPImageProcessorPil
+from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+from clip_trainer.preprocessing import ImagePreprocessor, UnsupportedImageProcessorError
+
+# Square, landscape, portrait, odd sizes, smaller than the crop, extreme aspect ratios.
+SIZES = [(224, 224), (640, 480), (480, 640), (225, 224), (223, 225), (50, 30), (31, 31), (17, 300), (600, 11)]
+
+
+def noise_image(width: int, height: int, seed: int = 0) -> PIL.Image.Image:
+    rng = np.random.default_rng(seed)
+    return PIL.Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def assert_same_as_processor(image_processor, atol: float = 1e-6) -> None:
+    """Ours, normalised as the trainer does on the device, against the processor's float32 output."""
+    preprocessor = ImagePreprocessor.from_image_processor(image_processor)
+    for seed, (width, height) in enumerate(SIZES):
+        image = noise_image(width, height, seed=seed)
+        reference = image_processor(image, return_tensors="pt").pixel_values[0].float()
+        ours = preprocessor(image)
+        assert ours.dtype == np.uint8 and ours.shape == (3, *preprocessor.output_size) and ours.flags.c_contiguous
+        normalised = preprocessor.normalize(torch.from_numpy(ours)[None])[0]
+        # Measured bit-identical; the tolerance leaves room for another float op order (one uint8 step is ~0.014).
+        torch.testing.assert_close(
+            normalised, reference, rtol=0, atol=atol, msg=lambda m, w=width, h=height: f"{w}x{h}: {m}"
+        )
+
+
+@pytest.mark.parametrize("shortest_edge, crop", [(224, (224, 224)), (256, (224, 224)), (96, (80, 64)), (64, (80, 72))])
+def test_clip_bicubic_shortest_edge_and_crop(shortest_edge, crop):
+    processor = CLIPImageProcessorPil(
+        size={"shortest_edge": shortest_edge}, crop_size={"height": crop[0], "width": crop[1]}
+    )
+    assert_same_as_processor(processor)
+
+
+def test_bilinear_resampling_gives_bilinear_pixels():
+    bilinear = CLIPImageProcessorPil(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}, resample=2)
+    assert_same_as_processor(bilinear)
+    bicubic = ImagePreprocessor.from_image_processor(
+        CLIPImageProcessorPil(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
+    )
+    image = noise_image(640, 480)
+    # Not vacuous: the two filters give other pixels.
+    assert not np.array_equal(ImagePreprocessor.from_image_processor(bilinear)(image), bicubic(image))
+
+
+def test_no_center_crop_gives_the_processors_uncropped_square():
+    processor = CLIPImageProcessorPil(size={"height": 48, "width": 40}, do_center_crop=False)
+    assert_same_as_processor(processor)
+    assert ImagePreprocessor.from_image_processor(processor).output_size == (48, 40)
+
+
+def test_siglip_resize_to_square_with_mean_and_std_one_half():
+    processor = SiglipImageProcessorPil(size={"height": 32, "width": 32})
+    assert_same_as_processor(processor)
+    preprocessor = ImagePreprocessor.from_image_processor(processor)
+    assert preprocessor.crop_size is None and preprocessor.mean == (0.5, 0.5, 0.5)
+
+
+def test_rescale_and_normalize_switches_are_followed():
+    processor = CLIPImageProcessorPil(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, do_normalize=False, do_rescale=False
+    )
+    assert_same_as_processor(processor)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"size": {"shortest_edge": 32}, "do_center_crop": False}, "would not stack"),
+        ({"size": {"longest_edge": 32}, "crop_size": {"height": 32, "width": 32}}, "not other rules"),
+        ({"size": {"shortest_edge": 32}, "crop_size": {"height": 32, "width": 32}, "do_pad": True}, "pads images"),
+    ],
+)
+def test_settings_it_cannot_follow_are_refused(kwargs, message):
+    with pytest.raises(UnsupportedImageProcessorError, match=message):
+        ImagePreprocessor.from_image_processor(CLIPImageProcessorPil(**kwargs))
+
+
+def test_other_modes_are_converted():
+    preprocessor = ImagePreprocessor.from_image_processor(
+        CLIPImageProcessorPil(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    )
+    out = preprocessor(PIL.Image.new("L", (30, 20), 77))
+    assert out.shape == (3, 16, 16) and (out == 77).all()
