@@ -2,7 +2,7 @@
 PYTHON ?= python
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test test-all lint
+.PHONY: install demo test test-slow test-all lint
 
 install:
 	$(PYTHON) -m pip install $(TORCH) -e ".[dev]"
@@ -12,6 +12,9 @@ demo: install
 
 test:
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest
+
+test-slow:
+	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -m slow
 
 test-all:
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -m "slow or not slow"

@@ -4,8 +4,6 @@ The public API, in pipeline order: the argument classes, the data loader, the co
 trainer. `python run_clip.py CONFIG.json [--flag value ...]` runs all of them (see `clip_trainer.run.main`).
 """
 
-__version__ = "0.2.0"
-
 from .arguments import CLIPTrainingArguments, ConfigError, DataArguments, ModelArguments, parse_arguments
 from .collator import ImageTextCollator
 from .data import ImageTextData, load_image_text_data
@@ -13,8 +11,10 @@ from .loss import clip_loss, contrastive_loss, distributed_clip_loss
 from .model_card import CLIPModelCardData
 from .preprocessing import ImagePreprocessor
 from .trainer import CLIPContrastiveTrainer
+from .version import __version__
 
 __all__ = [
+    "__version__",
     "CLIPContrastiveTrainer",
     "CLIPModelCardData",
     "CLIPTrainingArguments",

@@ -83,7 +83,8 @@ class ClampLogitScaleCallback(TrainerCallback):
 
 
 class NonFiniteTrainingError(RuntimeError):
-    """Training stopped because the loss or the gradients stayed NaN or inf for too many optimizer steps in a row."""
+    """Training stopped because the loss or the gradients stayed NaN or inf for too many optimizer steps in a row, or
+    because no step had a usable sample for as long (`fix` says which, and what to do)."""
 
 
 def all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -149,6 +150,8 @@ class NonFiniteLossCallback(TrainerCallback):
         self._loss_finite: torch.Tensor | None = None
         self._pairs: torch.Tensor | None = None
         self.empty_steps = 0
+        self.consecutive_empty = 0
+        self.fix = ""
 
     def observe_loss(self, loss: torch.Tensor, pairs: torch.Tensor | None = None) -> None:
         """Notes one micro-batch's loss, and how many usable pairs it had; they count in the next step's check.
@@ -166,6 +169,8 @@ class NonFiniteLossCallback(TrainerCallback):
         self._loss_finite = None
         self._pairs = None
         self.empty_steps = 0
+        self.consecutive_empty = 0
+        self.fix = ""
 
     def on_pre_optimizer_step(
         self,
@@ -200,16 +205,33 @@ class NonFiniteLossCallback(TrainerCallback):
             torch.distributed.all_reduce(flags)
         nonfinite_processes, usable_pairs = flags.tolist()  # the one host synchronisation of the step
         if nonfinite_processes == 0 and usable_pairs > 0:
-            self.consecutive = 0
+            self.consecutive = self.consecutive_empty = 0
             return
         if nonfinite_processes == 0:
             # Every sample of the step was unusable (all images corrupt, say): the gradients are zeros, and an
             # update from them would still move the weights through momentum and weight decay.
             for parameter in parameters:
                 parameter.grad = None
+            step = state.global_step + 1
             self.empty_steps += 1
-            logger.warning(f"Step {state.global_step + 1}: no usable pair in the step's batches; update skipped.")
-            return
+            self.consecutive_empty += 1
+            logger.warning(f"Step {step}: no usable pair in the step's batches; update skipped.")
+            if self.max_consecutive and self.consecutive_empty >= self.max_consecutive:
+                # One such step is bad luck; this many in a row is the data (or `max_image_pixels`), not luck.
+                self.stop_reason = (
+                    f"No batch had a usable image-caption pair for {self.consecutive_empty} optimizer steps in a row "
+                    f"(to step {step}), so training stopped: every image failed to decode or every caption was empty "
+                    "(the warnings above name the samples)."
+                )
+                self.fix = (
+                    " Check the image files and captions, and `max_image_pixels`, which refuses images larger than "
+                    "it; or raise `max_nonfinite_steps`."
+                )
+                control.should_training_stop = True
+                control.should_log = True
+                control.should_save = args.save_strategy != "no"
+            return control
+        self.consecutive_empty = 0
 
         for parameter in parameters:
             parameter.grad = None
@@ -228,6 +250,10 @@ class NonFiniteLossCallback(TrainerCallback):
                 f"{self.first_bad_step}-{step}; `max_nonfinite_steps` is {self.max_consecutive}), so training "
                 f"stopped. Those updates were skipped: the weights are those after step {self.first_bad_step - 1}."
             )
+            self.fix = (
+                " Lower `learning_rate` or `max_logit_scale`, add `warmup_steps`, train in bf16 rather than fp16, look "
+                "for broken inputs in the data, or raise `max_nonfinite_steps`."
+            )
             control.should_training_stop = True
             control.should_log = True
             if args.save_strategy != "no":
@@ -245,10 +271,7 @@ class NonFiniteLossCallback(TrainerCallback):
             where = f" The newest complete checkpoint is {newest}."
         else:
             where = " No checkpoint holds them" + (" (`save_strategy` is no)." if args.save_strategy == "no" else ".")
-        raise NonFiniteTrainingError(
-            self.stop_reason + where + " Lower `learning_rate` or `max_logit_scale`, add `warmup_steps`, train in "
-            "bf16 rather than fp16, look for broken inputs in the data, or raise `max_nonfinite_steps`."
-        )
+        raise NonFiniteTrainingError(self.stop_reason + where + self.fix)
 
 
 def _parameters(model, optimizer) -> list[torch.nn.Parameter]:

@@ -25,7 +25,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, IterableDataset
 from transformers.utils import logging
 
 from .arguments import ConfigError, DataArguments
-from .images import BadSampleError, decode_base64_image, load_image
+from .images import BadSampleError, decode_base64_image, is_url, load_image, looks_like_base64_image
 from .rows import find_bad_rows
 
 logger = logging.get_logger(__name__)
@@ -220,8 +220,12 @@ def _file_error(key: str, files: list[str], error: Exception) -> ConfigError:
     return ConfigError(f"Cannot read `{key}` {files[0]!r}: {type(error).__name__}: {error}")
 
 
+def _is_url_or_bytes(value: str) -> bool:
+    return is_url(value) or looks_like_base64_image(value)
+
+
 def _resolve_image_value(value: Any, base_dir: str) -> Any:
-    if isinstance(value, str) and value and not os.path.isabs(value) and "://" not in value:
+    if isinstance(value, str) and value and not os.path.isabs(value) and not _is_url_or_bytes(value):
         return os.path.join(base_dir, value)
     if isinstance(value, dict) and not value.get("bytes") and isinstance(value.get("path"), str):
         return {**value, "path": _resolve_image_value(value["path"], base_dir)}

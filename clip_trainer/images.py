@@ -77,6 +77,13 @@ def is_url(text: str) -> bool:
     return text.lower().startswith(URL_PREFIXES)
 
 
+def looks_like_base64_image(text: str) -> bool:
+    """Whether a string is an image's bytes as text (a `data:image/` URI, or long base64) rather than a file name."""
+    return bool(_DATA_URI.match(text)) or (
+        len(text) >= _MIN_BASE64_IMAGE_LENGTH and "." not in text[-8:] and bool(_BASE64_TEXT.match(text[:4096]))
+    )
+
+
 def decode_base64_image(text: str) -> bytes | None:
     """The bytes of a `data:image/...;base64,` URI or of a long base64 string, or `None` when `text` is neither."""
     match = _DATA_URI.match(text)

@@ -298,7 +298,7 @@ def _versions() -> list[tuple[str, str]]:
         except metadata.PackageNotFoundError:
             if package != "clip-trainer":
                 continue
-            from clip_trainer import __version__ as version  # run from a checkout that is not pip-installed
+            from .version import __version__ as version  # run from a checkout that is not pip-installed
         versions.append((package, version))
     return versions
 

@@ -203,9 +203,23 @@ def _image_column_checks(
                 "image is missing (None)" if n is None else _check_image_cheaply(n, None, base_dir, cache)
                 for n in pc.binary_length(array).to_pylist()
             )
+        elif getattr(kind, "extension_name", None) == "arrow.json":
+            # A column of mixed kinds (JSON Lines with a dict on one row and a string on the next) is stored as
+            # JSON text; decoded, each value is checked as the collator will read it.
+            values = [None if text is None else json.loads(text) for text in array.storage.to_pylist()]
+            reasons.extend(_check_python_value(value, base_dir, cache) for value in values)
         else:
             reasons.extend([f"unsupported image column type ({kind})"] * len(array))
     return reasons
+
+
+def _check_python_value(value: Any, base_dir: str | None, cache: dict[str, str | None]) -> str | None:
+    if isinstance(value, dict):
+        data = value.get("bytes")
+        return _check_image_cheaply(len(data) if data is not None else None, value.get("path"), base_dir, cache)
+    if value is None or isinstance(value, str):
+        return _check_path_value(value, base_dir, cache)
+    return f"unsupported image value ({type(value).__name__})"
 
 
 def find_bad_rows(

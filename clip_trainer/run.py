@@ -215,13 +215,14 @@ def cli(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"run_clip.py: error: {error}", file=sys.stderr)
         return 2
+    # What stops a run while it trains starts on a new line: the progress bar's line ends without one.
     except (PushError, SaveError, NonFiniteTrainingError) as error:
-        print(f"run_clip.py: error: {error}", file=sys.stderr)
+        print(f"\nrun_clip.py: error: {error}", file=sys.stderr)
         return 1
     except TrainingInterrupted as error:
-        print(f"run_clip.py: {error}", file=sys.stderr)
+        print(f"\nrun_clip.py: {error}", file=sys.stderr)
         return 128 + error.signal_number
     except KeyboardInterrupt:
-        print("run_clip.py: interrupted (Ctrl-C); nothing was saved since the last checkpoint.", file=sys.stderr)
+        print("\nrun_clip.py: interrupted (Ctrl-C); nothing was saved since the last checkpoint.", file=sys.stderr)
         return 130
     return 0

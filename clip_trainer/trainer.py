@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 import time
 from collections import defaultdict
 
@@ -10,7 +12,9 @@ from accelerate.utils import DistributedType
 from datasets import IterableDataset
 from torch import nn
 from torch.utils.data import DataLoader
-from transformers import EarlyStoppingCallback, Trainer
+from transformers import EarlyStoppingCallback, Trainer, TrainerState
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import TrainOutput
 from transformers.utils import logging
 
 from .arguments import CLIPTrainingArguments, ConfigError
@@ -184,6 +188,46 @@ class CLIPContrastiveTrainer(Trainer):
         self._finite_loss_sum: torch.Tensor | None = None
         self._finite_loss_count: torch.Tensor | None = None
         self._eval_buffer: dict[str, list[torch.Tensor]] | None = None
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Training
+    # ------------------------------------------------------------------------------------------------------------
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        """`Trainer.train`, except that resuming from a checkpoint that already ends the run trains nothing.
+
+        transformers 5.24 resumes mid-epoch by skipping the trained batches and then takes one step before it checks
+        `max_steps`, so a finished run "resumed" would train a step more than it was asked to. Here the checkpoint's
+        weights (or its best ones, with `load_best_model_at_end`) and state are loaded and nothing is trained.
+        """
+        if isinstance(resume_from_checkpoint, str) and os.path.isdir(resume_from_checkpoint):
+            state = TrainerState.load_from_json(os.path.join(resume_from_checkpoint, TRAINER_STATE_NAME))
+            planned = self._planned_steps()
+            if planned is not None and state.global_step >= planned:
+                logger.info(
+                    f"{resume_from_checkpoint} is at step {state.global_step}, the end of this run: nothing to train."
+                )
+                best = state.best_model_checkpoint if self.args.load_best_model_at_end else None
+                # The Trainer's own loader (safetensors, sharded or not); it has no public one.
+                self._load_from_checkpoint(best if best and os.path.isdir(best) else resume_from_checkpoint)
+                self.state = state
+                train_loss = next(
+                    (e["train_loss"] for e in reversed(state.log_history) if "train_loss" in e), float("nan")
+                )
+                return TrainOutput(state.global_step, train_loss, {"train_loss": train_loss})
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _planned_steps(self) -> int | None:
+        """The optimizer steps this run is to take: `max_steps`, or the epochs times the steps of one epoch."""
+        if self.args.max_steps > 0:
+            return self.args.max_steps
+        if self.train_dataset is None or not hasattr(self.train_dataset, "__len__"):
+            return None
+        batches = math.ceil(len(self.train_dataset) / (self.args.train_batch_size * self.args.world_size))
+        if self.args.dataloader_drop_last:
+            batches = len(self.train_dataset) // (self.args.train_batch_size * self.args.world_size)
+        accumulation = self.args.gradient_accumulation_steps
+        per_epoch = max(batches // accumulation + int(batches % accumulation > 0), 1)
+        return math.ceil(self.args.num_train_epochs * per_epoch)
 
     # ------------------------------------------------------------------------------------------------------------
     # Optimizer and schedule

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import write_shapes_csv
 from test_streaming import without_option, write_parquet_shards
 from transformers import CLIPModel
 
@@ -74,3 +75,26 @@ def test_torchrun_two_processes_stream_and_save(base_args, tmp_path):
     ]  # fmt: skip
     result = torchrun(args)
     check_run(result, out, steps=4)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_evaluate_without_training_data(base_args, tmp_path):
+    """An evaluation of a model on a validation file, nothing else, in 2 processes, equals the 1-process one."""
+    from clip_trainer.run import main
+
+    # A model trained a little, so that its embeddings are apart: a random one's near-ties would flip ranks on the
+    # last bit of float noise between the two runs' batchings.
+    main([*base_args, "--max_steps", "30", "--output_dir", str(tmp_path / "trained")])
+    # One caption per image: identical captions of several images would tie exactly, and ties flip on float noise.
+    validation = write_shapes_csv(tmp_path / "val", repeats=1)
+    common = ["--model_name_or_path", str(tmp_path / "trained"), "--validation_file", str(validation), "--do_eval",
+              "--per_device_eval_batch_size", "7", "--report_to", "none", "--dataloader_num_workers", "0",
+              "--use_cpu", "true"]  # fmt: skip
+    result = torchrun([*common, "--output_dir", str(tmp_path / "two"), "--ddp_backend", "gloo"])
+    assert result.returncode == 0, result.stderr[-4000:]
+    single = main([*common, "--output_dir", str(tmp_path / "one")])
+    two = json.loads((tmp_path / "two" / "eval_results.json").read_text())
+    assert two["eval_samples"] == single["eval_samples"] == 24
+    for key, value in single.items():
+        if "recall" in key or "rank" in key:
+            assert two[key] == pytest.approx(value, abs=1e-6), key

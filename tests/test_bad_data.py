@@ -1,0 +1,218 @@
+"""Data as users bring it, handled as they mean it, through the documented command or the data loader:
+
+batches of nothing but unusable samples, image dicts in JSON Lines and parquet, numeric captions, blank labels, the
+same picture under two names, no held-out split when nothing evaluates, `validation_split_percentage` 0, evaluation
+that never drops a partial batch, and a preparation step that copies only images.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+from pathlib import Path
+
+import datasets
+import pytest
+from conftest import draw_shape, shape_rows, write_shapes_csv
+
+from clip_trainer import run
+from clip_trainer.arguments import DataArguments
+from clip_trainer.data import IMAGE_ID_COLUMN, LABEL_COLUMN, load_image_text_data
+from clip_trainer.run import main
+
+
+def with_option(argv: list[str], name: str, value: str) -> list[str]:
+    argv = list(argv)
+    if f"--{name}" in argv:
+        argv[argv.index(f"--{name}") + 1] = value
+        return argv
+    return [*argv, f"--{name}", value]
+
+
+def png(color: str = "red", shape: str = "circle", size: int = 40) -> bytes:
+    buffer = io.BytesIO()
+    draw_shape(color, shape, size=size).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def history(out: Path) -> list[dict]:
+    return json.loads((out / "trainer_state.json").read_text())["log_history"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Batches of unusable samples
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_a_batch_of_only_unusable_samples_does_not_stop_the_run(base_args, tmp_path):
+    """Files that exist but do not decode pass the up-front check; a whole batch of them is skipped, not fatal."""
+    folder = tmp_path / "data"
+    train = write_shapes_csv(folder, repeats=1)
+    rows = list(csv.reader(train.open()))
+    for index in range(6):  # the first batch (no shuffling below) is all corrupt
+        (folder / f"images/corrupt_{index}.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+        rows.insert(1, [f"images/corrupt_{index}.png", f"corrupt {index}", "circle"])
+    with train.open("w", newline="") as handle:
+        csv.writer(handle).writerows(rows)
+    out = tmp_path / "out"
+    argv = with_option(with_option(base_args, "train_file", str(train)), "per_device_train_batch_size", "6")
+    main([*argv, "--max_steps", "4", "--logging_steps", "1", "--train_sampling_strategy", "sequential"])
+    logged = [entry for entry in history(out) if "loss" in entry]
+    assert [entry["step"] for entry in logged] == [1, 2, 3, 4]
+    assert logged[0]["skipped_samples"] == 6
+
+
+def test_an_image_limit_that_refuses_everything_stops_with_one_line(base_args, capsys):
+    status = run.cli([*base_args, "--max_image_pixels", "10", "--max_steps", "20", "--max_nonfinite_steps", "3"])
+    err = capsys.readouterr().err
+    assert status == 1 and "Traceback" not in err
+    message = next(line for line in err.splitlines() if line.startswith("run_clip.py: error:"))
+    assert "No batch had a usable image-caption pair for 3 optimizer steps in a row" in message
+    assert "`max_image_pixels`" in message
+
+
+def test_a_stream_with_missing_files_trains_at_batch_size_2(base_args, tmp_path):
+    folder = tmp_path / "data"
+    train = write_shapes_csv(folder, repeats=2)
+    for path in sorted((folder / "images").glob("*_0.png"))[:5]:  # about 10% of the files are gone
+        path.unlink()
+    argv = with_option(with_option(base_args, "train_file", str(train)), "per_device_train_batch_size", "2")
+    main([*argv, "--streaming", "true", "--max_steps", "30", "--shuffle_buffer_size", "16", "--logging_steps", "30"])
+    assert [entry["step"] for entry in history(tmp_path / "out") if "loss" in entry] == [30]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Formats
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_json_lines_with_image_dicts_and_base64_images(base_args, tmp_path):
+    lines = []
+    for index, (color, shape, _, caption) in enumerate(shape_rows()):
+        encoded = base64.b64encode(png(color, shape, 40 + index % 3)).decode()
+        if index % 2:
+            lines.append({"image": {"bytes": encoded, "path": f"{index}.png"}, "caption": caption})
+        else:
+            lines.append({"image": encoded, "caption": caption})
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    data = load_image_text_data(DataArguments(train_file=str(path)), seed=0)
+    assert len(data.train) + len(data.validation) == 24  # no row lost as "file not found"
+    main([*with_option(base_args, "train_file", str(path)), "--max_steps", "2"])
+
+
+def test_parquet_with_relative_image_paths_resolves_them_beside_the_file(tmp_path, monkeypatch):
+    folder = tmp_path / "data"
+    csv_path = write_shapes_csv(folder, repeats=1)
+    rows = list(csv.DictReader(csv_path.open()))
+    # As pandas or pyarrow write it: a struct of (bytes, path) per image, the paths relative to the file's folder.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    images = pa.array([{"bytes": None, "path": row["image"]} for row in rows],
+                      type=pa.struct([("bytes", pa.binary()), ("path", pa.string())]))  # fmt: skip
+    pq.write_table(pa.table({"image": images, "caption": [row["caption"] for row in rows]}), folder / "pairs.parquet")
+    monkeypatch.chdir(tmp_path)  # not the data's folder
+    data = load_image_text_data(DataArguments(train_file="data/pairs.parquet"), seed=0)
+    assert len(data.train) + len(data.validation) == 24
+    assert all(Path(value["path"]).is_file() for value in data.train["image"])
+
+
+def test_numeric_captions_are_text(base_args, tmp_path):
+    folder = tmp_path / "data"
+    source = write_shapes_csv(folder, repeats=1)
+    rows = list(csv.reader(source.open()))
+    path = folder / "codes.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(rows[0])
+        for index, row in enumerate(rows[1:]):
+            writer.writerow([row[0], f"{1000 + index:05d}", row[2]])  # "01000": a code, leading zero and all
+    data = load_image_text_data(DataArguments(train_file=str(path)), seed=0)
+    captions = set(data.train["caption"]) | set(data.validation["caption"])
+    assert "01000" in captions and all(isinstance(caption, str) for caption in captions)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Splits and evaluation sets
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_nothing_is_held_out_when_nothing_evaluates(base_args, tmp_path, shapes_csv):
+    results = main([*base_args, "--max_steps", "1"])  # eval_strategy no, no do_eval
+    assert results["train_samples"] == 72
+
+
+def test_validation_split_percentage_0_trains_on_everything(base_args, tmp_path):
+    results = main([*base_args, "--max_steps", "1", "--validation_split_percentage", "0", "--eval_strategy", "epoch",
+                    "--save_strategy", "epoch", "--load_best_model_at_end", "true"])  # fmt: skip
+    assert results["train_samples"] == 72 and not any(key.startswith("eval_") for key in results)
+
+
+def test_blank_labels_count_for_retrieval_not_for_zero_shot(tmp_path):
+    folder = tmp_path / "data"
+    source = write_shapes_csv(folder, repeats=1)
+    rows = list(csv.reader(source.open()))
+    for row in rows[1:7]:
+        row[2] = ""
+    with source.open("w", newline="") as handle:
+        csv.writer(handle).writerows(rows)
+    data = load_image_text_data(DataArguments(validation_file=str(source), label_column="shape"), seed=0, train=False)
+    assert data.class_names == ["circle", "square", "triangle"]  # no class "None" or ""
+    labels = data.validation[LABEL_COLUMN]
+    assert len(labels) == 24 and labels.count(-1) == 6
+
+
+def test_the_same_picture_under_two_names_is_one_image(tmp_path):
+    folder = tmp_path / "data"
+    (folder / "images").mkdir(parents=True)
+    (folder / "images" / "a.png").write_bytes(png("red"))
+    (folder / "images" / "copy-of-a.png").write_bytes(png("red"))
+    (folder / "images" / "b.png").write_bytes(png("blue"))
+    path = folder / "val.csv"
+    path.write_text("image,caption\nimages/a.png,a red circle\nimages/copy-of-a.png,red circle\nimages/b.png,blue\n")
+    data = load_image_text_data(DataArguments(validation_file=str(path)), seed=0, train=False)
+    assert data.validation[IMAGE_ID_COLUMN] == [0, 0, 1]
+
+
+def test_evaluation_covers_the_whole_set_with_drop_last(base_args, tmp_path):
+    common = [*base_args, "--do_eval", "--per_device_eval_batch_size", "8"]
+    kept = main([*with_option(common, "output_dir", str(tmp_path / "a"))])
+    dropped = main([*with_option(common, "output_dir", str(tmp_path / "b")), "--dataloader_drop_last", "true"])
+    assert kept["eval_samples"] == dropped["eval_samples"] == 11  # 15% of 72, not a multiple of 8
+    for key in kept:
+        if "recall" in key or "rank" in key:
+            assert dropped[key] == kept[key], key
+
+
+def test_prepare_only_copies_only_images(base_args, tmp_path):
+    folder = tmp_path / "data"
+    train = write_shapes_csv(folder, repeats=1)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("password: hunter2\n" * 100)
+    with train.open("a", newline="") as handle:
+        csv.writer(handle).writerow(["../secret.txt", "a blue circle on white", "circle"])  # readable, no image
+    out = tmp_path / "prepared"
+    main([*with_option(with_option(base_args, "train_file", str(train)), "output_dir", str(out)), "--prepare_only"])
+    prepared = datasets.load_from_disk(str(out))
+    total = sum(len(split) for split in prepared.values())
+    assert total == 24
+    for split in prepared.values():
+        assert all(
+            b"hunter2" not in (value["bytes"] or b"")
+            for value in split.cast_column("image", datasets.Image(decode=False))["image"]
+        )
+
+
+@pytest.mark.parametrize("bad", ["", "   "])
+def test_empty_captions_are_rows_to_skip_not_errors(tmp_path, bad):
+    folder = tmp_path / "data"
+    source = write_shapes_csv(folder, repeats=1)
+    rows = list(csv.reader(source.open()))
+    rows[1][1] = bad
+    with source.open("w", newline="") as handle:
+        csv.writer(handle).writerows(rows)
+    data = load_image_text_data(DataArguments(train_file=str(source)), seed=0, evaluate=False)
+    assert len(data.train) == 23

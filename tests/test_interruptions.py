@@ -1,0 +1,150 @@
+"""A run stopped from outside, or pointed at a folder it does not own: SIGTERM (a cluster's preemption notice) and
+Ctrl-C save a complete checkpoint and exit without a traceback, and the run resumes from it to the same end; a
+second run does not write over a first run's checkpoints, nor into a folder another run is writing; resuming a
+finished run trains no extra step; a full disk is one line that says what was kept."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from clip_trainer import run
+from clip_trainer.checkpoints import OutputDirLock, checkpoint_problems
+from clip_trainer.trainer import CLIPContrastiveTrainer
+
+REPO = Path(__file__).resolve().parent.parent
+
+# The run in its own process, each step after the first slowed down (the numbers are not changed) and announced in
+# a file, so that the test can send its signal mid-run.
+SLOWED_RUN = """
+import sys, time
+from pathlib import Path
+from clip_trainer.trainer import CLIPContrastiveTrainer as T
+step = T.training_step
+def slow(self, *args, **kwargs):
+    Path(sys.argv[1]).write_text(str(self.state.global_step))
+    if self.state.global_step >= 2:
+        time.sleep(1.5)
+    return step(self, *args, **kwargs)
+T.training_step = slow
+from clip_trainer.run import cli
+sys.exit(cli(sys.argv[2:]))
+"""
+
+
+def checkpoint_args(base_args: list[str], output_dir: Path) -> list[str]:
+    argv = list(base_args)
+    argv[argv.index("--output_dir") + 1] = str(output_dir)
+    return [*argv, "--max_steps", "8", "--save_strategy", "steps", "--save_steps", "4", "--logging_steps", "1"]
+
+
+def interrupt(base_args: list[str], out: Path, signal_number: int, tmp_path: Path) -> subprocess.CompletedProcess:
+    marker = tmp_path / f"step-{signal_number}"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    process = subprocess.Popen(
+        [sys.executable, "-c", SLOWED_RUN, str(marker), *checkpoint_args(base_args, out)],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not (marker.exists() and marker.read_text() == "2"):
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "the run never reached step 2"
+        time.sleep(0.05)
+    process.send_signal(signal_number)
+    stdout, stderr = process.communicate(timeout=120)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_saves_a_checkpoint_and_the_run_resumes_to_the_same_end(base_args, tmp_path, signal_number):
+    reference = tmp_path / "reference"
+    run.main(checkpoint_args(base_args, reference))
+
+    stopped = tmp_path / "stopped"
+    result = interrupt(base_args, stopped, signal_number, tmp_path)
+    assert result.returncode == 128 + signal_number, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    name = signal.Signals(signal_number).name
+    message = next(line for line in result.stderr.splitlines() if line.startswith("run_clip.py:"))
+    assert f"Stopped by {name} at step 3" in message and "--resume_from_checkpoint true" in message
+    assert checkpoint_problems(str(stopped / "checkpoint-3")) == []  # complete, though 3 is no save step
+    assert not (stopped / "model.safetensors").exists()  # no final model for a run that did not finish
+
+    run.main([*checkpoint_args(base_args, stopped), "--resume_from_checkpoint", "true"])
+    expected, got = load_file(str(reference / "model.safetensors")), load_file(str(stopped / "model.safetensors"))
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_a_second_run_does_not_write_over_the_first_runs_checkpoints(base_args, tmp_path, capsys):
+    out = tmp_path / "out"
+    run.main(checkpoint_args(base_args, out))
+    before = sorted(path.name for path in out.iterdir())
+    status = run.cli(checkpoint_args(base_args, out))
+    message = capsys.readouterr().err
+    assert status == 2 and "holds checkpoints of an earlier run (checkpoint-4, checkpoint-8)" in message
+    assert "--resume_from_checkpoint true" in message and "--overwrite_output_dir true" in message
+    assert sorted(path.name for path in out.iterdir()) == before
+
+    # Asked for explicitly, the earlier checkpoints go and the run starts over.
+    run.main([*checkpoint_args(base_args, out), "--overwrite_output_dir", "true", "--max_steps", "4"])
+    assert sorted(path.name for path in out.glob("checkpoint-*")) == ["checkpoint-4"]
+
+
+def test_two_runs_cannot_write_into_one_folder_at_once(base_args, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = OutputDirLock(str(out))  # another run, holding the folder
+    try:
+        status = run.cli(checkpoint_args(base_args, out))
+    finally:
+        lock.release()
+    message = capsys.readouterr().err
+    assert status == 2 and f"Another run (pid {os.getpid()}) is writing into" in message
+    assert run.cli([*checkpoint_args(base_args, out), "--max_steps", "1"]) == 0  # free once it is done
+
+
+@pytest.mark.parametrize("length", [["--max_steps", "4"], ["--max_steps", "-1"]], ids=["steps", "epochs"])
+def test_resuming_a_finished_run_trains_no_extra_step(base_args, tmp_path, length):
+    out = tmp_path / "out"
+    # Epochs: 2 of 9 steps (72 pairs, batch 8), saved every 6 steps and at the end.
+    argv = [*checkpoint_args(base_args, out), *length, "--save_steps", "6" if length[1] == "-1" else "2"]
+    run.main(argv)
+    finished = json.loads((out / "trainer_state.json").read_text())
+    weights = load_file(str(out / "model.safetensors"))
+    run.main([*argv, "--resume_from_checkpoint", "true"])
+    resumed = json.loads((out / "trainer_state.json").read_text())
+    assert resumed["global_step"] == finished["global_step"]
+    assert [e["step"] for e in resumed["log_history"] if "loss" in e] == [
+        e["step"] for e in finished["log_history"] if "loss" in e
+    ]
+    again = load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(again[key], weights[key]) for key in weights)
+
+
+def test_a_full_disk_while_saving_is_one_line_that_says_what_was_kept(base_args, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    original = CLIPContrastiveTrainer.save_model
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        if self.state.global_step >= 8:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, output_dir, _internal_call)
+
+    monkeypatch.setattr(CLIPContrastiveTrainer, "save_model", save_model)
+    status = run.cli(checkpoint_args(base_args, out))
+    err = capsys.readouterr().err
+    assert status == 1 and "Traceback" not in err
+    message = next(line for line in err.splitlines() if "run_clip.py: error:" in line)
+    assert "The disk is full" in message and f"{out / 'checkpoint-4'}" in message
+    assert "--resume_from_checkpoint true" in message
