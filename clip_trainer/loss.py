@@ -1,4 +1,5 @@
-"""CLIP's symmetric contrastive loss, over one process's batch or over the global batch of all processes.
+"""Contrastive losses over one process's batch or over the global batch of all processes: CLIP's symmetric
+cross-entropy and SigLIP's sigmoid loss.
 
 Plain functions over embeddings, so the maths is tested without a model or a trainer.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 
 def clip_loss(
@@ -114,6 +116,9 @@ def distributed_clip_loss(
         valid (`torch.Tensor` of shape `(local_batch,)`, *optional*): `False` for rows that are no pair, as in
             [`clip_loss`]. With no valid pair anywhere the loss is 0 (connected to the graph).
         group: the process group; defaults to the world.
+
+    A process with no pair (every sample of its batch unusable) contributes 0 and still takes part in the gathers; when
+    no process has a pair, the loss is 0 rather than NaN, with zero gradients.
     """
     world_size = dist.get_world_size(group)
     rank = dist.get_rank(group)
@@ -138,7 +143,9 @@ def distributed_clip_loss(
         _masked_cross_entropies(logits_image_to_text, labels, local_valid, column_valid).sum()
         + _masked_cross_entropies(logits_text_to_image, labels, local_valid, column_valid).sum()
     )
-    # Normalise by the global number of pairs, times the world size that DDP's averaging divides by again.
+    # Normalise by the global number of pairs, times the world size that DDP's averaging divides by again. When no
+    # process holds a pair, `total` is an empty sum: 0 over 1 keeps the loss finite (and still in the graph, so every
+    # process runs the gather's backward) where 0 over 0 would be NaN; with a pair anywhere the clamp does nothing.
     global_pairs = column_valid.sum().clamp(min=1)
     return total / 2 / global_pairs * world_size
 
@@ -155,3 +162,317 @@ def contrastive_loss(
     if gather_negatives and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return distributed_clip_loss(image_embeds, text_embeds, inverse_temperature, pad_to=pad_to, valid=valid)
     return clip_loss(image_embeds, text_embeds, inverse_temperature, valid=valid)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# SigLIP's sigmoid loss
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _sigmoid_logits_and_labels(
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    inverse_temperature: torch.Tensor,
+    logit_bias: torch.Tensor,
+    positive_offset: int | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The similarities, the logits `inverse_temperature * similarity + logit_bias` and the +-1 labels of a block of pairs.
+
+    Image row `i` matches text column `i + positive_offset`; with `positive_offset=None` the block holds negatives only.
+    """
+    similarity = image_embeds @ text_embeds.T
+    logits = inverse_temperature * similarity + logit_bias
+    labels = torch.full_like(logits, -1.0)
+    if positive_offset is not None:
+        labels.diagonal(positive_offset).fill_(1.0)
+    return similarity, logits, labels
+
+
+def _sigmoid_pair_sum(
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    inverse_temperature: torch.Tensor,
+    logit_bias: torch.Tensor,
+    positive_offset: int | None = 0,
+    column_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`sum_ij -log sigmoid(label_ij * logit_ij)` over a block of pairs, each text column weighted by `column_weight`
+    (0 for padding)."""
+    _, logits, labels = _sigmoid_logits_and_labels(
+        image_embeds, text_embeds, inverse_temperature, logit_bias, positive_offset
+    )
+    losses = -F.logsigmoid(labels * logits)
+    if column_weight is not None:
+        losses = losses * column_weight
+    return losses.sum()
+
+
+def _sigmoid_pair_sum_gradients(
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    inverse_temperature: torch.Tensor,
+    logit_bias: torch.Tensor,
+    positive_offset: int | None,
+    column_weight: torch.Tensor,
+    grad_output: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of `grad_output * _sigmoid_pair_sum(...)` with respect to the images, the texts, the scale and the
+    bias, written out so that the ring's backward holds one block's `local x local` logits and no autograd graph.
+
+    The embeddings' gradients come in the embeddings' dtypes: under autocast the matmuls give bf16 or fp16, and the
+    ring adds text gradients up across processes.
+    """
+    similarity, logits, labels = _sigmoid_logits_and_labels(
+        image_embeds, text_embeds, inverse_temperature, logit_bias, positive_offset
+    )
+    # d/dz of -log sigmoid(l * z) is -l * sigmoid(-l * z).
+    grad_logits = -labels * torch.sigmoid(-labels * logits) * column_weight * grad_output
+    grad_images = (inverse_temperature * (grad_logits @ text_embeds)).to(image_embeds.dtype)
+    grad_texts = (inverse_temperature * (grad_logits.T @ image_embeds)).to(text_embeds.dtype)
+    return grad_images, grad_texts, (grad_logits * similarity).sum(), grad_logits.sum()
+
+
+def sigmoid_loss(
+    image_embeds: torch.Tensor, text_embeds: torch.Tensor, inverse_temperature: torch.Tensor, logit_bias: torch.Tensor
+) -> torch.Tensor:
+    """SigLIP's sigmoid loss over one batch of matching pairs (Zhai et al., 2023, "Sigmoid Loss for Language Image
+    Pre-Training").
+
+    Every image-text combination is a binary classification. With logits
+    `z_ij = inverse_temperature * image_embeds[i] . text_embeds[j] + logit_bias` and labels `l_ij = +1` when `i == j` (row `i`
+    of both is a pair) and `-1` otherwise, the loss is
+
+        `-sum_{i,j} log sigmoid(l_ij * z_ij) / n`
+
+    where `n` is the number of pairs in the batch: the sum over all `n^2` combinations divided by `n`, as in the paper,
+    not their mean (which would be `n` times smaller). An empty batch gives NaN (0 / 0), as [`clip_loss`] does.
+
+    Args:
+        image_embeds (`torch.Tensor` of shape `(batch, dim)`): L2-normalised image embeddings.
+        text_embeds (`torch.Tensor` of shape `(batch, dim)`): L2-normalised text embeddings.
+        inverse_temperature (`torch.Tensor`, scalar): the inverse temperature `t`, i.e. `exp` of the model's `logit_scale`
+            (SigLIP starts it at `t = 10`).
+        logit_bias (`torch.Tensor`, scalar): the bias `b`, used as it is (SigLIP starts it at `b = -10`).
+    """
+    return _sigmoid_pair_sum(image_embeds, text_embeds, inverse_temperature, logit_bias) / image_embeds.shape[0]
+
+
+class _RingShift:
+    """`tensor` sent to the next process of the ring while the previous process's is received, until [`wait`].
+
+    Non-blocking, so that the exchange of the next block overlaps the maths on the current one.
+    """
+
+    def __init__(self, tensor: torch.Tensor, group: dist.ProcessGroup | None) -> None:
+        world_size = dist.get_world_size(group)
+        rank = dist.get_rank(group)
+        # Kept referenced until the send completes.
+        self.sent = tensor.contiguous()
+        if world_size == 1:  # a ring of one: the shift is the identity
+            self.received, self._works = self.sent, []
+            return
+        self.received = torch.empty_like(self.sent)
+        self._works = dist.batch_isend_irecv(
+            [
+                dist.P2POp(dist.isend, self.sent, group=group, group_peer=(rank + 1) % world_size),
+                dist.P2POp(dist.irecv, self.received, group=group, group_peer=(rank - 1) % world_size),
+            ]
+        )
+
+    def wait(self) -> torch.Tensor:
+        for work in self._works:
+            work.wait()
+        return self.received
+
+
+class _RingSigmoidPairSum(torch.autograd.Function):
+    """The sigmoid loss's sum over this process's images against every process's texts, the text blocks passed round a
+    ring of the processes.
+
+    At step `k` a process holds the (padded) text block of the process `k` places to its left, adds its images'
+    pairs with that block to the sum, and meanwhile passes the block on to its right. Only one block's
+    `local x local` logits and two text blocks exist at a time.
+
+    The backward runs the ring again rather than keeping every process's block: each block travels with the gradient
+    that the processes it has visited have added to it, and comes back to its owner, after a full circle, with every
+    process's gradient for it summed. A block's owner keeps its own part at home, so the gradient starts travelling at
+    the second process and, like the block, makes `world_size - 1` hops; from the third step on it rides in the same
+    exchange as the next block, one step behind it, so that every exchange overlaps the maths of a step.
+    """
+
+    @staticmethod
+    def forward(ctx, image_embeds, text_block, inverse_temperature, logit_bias, block_weights, group):
+        world_size = dist.get_world_size(group)
+        rank = dist.get_rank(group)
+        ctx.save_for_backward(image_embeds, text_block, inverse_temperature, logit_bias, block_weights)
+        ctx.group = group
+        # What `torch.amp.custom_bwd` does, for whichever device the embeddings are on: the backward's matmuls run
+        # under the autocast state of the forward's.
+        device_type = image_embeds.device.type
+        ctx.autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+
+        sums = []
+        block = text_block
+        for step in range(world_size):
+            shift = _RingShift(block, group) if step < world_size - 1 else None
+            owner = (rank - step) % world_size
+            positive_offset = 0 if step == 0 else None  # only a process's own block holds its positives
+            sums.append(
+                _sigmoid_pair_sum(
+                    image_embeds, block, inverse_temperature, logit_bias, positive_offset, block_weights[owner]
+                )
+            )
+            if shift is not None:
+                block = shift.wait()
+        return torch.stack(sums).sum()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        image_embeds, text_block, inverse_temperature, logit_bias, block_weights = ctx.saved_tensors
+        group = ctx.group
+        world_size = dist.get_world_size(group)
+        rank = dist.get_rank(group)
+        device_type, autocast_enabled, autocast_dtype = ctx.autocast
+
+        with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_enabled):
+            grad_images = torch.zeros_like(image_embeds)
+            grad_scale = torch.zeros_like(inverse_temperature)
+            grad_bias = torch.zeros_like(logit_bias)
+            block = text_block
+            own_grad = travelling = None
+            for step in range(world_size):
+                # Out: this block, to the right neighbour's next step (none after the last step), and, from the third
+                # step on, the gradient of the previous step's block to the right neighbour, who holds that block now.
+                # In: the next block, and the gradient so far of the block held now, from the left.
+                sends_block = step < world_size - 1
+                sends_grad = step >= 2
+                outgoing = ([block] if sends_block else []) + ([travelling] if sends_grad else [])
+                shift = _RingShift(torch.stack(outgoing), group) if outgoing else None
+
+                owner = (rank - step) % world_size
+                positive_offset = 0 if step == 0 else None
+                step_images, step_texts, step_scale, step_bias = _sigmoid_pair_sum_gradients(
+                    image_embeds,
+                    block,
+                    inverse_temperature,
+                    logit_bias,
+                    positive_offset,
+                    block_weights[owner],
+                    grad_output,
+                )
+                grad_images += step_images
+                grad_scale += step_scale.reshape_as(grad_scale)
+                grad_bias += step_bias.reshape_as(grad_bias)
+
+                incoming = shift.wait().unbind() if shift is not None else ()
+                if step == 0:
+                    own_grad = step_texts
+                elif sends_grad:
+                    travelling = incoming[-1] + step_texts
+                else:  # the second step: the first process to add to this block's travelling gradient
+                    travelling = step_texts
+                if sends_block:
+                    block = incoming[0]
+            # The last block held is the right neighbour's own: its gradient, complete, goes home; ours comes back.
+            grad_texts = own_grad if world_size == 1 else own_grad + _RingShift(travelling, group).wait()
+
+        return (
+            grad_images if ctx.needs_input_grad[0] else None,
+            grad_texts if ctx.needs_input_grad[1] else None,
+            grad_scale if ctx.needs_input_grad[2] else None,
+            grad_bias if ctx.needs_input_grad[3] else None,
+            None,
+            None,
+        )
+
+
+def distributed_sigmoid_loss(
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    inverse_temperature: torch.Tensor,
+    logit_bias: torch.Tensor,
+    pad_to: int | None = None,
+    group: dist.ProcessGroup | None = None,
+    ring: bool = False,
+) -> torch.Tensor:
+    """This process's share of the sigmoid loss over the global batch of all processes.
+
+    Each process scores its own images against every process's texts; the sigmoid loss is a sum over pairs, so the
+    processes' shares together cover every image-text combination of the global batch once. Summed over processes
+    and divided by the world size, as DDP's gradient averaging does, the shares give exactly the loss and gradients of
+    [`sigmoid_loss`] on the concatenated batch: the sum over all combinations divided by the global number of pairs.
+
+    Texts reach the other processes in one of two ways, with equal results:
+
+    - `ring=False`: one differentiable all-gather of the texts ([`gather_with_gradient`]), then the local images
+      against all of them at once; the logits take `local x global` memory.
+    - `ring=True`: the text blocks go round a ring of the processes with point-to-point sends, one block per step
+      (the way big_vision and open_clip distribute SigLIP); each step holds `local x local` logits and two blocks,
+      never the global batch's texts, and the backward sends each block's gradient back round the ring to its owner.
+      It takes `world_size - 1` sequential steps, each overlapping its exchange with its maths.
+
+    Args:
+        image_embeds, text_embeds (`torch.Tensor` of shape `(local_batch, dim)`): this process's normalised pairs.
+        inverse_temperature (`torch.Tensor`, scalar): the inverse temperature, `exp` of the model's `logit_scale`.
+        logit_bias (`torch.Tensor`, scalar): the bias added to every logit.
+        pad_to (`int`, *optional*): the largest local batch any process can have (the per-device batch size). Local
+            text blocks are padded to it and the padding masked out (padded rows are neither positives nor
+            negatives), so processes may hold different numbers of pairs without a host synchronisation to agree on
+            sizes. Without it, every process must hold the same number of pairs.
+        group: the process group; defaults to the world.
+        ring (`bool`, *optional*, defaults to `False`): exchange text blocks round a ring instead of all-gathering
+            them.
+
+    A process with no pair (every sample of its batch unusable) contributes 0 and still takes part in every exchange,
+    forward and backward; when no process has a pair, the loss is 0 rather than NaN, with zero gradients.
+    """
+    world_size = dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    local = image_embeds.shape[0]
+    rows = pad_to if pad_to is not None else local
+    if local > rows:
+        raise ValueError(f"A local batch of {local} pairs is larger than pad_to={rows}.")
+
+    valid = _pad_rows(torch.ones(local, dtype=torch.bool, device=image_embeds.device), rows)
+    all_valid = [torch.empty_like(valid) for _ in range(world_size)]
+    dist.all_gather(all_valid, valid, group=group)
+    block_weights = torch.stack(all_valid).to(image_embeds.dtype)
+    text_block = _pad_rows(text_embeds, rows)
+
+    if ring:
+        device = image_embeds.device
+        total = _RingSigmoidPairSum.apply(
+            image_embeds,
+            text_block,
+            torch.as_tensor(inverse_temperature, device=device),
+            torch.as_tensor(logit_bias, device=device),
+            block_weights,
+            group,
+        )
+    else:
+        all_texts = gather_with_gradient(text_block, group)
+        total = _sigmoid_pair_sum(
+            image_embeds, all_texts, inverse_temperature, logit_bias, rank * rows, block_weights.flatten()
+        )
+    # Normalise by the global number of pairs, times the world size that DDP's averaging divides by again; clamped so
+    # that a global batch without pairs gives 0, not 0 / 0.
+    global_pairs = block_weights.sum().clamp(min=1)
+    return total / global_pairs * world_size
+
+
+def sigmoid_contrastive_loss(
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    inverse_temperature: torch.Tensor,
+    logit_bias: torch.Tensor,
+    gather_negatives: bool = True,
+    pad_to: int | None = None,
+    ring: bool = False,
+) -> torch.Tensor:
+    """[`distributed_sigmoid_loss`] when several processes train and `gather_negatives` is on, else [`sigmoid_loss`]."""
+    if gather_negatives and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return distributed_sigmoid_loss(
+            image_embeds, text_embeds, inverse_temperature, logit_bias, pad_to=pad_to, ring=ring
+        )
+    return sigmoid_loss(image_embeds, text_embeds, inverse_temperature, logit_bias)
