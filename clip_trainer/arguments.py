@@ -48,21 +48,43 @@ EXTRA_SCHEDULERS = ["step"]
 
 @dataclass
 class ModelArguments:
-    """Which CLIP model to train, and how to change it before training."""
+    """Which model to train, and how to change it before training.
+
+    The family follows the model's config: `CLIPModel`, `SiglipModel`, `Siglip2Model`, or a
+    `VisionTextDualEncoderModel` (saved, or built from `vision_model_name_or_path` + `text_model_name_or_path`).
+    """
 
     model_name_or_path: str | None = field(
         default=None,
         metadata={
-            "help": "Hub id or local folder of a pretrained CLIP model (e.g. openai/clip-vit-base-patch32). Leave "
-            "empty to build a new model from `config_name`."
+            "help": "Hub id or local folder of a pretrained CLIP, SigLIP, SigLIP 2 or vision-text dual encoder model "
+            "(e.g. openai/clip-vit-base-patch32, google/siglip-base-patch16-224). Leave empty to build a new model "
+            "from `config_name`, or a dual encoder from `vision_model_name_or_path` and `text_model_name_or_path`."
         },
     )
     config_name: str | None = field(
         default=None,
         metadata={
-            "help": "A CLIPConfig (Hub id, folder or config.json path). With `model_name_or_path` it replaces the "
-            "model's config; without it a model is built from scratch with random weights."
+            "help": "A model config (CLIPConfig, SiglipConfig, Siglip2Config; Hub id, folder or config.json path). "
+            "With `model_name_or_path` it replaces the model's config; without it a model is built from scratch "
+            "with random weights."
         },
+    )
+    vision_model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "With `text_model_name_or_path`: build a VisionTextDualEncoderModel from this image encoder (any "
+            "vision model transformers loads: a CLIP checkpoint's vision tower, ViT, DINOv2, ...) and that text "
+            "encoder, joined by new projections."
+        },
+    )
+    text_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "The text encoder of a new dual encoder (BERT, RoBERTa, a CLIP text tower, ...)."},
+    )
+    projection_dim: int = field(
+        default=512,
+        metadata={"help": "For a new dual encoder: the size of the shared embedding space its projections map to."},
     )
     tokenizer_name: str | None = field(
         default=None,
@@ -108,7 +130,8 @@ class ModelArguments:
 
     def __post_init__(self) -> None:
         # An empty value on the command line (--model_name_or_path "") unsets what a config file set.
-        for key in ("model_name_or_path", "config_name", "tokenizer_name", "image_processor_name"):
+        keys = ("model_name_or_path", "config_name", "tokenizer_name", "image_processor_name")
+        for key in (*keys, "vision_model_name_or_path", "text_model_name_or_path"):
             if getattr(self, key) is not None and not str(getattr(self, key)).strip():
                 setattr(self, key, None)
         if self.better_transformer:
@@ -119,10 +142,20 @@ class ModelArguments:
                 stacklevel=2,
             )
             self.attn_implementation = "sdpa"
-        if self.model_name_or_path is None and self.config_name is None:
+        towers = (self.vision_model_name_or_path, self.text_model_name_or_path)
+        if any(towers) and not all(towers):
+            missing = "text_model_name_or_path" if self.vision_model_name_or_path else "vision_model_name_or_path"
+            raise ConfigError(f"A dual encoder needs both towers: set `{missing}` too.")
+        if all(towers) and (self.model_name_or_path or self.config_name):
             raise ConfigError(
-                "No model given: set `model_name_or_path` (e.g. openai/clip-vit-base-patch32) to fine-tune, or "
-                "`config_name` (a CLIPConfig) to train from scratch."
+                "Both a model (`model_name_or_path` / `config_name`) and two towers (`vision_model_name_or_path`, "
+                "`text_model_name_or_path`) are given; keep one."
+            )
+        if self.model_name_or_path is None and self.config_name is None and not all(towers):
+            raise ConfigError(
+                "No model given: set `model_name_or_path` (e.g. openai/clip-vit-base-patch32) to fine-tune, "
+                "`config_name` (a CLIPConfig or SiglipConfig) to train from scratch, or `vision_model_name_or_path` "
+                "and `text_model_name_or_path` to join two encoders."
             )
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"`dropout` is {self.dropout}; it must be in [0, 1).")
@@ -367,13 +400,32 @@ class CLIPTrainingArguments(TrainingArguments):
     lr_step_gamma: float = field(default=0.1, metadata={"help": "For lr_scheduler_type=step: decay factor."})
     max_logit_scale: float = field(
         default=100.0,
-        metadata={"help": "Upper bound of exp(logit_scale) (the inverse temperature); CLIP clamps it at 100."},
+        metadata={
+            "help": "Upper bound of exp(logit_scale) (the inverse temperature) with the softmax loss; CLIP clamps it "
+            "at 100. The sigmoid loss is not clamped (SigLIP is not: its checkpoints sit above 100)."
+        },
     )
     gather_negatives: bool = field(
         default=True,
         metadata={
             "help": "Under distributed training, contrast each process's pairs against every process's batch "
             "(exact global-batch loss and gradients). False: negatives from the local batch only."
+        },
+    )
+    loss_type: str = field(
+        default="auto",
+        metadata={
+            "help": "The contrastive loss: `auto` (the family's own: softmax for CLIP and dual encoders, sigmoid for "
+            "SigLIP), `softmax` (CLIP's symmetric cross-entropy), or `sigmoid` (SigLIP's, with the model's learned "
+            "`logit_bias`; needs a model that has one).",
+            "choices": ["auto", "softmax", "sigmoid"],
+        },
+    )
+    sigmoid_ring_exchange: bool = field(
+        default=False,
+        metadata={
+            "help": "With the sigmoid loss under DDP: pass the text embeddings round a ring of the processes instead "
+            "of all-gathering them (memory of local x local logits; same loss and gradients)."
         },
     )
     accumulation_mode: str = field(
@@ -559,6 +611,8 @@ def _raise_config_error(message: str) -> None:
 CONFIG_RELATIVE_PATH_KEYS = (
     "model_name_or_path",
     "config_name",
+    "vision_model_name_or_path",
+    "text_model_name_or_path",
     "tokenizer_name",
     "image_processor_name",
     "dataset_name",
@@ -678,6 +732,12 @@ def check_arguments(
         raise ConfigError(
             "--do_eval needs evaluation data: set `validation_file`, or `dataset_name` (a Hub dataset with a "
             "validation or test split, or a prepared folder)."
+        )
+    from_scratch = model_args.model_name_or_path is None and model_args.vision_model_name_or_path is None
+    if from_scratch and not training_args.do_train:
+        raise ConfigError(
+            "A model built from scratch (`config_name` without `model_name_or_path`) has nothing to evaluate before "
+            "it trains: add --do_train, or evaluate a trained model with `model_name_or_path`."
         )
     if data_args.max_seq_length is not None and data_args.max_seq_length > text_positions:
         raise ConfigError(

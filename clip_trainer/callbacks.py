@@ -19,17 +19,14 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
 from .checkpoints import latest_complete_checkpoint
+from .modeling import tower_modules
 
 logger = logging.get_logger(__name__)
 
 
 def set_tower_trainable(model, tower: str, trainable: bool) -> None:
     """Turns gradients on or off for one tower: `vision` (vision model + projection) or `text` (likewise)."""
-    modules = {
-        "vision": (model.vision_model, model.visual_projection),
-        "text": (model.text_model, model.text_projection),
-    }[tower]
-    for module in modules:
+    for module in tower_modules(getattr(model, "module", model), tower):
         for parameter in module.parameters():
             parameter.requires_grad_(trainable)
 

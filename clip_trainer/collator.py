@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging
@@ -64,9 +63,10 @@ class ImageTextCollator:
     def from_processor(cls, processor: Any, **kwargs: Any) -> ImageTextCollator:
         """The collator for a `CLIPProcessor`-like processor (a `tokenizer` and an `image_processor`).
 
-        `max_seq_length` defaults to the tokenizer's `model_max_length`; other keyword arguments are the fields above.
+        `max_seq_length` defaults to the tokenizer's `model_max_length` (capped at 512 for tokenizers that set no
+        real limit); other keyword arguments are the fields above.
         """
-        kwargs.setdefault("max_seq_length", processor.tokenizer.model_max_length)
+        kwargs.setdefault("max_seq_length", min(processor.tokenizer.model_max_length, 512))
         return cls(
             tokenizer=processor.tokenizer,
             image_preprocessor=ImagePreprocessor.from_image_processor(processor.image_processor),
@@ -84,7 +84,7 @@ class ImageTextCollator:
             except BadSampleError as error:
                 # Rows are checked for cheap faults before training; what is left (a corrupt file) is rare.
                 logger.warning(f"Leaving out a sample that cannot be used ({error.reason}).")
-                pixels.append(np.zeros((3, *self.image_preprocessor.output_size), dtype=np.uint8))
+                pixels.append(self.image_preprocessor.placeholder())
                 caption = ""
                 valid.append(False)
             else:
@@ -95,7 +95,7 @@ class ImageTextCollator:
             captions, padding=self.padding, truncation=True, max_length=self.max_seq_length, return_tensors="pt"
         )
         batch = {
-            "pixel_values": torch.from_numpy(np.stack(pixels)),
+            **self.image_preprocessor.collate(pixels),
             "input_ids": text["input_ids"],
             "valid": torch.tensor(valid, dtype=torch.bool),
         }

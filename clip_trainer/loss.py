@@ -195,15 +195,18 @@ def _sigmoid_pair_sum(
     logit_bias: torch.Tensor,
     positive_offset: int | None = 0,
     column_weight: torch.Tensor | None = None,
+    row_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`sum_ij -log sigmoid(label_ij * logit_ij)` over a block of pairs, each text column weighted by `column_weight`
-    (0 for padding)."""
+    and each image row by `row_weight` (0 for padding and for unusable samples)."""
     _, logits, labels = _sigmoid_logits_and_labels(
         image_embeds, text_embeds, inverse_temperature, logit_bias, positive_offset
     )
     losses = -F.logsigmoid(labels * logits)
     if column_weight is not None:
         losses = losses * column_weight
+    if row_weight is not None:
+        losses = losses * row_weight[:, None]
     return losses.sum()
 
 
@@ -214,6 +217,7 @@ def _sigmoid_pair_sum_gradients(
     logit_bias: torch.Tensor,
     positive_offset: int | None,
     column_weight: torch.Tensor,
+    row_weight: torch.Tensor,
     grad_output: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The gradients of `grad_output * _sigmoid_pair_sum(...)` with respect to the images, the texts, the scale and the
@@ -226,14 +230,18 @@ def _sigmoid_pair_sum_gradients(
         image_embeds, text_embeds, inverse_temperature, logit_bias, positive_offset
     )
     # d/dz of -log sigmoid(l * z) is -l * sigmoid(-l * z).
-    grad_logits = -labels * torch.sigmoid(-labels * logits) * column_weight * grad_output
+    grad_logits = -labels * torch.sigmoid(-labels * logits) * column_weight * row_weight[:, None] * grad_output
     grad_images = (inverse_temperature * (grad_logits @ text_embeds)).to(image_embeds.dtype)
     grad_texts = (inverse_temperature * (grad_logits.T @ image_embeds)).to(text_embeds.dtype)
     return grad_images, grad_texts, (grad_logits * similarity).sum(), grad_logits.sum()
 
 
 def sigmoid_loss(
-    image_embeds: torch.Tensor, text_embeds: torch.Tensor, inverse_temperature: torch.Tensor, logit_bias: torch.Tensor
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    inverse_temperature: torch.Tensor,
+    logit_bias: torch.Tensor,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SigLIP's sigmoid loss over one batch of matching pairs (Zhai et al., 2023, "Sigmoid Loss for Language Image
     Pre-Training").
@@ -253,8 +261,15 @@ def sigmoid_loss(
         inverse_temperature (`torch.Tensor`, scalar): the inverse temperature `t`, i.e. `exp` of the model's `logit_scale`
             (SigLIP starts it at `t = 10`).
         logit_bias (`torch.Tensor`, scalar): the bias `b`, used as it is (SigLIP starts it at `b = -10`).
+        valid (`torch.Tensor` of shape `(batch,)`, *optional*): `False` for rows that are no pair (a sample the
+            collator could not use): neither their image nor their text takes part, and `n` counts the valid pairs;
+            with none the loss is 0, still connected to the graph.
     """
-    return _sigmoid_pair_sum(image_embeds, text_embeds, inverse_temperature, logit_bias) / image_embeds.shape[0]
+    if valid is None:
+        return _sigmoid_pair_sum(image_embeds, text_embeds, inverse_temperature, logit_bias) / image_embeds.shape[0]
+    weight = valid.to(image_embeds.dtype)
+    total = _sigmoid_pair_sum(image_embeds, text_embeds, inverse_temperature, logit_bias, 0, weight, weight)
+    return total / valid.sum().clamp(min=1)
 
 
 class _RingShift:
@@ -313,13 +328,20 @@ class _RingSigmoidPairSum(torch.autograd.Function):
 
         sums = []
         block = text_block
+        row_weight = block_weights[rank, : image_embeds.shape[0]]  # this process's images: valid or not
         for step in range(world_size):
             shift = _RingShift(block, group) if step < world_size - 1 else None
             owner = (rank - step) % world_size
             positive_offset = 0 if step == 0 else None  # only a process's own block holds its positives
             sums.append(
                 _sigmoid_pair_sum(
-                    image_embeds, block, inverse_temperature, logit_bias, positive_offset, block_weights[owner]
+                    image_embeds,
+                    block,
+                    inverse_temperature,
+                    logit_bias,
+                    positive_offset,
+                    block_weights[owner],
+                    row_weight,
                 )
             )
             if shift is not None:
@@ -341,6 +363,7 @@ class _RingSigmoidPairSum(torch.autograd.Function):
             grad_bias = torch.zeros_like(logit_bias)
             block = text_block
             own_grad = travelling = None
+            row_weight = block_weights[rank, : image_embeds.shape[0]]
             for step in range(world_size):
                 # Out: this block, to the right neighbour's next step (none after the last step), and, from the third
                 # step on, the gradient of the previous step's block to the right neighbour, who holds that block now.
@@ -359,6 +382,7 @@ class _RingSigmoidPairSum(torch.autograd.Function):
                     logit_bias,
                     positive_offset,
                     block_weights[owner],
+                    row_weight,
                     grad_output,
                 )
                 grad_images += step_images
@@ -395,6 +419,7 @@ def distributed_sigmoid_loss(
     pad_to: int | None = None,
     group: dist.ProcessGroup | None = None,
     ring: bool = False,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """This process's share of the sigmoid loss over the global batch of all processes.
 
@@ -423,6 +448,8 @@ def distributed_sigmoid_loss(
         group: the process group; defaults to the world.
         ring (`bool`, *optional*, defaults to `False`): exchange text blocks round a ring instead of all-gathering
             them.
+        valid (`torch.Tensor` of shape `(local_batch,)`, *optional*): `False` for rows that are no pair, as in
+            [`sigmoid_loss`]; they are masked like padding.
 
     A process with no pair (every sample of its batch unusable) contributes 0 and still takes part in every exchange,
     forward and backward; when no process has a pair, the loss is 0 rather than NaN, with zero gradients.
@@ -434,9 +461,10 @@ def distributed_sigmoid_loss(
     if local > rows:
         raise ValueError(f"A local batch of {local} pairs is larger than pad_to={rows}.")
 
-    valid = _pad_rows(torch.ones(local, dtype=torch.bool, device=image_embeds.device), rows)
-    all_valid = [torch.empty_like(valid) for _ in range(world_size)]
-    dist.all_gather(all_valid, valid, group=group)
+    local_valid = torch.ones(local, dtype=torch.bool, device=image_embeds.device) if valid is None else valid
+    padded_valid = _pad_rows(local_valid, rows)
+    all_valid = [torch.empty_like(padded_valid) for _ in range(world_size)]
+    dist.all_gather(all_valid, padded_valid, group=group)
     block_weights = torch.stack(all_valid).to(image_embeds.dtype)
     text_block = _pad_rows(text_embeds, rows)
 
@@ -453,7 +481,13 @@ def distributed_sigmoid_loss(
     else:
         all_texts = gather_with_gradient(text_block, group)
         total = _sigmoid_pair_sum(
-            image_embeds, all_texts, inverse_temperature, logit_bias, rank * rows, block_weights.flatten()
+            image_embeds,
+            all_texts,
+            inverse_temperature,
+            logit_bias,
+            rank * rows,
+            block_weights.flatten(),
+            block_weights[rank, :local],
         )
     # Normalise by the global number of pairs, times the world size that DDP's averaging divides by again; clamped so
     # that a global batch without pairs gives 0, not 0 / 0.
@@ -469,10 +503,11 @@ def sigmoid_contrastive_loss(
     gather_negatives: bool = True,
     pad_to: int | None = None,
     ring: bool = False,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """[`distributed_sigmoid_loss`] when several processes train and `gather_negatives` is on, else [`sigmoid_loss`]."""
     if gather_negatives and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return distributed_sigmoid_loss(
-            image_embeds, text_embeds, inverse_temperature, logit_bias, pad_to=pad_to, ring=ring
+            image_embeds, text_embeds, inverse_temperature, logit_bias, pad_to=pad_to, ring=ring, valid=valid
         )
-    return sigmoid_loss(image_embeds, text_embeds, inverse_temperature, logit_bias)
+    return sigmoid_loss(image_embeds, text_embeds, inverse_temperature, logit_bias, valid=valid)

@@ -208,6 +208,10 @@ def _format_metric(name: str, value: float | None) -> str:
 
 # --- Card --------------------------------------------------------------------------------------------------------------
 
+_LOSS_DESCRIPTIONS = {
+    "softmax": "CLIP's contrastive (softmax) loss",
+    "sigmoid": "SigLIP's sigmoid loss, with its learned bias",
+}
 TEMPLATE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates", "model_card.md")
 
 
@@ -226,6 +230,9 @@ class CLIPModelCardData:
         license: a Hub license id (`apache-2.0`, `mit`, ...); omitted from the metadata when unknown.
         tags: extra Hub tags, after `clip`, `clip-trainer`, `contrastive-learning` and
             `zero-shot-image-classification`.
+        family, family_docs: the model family as the card names it (`CLIP`, `SigLIP`, ...) and its transformers
+            documentation page; the trainer fills them from the model.
+        loss: `softmax` or `sigmoid`; the trainer fills it.
     """
 
     model_name: str | None = None
@@ -237,6 +244,9 @@ class CLIPModelCardData:
     num_eval_pairs: int | None = None
     license: str | None = None
     tags: list[str] = dataclasses.field(default_factory=list)
+    family: str | None = None
+    family_docs: str | None = None
+    loss: str | None = None
 
 
 def _hub_id(name: str | None) -> str | None:
@@ -366,10 +376,11 @@ def write_model_card(
     base_id = _hub_id(card_data.base_model)
     dataset_id = _hub_id(card_data.dataset_id)
     eval_results = _model_index(dataset_id, after)
+    family_tag = (card_data.family or "").lower().replace(" ", "")
     metadata_card = ModelCardData(
         library_name="transformers",
         pipeline_tag="zero-shot-image-classification",
-        tags=_unique([*_DEFAULT_TAGS, *card_data.tags]),
+        tags=_unique([*_DEFAULT_TAGS, family_tag, *card_data.tags]),
         base_model=base_id,
         datasets=[dataset_id] if dataset_id else None,
         license=card_data.license or None,
@@ -390,6 +401,9 @@ def write_model_card(
         metadata_card,
         template_path=TEMPLATE_PATH,
         model_name=model_name,
+        family=card_data.family or "CLIP",
+        family_docs=card_data.family_docs or "clip",
+        loss=_LOSS_DESCRIPTIONS.get(card_data.loss or "softmax", card_data.loss),
         origin=_origin(card_data.base_model),
         dataset=dataset,
         num_train_pairs=card_data.num_train_pairs,
@@ -399,6 +413,8 @@ def write_model_card(
         plots=_plot_links(output_dir, plots),
         hyperparameters=safe,
         repo_id=card_data.repo_id or model_name,
+        # SigLIP's text tower pools the last position: captions are padded to the length it was trained with.
+        text_padding='"max_length"' if (card_data.family or "").startswith("SigLIP") else "True",
         versions=_versions(),
     )
     content = _TOKEN_PATTERN.sub("<redacted>", str(card))

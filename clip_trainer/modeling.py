@@ -1,24 +1,36 @@
 """Building the model and its processor (tokenizer + image processor) from the model arguments.
 
-Only what the model arguments name is loaded, and a checkpoint that is not a model clip-trainer trains is refused by
-name before any weights are read.
+Four families, told apart by the config's `model_type`: CLIP (`CLIPModel`), SigLIP (`SiglipModel`), SigLIP 2
+(`Siglip2Model`) and vision-text dual encoders (`VisionTextDualEncoderModel`, any vision encoder joined to any text
+encoder). Only what the model arguments name is loaded, and a checkpoint of another kind is refused by name before
+any weights are read.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import os
 from collections.abc import Iterable
+from dataclasses import dataclass
 
+import torch
+from torch import nn
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
     AutoTokenizer,
-    CLIPConfig,
     CLIPImageProcessorPil,
     CLIPModel,
     CLIPProcessor,
     PretrainedConfig,
+    Siglip2Model,
+    Siglip2Processor,
+    SiglipModel,
+    SiglipProcessor,
+    VisionTextDualEncoderConfig,
+    VisionTextDualEncoderModel,
+    VisionTextDualEncoderProcessor,
 )
 from transformers.utils import logging
 
@@ -26,23 +38,74 @@ from .arguments import ConfigError, ModelArguments
 
 logger = logging.get_logger(__name__)
 
-# model_type -> what clip-trainer trains for it.
-SUPPORTED_MODEL_TYPES = {"clip": CLIPModel}
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 
 
-def load_model_config(model_args: ModelArguments) -> PretrainedConfig:
-    """The model's configuration, loaded cheaply (no weights) so that arguments can be checked against it first.
+@dataclass(frozen=True)
+class ModelFamily:
+    """What differs between the model families clip-trainer trains.
 
-    Raises:
-        [`ConfigError`]: for a source that has no config, or whose `model_type` clip-trainer does not train.
+    Attributes:
+        name: as the model card says it (`CLIP`, `SigLIP`, ...).
+        model_class / processor_class: the transformers classes.
+        loss: the family's own loss, `softmax` (CLIP's contrastive cross-entropy) or `sigmoid` (SigLIP's).
+        text_padding: `longest` for text towers that pool at the end-of-text token (CLIP) or the first token (BERT);
+            `max_length` for SigLIP's, which pools at the last position and so must always see captions padded to
+            the one length it was trained with.
+        docs: the transformers documentation page of the family.
     """
-    key = "config_name" if model_args.config_name else "model_name_or_path"
-    source = model_args.config_name or model_args.model_name_or_path
+
+    name: str
+    model_class: type
+    processor_class: type
+    loss: str
+    text_padding: str
+    docs: str
+
+
+FAMILIES = {
+    "clip": ModelFamily("CLIP", CLIPModel, CLIPProcessor, "softmax", "longest", "clip"),
+    "siglip": ModelFamily("SigLIP", SiglipModel, SiglipProcessor, "sigmoid", "max_length", "siglip"),
+    "siglip2": ModelFamily("SigLIP 2", Siglip2Model, Siglip2Processor, "sigmoid", "max_length", "siglip2"),
+    "vision-text-dual-encoder": ModelFamily(
+        "vision-text dual encoder",
+        VisionTextDualEncoderModel,
+        VisionTextDualEncoderProcessor,
+        "softmax",
+        "longest",
+        "vision-text-dual-encoder",
+    ),
+}
+# SigLIP's recommended start for a model trained from scratch (Zhai et al. 2023): t = 10, b = -10, so that the
+# many negatives of a batch start with a small loss; transformers initialises both at 0.
+SIGLIP_INITIAL_INVERSE_TEMPERATURE = 10.0
+SIGLIP_INITIAL_LOGIT_BIAS = -10.0
+
+
+def model_family(config: PretrainedConfig) -> ModelFamily:
+    """The family of a model config, or a [`ConfigError`] naming what clip-trainer trains instead."""
+    family = FAMILIES.get(config.model_type)
+    if family is None:
+        raise ConfigError(
+            f"This is a {config.model_type!r} model ({type(config).__name__}); clip-trainer trains "
+            f"{', '.join(repr(name) for name in FAMILIES)} models. Give a CLIP or SigLIP checkpoint, a config to "
+            "train one from scratch, or two towers (`vision_model_name_or_path`, `text_model_name_or_path`)."
+        )
+    return family
+
+
+def tower_modules(model: nn.Module, tower: str) -> list[nn.Module]:
+    """The modules of one tower, `vision` or `text`, projection included, for freezing and unfreezing."""
+    names = {"vision": ("vision_model", "visual_projection"), "text": ("text_model", "text_projection")}[tower]
+    # SigLIP keeps its projection (the `head`) inside the tower, and has no separate one.
+    return [getattr(model, name) for name in names if getattr(model, name, None) is not None]
+
+
+def _auto_config(source: str, key: str, model_args: ModelArguments) -> PretrainedConfig:
     if os.path.isdir(source) and not os.path.isfile(os.path.join(source, "config.json")):
         raise ConfigError(f"`{key}` {source!r} is a folder without a config.json, so it is not a saved model.")
     try:
-        config = AutoConfig.from_pretrained(
+        return AutoConfig.from_pretrained(
             source,
             cache_dir=model_args.cache_dir,
             revision=model_args.model_revision,
@@ -51,22 +114,51 @@ def load_model_config(model_args: ModelArguments) -> PretrainedConfig:
     except (OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ConfigError(f"Cannot load a model config from `{key}` = {source!r}: {first_line}") from None
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise ConfigError(
-            f"`{key}` {source!r} is a {config.model_type!r} model ({type(config).__name__}); clip-trainer trains "
-            f"{', '.join(repr(name) for name in SUPPORTED_MODEL_TYPES)} models. Give a CLIP checkpoint, or a "
-            "CLIPConfig as `config_name` to train one from scratch."
+
+
+def load_model_config(model_args: ModelArguments) -> PretrainedConfig:
+    """The model's configuration, loaded cheaply (no weights) so that arguments can be checked against it first.
+
+    Raises:
+        [`ConfigError`]: for a source that has no config, or whose `model_type` clip-trainer does not train.
+    """
+    if model_args.vision_model_name_or_path is not None:
+        vision = _auto_config(model_args.vision_model_name_or_path, "vision_model_name_or_path", model_args)
+        text = _auto_config(model_args.text_model_name_or_path, "text_model_name_or_path", model_args)
+        for key, tower in (("vision_model_name_or_path", vision), ("text_model_name_or_path", text)):
+            if tower.model_type in FAMILIES and tower.model_type != "clip":
+                raise ConfigError(
+                    f"`{key}` is a whole {tower.model_type!r} model; give its {key.split('_')[0]} tower alone (for "
+                    "SigLIP, a SiglipVisionModel / SiglipTextModel folder), or train the model itself as "
+                    "`model_name_or_path`."
+                )
+        _check_weights(model_args.vision_model_name_or_path, "vision_model_name_or_path")
+        _check_weights(model_args.text_model_name_or_path, "text_model_name_or_path")
+        # A CLIP checkpoint given as a tower contributes that tower's config.
+        vision = getattr(vision, "vision_config", vision)
+        text = getattr(text, "text_config", text)
+        config = VisionTextDualEncoderConfig.from_vision_text_configs(
+            vision, text, projection_dim=model_args.projection_dim
         )
-    _check_weights(model_args.model_name_or_path)
+    else:
+        key = "config_name" if model_args.config_name else "model_name_or_path"
+        source = model_args.config_name or model_args.model_name_or_path
+        config = _auto_config(source, key, model_args)
+        try:
+            model_family(config)
+        except ConfigError as error:
+            raise ConfigError(f"`{key}` {source!r}: {error}") from None
+        _check_weights(model_args.model_name_or_path, "model_name_or_path")
     if model_args.dropout is not None:
         for tower in (config.text_config, config.vision_config):
-            # CLIP's layers read only `attention_dropout`; `dropout` is set too so the saved config says it.
+            # CLIP's and SigLIP's layers read only `attention_dropout`; `dropout` is set too so the saved config
+            # says it (and so that towers that read it, BERT's among them, apply it).
             tower.attention_dropout = model_args.dropout
             tower.dropout = model_args.dropout
     return config
 
 
-def _check_weights(source: str | None) -> None:
+def _check_weights(source: str | None, key: str) -> None:
     """A local model folder must hold safetensors weights; checked with the config, before any data is loaded."""
     if source is None or not os.path.isdir(source):
         return
@@ -75,26 +167,43 @@ def _check_weights(source: str | None) -> None:
     found = sorted(name for name in os.listdir(source) if name.endswith((".bin", ".pt", ".pth", ".ckpt")))
     pickled = f" (it has {', '.join(found)}: pickled weights, which can run code when loaded)" if found else ""
     raise ConfigError(
-        f"`model_name_or_path` {source!r} has no model.safetensors{pickled}; clip-trainer loads safetensors weights "
-        "only. Convert them (`model.save_pretrained(folder)` saves safetensors), or use `config_name` to train a new "
+        f"`{key}` {source!r} has no model.safetensors{pickled}; clip-trainer loads safetensors weights only. "
+        "Convert them (`model.save_pretrained(folder)` saves safetensors), or use `config_name` to train a new "
         "model from this config."
     )
 
 
-def max_text_positions(config: CLIPConfig) -> int:
+def max_text_positions(config: PretrainedConfig) -> int:
     return config.text_config.max_position_embeddings
 
 
+def _new_image_processor(config: PretrainedConfig):
+    """An image processor sized for a model built from scratch, as the family's pretrained checkpoints have."""
+    vision = config.vision_config
+    if config.model_type == "siglip":
+        from transformers import SiglipImageProcessorPil
+
+        return SiglipImageProcessorPil(size={"height": vision.image_size, "width": vision.image_size})
+    if config.model_type == "siglip2":
+        from transformers import Siglip2ImageProcessorPil
+
+        return Siglip2ImageProcessorPil(patch_size=vision.patch_size, max_num_patches=vision.num_patches)
+    side = vision.image_size
+    return CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+
+
 def load_processor(
-    model_args: ModelArguments, config: CLIPConfig, training_captions: Iterable[str] | None = None
-) -> CLIPProcessor:
+    model_args: ModelArguments, config: PretrainedConfig, training_captions: Iterable[str] | None = None
+):
     """The tokenizer and image processor: given ones, the model's own, or new ones for a model built from scratch.
 
     A model built from scratch without `tokenizer_name` gets a tokenizer trained on `training_captions`, and one
-    without `image_processor_name` a CLIP image processor sized for `config.vision_config.image_size`.
+    without `image_processor_name` an image processor of its family sized for its config. A new dual encoder takes
+    each tower's own.
     """
+    family = model_family(config)
     common = {"cache_dir": model_args.cache_dir, "trust_remote_code": model_args.trust_remote_code}
-    tokenizer_source = model_args.tokenizer_name or model_args.model_name_or_path
+    tokenizer_source = model_args.tokenizer_name or model_args.model_name_or_path or model_args.text_model_name_or_path
     if tokenizer_source is not None:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, **common)
     else:
@@ -109,36 +218,43 @@ def load_processor(
             model_max_length=max_text_positions(config),
         )
 
-    processor_source = model_args.image_processor_name or model_args.model_name_or_path
+    processor_source = (
+        model_args.image_processor_name or model_args.model_name_or_path or model_args.vision_model_name_or_path
+    )
     if processor_source is not None:
         # The PIL backend: the torchvision one would make torchvision a hard dependency.
         image_processor = AutoImageProcessor.from_pretrained(processor_source, backend="pil", **common)
     else:
-        side = config.vision_config.image_size
-        image_processor = CLIPImageProcessorPil(
-            size={"shortest_edge": side}, crop_size={"height": side, "width": side}
-        )
-    return CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+        image_processor = _new_image_processor(config)
+    return family.processor_class(image_processor=image_processor, tokenizer=tokenizer)
 
 
-def load_model(model_args: ModelArguments, config: CLIPConfig, tokenizer=None) -> CLIPModel:
-    """The model: pretrained weights from `model_name_or_path`, or a new model built from `config`.
+def load_model(model_args: ModelArguments, config: PretrainedConfig, tokenizer=None) -> nn.Module:
+    """The model: pretrained weights from `model_name_or_path`, two pretrained towers joined by new projections, or
+    a new model built from `config`.
 
-    For a model built from scratch the text config takes the tokenizer's vocabulary size and special-token ids; CLIP
-    pools the text at `eos_token_id`, which must therefore match the tokenizer. Seed the run before calling this:
-    a new model's weights are drawn from torch's generator.
+    For a model built from scratch the text config takes the tokenizer's vocabulary size and special-token ids (CLIP
+    pools the text at `eos_token_id`, which must therefore match the tokenizer), and a SigLIP model starts at
+    `t = 10, b = -10`. Seed the run before calling this: new weights are drawn from torch's generator.
     """
-    model_class = SUPPORTED_MODEL_TYPES[config.model_type]
-    source = model_args.model_name_or_path
-    if source is not None:
-        return model_class.from_pretrained(
-            source,
-            config=config,
-            cache_dir=model_args.cache_dir,
-            revision=model_args.model_revision,
-            trust_remote_code=model_args.trust_remote_code,
-            attn_implementation=model_args.attn_implementation,
-            use_safetensors=True,
+    family = model_family(config)
+    common = {
+        "cache_dir": model_args.cache_dir,
+        "revision": model_args.model_revision,
+        "trust_remote_code": model_args.trust_remote_code,
+        "attn_implementation": model_args.attn_implementation,
+        "use_safetensors": True,
+    }
+    if model_args.model_name_or_path is not None:
+        return family.model_class.from_pretrained(model_args.model_name_or_path, config=config, **common)
+    if model_args.vision_model_name_or_path is not None:
+        # The towers' keyword arguments go through their `vision_` / `text_` prefixes.
+        towers = {f"{side}_{key}": value for side in ("vision", "text") for key, value in common.items()}
+        return VisionTextDualEncoderModel.from_vision_text_pretrained(
+            model_args.vision_model_name_or_path,
+            model_args.text_model_name_or_path,
+            projection_dim=config.projection_dim,
+            **towers,
         )
     # `_from_config` writes the attention implementation into the config it is given; keep the caller's intact.
     config = copy.deepcopy(config)
@@ -147,4 +263,9 @@ def load_model(model_args: ModelArguments, config: CLIPConfig, tokenizer=None) -
 
         for key, value in text_config_token_ids(tokenizer).items():
             setattr(config.text_config, key, value)
-    return model_class._from_config(config, attn_implementation=model_args.attn_implementation)
+    model = family.model_class._from_config(config, attn_implementation=model_args.attn_implementation)
+    if family.loss == "sigmoid":
+        with torch.no_grad():
+            model.logit_scale.fill_(math.log(SIGLIP_INITIAL_INVERSE_TEMPERATURE))
+            model.logit_bias.fill_(SIGLIP_INITIAL_LOGIT_BIAS)
+    return model

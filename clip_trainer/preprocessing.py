@@ -9,6 +9,10 @@ and stop at uint8; [`ImagePreprocessor.normalize`] applies `(pixels * rescale_fa
 
 Every setting it honours is read here and nowhere else; a setting it cannot honour (padding, a `longest_edge` or
 `max_height` size rule) stops the run with a message instead of being silently ignored.
+
+Two layouts: one image size for the whole batch (CLIP's shortest edge + center crop, SigLIP's square resize), and
+SigLIP 2's NaFlex, where each image keeps its aspect ratio at up to `max_num_patches` patches and the batch is a
+padded sequence of patches with `pixel_attention_mask` and `spatial_shapes`.
 """
 
 from __future__ import annotations
@@ -79,6 +83,9 @@ class ImagePreprocessor:
     rescale_factor: float
     mean: tuple[float, ...] | None
     std: tuple[float, ...] | None
+    # SigLIP 2's NaFlex: each image resized to at most `max_num_patches` patches of `patch_size`, aspect kept.
+    patch_size: int | None = None
+    max_num_patches: int | None = None
 
     @classmethod
     def from_image_processor(cls, image_processor: Any) -> ImagePreprocessor:
@@ -89,6 +96,8 @@ class ImagePreprocessor:
             [`UnsupportedImageProcessorError`]: for a setting this preprocessor cannot reproduce.
         """
         name = type(image_processor).__name__
+        if getattr(image_processor, "max_num_patches", None) and getattr(image_processor, "patch_size", None):
+            return cls._naflex(image_processor)
         if _setting(image_processor, "do_pad", False):
             raise UnsupportedImageProcessorError(
                 f"{name} pads images (`do_pad=True`), which clip-trainer's image preprocessor does not do; save the "
@@ -135,18 +144,73 @@ class ImagePreprocessor:
             std = tuple(float(v) for v in (std if isinstance(std, list | tuple) else [std] * 3))
         return cls(shortest_edge, resize_to, resample, crop_size, rescale, mean, std)
 
+    @classmethod
+    def _naflex(cls, image_processor: Any) -> ImagePreprocessor:
+        if not _setting(image_processor, "do_resize", True):
+            raise UnsupportedImageProcessorError(
+                f"{type(image_processor).__name__} with do_resize=False is not supported."
+            )
+        resample = PIL.Image.Resampling(int(_setting(image_processor, "resample", PIL.Image.Resampling.BILINEAR)))
+        rescale = float(_setting(image_processor, "rescale_factor", 1 / 255)) if image_processor.do_rescale else 1.0
+        mean = std = None
+        if _setting(image_processor, "do_normalize", False):
+            mean = tuple(float(v) for v in image_processor.image_mean)
+            std = tuple(float(v) for v in image_processor.image_std)
+        return cls(
+            None, None, resample, None, rescale, mean, std,
+            patch_size=int(image_processor.patch_size), max_num_patches=int(image_processor.max_num_patches),
+        )  # fmt: skip
+
     @property
-    def output_size(self) -> tuple[int, int]:
-        """`(height, width)` of every preprocessed image."""
+    def naflex(self) -> bool:
+        return self.max_num_patches is not None
+
+    @property
+    def output_size(self) -> tuple[int, int] | None:
+        """`(height, width)` of every preprocessed image; `None` with NaFlex, where each image has its own."""
+        if self.naflex:
+            return None
         return self.crop_size or self.resize_to  # type: ignore[return-value]
 
     @property
-    def draft_size(self) -> tuple[int, int]:
-        """The smallest `(width, height)` a JPEG may be decoded at without losing pixels this preprocessor keeps."""
+    def draft_size(self) -> tuple[int, int] | None:
+        """The smallest `(width, height)` a JPEG may be decoded at without losing pixels this preprocessor keeps
+        (`None`: decode in full)."""
+        if self.naflex:
+            return None
         if self.shortest_edge is not None:
             return (self.shortest_edge, self.shortest_edge)
         height, width = self.resize_to or self.output_size
         return (width, height)
+
+    def placeholder(self) -> np.ndarray:
+        """The blank image that stands in for an unusable sample (flagged invalid, so it counts for nothing)."""
+        if self.naflex:
+            return np.zeros((3, self.patch_size, self.patch_size), dtype=np.uint8)
+        return np.zeros((3, *self.output_size), dtype=np.uint8)
+
+    def collate(self, images: list[np.ndarray]) -> dict[str, torch.Tensor]:
+        """The batch's image inputs from the preprocessed images: `pixel_values` (uint8), and with NaFlex the
+        patches padded to `max_num_patches` with `pixel_attention_mask` and `spatial_shapes`, as the processor
+        gives them."""
+        if not self.naflex:
+            return {"pixel_values": torch.from_numpy(np.stack(images))}
+        from transformers.models.siglip2.image_processing_pil_siglip2 import (
+            convert_image_to_patches,
+            pad_along_first_dim,
+        )
+
+        patches, masks, shapes = [], [], []
+        for image in images:
+            padded, mask = pad_along_first_dim(convert_image_to_patches(image, self.patch_size), self.max_num_patches)
+            patches.append(padded)
+            masks.append(mask)
+            shapes.append((image.shape[1] // self.patch_size, image.shape[2] // self.patch_size))
+        return {
+            "pixel_values": torch.from_numpy(np.stack(patches)),
+            "pixel_attention_mask": torch.from_numpy(np.stack(masks)),
+            "spatial_shapes": torch.tensor(shapes, dtype=torch.long),
+        }
 
     def __call__(self, image: PIL.Image.Image) -> np.ndarray:
         """Resizes and crops one image; returns a C-contiguous `(3, height, width)` uint8 array.
@@ -160,7 +224,15 @@ class ImagePreprocessor:
         try:
             if image.mode != "RGB":
                 image = to_rgb(image)
-            if self.shortest_edge is not None:
+            if self.naflex:
+                from transformers.models.siglip2.image_processing_pil_siglip2 import (
+                    get_image_size_for_max_num_patches,
+                )
+
+                new_height, new_width = get_image_size_for_max_num_patches(
+                    height, width, self.patch_size, self.max_num_patches
+                )
+            elif self.shortest_edge is not None:
                 new_height, new_width = _shortest_edge_size(height, width, self.shortest_edge)
             elif self.resize_to is not None:
                 new_height, new_width = self.resize_to
@@ -179,14 +251,23 @@ class ImagePreprocessor:
         except Exception as error:  # e.g. MemoryError on an absurd aspect ratio
             raise BadSampleError(f"cannot resize image ({type(error).__name__}: {error})") from None
 
-    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 `(batch, 3, height, width)` pixels to the model's float input, on the pixels' device.
+    def normalize(self, pixels: torch.Tensor, pixel_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """uint8 pixels to the model's float input, on the pixels' device: `(batch, 3, height, width)` images, or
+        NaFlex's `(batch, patches, patch_size * patch_size * 3)` patches (channels last), whose padding patches
+        (`pixel_attention_mask` 0) stay 0 as the processor pads them.
 
         One fused multiply-add, `pixels * scale + shift`, with `scale = rescale_factor / std` and
         `shift = -mean / std`.
         """
         scale, shift = _affine(self.rescale_factor, self.mean, self.std, pixels.device)
-        return torch.addcmul(shift, pixels.float(), scale)
+        if pixels.ndim == 4:
+            return torch.addcmul(shift, pixels.float(), scale)
+        batch, patches, values = pixels.shape
+        channels_last = pixels.float().view(batch, patches, values // 3, 3)
+        normalised = torch.addcmul(shift.view(3), channels_last, scale.view(3)).view(batch, patches, values)
+        if pixel_attention_mask is not None:
+            normalised = normalised * pixel_attention_mask[..., None].to(normalised.dtype)
+        return normalised
 
 
 @functools.lru_cache(maxsize=16)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -12,7 +13,7 @@ from accelerate.utils import DistributedType
 from datasets import IterableDataset
 from torch import nn
 from torch.utils.data import DataLoader
-from transformers import EarlyStoppingCallback, Trainer, TrainerState
+from transformers import CLIPModel, EarlyStoppingCallback, Trainer, TrainerState
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import TrainOutput
 from transformers.utils import logging
@@ -27,8 +28,9 @@ from .callbacks import (
 from .collator import ROW_INFO_KEYS, ImageTextCollator
 from .data import class_names_of
 from .evaluation import DEFAULT_ZEROSHOT_TEMPLATES, build_zeroshot_classifier, retrieval_metrics, zeroshot_accuracy
-from .loss import contrastive_loss
+from .loss import contrastive_loss, sigmoid_contrastive_loss
 from .model_card import CLIPModelCardData, non_default_training_arguments, write_model_card
+from .modeling import model_family
 from .plots import save_training_plots
 from .preprocessing import ImagePreprocessor, UnsupportedImageProcessorError
 
@@ -119,7 +121,22 @@ class CLIPContrastiveTrainer(Trainer):
         # --- model ----------------------------------------------------------------------------------------------------
         if model is None or not hasattr(model, "logit_scale"):
             name = type(model).__name__ if model is not None else "None"
-            raise ConfigError(f"{name} has no `logit_scale`; CLIPContrastiveTrainer needs a CLIPModel.")
+            raise ConfigError(
+                f"{name} has no `logit_scale`; CLIPContrastiveTrainer trains CLIPModel, SiglipModel, Siglip2Model "
+                "and VisionTextDualEncoderModel."
+            )
+        self.family = model_family(model.config)
+        self.loss_type = self.family.loss if args.loss_type == "auto" else args.loss_type
+        if self.loss_type == "sigmoid" and getattr(model, "logit_bias", None) is None:
+            raise ConfigError(
+                f"`loss_type` is sigmoid, which needs a learned `logit_bias`, and a {self.family.name} model has none; "
+                "use `loss_type` softmax (or auto), or a SigLIP model."
+            )
+        if self.loss_type == "softmax" and getattr(model, "logit_bias", None) is not None:
+            logger.warning(
+                f"`loss_type` is softmax for a {self.family.name} model: its `logit_bias` takes no part in the loss "
+                "(and stays as it is). `auto` trains it with its own sigmoid loss."
+            )
         # --- data -----------------------------------------------------------------------------------------------------
         image_processor = getattr(processing_class, "image_processor", None)
         if image_processor is None or getattr(processing_class, "tokenizer", None) is None:
@@ -128,13 +145,17 @@ class CLIPContrastiveTrainer(Trainer):
             self.image_preprocessor = ImagePreprocessor.from_image_processor(image_processor)
         except UnsupportedImageProcessorError as error:
             raise ConfigError(str(error)) from None
+        positions = model.config.text_config.max_position_embeddings
         if data_collator is None:
-            positions = model.config.text_config.max_position_embeddings
             data_collator = ImageTextCollator(
                 tokenizer=processing_class.tokenizer,
                 image_preprocessor=self.image_preprocessor,
                 max_seq_length=min(positions, processing_class.tokenizer.model_max_length),
+                padding=self.family.text_padding,
             )
+        # Zero-shot prompts are tokenized as the collator tokenizes captions (SigLIP: padded to its one length).
+        self.text_padding = getattr(data_collator, "padding", self.family.text_padding)
+        self.max_seq_length = getattr(data_collator, "max_seq_length", positions)
         super().__init__(
             model=model,
             args=args,
@@ -148,7 +169,9 @@ class CLIPContrastiveTrainer(Trainer):
         # --- loss -----------------------------------------------------------------------------------------------------
         # The loss is ours: the model is never asked for one.
         self.model_accepts_loss_kwargs = False
-        self.add_callback(ClampLogitScaleCallback(self.args.log_max_logit_scale))
+        if self.loss_type == "softmax":
+            # CLIP's clamp at ln 100. SigLIP does not clamp, and its checkpoints sit above 100 (t ~ 117).
+            self.add_callback(ClampLogitScaleCallback(self.args.log_max_logit_scale))
         # Added after the Trainer's reporters, so that their `on_train_end` runs before these raise (when they stopped
         # the run). The signal callback goes first: it restores the process's handlers before it raises.
         self.add_callback(StopOnSignalCallback())
@@ -160,7 +183,7 @@ class CLIPContrastiveTrainer(Trainer):
 
             self.gradient_cache = GradientCache(
                 embed=self._embed_for_loss,
-                loss_scalars=lambda: (self.inverse_temperature(),),
+                loss_scalars=self.loss_scalars,
                 loss=self._loss_over_embeddings,
                 backward=self._backward,
                 micro_batch_size=self.args.per_device_train_batch_size,
@@ -276,8 +299,9 @@ class CLIPContrastiveTrainer(Trainer):
     # Loss
     # ------------------------------------------------------------------------------------------------------------
     def inverse_temperature(self) -> torch.Tensor:
-        """`exp(logit_scale)`, CLIP's inverse temperature `t` (logits are `t * cosine`), with its gradient."""
-        return self.model.logit_scale.exp()
+        """`exp(logit_scale)`, the inverse temperature `t` (logits are `t * cosine`, plus SigLIP's bias), with its
+        gradient; a scalar, whatever shape the model keeps it in (SigLIP: `(1,)`)."""
+        return self.model.logit_scale.exp().reshape(())
 
     def embed(self, model: nn.Module, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised image and text embeddings of a batch, in float32 for the loss.
@@ -287,7 +311,9 @@ class CLIPContrastiveTrainer(Trainer):
         model_inputs = {key: value for key, value in inputs.items() if key not in ROW_INFO_KEYS}
         pixels = model_inputs.get("pixel_values")
         if pixels is not None and pixels.dtype == torch.uint8:
-            model_inputs["pixel_values"] = self.image_preprocessor.normalize(pixels)
+            model_inputs["pixel_values"] = self.image_preprocessor.normalize(
+                pixels, model_inputs.get("pixel_attention_mask")
+            )
         outputs = model(**model_inputs, return_loss=False)
         return outputs.image_embeds.float(), outputs.text_embeds.float()
 
@@ -295,11 +321,28 @@ class CLIPContrastiveTrainer(Trainer):
         with self.compute_loss_context_manager():
             return self.embed(self.model_wrapped, inputs)
 
-    def _loss_over_embeddings(self, image_embeds, text_embeds, inverse_temperature, pad_to, valid=None):
+    def loss_scalars(self) -> tuple[torch.Tensor, ...]:
+        """The differentiable scalars the loss takes besides the embeddings: the inverse temperature, and with the
+        sigmoid loss the learned `logit_bias`."""
+        if self.loss_type == "sigmoid":
+            return self.inverse_temperature(), self.model.logit_bias
+        return (self.inverse_temperature(),)
+
+    def _loss_over_embeddings(self, image_embeds, text_embeds, *scalars, pad_to, valid=None):
+        if self.loss_type == "sigmoid":
+            return sigmoid_contrastive_loss(
+                image_embeds,
+                text_embeds,
+                *scalars,
+                gather_negatives=self.args.gather_negatives,
+                pad_to=pad_to,
+                ring=self.args.sigmoid_ring_exchange,
+                valid=valid,
+            )
         return contrastive_loss(
             image_embeds,
             text_embeds,
-            inverse_temperature,
+            *scalars,
             gather_negatives=self.args.gather_negatives,
             pad_to=pad_to,
             valid=valid,
@@ -318,7 +361,7 @@ class CLIPContrastiveTrainer(Trainer):
         loss = self._loss_over_embeddings(
             image_embeds,
             text_embeds,
-            self.inverse_temperature(),
+            *self.loss_scalars(),
             pad_to=max(batch_size, image_embeds.shape[0]),
             valid=inputs.get("valid"),
         )
@@ -384,7 +427,7 @@ class CLIPContrastiveTrainer(Trainer):
         """
         model = self.accelerator.unwrap_model(self.model)
         pixels, input_ids = inputs.get("pixel_values"), inputs.get("input_ids")
-        if pixels is None or input_ids is None or not hasattr(model, "vision_model"):
+        if pixels is None or input_ids is None or not isinstance(model, CLIPModel):
             return super().floating_point_ops(inputs)
         if self._tower_weights is None:
             self._tower_weights = (
@@ -409,6 +452,8 @@ class CLIPContrastiveTrainer(Trainer):
             inverse_temperature = self.model.logit_scale.detach().exp().item()
             logs["inverse_temperature"] = round(inverse_temperature, 4)
             logs["temperature"] = round(1.0 / inverse_temperature, 6)
+            if self.loss_type == "sigmoid":
+                logs["logit_bias"] = round(self.model.logit_bias.detach().item(), 4)
             now = time.perf_counter()
             if self._last_log_time is not None and now > self._last_log_time:
                 throughput = self._samples_since_log * self.args.world_size / (now - self._last_log_time)
@@ -436,9 +481,15 @@ class CLIPContrastiveTrainer(Trainer):
         if not self.is_world_process_zero():
             return
         history = self.state.log_history
+        card_data = dataclasses.replace(
+            self.model_card_data,
+            family=self.model_card_data.family or self.family.name,
+            family_docs=self.model_card_data.family_docs or self.family.docs,
+            loss=self.model_card_data.loss or self.loss_type,
+        )
         write_model_card(
             self.args.output_dir,
-            self.model_card_data,
+            card_data,
             eval_before=_evaluation_at(history, first=True),
             eval_after=_evaluation_at(history, first=False),
             hyperparameters=self.card_hyperparameters,
@@ -519,6 +570,8 @@ class CLIPContrastiveTrainer(Trainer):
             metrics = self.compute_embedding_metrics(collected, class_names)
             output.metrics.update({f"{metric_key_prefix}_{key}": value for key, value in metrics.items()})
             output.metrics[f"{metric_key_prefix}_inverse_temperature"] = self.model.logit_scale.detach().exp().item()
+            if self.loss_type == "sigmoid":
+                output.metrics[f"{metric_key_prefix}_logit_bias"] = self.model.logit_bias.detach().item()
         return output
 
     def compute_embedding_metrics(
@@ -546,11 +599,14 @@ class CLIPContrastiveTrainer(Trainer):
         was_training = model.training
         model.eval()
         tokenizer = self.processing_class.tokenizer
-        max_length = model.config.text_config.max_position_embeddings
         chunks = []
         for start in range(0, len(texts), 256):
             tokens = tokenizer(
-                texts[start : start + 256], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+                texts[start : start + 256],
+                padding=self.text_padding,
+                truncation=True,
+                max_length=self.max_seq_length,
+                return_tensors="pt",
             ).to(self.args.device)
             with self.compute_loss_context_manager():
                 features = model.get_text_features(**tokens)

@@ -137,7 +137,7 @@ FAST_TRAINING = dict(
 
 def build_trainer(tmp_path: Path, model_dir: Path, train_csv: Path, trainer_class=None, **training):
     """`CLIPContrastiveTrainer` as a library user builds it, without run_clip.py: arguments, data, model, processor."""
-    from transformers import AutoProcessor, CLIPModel
+    from transformers import AutoModel, AutoProcessor
 
     from clip_trainer import CLIPContrastiveTrainer, CLIPTrainingArguments, DataArguments, load_image_text_data
 
@@ -148,7 +148,7 @@ def build_trainer(tmp_path: Path, model_dir: Path, train_csv: Path, trainer_clas
     torch.manual_seed(args.seed)
     trainer_class = trainer_class or CLIPContrastiveTrainer
     return trainer_class(
-        model=CLIPModel.from_pretrained(model_dir),
+        model=AutoModel.from_pretrained(model_dir),
         args=args,
         train_dataset=data.train,
         eval_dataset=data.validation,

@@ -130,7 +130,7 @@ CASES = [
     # --- the model -------------------------------------------------------------------------------------------------
     Case("empty model name and no config", lambda a, t, m: option(a, "model_name_or_path", ""), ("No model given",)),
     Case("a checkpoint that is not CLIP", lambda a, t, m: option(a, "model_name_or_path", not_clip_folder(t)),
-         ("is a 'bert' model", "clip-trainer trains 'clip' models")),
+         ("is a 'bert' model", "clip-trainer trains 'clip', 'siglip'")),
     Case("an empty folder as the model", lambda a, t, m: option(a, "model_name_or_path", str(t)),
          ("without a config.json",)),
     Case("a config-only folder as the model", lambda a, t, m: option(a, "model_name_or_path", config_only_folder(t, m)),

@@ -303,3 +303,60 @@ def test_trainer_cached_accumulation_under_bf16_autocast(tmp_path, tiny_clip_dir
     assert torch.nn.functional.cosine_similarity(got, expected, dim=0) > 0.99
     logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert logged[0] == pytest.approx(big_loss.item(), rel=2e-2)
+
+
+# --- the sigmoid loss: cached accumulation of a SigLIP model equals one big batch ---------------------------------
+
+
+def test_cached_accumulation_of_the_sigmoid_loss_equals_one_big_batch():
+    from transformers import SiglipConfig, SiglipModel
+
+    from clip_trainer.loss import sigmoid_contrastive_loss, sigmoid_loss
+
+    config = SiglipConfig(
+        text_config={**TINY_TEXT, "vocab_size": VOCAB, "max_position_embeddings": SEQ, "pad_token_id": 1,
+                     "attention_dropout": 0.2},
+        vision_config={**TINY_VISION, "attention_dropout": 0.2},
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = SiglipModel(config).double()
+    with torch.no_grad():  # away from transformers' zero init, so that both scalars take gradients
+        model.logit_scale.fill_(1.5)
+        model.logit_bias.fill_(-2.0)
+    model.train()
+    batches = make_batches([4, 3, 5], torch.float64)
+
+    def embed(batch):
+        outputs = model(**batch)
+        return outputs.image_embeds, outputs.text_embeds
+
+    cache = GradientCache(
+        embed=embed,
+        loss_scalars=lambda: (model.logit_scale.exp().reshape(()), model.logit_bias),
+        loss=lambda images, texts, scale, bias, pad_to, valid: sigmoid_contrastive_loss(
+            images, texts, scale, bias, pad_to=pad_to, valid=valid
+        ),
+        backward=lambda loss: loss.backward(),
+        micro_batch_size=5,
+        accumulation_steps=3,
+    )
+    cache.start_step(batches)
+    torch.manual_seed(3)
+    total = sum(cache.training_step(batch) for batch in batches)
+    got = gradients(model)
+
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(3)  # the same dropout masks, micro-batch by micro-batch
+    outputs = [model(**batch) for batch in batches]
+    image = torch.cat([output.image_embeds for output in outputs])
+    text = torch.cat([output.text_embeds for output in outputs])
+    expected_loss = sigmoid_loss(image, text, model.logit_scale.exp().reshape(()), model.logit_bias)
+    expected_loss.backward()
+    expected = gradients(model)
+    assert {"logit_scale", "logit_bias"} <= expected.keys() and expected["logit_bias"].abs().item() > 0
+    assert got.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(
+            got[name], expected[name], rtol=1e-10, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}"
+        )
+    torch.testing.assert_close(total, expected_loss.detach(), rtol=1e-12, atol=1e-12)

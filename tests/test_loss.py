@@ -58,6 +58,19 @@ def test_clip_loss_is_low_for_matching_pairs_and_symmetric():
     assert clip_loss(image, text, scale).item() == pytest.approx(clip_loss(text, image, scale).item(), rel=1e-12)
 
 
+def test_masked_rows_are_no_pairs():
+    image, text = random_pairs(6, 4, seed=4)
+    scale = torch.tensor(14.3, dtype=torch.float64)
+    valid = torch.tensor([True, True, False, True, False, True])
+    image.requires_grad_(True)
+    masked = clip_loss(image, text, scale, valid=valid)
+    masked.backward()
+    assert masked.item() == pytest.approx(clip_loss(image.detach()[valid], text[valid], scale).item(), rel=1e-12)
+    assert image.grad[~valid].abs().max() == 0 and image.grad[valid].abs().max() > 0
+    nothing = clip_loss(image, text, scale, valid=torch.zeros(6, dtype=torch.bool))
+    assert nothing.item() == 0 and nothing.requires_grad  # a batch of only unusable samples: 0, in the graph
+
+
 # --- the distributed loss: 2 processes (gloo) against 1 process holding the whole batch --------------------------
 
 
@@ -72,7 +85,9 @@ def _features(weight: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
     return F.normalize(inputs @ weight, dim=-1)
 
 
-def _distributed_worker(rank: int, world_size: int, port: int, sizes: list[int], pad_to: int, out_dir: str):
+def _distributed_worker(
+    rank: int, world_size: int, port: int, sizes: list[int], pad_to: int, masked: list[int], out_dir: str
+):
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
@@ -82,11 +97,13 @@ def _distributed_worker(rank: int, world_size: int, port: int, sizes: list[int],
         image_weight.requires_grad_(True)
         text_weight.requires_grad_(True)
         log_scale.requires_grad_(True)
+        valid = torch.tensor([row not in masked for row in range(rows.start, rows.stop)])
         loss = distributed_clip_loss(
             _features(image_weight, image_inputs[rows]),
             _features(text_weight, text_inputs[rows]),
             log_scale.exp(),
             pad_to=pad_to,
+            valid=valid,
         )
         loss.backward()
         # What DDP does with the parameter gradients: average them over processes.
@@ -114,14 +131,21 @@ def _problem(n: int):
     return image_inputs, text_inputs, image_weight, text_weight, log_scale
 
 
-@pytest.mark.parametrize("sizes, pad_to", [([4, 4], 4), ([5, 3], 5)], ids=["even", "uneven-padded"])
-def test_two_process_loss_and_gradients_equal_one_process(tmp_path, sizes, pad_to):
-    mp.spawn(_distributed_worker, args=(2, _free_port(), sizes, pad_to, str(tmp_path)), nprocs=2, join=True)
+@pytest.mark.parametrize(
+    "sizes, pad_to, masked",
+    [([4, 4], 4, []), ([5, 3], 5, []), ([5, 3], 5, [1, 6])],
+    ids=["even", "uneven-padded", "unusable-rows-masked"],
+)
+def test_two_process_loss_and_gradients_equal_one_process(tmp_path, sizes, pad_to, masked):
+    mp.spawn(_distributed_worker, args=(2, _free_port(), sizes, pad_to, masked, str(tmp_path)), nprocs=2, join=True)
     result = torch.load(tmp_path / "result.pt")
 
     image_inputs, text_inputs, image_weight, text_weight, log_scale = _problem(sum(sizes))
     for tensor in (image_weight, text_weight, log_scale):
         tensor.requires_grad_(True)
+    # The reference holds the usable rows only.
+    keep = torch.tensor([row not in masked for row in range(sum(sizes))])
+    image_inputs, text_inputs = image_inputs[keep], text_inputs[keep]
     loss = clip_loss(_features(image_weight, image_inputs), _features(text_weight, text_inputs), log_scale.exp())
     loss.backward()
 

@@ -95,3 +95,19 @@ def test_other_modes_are_converted():
     )
     out = preprocessor(PIL.Image.new("L", (30, 20), 77))
     assert out.shape == (3, 16, 16) and (out == 77).all()
+
+
+def test_siglip2_naflex_patches_equal_the_processors():
+    from transformers.models.siglip2.image_processing_pil_siglip2 import Siglip2ImageProcessorPil
+
+    processor = Siglip2ImageProcessorPil(patch_size=8, max_num_patches=20)
+    preprocessor = ImagePreprocessor.from_image_processor(processor)
+    assert preprocessor.naflex and preprocessor.output_size is None
+    images = [noise_image(width, height, seed=seed) for seed, (width, height) in enumerate(SIZES)]
+    reference = processor(images, return_tensors="pt")
+    batch = preprocessor.collate([preprocessor(image) for image in images])
+    assert torch.equal(batch["pixel_attention_mask"], reference["pixel_attention_mask"])
+    assert torch.equal(batch["spatial_shapes"], reference["spatial_shapes"])
+    assert batch["pixel_values"].dtype == torch.uint8
+    normalised = preprocessor.normalize(batch["pixel_values"], batch["pixel_attention_mask"])
+    torch.testing.assert_close(normalised, reference["pixel_values"], rtol=0, atol=1e-6)

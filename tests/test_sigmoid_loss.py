@@ -199,6 +199,23 @@ def _empty_cases(group) -> dict:
     return results
 
 
+# Rows of the 4 x 3 global batch that are no pair (samples the collator could not use), masked by `valid`.
+MASKED_SIZES, MASKED_ROWS = [3, 3, 3, 3], {1, 7, 8}
+
+
+def _masked_cases(group) -> dict:
+    rank = dist.get_rank(group)
+    valid = torch.tensor([3 * rank + i not in MASKED_ROWS for i in range(3)])
+    results = {}
+    for mode in MODES:
+
+        def loss_fn(image, text, scale, bias, ring=mode == "ring"):
+            return distributed_sigmoid_loss(image, text, scale, bias, pad_to=3, group=group, ring=ring, valid=valid)
+
+        results[mode] = _share(MASKED_SIZES, group, loss_fn)
+    return results
+
+
 def _dispatch_cases(rank: int, world_size: int) -> dict:
     """[`sigmoid_contrastive_loss`] over the world: distributed with `gather_negatives`, the local batch without."""
     image, text = random_pairs(4 * world_size, 4, seed=3)
@@ -223,6 +240,7 @@ def _distributed_worker(rank: int, port: int, out_dir: str) -> None:
             WORLD_SIZE: _cases(WORLD_SIZE, None),
             "autocast": _autocast_cases(None),
             "dispatch": _dispatch_cases(rank, WORLD_SIZE),
+            "masked": _masked_cases(None),
         }
         if rank in PAIR_GROUP:
             results[2] = _cases(2, pair)
@@ -246,6 +264,7 @@ def distributed_results(tmp_path_factory) -> dict:
         "empty": [ranks[rank]["empty"] for rank in PAIR_GROUP],
         "autocast": [results["autocast"] for results in ranks],
         "dispatch": [results["dispatch"] for results in ranks],
+        "masked": [results["masked"] for results in ranks],
     }
 
 
@@ -336,3 +355,35 @@ def test_sigmoid_contrastive_loss_is_the_plain_loss_in_one_process():
     image, text = random_pairs(5, 4, seed=4)
     scale, bias = torch.tensor(10.0, dtype=torch.float64), torch.tensor(-10.0, dtype=torch.float64)
     assert torch.equal(sigmoid_contrastive_loss(image, text, scale, bias), sigmoid_loss(image, text, scale, bias))
+
+
+def test_masked_rows_are_no_pairs():
+    """`valid=False` rows take no part: the loss and the other rows' gradients are those of the batch without them."""
+    image, text = random_pairs(6, 4, seed=5)
+    scale, bias = torch.tensor(10.0, dtype=torch.float64), torch.tensor(-10.0, dtype=torch.float64)
+    valid = torch.tensor([True, False, True, True, False, True])
+    image.requires_grad_(True)
+    masked = sigmoid_loss(image, text, scale, bias, valid=valid)
+    masked.backward()
+    kept = sigmoid_loss(image.detach()[valid], text[valid], scale, bias)
+    assert masked.item() == pytest.approx(kept.item(), rel=1e-12)
+    assert image.grad[~valid].abs().max() == 0
+    nothing = sigmoid_loss(image, text, scale, bias, valid=torch.zeros(6, dtype=torch.bool))
+    assert nothing.item() == 0 and nothing.requires_grad
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_distributed_masked_rows_equal_one_process_without_them(distributed_results, mode):
+    shares = [results[mode] for results in distributed_results["masked"]]
+    keep = torch.tensor([row not in MASKED_ROWS for row in range(sum(MASKED_SIZES))])
+    problem = _problem(sum(MASKED_SIZES))
+    loss, image_embeds, text_embeds = _forward(
+        problem, slice(None), lambda i, t, s, b: sigmoid_loss(i[keep], t[keep], s, b)
+    )
+    loss.backward()
+    _close(torch.stack([share["loss"] for share in shares]).mean(), loss.detach(), "loss")
+    for name in PARAMETERS:
+        _close(shares[0]["grads"][name], problem[name].grad, name)
+    got = torch.cat([share["image_embeds_grad"] for share in shares]) / WORLD_SIZE
+    _close(got, image_embeds.grad, "image_embeds_grad")
+    assert got[~keep].abs().max() == 0

@@ -79,9 +79,10 @@ def test_config_paths_are_read_beside_the_config_file(tiny_clip_dir, tmp_path, m
     assert model_args.tokenizer_name == "my/hub-tokenizer"
 
 
-def test_the_demo_runs_from_any_folder(tmp_path, monkeypatch):
+@pytest.mark.parametrize("demo", ["demo.json", "demo-siglip.json"])
+def test_the_demo_runs_from_any_folder(tmp_path, monkeypatch, demo):
     monkeypatch.chdir(tmp_path)
-    results = main([str(REPO / "configs" / "demo.json"), "--output_dir", "demo", "--max_steps", "3",
+    results = main([str(REPO / "configs" / demo), "--output_dir", "demo", "--max_steps", "3",
                     "--eval_on_start", "false", "--max_eval_samples", "64", *QUIET])  # fmt: skip
     assert "eval_t2i_recall@10" in results and "eval_zeroshot_top1" in results
     assert (tmp_path / "demo" / "model.safetensors").exists() and (tmp_path / "demo" / "tokenizer.json").exists()
