@@ -85,40 +85,58 @@ def _features(weight: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
     return F.normalize(inputs @ weight, dim=-1)
 
 
-def _distributed_worker(
-    rank: int, world_size: int, port: int, sizes: list[int], pad_to: int, masked: list[int], out_dir: str
-):
+# (local batch sizes, pad_to, masked global rows): all run in one spawn of two processes.
+DISTRIBUTED_CASES = {
+    "even": ([4, 4], 4, []),
+    "uneven-padded": ([5, 3], 5, []),
+    "unusable-rows-masked": ([5, 3], 5, [1, 6]),
+}
+
+
+def _distributed_share(rank: int, world_size: int, sizes: list[int], pad_to: int, masked: list[int]) -> dict:
+    image_inputs, text_inputs, image_weight, text_weight, log_scale = _problem(sum(sizes))
+    start = sum(sizes[:rank])
+    rows = slice(start, start + sizes[rank])
+    image_weight.requires_grad_(True)
+    text_weight.requires_grad_(True)
+    log_scale.requires_grad_(True)
+    valid = torch.tensor([row not in masked for row in range(rows.start, rows.stop)])
+    loss = distributed_clip_loss(
+        _features(image_weight, image_inputs[rows]),
+        _features(text_weight, text_inputs[rows]),
+        log_scale.exp(),
+        pad_to=pad_to,
+        valid=valid,
+    )
+    loss.backward()
+    # What DDP does with the parameter gradients: average them over processes.
+    grads = [image_weight.grad, text_weight.grad, log_scale.grad]
+    for grad in grads:
+        dist.all_reduce(grad)
+        grad /= world_size
+    losses = [torch.zeros_like(loss) for _ in range(world_size)]
+    dist.all_gather(losses, loss.detach())
+    return {"loss": torch.stack(losses).mean(), "grads": grads}
+
+
+def _distributed_worker(rank: int, world_size: int, port: int, out_dir: str):
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        image_inputs, text_inputs, image_weight, text_weight, log_scale = _problem(sum(sizes))
-        start = sum(sizes[:rank])
-        rows = slice(start, start + sizes[rank])
-        image_weight.requires_grad_(True)
-        text_weight.requires_grad_(True)
-        log_scale.requires_grad_(True)
-        valid = torch.tensor([row not in masked for row in range(rows.start, rows.stop)])
-        loss = distributed_clip_loss(
-            _features(image_weight, image_inputs[rows]),
-            _features(text_weight, text_inputs[rows]),
-            log_scale.exp(),
-            pad_to=pad_to,
-            valid=valid,
-        )
-        loss.backward()
-        # What DDP does with the parameter gradients: average them over processes.
-        grads = [image_weight.grad, text_weight.grad, log_scale.grad]
-        for grad in grads:
-            dist.all_reduce(grad)
-            grad /= world_size
-        losses = [torch.zeros_like(loss) for _ in range(world_size)]
-        dist.all_gather(losses, loss.detach())
+        results = {name: _distributed_share(rank, world_size, *case) for name, case in DISTRIBUTED_CASES.items()}
         if rank == 0:
-            torch.save({"loss": torch.stack(losses).mean(), "grads": grads}, os.path.join(out_dir, "result.pt"))
+            torch.save(results, os.path.join(out_dir, "result.pt"))
         # Both processes leave together: gloo aborts a process whose peer tears the group down mid-exchange.
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def distributed_results(tmp_path_factory) -> dict:
+    out_dir = tmp_path_factory.mktemp("distributed-clip")
+    mp.spawn(_distributed_worker, args=(2, _free_port(), str(out_dir)), nprocs=2, join=True)
+    return torch.load(out_dir / "result.pt")
 
 
 def _problem(n: int):
@@ -131,14 +149,10 @@ def _problem(n: int):
     return image_inputs, text_inputs, image_weight, text_weight, log_scale
 
 
-@pytest.mark.parametrize(
-    "sizes, pad_to, masked",
-    [([4, 4], 4, []), ([5, 3], 5, []), ([5, 3], 5, [1, 6])],
-    ids=["even", "uneven-padded", "unusable-rows-masked"],
-)
-def test_two_process_loss_and_gradients_equal_one_process(tmp_path, sizes, pad_to, masked):
-    mp.spawn(_distributed_worker, args=(2, _free_port(), sizes, pad_to, masked, str(tmp_path)), nprocs=2, join=True)
-    result = torch.load(tmp_path / "result.pt")
+@pytest.mark.parametrize("case", list(DISTRIBUTED_CASES))
+def test_two_process_loss_and_gradients_equal_one_process(distributed_results, case):
+    sizes, _, masked = DISTRIBUTED_CASES[case]
+    result = distributed_results[case]
 
     image_inputs, text_inputs, image_weight, text_weight, log_scale = _problem(sum(sizes))
     for tensor in (image_weight, text_weight, log_scale):
