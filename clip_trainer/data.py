@@ -210,7 +210,7 @@ def _load_mixture(
         validation = next((splits[name] for name in VALIDATION_SPLIT_NAMES if name in splits), None)
         if isinstance(train, Dataset) and hold_out and validation is None and data_args.validation_file is None:
             train, validation = _held_out_split(train, data_args, seed)
-        if streaming:
+        if streaming and isinstance(train, Dataset):
             train = _stream(train, streaming=True)
         sizes.append(len(train) if isinstance(train, Dataset) else None)
         trains.append(mixed_columns(train, data_args, source))

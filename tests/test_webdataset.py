@@ -125,7 +125,9 @@ def test_bad_shards_are_one_line_errors_naming_the_file_and_the_fix(tmp_path, sh
     write_tar_shards(tmp_path / "no-image", shards=1, per_shard=3, image="")
     with pytest.raises(ConfigError, match=r"no image member \(jpg, jpeg, png or webp\); their members are: txt, json"):
         _first_row(tmp_path / "no-image")
-    with pytest.raises(ConfigError, match="`caption_column` is 'json.title', but .* no such json key .*caption, shape"):
+    with pytest.raises(
+        ConfigError, match="`caption_column` is 'json.title', but .* no such json key .*caption, shape"
+    ):
         _first_row(shards, caption_column="json.title")
     write_tar_shards(tmp_path / "no-caption", shards=1, per_shard=3, members=())
     with pytest.raises(ConfigError, match="neither a json member with a 'caption' key nor a txt member"):
