@@ -230,3 +230,61 @@ def test_every_sample_once_per_pass_across_two_processes_and_two_workers(tmp_pat
         # 5 shards: process 0 gets 3 (2 + 1 for its workers), process 1 gets 2: one reader's pass is twice as long,
         # so in the same steps the others' samples come round twice as often (as documented in stream.py).
         assert sorted(pass_sizes.values()) == [6, 6, 6, 12]
+
+
+RECORDING_CLI = """
+import os, sys
+import torch
+from clip_trainer import run
+from clip_trainer.collator import ImageTextCollator
+
+
+class KeyLoggingCollator(ImageTextCollator):
+    # Appends the keys of every batch to keys-<rank>-<worker>.txt, in the order the worker reads them.
+    def __call__(self, rows):
+        worker = torch.utils.data.get_worker_info().id
+        path = os.path.join(os.environ["KEYS_DIR"], f"keys-{os.environ['RANK']}-{worker}.txt")
+        with open(path, "a") as handle:
+            handle.write("".join(row["__key__"] + "\\n" for row in rows))
+        return super().__call__(rows)
+
+
+run.ImageTextCollator = KeyLoggingCollator
+sys.exit(run.cli(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_two_workers_read_every_sample_once_per_pass(base_args, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from test_distributed_run import _free_port, check_run
+
+    keys = write_tar_shards(tmp_path / "shards", shards=4, per_shard=6)
+    script = tmp_path / "record_keys.py"
+    script.write_text(RECORDING_CLI)
+    (tmp_path / "keys").mkdir()
+    args = list(base_args)
+    args[args.index("--train_file") + 1] = str(tmp_path / "shards" / "{00000..00003}.tar")
+    args[args.index("--dataloader_num_workers") + 1] = "2"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script), *args,
+        "--streaming", "true", "--max_steps", "6", "--per_device_train_batch_size", "4", "--ddp_backend", "gloo",
+        "--shuffle_buffer_size", "4", "--logging_steps", "2",
+    ]  # fmt: skip
+    env = {
+        **os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "KEYS_DIR": str(tmp_path / "keys"),
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+    }  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    check_run(result, tmp_path / "out", steps=6)
+    streams = {}
+    for path in (tmp_path / "keys").glob("keys-*-*.txt"):
+        _, rank, worker = path.stem.split("-")
+        streams[int(rank), int(worker)] = path.read_text().split()
+    # 6 steps of 4 pairs per process, dealt to 2 workers: 12 per worker, two passes of its one 6-sample shard (the
+    # workers may have read ahead of the last step).
+    assert check_passes(streams, keys) == {reader: 6 for reader in streams} and len(streams) == 4
