@@ -136,7 +136,7 @@ def measure(dataset, collator: ImageTextCollator, workers: int, warmup: int, bat
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=320, help="images per source size")
+    parser.add_argument("--images", type=int, default=256, help="images per source size")
     parser.add_argument("--sizes", default="256,640", help="source short-side sizes in px")
     parser.add_argument("--workers", default="1,2", help="DataLoader worker counts")
     parser.add_argument("--batches", type=int, default=4, help=f"timed batches of {BATCH_SIZE}, per configuration")
@@ -188,7 +188,9 @@ def main() -> None:
             f"| {row['format']} | {row['source_px']} px | {row['workers']} | {row['samples_per_second']:,.0f} | "
             f"{row['per_worker']:,.0f} | {row['workers_for_gpu']:,} |"
         )
-    print(json.dumps({"machine": machine, "jpeg_draft": args.jpeg_draft, "batch_size": BATCH_SIZE, "results": results}))
+    print(
+        json.dumps({"machine": machine, "jpeg_draft": args.jpeg_draft, "batch_size": BATCH_SIZE, "results": results})
+    )
 
 
 if __name__ == "__main__":

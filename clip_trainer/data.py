@@ -221,15 +221,11 @@ def _load_mixture(
     if data_args.validation_file is not None:
         mixed["validation"] = _load_files(data_args.validation_file, "validation_file", data_args, cache_dir, False)
     elif validations:
-        as_loaded = [
-            v
-            if isinstance(v, Dataset)
-            else Dataset.from_list(
-                list(v.take(data_args.max_eval_samples or DEFAULT_STREAMING_EVAL_SAMPLES)), features=v.features
-            )
-            for v in validations
-        ]
-        mixed["validation"] = datasets.concatenate_datasets(as_loaded)
+        limit = data_args.max_eval_samples or DEFAULT_STREAMING_EVAL_SAMPLES
+        for index, validation in enumerate(validations):
+            if isinstance(validation, IterableDataset):  # a streamed source's own validation split, read once
+                validations[index] = Dataset.from_list(list(validation.take(limit)), features=validation.features)
+        mixed["validation"] = datasets.concatenate_datasets(validations)
     names = ", ".join(os.path.basename(os.path.normpath(source)) for source in mixture)
     return mixed, DataSource("local", names, f"a weighted mixture of {len(mixture)} sources ({names})")
 
