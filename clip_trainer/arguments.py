@@ -272,7 +272,7 @@ class DataArguments:
                 f"Both `dataset_name` ({self.dataset_name!r}) and `train_file` ({self.train_file!r}) are set; keep one "
                 '(on the command line, --dataset_name "" unsets a config file\'s dataset).'
             )
-        from .sources import check_data_file_pattern, parse_mixture
+        from .sources import DATA_FILE_SUFFIXES, check_data_file_pattern, parse_mixture, pattern_suffix
 
         for key in ("train_file", "validation_file"):
             path = getattr(self, key)
@@ -282,6 +282,9 @@ class DataArguments:
             self.train_mixture = None
         if self.train_mixture is not None:
             self.train_mixture = parse_mixture(self.train_mixture)
+            for source in self.train_mixture:  # files are checked now; folders and Hub ids when they are loaded
+                if pattern_suffix(source) in DATA_FILE_SUFFIXES:
+                    check_data_file_pattern("train_mixture", source)
             for key in ("dataset_name", "train_file"):
                 if getattr(self, key) is not None:
                     raise ConfigError(

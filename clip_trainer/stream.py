@@ -85,7 +85,9 @@ def shuffled_passes(stream: IterableDataset, seed: int, block_size: int) -> Iter
     (see the module docstring); exact to resume from `state_dict()`."""
     # The shard order, shuffled once with the seed (the same on every process, before `accelerate` deals shards
     # out). A buffer of one row: `datasets`' buffer is the part whose state is not saved.
-    datasets.utils.logging.get_logger("datasets.iterable_dataset").addFilter(_drop_empty_buffer_warning)
+    datasets_logger = datasets.utils.logging.get_logger("datasets.iterable_dataset")
+    if _drop_empty_buffer_warning not in datasets_logger.filters:
+        datasets_logger.addFilter(_drop_empty_buffer_warning)
     stream = stream.shuffle(seed=seed, buffer_size=1, max_buffer_input_shards=1)
     features = stream.features
     tagged = None

@@ -82,6 +82,19 @@ def test_a_folder_of_images_with_txt_captions_loads(tmp_path, caplog):
     assert "circle/red_white.jpg" not in by_image
     assert any("missing caption" in record.getMessage() for record in caplog.records)
     assert sorted(set(data.train["label"])) == [0, 1, 2]  # one class per sub-folder, as datasets' imagefolder gives
+    streamed = load_image_text_data(
+        DataArguments(dataset_name=str(folder), streaming=True, shuffle_buffer_size=8, validation_split_percentage=0),
+        seed=0,
+        evaluate=False,
+    )
+    rows = list(streamed.train.take(24))  # one pass of 24, the captionless image's row among them with no caption
+    assert {Path(row["image"]["path"]).relative_to(folder).as_posix() for row in rows} == {
+        *by_image,
+        "circle/red_white.jpg",
+    }
+    assert all(
+        row["caption"] == by_image.get(Path(row["image"]["path"]).relative_to(folder).as_posix()) for row in rows
+    )
 
 
 def test_a_folder_of_data_files_is_not_an_image_folder(tmp_path):

@@ -83,6 +83,11 @@ def test_bad_weights_are_one_line_errors(two_sources, mixture, message):
     assert "\n" not in str(error.value)
 
 
+def test_a_missing_source_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"`train_mixture` is '.*missing-\*.tar', a pattern that matches no file"):
+        DataArguments(train_mixture={str(tmp_path / "missing-*.tar"): 1})
+
+
 def test_a_source_without_the_caption_column_is_named(two_sources):
     with pytest.raises(ConfigError, match=r"source .*pairs.csv' has no 'text' column \(`caption_column`\)"):
         load_image_text_data(
