@@ -11,8 +11,19 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-# run_clip.py as a module (not __main__, so it does not train), then the policy torch's OpenMP was loaded with.
-PROBE = "import os, runpy; runpy.run_path('run_clip.py', run_name='probe'); print(os.environ['OMP_WAIT_POLICY'])"
+# run_clip.py run as a module (not __main__, so it does not train), with `clip_trainer.run` stood in by a module
+# that notes the policy at the moment run_clip.py imports from it, that is before torch would load OpenMP.
+PROBE = """
+import os, runpy, sys, types
+seen = {}
+class Run(types.ModuleType):
+    def __getattr__(self, name):
+        seen[name] = os.environ.get("OMP_WAIT_POLICY")
+        return lambda: 0
+sys.modules["clip_trainer.run"] = Run("clip_trainer.run")
+runpy.run_path("run_clip.py", run_name="probe")
+print(seen["cli"])
+"""
 
 
 @pytest.mark.parametrize("given, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
