@@ -265,12 +265,34 @@ class DataArguments:
     shuffle_buffer_size: int = field(
         default=10_000,
         metadata={
-            "help": "With `streaming`: rows held in the shuffle buffer. They are kept encoded, so the buffer takes "
-            "about this many times the average image file size of memory."
+            "help": "With `streaming`: each DataLoader worker shuffles its stream in consecutive blocks of this many "
+            "rows (within one pass over its shards; the shard order is shuffled too). Rows are kept encoded, so a "
+            "block takes about this many times the average image file size of memory per worker; a resumed run "
+            "re-reads at most one block to continue exactly where it stopped."
         },
     )
     preprocessing_num_workers: int | None = field(
         default=None, metadata={"help": "Processes used by `datasets` to prepare the data."}
+    )
+    train_mixture: dict[str, float] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Train on a weighted mixture of sources instead of one: a JSON object of source -> weight, e.g. "
+            '\'{"data/laion/{00000..00099}.tar": 3, "data/coco.csv": 1}\'. A source is anything `train_file` or '
+            "`dataset_name` takes (a file, glob or brace range of shards, a folder, a Hub id); each needs the run's "
+            "image and caption columns. Weights are relative and positive; pairs are drawn from source i with "
+            "probability w_i / sum(w) (datasets.interleave_datasets, with the run's seed)."
+        },
+    )
+    mixture_stopping_strategy: str = field(
+        default="all_exhausted",
+        metadata={
+            "help": "When an epoch of a loaded `train_mixture` ends: all_exhausted (default) once every source has "
+            "been read through, repeating the sources that are drawn faster than their size, so no pair is left out "
+            "and the weights hold throughout; first_exhausted when the first source runs out (the others are cut "
+            "there). A streamed mixture is repeated without end either way.",
+            "choices": ["all_exhausted", "first_exhausted"],
+        },
     )
 
     def __post_init__(self) -> None:
@@ -283,17 +305,25 @@ class DataArguments:
                 f"Both `dataset_name` ({self.dataset_name!r}) and `train_file` ({self.train_file!r}) are set; keep one "
                 '(on the command line, --dataset_name "" unsets a config file\'s dataset).'
             )
+        from .sources import DATA_FILE_SUFFIXES, check_data_file_pattern, parse_mixture, pattern_suffix
+
         for key in ("train_file", "validation_file"):
             path = getattr(self, key)
-            if path is None:
-                continue
-            if Path(path).suffix.lower() not in {".csv", ".json", ".jsonl", ".parquet"}:
-                raise ConfigError(f"`{key}` is {path!r}; it must be a .csv, .json, .jsonl or .parquet file.")
-            if glob.has_magic(path):  # shards: data/train-*.parquet
-                if not glob.glob(path):
-                    raise ConfigError(f"`{key}` is {path!r}, a pattern that matches no file.")
-            elif not os.path.exists(path):
-                raise ConfigError(f"`{key}` is {path!r}, which does not exist.")
+            if path is not None:  # a file, or shards: data/train-*.parquet, shards/{00000..00099}.tar
+                check_data_file_pattern(key, path)
+        if self.train_mixture in ("", {}):
+            self.train_mixture = None
+        if self.train_mixture is not None:
+            self.train_mixture = parse_mixture(self.train_mixture)
+            for source in self.train_mixture:  # files are checked now; folders and Hub ids when they are loaded
+                if pattern_suffix(source) in DATA_FILE_SUFFIXES:
+                    check_data_file_pattern("train_mixture", source)
+            for key in ("dataset_name", "train_file"):
+                if getattr(self, key) is not None:
+                    raise ConfigError(
+                        f"Both `train_mixture` and `{key}` ({getattr(self, key)!r}) are set; put that source into the "
+                        f'mixture or drop one (on the command line, --{key} "" unsets a config file\'s).'
+                    )
         if self.shuffle_buffer_size < 1:
             raise ConfigError(f"`shuffle_buffer_size` is {self.shuffle_buffer_size}; it must be at least 1.")
         if not 0 <= self.validation_split_percentage < 100:
@@ -618,6 +648,7 @@ CONFIG_RELATIVE_PATH_KEYS = (
     "dataset_name",
     "train_file",
     "validation_file",
+    "train_mixture",
     "resume_from_checkpoint",
     "deepspeed",
     "fsdp_config",
@@ -625,12 +656,17 @@ CONFIG_RELATIVE_PATH_KEYS = (
 
 
 def _resolve_against_config(value: Any, config_dir: Path) -> Any:
-    """`value` read beside its config file when something is there (a file, a folder, or a glob's matches)."""
+    """`value` read beside its config file when something is there (a file, a folder, or a glob's matches); for a
+    `train_mixture` object, each of its sources."""
+    if isinstance(value, dict):
+        return {_resolve_against_config(source, config_dir): weight for source, weight in value.items()}
     if not isinstance(value, str) or not value or os.path.isabs(value) or value.lower() in ("true", "false"):
         return value
     candidate = config_dir / value
     if glob.has_magic(value) or "{" in value:
-        return str(candidate) if glob.glob(str(candidate)) else value
+        from .sources import expand_pattern
+
+        return str(candidate) if expand_pattern(str(candidate))[0] else value
     return str(candidate) if candidate.exists() else value
 
 
@@ -722,7 +758,9 @@ def check_arguments(
     Raises:
         [`ConfigError`]: naming the key and the fix.
     """
-    has_data_source = data_args.dataset_name is not None or data_args.train_file is not None
+    has_data_source = (
+        data_args.dataset_name is not None or data_args.train_file is not None or data_args.train_mixture is not None
+    )
     if training_args.do_train and not has_data_source:
         raise ConfigError(
             "No training data given: set `dataset_name` (a Hub id, a prepared folder, or `emoji`) or `train_file`; "

@@ -12,7 +12,6 @@ Images are never decoded here: they stay file paths or encoded bytes, and the co
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import os
 from collections import defaultdict
@@ -27,6 +26,20 @@ from transformers.utils import logging
 from .arguments import ConfigError, DataArguments
 from .images import BadSampleError, decode_base64_image, is_url, load_image, looks_like_base64_image
 from .rows import find_bad_rows
+from .sources import (
+    expand_pattern,
+    image_folder_kind,
+    interleave,
+    is_webdataset,
+    load_image_folder,
+    load_webdataset,
+    log_mixture,
+    mixed_columns,
+    mixture_source_arguments,
+    pattern_suffix,
+    webdataset_columns,
+)
+from .stream import shuffled_passes
 
 logger = logging.get_logger(__name__)
 
@@ -135,6 +148,11 @@ def _load_source(
         splits = {"train": loaded} if isinstance(loaded, Dataset) else dict(loaded)
         splits = {split: _with_lazy_images(dataset, data_args.image_column, None) for split, dataset in splits.items()}
         return splits, _local_source(name, splits)
+    folder_kind = image_folder_kind(name) if name is not None and os.path.isdir(name) else None
+    if folder_kind is not None:
+        # Images with a metadata file (datasets' imagefolder convention) or with a .txt caption beside each.
+        splits = load_image_folder(name, folder_kind, data_args, cache_dir, streaming)
+        return splits, _local_source(name, splits)
     if name is not None:
         # A Hub id or a local folder of data files. Opening every split as a stream reads no data yet.
         local = os.path.isdir(name)
@@ -145,6 +163,14 @@ def _load_source(
         except (FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as error:
             raise ConfigError(f"Cannot load `dataset_name` {name!r}: {error}") from None
         base = str(Path(name).resolve()) if local else None
+        # A WebDataset repository or folder of tar shards is read by datasets' webdataset builder: its members
+        # become the run's columns.
+        loaded = {
+            split: webdataset_columns(dataset, data_args, f"`dataset_name` {name!r}")
+            if is_webdataset(dataset)
+            else dataset
+            for split, dataset in loaded.items()
+        }
         splits = {split: _with_lazy_images(dataset, data_args.image_column, base) for split, dataset in loaded.items()}
         if local:
             return splits, _local_source(name, splits)
@@ -152,13 +178,56 @@ def _load_source(
 
     splits = {}
     if data_args.train_file is not None and (need_train or data_args.validation_file is None):
-        splits["train"] = _load_data_files(data_args.train_file, "train_file", data_args, cache_dir, streaming)
+        splits["train"] = _load_files(data_args.train_file, "train_file", data_args, cache_dir, streaming)
     if data_args.validation_file is not None:
         # Loaded whole even when training streams: evaluation sees the same finite set every time.
-        splits["validation"] = _load_data_files(
+        splits["validation"] = _load_files(
             data_args.validation_file, "validation_file", data_args, cache_dir, streaming=False
         )
     return splits, _local_source(data_args.train_file or data_args.validation_file, splits)
+
+
+def _load_mixture(
+    data_args: DataArguments, cache_dir: str | None, streaming: bool, seed: int, hold_out: bool
+) -> tuple[dict[str, Dataset | IterableDataset], DataSource]:
+    """`train_mixture`: each source loaded as if it were the run's only one, then drawn by weight with
+    `datasets.interleave_datasets`.
+
+    Validation is the `validation_file`, else the sources' own validation splits; a loaded source without one gives
+    `validation_split_percentage` of its pairs before mixing (held out of the mixture, which repeats pairs, a pair
+    could land on both sides). A stream without either holds out the head of the mixed stream, as a single stream
+    does.
+    """
+    mixture = data_args.train_mixture
+    trains, validations, sizes = [], [], []
+    for source in mixture:
+        splits, _ = _load_source(mixture_source_arguments(source, data_args), cache_dir, streaming, need_train=True)
+        if "train" not in splits:
+            raise ConfigError(
+                f"`train_mixture` source {source!r} has no `train` split; its splits are: {', '.join(splits)}."
+            )
+        train = splits["train"]
+        validation = next((splits[name] for name in VALIDATION_SPLIT_NAMES if name in splits), None)
+        if isinstance(train, Dataset) and hold_out and validation is None and data_args.validation_file is None:
+            train, validation = _held_out_split(train, data_args, seed)
+        if streaming and isinstance(train, Dataset):
+            train = _stream(train, streaming=True)
+        sizes.append(len(train) if isinstance(train, Dataset) else None)
+        trains.append(mixed_columns(train, data_args, source))
+        if validation is not None and data_args.validation_file is None:
+            validations.append(mixed_columns(validation, data_args, source))
+    log_mixture(mixture, sizes, data_args.mixture_stopping_strategy, streaming)
+    mixed = {"train": interleave(trains, mixture, seed, data_args.mixture_stopping_strategy)}
+    if data_args.validation_file is not None:
+        mixed["validation"] = _load_files(data_args.validation_file, "validation_file", data_args, cache_dir, False)
+    elif validations:
+        limit = data_args.max_eval_samples or DEFAULT_STREAMING_EVAL_SAMPLES
+        for index, validation in enumerate(validations):
+            if isinstance(validation, IterableDataset):  # a streamed source's own validation split, read once
+                validations[index] = Dataset.from_list(list(validation.take(limit)), features=validation.features)
+        mixed["validation"] = datasets.concatenate_datasets(validations)
+    names = ", ".join(os.path.basename(os.path.normpath(source)) for source in mixture)
+    return mixed, DataSource("local", names, f"a weighted mixture of {len(mixture)} sources ({names})")
 
 
 def _local_source(path: str, splits: dict) -> DataSource:
@@ -168,9 +237,17 @@ def _local_source(path: str, splits: dict) -> DataSource:
 
 
 def _expand(pattern: str) -> list[str]:
-    if glob.has_magic(pattern):
-        return sorted(glob.glob(pattern))
-    return [pattern]
+    files, missing = expand_pattern(pattern)  # globs and brace ranges
+    return files if files or not missing else [pattern]
+
+
+def _load_files(
+    pattern: str, key: str, data_args: DataArguments, cache_dir: str | None, streaming: bool
+) -> Dataset | IterableDataset:
+    """`train_file` / `validation_file`: WebDataset tar shards, or csv/json/parquet data files."""
+    if pattern_suffix(pattern) == ".tar":
+        return load_webdataset(_expand(pattern), key, data_args, cache_dir, streaming)
+    return _load_data_files(pattern, key, data_args, cache_dir, streaming)
 
 
 def _load_data_files(
@@ -481,9 +558,9 @@ def _finish_training_stream(
     if data_args.max_train_samples is not None:
         train = train.take(data_args.max_train_samples)
     # Repeated without end: `max_steps` alone ends the run, and no process runs out of data before the others (which
-    # would leave them waiting in a collective) when `accelerate` deals out shards of unequal sizes. Shuffled after
-    # repeating, so that the buffer keeps drawing new orders on every pass rather than replaying the first one.
-    train = train.repeat(None).shuffle(seed=seed, buffer_size=data_args.shuffle_buffer_size)
+    # would leave them waiting in a collective) when `accelerate` deals out shards of unequal sizes. Each pass is
+    # shuffled on its own, in a way that resumes exactly (see stream.py).
+    train = shuffled_passes(train, seed=seed, block_size=data_args.shuffle_buffer_size)
     logger.info(
         f"Streaming the training pairs ({train.num_shards} shard(s), shuffle buffer {data_args.shuffle_buffer_size:,})."
     )
@@ -522,7 +599,11 @@ def load_image_text_data(
     seed project's 85/15); a stream holds out its first `max_eval_samples` pairs (default 1,000) instead.
     """
     streaming = data_args.streaming and train
-    splits, source = _load_source(data_args, cache_dir, streaming, need_train=train)
+    if data_args.train_mixture and train:
+        hold_out_each = evaluate and data_args.validation_split_percentage > 0
+        splits, source = _load_mixture(data_args, cache_dir, streaming, seed, hold_out=hold_out_each)
+    else:
+        splits, source = _load_source(data_args, cache_dir, streaming, need_train=train)
     names = VALIDATION_SPLIT_NAMES if train else (*VALIDATION_SPLIT_NAMES, "test")
     validation = next((splits[name] for name in names if name in splits), None) if evaluate else None
     train_split = splits.get("train")

@@ -33,6 +33,7 @@ from .model_card import CLIPModelCardData, non_default_training_arguments, write
 from .modeling import model_family
 from .plots import save_training_plots
 from .preprocessing import ImagePreprocessor, UnsupportedImageProcessorError
+from .stream import check_shard_split, enable_stream_resume
 
 logger = logging.get_logger(__name__)
 
@@ -200,6 +201,11 @@ class CLIPContrastiveTrainer(Trainer):
             self.add_callback(
                 EarlyStoppingCallback(self.args.early_stopping_patience, self.args.early_stopping_threshold)
             )
+        # A stream's position is saved with every checkpoint, so that a resumed run continues at the same sample.
+        self.stream_position = None
+        if isinstance(train_dataset, IterableDataset):
+            check_shard_split(train_dataset, self.args.world_size, self.args.dataloader_num_workers)
+            self.stream_position = enable_stream_resume(self)
         # --- metrics --------------------------------------------------------------------------------------------------
         self.zeroshot_templates = list(self.args.zeroshot_templates or DEFAULT_ZEROSHOT_TEMPLATES)
         # Device tensors once training runs (see `training_step`); read at logging steps only.
@@ -211,6 +217,14 @@ class CLIPContrastiveTrainer(Trainer):
         self._finite_loss_sum: torch.Tensor | None = None
         self._finite_loss_count: torch.Tensor | None = None
         self._eval_buffer: dict[str, list[torch.Tensor]] | None = None
+
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """`Trainer.train`; resuming a streamed run restores the stream's saved position (see `stream.py`) instead of
+        replaying the stream up to the checkpoint, which the Trainer decides before any callback runs."""
+        if self.stream_position is None or not resume_from_checkpoint:
+            return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
+        with self.stream_position.resuming(self, resume_from_checkpoint):
+            return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
 
     # ------------------------------------------------------------------------------------------------------------
     # Training

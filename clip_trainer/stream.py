@@ -1,0 +1,236 @@
+"""The order of a streamed training set, and its position in checkpoints, so that a resumed run sees exactly the
+samples, in exactly the order, of a run that was never stopped.
+
+**Order.** Each DataLoader worker of each process reads its own shards (`accelerate` deals the shards out to the
+processes, by contiguous blocks, when there are at least as many as processes, else every process reads all and keeps
+every n-th batch; `datasets` deals each process's shards out to its workers round-robin). A worker reads its shards
+in *passes*: one pass is every sample of its shards exactly once, so one pass of every worker is every sample of the
+data exactly once. Within a pass, samples are shuffled in consecutive blocks of `shuffle_buffer_size` rows (each
+block permuted with a seed drawn from the run's seed and the block's place in the stream, so each pass has another
+order); the shard order is shuffled once with the seed. A block never mixes two passes. When the shards do not
+divide evenly among processes x workers, a worker with fewer samples starts its next pass earlier: every pass is
+still exact per worker, but samples of the smaller share come round more often in the same number of steps.
+
+Why not `datasets`' `shuffle(buffer_size=...)`: its buffer is not part of `IterableDataset.state_dict()` (resuming
+drops the rows it held and refills it, so the order after a resume differs), and over a repeated stream it mixes
+consecutive passes. `datasets` has no shuffle whose state is exact and no repeat that reshuffles each repetition;
+a batched `map` that permutes its block is exact, because `datasets` records the stream's state at the start of a
+map batch and re-reads that batch on resume.
+
+**Position.** `accelerate` loads data with torchdata's `StatefulDataLoader` when asked (every worker reports its
+`datasets` state with each batch), but `transformers.Trainer` (5.x) neither asks nor saves the loader's state in its
+checkpoints: on resume it replays the stream from the start and throws away the batches already trained on (decoding
+every image of them). [`StreamPositionCallback`] saves each process's loader state beside the checkpoint
+(`stream_state_<rank>.pt`) and loads it on resume; the replay stays as the fallback for a checkpoint without one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging as std_logging
+import os
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from datasets import IterableDataset
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+PASS_POSITION_COLUMN = "_pass_position"
+STREAM_STATE_NAME = "stream_state_{rank}.pt"
+
+
+class _PassPosition:
+    """Batched map with indices: each row's position in its pass (the map restarts at 0 with every repetition)."""
+
+    def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        return {PASS_POSITION_COLUMN: list(indices)}
+
+
+class _ShuffleBlock:
+    """Batched map with indices: the block's rows permuted, each pass's part of the block on its own, with a seed of
+    the run's seed and the stream index where the part starts (so the same block in the next pass gets another
+    permutation, and a resumed run the same one)."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        positions = batch[PASS_POSITION_COLUMN]
+        size = len(positions)
+        starts = [0] + [i for i in range(1, size) if positions[i] <= positions[i - 1]] + [size]
+        order: list[int] = []
+        for start, stop in zip(starts, starts[1:]):
+            rng = np.random.default_rng([self.seed, indices[start]])
+            order.extend(start + int(i) for i in rng.permutation(stop - start))
+        return {
+            column: [values[i] for i in order] for column, values in batch.items() if column != PASS_POSITION_COLUMN
+        }
+
+
+def _drop_empty_buffer_warning(record: std_logging.LogRecord) -> bool:
+    # `shuffle(buffer_size=1)` holds no row between two yields, so there is nothing to lose; `datasets` warns anyway.
+    return "shuffle buffer of a dataset without the buffer content" not in record.getMessage()
+
+
+def shuffled_passes(stream: IterableDataset, seed: int, block_size: int) -> IterableDataset:
+    """`stream` repeated without end, one pass after another, each pass shuffled in blocks of `block_size` rows
+    (see the module docstring); exact to resume from `state_dict()`."""
+    # The shard order, shuffled once with the seed (the same on every process, before `accelerate` deals shards
+    # out). A buffer of one row: `datasets`' buffer is the part whose state is not saved.
+    datasets_logger = datasets.utils.logging.get_logger("datasets.iterable_dataset")
+    if _drop_empty_buffer_warning not in datasets_logger.filters:
+        datasets_logger.addFilter(_drop_empty_buffer_warning)
+    stream = stream.shuffle(seed=seed, buffer_size=1, max_buffer_input_shards=1)
+    features = stream.features
+    tagged = None
+    if features is not None:
+        tagged = features.copy()
+        tagged[PASS_POSITION_COLUMN] = datasets.Value("int64")
+    stream = stream.map(_PassPosition(), batched=True, with_indices=True, features=tagged)
+    stream = stream.repeat(None)
+    return stream.map(
+        _ShuffleBlock(seed),
+        batched=True,
+        batch_size=max(1, block_size),
+        with_indices=True,
+        remove_columns=[PASS_POSITION_COLUMN],
+        features=features,
+    )
+
+
+def check_shard_split(stream: IterableDataset, world_size: int, num_workers: int) -> None:
+    """Logs how the stream's shards are dealt out, and warns when they do not divide evenly."""
+    readers = world_size * max(1, num_workers)
+    shards = stream.num_shards
+    if shards < world_size:
+        logger.warning(
+            f"The training stream has {shards} shard(s) for {world_size} processes: every process reads all of it and "
+            "keeps every n-th batch. Give at least as many shards (files) as processes to read each one once."
+        )
+    elif shards % readers:
+        logger.warning(
+            f"The training stream's {shards} shards do not divide evenly among {world_size} process(es) x "
+            f"{max(1, num_workers)} DataLoader worker(s): every sample is still read once per pass of its worker, but "
+            f"workers with fewer shards start their next pass sooner, so their samples come round more often. A "
+            f"multiple of {readers} equal-sized shards samples uniformly."
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The loader's state in checkpoints
+# --------------------------------------------------------------------------------------------------------------
+
+
+def stateful_loading_available() -> bool:
+    from accelerate.utils import is_torchdata_stateful_dataloader_available
+
+    return is_torchdata_stateful_dataloader_available()
+
+
+def _layout(args: Any) -> dict[str, int]:
+    """What a saved stream position depends on besides the data: a resume with another layout reads other samples."""
+    return {
+        "world_size": args.world_size,
+        "dataloader_num_workers": args.dataloader_num_workers,
+        "per_device_train_batch_size": args.per_device_train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "seed": args.seed,
+    }
+
+
+class StreamPositionCallback(TrainerCallback):
+    """Saves every process's training-stream position with each checkpoint and restores it when the run resumes.
+
+    Each process writes its own file (`stream_state_<rank>.pt`, as the Trainer writes `rng_state_<rank>.pth`): the
+    processes read different shards. Needs the training DataLoader to be torchdata's `StatefulDataLoader`, which
+    [`enable_stream_resume`] asks `accelerate` for.
+    """
+
+    def __init__(self) -> None:
+        self.pending: dict[str, Any] | None = None
+
+    def on_save(self, args, state, control, train_dataloader=None, **kwargs):
+        if train_dataloader is None or not hasattr(train_dataloader, "state_dict"):
+            return
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        os.makedirs(folder, exist_ok=True)
+        payload = {"dataloader": train_dataloader.state_dict(), "layout": _layout(args), "step": state.global_step}
+        path = os.path.join(folder, STREAM_STATE_NAME.format(rank=args.process_index))
+        torch.save(payload, path + ".tmp")
+        os.replace(path + ".tmp", path)  # a kill mid-write leaves no half file under the real name
+
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        if self.pending is not None and train_dataloader is not None:
+            train_dataloader.load_state_dict(self.pending)
+        self.pending = None
+
+    def read(self, checkpoint: str, args: Any) -> dict[str, Any] | None:
+        """The loader state this process saved in `checkpoint`, or `None` (with the reason logged) when there is none
+        or it was saved with another layout."""
+        path = os.path.join(checkpoint, STREAM_STATE_NAME.format(rank=args.process_index))
+        if not os.path.isfile(path):
+            logger.warning(
+                f"{checkpoint} has no saved stream position ({os.path.basename(path)}): the stream is replayed from the "
+                "start up to the checkpoint, which decodes every batch already trained on (slow, but the same samples)."
+            )
+            return None
+        try:
+            payload = torch.load(path, weights_only=True)
+        except Exception as error:  # a damaged file: replaying is slower but still right
+            logger.warning(f"Cannot read {path} ({type(error).__name__}: {error}); replaying the stream instead.")
+            return None
+        if payload.get("layout") != _layout(args):
+            logger.warning(
+                f"{path} was saved with {payload.get('layout')} and this run has {_layout(args)}: the saved stream "
+                "position does not apply. Replaying the stream, which with another layout reads other samples than "
+                "the interrupted run would have."
+            )
+            return None
+        return payload["dataloader"]
+
+    @contextlib.contextmanager
+    def resuming(self, trainer: Any, checkpoint: str | bool | None) -> Iterator[None]:
+        """Around `Trainer.train`: with a saved position, the Trainer's replay of the stream (`ignore_data_skip`
+        off) is turned off for this call and the position is loaded into the DataLoader when training begins."""
+        if checkpoint is True:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            checkpoint = get_last_checkpoint(trainer.args.output_dir)
+        saved = self.read(checkpoint, trainer.args) if isinstance(checkpoint, str) else None
+        original = trainer.args.ignore_data_skip
+        if saved is not None and not original:
+            self.pending = saved
+            trainer.args.ignore_data_skip = True
+            logger.info(f"Resuming the training stream at the position saved in {checkpoint}.")
+        try:
+            yield
+        finally:
+            trainer.args.ignore_data_skip = original
+            self.pending = None
+
+
+def enable_stream_resume(trainer: Any) -> StreamPositionCallback | None:
+    """Turns on stateful data loading for a trainer whose training data is a stream, and adds the callback that
+    keeps the stream's position in checkpoints. Without torchdata, resuming replays the stream (still exact)."""
+    if not stateful_loading_available():
+        logger.info(
+            "torchdata is not installed: a resumed streaming run replays the stream up to its checkpoint instead of "
+            "restoring its position (`pip install torchdata`)."
+        )
+        return None
+    # `TrainingArguments.accelerator_config` has no field for it (transformers 5.x), so it is set on the
+    # accelerator's data loader configuration, which `accelerator.prepare` reads when it wraps the DataLoader.
+    trainer.accelerator.dataloader_config.use_stateful_dataloader = True
+    # torchdata 0.11 calls a torch function that torch 2.9+ deprecates, at every `iter()`; nothing for a user to do.
+    warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
+    callback = StreamPositionCallback()
+    trainer.add_callback(callback)
+    return callback

@@ -1,0 +1,121 @@
+"""Image folders as `dataset_name`: images with a `metadata.csv` / `metadata.jsonl` (datasets' imagefolder convention,
+`file_name` column), and images each with a same-named `.txt` caption; both load, split by sub-folder, report an image
+without a caption like any row without one, and train through `run.main`."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from conftest import draw_shape, shape_rows
+
+from clip_trainer.arguments import DataArguments
+from clip_trainer.data import load_image_text_data
+from clip_trainer.run import main
+from clip_trainer.sources import image_folder_kind
+
+
+def write_metadata_folder(folder: Path, metadata: str = "csv", subfolder: str = "") -> Path:
+    """The 24 shape pairs as PNGs under `folder/subfolder/images/` and a `metadata.<csv|jsonl>` naming them."""
+    root = folder / subfolder
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for color, shape, background, caption in shape_rows():
+        name = f"images/{color}_{shape}_{background}.png"
+        draw_shape(color, shape, background).save(root / name)
+        rows.append({"file_name": name, "text": caption, "shape": shape})
+    if metadata == "csv":
+        with (root / "metadata.csv").open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        (root / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return folder
+
+
+def write_caption_folder(folder: Path, missing_caption: str | None = None) -> Path:
+    """The 24 shape pairs as `folder/<shape>/<color>_<background>.jpg`, each with a `.txt` caption beside it."""
+    for color, shape, background, caption in shape_rows():
+        image = folder / shape / f"{color}_{background}.jpg"
+        image.parent.mkdir(parents=True, exist_ok=True)
+        draw_shape(color, shape, background).save(image, format="JPEG")
+        if image.relative_to(folder).as_posix() != missing_caption:
+            image.with_suffix(".txt").write_text(caption + "\n")
+    return folder
+
+
+@pytest.mark.parametrize("metadata", ["csv", "jsonl"])
+def test_a_folder_with_metadata_loads_as_datasets_imagefolder(tmp_path, metadata):
+    folder = write_metadata_folder(tmp_path / "pets", metadata)
+    assert image_folder_kind(str(folder)) == "metadata"
+    data = load_image_text_data(
+        DataArguments(dataset_name=str(folder), caption_column="text", label_column="shape"), seed=0
+    )
+    assert len(data.train) + len(data.validation) == 24
+    row = data.train[0]
+    assert Path(row["image"]["path"]).is_file() and row["image"]["path"].endswith(".png")
+    assert row["text"].startswith("a ")
+    assert sorted(data.class_names) == ["circle", "square", "triangle"]  # metadata columns are kept
+
+
+def test_train_and_validation_subfolders_are_the_splits(tmp_path):
+    folder = write_metadata_folder(tmp_path / "split", "jsonl", subfolder="train")
+    write_metadata_folder(folder, "jsonl", subfolder="validation")
+    data = load_image_text_data(DataArguments(dataset_name=str(folder), caption_column="text"), seed=0)
+    assert (len(data.train), len(data.validation)) == (24, 24)
+    assert all("/validation/" in row["image"]["path"] for row in data.validation)
+
+
+def test_a_folder_of_images_with_txt_captions_loads(tmp_path, caplog):
+    folder = write_caption_folder(tmp_path / "captioned", missing_caption="circle/red_white.jpg")
+    assert image_folder_kind(str(folder)) == "captions"
+    data = load_image_text_data(
+        DataArguments(dataset_name=str(folder), validation_split_percentage=0), seed=0, evaluate=False
+    )
+    # The image without its .txt is reported and left out, like any row without a caption.
+    assert len(data.train) == 23
+    by_image = {Path(row["image"]["path"]).relative_to(folder).as_posix(): row["caption"] for row in data.train}
+    assert by_image["square/blue_black.jpg"] == "a blue square on black"
+    assert "circle/red_white.jpg" not in by_image
+    assert any("missing caption" in record.getMessage() for record in caplog.records)
+    assert sorted(set(data.train["label"])) == [0, 1, 2]  # one class per sub-folder, as datasets' imagefolder gives
+    streamed = load_image_text_data(
+        DataArguments(dataset_name=str(folder), streaming=True, shuffle_buffer_size=8, validation_split_percentage=0),
+        seed=0,
+        evaluate=False,
+    )
+    rows = list(streamed.train.take(24))  # one pass of 24, the captionless image's row among them with no caption
+    assert {Path(row["image"]["path"]).relative_to(folder).as_posix() for row in rows} == {
+        *by_image,
+        "circle/red_white.jpg",
+    }
+    assert all(
+        row["caption"] == by_image.get(Path(row["image"]["path"]).relative_to(folder).as_posix()) for row in rows
+    )
+
+
+def test_a_folder_of_data_files_is_not_an_image_folder(tmp_path):
+    from conftest import write_shapes_csv
+
+    write_shapes_csv(tmp_path / "csv")  # images/ + pairs.csv: not imagefolder's metadata name
+    assert image_folder_kind(str(tmp_path / "csv")) is None
+
+
+@pytest.mark.parametrize("kind", ["metadata", "captions"])
+def test_image_folders_train_through_run_main(base_args, tmp_path, kind):
+    if kind == "metadata":
+        folder, extra = write_metadata_folder(tmp_path / "folder"), ["--caption_column", "text"]
+    else:
+        folder, extra = write_caption_folder(tmp_path / "folder"), []
+    args = list(base_args)
+    index = args.index("--train_file")
+    del args[index : index + 2]
+    main([*args, "--dataset_name", str(folder), *extra, "--max_steps", "4", "--eval_strategy", "steps",
+          "--eval_steps", "4"])  # fmt: skip
+    state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+    assert [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+    assert any("eval_t2i_recall@1" in entry for entry in state["log_history"])

@@ -1,0 +1,129 @@
+"""Weighted mixtures (`train_mixture`): sources are drawn in proportion to their weights, streamed or loaded; a loaded
+mixture leaves no pair out and holds validation out of each source before mixing; bad weights are one-line errors;
+sources in a config file are read against its folder, and a mixture trains through `run.main`."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from conftest import write_shapes_csv
+from test_webdataset import write_tar_shards
+
+from clip_trainer.arguments import ConfigError, DataArguments, parse_arguments
+from clip_trainer.data import _stream_key, load_image_text_data
+from clip_trainer.run import main
+
+
+@pytest.fixture
+def two_sources(tmp_path) -> tuple[str, str]:
+    """Source a: 24 WebDataset samples in 2 tar shards (images as bytes); source b: 24 CSV rows (images as paths)."""
+    write_tar_shards(tmp_path / "a", shards=2, per_shard=12)
+    csv = write_shapes_csv(tmp_path / "b", repeats=1)
+    return str(tmp_path / "a" / "{00000..00001}.tar"), str(csv)
+
+
+def from_a(row: dict) -> bool:
+    image = row["image"]  # source a's images are tar members (bytes), b's are files (paths)
+    return isinstance(image, dict) and image.get("bytes") is not None
+
+
+def assert_binomial(count: int, draws: int, probability: float) -> None:
+    """`count` successes of `draws` within 4 standard deviations of the binomial mean (fails 6 times in 100,000)."""
+    sigma = math.sqrt(draws * probability * (1 - probability))
+    assert abs(count - draws * probability) <= 4 * sigma, (count, draws * probability, sigma)
+
+
+def test_a_streamed_mixture_draws_sources_in_proportion_to_the_weights(two_sources, caplog):
+    a, b = two_sources
+    data_args = DataArguments(train_mixture={a: 3, b: 1}, streaming=True, shuffle_buffer_size=32)
+    caplog.set_level("INFO", logger="clip_trainer")
+    data = load_image_text_data(data_args, seed=0, evaluate=False)
+    rows = list(data.train.take(800))
+    assert_binomial(sum(map(from_a, rows)), len(rows), 0.75)
+    assert len({(_stream_key(row["image"]), row["caption"]) for row in rows}) == 48  # every pair of both comes round
+    logged = " ".join(record.getMessage() for record in caplog.records)
+    assert "Mixing 2 training sources" in logged and "75.0%" in logged and "`all_exhausted`" in logged
+
+
+def test_a_loaded_mixture_keeps_the_weights_leaves_no_pair_out_and_holds_out_each_source(two_sources):
+    a, b = two_sources
+    data = load_image_text_data(DataArguments(train_mixture={a: 1, b: 4}), seed=0)
+    train = list(data.train)
+    # all_exhausted: the mixture ends once both sources have been read through, the smaller draw repeated.
+    assert_binomial(sum(map(from_a, train)), len(train), 0.2)
+    pairs = {(_stream_key(row["image"]), row["caption"]) for row in train}
+    held_out = {(_stream_key(row["image"]), row["caption"]) for row in data.validation}
+    assert len(pairs) + len(held_out) == 48 and not pairs & held_out
+    assert len(held_out) == 2 * 4  # 15% of each source's 24 pairs, before mixing
+    first = load_image_text_data(
+        DataArguments(train_mixture={a: 1, b: 4}, mixture_stopping_strategy="first_exhausted"), seed=0
+    )
+    assert len(first.train) < len(train)  # stops when source b runs out: part of a is never drawn
+
+
+@pytest.mark.parametrize(
+    "mixture, message",
+    [
+        ({"A": 0}, "weight of 'A' is 0; every weight must be a positive number"),
+        ({"A": -1.5}, "weight of 'A' is -1.5"),
+        ({"A": "3"}, "weight of 'A' is '3'"),
+        ({"A": float("nan")}, "weight of 'A' is nan"),
+        ('{"A": 1', "`train_mixture` is not valid JSON"),
+        ("[1, 2]", "it must be a non-empty JSON object of source -> weight"),
+    ],
+)
+def test_bad_weights_are_one_line_errors(two_sources, mixture, message):
+    if isinstance(mixture, dict):
+        mixture = {two_sources[0] if key == "A" else key: value for key, value in mixture.items()}
+        message = message.replace("'A'", repr(two_sources[0]))
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")) as error:
+        DataArguments(train_mixture=mixture)
+    assert "\n" not in str(error.value)
+
+
+def test_a_missing_source_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"`train_mixture` is '.*missing-\*.tar', a pattern that matches no file"):
+        DataArguments(train_mixture={str(tmp_path / "missing-*.tar"): 1})
+
+
+def test_a_source_without_the_caption_column_is_named(two_sources):
+    with pytest.raises(ConfigError, match=r"source .*pairs.csv' has no 'text' column \(`caption_column`\)"):
+        load_image_text_data(
+            DataArguments(train_mixture={two_sources[1]: 1}, caption_column="text"), seed=0, evaluate=False
+        )
+
+
+def test_mixture_sources_in_a_config_file_are_read_against_its_folder_and_train(
+    two_sources, tiny_clip_dir, tmp_path, monkeypatch
+):
+    config = tmp_path / "config.json"
+    config.write_text(
+        json.dumps(
+            {
+                "model_name_or_path": str(tiny_clip_dir),
+                "train_mixture": {"a/{00000..00001}.tar": 2, "b/pairs.csv": 1},
+                "streaming": True,
+                "max_steps": 3,
+                "per_device_train_batch_size": 8,
+                "max_eval_samples": 8,
+                "shuffle_buffer_size": 16,
+                "output_dir": "out",
+                "report_to": "none",
+                "dataloader_num_workers": 0,
+                "dataloader_persistent_workers": False,
+                "eval_strategy": "no",
+                "save_strategy": "no",
+                "use_cpu": True,
+            }
+        )
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    _, data_args, _ = parse_arguments([str(config)])
+    assert list(data_args.train_mixture) == [two_sources[0], two_sources[1]]
+    main([str(config)])
+    state = json.loads((elsewhere / "out" / "trainer_state.json").read_text())
+    assert state["global_step"] == 3

@@ -1,0 +1,290 @@
+"""WebDataset tar shards: globs and brace ranges, the image and caption rules, one-line errors for bad shards, training
+from shards with DataLoader workers (and with two processes, slow), and every sample read once per pass across
+processes and workers, with even and uneven shard counts."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.data_loader import prepare_data_loader
+from conftest import draw_shape, shape_rows
+from torch.utils.data import DataLoader
+
+from clip_trainer.arguments import ConfigError, DataArguments
+from clip_trainer.data import load_image_text_data
+from clip_trainer.run import main
+from clip_trainer.sources import expand_braces
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_tar_shards(
+    folder: Path,
+    shards: int,
+    per_shard: int,
+    image: str = "jpg",
+    members: tuple[str, ...] = ("txt", "json"),
+    sizes: list[int] | None = None,
+) -> list[str]:
+    """`shards` tar files `folder/00000.tar`, ... in WebDataset format: each sample `s<shard>_<i>` has an image
+    member (`image`; none if empty), a `txt` caption and a `json` member `{"caption", "shape"}`; every image is
+    distinct (drawn at the shard's own size). `sizes` gives each shard's sample count. Returns every sample key."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = shape_rows()
+    keys = []
+    for shard in range(shards):
+        with tarfile.open(folder / f"{shard:05d}.tar", "w") as tar:
+            for index in range(sizes[shard] if sizes else per_shard):
+                color, shape, background, caption = rows[index % len(rows)]
+                key = f"s{shard}_{index:03d}"
+                keys.append(key)
+                if image:
+                    buffer = io.BytesIO()
+                    picture = draw_shape(color, shape, background, size=36 + 2 * shard + index // len(rows))
+                    picture.save(buffer, format={"jpg": "JPEG", "jpeg": "JPEG"}.get(image, image.upper()))
+                    _add_member(tar, f"{key}.{image}", buffer.getvalue())
+                if "txt" in members:
+                    _add_member(tar, f"{key}.txt", f"{caption} (txt)".encode())
+                if "json" in members:
+                    _add_member(tar, f"{key}.json", json.dumps({"caption": caption, "shape": shape}).encode())
+    return keys
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("wds")
+    write_tar_shards(folder, shards=4, per_shard=12)
+    return folder
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Patterns and columns
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_brace_ranges_expand_like_bash():
+    assert expand_braces("s/{00008..00011}.tar") == ["s/00008.tar", "s/00009.tar", "s/00010.tar", "s/00011.tar"]
+    assert expand_braces("{a,b}/{1..2}.tar") == ["a/1.tar", "a/2.tar", "b/1.tar", "b/2.tar"]
+    assert expand_braces("{9..11}") == ["9", "10", "11"]  # no padding without a leading zero
+    assert expand_braces("plain.tar") == ["plain.tar"]
+
+
+def test_globs_and_brace_ranges_name_the_shards(shards):
+    by_glob = load_image_text_data(DataArguments(train_file=str(shards / "*.tar")), seed=0, evaluate=False)
+    by_range = load_image_text_data(
+        DataArguments(train_file=str(shards / "{00000..00003}.tar")), seed=0, evaluate=False
+    )
+    one = load_image_text_data(DataArguments(train_file=str(shards / "00002.tar")), seed=0, evaluate=False)
+    assert len(by_glob.train) == len(by_range.train) == 48 and len(one.train) == 12
+    assert sorted(by_glob.train["__key__"]) == sorted(by_range.train["__key__"])
+    assert {Path(url).name for url in one.train["__url__"]} == {"00002.tar"}
+
+
+@pytest.mark.parametrize(
+    "pattern, message",
+    [
+        ("{00000..00005}.tar", r"2 of the files it names do not exist \(first: .*00004.tar\)"),
+        ("nothing-*.tar", "a pattern that matches no file"),
+        ("00009.tar", "which does not exist"),
+        ("*.zip", "must be a .csv, .json, .jsonl or .parquet file, or .tar WebDataset shards"),
+    ],
+)
+def test_a_pattern_that_names_missing_shards_is_a_one_line_error(shards, pattern, message):
+    with pytest.raises(ConfigError, match=message) as error:
+        DataArguments(train_file=str(shards / pattern))
+    assert "`train_file`" in str(error.value) and "\n" not in str(error.value)
+
+
+def _first_row(folder: Path, **data_args) -> dict:
+    data = load_image_text_data(DataArguments(train_file=str(folder / "*.tar"), **data_args), seed=0, evaluate=False)
+    return data.train[0]
+
+
+def test_the_caption_rule_json_key_then_txt(tmp_path, shards):
+    row = _first_row(shards)  # default `caption`: the json member's key
+    assert row["caption"] == "a red circle on white" and row["image"]["bytes"][:2] == b"\xff\xd8"
+    assert row["__key__"] == "s0_000"
+    assert _first_row(shards, caption_column="txt")["txt"] == "a red circle on white (txt)"
+    assert _first_row(shards, caption_column="json.shape")["json.shape"] == "circle"
+    write_tar_shards(tmp_path / "txt-only", shards=1, per_shard=3, image="png", members=("txt",))
+    assert _first_row(tmp_path / "txt-only")["caption"] == "a red circle on white (txt)"  # no json: the txt
+    assert _first_row(tmp_path / "txt-only")["image"]["bytes"][1:4] == b"PNG"
+
+
+def test_bad_shards_are_one_line_errors_naming_the_file_and_the_fix(tmp_path, shards):
+    write_tar_shards(tmp_path / "no-image", shards=1, per_shard=3, image="")
+    with pytest.raises(ConfigError, match=r"no image member \(jpg, jpeg, png or webp\); their members are: txt, json"):
+        _first_row(tmp_path / "no-image")
+    with pytest.raises(
+        ConfigError, match="`caption_column` is 'json.title', but .* no such json key .*caption, shape"
+    ):
+        _first_row(shards, caption_column="json.title")
+    write_tar_shards(tmp_path / "no-caption", shards=1, per_shard=3, members=())
+    with pytest.raises(ConfigError, match="neither a json member with a 'caption' key nor a txt member"):
+        _first_row(tmp_path / "no-caption")
+    (tmp_path / "empty").mkdir()
+    tarfile.open(tmp_path / "empty" / "00000.tar", "w").close()
+    with pytest.raises(ConfigError, match=r"holds no sample \(an empty tar\?\)"):
+        _first_row(tmp_path / "empty")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _train_args(base_args: list[str], train_file: str) -> list[str]:
+    args = list(base_args)
+    args[args.index("--train_file") + 1] = train_file
+    args[args.index("--dataloader_num_workers") + 1] = "2"
+    return args
+
+
+@pytest.mark.parametrize("streaming", ["true", "false"], ids=["streamed", "loaded"])
+def test_shards_train_with_two_dataloader_workers(base_args, shards, tmp_path, streaming):
+    results = main(
+        [
+            *_train_args(base_args, str(shards / "{00000..00003}.tar")),
+            "--streaming", streaming, "--max_steps", "6", "--shuffle_buffer_size", "16",
+            "--eval_strategy", "steps", "--eval_steps", "6", "--max_eval_samples", "12",
+        ]
+    )  # fmt: skip
+    state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
+    assert state["global_step"] == 6
+    losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+    assert len(losses) == 3 and all(loss == loss for loss in losses)
+    assert any(key.startswith("eval_t2i_recall") for entry in state["log_history"] for key in entry)
+    # Loaded: 48 pairs less the 15% (8) held out; a stream counts its steps.
+    assert results["train_samples"] == (48 - 8 if streaming == "false" else 6)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One pass: every sample once, across processes and workers
+# --------------------------------------------------------------------------------------------------------------
+
+
+def worker_batch(rows: list[dict]) -> tuple[int, list[str]]:
+    """A collate_fn that tells which DataLoader worker made the batch, and its sample keys."""
+    info = torch.utils.data.get_worker_info()
+    return (info.id if info is not None else 0), [row["__key__"] for row in rows]
+
+
+def reader_streams(stream, processes: int, workers: int, batches: int) -> dict[tuple[int, int], list[str]]:
+    """The keys each (process, worker) reads, in order: the Trainer's DataLoader prepared as `accelerate` prepares
+    it for process `rank` of `processes` when batches are not dispatched from process 0."""
+    streams: dict[tuple[int, int], list[str]] = defaultdict(list)
+    for rank in range(processes):
+        loader = DataLoader(stream, batch_size=4, num_workers=workers, collate_fn=worker_batch)
+        loader = prepare_data_loader(
+            loader, num_processes=processes, process_index=rank, put_on_device=False, dispatch_batches=False
+        )
+        iterator = iter(loader)
+        for _ in range(batches):
+            worker, keys = next(iterator)
+            streams[rank, worker].extend(keys)
+        del iterator
+    return streams
+
+
+def check_passes(streams: dict[tuple[int, int], list[str]], all_keys: list[str]) -> dict[tuple[int, int], int]:
+    """Asserts that each reader's stream is whole passes over its own shards, each pass every one of their samples
+    once, and that the readers' shards are disjoint and cover every sample. Returns each reader's pass length."""
+    owned: dict[tuple[int, int], set[str]] = {}
+    for reader, keys in streams.items():
+        shards = {key.split("_")[0] for key in keys}
+        owned[reader] = {key for key in all_keys if key.split("_")[0] in shards}
+        size = len(owned[reader])
+        assert len(keys) >= 2 * size, f"{reader} read less than two passes"
+        for start in range(0, len(keys) - size + 1, size):
+            one_pass = keys[start : start + size]
+            assert sorted(one_pass) == sorted(owned[reader]), f"{reader}: pass at {start} is not its shards once"
+        assert keys[:size] != keys[size : 2 * size], f"{reader}: the second pass repeats the first one's order"
+    readers = list(owned)
+    for i, a in enumerate(readers):
+        for b in readers[i + 1 :]:
+            assert not owned[a] & owned[b], f"{a} and {b} share samples"
+    assert set().union(*owned.values()) == set(all_keys)
+    return {reader: len(keys) for reader, keys in owned.items()}
+
+
+@pytest.mark.parametrize("sizes", [[6, 6, 6, 6], [6, 6, 6, 6, 6]], ids=["4-shards", "5-shards-uneven"])
+def test_every_sample_once_per_pass_across_two_processes_and_two_workers(tmp_path, sizes):
+    keys = write_tar_shards(tmp_path / "shards", shards=len(sizes), per_shard=0, sizes=sizes)
+    data_args = DataArguments(train_file=str(tmp_path / "shards" / "*.tar"), streaming=True, shuffle_buffer_size=5)
+    data = load_image_text_data(data_args, seed=3, evaluate=False)
+    pass_sizes = check_passes(reader_streams(data.train, processes=2, workers=2, batches=14), keys)
+    assert len(pass_sizes) == 4  # every reader got shards
+    if len(sizes) == 4:
+        assert set(pass_sizes.values()) == {6}
+    else:
+        # 5 shards: process 0 gets 3 (2 + 1 for its workers), process 1 gets 2: one reader's pass is twice as long,
+        # so in the same steps the others' samples come round twice as often (as documented in stream.py).
+        assert sorted(pass_sizes.values()) == [6, 6, 6, 12]
+
+
+RECORDING_CLI = """
+import os, sys
+import torch
+from clip_trainer import run
+from clip_trainer.collator import ImageTextCollator
+
+
+class KeyLoggingCollator(ImageTextCollator):
+    # Appends the keys of every batch to keys-<rank>-<worker>.txt, in the order the worker reads them.
+    def __call__(self, rows):
+        worker = torch.utils.data.get_worker_info().id
+        path = os.path.join(os.environ["KEYS_DIR"], f"keys-{os.environ['RANK']}-{worker}.txt")
+        with open(path, "a") as handle:
+            handle.write("".join(row["__key__"] + "\\n" for row in rows))
+        return super().__call__(rows)
+
+
+run.ImageTextCollator = KeyLoggingCollator
+sys.exit(run.cli(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_two_workers_read_every_sample_once_per_pass(base_args, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from test_distributed_run import _free_port, check_run
+
+    keys = write_tar_shards(tmp_path / "shards", shards=4, per_shard=6)
+    script = tmp_path / "record_keys.py"
+    script.write_text(RECORDING_CLI)
+    (tmp_path / "keys").mkdir()
+    args = list(base_args)
+    args[args.index("--train_file") + 1] = str(tmp_path / "shards" / "{00000..00003}.tar")
+    args[args.index("--dataloader_num_workers") + 1] = "2"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script), *args,
+        "--streaming", "true", "--max_steps", "6", "--per_device_train_batch_size", "4", "--ddp_backend", "gloo",
+        "--shuffle_buffer_size", "4", "--logging_steps", "2",
+    ]  # fmt: skip
+    env = {
+        **os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "KEYS_DIR": str(tmp_path / "keys"),
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+    }  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    check_run(result, tmp_path / "out", steps=6)
+    streams = {}
+    for path in (tmp_path / "keys").glob("keys-*-*.txt"):
+        _, rank, worker = path.stem.split("-")
+        streams[int(rank), int(worker)] = path.read_text().split()
+    # 6 steps of 4 pairs per process, dealt to 2 workers: 12 per worker, two passes of its one 6-sample shard (the
+    # workers may have read ahead of the last step).
+    assert check_passes(streams, keys) == {reader: 6 for reader in streams} and len(streams) == 4
