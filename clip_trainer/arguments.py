@@ -27,9 +27,9 @@ from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy, SchedulerType
 from transformers.training_args import OptimizerNames
 
+from .errors import ConfigError
 
-class ConfigError(ValueError):
-    """A mistake in the run's configuration. The command line prints its message alone, with no traceback."""
+__all__ = ["CLIPTrainingArguments", "ConfigError", "DataArguments", "ModelArguments", "parse_arguments"]
 
 
 def did_you_mean(name: str, choices: list[str] | tuple[str, ...], prefix: str = "") -> str:

@@ -28,13 +28,16 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import datasets
 from datasets import Dataset, IterableDataset
 from transformers.utils import logging
 
-from .arguments import ConfigError, DataArguments
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .arguments import DataArguments
 
 logger = logging.get_logger(__name__)
 

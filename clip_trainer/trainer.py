@@ -218,23 +218,18 @@ class CLIPContrastiveTrainer(Trainer):
         self._finite_loss_count: torch.Tensor | None = None
         self._eval_buffer: dict[str, list[torch.Tensor]] | None = None
 
-    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
-        """`Trainer.train`; resuming a streamed run restores the stream's saved position (see `stream.py`) instead of
-        replaying the stream up to the checkpoint, which the Trainer decides before any callback runs."""
-        if self.stream_position is None or not resume_from_checkpoint:
-            return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
-        with self.stream_position.resuming(self, resume_from_checkpoint):
-            return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
-
     # ------------------------------------------------------------------------------------------------------------
     # Training
     # ------------------------------------------------------------------------------------------------------------
-    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
-        """`Trainer.train`, except that resuming from a checkpoint that already ends the run trains nothing.
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """`Trainer.train`, with two changes to resuming from a checkpoint:
 
-        transformers 5.24 resumes mid-epoch by skipping the trained batches and then takes one step before it checks
-        `max_steps`, so a finished run "resumed" would train a step more than it was asked to. Here the checkpoint's
-        weights (or its best ones, with `load_best_model_at_end`) and state are loaded and nothing is trained.
+        - a checkpoint that already ends the run trains nothing. transformers 5.24 resumes mid-epoch by skipping the
+          trained batches and then takes one step before it checks `max_steps`, so a finished run "resumed" would
+          train a step more than it was asked to. Here the checkpoint's weights (or its best ones, with
+          `load_best_model_at_end`) and state are loaded and nothing is trained;
+        - a streamed run restores the stream's saved position (see `stream.py`) instead of replaying the stream up
+          to the checkpoint, which the Trainer decides before any callback runs.
         """
         if isinstance(resume_from_checkpoint, str) and os.path.isdir(resume_from_checkpoint):
             state = TrainerState.load_from_json(os.path.join(resume_from_checkpoint, TRAINER_STATE_NAME))
@@ -251,7 +246,10 @@ class CLIPContrastiveTrainer(Trainer):
                     (e["train_loss"] for e in reversed(state.log_history) if "train_loss" in e), float("nan")
                 )
                 return TrainOutput(state.global_step, train_loss, {"train_loss": train_loss})
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        if self.stream_position is None or not resume_from_checkpoint:
+            return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
+        with self.stream_position.resuming(self, resume_from_checkpoint):
+            return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
 
     def _planned_steps(self) -> int | None:
         """The optimizer steps this run is to take: `max_steps`, or the epochs times the steps of one epoch."""

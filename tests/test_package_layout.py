@@ -9,14 +9,28 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "clip_trainer"
 
 
+def _runtime_nodes(tree: ast.AST):
+    """Every node of a module except those under `if TYPE_CHECKING:`, whose imports never run."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        yield node
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and getattr(child.test, "id", None) == "TYPE_CHECKING":
+                stack.extend(child.orelse)
+                continue
+            stack.append(child)
+
+
 def package_imports() -> dict[str, set[str]]:
-    """Module -> the package modules it imports, at any depth of its code (function-level imports included)."""
+    """Module -> the package modules it imports at run time, at any depth of its code (function-level imports
+    included, `if TYPE_CHECKING:` ones not)."""
     graph: dict[str, set[str]] = {}
     for path in PACKAGE.rglob("*.py"):
         module = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__")
         package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
         targets: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in _runtime_nodes(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom):
                 if node.level:
                     base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
