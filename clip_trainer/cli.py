@@ -1,0 +1,86 @@
+"""The `clip-trainer` command: `clip-trainer train|eval|export-onnx|import-open-clip [options]`.
+
+`train` is `run_clip.py`; `eval` is `run_clip.py --do_eval` (evaluate `model_name_or_path` and write
+`eval_results.json`); `export-onnx` and `import-open-clip` are the command lines of [`clip_trainer.onnx_export`] and
+[`clip_trainer.open_clip_import`]. `clip-trainer COMMAND --help` prints each command's options.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+PROG = "clip-trainer"
+
+
+def _train(argv: list[str]) -> int:
+    from .run import cli
+
+    return cli(argv)
+
+
+def _eval(argv: list[str]) -> int:
+    from .run import cli
+
+    # Appended, not prepended: config files must lead the command line (`eval configs/x.json --flag value`).
+    if not any(arg == "--do_eval" or arg.startswith("--do_eval=") for arg in argv):
+        argv = [*argv, "--do_eval"]
+    return cli(argv)
+
+
+def _export_onnx(argv: list[str]) -> int:
+    from .onnx_export import main
+
+    return main(argv, prog=f"{PROG} export-onnx")
+
+
+def _import_open_clip(argv: list[str]) -> int:
+    from .open_clip_import import main
+
+    return main(argv, prog=f"{PROG} import-open-clip")
+
+
+COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
+    "train": (_train, "train or fine-tune a CLIP model (run_clip.py's options; --help lists them)"),
+    "eval": (_eval, "evaluate model_name_or_path only: train's options with --do_eval"),
+    "export-onnx": (_export_onnx, "export a model folder to vision_model.onnx and text_model.onnx, checked"),
+    "import-open-clip": (_import_open_clip, "convert an open_clip ViT checkpoint into a CLIPModel folder"),
+}
+
+
+def _usage() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = [f"usage: {PROG} {{{','.join(COMMANDS)}}} [options]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items()]
+    lines += ["", f"Run `{PROG} COMMAND --help` for the options of one command."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """
+    Runs one `clip-trainer` command and returns its exit status.
+
+    Args:
+        argv (`list[str]`, *optional*):
+            The command line without the program name; defaults to `sys.argv[1:]`.
+
+    Returns:
+        `int`: 0 on success (and for `--help`), 2 for a usage or configuration error, 1 when a command fails.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage(), file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"{PROG}: error: unknown command {name!r}; choose from {', '.join(COMMANDS)}.", file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[name][0](rest)
+    except SystemExit as exit:
+        # argparse exits for --help (0) and for a malformed command line (2); report it as a status like the rest.
+        return exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
