@@ -487,6 +487,13 @@ class CLIPTrainingArguments(TrainingArguments):
             "set, training logs report `mfu`, model FLOPs utilisation, next to `samples_per_second`."
         },
     )
+    export_onnx: bool = field(
+        default=False,
+        metadata={
+            "help": "At the end of a training run, export the model to output_dir/onnx (vision_model.onnx and "
+            "text_model.onnx, checked with ONNX Runtime against PyTorch). Needs the `onnx` extra."
+        },
+    )
     max_nonfinite_steps: int = field(
         default=5,
         metadata={
@@ -788,6 +795,14 @@ def check_arguments(
         )
     _check_metric_for_best_model(training_args, has_labels=data_args.label_column is not None)
     _check_report_to(training_args.report_to)
+    if training_args.export_onnx:
+        import importlib.util
+
+        missing = [name for name in ("onnx", "onnxruntime", "onnxscript") if importlib.util.find_spec(name) is None]
+        if missing:
+            raise ConfigError(
+                f"`export_onnx` needs {', '.join(missing)}: pip install 'clip-trainer[onnx]', or drop --export_onnx."
+            )
     if training_args.do_train:
         _check_negatives(training_args)
     if data_args.streaming and training_args.do_train and training_args.max_steps <= 0:

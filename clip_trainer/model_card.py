@@ -345,6 +345,7 @@ def write_model_card(
     eval_after: Mapping[str, Any] | None,
     hyperparameters: Mapping[str, Any],
     plots: list[str],
+    examples: list[str] | None = None,
 ) -> str:
     """
     Writes `README.md` in `output_dir` from the Markdown template `templates/model_card.md`: Hub metadata, what was
@@ -366,6 +367,8 @@ def write_model_card(
         plots (`list[str]`):
             PNGs to show, such as the paths `save_training_plots` returns; linked relative to the card, and skipped
             when they lie outside `output_dir` (they would not be uploaded).
+        examples (`list[str]`, *optional*):
+            Retrieval galleries (`retrieval_examples.png`), linked like the plots.
 
     Returns:
         `str`: the path of the card written.
@@ -411,6 +414,7 @@ def write_model_card(
         evaluation_columns=columns,
         evaluation_rows=rows,
         plots=_plot_links(output_dir, plots),
+        examples=_plot_links(output_dir, examples or []),
         hyperparameters=safe,
         repo_id=card_data.repo_id or model_name,
         # SigLIP's text tower pools the last position: captions are padded to the length it was trained with.

@@ -29,13 +29,15 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import CLIPModel
+from transformers import AutoModel, CLIPModel
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
 __all__ = ["ONNXExportError", "VISION_MODEL_FILENAME", "TEXT_MODEL_FILENAME", "export_onnx", "main"]
 
+# Families whose towers take `pixel_values` of one size and `input_ids` + `attention_mask`.
+EXPORTABLE_MODEL_TYPES = ("clip", "siglip", "vision-text-dual-encoder")
 VISION_MODEL_FILENAME = "vision_model.onnx"
 TEXT_MODEL_FILENAME = "text_model.onnx"
 INSTALL_HINT = 'pip install "clip-trainer[onnx]"'
@@ -198,7 +200,7 @@ def check_onnx(
 
 
 def export_onnx(
-    model_dir_or_model: str | os.PathLike | CLIPModel,
+    model_dir_or_model: str | os.PathLike | nn.Module,
     output_dir: str | os.PathLike,
     opset: int | None = None,
     check: bool = True,
@@ -206,7 +208,7 @@ def export_onnx(
     processor=None,
 ) -> dict:
     """
-    Exports a CLIP model to `vision_model.onnx` and `text_model.onnx` (see the module docstring for their inputs and
+    Exports a CLIP model (or a SigLIP model, or a vision-text dual encoder) to `vision_model.onnx` and `text_model.onnx` (see the module docstring for their inputs and
     outputs), copies its config and processor files beside them, and checks both graphs with ONNX Runtime.
 
     Args:
@@ -232,13 +234,18 @@ def export_onnx(
         [`ONNXExportError`]: if the export fails or the graphs do not reproduce the model within `atol`.
         `ImportError`: if `onnxscript` (export) or `onnxruntime` (check) is missing.
     """
-    if isinstance(model_dir_or_model, CLIPModel):
+    if isinstance(model_dir_or_model, nn.Module):
         model, source_dir = model_dir_or_model, None
     else:
         source_dir = Path(model_dir_or_model)
         if not (source_dir / "config.json").is_file():
             raise FileNotFoundError(f"{source_dir} has no config.json; pass a folder written by save_pretrained.")
-        model = CLIPModel.from_pretrained(source_dir)
+        model = AutoModel.from_pretrained(source_dir)
+    if model.config.model_type not in EXPORTABLE_MODEL_TYPES:
+        raise ONNXExportError(
+            f"Exporting a {model.config.model_type!r} model is not supported: the two graphs take fixed-size images "
+            f"and token ids, which fits {', '.join(EXPORTABLE_MODEL_TYPES)} models (SigLIP 2's NaFlex inputs do not)."
+        )
     onnx = _require("onnx", "Exporting to ONNX")
     os.makedirs(output_dir, exist_ok=True)
     output_dir = str(output_dir)

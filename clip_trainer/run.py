@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import logging as std_logging
+import os
 import sys
 from pathlib import Path
 
@@ -30,8 +31,8 @@ logger = logging.get_logger("clip_trainer")
 _DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT}
 
 
-class PushError(RuntimeError):
-    """Publishing failed after the model was saved locally."""
+class PublishError(RuntimeError):
+    """Exporting or publishing failed after the model was saved locally; the message says where it is."""
 
 
 class SaveError(RuntimeError):
@@ -190,14 +191,29 @@ def run_stages(
         # An evaluation-only run leaves the processor beside its results so the folder documents what was measured.
         trainer.processing_class.save_pretrained(args.output_dir)
 
-    # --- document and publish -------------------------------------------------------------------------------------
+    # --- document, export and publish --------------------------------------------------------------------------------
     if args.should_save and args.do_train:
-        trainer.create_model_card()  # README.md + training_curves.png in output_dir, pushed or not
+        # README.md, training_curves.png and retrieval_examples.png in output_dir, pushed or not.
+        trainer.create_model_card()
+        if args.export_onnx:
+            from .onnx_export import ONNXExportError, export_onnx
+
+            try:
+                export = export_onnx(
+                    trainer.model, os.path.join(args.output_dir, "onnx"), processor=trainer.processing_class
+                )
+            except ONNXExportError as error:
+                raise PublishError(
+                    f"ONNX export failed: {error}. The trained model is saved in {args.output_dir}."
+                ) from None
+            logger.info(
+                f"ONNX graphs in {os.path.dirname(export['vision_model'])}, checked: {export['max_abs_diff']}."
+            )
     if args.push_to_hub and args.do_train:
         try:
             trainer.push_to_hub(commit_message="Upload model trained with clip-trainer")
         except NETWORK_ERRORS as error:
-            raise PushError(
+            raise PublishError(
                 f"Pushing to {args.hub_model_id!r} failed ({error}). The trained model is saved in {args.output_dir}; "
                 f"upload it later with `hf upload {args.hub_model_id} {args.output_dir}`."
             ) from None
@@ -216,7 +232,7 @@ def cli(argv: list[str] | None = None) -> int:
         print(f"run_clip.py: error: {error}", file=sys.stderr)
         return 2
     # What stops a run while it trains starts on a new line: the progress bar's line ends without one.
-    except (PushError, SaveError, NonFiniteTrainingError) as error:
+    except (PublishError, SaveError, NonFiniteTrainingError) as error:
         print(f"\nrun_clip.py: error: {error}", file=sys.stderr)
         return 1
     except TrainingInterrupted as error:

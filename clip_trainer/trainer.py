@@ -217,6 +217,7 @@ class CLIPContrastiveTrainer(Trainer):
         self._finite_loss_sum: torch.Tensor | None = None
         self._finite_loss_count: torch.Tensor | None = None
         self._eval_buffer: dict[str, list[torch.Tensor]] | None = None
+        self._last_evaluation: dict | None = None
 
     # ------------------------------------------------------------------------------------------------------------
     # Training
@@ -499,13 +500,16 @@ class CLIPContrastiveTrainer(Trainer):
             family_docs=self.model_card_data.family_docs or self.family.docs,
             loss=self.model_card_data.loss or self.loss_type,
         )
+        plots = save_training_plots(history, self.args.output_dir)
+        examples = self.save_retrieval_examples()
         write_model_card(
             self.args.output_dir,
             card_data,
             eval_before=_evaluation_at(history, first=True),
             eval_after=_evaluation_at(history, first=False),
             hyperparameters=self.card_hyperparameters,
-            plots=save_training_plots(history, self.args.output_dir),
+            plots=plots,
+            examples=[examples] if examples else [],
         )
 
     # ------------------------------------------------------------------------------------------------------------
@@ -570,16 +574,22 @@ class CLIPContrastiveTrainer(Trainer):
         finally:
             self._eval_buffer = None
         valid = collected.pop("valid", None)
+        rows = torch.arange(len(valid)) if valid is not None else None
         if valid is not None:
             collected = {key: value[valid] for key, value in collected.items()}
+            rows = rows[valid]
         usable = len(collected.get("image_embeds", ()))
         if usable < 2:
             logger.warning(
                 f"Only {usable} usable evaluation pair(s) (the others' images did not decode): no retrieval metrics."
             )
         else:
-            class_names = class_names_of(getattr(dataloader, "dataset", None))
+            dataset = getattr(dataloader, "dataset", None)
+            class_names = class_names_of(dataset)
             metrics = self.compute_embedding_metrics(collected, class_names)
+            if metric_key_prefix == "eval" and self.is_world_process_zero():
+                # Kept for the retrieval gallery the model card shows: the last evaluation of the validation split.
+                self._last_evaluation = {**collected, "rows": rows, "dataset": dataset, "class_names": class_names}
             output.metrics.update({f"{metric_key_prefix}_{key}": value for key, value in metrics.items()})
             output.metrics[f"{metric_key_prefix}_inverse_temperature"] = self.model.logit_scale.detach().exp().item()
             if self.loss_type == "sigmoid":
@@ -601,8 +611,36 @@ class CLIPContrastiveTrainer(Trainer):
         if class_names and labels is not None and bool((labels >= 0).any()):
             labelled = labels >= 0
             classifier = build_zeroshot_classifier(self.encode_text, class_names, self.zeroshot_templates)
+            collected["classifier"] = classifier
             metrics.update(zeroshot_accuracy(collected["image_embeds"][labelled], labels[labelled], classifier))
         return metrics
+
+    def save_retrieval_examples(self, path: str | None = None) -> str | None:
+        """Draws `retrieval_examples.png` (in `output_dir` unless `path` says otherwise) from the last evaluation of
+        the validation split: a few held-out captions, fixed by the seed, with the images they retrieve, and with
+        class labels a few images with their top classes. Returns the path, or `None` with no evaluation to draw."""
+        from .gallery import RETRIEVAL_EXAMPLES_FILENAME, save_retrieval_gallery
+
+        last = getattr(self, "_last_evaluation", None)
+        if last is None or last["dataset"] is None or last["rows"] is None:
+            return None
+        rows = last["rows"].tolist()
+        table = last["dataset"].with_format(None).select(rows)
+        image_column = getattr(self.data_collator, "image_column", "image")
+        caption_column = getattr(self.data_collator, "caption_column", "caption")
+        labels = last.get("class_labels")
+        return save_retrieval_gallery(
+            last["image_embeds"],
+            last["text_embeds"],
+            table[image_column],
+            [str(caption) for caption in table[caption_column]],
+            last.get("image_ids"),
+            path=path or os.path.join(self.args.output_dir, RETRIEVAL_EXAMPLES_FILENAME),
+            seed=self.args.seed,
+            class_names=last["class_names"] if last.get("classifier") is not None else None,
+            class_labels=labels if last.get("classifier") is not None else None,
+            classifier=last.get("classifier"),
+        )
 
     @torch.no_grad()
     def encode_text(self, texts: list[str]) -> torch.Tensor:

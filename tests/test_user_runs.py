@@ -143,3 +143,17 @@ def test_bundled_data_is_described_not_linked(tmp_path, source, monkeypatch):
     metadata = yaml.safe_load(text.split("---\n", 2)[1])
     assert "datasets" not in metadata and "huggingface.co/datasets" not in text
     assert "the emoji demo data bundled with clip-trainer" in text
+
+
+def test_a_run_ends_with_retrieval_examples_in_the_card_and_an_onnx_export(base_args, tmp_path):
+    pytest.importorskip("onnxruntime", reason="the onnx extra (pip install 'clip-trainer[onnx]') is not installed")
+    out = tmp_path / "out"
+    main([*base_args, "--max_steps", "4", "--eval_strategy", "steps", "--eval_steps", "4", "--label_column", "shape",
+          "--export_onnx", "true"])  # fmt: skip
+    from PIL import Image
+
+    with Image.open(out / "retrieval_examples.png") as image:
+        assert image.format == "PNG" and image.width > 400
+    card = (out / "README.md").read_text()
+    assert "![Retrieval examples](retrieval_examples.png)" in card
+    assert (out / "onnx" / "vision_model.onnx").is_file() and (out / "onnx" / "text_model.onnx").is_file()
