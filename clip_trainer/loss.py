@@ -92,6 +92,22 @@ def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([tensor, tensor.new_zeros(rows - tensor.shape[0], *tensor.shape[1:])])
 
 
+def _padding_and_validity(
+    embeds: torch.Tensor, pad_to: int | None, valid: torch.Tensor | None, group
+) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """The rows every process pads its batch to, this process's validity flags, and every process's padded flags
+    `(world_size, rows)`: padding and unusable rows are `False`, and take no part in the loss."""
+    local = embeds.shape[0]
+    rows = pad_to if pad_to is not None else local
+    if local > rows:
+        raise ValueError(f"A local batch of {local} pairs is larger than pad_to={rows}.")
+    local_valid = torch.ones(local, dtype=torch.bool, device=embeds.device) if valid is None else valid
+    padded = _pad_rows(local_valid, rows)
+    everyone = [torch.empty_like(padded) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(everyone, padded, group=group)
+    return rows, local_valid, torch.stack(everyone)
+
+
 def distributed_clip_loss(
     image_embeds: torch.Tensor,
     text_embeds: torch.Tensor,
@@ -123,15 +139,8 @@ def distributed_clip_loss(
     world_size = dist.get_world_size(group)
     rank = dist.get_rank(group)
     local = image_embeds.shape[0]
-    rows = pad_to if pad_to is not None else local
-    if local > rows:
-        raise ValueError(f"A local batch of {local} pairs is larger than pad_to={rows}.")
-
-    local_valid = torch.ones(local, dtype=torch.bool, device=image_embeds.device) if valid is None else valid
-    padded_valid = _pad_rows(local_valid, rows)
-    all_valid = [torch.empty_like(padded_valid) for _ in range(world_size)]
-    dist.all_gather(all_valid, padded_valid, group=group)
-    column_valid = torch.cat(all_valid)
+    rows, local_valid, all_valid = _padding_and_validity(image_embeds, pad_to, valid, group)
+    column_valid = all_valid.flatten()
     all_images = gather_with_gradient(_pad_rows(image_embeds, rows), group)
     all_texts = gather_with_gradient(_pad_rows(text_embeds, rows), group)
 
@@ -457,15 +466,8 @@ def distributed_sigmoid_loss(
     world_size = dist.get_world_size(group)
     rank = dist.get_rank(group)
     local = image_embeds.shape[0]
-    rows = pad_to if pad_to is not None else local
-    if local > rows:
-        raise ValueError(f"A local batch of {local} pairs is larger than pad_to={rows}.")
-
-    local_valid = torch.ones(local, dtype=torch.bool, device=image_embeds.device) if valid is None else valid
-    padded_valid = _pad_rows(local_valid, rows)
-    all_valid = [torch.empty_like(padded_valid) for _ in range(world_size)]
-    dist.all_gather(all_valid, padded_valid, group=group)
-    block_weights = torch.stack(all_valid).to(image_embeds.dtype)
+    rows, _, all_valid = _padding_and_validity(image_embeds, pad_to, valid, group)
+    block_weights = all_valid.to(image_embeds.dtype)
     text_block = _pad_rows(text_embeds, rows)
 
     if ring:

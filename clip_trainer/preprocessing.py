@@ -60,6 +60,18 @@ def _shortest_edge_size(height: int, width: int, shortest_edge: int) -> tuple[in
     return (new_long, new_short) if width <= height else (new_short, new_long)
 
 
+def _pixel_settings(image_processor: Any) -> dict[str, Any]:
+    """The resampling filter, rescale factor and normalisation, which every layout reads the same way."""
+    mean = std = None
+    if _setting(image_processor, "do_normalize", False):
+        mean, std = image_processor.image_mean, image_processor.image_std
+        mean = tuple(float(v) for v in (mean if isinstance(mean, list | tuple) else [mean] * 3))
+        std = tuple(float(v) for v in (std if isinstance(std, list | tuple) else [std] * 3))
+    rescale = float(_setting(image_processor, "rescale_factor", 1 / 255)) if image_processor.do_rescale else 1.0
+    resample = PIL.Image.Resampling(int(_setting(image_processor, "resample", PIL.Image.Resampling.BILINEAR)))
+    return {"resample": resample, "rescale_factor": rescale, "mean": mean, "std": std}
+
+
 @dataclass(frozen=True)
 class ImagePreprocessor:
     """Resize, crop and normalise images as a `transformers` image processor does, with uint8 in between.
@@ -135,14 +147,7 @@ class ImagePreprocessor:
             raise UnsupportedImageProcessorError(
                 f"{name} neither resizes nor crops images, so they would not share one size; set `do_resize`."
             )
-        resample = PIL.Image.Resampling(int(_setting(image_processor, "resample", PIL.Image.Resampling.BILINEAR)))
-        rescale = float(_setting(image_processor, "rescale_factor", 1 / 255)) if image_processor.do_rescale else 1.0
-        mean = std = None
-        if _setting(image_processor, "do_normalize", False):
-            mean, std = image_processor.image_mean, image_processor.image_std
-            mean = tuple(float(v) for v in (mean if isinstance(mean, list | tuple) else [mean] * 3))
-            std = tuple(float(v) for v in (std if isinstance(std, list | tuple) else [std] * 3))
-        return cls(shortest_edge, resize_to, resample, crop_size, rescale, mean, std)
+        return cls(shortest_edge, resize_to, crop_size=crop_size, **_pixel_settings(image_processor))
 
     @classmethod
     def _naflex(cls, image_processor: Any) -> ImagePreprocessor:
@@ -150,14 +155,8 @@ class ImagePreprocessor:
             raise UnsupportedImageProcessorError(
                 f"{type(image_processor).__name__} with do_resize=False is not supported."
             )
-        resample = PIL.Image.Resampling(int(_setting(image_processor, "resample", PIL.Image.Resampling.BILINEAR)))
-        rescale = float(_setting(image_processor, "rescale_factor", 1 / 255)) if image_processor.do_rescale else 1.0
-        mean = std = None
-        if _setting(image_processor, "do_normalize", False):
-            mean = tuple(float(v) for v in image_processor.image_mean)
-            std = tuple(float(v) for v in image_processor.image_std)
         return cls(
-            None, None, resample, None, rescale, mean, std,
+            None, None, crop_size=None, **_pixel_settings(image_processor),
             patch_size=int(image_processor.patch_size), max_num_patches=int(image_processor.max_num_patches),
         )  # fmt: skip
 

@@ -62,6 +62,21 @@ def write_shapes_csv(folder: Path, repeats: int = 2, name: str = "pairs.csv") ->
     return path
 
 
+def set_option(argv: list[str], name: str, value: str) -> list[str]:
+    """`argv` with `--name value` (replaced where it is, else appended)."""
+    argv = list(argv)
+    if f"--{name}" in argv:
+        argv[argv.index(f"--{name}") + 1] = value
+        return argv
+    return [*argv, f"--{name}", value]
+
+
+def drop_option(argv: list[str], name: str) -> list[str]:
+    """`argv` without `--name value`."""
+    index = argv.index(f"--{name}")
+    return argv[:index] + argv[index + 2 :]
+
+
 @pytest.fixture(scope="session")
 def shapes_csv(tmp_path_factory) -> Path:
     return write_shapes_csv(tmp_path_factory.mktemp("shapes"), repeats=3)

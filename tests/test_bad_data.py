@@ -15,20 +15,12 @@ from pathlib import Path
 
 import datasets
 import pytest
-from conftest import draw_shape, shape_rows, write_shapes_csv
+from conftest import draw_shape, set_option, shape_rows, write_shapes_csv
 
 from clip_trainer import run
 from clip_trainer.arguments import DataArguments
 from clip_trainer.data import IMAGE_ID_COLUMN, LABEL_COLUMN, load_image_text_data
 from clip_trainer.run import main
-
-
-def with_option(argv: list[str], name: str, value: str) -> list[str]:
-    argv = list(argv)
-    if f"--{name}" in argv:
-        argv[argv.index(f"--{name}") + 1] = value
-        return argv
-    return [*argv, f"--{name}", value]
 
 
 def png(color: str = "red", shape: str = "circle", size: int = 40) -> bytes:
@@ -57,7 +49,7 @@ def test_a_batch_of_only_unusable_samples_does_not_stop_the_run(base_args, tmp_p
     with train.open("w", newline="") as handle:
         csv.writer(handle).writerows(rows)
     out = tmp_path / "out"
-    argv = with_option(with_option(base_args, "train_file", str(train)), "per_device_train_batch_size", "6")
+    argv = set_option(set_option(base_args, "train_file", str(train)), "per_device_train_batch_size", "6")
     main([*argv, "--max_steps", "4", "--logging_steps", "1", "--train_sampling_strategy", "sequential"])
     logged = [entry for entry in history(out) if "loss" in entry]
     assert [entry["step"] for entry in logged] == [1, 2, 3, 4]
@@ -78,7 +70,7 @@ def test_a_stream_with_missing_files_trains_at_batch_size_2(base_args, tmp_path)
     train = write_shapes_csv(folder, repeats=2)
     for path in sorted((folder / "images").glob("*_0.png"))[:5]:  # about 10% of the files are gone
         path.unlink()
-    argv = with_option(with_option(base_args, "train_file", str(train)), "per_device_train_batch_size", "2")
+    argv = set_option(set_option(base_args, "train_file", str(train)), "per_device_train_batch_size", "2")
     main([*argv, "--streaming", "true", "--max_steps", "30", "--shuffle_buffer_size", "16", "--logging_steps", "30"])
     assert [entry["step"] for entry in history(tmp_path / "out") if "loss" in entry] == [30]
 
@@ -100,7 +92,7 @@ def test_json_lines_with_image_dicts_and_base64_images(base_args, tmp_path):
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     data = load_image_text_data(DataArguments(train_file=str(path)), seed=0)
     assert len(data.train) + len(data.validation) == 24  # no row lost as "file not found"
-    main([*with_option(base_args, "train_file", str(path)), "--max_steps", "2"])
+    main([*set_option(base_args, "train_file", str(path)), "--max_steps", "2"])
 
 
 def test_parquet_with_relative_image_paths_resolves_them_beside_the_file(tmp_path, monkeypatch):
@@ -179,8 +171,8 @@ def test_the_same_picture_under_two_names_is_one_image(tmp_path):
 
 def test_evaluation_covers_the_whole_set_with_drop_last(base_args, tmp_path):
     common = [*base_args, "--do_eval", "--per_device_eval_batch_size", "8"]
-    kept = main([*with_option(common, "output_dir", str(tmp_path / "a"))])
-    dropped = main([*with_option(common, "output_dir", str(tmp_path / "b")), "--dataloader_drop_last", "true"])
+    kept = main([*set_option(common, "output_dir", str(tmp_path / "a"))])
+    dropped = main([*set_option(common, "output_dir", str(tmp_path / "b")), "--dataloader_drop_last", "true"])
     assert kept["eval_samples"] == dropped["eval_samples"] == 11  # 15% of 72, not a multiple of 8
     for key in kept:
         if "recall" in key or "rank" in key:
@@ -195,7 +187,7 @@ def test_prepare_only_copies_only_images(base_args, tmp_path):
     with train.open("a", newline="") as handle:
         csv.writer(handle).writerow(["../secret.txt", "a blue circle on white", "circle"])  # readable, no image
     out = tmp_path / "prepared"
-    main([*with_option(with_option(base_args, "train_file", str(train)), "output_dir", str(out)), "--prepare_only"])
+    main([*set_option(set_option(base_args, "train_file", str(train)), "output_dir", str(out)), "--prepare_only"])
     prepared = datasets.load_from_disk(str(out))
     total = sum(len(split) for split in prepared.values())
     assert total == 24

@@ -16,25 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import drop_option, set_option
 
 from clip_trainer import run
 from clip_trainer.data import load_image_text_data as real_load_image_text_data
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def option(argv: list[str], name: str, value: str) -> list[str]:
-    """`argv` with `--name value` set (replaced if present)."""
-    argv = list(argv)
-    if f"--{name}" in argv:
-        argv[argv.index(f"--{name}") + 1] = value
-        return argv
-    return [*argv, f"--{name}", value]
-
-
-def without(argv: list[str], name: str) -> list[str]:
-    index = argv.index(f"--{name}")
-    return argv[:index] + argv[index + 2 :]
 
 
 def config_file(tmp: Path, values: dict, name: str = "config.json") -> str:
@@ -96,29 +83,29 @@ CASES = [
     Case("bad value for a typed option", lambda a, t, m: [*a, "--learning_rate", "fast"], ("learning_rate", "fast")),
     Case("bad choice", lambda a, t, m: [*a, "--on_bad_rows", "ignore"], ("on_bad_rows", "skip", "error")),
     # --- numbers a JSON file gets wrong --------------------------------------------------------------------------
-    Case("eval batch size 0", lambda a, t, m: option(a, "per_device_eval_batch_size", "0"),
+    Case("eval batch size 0", lambda a, t, m: set_option(a, "per_device_eval_batch_size", "0"),
          ("`per_device_eval_batch_size` is 0", "at least 1")),
-    Case("negative batch size", lambda a, t, m: option(a, "per_device_train_batch_size", "-4"),
+    Case("negative batch size", lambda a, t, m: set_option(a, "per_device_train_batch_size", "-4"),
          ("`per_device_train_batch_size` is -4",)),
-    Case("batch size 0", lambda a, t, m: option(a, "per_device_train_batch_size", "0"),
+    Case("batch size 0", lambda a, t, m: set_option(a, "per_device_train_batch_size", "0"),
          ("`per_device_train_batch_size` is 0",)),
-    Case("fractional batch size", lambda a, t, m: option(a, "per_device_train_batch_size", "8.5"),
+    Case("fractional batch size", lambda a, t, m: set_option(a, "per_device_train_batch_size", "8.5"),
          ("per_device_train_batch_size", "8.5")),
     Case("fractional batch size in a file",
-         lambda a, t, m: [config_file(t, {"per_device_train_batch_size": 8.5}), *without(a, "per_device_train_batch_size")],
+         lambda a, t, m: [config_file(t, {"per_device_train_batch_size": 8.5}), *drop_option(a, "per_device_train_batch_size")],
          ("`per_device_train_batch_size` is 8.5", "whole number")),
-    Case("batch size 1", lambda a, t, m: option(a, "per_device_train_batch_size", "1"),
+    Case("batch size 1", lambda a, t, m: set_option(a, "per_device_train_batch_size", "1"),
          ("`per_device_train_batch_size` is 1", "no other pair", "nothing trains")),
-    Case("learning rate null", lambda a, t, m: [config_file(t, {"learning_rate": None}), *without(a, "learning_rate")],
+    Case("learning rate null", lambda a, t, m: [config_file(t, {"learning_rate": None}), *drop_option(a, "learning_rate")],
          ("`learning_rate` is None", "a number of at least 0")),
-    Case("learning rate list", lambda a, t, m: [config_file(t, {"learning_rate": [1e-3]}), *without(a, "learning_rate")],
+    Case("learning rate list", lambda a, t, m: [config_file(t, {"learning_rate": [1e-3]}), *drop_option(a, "learning_rate")],
          ("`learning_rate` is [0.001]",)),
-    Case("negative learning rate", lambda a, t, m: [*without(a, "learning_rate"), "--learning_rate=-1e-3"],
+    Case("negative learning rate", lambda a, t, m: [*drop_option(a, "learning_rate"), "--learning_rate=-1e-3"],
          ("`learning_rate` is -0.001",)),
-    Case("negative workers", lambda a, t, m: option(a, "dataloader_num_workers", "-1"),
+    Case("negative workers", lambda a, t, m: set_option(a, "dataloader_num_workers", "-1"),
          ("`dataloader_num_workers` is -1",)),
     Case("max_steps 0", lambda a, t, m: [*a, "--max_steps", "0"], ("`max_steps` is 0", "-1 to use epochs")),
-    Case("no epochs", lambda a, t, m: option(a, "num_train_epochs", "0"), ("`num_train_epochs` is 0",)),
+    Case("no epochs", lambda a, t, m: set_option(a, "num_train_epochs", "0"), ("`num_train_epochs` is 0",)),
     Case("negative max_nonfinite_steps", lambda a, t, m: [*a, "--max_nonfinite_steps", "-1"],
          ("`max_nonfinite_steps` is -1",)),
     Case("tiny tokenizer vocabulary", lambda a, t, m: [*a, "--tokenizer_vocab_size", "100"],
@@ -128,12 +115,12 @@ CASES = [
     Case("validation percentage 100", lambda a, t, m: [*a, "--validation_split_percentage", "100"],
          ("`validation_split_percentage` is 100",)),
     # --- the model -------------------------------------------------------------------------------------------------
-    Case("empty model name and no config", lambda a, t, m: option(a, "model_name_or_path", ""), ("No model given",)),
-    Case("a checkpoint that is not CLIP", lambda a, t, m: option(a, "model_name_or_path", not_clip_folder(t)),
+    Case("empty model name and no config", lambda a, t, m: set_option(a, "model_name_or_path", ""), ("No model given",)),
+    Case("a checkpoint that is not CLIP", lambda a, t, m: set_option(a, "model_name_or_path", not_clip_folder(t)),
          ("is a 'bert' model", "clip-trainer trains 'clip', 'siglip'")),
-    Case("an empty folder as the model", lambda a, t, m: option(a, "model_name_or_path", str(t)),
+    Case("an empty folder as the model", lambda a, t, m: set_option(a, "model_name_or_path", str(t)),
          ("without a config.json",)),
-    Case("a config-only folder as the model", lambda a, t, m: option(a, "model_name_or_path", config_only_folder(t, m)),
+    Case("a config-only folder as the model", lambda a, t, m: set_option(a, "model_name_or_path", config_only_folder(t, m)),
          ("has no model.safetensors", "`config_name`"), "data"),
     Case("max_seq_length beyond the text model", lambda a, t, m: [*a, "--max_seq_length", "100"],
          ("`max_seq_length` is 100", "set it to 16 or less")),
@@ -149,31 +136,31 @@ CASES = [
     Case("best model with mismatched strategies",
          lambda a, t, m: [*a, "--load_best_model_at_end", "true", "--eval_strategy", "epoch", "--save_strategy", "steps"],
          ("load_best_model_at_end",)),
-    Case("unknown logger", lambda a, t, m: option(a, "report_to", "tensorbord"),
+    Case("unknown logger", lambda a, t, m: set_option(a, "report_to", "tensorbord"),
          ("`report_to` names 'tensorbord'", "Did you mean `tensorboard`?")),
     Case("resume with nothing to resume", lambda a, t, m: [*a, "--resume_from_checkpoint", "true"],
          ("holds no checkpoint",)),
     # --- output_dir ------------------------------------------------------------------------------------------------
-    Case("output_dir is a file", lambda a, t, m: option(a, "output_dir", csv_file(t, "x", name="file.txt")),
+    Case("output_dir is a file", lambda a, t, m: set_option(a, "output_dir", csv_file(t, "x", name="file.txt")),
          ("is a file; give a folder",)),
-    Case("output_dir cannot be created", lambda a, t, m: option(a, "output_dir", str(Path(csv_file(t, "x", name="f")) / "out")),
+    Case("output_dir cannot be created", lambda a, t, m: set_option(a, "output_dir", str(Path(csv_file(t, "x", name="f")) / "out")),
          ("Cannot write into `output_dir`", "choose another folder")),
     # --- data files ----------------------------------------------------------------------------------------------
-    Case("missing train file", lambda a, t, m: option(a, "train_file", str(t / "missing.csv")),
+    Case("missing train file", lambda a, t, m: set_option(a, "train_file", str(t / "missing.csv")),
          ("`train_file`", "does not exist")),
-    Case("no training data", lambda a, t, m: without(a, "train_file"),
+    Case("no training data", lambda a, t, m: drop_option(a, "train_file"),
          ("No training data given", "--do_eval")),
     Case("wrong caption column", lambda a, t, m: [*a, "--caption_column", "text"],
          ("`caption_column` is 'text'", "image, caption, shape", "Set `caption_column` to one of them"), "data"),
     Case("wrong label column", lambda a, t, m: [*a, "--label_column", "colour", "--eval_strategy", "epoch"],
          ("`label_column` is 'colour'", "shape"), "data"),
-    Case("a CSV with a header only", lambda a, t, m: option(a, "train_file", csv_file(t, "image,caption\n")),
+    Case("a CSV with a header only", lambda a, t, m: set_option(a, "train_file", csv_file(t, "image,caption\n")),
          ("has no rows", "one row per"), "data"),
-    Case("an empty CSV", lambda a, t, m: option(a, "train_file", csv_file(t, "")), ("has no rows", "header row"), "data"),
+    Case("an empty CSV", lambda a, t, m: set_option(a, "train_file", csv_file(t, "")), ("has no rows", "header row"), "data"),
     Case("a CSV of one row",
-         lambda a, t, m: [*option(a, "train_file", csv_file(t, f"image,caption\n{an_image(a)},a cat\n")), "--eval_strategy", "epoch"],
+         lambda a, t, m: [*set_option(a, "train_file", csv_file(t, f"image,caption\n{an_image(a)},a cat\n")), "--eval_strategy", "epoch"],
          ("Cannot hold out 15% of 1 training pair", "validation_split_percentage` to 0"), "data"),
-    Case("a latin-1 CSV", lambda a, t, m: option(a, "train_file", csv_file(t, "image,caption\na.png,caf\u00e9 cr\u00e8me\n", "latin-1")),
+    Case("a latin-1 CSV", lambda a, t, m: set_option(a, "train_file", csv_file(t, "image,caption\na.png,caf\u00e9 cr\u00e8me\n", "latin-1")),
          ("is not UTF-8", "save it as UTF-8"), "data"),
     Case("a validation set with one pair",
          lambda a, t, m: [*a, "--eval_strategy", "epoch", "--validation_file",
@@ -226,7 +213,7 @@ def test_logger_that_is_not_installed(base_args, capsys, guarded):
 
     if is_wandb_available():
         pytest.skip("wandb is installed here, so this mistake cannot be made")
-    assert run.cli(option(base_args, "report_to", "wandb")) == 2
+    assert run.cli(set_option(base_args, "report_to", "wandb")) == 2
     message = capsys.readouterr().err
     assert "`report_to` includes wandb, which is not installed" in message and "clip-trainer[wandb]" in message
 

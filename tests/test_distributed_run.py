@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import write_shapes_csv
-from test_streaming import without_option, write_parquet_shards
+from conftest import drop_option, write_shapes_csv
+from test_streaming import write_parquet_shards
 from transformers import CLIPModel
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,7 +69,7 @@ def test_torchrun_two_processes_stream_and_save(base_args, tmp_path):
     shards = write_parquet_shards(tmp_path / "shards", shards=3)
     out = tmp_path / "out"
     args = [
-        *without_option(base_args, "--train_file"), *DISTRIBUTED_ARGS,
+        *drop_option(base_args, "train_file"), *DISTRIBUTED_ARGS,
         "--dataset_name", str(shards), "--streaming", "true", "--max_eval_samples", "8",
         "--shuffle_buffer_size", "64",
     ]  # fmt: skip

@@ -11,7 +11,7 @@ from pathlib import Path
 import datasets
 import pytest
 from accelerate.data_loader import prepare_data_loader
-from conftest import draw_shape, shape_rows, write_shapes_csv
+from conftest import draw_shape, drop_option, shape_rows, write_shapes_csv
 from torch.utils.data import DataLoader
 from transformers import CLIPModel
 
@@ -47,11 +47,6 @@ def write_parquet_shards(folder: Path, shards: int) -> Path:
     return folder
 
 
-def without_option(args: list[str], option: str) -> list[str]:
-    index = args.index(option)
-    return args[:index] + args[index + 2 :]
-
-
 def streaming_args(**kwargs) -> DataArguments:
     # A buffer of a few dozen rows fills at once; the default one would first read ~10,000 rows of the repeated stream.
     return DataArguments(streaming=True, shuffle_buffer_size=64, **kwargs)
@@ -70,7 +65,7 @@ def test_streaming_run_trains_evaluates_and_saves(base_args, tmp_path):
     out = tmp_path / "out"
     results = main(
         [
-            *without_option(base_args, "--train_file"),
+            *drop_option(base_args, "train_file"),
             "--dataset_name", str(shards),
             "--streaming", "true",
             "--max_steps", "6",
