@@ -524,6 +524,13 @@ def load_image_text_data(
     streaming = data_args.streaming and train
     splits, source = _load_source(data_args, cache_dir, streaming, need_train=train)
     names = VALIDATION_SPLIT_NAMES if train else (*VALIDATION_SPLIT_NAMES, "test")
+    if data_args.validation_split_name is not None:
+        if data_args.validation_split_name not in splits:
+            raise ConfigError(
+                f"`validation_split_name` is {data_args.validation_split_name!r}, but the data's splits are: "
+                f"{', '.join(splits) or 'none'}."
+            )
+        names = (data_args.validation_split_name,)
     validation = next((splits[name] for name in names if name in splits), None) if evaluate else None
     train_split = splits.get("train")
     if (train or (evaluate and validation is None)) and train_split is None:
@@ -559,6 +566,23 @@ def load_image_text_data(
     sizes.append(f"validation pairs: {len(validation):,}" if validation is not None else "no validation pairs")
     logger.info("; ".join(sizes))
     return ImageTextData(train=train_split, validation=validation, source=source, one_pass=one_pass)
+
+
+def load_extra_eval_sets(data_args: DataArguments, seed: int, cache_dir: str | None = None) -> dict[str, Dataset]:
+    """The `extra_eval_sets` of `data_args`, each loaded as the validation split of an evaluation-only run (so every
+    check of a validation split applies, and class names come from the set's own label column).
+
+    Raises:
+        [`ConfigError`]: naming the set and the problem.
+    """
+    sets = {}
+    for name, set_args in data_args.extra_eval_data_arguments().items():
+        try:
+            sets[name] = load_image_text_data(set_args, seed=seed, cache_dir=cache_dir, train=False).validation
+        except ConfigError as error:
+            raise ConfigError(f"`extra_eval_sets` entry {name!r}: {error}") from None
+        logger.info(f"Evaluation set {name!r}: {len(sets[name]):,} pairs.")
+    return sets
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -9,7 +9,9 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Iterable
+from typing import NamedTuple
 
+from torch import nn
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
@@ -148,3 +150,57 @@ def load_model(model_args: ModelArguments, config: CLIPConfig, tokenizer=None) -
         for key, value in text_config_token_ids(tokenizer).items():
             setattr(config.text_config, key, value)
     return model_class._from_config(config, attn_implementation=model_args.attn_implementation)
+
+
+class TowerParts(NamedTuple):
+    """One tower of a dual encoder, bottom to top, as partial locking and layer-wise learning rates see it.
+
+    Attributes:
+        embeddings: what comes before the first encoder layer (patch/token and position embeddings, and the vision
+            tower's pre-norm).
+        layers: the encoder layers, bottom first.
+        final_norm: the norm after the last layer.
+        projection: the projection into the joint embedding space.
+    """
+
+    embeddings: tuple[nn.Module, ...]
+    layers: nn.ModuleList
+    final_norm: nn.Module
+    projection: nn.Module
+
+
+TOWERS = ("vision", "text")
+
+
+def tower_layers(model: nn.Module, tower: str) -> TowerParts:
+    """The parts of `model`'s `vision` or `text` tower, for `CLIPModel` (or a wrapper that forwards attributes to
+    one, such as a peft `PeftModel`).
+
+    Raises:
+        `ValueError`: for an unknown tower, or a model family this helper does not know yet.
+    """
+    if tower not in TOWERS:
+        raise ValueError(f"`tower` is {tower!r}; it must be one of {', '.join(TOWERS)}.")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not isinstance(base, CLIPModel):
+        raise ValueError(
+            f"Partial locking and layer-wise learning rates know the towers of CLIPModel, not of "
+            f"{type(base).__name__}; unset `vision_trainable_layers`, `text_trainable_layers` and "
+            "`layerwise_lr_decay` for this model."
+        )
+    if tower == "vision":
+        vision = base.vision_model
+        return TowerParts(
+            (vision.embeddings, vision.pre_layrnorm),
+            vision.encoder.layers,
+            vision.post_layernorm,
+            base.visual_projection,
+        )
+    text = base.text_model
+    return TowerParts((text.embeddings,), text.encoder.layers, text.final_layer_norm, base.text_projection)
+
+
+def tower_depth(config: PretrainedConfig, tower: str) -> int | None:
+    """The number of encoder layers of a tower, read from the config (`None` when the config does not say)."""
+    sub_config = getattr(config, f"{tower}_config", None)
+    return getattr(sub_config, "num_hidden_layers", None)
