@@ -1127,12 +1127,10 @@ def _check_fine_tuning(model_args: ModelArguments, args: CLIPTrainingArguments, 
         )
     if config is None:
         return
-    from .modeling import tower_depth
-
     for tower in ("vision", "text"):
         key = f"{tower}_trainable_layers"
         wanted = getattr(args, key)
-        depth = tower_depth(config, tower)
+        depth = getattr(getattr(config, f"{tower}_config", None), "num_hidden_layers", None)
         if wanted is not None and depth is not None and wanted > depth:
             raise ConfigError(
                 f"`{key}` is {wanted}, but the {tower} tower has {depth} layers; set it to {depth} or less (or leave it "

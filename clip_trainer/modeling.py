@@ -198,9 +198,3 @@ def tower_layers(model: nn.Module, tower: str) -> TowerParts:
         )
     text = base.text_model
     return TowerParts((text.embeddings,), text.encoder.layers, text.final_layer_norm, base.text_projection)
-
-
-def tower_depth(config: PretrainedConfig, tower: str) -> int | None:
-    """The number of encoder layers of a tower, read from the config (`None` when the config does not say)."""
-    sub_config = getattr(config, f"{tower}_config", None)
-    return getattr(sub_config, "num_hidden_layers", None)

@@ -17,9 +17,10 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["TRAINING_CURVES_FILENAME", "save_training_plots", "save_wise_ft_plot"]
+__all__ = ["TRAINING_CURVES_FILENAME", "WISE_FT_PLOT_NAME", "save_training_plots", "save_wise_ft_plot"]
 
 TRAINING_CURVES_FILENAME = "training_curves.png"
+WISE_FT_PLOT_NAME = "wise_ft.png"
 
 # Keys the Trainer writes into the final summary entry; they are run-level figures, not points of a curve.
 _SUMMARY_KEYS = ("train_runtime", "train_loss", "train_samples_per_second", "train_steps_per_second", "total_flos")
@@ -199,8 +200,6 @@ def save_wise_ft_plot(result, output_dir: str) -> str | None:
     Returns:
         `str`: the absolute path written, or `None` when the table has no reference set to draw.
     """
-    from .wise_ft import WISE_FT_PLOT_NAME
-
     if not result.reference_sets or not result.rows:
         return None
     figure = Figure(figsize=(5.5, 4.2), layout="constrained")

@@ -45,7 +45,6 @@ logger = logging.get_logger(__name__)
 __all__ = ["WiseFTResult", "choose_alpha", "interpolate_state_dicts", "main", "run_wise_ft"]
 
 WISE_FT_RESULTS_NAME = "wise_ft_results.json"
-WISE_FT_PLOT_NAME = "wise_ft.png"
 # The metric the rule compares when `metric_for_best_model` is unset or lower-is-better (a loss, a median rank).
 DEFAULT_WISE_FT_METRIC = "mean_recall"
 
