@@ -1119,6 +1119,11 @@ def _check_fine_tuning(model_args: ModelArguments, args: CLIPTrainingArguments, 
         )
     if wise_ft and not args.do_train:
         raise ConfigError("`wise_ft_alphas`/`wise_ft_alpha` run after training; add --do_train or drop them.")
+    if wise_ft and not args.do_eval and args.eval_strategy == IntervalStrategy.NO:
+        raise ConfigError(
+            "WiSE-FT evaluates each interpolation, but this run does not evaluate (`eval_strategy` is no); add "
+            "--do_eval, or set `eval_strategy` to epoch or steps."
+        )
     if wise_ft and (args.fsdp or args.deepspeed):
         raise ConfigError(
             "WiSE-FT needs every process to hold the whole model (it loads interpolated state dicts); it does not run "

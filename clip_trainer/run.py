@@ -59,6 +59,11 @@ def _evaluation_off(training_args: CLIPTrainingArguments) -> None:
             "`early_stopping_patience` needs evaluation, but there is no validation data "
             "(`validation_split_percentage` is 0); give a `validation_file` or a percentage, or drop early stopping."
         )
+    if training_args.wise_ft_alphas is not None or training_args.wise_ft_alpha is not None:
+        raise ConfigError(
+            "WiSE-FT chooses its interpolation on the validation data, but there is none "
+            "(`validation_split_percentage` is 0); give a `validation_file` or a percentage, or drop `wise_ft_alphas`."
+        )
     logger.warning("No validation data: evaluation, `eval_on_start` and `load_best_model_at_end` are off.")
     training_args.eval_strategy = IntervalStrategy.NO
     training_args.do_eval = False

@@ -65,7 +65,7 @@ def test_the_rule_keeps_the_reference_and_maximises_the_domain():
 def test_a_run_evaluates_every_alpha_and_saves_the_chosen_one(base_args, shapes_csv, tiny_clip_dir, tmp_path):
     out = Path(base_args[base_args.index("--output_dir") + 1])
     # The rule would pick some a; an explicit a = 0 saves exactly the pretrained weights, whatever training did.
-    main([*base_args, "--eval_strategy", "epoch", "--num_train_epochs", "1", "--wise_ft_alphas", "0.5",
+    main([*base_args, "--do_train", "--do_eval", "--num_train_epochs", "1", "--wise_ft_alphas", "0.5",
           "--wise_ft_alpha", "0", "--extra_eval_sets", json.dumps({"ref": str(shapes_csv)})])  # fmt: skip
     table = json.loads((out / "wise_ft_results.json").read_text())
     assert [row["alpha"] for row in table["rows"]] == [0.0, 0.5, 1.0]
@@ -105,11 +105,14 @@ def test_the_command_saves_the_interpolated_model_with_its_processor(tiny_clip_d
     assert exit_info.value.code == 0 and "--fine_tuned" in capsys.readouterr().out
 
 
-def test_wise_ft_needs_a_pretrained_model(shapes_csv, tmp_path):
+def test_wise_ft_needs_a_pretrained_model_and_evaluation(shapes_csv, tiny_clip_dir, tmp_path):
     repo = Path(__file__).resolve().parent.parent
     with pytest.raises(ConfigError, match="trained from scratch"):
         main(["--config_name", str(repo / "configs" / "models" / "clip-tiny-64px.json"), "--train_file",
               str(shapes_csv), "--output_dir", str(tmp_path / "o"), "--wise_ft_alphas", "0.5", "--report_to",
               "none"])  # fmt: skip
+    with pytest.raises(ConfigError, match="this run does not evaluate"):
+        main(["--model_name_or_path", str(tiny_clip_dir), "--train_file", str(shapes_csv), "--wise_ft_alphas", "0.5",
+              "--eval_strategy", "no", "--report_to", "none", "--output_dir", str(tmp_path / "o")])  # fmt: skip
     with pytest.raises(ConfigError, match="`wise_ft_alphas` has -0.1"):
         main(["--model_name_or_path", "m", "--train_file", str(shapes_csv), "--wise_ft_alphas", "0.5", "-0.1"])
