@@ -553,8 +553,9 @@ class CLIPContrastiveTrainer(Trainer):
         named = eval_dataset if eval_dataset is not None else self.eval_dataset
         sets: list[tuple[str, object]] = []
         if isinstance(named, dict):
-            sets += [(f"{metric_key_prefix}_{name}", dataset if eval_dataset is not None else name)
-                     for name, dataset in named.items()]  # fmt: skip
+            # A dict given here holds the datasets; `self.eval_dataset`'s are looked up by name (and their loaders kept).
+            for name, dataset in named.items():
+                sets.append((f"{metric_key_prefix}_{name}", dataset if eval_dataset is not None else name))
         elif named is not None:
             sets.append((metric_key_prefix, None))
         if eval_dataset is None:
@@ -576,9 +577,8 @@ class CLIPContrastiveTrainer(Trainer):
             loader = self.get_eval_dataloader(dataset)
             start = time.time()
             output = self.evaluation_loop(
-                loader, description="Evaluation", prediction_loss_only=True, ignore_keys=ignore_keys,
-                metric_key_prefix=prefix,
-            )  # fmt: skip
+                loader, "Evaluation", prediction_loss_only=True, ignore_keys=ignore_keys, metric_key_prefix=prefix
+            )
             batches = math.ceil(output.num_samples / (self.args.eval_batch_size * self.args.world_size))
             output.metrics.update(speed_metrics(prefix, start, num_samples=output.num_samples, num_steps=batches))
             metrics.update(output.metrics)
@@ -597,25 +597,25 @@ class CLIPContrastiveTrainer(Trainer):
         if reusable and name in self._eval_loaders:
             return self._eval_loaders[name]
         if name is not None:
-            dataset = self.extra_eval_datasets.get(name)
-            if dataset is None:
-                dataset = self.eval_dataset[name]
+            named = {**(self.eval_dataset if isinstance(self.eval_dataset, dict) else {}), **self.extra_eval_datasets}
+            if name not in named:
+                raise KeyError(f"No evaluation set named {name!r}; the sets are: {', '.join(named) or 'none'}.")
+            dataset = named[name]
         else:
             dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None:
             raise ValueError("Trainer: evaluation requires an eval_dataset.")
+        workers = self.args.dataloader_num_workers
         loader = DataLoader(
             dataset,
             batch_size=self.args.eval_batch_size,
             sampler=self._get_eval_sampler(dataset),
             collate_fn=self.eval_data_collator,
-            num_workers=self.args.dataloader_num_workers,
+            num_workers=workers,
             pin_memory=self.args.dataloader_pin_memory,
             persistent_workers=self.args.dataloader_persistent_workers,
             prefetch_factor=self.args.dataloader_prefetch_factor,
-            multiprocessing_context=self.args.dataloader_multiprocessing_context
-            if self.args.dataloader_num_workers
-            else None,
+            multiprocessing_context=self.args.dataloader_multiprocessing_context if workers else None,
             drop_last=False,
         )
         loader = self.accelerator.prepare(loader)
