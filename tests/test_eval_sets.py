@@ -144,3 +144,17 @@ def test_metric_for_best_model_may_name_an_extra_set(tiny_clip_dir, sets, tmp_pa
     with pytest.raises(ConfigError, match="entry 'ref'.*no such column"):  # checked when the set is loaded
         main([*argv, "--extra_eval_sets", json.dumps({"ref": {"path": str(sets["shapes"]), "label_column": "x"}}),
               "--max_steps", "1"])  # fmt: skip
+
+
+def test_the_curves_draw_one_line_per_set():
+    from clip_trainer.plots import _panels
+
+    history = [
+        {"step": step, "eval_mean_recall": 0.1 * step, "eval_t2i_recall@1": 0.1, "eval_ref_mean_recall": 0.5,
+         "eval_ref_t2i_recall@1": 0.2, "eval_pets_mean_recall": 0.4, "eval_pets_zeroshot_top1": 0.3}
+        for step in (0, 5)
+    ]  # fmt: skip
+    panels = {title: curves for title, _, curves in _panels(history)}
+    assert set(panels["Mean recall per evaluation set"]) == {"validation", "ref", "pets"}
+    assert set(panels["Retrieval recall"]) == {"mean_recall", "t2i_recall@1"}  # the validation split's only
+    assert set(panels["Zero-shot accuracy"]) == {"pets zeroshot_top1"}
