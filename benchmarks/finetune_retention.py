@@ -1,10 +1,16 @@
 """What a fine-tune costs elsewhere, and which recipe keeps it: measured on the bundled emoji data.
 
 A small CLIP (`configs/models/clip-tiny-64px.json`) is pretrained from scratch on every Unicode group but one, the
-"domain" (default: Flags, whose captions, `flag: Japan`, and pictures, rectangles of colour, are unlike every other
-group's). It is then fine-tuned on 70% of the domain's pairs with each recipe, and measured on the other 30% of the
-domain (in-domain) and on the held-out 15% of the pretraining groups (the reference set), by text-to-image
-recall@10:
+"domain", then fine-tuned on 70% of the domain's pairs with each recipe, and measured on the other 30% of the domain
+(in-domain) and on the held-out 15% of the pretraining groups (the reference set), by text-to-image recall@10.
+
+The domain is Symbols (223 pairs): its captions (`up-right arrow`, `red square`, `no bicycles`, `keycap: 7`,
+`Aries`) and pictures (signs, arrows, coloured shapes, buttons) are unlike the other groups', and they are
+compositional, so what 156 pairs teach carries to the 67 held-out ones. Flags, the other obvious choice, does not
+work as a domain: each held-out flag names a country no training pair names, so nothing can be learnt for it (tried:
+in-domain recall stayed at chance, 0.09-0.14 for 81 pairs, whatever the recipe).
+
+Recipes:
 
 - `plain`: every weight trains;
 - `vision locked`: `freeze_vision_model` (the text tower and the temperature train);
@@ -49,7 +55,9 @@ RECIPES = {
     "top-1 layers": ["--vision_trainable_layers", "1", "--text_trainable_layers", "1"],
     "LoRA r8": ["--lora_rank", "8", "--lora_alpha", "16", "--learning_rate", "2e-3"],
 }
-WISE_FT_ALPHAS = ("0.25", "0.5", "0.75")
+# WiSE-FT is measured on the plain and the vision-locked fine-tunes (`a = 1` is the fine-tune itself).
+WISE_FT_RECIPES = ("plain", "vision locked")
+WISE_FT_ALPHAS = ("0.25", "0.5", "0.6", "0.75")
 
 
 def write_splits(work_dir: Path, domain: str, seed: int) -> tuple[Path, Path]:
@@ -77,7 +85,7 @@ def results(folder: Path) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--domain", default="Flags", help="The emoji group held out of pretraining (default Flags).")
+    parser.add_argument("--domain", default="Symbols", help="The emoji group held out of pretraining.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work_dir", default=None, help="Where to write data and models (default: a temp folder).")
     args = parser.parse_args(argv)
@@ -98,22 +106,26 @@ def main(argv: list[str] | None = None) -> dict:
     base = results(before)
 
     rows = {"pretrained": (base[f"eval_{METRIC}"], base[f"eval_reference_{METRIC}"])}
-    wise_ft = None
+    chosen = {}  # recipe -> the WiSE-FT a its rule saved (`wise_ft_min_retention` 0.9 on the reference set)
     for name, flags in RECIPES.items():
         if name.startswith("LoRA") and importlib.util.find_spec("peft") is None:
             print("LoRA skipped: peft is not installed (pip install 'clip-trainer[lora]').", flush=True)
             continue
         out = work_dir / name.replace(" ", "-")
-        extra = ["--wise_ft_alphas", *WISE_FT_ALPHAS, "--wise_ft_alpha", "1"] if name == "plain" else []
+        wise = name in WISE_FT_RECIPES
+        extra = ["--wise_ft_alphas", *WISE_FT_ALPHAS, "--metric_for_best_model", f"eval_{METRIC}"] if wise else []
         run([*fine_tune_data, *FINE_TUNE, *COMMON, *seed, *flags, *extra, "--output_dir", str(out),
              "--overwrite_output_dir", "true"])  # fmt: skip
-        final = results(out)
-        rows[name] = (final[f"eval_{METRIC}"], final[f"eval_reference_{METRIC}"])
-        if name == "plain":
-            wise_ft = json.loads((out / "wise_ft_results.json").read_text())
-    for row in (wise_ft or {}).get("rows", []):
-        if 0 < row["alpha"] < 1:
-            rows[f"WiSE-FT a={row['alpha']:g}"] = (row[f"eval_{METRIC}"], row[f"eval_reference_{METRIC}"])
+        if not wise:
+            final = results(out)
+            rows[name] = (final[f"eval_{METRIC}"], final[f"eval_reference_{METRIC}"])
+            continue
+        table = json.loads((out / "wise_ft_results.json").read_text())
+        chosen[name] = table["alpha"]
+        for row in sorted(table["rows"], key=lambda row: -row["alpha"]):
+            if row["alpha"] > 0:
+                label = name if row["alpha"] == 1 else f"{name} + WiSE-FT a={row['alpha']:g}"
+                rows[label] = (row[f"eval_{METRIC}"], row[f"eval_reference_{METRIC}"])
 
     domain_before, reference_before = rows["pretrained"]
     plain_gain = rows["plain"][0] - domain_before
@@ -136,7 +148,10 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"| {row['recipe']} | {row['domain_r10']:.3f} | {row['gain']:+.3f} | {share} | "
               f"{row['reference_r10']:.3f} | {row['reference_kept']:.0%} |")  # fmt: skip
     print(f"recipes keeping >= 90% of the reference R@10 with >= 80% of plain's gain: {', '.join(target) or 'none'}")
-    summary = {"domain": args.domain, "seed": args.seed, "metric": METRIC, "rows": table, "meets_target": target}
+    print("WiSE-FT's rule (best in-domain R@10 keeping >= 90% of the reference R@10) saved: "
+          + ", ".join(f"{name}: a={alpha:g}" for name, alpha in chosen.items()))  # fmt: skip
+    summary = {"domain": args.domain, "seed": args.seed, "metric": METRIC, "rows": table, "meets_target": target,
+               "wise_ft_rule_alpha": chosen}  # fmt: skip
     print(json.dumps(summary), flush=True)
     return summary
 

@@ -200,16 +200,11 @@ def run_wise_ft(trainer, pretrained: dict[str, torch.Tensor]) -> WiseFTResult:
     model = trainer.model
     fine_tuned = weights_of(model)
     set_names = list(trainer.extra_eval_datasets)
-    alphas = sorted(
-        {
-            0.0,
-            1.0,
-            *map(float, args.wise_ft_alphas or []),
-            *([] if args.wise_ft_alpha is None else [args.wise_ft_alpha]),
-        }
-    )
+    alphas = {0.0, 1.0, *map(float, args.wise_ft_alphas or [])}
+    if args.wise_ft_alpha is not None:
+        alphas.add(float(args.wise_ft_alpha))
     rows = []
-    for alpha in alphas:
+    for alpha in sorted(alphas):
         model.load_state_dict(interpolate_state_dicts(pretrained, fine_tuned, alpha))
         metrics = trainer.evaluate_sets()
         rows.append({"alpha": alpha, **{key: value for key, value in metrics.items() if _is_metric(key)}})
@@ -217,7 +212,8 @@ def run_wise_ft(trainer, pretrained: dict[str, torch.Tensor]) -> WiseFTResult:
             f"WiSE-FT a = {alpha:g}: " + ", ".join(f"{k} {v:.4f}" for k, v in rows[-1].items() if k != "alpha")
         )
     metric = wise_ft_metric(args.metric_for_best_model, args.greater_is_better, set_names)
-    if any(f"eval_{name}_{metric}" not in row or f"eval_{metric}" not in row for row in rows for name in set_names):
+    keys = [f"eval_{metric}", *(f"eval_{name}_{metric}" for name in set_names)]
+    if any(key not in row for row in rows for key in keys):
         logger.warning(f"WiSE-FT: not every evaluation set reports {metric}; comparing {DEFAULT_WISE_FT_METRIC}.")
         metric = DEFAULT_WISE_FT_METRIC
     chosen, reason = choose_alpha(rows, metric, set_names, args.wise_ft_min_retention, args.wise_ft_alpha)
