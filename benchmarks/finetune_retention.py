@@ -20,7 +20,7 @@ Recipes:
   the plain run).
 
 Every step is clip-trainer's own command (`clip_trainer.run.main`, the function behind `run_clip.py`), on data
-written as prepared folders. It prints a table, then one line of JSON. About 5-10 minutes on a 2-core CPU:
+written as prepared folders. It prints a table, then one line of JSON. A few minutes on a 2-core CPU:
 
     python benchmarks/finetune_retention.py [--domain Flags] [--seed 0] [--work_dir DIR]
 """
