@@ -33,7 +33,7 @@ def test_a_lora_run_saves_a_merged_model_equal_to_the_adapter_model(base_args, t
     from peft import PeftModel
 
     out = Path(base_args[base_args.index("--output_dir") + 1])
-    main([*base_args, "--lora_rank", "4", "--lora_alpha", "8", "--learning_rate", "1e-2", "--eval_strategy", "epoch",
+    main([*base_args, "--lora_rank", "4", "--lora_alpha", "8", "--learning_rate", "1e-2", "--num_train_epochs", "1", "--eval_strategy", "epoch",
           "--save_strategy", "epoch", "--load_best_model_at_end", "true", "--metric_for_best_model",
           "eval_mean_recall"])  # fmt: skip
     assert (out / "adapter" / "adapter_config.json").is_file() and (
