@@ -32,6 +32,7 @@ from .locking import PartialLockCallback, layerwise_lr_scales
 from .lora import ADAPTER_DIRNAME, apply_lora, is_lora_model, merged_copy
 from .loss import contrastive_loss
 from .model_card import CLIPModelCardData, non_default_training_arguments, write_model_card
+from .modeling import TOWERS, tower_layers
 from .plots import save_training_plots
 from .preprocessing import ImagePreprocessor, UnsupportedImageProcessorError
 
@@ -130,6 +131,13 @@ class CLIPContrastiveTrainer(Trainer):
             raise ConfigError(f"{name} has no `logit_scale`; CLIPContrastiveTrainer needs a CLIPModel.")
         if args.lora_rank is not None and not is_lora_model(model):
             model = apply_lora(model, args)
+        per_layer = (args.vision_trainable_layers, args.text_trainable_layers, args.layerwise_lr_decay)
+        if any(option is not None for option in per_layer):
+            try:  # the towers' layers are known for this model family (before any data is read into batches)
+                for tower in TOWERS:
+                    tower_layers(model, tower)
+            except ValueError as error:
+                raise ConfigError(str(error)) from None
         # --- data -----------------------------------------------------------------------------------------------------
         image_processor = getattr(processing_class, "image_processor", None)
         if image_processor is None or getattr(processing_class, "tokenizer", None) is None:
