@@ -5,6 +5,7 @@ trainer. `python run_clip.py CONFIG.json [--flag value ...]` runs all of them (s
 """
 
 from .arguments import CLIPTrainingArguments, ConfigError, DataArguments, ModelArguments, parse_arguments
+from .augmentation import ImageAugmentation
 from .collator import ImageTextCollator
 from .data import ImageTextData, load_image_text_data
 from .loss import clip_loss, contrastive_loss, distributed_clip_loss
@@ -20,6 +21,7 @@ __all__ = [
     "CLIPTrainingArguments",
     "ConfigError",
     "DataArguments",
+    "ImageAugmentation",
     "ImagePreprocessor",
     "ImageTextCollator",
     "ImageTextData",

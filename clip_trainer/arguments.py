@@ -17,6 +17,7 @@ import glob
 import json
 import math
 import os
+import re
 import sys
 import warnings
 from dataclasses import dataclass, field, fields
@@ -36,6 +37,16 @@ def did_you_mean(name: str, choices: list[str] | tuple[str, ...], prefix: str = 
     """`" Did you mean `x`?"` for the closest of `choices` to `name`, or `""` when none is close."""
     match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
     return f" Did you mean `{prefix}{match[0]}`?" if match else ""
+
+
+# LoRA's default targets: the attention projections of both CLIP towers.
+DEFAULT_LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def is_peft_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("peft") is not None
 
 
 ATTENTION_IMPLEMENTATIONS = ["sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"]
@@ -294,8 +305,56 @@ class DataArguments:
             "choices": ["all_exhausted", "first_exhausted"],
         },
     )
+    # --- Evaluation sets beside the validation split, and augmentation (issue 13) ---------------------------------
+    extra_eval_sets: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "More evaluation sets, reported next to the validation split at every evaluation as "
+            "`eval_{name}_{metric}`: a JSON object of name -> a path (data file, folder or Hub id) or name -> "
+            '{"path" (or "dataset_name" / "validation_file"), "dataset_config_name", "split", "image_column", '
+            '"caption_column", "label_column", "image_id_column", "max_eval_samples"}. Columns default to image and '
+            "caption (not to this run's), no label; `on_bad_rows`, `max_image_pixels` and "
+            "`validation_split_percentage` are this run's. On the command line a JSON string: "
+            '--extra_eval_sets \'{"reference": "data/reference.csv"}\'.'
+        },
+    )
+    validation_split_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "The split of `dataset_name` to evaluate on. Empty: the first of validation, valid, val (and test "
+            "for an evaluation-only run), else `validation_split_percentage` of the training split."
+        },
+    )
+    augment: bool = field(
+        default=False,
+        metadata={
+            "help": "Augment training images (never evaluation images): a random resized crop to the model's input "
+            "size (area `augment_scale_min`-1 of the image, aspect ratio 3/4-4/3, as open_clip) in place of the "
+            "resize and center crop, then `color_jitter` and `grayscale_probability`."
+        },
+    )
+    augment_scale_min: float = field(
+        default=0.9,
+        metadata={
+            "help": "With `augment`: the smallest share of the image's area a random crop keeps (open_clip: 0.9)."
+        },
+    )
+    color_jitter: float = field(
+        default=0.0,
+        metadata={
+            "help": "With `augment`: brightness, contrast and saturation each multiplied by a random factor in "
+            "[1 - x, 1 + x] (torchvision's ColorJitter(x, x, x)). 0: off."
+        },
+    )
+    grayscale_probability: float = field(
+        default=0.0, metadata={"help": "With `augment`: the probability of turning a training image gray."}
+    )
 
     def __post_init__(self) -> None:
+        self._check_augmentation()
+        self.extra_eval_sets = _parse_extra_eval_sets(self.extra_eval_sets)
+        if self.validation_split_name is not None and not self.validation_split_name.strip():
+            self.validation_split_name = None
         # An empty value on the command line (--dataset_name "") unsets what a config file set.
         for key in ("dataset_name", "train_file", "validation_file"):
             if getattr(self, key) == "":
@@ -335,6 +394,159 @@ class DataArguments:
             raise ConfigError(
                 f"`max_seq_length` is {self.max_seq_length}; it must be at least 2 (start and end token)."
             )
+        self.extra_eval_data_arguments()  # each entry checked as a validation split's arguments are
+
+    def _check_augmentation(self) -> None:
+        if not (isinstance(self.augment_scale_min, int | float) and 0 < self.augment_scale_min <= 1):
+            raise ConfigError(
+                f"`augment_scale_min` is {self.augment_scale_min!r}; it must be in (0, 1] (open_clip uses 0.9)."
+            )
+        if not (isinstance(self.color_jitter, int | float) and 0 <= self.color_jitter <= 1):
+            raise ConfigError(f"`color_jitter` is {self.color_jitter!r}; it must be in [0, 1] (0 turns it off).")
+        if not (isinstance(self.grayscale_probability, int | float) and 0 <= self.grayscale_probability <= 1):
+            raise ConfigError(f"`grayscale_probability` is {self.grayscale_probability!r}; it must be in [0, 1].")
+        changed = self.augment_scale_min != 0.9 or self.color_jitter or self.grayscale_probability
+        if changed and not self.augment:
+            warnings.warn(
+                "`augment_scale_min`, `color_jitter` or `grayscale_probability` is set but `augment` is off, so "
+                "training images are not augmented; set `augment` to true.",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    def extra_eval_data_arguments(self) -> dict[str, DataArguments]:
+        """One `DataArguments` per entry of `extra_eval_sets`, for [`load_image_text_data`] with `train=False`, so
+        that every check of a validation split applies to it. Errors name the entry."""
+        built = {}
+        for name, entry in (self.extra_eval_sets or {}).items():
+            options = dict(entry)
+            path = options.pop("path", None)
+            split = options.pop("split", None)
+            if path is not None:
+                is_file = Path(str(path)).suffix.lower() in {".csv", ".json", ".jsonl", ".parquet"}
+                options["validation_file" if is_file else "dataset_name"] = path
+            try:
+                built[name] = DataArguments(
+                    **options,
+                    validation_split_name=split,
+                    on_bad_rows=self.on_bad_rows,
+                    max_image_pixels=self.max_image_pixels,
+                    validation_split_percentage=self.validation_split_percentage,
+                    preprocessing_num_workers=self.preprocessing_num_workers,
+                )
+            except (ConfigError, TypeError) as error:
+                raise ConfigError(f"`extra_eval_sets` entry {name!r}: {error}") from None
+        return built
+
+
+# Keys an entry of `extra_eval_sets` may set (besides the run-wide ones it takes from the run's DataArguments).
+EXTRA_EVAL_SET_KEYS = (
+    "path",
+    "dataset_name",
+    "dataset_config_name",
+    "validation_file",
+    "split",
+    "image_column",
+    "caption_column",
+    "label_column",
+    "image_id_column",
+    "max_eval_samples",
+)
+# Path-valued keys of an entry, read beside the config file that names them (see `CONFIG_RELATIVE_PATH_KEYS`).
+EXTRA_EVAL_SET_PATH_KEYS = ("path", "dataset_name", "validation_file")
+EXTRA_EVAL_SET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+# The first words of the validation split's metric families: a set named `t2i...` would make `eval_t2i_..._recall@1`.
+RESERVED_SET_NAME_WORDS = ("t2i", "i2t", "zeroshot")
+# What follows `eval_` or `eval_{name}_` in an evaluation's keys, besides the retrieval and zero-shot metrics.
+_EVALUATION_KEYS = (
+    "loss",
+    "inverse_temperature",
+    "runtime",
+    "samples_per_second",
+    "steps_per_second",
+    "samples",
+    "model_preparation_time",
+)
+
+
+def _evaluation_key_suffixes() -> tuple[str, ...]:
+    from .evaluation import RETRIEVAL_METRIC_NAMES, ZEROSHOT_METRIC_NAMES
+
+    return (*_EVALUATION_KEYS, *RETRIEVAL_METRIC_NAMES, *ZEROSHOT_METRIC_NAMES)
+
+
+def _parse_extra_eval_sets(value: Any) -> dict[str, dict[str, Any]] | None:
+    """`extra_eval_sets` as given (a dict, or a JSON string from the command line) -> name -> entry options."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    example = '{"reference": "data/reference.csv"}'
+    if isinstance(value, str):
+        try:
+            value = json.loads(value, object_pairs_hook=_refuse_duplicate_set_names)
+        except json.JSONDecodeError as error:
+            raise ConfigError(
+                f"`extra_eval_sets` is not valid JSON ({error}); give a JSON object such as '{example}'."
+            ) from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"`extra_eval_sets` must be a JSON object of name -> path or options, such as '{example}'.")
+    sets: dict[str, dict[str, Any]] = {}
+    for name, entry in value.items():
+        if not isinstance(name, str) or not EXTRA_EVAL_SET_NAME.match(name):
+            raise ConfigError(
+                f"`extra_eval_sets` has a set named {name!r}; a name must be non-empty and made of letters, digits, "
+                "`_` and `-` (it becomes part of the metric names, `eval_{name}_t2i_recall@10`)."
+            )
+        if name.split("_")[0] in RESERVED_SET_NAME_WORDS or name in _EVALUATION_KEYS or name == "mean_recall":
+            raise ConfigError(
+                f"`extra_eval_sets` name {name!r} collides with the validation split's metric names "
+                f"(`eval_{name}_...` would read as one of them); rename the set (e.g. `ref_{name}`)."
+            )
+        if isinstance(entry, str):
+            entry = {"path": entry}
+        if not isinstance(entry, dict):
+            raise ConfigError(
+                f"`extra_eval_sets` entry {name!r} is {entry!r}; give a path or an object of options "
+                f"({', '.join(EXTRA_EVAL_SET_KEYS)})."
+            )
+        for key in entry:
+            if key not in EXTRA_EVAL_SET_KEYS:
+                raise ConfigError(
+                    f"`extra_eval_sets` entry {name!r} has an unknown key `{key}`."
+                    f"{did_you_mean(key, EXTRA_EVAL_SET_KEYS)} Its keys can be: {', '.join(EXTRA_EVAL_SET_KEYS)}."
+                )
+        sources = [key for key in ("path", "dataset_name", "validation_file") if entry.get(key)]
+        if len(sources) != 1:
+            raise ConfigError(
+                f"`extra_eval_sets` entry {name!r} must name its data with exactly one of `path`, `dataset_name` or "
+                f"`validation_file`{f' (it has {len(sources)})' if sources else ''}."
+            )
+        sets[name] = dict(entry)
+    _check_metric_keys_are_distinct(list(sets))
+    return sets or None
+
+
+def _refuse_duplicate_set_names(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # `json.loads` keeps the last of two equal keys without a word; two sets of one name would report one set.
+    names = [name for name, _ in pairs]
+    for name in names:
+        if names.count(name) > 1:
+            raise ConfigError(f"`extra_eval_sets` has the key {name!r} twice; give each set its own name.")
+    return dict(pairs)
+
+
+def _check_metric_keys_are_distinct(names: list[str]) -> None:
+    """No two evaluation sets (the validation split included) may report a metric under the same key."""
+    owner: dict[str, str] = {}
+    for name in [None, *names]:
+        for suffix in _evaluation_key_suffixes():
+            key = f"eval_{suffix}" if name is None else f"eval_{name}_{suffix}"
+            if key in owner:
+                first = "the validation split" if owner[key] is None else f"set {owner[key]!r}"
+                raise ConfigError(
+                    f"`extra_eval_sets` name {name!r} collides with {first}: both would report `{key}`. Rename the "
+                    "set."
+                )
+            owner[key] = name
 
 
 @dataclass
@@ -502,9 +714,75 @@ class CLIPTrainingArguments(TrainingArguments):
             "error. 0: never stop."
         },
     )
+    # --- Fine-tuning without forgetting (issue 13): partial locking, layer-wise rates, WiSE-FT, LoRA --------------
+    vision_trainable_layers: int | None = field(
+        default=None,
+        metadata={
+            "help": "Train only the top N encoder layers of the image tower, with its final norm and projection; its "
+            "embeddings and lower layers stay fixed. 0: only the final norm and projection train (LiT-style lock with "
+            "a trainable head; `freeze_vision_model` fixes them too). Empty: every layer trains."
+        },
+    )
+    text_trainable_layers: int | None = field(
+        default=None,
+        metadata={"help": "The same for the text tower: its top N layers, final norm and projection train."},
+    )
+    layerwise_lr_decay: float | None = field(
+        default=None,
+        metadata={
+            "help": "Layer-wise learning-rate decay d in (0, 1]: in each tower the final norm and projection (and "
+            "logit_scale) train at `learning_rate`, the k-th encoder layer from the top at learning_rate x d^k, the "
+            "embeddings at learning_rate x d^(layers + 1). Empty: one rate for all."
+        },
+    )
+    wise_ft_alphas: list[float] | None = field(
+        default=None,
+        metadata={
+            "help": "WiSE-FT: after training, evaluate the weights (1 - a) x pretrained + a x fine-tuned for each a "
+            "(0 and 1 are always added) on every evaluation set; the table goes to wise_ft_results.json, the "
+            "in-domain vs reference curve to wise_ft.png, and the model saved is the a chosen by "
+            "`wise_ft_min_retention` (or `wise_ft_alpha`). Needs `model_name_or_path`."
+        },
+    )
+    wise_ft_alpha: float | None = field(
+        default=None,
+        metadata={
+            "help": "Save the WiSE-FT interpolation at this a in [0, 1] (with or without `wise_ft_alphas`). Empty: "
+            "chosen by the rule of `wise_ft_min_retention`."
+        },
+    )
+    wise_ft_min_retention: float = field(
+        default=0.9,
+        metadata={
+            "help": "WiSE-FT's rule: among the evaluated a, save the one with the best in-domain (validation) metric "
+            "whose metric on every `extra_eval_sets` set stays at least this share of the pretrained model's (a=0). "
+            "The metric is `metric_for_best_model` without its set prefix when greater is better, else mean_recall."
+        },
+    )
+    lora_rank: int | None = field(
+        default=None,
+        metadata={
+            "help": "Train LoRA adapters of this rank (through peft; `pip install 'clip-trainer[lora]'`) instead of "
+            "the model's weights; the saved model is the plain CLIPModel with the adapters merged, and the adapter "
+            "is saved beside it in `output_dir/adapter`. Empty: no LoRA."
+        },
+    )
+    lora_alpha: float | None = field(
+        default=None,
+        metadata={"help": "LoRA's scale numerator: the update is (lora_alpha / lora_rank) x B A. Empty: lora_rank."},
+    )
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA adapters' input."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: list(DEFAULT_LORA_TARGET_MODULES),
+        metadata={
+            "help": "Modules that get adapters, matched by the end of their name (peft's rule); default: the "
+            "attention projections of both towers."
+        },
+    )
 
     def __post_init__(self) -> None:
         self._check_numbers()
+        self._check_fine_tuning_options()
         # `TrainingArguments` accepts only its own optimizer and scheduler names; ours are swapped out for a
         # stand-in while it validates, then put back for the trainer to build.
         extra_optim = self.optim if self.optim in EXTRA_OPTIMIZERS else None
@@ -561,6 +839,55 @@ class CLIPTrainingArguments(TrainingArguments):
                 raise ConfigError(
                     f"zero-shot template {template!r} must contain exactly one `{{}}` for the class name."
                 )
+
+    def _check_fine_tuning_options(self) -> None:
+        """Partial locking, layer-wise rates, WiSE-FT and LoRA: what can be checked without the model."""
+        for key in ("vision_trainable_layers", "text_trainable_layers", "lora_rank"):
+            value = getattr(self, key)
+            minimum = 1 if key == "lora_rank" else 0
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+                raise ConfigError(f"`{key}` is {value!r}; it must be a whole number of at least {minimum}, or empty.")
+        decay = self.layerwise_lr_decay
+        if decay is not None and (isinstance(decay, bool) or not isinstance(decay, int | float) or not 0 < decay <= 1):
+            raise ConfigError(f"`layerwise_lr_decay` is {decay!r}; it must be in (0, 1] (e.g. 0.75), or empty.")
+        if self.wise_ft_alphas is not None and not isinstance(self.wise_ft_alphas, list | tuple):
+            self.wise_ft_alphas = [self.wise_ft_alphas]
+        explicit = [] if self.wise_ft_alpha is None else [self.wise_ft_alpha]
+        for key, alphas in (("wise_ft_alphas", self.wise_ft_alphas or []), ("wise_ft_alpha", explicit)):
+            for alpha in alphas:
+                if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 <= alpha <= 1:
+                    raise ConfigError(
+                        f"`{key}` has {alpha!r}; WiSE-FT mixes (1 - a) x pretrained + a x fine-tuned, so a must be "
+                        "in [0, 1] (e.g. [0.25, 0.5, 0.75])."
+                    )
+        retention = self.wise_ft_min_retention
+        if isinstance(retention, bool) or not isinstance(retention, int | float) or not 0 <= retention <= 1:
+            raise ConfigError(f"`wise_ft_min_retention` is {retention!r}; it must be in [0, 1] (e.g. 0.9).")
+        if self.lora_rank is None:
+            return
+        if not is_peft_installed():
+            raise ConfigError(
+                "`lora_rank` is set but peft, which trains the adapters, is not installed: "
+                "pip install 'clip-trainer[lora]' (or unset `lora_rank`)."
+            )
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"`lora_dropout` is {self.lora_dropout}; it must be in [0, 1).")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise ConfigError(f"`lora_alpha` is {self.lora_alpha}; it must be positive (empty: `lora_rank`).")
+        if not self.lora_target_modules:
+            raise ConfigError(
+                "`lora_target_modules` is empty; name the modules that get adapters (e.g. q_proj v_proj)."
+            )
+        locks = [
+            key
+            for key in ("freeze_vision_model", "freeze_text_model", "vision_trainable_layers", "text_trainable_layers")
+            if getattr(self, key) not in (None, False)
+        ]
+        if locks:
+            raise ConfigError(
+                f"`lora_rank` trains adapters only, so {', '.join(f'`{key}`' for key in locks)} has nothing to lock; "
+                "choose where adapters go with `lora_target_modules`, or drop `lora_rank`."
+            )
 
     def _check_numbers(self) -> None:
         """Values a JSON file can get wrong in ways argparse never sees (null, a list, a negative number)."""
@@ -659,6 +986,7 @@ CONFIG_RELATIVE_PATH_KEYS = (
     "resume_from_checkpoint",
     "deepspeed",
     "fsdp_config",
+    "extra_eval_sets",  # the paths inside each entry (`EXTRA_EVAL_SET_PATH_KEYS`)
 )
 
 
@@ -675,6 +1003,34 @@ def _resolve_against_config(value: Any, config_dir: Path) -> Any:
 
         return str(candidate) if expand_pattern(str(candidate))[0] else value
     return str(candidate) if candidate.exists() else value
+
+
+def _resolve_extra_eval_sets(value: Any, config_dir: Path) -> Any:
+    """`extra_eval_sets` from a config file, each entry's paths read beside the config file like other path keys."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            return value  # reported by DataArguments, with the fix
+    if not isinstance(value, dict):
+        return value
+    resolved = {}
+    for name, entry in value.items():
+        if isinstance(entry, str):
+            entry = _resolve_against_config(entry, config_dir)
+        elif isinstance(entry, dict):
+            entry = {
+                key: _resolve_against_config(item, config_dir) if key in EXTRA_EVAL_SET_PATH_KEYS else item
+                for key, item in entry.items()
+            }
+        resolved[name] = entry
+    return resolved
+
+
+def _resolve_config_value(key: str, value: Any, config_dir: Path) -> Any:
+    if key == "extra_eval_sets":
+        return _resolve_extra_eval_sets(value, config_dir)
+    return _resolve_against_config(value, config_dir) if key in CONFIG_RELATIVE_PATH_KEYS else value
 
 
 def _read_config_file(path: str) -> dict[str, Any]:
@@ -715,7 +1071,7 @@ def parse_arguments(
         for key, value in _read_config_file(path).items():
             if key not in valid_keys:
                 raise ConfigError(f"Unknown key `{key}` in {path}.{did_you_mean(key, valid_keys)}")
-            merged[key] = _resolve_against_config(value, config_dir) if key in CONFIG_RELATIVE_PATH_KEYS else value
+            merged[key] = _resolve_config_value(key, value, config_dir)
     # Values from files become the parser's defaults, so that flags on the command line win.
     parser.set_defaults(**merged)
     namespace, remaining = parser.parse_known_args(argv)
@@ -755,12 +1111,14 @@ def check_arguments(
     data_args: DataArguments,
     training_args: CLIPTrainingArguments,
     text_positions: int,
+    config: Any = None,
 ) -> None:
     """Every check that needs several argument classes or the model's config, but no data and no weights, so that a
     mistake stops the run in seconds. Changes nothing.
 
     Args:
         text_positions: the text model's `max_position_embeddings`, from its config.
+        config: the model's config, for the checks of partial locking against the towers' depths.
 
     Raises:
         [`ConfigError`]: naming the key and the fix.
@@ -793,7 +1151,13 @@ def check_arguments(
         raise ConfigError(
             "`early_stopping_patience` stops on evaluations, but `eval_strategy` is no; set it to epoch or steps."
         )
-    _check_metric_for_best_model(training_args, has_labels=data_args.label_column is not None)
+    extra_sets = data_args.extra_eval_data_arguments()
+    _check_metric_for_best_model(
+        training_args,
+        has_labels=data_args.label_column is not None,
+        extra_sets={name: args.label_column is not None for name, args in extra_sets.items()},
+    )
+    _check_fine_tuning(model_args, training_args, config)
     _check_report_to(training_args.report_to)
     if training_args.export_onnx:
         import importlib.util
@@ -824,21 +1188,31 @@ def _check_negatives(args: CLIPTrainingArguments) -> None:
         )
 
 
-def _check_metric_for_best_model(args: CLIPTrainingArguments, has_labels: bool) -> None:
-    """Fails fast when `metric_for_best_model` names a metric that evaluation will never compute."""
+def _check_metric_for_best_model(
+    args: CLIPTrainingArguments, has_labels: bool, extra_sets: dict[str, bool] | None = None
+) -> None:
+    """Fails fast when `metric_for_best_model` names a metric that evaluation will never compute.
+
+    `extra_sets` maps each of `extra_eval_sets` to whether it has a label column; their metrics are
+    `eval_{name}_{metric}`."""
     from .evaluation import RETRIEVAL_METRIC_NAMES, ZEROSHOT_METRIC_NAMES
 
     metric = args.metric_for_best_model
     if metric is None:
         return
     name = metric.removeprefix("eval_")
-    known = {"loss", "inverse_temperature", *RETRIEVAL_METRIC_NAMES}
-    if has_labels:
-        known.update(ZEROSHOT_METRIC_NAMES)
+    per_set = {"loss", "inverse_temperature", *RETRIEVAL_METRIC_NAMES}
+    known = set(per_set) | (set(ZEROSHOT_METRIC_NAMES) if has_labels else set())
+    zeroshot_without_labels = set(ZEROSHOT_METRIC_NAMES) - known
+    for set_name, labelled in (extra_sets or {}).items():
+        metrics = per_set | (set(ZEROSHOT_METRIC_NAMES) if labelled else set())
+        known.update(f"{set_name}_{key}" for key in metrics)
+        if not labelled:
+            zeroshot_without_labels.update(f"{set_name}_{key}" for key in ZEROSHOT_METRIC_NAMES)
     if name in known:
         return
-    if name in ZEROSHOT_METRIC_NAMES:
-        hint = " Zero-shot metrics need `label_column`."
+    if name in zeroshot_without_labels:
+        hint = " Zero-shot metrics need `label_column` (in the set's entry, for an extra evaluation set)."
     else:
         hint = did_you_mean(name, sorted(known), prefix="eval_")
     raise ConfigError(
@@ -846,6 +1220,40 @@ def _check_metric_for_best_model(args: CLIPTrainingArguments, has_labels: bool) 
         + ", ".join(f"eval_{key}" for key in sorted(known))
         + "."
     )
+
+
+def _check_fine_tuning(model_args: ModelArguments, args: CLIPTrainingArguments, config: Any) -> None:
+    """WiSE-FT and partial locking against the model: a pretrained model to interpolate, towers deep enough."""
+    wise_ft = args.wise_ft_alphas is not None or args.wise_ft_alpha is not None
+    if wise_ft and model_args.model_name_or_path is None:
+        raise ConfigError(
+            "`wise_ft_alphas`/`wise_ft_alpha` interpolate between the pretrained and the fine-tuned weights, but this "
+            "model is trained from scratch (no `model_name_or_path`); give a pretrained model or drop WiSE-FT."
+        )
+    if wise_ft and not args.do_train:
+        raise ConfigError("`wise_ft_alphas`/`wise_ft_alpha` run after training; add --do_train or drop them.")
+    if wise_ft and not args.do_eval and args.eval_strategy == IntervalStrategy.NO:
+        raise ConfigError(
+            "WiSE-FT evaluates each interpolation, but this run does not evaluate (`eval_strategy` is no); add "
+            "--do_eval, or set `eval_strategy` to epoch or steps."
+        )
+    if wise_ft and (args.fsdp or args.deepspeed):
+        raise ConfigError(
+            "WiSE-FT needs every process to hold the whole model (it loads interpolated state dicts); it does not run "
+            "under FSDP or DeepSpeed. Drop `wise_ft_alphas`, and interpolate the saved model afterwards with "
+            "`python -m clip_trainer.wise_ft`."
+        )
+    if config is None:
+        return
+    for tower in ("vision", "text"):
+        key = f"{tower}_trainable_layers"
+        wanted = getattr(args, key)
+        depth = getattr(getattr(config, f"{tower}_config", None), "num_hidden_layers", None)
+        if wanted is not None and depth is not None and wanted > depth:
+            raise ConfigError(
+                f"`{key}` is {wanted}, but the {tower} tower has {depth} layers; set it to {depth} or less (or leave it "
+                "empty to train every layer)."
+            )
 
 
 def _check_report_to(report_to: str | list[str] | None) -> None:

@@ -14,6 +14,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging
 
+from .augmentation import ImageAugmentation
 from .data import IMAGE_ID_COLUMN, LABEL_COLUMN
 from .images import BadSampleError, load_image
 from .preprocessing import ImagePreprocessor
@@ -48,6 +49,8 @@ class ImageTextCollator:
             size: about 2x faster on large photos, with pixels slightly different from the image processor's.
         padding: `"longest"` (the batch's longest caption) or `"max_length"` (always `max_seq_length`: one shape for
             compiled models, and what SigLIP was trained with).
+        augmentation: a random [`ImageAugmentation`] used in place of the preprocessor's resize and crop, for
+            training batches only; the trainer evaluates with a copy of the collator that has none.
     """
 
     tokenizer: PreTrainedTokenizerBase
@@ -58,6 +61,7 @@ class ImageTextCollator:
     max_image_pixels: int | None = 89_478_485
     jpeg_draft: bool = False
     padding: str = "longest"
+    augmentation: ImageAugmentation | None = None
 
     @classmethod
     def from_processor(cls, processor: Any, **kwargs: Any) -> ImageTextCollator:
@@ -80,7 +84,10 @@ class ImageTextCollator:
             try:
                 caption = check_caption(row.get(self.caption_column))
                 image = load_image(row.get(self.image_column), max_pixels=self.max_image_pixels, draft_size=draft)
-                pixels.append(self.image_preprocessor(image))
+                if self.augmentation is not None:
+                    pixels.append(self.augmentation(image, self.image_preprocessor))
+                else:
+                    pixels.append(self.image_preprocessor(image))
             except BadSampleError as error:
                 # Rows are checked for cheap faults before training; what is left (a corrupt file) is rare.
                 logger.warning(f"Leaving out a sample that cannot be used ({error.reason}).")

@@ -605,6 +605,13 @@ def load_image_text_data(
     else:
         splits, source = _load_source(data_args, cache_dir, streaming, need_train=train)
     names = VALIDATION_SPLIT_NAMES if train else (*VALIDATION_SPLIT_NAMES, "test")
+    if data_args.validation_split_name is not None:
+        if data_args.validation_split_name not in splits:
+            raise ConfigError(
+                f"`validation_split_name` is {data_args.validation_split_name!r}, but the data's splits are: "
+                f"{', '.join(splits) or 'none'}."
+            )
+        names = (data_args.validation_split_name,)
     validation = next((splits[name] for name in names if name in splits), None) if evaluate else None
     train_split = splits.get("train")
     if (train or (evaluate and validation is None)) and train_split is None:
@@ -640,6 +647,30 @@ def load_image_text_data(
     sizes.append(f"validation pairs: {len(validation):,}" if validation is not None else "no validation pairs")
     logger.info("; ".join(sizes))
     return ImageTextData(train=train_split, validation=validation, source=source, one_pass=one_pass)
+
+
+def load_extra_eval_sets(data_args: DataArguments, seed: int, cache_dir: str | None = None) -> dict[str, Dataset]:
+    """The `extra_eval_sets` of `data_args`, each loaded as the validation split of an evaluation-only run (so every
+    check of a validation split applies, and class names come from the set's own label column).
+
+    Each set keeps only what evaluation reads, under the run's column names (`image_column`, `caption_column`, the
+    image ids and class labels), so that the run's collator reads every set.
+
+    Raises:
+        [`ConfigError`]: naming the set and the problem.
+    """
+    sets = {}
+    for name, set_args in data_args.extra_eval_data_arguments().items():
+        try:
+            dataset = load_image_text_data(set_args, seed=seed, cache_dir=cache_dir, train=False).validation
+        except ConfigError as error:
+            raise ConfigError(f"`extra_eval_sets` entry {name!r}: {error}") from None
+        kept = [set_args.image_column, set_args.caption_column, IMAGE_ID_COLUMN]
+        dataset = dataset.select_columns(kept + [LABEL_COLUMN] * (LABEL_COLUMN in dataset.column_names))
+        renames = {set_args.image_column: data_args.image_column, set_args.caption_column: data_args.caption_column}
+        sets[name] = dataset.rename_columns({old: new for old, new in renames.items() if old != new})
+        logger.info(f"Evaluation set {name!r}: {len(sets[name]):,} pairs.")
+    return sets
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -287,6 +287,32 @@ def _evaluation_table(before: dict[str, float], after: dict[str, float]) -> tupl
     return [title for title, _ in columns], rows
 
 
+def _set_metrics(metrics: Mapping[str, Any] | None, name: str) -> dict[str, float]:
+    """The metrics of extra evaluation set `name` (`eval_{name}_t2i_recall@1`, ...), without their prefix."""
+    prefix = f"eval_{name}_"
+    return _strip_prefix(
+        {key.removeprefix(prefix): value for key, value in (metrics or {}).items() if key.startswith(prefix)}
+    )
+
+
+def _wise_ft_table(wise_ft: Any) -> tuple[list[str], list[list[str]]]:
+    """The WiSE-FT table: one row per `a`, the in-domain metric, then each reference set's and its retention."""
+    metric = wise_ft.metric
+    columns = ["a", f"validation {_metric_label(metric)}"]
+    for name in wise_ft.reference_sets:
+        columns += [f"{name} {_metric_label(metric)}", f"{name} kept"]
+    rows = []
+    for row in wise_ft.rows:
+        chosen = row["alpha"] == wise_ft.alpha
+        cells = [f"**{row['alpha']:g}** (saved)" if chosen else f"{row['alpha']:g}"]
+        cells.append(_format_metric(metric, row.get(f"eval_{metric}")))
+        for name in wise_ft.reference_sets:
+            kept = wise_ft.retention(row, name)
+            cells += [_format_metric(metric, row.get(f"eval_{name}_{metric}")), "–" if kept is None else f"{kept:.0%}"]
+        rows.append([_escape_cell(cell) for cell in cells])
+    return [_escape_cell(column) for column in columns], rows
+
+
 def _plot_links(output_dir: str, plots: list[str]) -> list[str]:
     """Links relative to the card, which lies in `output_dir`; plots outside it would not be uploaded with it."""
     links = []
@@ -346,6 +372,8 @@ def write_model_card(
     hyperparameters: Mapping[str, Any],
     plots: list[str],
     examples: list[str] | None = None,
+    eval_sets: list[str] | None = None,
+    wise_ft: Any = None,
 ) -> str:
     """
     Writes `README.md` in `output_dir` from the Markdown template `templates/model_card.md`: Hub metadata, what was
@@ -369,6 +397,11 @@ def write_model_card(
             when they lie outside `output_dir` (they would not be uploaded).
         examples (`list[str]`, *optional*):
             Retrieval galleries (`retrieval_examples.png`), linked like the plots.
+        eval_sets (`list[str]`, *optional*):
+            The names of the extra evaluation sets (`extra_eval_sets`); each gets its own table, from the
+            `eval_{name}_*` keys of `eval_before` and `eval_after`.
+        wise_ft ([`clip_trainer.wise_ft.WiseFTResult`], *optional*):
+            The WiSE-FT table and the interpolation saved, with the reason; shown in a section of its own.
 
     Returns:
         `str`: the path of the card written.
@@ -395,6 +428,15 @@ def write_model_card(
     else:
         dataset = card_data.dataset_description
     columns, rows = _evaluation_table(before, after)
+    set_tables = []
+    for name in eval_sets or []:
+        set_columns, set_rows = _evaluation_table(_set_metrics(eval_before, name), _set_metrics(eval_after, name))
+        if set_rows:
+            set_tables.append({"name": _escape_cell(name), "columns": set_columns, "rows": set_rows})
+    wise_ft_section = None
+    if wise_ft is not None:
+        wise_columns, wise_rows = _wise_ft_table(wise_ft)
+        wise_ft_section = {"reason": wise_ft.reason, "columns": wise_columns, "rows": wise_rows}
     safe = [
         (_escape_cell(key), _escape_cell(_render(value)))
         for key, value in hyperparameters.items()
@@ -413,6 +455,8 @@ def write_model_card(
         num_eval_pairs=card_data.num_eval_pairs,
         evaluation_columns=columns,
         evaluation_rows=rows,
+        eval_set_tables=set_tables,
+        wise_ft=wise_ft_section,
         plots=_plot_links(output_dir, plots),
         examples=_plot_links(output_dir, examples or []),
         hyperparameters=safe,

@@ -13,6 +13,7 @@ import math
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -269,3 +270,58 @@ def load_model(model_args: ModelArguments, config: PretrainedConfig, tokenizer=N
             model.logit_scale.fill_(math.log(SIGLIP_INITIAL_INVERSE_TEMPERATURE))
             model.logit_bias.fill_(SIGLIP_INITIAL_LOGIT_BIAS)
     return model
+
+
+class TowerParts(NamedTuple):
+    """One tower of a dual encoder, bottom to top, as partial locking and layer-wise learning rates see it.
+
+    Attributes:
+        embeddings: what comes before the first encoder layer (patch/token and position embeddings, and the vision
+            tower's pre-norm).
+        layers: the encoder layers, bottom first.
+        final_norm: the norm after the last layer.
+        projection: the projection into the joint embedding space.
+    """
+
+    embeddings: tuple[nn.Module, ...]
+    layers: nn.ModuleList
+    final_norm: nn.Module
+    projection: nn.Module
+
+
+TOWERS = ("vision", "text")
+
+
+def tower_layers(model: nn.Module, tower: str) -> TowerParts:
+    """The parts of `model`'s `vision` or `text` tower, for CLIP and SigLIP models (or a wrapper that forwards
+    attributes to one, such as a peft `PeftModel`). SigLIP's projection is its tower's `head` (the vision tower's
+    attention-pooling head).
+
+    Raises:
+        `ValueError`: for an unknown tower, or a family whose towers are arbitrary models (a dual encoder).
+    """
+    if tower not in TOWERS:
+        raise ValueError(f"`tower` is {tower!r}; it must be one of {', '.join(TOWERS)}.")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if isinstance(base, CLIPModel):
+        if tower == "vision":
+            vision = base.vision_model
+            return TowerParts(
+                (vision.embeddings, vision.pre_layrnorm),
+                vision.encoder.layers,
+                vision.post_layernorm,
+                base.visual_projection,
+            )
+        text = base.text_model
+        return TowerParts((text.embeddings,), text.encoder.layers, text.final_layer_norm, base.text_projection)
+    if isinstance(base, SiglipModel | Siglip2Model):
+        if tower == "vision":
+            vision = base.vision_model
+            return TowerParts((vision.embeddings,), vision.encoder.layers, vision.post_layernorm, vision.head)
+        text = base.text_model
+        return TowerParts((text.embeddings,), text.encoder.layers, text.final_layer_norm, text.head)
+    raise ValueError(
+        f"Partial locking and layer-wise learning rates know the towers of CLIP and SigLIP models, not of "
+        f"{type(base).__name__} (whose towers can be any model); unset `vision_trainable_layers`, "
+        "`text_trainable_layers` and `layerwise_lr_decay` for this model."
+    )

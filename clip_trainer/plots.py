@@ -17,9 +17,10 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["TRAINING_CURVES_FILENAME", "save_training_plots"]
+__all__ = ["TRAINING_CURVES_FILENAME", "WISE_FT_PLOT_NAME", "save_training_plots", "save_wise_ft_plot"]
 
 TRAINING_CURVES_FILENAME = "training_curves.png"
+WISE_FT_PLOT_NAME = "wise_ft.png"
 
 # Keys the Trainer writes into the final summary entry; they are run-level figures, not points of a curve.
 _SUMMARY_KEYS = ("train_runtime", "train_loss", "train_samples_per_second", "train_steps_per_second", "total_flos")
@@ -72,9 +73,33 @@ def _recall_sort_key(key: str) -> tuple[str, int, str]:
     return (prefix, int(cutoff) if cutoff.isdigit() else 0, name)
 
 
+def _is_validation_metric(key: str) -> bool:
+    # `eval_t2i_recall@1` is the validation split's; `eval_{set}_t2i_recall@1` is an extra evaluation set's.
+    name = key.removeprefix("eval_")
+    return name.startswith(("t2i_", "i2t_", "zeroshot_top")) or name == "mean_recall"
+
+
+def _set_names(keys: list[str]) -> list[str]:
+    """The extra evaluation sets of a history, from their `eval_{set}_mean_recall` keys."""
+    return [
+        key.removeprefix("eval_").removesuffix("_mean_recall")
+        for key in keys
+        if key.startswith("eval_") and key.endswith("_mean_recall") and key != "eval_mean_recall"
+    ]
+
+
 def _panels(log_history: list[dict]) -> list[tuple[str, str, dict[str, Series]]]:
     """(title, y label, {legend label: (steps, values)}) for each panel that has at least one point."""
     keys = _keys(log_history)
+    sets = _set_names(keys)
+    recall_keys = [k for k in keys if k.startswith("eval_") and "recall" in k and _is_validation_metric(k)]
+    zeroshot_keys = [k for k in keys if k.startswith("eval_zeroshot_top")]
+    # One curve per extra set: its mean recall, and its zero-shot top-1 when it has labels.
+    per_set = {"validation": _series(log_history, "eval_mean_recall", scale=100.0)}
+    per_set.update({name: _series(log_history, f"eval_{name}_mean_recall", scale=100.0) for name in sets})
+    zeroshot_per_set = {
+        f"{name} zeroshot_top1": _series(log_history, f"eval_{name}_zeroshot_top1", scale=100.0) for name in sets
+    }
     panels: list[tuple[str, str, dict[str, Series]]] = [
         ("Loss", "loss", {"train": _series(log_history, "loss"), "eval": _series(log_history, "eval_loss")}),
         (
@@ -82,19 +107,21 @@ def _panels(log_history: list[dict]) -> list[tuple[str, str, dict[str, Series]]]
             "recall (%)",
             {
                 key.removeprefix("eval_"): _series(log_history, key, scale=100.0)
-                for key in sorted((k for k in keys if k.startswith("eval_") and "recall" in k), key=_recall_sort_key)
+                for key in sorted(recall_keys, key=_recall_sort_key)
             },
         ),
         (
             "Zero-shot accuracy",
             "accuracy (%)",
             {
-                key.removeprefix("eval_"): _series(log_history, key, scale=100.0)
-                for key in sorted(k for k in keys if k.startswith("eval_zeroshot_top"))
+                **{key.removeprefix("eval_"): _series(log_history, key, scale=100.0) for key in sorted(zeroshot_keys)},
+                **zeroshot_per_set,
             },
         ),
         ("Learning rate", "learning rate", {"learning_rate": _series(log_history, "learning_rate")}),
     ]
+    if sets:
+        panels.insert(2, ("Mean recall per evaluation set", "mean recall (%)", per_set))
     # The temperature, 1 / exp(logit_scale): the trainer also logs its inverse, which would say the same again.
     panels.append(("Temperature", "temperature", {"temperature": _series(log_history, "temperature")}))
     return [
@@ -159,3 +186,39 @@ def save_training_plots(log_history: list[dict], output_dir: str) -> list[str]:
     path = os.path.abspath(os.path.join(output_dir, TRAINING_CURVES_FILENAME))
     figure.savefig(path, dpi=100)
     return [path]
+
+
+def save_wise_ft_plot(result, output_dir: str) -> str | None:
+    """
+    Draws WiSE-FT's trade-off into `output_dir/wise_ft.png`: the in-domain (validation) metric on the x axis against
+    each reference set's metric on the y axis, one curve per set through the evaluated `a`, each point labelled
+    with its `a` and the saved one circled.
+
+    Args:
+        result ([`clip_trainer.wise_ft.WiseFTResult`]): the table (`rows`), `metric`, `reference_sets` and `alpha`.
+
+    Returns:
+        `str`: the absolute path written, or `None` when the table has no reference set to draw.
+    """
+    if not result.reference_sets or not result.rows:
+        return None
+    figure = Figure(figsize=(5.5, 4.2), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot(1, 1, 1)
+    x = [100.0 * row[f"eval_{result.metric}"] for row in result.rows]
+    for name in result.reference_sets:
+        y = [100.0 * row[f"eval_{name}_{result.metric}"] for row in result.rows]
+        (line,) = axes.plot(x, y, marker="o", markersize=4, label=name)
+        for row, px, py in zip(result.rows, x, y):
+            axes.annotate(f"{row['alpha']:g}", (px, py), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            if row["alpha"] == result.alpha:
+                axes.plot([px], [py], marker="o", markersize=11, fillstyle="none", color=line.get_color())
+    axes.set_title(f"WiSE-FT: {result.metric}, a = 0 (pretrained) to 1 (fine-tuned)", fontsize="medium")
+    axes.set_xlabel(f"in-domain {result.metric} (%)")
+    axes.set_ylabel(f"reference {result.metric} (%)")
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize="small", title="reference set", title_fontsize="small")
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.abspath(os.path.join(output_dir, WISE_FT_PLOT_NAME))
+    figure.savefig(path, dpi=80)
+    return path

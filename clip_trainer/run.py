@@ -15,10 +15,11 @@ from transformers.trainer_utils import IntervalStrategy
 from transformers.utils import logging
 
 from .arguments import CLIPTrainingArguments, ConfigError, check_arguments, parse_arguments
+from .augmentation import ImageAugmentation
 from .callbacks import NonFiniteTrainingError, TrainingInterrupted
 from .checkpoints import claim_output_dir, describe_save_error, resolve_resume_checkpoint
 from .collator import ImageTextCollator
-from .data import ImageTextData, load_image_text_data, save_prepared_data
+from .data import ImageTextData, load_extra_eval_sets, load_image_text_data, save_prepared_data
 from .hub import NETWORK_ERRORS, check_hub_access
 from .model_card import CLIPModelCardData
 from .modeling import load_model, load_model_config, load_processor, max_text_positions
@@ -59,6 +60,11 @@ def _evaluation_off(training_args: CLIPTrainingArguments) -> None:
             "`early_stopping_patience` needs evaluation, but there is no validation data "
             "(`validation_split_percentage` is 0); give a `validation_file` or a percentage, or drop early stopping."
         )
+    if training_args.wise_ft_alphas is not None or training_args.wise_ft_alpha is not None:
+        raise ConfigError(
+            "WiSE-FT chooses its interpolation on the validation data, but there is none "
+            "(`validation_split_percentage` is 0); give a `validation_file` or a percentage, or drop `wise_ft_alphas`."
+        )
     logger.warning("No validation data: evaluation, `eval_on_start` and `load_best_model_at_end` are off.")
     training_args.eval_strategy = IntervalStrategy.NO
     training_args.do_eval = False
@@ -72,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model_args, data_args, training_args = parse_arguments(argv)
     setup_logging(training_args)
     config = load_model_config(model_args)
-    check_arguments(model_args, data_args, training_args, max_text_positions(config))
+    check_arguments(model_args, data_args, training_args, max_text_positions(config), config=config)
     training = training_args.do_train and not data_args.prepare_only
     if training_args.push_to_hub and training_args.should_save and training:
         # Known before hours of training: a missing token, no network, a repository this user cannot write.
@@ -114,6 +120,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         return {}
     if evaluate and data.validation is None:
         _evaluation_off(training_args)
+    extra_eval_sets = {}
+    if data.validation is not None and (training_args.do_eval or training_args.eval_strategy != IntervalStrategy.NO):
+        with training_args.main_process_first(desc="loading the extra evaluation sets"):
+            extra_eval_sets = load_extra_eval_sets(data_args, seed=training_args.seed, cache_dir=model_args.cache_dir)
 
     # --- processor and model --------------------------------------------------------------------------------------
     captions = None
@@ -122,6 +132,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         captions = data.training_captions(data_args.caption_column)
     processor = load_processor(model_args, config, captions)
     model = load_model(model_args, config, processor.tokenizer)
+    pretrained_weights = None
+    if training and (training_args.wise_ft_alphas is not None or training_args.wise_ft_alpha is not None):
+        from .wise_ft import weights_of
+
+        pretrained_weights = weights_of(model)
     try:
         collator = ImageTextCollator.from_processor(
             processor,
@@ -130,6 +145,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             caption_column=data_args.caption_column,
             max_image_pixels=data_args.max_image_pixels,
             jpeg_draft=data_args.jpeg_draft,
+            augmentation=ImageAugmentation.from_data_arguments(data_args),
         )
     except UnsupportedImageProcessorError as error:
         raise ConfigError(str(error)) from None
@@ -153,13 +169,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             eval_dataset=data.validation if training_args.do_eval or training_args.eval_strategy != "no" else None,
             processing_class=processor,
             model_card_data=card,
+            extra_eval_datasets=extra_eval_sets,
         )
     except NETWORK_ERRORS as error:  # `push_to_hub` creates the Hub repository in Trainer.__init__
         if not training_args.push_to_hub:
             raise
         raise ConfigError(f"Cannot create the Hub repository {training_args.hub_model_id!r}: {error}") from None
     try:
-        return run_stages(trainer, data, resume_checkpoint)
+        return run_stages(trainer, data, resume_checkpoint, pretrained_weights)
     except OSError as error:
         if error.errno in _DISK_ERRNOS:
             raise SaveError(describe_save_error(error, training_args.output_dir)) from None
@@ -167,13 +184,27 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 def run_stages(
-    trainer: CLIPContrastiveTrainer, data: ImageTextData, resume_checkpoint: str | None
+    trainer: CLIPContrastiveTrainer,
+    data: ImageTextData,
+    resume_checkpoint: str | None,
+    pretrained_weights: dict | None = None,
 ) -> dict[str, float]:
-    """Train, evaluate, document and publish, each as configured."""
+    """Train, evaluate, document and publish, each as configured.
+
+    Args:
+        pretrained_weights: the model's weights before training, for WiSE-FT (`wise_ft_alphas`, `wise_ft_alpha`).
+    """
     args = trainer.args
     results: dict[str, float] = {}
     if args.do_train:
         train_result = trainer.train(resume_from_checkpoint=resume_checkpoint)
+        # A LoRA run goes on with the merged model (its adapter saved in output_dir/adapter): what is evaluated and
+        # interpolated below is then exactly what is saved.
+        trainer.merge_lora()
+        if pretrained_weights is not None:
+            from .wise_ft import run_wise_ft
+
+            run_wise_ft(trainer, pretrained_weights)
         trainer.save_model()  # model (safetensors), config and processor in output_dir
         metrics = dict(train_result.metrics)
         metrics["train_samples"] = len(data.train) if hasattr(data.train, "__len__") else trainer.state.global_step
@@ -184,6 +215,8 @@ def run_stages(
     if args.do_eval:
         metrics = trainer.evaluate()
         metrics["eval_samples"] = len(data.validation)
+        for name, dataset in trainer.extra_eval_datasets.items():
+            metrics[f"eval_{name}_samples"] = len(dataset)
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
         results.update(metrics)

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers import CLIPModel, EarlyStoppingCallback, Trainer, TrainerState
 from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_utils import TrainOutput
+from transformers.trainer_utils import TrainOutput, speed_metrics
 from transformers.utils import logging
 
 from .arguments import CLIPTrainingArguments, ConfigError
@@ -28,9 +28,11 @@ from .callbacks import (
 from .collator import ROW_INFO_KEYS, ImageTextCollator
 from .data import class_names_of
 from .evaluation import DEFAULT_ZEROSHOT_TEMPLATES, build_zeroshot_classifier, retrieval_metrics, zeroshot_accuracy
+from .locking import PartialLockCallback, layerwise_lr_scales
+from .lora import ADAPTER_DIRNAME, apply_lora, is_lora_model, merged_copy
 from .loss import contrastive_loss, sigmoid_contrastive_loss
 from .model_card import CLIPModelCardData, non_default_training_arguments, write_model_card
-from .modeling import model_family
+from .modeling import TOWERS, model_family, tower_layers
 from .plots import save_training_plots
 from .preprocessing import ImagePreprocessor, UnsupportedImageProcessorError
 from .stream import check_shard_split, enable_stream_resume
@@ -89,6 +91,10 @@ class CLIPContrastiveTrainer(Trainer):
         processing_class: the `CLIPProcessor` (tokenizer + image processor); saved with the model.
         model_card_data ([`CLIPModelCardData`], *optional*): what the model card says about the run's origin and
             data; the metrics, curves and arguments come from the trainer itself.
+        extra_eval_datasets (`dict[str, Dataset]`, *optional*): more evaluation sets by name (validation splits as
+            [`load_image_text_data`] returns them). Every evaluation reports each as `eval_{name}_{metric}` beside
+            the validation split's `eval_{metric}`, in one log entry, so any of them can drive
+            `metric_for_best_model` and early stopping.
         Other arguments are those of `transformers.Trainer`.
     """
 
@@ -102,6 +108,7 @@ class CLIPContrastiveTrainer(Trainer):
         processing_class=None,
         model_card_data: CLIPModelCardData | None = None,
         callbacks=None,
+        extra_eval_datasets: dict | None = None,
         **kwargs,
     ) -> None:
         # --- args -----------------------------------------------------------------------------------------------------
@@ -138,6 +145,15 @@ class CLIPContrastiveTrainer(Trainer):
                 f"`loss_type` is softmax for a {self.family.name} model: its `logit_bias` takes no part in the loss "
                 "(and stays as it is). `auto` trains it with its own sigmoid loss."
             )
+        if args.lora_rank is not None and not is_lora_model(model):
+            model = apply_lora(model, args)
+        per_layer = (args.vision_trainable_layers, args.text_trainable_layers, args.layerwise_lr_decay)
+        if any(option is not None for option in per_layer):
+            try:  # the towers' layers are known for this model family (before any data is read into batches)
+                for tower in TOWERS:
+                    tower_layers(model, tower)
+            except ValueError as error:
+                raise ConfigError(str(error)) from None
         # --- data -----------------------------------------------------------------------------------------------------
         image_processor = getattr(processing_class, "image_processor", None)
         if image_processor is None or getattr(processing_class, "tokenizer", None) is None:
@@ -197,6 +213,17 @@ class CLIPContrastiveTrainer(Trainer):
                     self.args.freeze_vision_model, self.args.freeze_text_model, self.args.unfreeze_after_steps
                 )
             )
+        trainable_layers = {
+            tower: layers
+            for tower, layers in (
+                ("vision", self.args.vision_trainable_layers),
+                ("text", self.args.text_trainable_layers),
+            )
+            if layers is not None
+        }
+        if trainable_layers:
+            # After the freeze callback: it runs second, and re-locks what an unfreeze turned on.
+            self.add_callback(PartialLockCallback(trainable_layers, self.args.unfreeze_after_steps))
         if self.args.early_stopping_patience is not None:
             self.add_callback(
                 EarlyStoppingCallback(self.args.early_stopping_patience, self.args.early_stopping_threshold)
@@ -218,6 +245,15 @@ class CLIPContrastiveTrainer(Trainer):
         self._finite_loss_count: torch.Tensor | None = None
         self._eval_buffer: dict[str, list[torch.Tensor]] | None = None
         self._last_evaluation: dict | None = None
+        # --- evaluation sets ------------------------------------------------------------------------------------------
+        self.extra_eval_datasets = dict(extra_eval_datasets or {})
+        # Evaluation batches are never augmented: `Trainer` has one collator for training and evaluation.
+        self.eval_data_collator = self.data_collator
+        if dataclasses.is_dataclass(self.data_collator) and getattr(self.data_collator, "augmentation", None):
+            self.eval_data_collator = dataclasses.replace(self.data_collator, augmentation=None)
+        self._eval_loaders: dict[str | None, DataLoader] = {}
+        # Set by `clip_trainer.wise_ft.run_wise_ft` after training, for the model card.
+        self.wise_ft_result = None
 
     # ------------------------------------------------------------------------------------------------------------
     # Training
@@ -283,6 +319,8 @@ class CLIPContrastiveTrainer(Trainer):
             {"params": [p for n, p in named if n not in no_decay], "weight_decay": self.args.weight_decay},
             {"params": [p for n, p in named if n in no_decay], "weight_decay": 0.0},
         ]
+        if self.args.layerwise_lr_decay is not None:
+            groups = self._layerwise_groups(groups)
         if self.args.optim == "adam":
             optimizer_cls = torch.optim.Adam
             optimizer_kwargs = {
@@ -294,6 +332,18 @@ class CLIPContrastiveTrainer(Trainer):
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
         self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
+
+    def _layerwise_groups(self, groups: list[dict]) -> list[dict]:
+        """Each weight-decay group split by learning rate (`layerwise_lr_decay`), the full rate first (the rate the
+        Trainer logs is the first group's). Empty groups are dropped."""
+        scales = layerwise_lr_scales(self.model, self.args.layerwise_lr_decay)
+        split = []
+        for scale in sorted(set(scales.values()), reverse=True):
+            for group in groups:
+                params = [p for p in group["params"] if scales[id(p)] == scale]
+                if params:
+                    split.append({**group, "params": params, "lr": self.args.learning_rate * scale})
+        return split
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
         """Adds the seed project's step schedule (`lr_scheduler_type=step`) to transformers' schedules."""
@@ -485,6 +535,37 @@ class CLIPContrastiveTrainer(Trainer):
                 logs["nonfinite_steps_skipped"] = self.nonfinite_guard.skipped_steps
         super().log(logs, start_time)
 
+    # ------------------------------------------------------------------------------------------------------------
+    # Saving
+    # ------------------------------------------------------------------------------------------------------------
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """`Trainer.save_model`; for a LoRA model, the final save writes the plain model with the adapters merged
+        (loadable by `CLIPModel.from_pretrained` and `pipeline(...)`) and the adapter into `output_dir/adapter/`.
+
+        Checkpoints (`_internal_call`) keep the Trainer's adapter-only saves, which resuming and
+        `load_best_model_at_end` load back.
+        """
+        if _internal_call or not is_lora_model(self.model):
+            return super().save_model(output_dir, _internal_call)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        super().save_model(os.path.join(output_dir, ADAPTER_DIRNAME), _internal_call=True)
+        if self.args.should_save:
+            merged_copy(self.model).save_pretrained(output_dir)
+            self.processing_class.save_pretrained(output_dir)
+        if self.args.push_to_hub:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def merge_lora(self) -> None:
+        """Saves the adapter into `output_dir/adapter/` and goes on with the plain merged model: what is evaluated,
+        interpolated (WiSE-FT) and saved afterwards is then exactly the model `from_pretrained` loads. A no-op for a
+        model without LoRA."""
+        if not is_lora_model(self.model):
+            return
+        super().save_model(os.path.join(self.args.output_dir, ADAPTER_DIRNAME), _internal_call=True)
+        merged = self.model.merge_and_unload()
+        self.model = self.model_wrapped = merged
+        self._tower_weights = None
+
     def create_model_card(self, *args, **kwargs) -> None:
         """Writes clip-trainer's model card (`README.md`: metrics before/after, curves, usage) and the training curves
         (`training_curves.png`) into `output_dir`, instead of the Trainer's generic card.
@@ -501,6 +582,8 @@ class CLIPContrastiveTrainer(Trainer):
             loss=self.model_card_data.loss or self.loss_type,
         )
         plots = save_training_plots(history, self.args.output_dir)
+        if self.wise_ft_result is not None and self.wise_ft_result.plot:
+            plots.append(self.wise_ft_result.plot)
         examples = self.save_retrieval_examples()
         write_model_card(
             self.args.output_dir,
@@ -510,41 +593,106 @@ class CLIPContrastiveTrainer(Trainer):
             hyperparameters=self.card_hyperparameters,
             plots=plots,
             examples=[examples] if examples else [],
+            eval_sets=list(self.extra_eval_datasets),
+            wise_ft=self.wise_ft_result,
         )
 
     # ------------------------------------------------------------------------------------------------------------
     # Evaluation
     # ------------------------------------------------------------------------------------------------------------
-    def get_eval_dataloader(self, eval_dataset=None) -> DataLoader:
-        """The Trainer's evaluation DataLoader, except that it never drops a last partial batch.
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """`Trainer.evaluate`, over the validation split and every one of `extra_eval_datasets` as one round.
 
-        `Trainer` applies `dataloader_drop_last` to evaluation too, which would leave pairs out of the retrieval
-        metrics (recalls in multiples of 1/batch); it has no hook for evaluation alone, so the loader is built here.
+        The validation split reports `eval_{metric}`, each extra set `eval_{name}_{metric}` (a dict `eval_dataset`
+        reports each of its keys so, too), all in one log entry and one `on_evaluate`. `Trainer.evaluate` given a dict
+        evaluates each set as a separate evaluation: a log entry each, and `on_evaluate` once per set with that set's
+        metrics only, so early stopping warns on every set that lacks `metric_for_best_model` and the model card and
+        the curves would see one set per round. With `eval_dataset` given (a dataset), that dataset alone is evaluated.
         """
-        if not self.args.dataloader_drop_last:
-            return super().get_eval_dataloader(eval_dataset)
-        key = eval_dataset if isinstance(eval_dataset, str) else "eval"
-        cached = getattr(self, "_eval_dataloaders", {}).get(key)
-        if cached is not None and self.args.dataloader_persistent_workers:
-            return cached
-        if isinstance(eval_dataset, str):
-            dataset = self.eval_dataset[eval_dataset]
+        sets = self._evaluation_sets(eval_dataset, metric_key_prefix)
+        if len(sets) == 1:
+            prefix, dataset = sets[0]
+            return super().evaluate(dataset, ignore_keys=ignore_keys, metric_key_prefix=prefix)
+        metrics = self.evaluate_sets(sets, ignore_keys=ignore_keys)
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    def _evaluation_sets(self, eval_dataset, metric_key_prefix: str) -> list[tuple[str, object]]:
+        """`(metric prefix, dataset or set name)` of each set an `evaluate(eval_dataset)` call covers."""
+        if eval_dataset is not None and not isinstance(eval_dataset, dict):
+            return [(metric_key_prefix, eval_dataset)]
+        named = eval_dataset if eval_dataset is not None else self.eval_dataset
+        sets: list[tuple[str, object]] = []
+        if isinstance(named, dict):
+            # A dict given here holds the datasets; `self.eval_dataset`'s are looked up by name (and their loaders kept).
+            for name, dataset in named.items():
+                sets.append((f"{metric_key_prefix}_{name}", dataset if eval_dataset is not None else name))
+        elif named is not None:
+            sets.append((metric_key_prefix, None))
+        if eval_dataset is None:
+            sets += [(f"{metric_key_prefix}_{name}", name) for name in self.extra_eval_datasets]
+        if not sets:
+            raise ValueError("Trainer: evaluation requires an eval_dataset.")
+        return sets
+
+    def evaluate_sets(self, sets=None, ignore_keys=None) -> dict[str, float]:
+        """Every evaluation set's metrics (the validation split's as `eval_*`, each extra set's as `eval_{name}_*`),
+        with their runtimes, **without** logging them or calling callbacks: [`evaluate`] logs them, and WiSE-FT
+        measures its interpolations with it.
+
+        Args:
+            sets: `(metric prefix, dataset or set name or None for the validation split)` pairs; default: all.
+        """
+        metrics: dict[str, float] = {}
+        for prefix, dataset in sets if sets is not None else self._evaluation_sets(None, "eval"):
+            loader = self.get_eval_dataloader(dataset)
+            start = time.time()
+            output = self.evaluation_loop(
+                loader, "Evaluation", prediction_loss_only=True, ignore_keys=ignore_keys, metric_key_prefix=prefix
+            )
+            batches = math.ceil(output.num_samples / (self.args.eval_batch_size * self.args.world_size))
+            output.metrics.update(speed_metrics(prefix, start, num_samples=output.num_samples, num_steps=batches))
+            metrics.update(output.metrics)
+        return metrics
+
+    def get_eval_dataloader(self, eval_dataset=None) -> DataLoader:
+        """The evaluation DataLoader of the validation split (`None`), of a set by name (one of
+        `extra_eval_datasets`, or a key of a dict `eval_dataset`), or of a given dataset.
+
+        Built here, not by `Trainer.get_eval_dataloader`, for two things that one lacks: its batches would come from
+        the training collator (augmented, when training augments), and it applies `dataloader_drop_last` to
+        evaluation too, which would leave pairs out of the retrieval metrics (recalls in multiples of 1/batch).
+        """
+        name = eval_dataset if isinstance(eval_dataset, str) else None
+        reusable = self.args.dataloader_persistent_workers and (name is not None or eval_dataset is None)
+        if reusable and name in self._eval_loaders:
+            return self._eval_loaders[name]
+        if name is not None:
+            named = {**(self.eval_dataset if isinstance(self.eval_dataset, dict) else {}), **self.extra_eval_datasets}
+            if name not in named:
+                raise KeyError(f"No evaluation set named {name!r}; the sets are: {', '.join(named) or 'none'}.")
+            dataset = named[name]
         else:
             dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if dataset is None:
+            raise ValueError("Trainer: evaluation requires an eval_dataset.")
+        workers = self.args.dataloader_num_workers
         loader = DataLoader(
             dataset,
             batch_size=self.args.eval_batch_size,
             sampler=self._get_eval_sampler(dataset),
-            collate_fn=self.data_collator,
-            num_workers=self.args.dataloader_num_workers,
+            collate_fn=self.eval_data_collator,
+            num_workers=workers,
             pin_memory=self.args.dataloader_pin_memory,
             persistent_workers=self.args.dataloader_persistent_workers,
             prefetch_factor=self.args.dataloader_prefetch_factor,
+            multiprocessing_context=self.args.dataloader_multiprocessing_context if workers else None,
             drop_last=False,
         )
         loader = self.accelerator.prepare(loader)
-        if self.args.dataloader_persistent_workers:
-            self._eval_dataloaders = {**getattr(self, "_eval_dataloaders", {}), key: loader}
+        if reusable:
+            self._eval_loaders[name] = loader
         return loader
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):

@@ -1,0 +1,72 @@
+"""LoRA adapters through peft: wrap a CLIP model so that only low-rank adapters train, and merge them back.
+
+peft does the work ([`peft.get_peft_model`], `save_pretrained`, `merge_and_unload`), and `transformers.Trainer`
+already knows a `PeftModel`: checkpoints hold the adapter, `load_best_model_at_end` and resuming load it back. What
+this module adds is the one thing a CLIP user needs at the end and that neither library writes by itself: an
+`output_dir` that holds a plain `CLIPModel` with the adapters merged (what `from_pretrained` and `pipeline(...)` load),
+with the adapter beside it in `output_dir/adapter/`.
+
+peft is an optional dependency: `pip install 'clip-trainer[lora]'`.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from torch import nn
+from transformers.utils import logging
+
+from .arguments import CLIPTrainingArguments, ConfigError
+
+logger = logging.get_logger(__name__)
+
+ADAPTER_DIRNAME = "adapter"
+"""Where the final save of a LoRA run puts the adapter, inside `output_dir`."""
+
+
+def _peft():
+    try:
+        import peft
+    except ImportError:
+        raise ConfigError(
+            "LoRA needs peft, which is not installed: pip install 'clip-trainer[lora]' (or unset `lora_rank`)."
+        ) from None
+    return peft
+
+
+def is_lora_model(model: nn.Module) -> bool:
+    """Whether `model` is a peft `PeftModel` (without importing peft when it is not installed)."""
+    return any(cls.__name__ == "PeftModel" and cls.__module__.startswith("peft") for cls in type(model).__mro__)
+
+
+def apply_lora(model: nn.Module, args: CLIPTrainingArguments) -> nn.Module:
+    """`model` wrapped by peft with LoRA adapters on `args.lora_target_modules` of rank `args.lora_rank`.
+
+    Only the adapters train: every weight of the model, `logit_scale` included, is frozen. The temperature of a
+    pretrained CLIP usually sits at its clamp (100) already, and keeping it fixed makes the adapter a complete
+    description of the fine-tune (checkpoints hold the adapter only).
+    """
+    peft = _peft()
+    config = peft.LoraConfig(
+        r=args.lora_rank,
+        lora_alpha=args.lora_alpha if args.lora_alpha is not None else args.lora_rank,
+        lora_dropout=args.lora_dropout,
+        target_modules=list(args.lora_target_modules),
+        bias="none",
+    )
+    try:
+        wrapped = peft.get_peft_model(model, config)
+    except ValueError as error:  # no module matches `target_modules`
+        raise ConfigError(f"`lora_target_modules` {list(args.lora_target_modules)}: {error}") from None
+    trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in wrapped.parameters())
+    logger.info(
+        f"LoRA rank {args.lora_rank}: training {trainable:,} of {total:,} parameters ({trainable / total:.2%})."
+    )
+    return wrapped
+
+
+def merged_copy(model: nn.Module) -> nn.Module:
+    """A plain model with the adapters of the `PeftModel` `model` merged into its weights (`merge_and_unload` on a
+    deep copy, so `model` keeps training or saving as it is)."""
+    return copy.deepcopy(model).merge_and_unload()

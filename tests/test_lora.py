@@ -1,0 +1,76 @@
+"""LoRA through peft: only the adapters train, the output is a plain merged CLIPModel with the adapter beside it."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import draw_shape
+from transformers import AutoProcessor, CLIPModel, pipeline
+
+from clip_trainer.arguments import ConfigError
+from clip_trainer.run import main
+
+needs_peft = pytest.mark.skipif(
+    importlib.util.find_spec("peft") is None, reason="peft is not installed (pip install 'clip-trainer[lora]')"
+)
+
+
+def embeddings(model, processor) -> tuple[torch.Tensor, torch.Tensor]:
+    images = [draw_shape("red", "circle"), draw_shape("blue", "square", "black")]
+    inputs = processor(
+        images=images, text=["a red circle on white", "a blue square"], padding=True, return_tensors="pt"
+    )
+    with torch.no_grad():
+        outputs = model(**inputs)
+    return outputs.image_embeds, outputs.text_embeds
+
+
+@needs_peft
+def test_a_lora_run_saves_a_merged_model_equal_to_the_adapter_model(base_args, tiny_clip_dir):
+    from peft import PeftModel
+
+    out = Path(base_args[base_args.index("--output_dir") + 1])
+    main([*base_args, "--lora_rank", "4", "--lora_alpha", "8", "--learning_rate", "1e-2", "--num_train_epochs", "1", "--eval_strategy", "epoch",
+          "--save_strategy", "epoch", "--load_best_model_at_end", "true", "--metric_for_best_model",
+          "eval_mean_recall"])  # fmt: skip
+    assert (out / "adapter" / "adapter_config.json").is_file() and (
+        out / "adapter" / "adapter_model.safetensors"
+    ).is_file()
+    merged = CLIPModel.from_pretrained(out)  # a plain model, not an adapter
+    processor = AutoProcessor.from_pretrained(out, backend="pil")
+    adapted = PeftModel.from_pretrained(CLIPModel.from_pretrained(tiny_clip_dir), out / "adapter")
+    for merged_embeds, adapter_embeds in zip(embeddings(merged, processor), embeddings(adapted, processor)):
+        torch.testing.assert_close(merged_embeds, adapter_embeds, atol=1e-5, rtol=0)
+    # The adapters changed the model; logit_scale and everything outside the adapted projections did not.
+    base = CLIPModel.from_pretrained(tiny_clip_dir).state_dict()
+    weights = merged.state_dict()
+    assert not torch.equal(weights["vision_model.encoder.layers.0.self_attn.q_proj.weight"],
+                           base["vision_model.encoder.layers.0.self_attn.q_proj.weight"])  # fmt: skip
+    for name in ("logit_scale", "visual_projection.weight", "text_model.encoder.layers.1.mlp.fc2.weight"):
+        assert torch.equal(weights[name], base[name]), name
+    classifier = pipeline("zero-shot-image-classification", model=str(out))
+    assert (
+        len(
+            classifier(
+                draw_shape("red", "circle"),
+                candidate_labels=["a red circle", "a blue square"],
+                hypothesis_template="{}",
+            )
+        )
+        == 2
+    )
+
+
+def test_lora_without_peft_names_the_extra(base_args, monkeypatch):
+    monkeypatch.setattr("clip_trainer.arguments.is_peft_installed", lambda: False)
+    with pytest.raises(ConfigError, match=r"pip install 'clip-trainer\[lora\]'"):
+        main([*base_args, "--lora_rank", "4"])
+
+
+@needs_peft
+def test_lora_with_locks_is_refused(base_args):
+    with pytest.raises(ConfigError, match="`lora_rank` trains adapters only"):
+        main([*base_args, "--lora_rank", "4", "--freeze_vision_model", "true"])
