@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
 
 
+@pytest.mark.slow
 def test_tiny_preset_prints_json_summary_last():
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
     command = [sys.executable, str(SCRIPT), "--preset", "tiny", "--steps", "3", "--warmup", "1", "--batch-size", "8"]

@@ -65,7 +65,11 @@ def interrupt(base_args: list[str], out: Path, signal_number: int, tmp_path: Pat
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
-@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize(
+    "signal_number",
+    [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)],  # the same path; CI runs both
+    ids=["SIGTERM", "SIGINT"],
+)
 def test_a_signal_saves_a_checkpoint_and_the_run_resumes_to_the_same_end(base_args, tmp_path, signal_number):
     reference = tmp_path / "reference"
     run.main(checkpoint_args(base_args, reference))

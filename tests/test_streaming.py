@@ -97,6 +97,7 @@ def test_held_out_pairs_are_never_trained_on(tmp_path):
     assert len(set(trained)) == 38
 
 
+@pytest.mark.slow
 def test_the_demo_streams(tmp_path, monkeypatch):
     """The documented command, from another working folder: the streamed demo keeps its label column for zero-shot."""
     monkeypatch.chdir(tmp_path)
