@@ -376,8 +376,9 @@ def draw_retrieval_gallery(
             bars.set_yticks(positions, [_wrap(class_names[c], 40, 1) for c in classes], fontsize=9)
             bars.set_xlabel("cosine similarity", fontsize=8)
             bars.tick_params(axis="x", labelsize=8)
-            low = min(0.0, min(scores))
-            bars.set_xlim(low, max(max(scores), 0.0) * 1.15 + 1e-6)
+            low, high = min(0.0, min(scores)), max(max(scores), 0.0)
+            # Room right of the longest bar (or of zero) for its label.
+            bars.set_xlim(low, high + 0.18 * max(high - low, 1e-6))
             for position, score in zip(positions, scores):
                 # Negative scores are labelled right of zero, away from the class names.
                 bars.text(max(score, 0.0), position, f" {score:.2f}", va="center", fontsize=8)
