@@ -23,7 +23,7 @@ import PIL.Image
 import torch
 from PIL import ImageEnhance
 
-from .images import BadSampleError, to_rgb
+from .images import BadSampleError, rgb_pixels_or_bad_sample
 from .preprocessing import ImagePreprocessor
 
 __all__ = ["ImageAugmentation"]
@@ -104,12 +104,9 @@ class ImageAugmentation:
         Raises:
             [`BadSampleError`]: if the image has no pixels or cannot be resized.
         """
+        image = rgb_pixels_or_bad_sample(image)
         width, height = image.size
-        if width == 0 or height == 0:
-            raise BadSampleError(f"image is empty ({width}x{height} pixels)")
         try:
-            if image.mode != "RGB":
-                image = to_rgb(image)
             out_height, out_width = preprocessor.output_size
             image = image.resize(
                 (out_width, out_height), resample=preprocessor.resample, box=self.crop_box(width, height)

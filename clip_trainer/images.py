@@ -237,6 +237,17 @@ def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
     return image.convert("RGB")
 
 
+def rgb_pixels_or_bad_sample(image: PIL.Image.Image) -> PIL.Image.Image:
+    """`image` in RGB for resizing, or [`BadSampleError`] when it has no pixels (what every resize step checks first)."""
+    width, height = image.size
+    if width == 0 or height == 0:
+        raise BadSampleError(f"image is empty ({width}x{height} pixels)")
+    try:
+        return image if image.mode == "RGB" else to_rgb(image)
+    except Exception as error:
+        raise BadSampleError(f"cannot convert image to RGB ({type(error).__name__}: {error})") from None
+
+
 def _apply_exif_orientation(image: PIL.Image.Image) -> PIL.Image.Image:
     try:
         orientation = image.getexif().get(ExifTags.Base.Orientation, 1)

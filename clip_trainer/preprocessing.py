@@ -25,7 +25,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from .images import BadSampleError, to_rgb
+from .images import BadSampleError, rgb_pixels_or_bad_sample
 
 __all__ = ["ImagePreprocessor", "UnsupportedImageProcessorError"]
 
@@ -217,12 +217,9 @@ class ImagePreprocessor:
         Raises:
             [`BadSampleError`]: if the image has no pixels or cannot be resized (an absurd aspect ratio).
         """
+        image = rgb_pixels_or_bad_sample(image)
         width, height = image.size
-        if width == 0 or height == 0:
-            raise BadSampleError(f"image is empty ({width}x{height} pixels)")
         try:
-            if image.mode != "RGB":
-                image = to_rgb(image)
             if self.naflex:
                 from transformers.models.siglip2.image_processing_pil_siglip2 import (
                     get_image_size_for_max_num_patches,
