@@ -62,6 +62,22 @@ def write_shapes_csv(folder: Path, repeats: int = 2, name: str = "pairs.csv") ->
     return path
 
 
+# `run_clip.py` in its own process with every step from the 5th on slowed down (the numbers are not changed), so that
+# a test can kill it once a checkpoint is complete and before the run ends.
+SLOWED_CLI = (
+    "import sys, time\n"
+    "from clip_trainer.trainer import CLIPContrastiveTrainer as T\n"
+    "step = T.training_step\n"
+    "def slow(self, *args, **kwargs):\n"
+    "    if self.state.global_step >= 4:\n"
+    "        time.sleep(10)\n"
+    "    return step(self, *args, **kwargs)\n"
+    "T.training_step = slow\n"
+    "from clip_trainer.run import cli\n"
+    "sys.exit(cli(sys.argv[1:]))\n"
+)
+
+
 def set_option(argv: list[str], name: str, value: str) -> list[str]:
     """`argv` with `--name value` (replaced where it is, else appended)."""
     argv = list(argv)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SLOWED_CLI
 from safetensors.torch import load_file
 from transformers import TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
@@ -287,23 +288,11 @@ def test_resume_after_sigkill_ends_where_an_uninterrupted_run_ends(base_args, tm
     run.main(_checkpoint_args(base_args, reference))
 
     # The same run in its own process, killed with SIGKILL once checkpoint-4 is complete. Steps after the 4th are
-    # slowed down (the numbers are not changed) so that the kill lands before the end.
+    # slowed down (conftest's SLOWED_CLI) so that the kill lands before the end.
     crashed = tmp_path / "crashed"
-    slowed = (
-        "import sys, time\n"
-        "from clip_trainer.trainer import CLIPContrastiveTrainer as T\n"
-        "step = T.training_step\n"
-        "def slow(self, *args, **kwargs):\n"
-        "    if self.state.global_step >= 4:\n"
-        "        time.sleep(10)\n"
-        "    return step(self, *args, **kwargs)\n"
-        "T.training_step = slow\n"
-        "from clip_trainer.run import cli\n"
-        "sys.exit(cli(sys.argv[1:]))\n"
-    )
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     process = subprocess.Popen(
-        [sys.executable, "-c", slowed, *_checkpoint_args(base_args, crashed)],
+        [sys.executable, "-c", SLOWED_CLI, *_checkpoint_args(base_args, crashed)],
         cwd=REPO,
         env=env,
         stdout=subprocess.DEVNULL,

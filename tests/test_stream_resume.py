@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import SLOWED_CLI
 from test_faults import checkpoint_problems_or_missing
 from test_webdataset import write_tar_shards
 
@@ -126,20 +127,6 @@ def _stream_args(base_args: list[str], shards: Path, output_dir: Path) -> list[s
         # cross into the second pass and a new block, both mid-batch.
         "--shuffle_buffer_size", "10", "--validation_split_percentage", "0",
     ]  # fmt: skip
-
-
-SLOWED_CLI = (
-    "import sys, time\n"
-    "from clip_trainer.trainer import CLIPContrastiveTrainer as T\n"
-    "step = T.training_step\n"
-    "def slow(self, *args, **kwargs):\n"
-    "    if self.state.global_step >= 4:\n"
-    "        time.sleep(10)\n"
-    "    return step(self, *args, **kwargs)\n"
-    "T.training_step = slow\n"
-    "from clip_trainer.run import cli\n"
-    "sys.exit(cli(sys.argv[1:]))\n"
-)
 
 
 def _killed_after_checkpoint_4(argv: list[str], output_dir: Path) -> None:
