@@ -33,6 +33,9 @@ _CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 TRAINER_STATE_NAME = "trainer_state.json"
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+# peft's adapter files, which a LoRA run's checkpoints hold in place of the model's weights.
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 # Written with `torch.save`, a zip archive: one cut short has no central directory at its end.
 TRAINING_STATE_FILES = ("optimizer.pt", "scheduler.pt")
 
@@ -48,6 +51,17 @@ def _safetensors_problem(path: str) -> str | None:
         with safe_open(path, framework="pt"):
             pass
     except (SafetensorError, OSError) as error:
+        return f"{os.path.basename(path)} is unreadable ({error})"
+    return None
+
+
+def _json_problem(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            json.load(handle)
+    except FileNotFoundError:
+        return f"{os.path.basename(path)} is missing"
+    except (OSError, ValueError) as error:
         return f"{os.path.basename(path)} is unreadable ({error})"
     return None
 
@@ -97,6 +111,17 @@ def checkpoint_problems(folder: str) -> list[str]:
             problems.append(f"{SAFE_WEIGHTS_INDEX_NAME} is unreadable ({error!r})")
             shards = []
         problems.extend(p for shard in shards if (p := _safetensors_problem(os.path.join(folder, shard))))
+    elif os.path.isfile(os.path.join(folder, ADAPTER_CONFIG_NAME)):
+        # A LoRA run's checkpoint holds its adapter (peft's files), not the whole model.
+        problems.extend(
+            p
+            for name in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME)
+            if (
+                p := _json_problem(os.path.join(folder, name))
+                if name.endswith(".json")
+                else _safetensors_problem(os.path.join(folder, name))
+            )
+        )
     else:
         problem = _safetensors_problem(os.path.join(folder, SAFE_WEIGHTS_NAME))
         if problem:
@@ -175,7 +200,8 @@ def resolve_resume_checkpoint(resume_from_checkpoint: str | bool | None, output_
 # Who writes into output_dir
 # --------------------------------------------------------------------------------------------------------------
 
-LOCK_FILE_NAME = ".clip-trainer.lock"
+# Named with a leading underscore: `Trainer.push_to_hub` uploads `output_dir` without `_*` files.
+LOCK_FILE_NAME = "_clip-trainer.lock"
 
 
 def _checkpoint_folders(output_dir: str) -> list[str]:
@@ -185,7 +211,7 @@ def _checkpoint_folders(output_dir: str) -> list[str]:
 
 
 class OutputDirLock:
-    """An exclusive `flock` on `output_dir/.clip-trainer.lock`, held until [`release`] or the process ends.
+    """An exclusive `flock` on `output_dir/_clip-trainer.lock`, held until [`release`] or the process ends.
 
     The kernel drops the lock when the process dies, however it dies, so a crashed run never leaves a stale lock
     behind; the file itself stays and is harmless. It records the holder's pid for the message a second run shows.
@@ -215,29 +241,39 @@ class OutputDirLock:
             self._handle.close()
 
 
-def claim_output_dir(output_dir: str, resuming: bool, overwrite: bool) -> OutputDirLock:
-    """Checks that a training run may write into `output_dir`, and locks it against a concurrent run.
+def check_writable_folder(folder: str, key: str = "output_dir") -> None:
+    """Checks, before any work, that `folder` is (or can be created as) a folder this process can write into.
 
-    - `output_dir` must be a folder this process can create and write (not a file, not on a read-only file system);
-    - if it holds another run's checkpoints, the run resumes from them (`resuming`), or deletes them first
-      (`overwrite`, i.e. `--overwrite_output_dir`), or stops and says so: the Trainer would otherwise mix the two
-      runs' checkpoints and then rotate the older run's away without a word.
-
-    Call it on the main process only. Returns the lock, held until the process ends or it is released.
+    As root, permission bits do not stop a write, so the check writes and removes a probe file rather than asking
+    `os.access`; what stops it is a path through a file, a read-only file system or a full disk.
     """
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise ConfigError(f"`output_dir` {output_dir!r} is a file; give a folder (it is created if missing).")
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ConfigError(f"`{key}` {folder!r} is a file; give a folder (it is created if missing).")
     try:
-        os.makedirs(output_dir, exist_ok=True)
-        probe = os.path.join(output_dir, ".clip-trainer-write-test")
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, ".clip-trainer-write-test")
         with open(probe, "w", encoding="utf-8") as handle:
             handle.write("ok")
         os.remove(probe)
     except OSError as error:
         reason = "the file system is read-only" if error.errno == errno.EROFS else (error.strerror or str(error))
-        raise ConfigError(f"Cannot write into `output_dir` {output_dir!r}: {reason}; choose another folder.") from None
+        raise ConfigError(f"Cannot write into `{key}` {folder!r}: {reason}; choose another folder.") from None
+
+
+def claim_output_dir(output_dir: str, resuming: bool = False, overwrite: bool = False, training: bool = True):
+    """Checks that a run may write into `output_dir`, and locks it against a concurrent run.
+
+    - `output_dir` must be a folder this process can create and write (not a file, not on a read-only file system);
+    - for a training run, if it holds another run's checkpoints, the run resumes from them (`resuming`), or deletes
+      them first (`overwrite`, i.e. `--overwrite_output_dir`), or stops and says so: the Trainer would otherwise mix
+      the two runs' checkpoints and then rotate the older run's away without a word.
+
+    Call it on the main process only. Returns the lock: the caller keeps it for the whole run (the lock is released
+    when the object is garbage-collected or released, and in any case when the process ends).
+    """
+    check_writable_folder(output_dir)
     lock = OutputDirLock(output_dir)
-    existing = _checkpoint_folders(output_dir)
+    existing = _checkpoint_folders(output_dir) if training else []
     if existing and not resuming:
         if not overwrite:
             lock.release()
@@ -252,12 +288,39 @@ def claim_output_dir(output_dir: str, resuming: bool, overwrite: bool) -> Output
     return lock
 
 
-def describe_save_error(error: OSError, output_dir: str) -> str:
-    """One line for a failed save: what happened, and where the last complete checkpoint is."""
+# Errors of the file system that a save can meet hours into a run.
+_DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EIO}
+# What the writers that raise no `OSError` say when the disk refuses a write: torch.save's zip writer
+# (`RuntimeError: PytorchStreamWriter failed writing file ...: file write failed`, or `unexpected pos`) and
+# safetensors (`SafetensorError: Error while serializing: IoError(Os { code: 28, kind: StorageFull, ... })`).
+_WRITE_FAILURE = re.compile(
+    r"file write failed|unexpected pos|No space left|StorageFull|IoError|Read-only file system"
+)
+
+
+def is_save_failure(error: BaseException) -> bool:
+    """Whether `error`, raised while a run saves, is the disk refusing a write (and not a bug to show in full)."""
+    if isinstance(error, OSError):
+        return error.errno in _DISK_ERRNOS
+    from safetensors import SafetensorError
+
+    return isinstance(error, SafetensorError | RuntimeError) and bool(_WRITE_FAILURE.search(str(error)))
+
+
+def describe_save_error(error: BaseException, output_dir: str) -> str:
+    """One line for a failed save: what happened, and where the last complete checkpoint is.
+
+    The checkpoint a save leaves half-written is passed over by `--resume_from_checkpoint true`; a run whose last
+    checkpoint is its end trains nothing when resumed and only writes the final model.
+    """
     newest = latest_complete_checkpoint(output_dir)
     where = f" The newest complete checkpoint is {newest}." if newest else " No complete checkpoint was written."
-    if error.errno == errno.ENOSPC:
+    errno_of = getattr(error, "errno", None)
+    if errno_of == errno.ENOSPC or re.search(
+        r"No space left|StorageFull|file write failed|unexpected pos", str(error)
+    ):
         what = f"The disk is full: saving into {output_dir!r} failed"
     else:
-        what = f"Saving into {output_dir!r} failed ({error.strerror or error})"
+        reason = getattr(error, "strerror", None) or str(error).strip().splitlines()[0]
+        what = f"Saving into {output_dir!r} failed ({reason})"
     return f"{what}.{where} Free space or choose another `output_dir`, then resume with --resume_from_checkpoint true."

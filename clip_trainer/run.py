@@ -3,7 +3,6 @@ document and publish."""
 
 from __future__ import annotations
 
-import errno
 import logging as std_logging
 import os
 import sys
@@ -15,29 +14,16 @@ from transformers.trainer_utils import IntervalStrategy
 from transformers.utils import logging
 
 from .arguments import CLIPTrainingArguments, ConfigError, check_arguments, parse_arguments
-from .augmentation import ImageAugmentation
 from .callbacks import NonFiniteTrainingError, TrainingInterrupted
-from .checkpoints import claim_output_dir, describe_save_error, resolve_resume_checkpoint
-from .collator import ImageTextCollator
+from .checkpoints import claim_output_dir, describe_save_error, is_save_failure, resolve_resume_checkpoint
 from .data import ImageTextData, load_extra_eval_sets, load_image_text_data, save_prepared_data
+from .errors import PublishError, SaveError
 from .hub import NETWORK_ERRORS, check_hub_access
 from .model_card import CLIPModelCardData
 from .modeling import load_model, load_model_config, load_processor, max_text_positions
-from .preprocessing import UnsupportedImageProcessorError
 from .trainer import CLIPContrastiveTrainer
 
 logger = logging.get_logger("clip_trainer")
-
-# Errors of the file system that a save can meet hours into a run; reported in one line, with what was kept.
-_DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT}
-
-
-class PublishError(RuntimeError):
-    """Exporting or publishing failed after the model was saved locally; the message says where it is."""
-
-
-class SaveError(RuntimeError):
-    """Writing into `output_dir` failed (disk full, read-only); the message says what was kept."""
 
 
 def setup_logging(training_args: CLIPTrainingArguments) -> None:
@@ -86,13 +72,25 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     resume_checkpoint = None
     if training:
         resume_checkpoint = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
-        if training_args.should_save:
-            # Held until the process ends: a second run into the same folder stops here.
-            claim_output_dir(
-                training_args.output_dir,
-                resuming=resume_checkpoint is not None,
-                overwrite=training_args.overwrite_output_dir,
-            )
+    output_lock = None
+    if training_args.should_save:
+        # Checked before any data is read, whatever the run writes (a model, evaluation results, prepared data), and
+        # held until the run ends: a second run into the same folder stops here instead of deleting or resuming this
+        # run's checkpoints.
+        output_lock = claim_output_dir(
+            training_args.output_dir,
+            resuming=resume_checkpoint is not None,
+            overwrite=training_args.overwrite_output_dir,
+            training=training,
+        )
+    try:
+        return _run(model_args, data_args, training_args, config, training, resume_checkpoint)
+    finally:
+        if output_lock is not None:
+            output_lock.release()
+
+
+def _run(model_args, data_args, training_args, config, training: bool, resume_checkpoint: str | None):
     # A preparation run writes both splits, whatever the later runs do with them.
     evaluate = training_args.do_eval or training_args.eval_strategy != IntervalStrategy.NO or data_args.prepare_only
     # Before anything random: the held-out split, the tokenizer trained on the captions, a new model's weights.
@@ -137,18 +135,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         from .wise_ft import weights_of
 
         pretrained_weights = weights_of(model)
-    try:
-        collator = ImageTextCollator.from_processor(
-            processor,
-            max_seq_length=data_args.max_seq_length or max_text_positions(config),
-            image_column=data_args.image_column,
-            caption_column=data_args.caption_column,
-            max_image_pixels=data_args.max_image_pixels,
-            jpeg_draft=data_args.jpeg_draft,
-            augmentation=ImageAugmentation.from_data_arguments(data_args),
-        )
-    except UnsupportedImageProcessorError as error:
-        raise ConfigError(str(error)) from None
 
     # --- trainer --------------------------------------------------------------------------------------------------
     card = CLIPModelCardData(
@@ -164,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         trainer = CLIPContrastiveTrainer(
             model=model,
             args=training_args,
-            data_collator=collator,
+            data_args=data_args,
             train_dataset=data.train,
             eval_dataset=data.validation if training_args.do_eval or training_args.eval_strategy != "no" else None,
             processing_class=processor,
@@ -177,8 +163,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         raise ConfigError(f"Cannot create the Hub repository {training_args.hub_model_id!r}: {error}") from None
     try:
         return run_stages(trainer, data, resume_checkpoint, pretrained_weights)
-    except OSError as error:
-        if error.errno in _DISK_ERRNOS:
+    except Exception as error:
+        # Checkpoints, the final model, the card: a full or read-only disk is one line that says what was kept.
+        if is_save_failure(error):
             raise SaveError(describe_save_error(error, training_args.output_dir)) from None
         raise
 
@@ -207,7 +194,14 @@ def run_stages(
             run_wise_ft(trainer, pretrained_weights)
         trainer.save_model()  # model (safetensors), config and processor in output_dir
         metrics = dict(train_result.metrics)
-        metrics["train_samples"] = len(data.train) if hasattr(data.train, "__len__") else trainer.state.global_step
+        if hasattr(data.train, "__len__"):
+            metrics["train_samples"] = len(data.train)
+        else:  # a stream: the samples drawn, every optimizer step a full batch on every process
+            metrics["train_samples"] = (
+                trainer.state.global_step
+                * args.train_batch_size
+                * (args.gradient_accumulation_steps * args.world_size)
+            )
         trainer.log_metrics("train", metrics)
         trainer.save_metrics("train", metrics)
         trainer.save_state()

@@ -14,11 +14,13 @@ from datasets import IterableDataset
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import CLIPModel, EarlyStoppingCallback, Trainer, TrainerState
+from transformers.integrations.integration_utils import TensorBoardCallback, default_logdir
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import TrainOutput, speed_metrics
 from transformers.utils import logging
 
-from .arguments import CLIPTrainingArguments, ConfigError
+from .arguments import CLIPTrainingArguments, ConfigError, DataArguments
+from .augmentation import ImageAugmentation
 from .callbacks import (
     ClampLogitScaleCallback,
     FreezeTowersCallback,
@@ -89,6 +91,8 @@ class CLIPContrastiveTrainer(Trainer):
         data_collator (*optional*): defaults to an [`ImageTextCollator`] built from `processing_class`.
         train_dataset, eval_dataset: rows of images and captions (`image`, `caption` columns by default).
         processing_class: the `CLIPProcessor` (tokenizer + image processor); saved with the model.
+        data_args ([`DataArguments`], *optional*): the data settings the default collator follows (columns, caption
+            length, pixel limit, draft decoding, augmentation); defaults to `DataArguments()`.
         model_card_data ([`CLIPModelCardData`], *optional*): what the model card says about the run's origin and
             data; the metrics, curves and arguments come from the trainer itself.
         extra_eval_datasets (`dict[str, Dataset]`, *optional*): more evaluation sets by name (validation splits as
@@ -109,6 +113,7 @@ class CLIPContrastiveTrainer(Trainer):
         model_card_data: CLIPModelCardData | None = None,
         callbacks=None,
         extra_eval_datasets: dict | None = None,
+        data_args: DataArguments | None = None,
         **kwargs,
     ) -> None:
         # --- args -----------------------------------------------------------------------------------------------------
@@ -162,17 +167,30 @@ class CLIPContrastiveTrainer(Trainer):
             self.image_preprocessor = ImagePreprocessor.from_image_processor(image_processor)
         except UnsupportedImageProcessorError as error:
             raise ConfigError(str(error)) from None
+        # The data settings the collator reads (columns, caption length, pixel limit, draft decoding, augmentation):
+        # a library user gets exactly what `run_clip.py` builds from the same `DataArguments`.
+        self.data_args = data_args if data_args is not None else DataArguments()
         positions = model.config.text_config.max_position_embeddings
         if data_collator is None:
             data_collator = ImageTextCollator(
                 tokenizer=processing_class.tokenizer,
                 image_preprocessor=self.image_preprocessor,
-                max_seq_length=min(positions, processing_class.tokenizer.model_max_length),
+                max_seq_length=self.data_args.max_seq_length
+                or min(positions, processing_class.tokenizer.model_max_length),
+                image_column=self.data_args.image_column,
+                caption_column=self.data_args.caption_column,
+                max_image_pixels=self.data_args.max_image_pixels,
+                jpeg_draft=self.data_args.jpeg_draft,
+                # SigLIP's text tower pools at the last position: its captions are always padded to one length.
                 padding=self.family.text_padding,
+                augmentation=ImageAugmentation.from_data_arguments(self.data_args),
             )
         # Zero-shot prompts are tokenized as the collator tokenizes captions (SigLIP: padded to its one length).
         self.text_padding = getattr(data_collator, "padding", self.family.text_padding)
         self.max_seq_length = getattr(data_collator, "max_seq_length", positions)
+        if args.dataloader_pin_memory and args.device.type == "cpu":
+            # Pinned memory only speeds copies to an accelerator; on the CPU torch warns once per DataLoader.
+            args.dataloader_pin_memory = False
         super().__init__(
             model=model,
             args=args,
@@ -183,6 +201,11 @@ class CLIPContrastiveTrainer(Trainer):
             callbacks=callbacks,
             **kwargs,
         )
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
+                # TensorBoard's folder is chosen at `on_train_begin`; an evaluation-only run never gets there and its
+                # writer would default to ./runs in the working folder. Events go into output_dir/runs either way.
+                callback.logging_dir = os.path.join(args.output_dir, default_logdir())
         # --- loss -----------------------------------------------------------------------------------------------------
         # The loss is ours: the model is never asked for one.
         self.model_accepts_loss_kwargs = False
@@ -269,6 +292,7 @@ class CLIPContrastiveTrainer(Trainer):
           to the checkpoint, which the Trainer decides before any callback runs.
         """
         if isinstance(resume_from_checkpoint, str) and os.path.isdir(resume_from_checkpoint):
+            self._check_resumable_settings(resume_from_checkpoint)
             state = TrainerState.load_from_json(os.path.join(resume_from_checkpoint, TRAINER_STATE_NAME))
             planned = self._planned_steps()
             if planned is not None and state.global_step >= planned:
@@ -287,6 +311,28 @@ class CLIPContrastiveTrainer(Trainer):
             return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
         with self.stream_position.resuming(self, resume_from_checkpoint):
             return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
+
+    def _check_resumable_settings(self, checkpoint: str) -> None:
+        """Refuses, in one line, a setting that a checkpoint's optimizer state cannot follow.
+
+        `layerwise_lr_decay` decides the optimizer's parameter groups and their rates: changed on resume, the saved
+        state either does not load (another number of groups: a traceback deep in torch) or silently brings back the
+        old rates (the same number of groups).
+        """
+        path = os.path.join(checkpoint, "training_args.bin")
+        if not os.path.isfile(path):
+            return
+        try:
+            saved = torch.load(path, weights_only=False)  # our own file, written by `Trainer._save_checkpoint`
+        except Exception:  # written by another version: nothing to compare with
+            return
+        before, now = getattr(saved, "layerwise_lr_decay", None), self.args.layerwise_lr_decay
+        if before != now:
+            raise ConfigError(
+                f"{checkpoint} was trained with `layerwise_lr_decay` {before}, and this run sets {now}: the "
+                "optimizer's saved state holds the old per-layer rates. Resume with the same value, or start a new "
+                "run from the checkpoint's weights (`model_name_or_path` pointing at it)."
+            )
 
     def _planned_steps(self) -> int | None:
         """The optimizer steps this run is to take: `max_steps`, or the epochs times the steps of one epoch."""
@@ -343,6 +389,14 @@ class CLIPContrastiveTrainer(Trainer):
                 params = [p for p in group["params"] if scales[id(p)] == scale]
                 if params:
                     split.append({**group, "params": params, "lr": self.args.learning_rate * scale})
+        rates = {}
+        for group in split:
+            rates[group["lr"]] = rates.get(group["lr"], 0) + sum(p.numel() for p in group["params"])
+        logger.info(
+            f"Layer-wise learning rates (decay {self.args.layerwise_lr_decay}): "
+            + ", ".join(f"{rate:.3g} for {count:,} parameters" for rate, count in rates.items())
+            + "."
+        )
         return split
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
@@ -728,9 +782,10 @@ class CLIPContrastiveTrainer(Trainer):
             rows = rows[valid]
         usable = len(collected.get("image_embeds", ()))
         if usable < 2:
-            logger.warning(
-                f"Only {usable} usable evaluation pair(s) (the others' images did not decode): no retrieval metrics."
-            )
+            self._no_usable_evaluation_pairs(metric_key_prefix, usable, len(valid) if valid is not None else usable)
+            if usable == 0:
+                # The loss of a set with no pair is not 0 (what the masked sum gives): there is none.
+                output.metrics[f"{metric_key_prefix}_loss"] = float("nan")
         else:
             dataset = getattr(dataloader, "dataset", None)
             class_names = class_names_of(dataset)
@@ -743,6 +798,28 @@ class CLIPContrastiveTrainer(Trainer):
             if self.loss_type == "sigmoid":
                 output.metrics[f"{metric_key_prefix}_logit_bias"] = self.model.logit_bias.detach().item()
         return output
+
+    def _no_usable_evaluation_pairs(self, prefix: str, usable: int, rows: int) -> None:
+        """An evaluation set without two usable pairs has no retrieval metrics: a one-line error when the run selects
+        its best model on them (the Trainer would stop with a `KeyError`), else a warning."""
+        name = "the validation split" if prefix == "eval" else f"evaluation set {prefix.removeprefix('eval_')!r}"
+        metric = self.args.metric_for_best_model
+        if metric and not metric.startswith("eval_"):
+            metric = f"eval_{metric}"
+        sets = sorted(self.extra_eval_datasets, key=len, reverse=True)
+        owner = next(
+            (f"eval_{set_name}" for set_name in sets if (metric or "").startswith(f"eval_{set_name}_")), "eval"
+        )
+        message = (
+            f"{name} has {usable} usable pair(s) of {rows} (the others' images or captions could not be used; the "
+            "warnings above name them): it has no retrieval metrics."
+        )
+        if self.args.load_best_model_at_end and metric and owner == prefix and not metric.endswith("_loss"):
+            raise ConfigError(
+                f"{message} `metric_for_best_model` is {self.args.metric_for_best_model}, so the run cannot choose its "
+                "best model: fix or replace those files, or choose a metric of another evaluation set."
+            )
+        logger.warning(message)
 
     def compute_embedding_metrics(
         self, collected: dict[str, torch.Tensor], class_names: list[str] | None = None
