@@ -4,7 +4,6 @@ document and publish."""
 from __future__ import annotations
 
 import logging as std_logging
-import os
 import sys
 from pathlib import Path
 
@@ -130,11 +129,6 @@ def _run(model_args, data_args, training_args, config, training: bool, resume_ch
         captions = data.training_captions(data_args.caption_column)
     processor = load_processor(model_args, config, captions)
     model = load_model(model_args, config, processor.tokenizer)
-    pretrained_weights = None
-    if training and (training_args.wise_ft_alphas is not None or training_args.wise_ft_alpha is not None):
-        from .wise_ft import weights_of
-
-        pretrained_weights = weights_of(model)
 
     # --- trainer --------------------------------------------------------------------------------------------------
     card = CLIPModelCardData(
@@ -162,7 +156,7 @@ def _run(model_args, data_args, training_args, config, training: bool, resume_ch
             raise
         raise ConfigError(f"Cannot create the Hub repository {training_args.hub_model_id!r}: {error}") from None
     try:
-        return run_stages(trainer, data, resume_checkpoint, pretrained_weights)
+        return run_stages(trainer, data, resume_checkpoint)
     except Exception as error:
         # Checkpoints, the final model, the card: a full or read-only disk is one line that says what was kept.
         if is_save_failure(error):
@@ -171,79 +165,45 @@ def _run(model_args, data_args, training_args, config, training: bool, resume_ch
 
 
 def run_stages(
-    trainer: CLIPContrastiveTrainer,
-    data: ImageTextData,
-    resume_checkpoint: str | None,
-    pretrained_weights: dict | None = None,
+    trainer: CLIPContrastiveTrainer, data: ImageTextData, resume_checkpoint: str | None
 ) -> dict[str, float]:
-    """Train, evaluate, document and publish, each as configured.
-
-    Args:
-        pretrained_weights: the model's weights before training, for WiSE-FT (`wise_ft_alphas`, `wise_ft_alpha`).
-    """
+    """Train, evaluate, then save (the model, its ONNX graphs, the card, the push: the trainer's final save), each as
+    configured."""
     args = trainer.args
     results: dict[str, float] = {}
     if args.do_train:
+        # The LoRA merge and WiSE-FT are part of the trainer's `train`.
         train_result = trainer.train(resume_from_checkpoint=resume_checkpoint)
-        # A LoRA run goes on with the merged model (its adapter saved in output_dir/adapter): what is evaluated and
-        # interpolated below is then exactly what is saved.
-        trainer.merge_lora()
-        if pretrained_weights is not None:
-            from .wise_ft import run_wise_ft
-
-            run_wise_ft(trainer, pretrained_weights)
-        trainer.save_model()  # model (safetensors), config and processor in output_dir
         metrics = dict(train_result.metrics)
         if hasattr(data.train, "__len__"):
             metrics["train_samples"] = len(data.train)
         else:  # a stream: the samples drawn, every optimizer step a full batch on every process
-            metrics["train_samples"] = (
-                trainer.state.global_step
-                * args.train_batch_size
-                * (args.gradient_accumulation_steps * args.world_size)
-            )
+            batch = args.train_batch_size * args.gradient_accumulation_steps * args.world_size
+            metrics["train_samples"] = trainer.state.global_step * batch
         trainer.log_metrics("train", metrics)
         trainer.save_metrics("train", metrics)
         trainer.save_state()
         results.update(metrics)
     if args.do_eval:
-        metrics = trainer.evaluate()
+        try:
+            metrics = trainer.evaluate()
+        except BaseException:
+            if args.do_train:
+                trainer.save_model()  # the trained weights are kept whatever stopped the evaluation
+            raise
         metrics["eval_samples"] = len(data.validation)
         for name, dataset in trainer.extra_eval_datasets.items():
             metrics[f"eval_{name}_samples"] = len(dataset)
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
         results.update(metrics)
-    if args.do_eval and not args.do_train and args.should_save:
-        # An evaluation-only run leaves the processor beside its results so the folder documents what was measured.
-        trainer.processing_class.save_pretrained(args.output_dir)
-
-    # --- document, export and publish --------------------------------------------------------------------------------
-    if args.should_save and args.do_train:
-        # README.md, training_curves.png and retrieval_examples.png in output_dir, pushed or not.
-        trainer.create_model_card()
-        if args.export_onnx:
-            from .onnx_export import ONNXExportError, export_onnx
-
-            try:
-                export = export_onnx(
-                    trainer.model, os.path.join(args.output_dir, "onnx"), processor=trainer.processing_class
-                )
-            except ONNXExportError as error:
-                raise PublishError(
-                    f"ONNX export failed: {error}. The trained model is saved in {args.output_dir}."
-                ) from None
-            logger.info(
-                f"ONNX graphs in {os.path.dirname(export['vision_model'])}, checked: {export['max_abs_diff']}."
-            )
-    if args.push_to_hub and args.do_train:
-        try:
-            trainer.push_to_hub(commit_message="Upload model trained with clip-trainer")
-        except NETWORK_ERRORS as error:
-            raise PublishError(
-                f"Pushing to {args.hub_model_id!r} failed ({error}). The trained model is saved in {args.output_dir}; "
-                f"upload it later with `hf upload {args.hub_model_id} {args.output_dir}`."
-            ) from None
+        if not args.do_train and args.should_save:
+            # An evaluation-only run leaves the processor beside its results: the folder documents what was measured.
+            trainer.processing_class.save_pretrained(args.output_dir)
+    if args.do_train:
+        # model.safetensors, config and processor; onnx/ with `export_onnx`; README.md, training_curves.png and
+        # retrieval_examples.png; the upload with `push_to_hub`.
+        trainer.save_model()
     return results
 
 

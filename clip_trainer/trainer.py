@@ -13,7 +13,7 @@ from accelerate.utils import DistributedType
 from datasets import IterableDataset
 from torch import nn
 from torch.utils.data import DataLoader
-from transformers import CLIPModel, EarlyStoppingCallback, Trainer, TrainerState
+from transformers import CLIPModel, EarlyStoppingCallback, Trainer, TrainerState, enable_full_determinism, set_seed
 from transformers.integrations.integration_utils import TensorBoardCallback, default_logdir
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import TrainOutput, speed_metrics
@@ -40,6 +40,21 @@ from .preprocessing import ImagePreprocessor, UnsupportedImageProcessorError
 from .stream import check_shard_split, enable_stream_resume
 
 logger = logging.get_logger(__name__)
+
+
+def clip_training_arguments(args) -> CLIPTrainingArguments:
+    """`CLIPTrainingArguments` from a plain `transformers.TrainingArguments`: every field is taken as it is, except
+    `remove_unused_columns`, which is turned off (the collator reads the raw image and caption columns, which the
+    Trainer would drop); clip-trainer's own options take their defaults."""
+    from transformers import TrainingArguments
+
+    if not isinstance(args, TrainingArguments):
+        raise ConfigError(
+            f"`args` is a {type(args).__name__}; give `CLIPTrainingArguments` (or a `transformers.TrainingArguments`)."
+        )
+    values = {field.name: getattr(args, field.name) for field in dataclasses.fields(TrainingArguments) if field.init}
+    values["remove_unused_columns"] = False
+    return CLIPTrainingArguments(**values)
 
 
 def no_weight_decay_parameter_names(model: nn.Module) -> set[str]:
@@ -120,7 +135,7 @@ class CLIPContrastiveTrainer(Trainer):
         if args is None:
             args = CLIPTrainingArguments(output_dir="clip-trainer-output")
         if not isinstance(args, CLIPTrainingArguments):
-            raise ConfigError("CLIPContrastiveTrainer needs `CLIPTrainingArguments` (clip_trainer.arguments).")
+            args = clip_training_arguments(args)
         if isinstance(train_dataset, IterableDataset | torch.utils.data.IterableDataset):
             if args.accelerator_config.dispatch_batches is None:
                 # accelerate's default for iterable data reads every batch on process 0 and concatenates them to
@@ -150,7 +165,20 @@ class CLIPContrastiveTrainer(Trainer):
                 f"`loss_type` is softmax for a {self.family.name} model: its `logit_bias` takes no part in the loss "
                 "(and stays as it is). `auto` trains it with its own sigmoid loss."
             )
+        # WiSE-FT interpolates from the weights before training (of the model without adapters, for LoRA).
+        self.pretrained_weights = None
+        if args.wise_ft_alphas is not None or args.wise_ft_alpha is not None:
+            if eval_dataset is None:
+                raise ConfigError(
+                    "WiSE-FT chooses its interpolation on evaluation data, and the trainer has no `eval_dataset`; "
+                    "give one, or drop `wise_ft_alphas` / `wise_ft_alpha`."
+                )
+            from .wise_ft import weights_of
+
+            self.pretrained_weights = weights_of(model)
         if args.lora_rank is not None and not is_lora_model(model):
+            # The adapters' initial weights follow the seed, however the caller left the random state.
+            enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
             model = apply_lora(model, args)
         per_layer = (args.vision_trainable_layers, args.text_trainable_layers, args.layerwise_lr_decay)
         if any(option is not None for option in per_layer):
@@ -282,7 +310,8 @@ class CLIPContrastiveTrainer(Trainer):
     # Training
     # ------------------------------------------------------------------------------------------------------------
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
-        """`Trainer.train`, with two changes to resuming from a checkpoint:
+        """`Trainer.train`, followed by the LoRA merge and WiSE-FT when the arguments ask for them, and with two changes
+        to resuming from a checkpoint:
 
         - a checkpoint that already ends the run trains nothing. transformers 5.24 resumes mid-epoch by skipping the
           trained batches and then takes one step before it checks `max_steps`, so a finished run "resumed" would
@@ -306,11 +335,25 @@ class CLIPContrastiveTrainer(Trainer):
                 train_loss = next(
                     (e["train_loss"] for e in reversed(state.log_history) if "train_loss" in e), float("nan")
                 )
+                self._finish_training()
                 return TrainOutput(state.global_step, train_loss, {"train_loss": train_loss})
         if self.stream_position is None or not resume_from_checkpoint:
-            return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
-        with self.stream_position.resuming(self, resume_from_checkpoint):
-            return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
+            output = super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
+        else:
+            with self.stream_position.resuming(self, resume_from_checkpoint):
+                output = super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
+        self._finish_training()
+        return output
+
+    def _finish_training(self) -> None:
+        """What follows the last step, before anything is saved: a LoRA model goes on merged (its adapter saved in
+        `output_dir/adapter`), so that what is evaluated, interpolated and saved is what `from_pretrained` loads;
+        then WiSE-FT (`wise_ft_alphas`, `wise_ft_alpha`) chooses and loads its interpolation."""
+        self.merge_lora()
+        if self.pretrained_weights is not None:
+            from .wise_ft import run_wise_ft
+
+            run_wise_ft(self, self.pretrained_weights)
 
     def _check_resumable_settings(self, checkpoint: str) -> None:
         """Refuses, in one line, a setting that a checkpoint's optimizer state cannot follow.
@@ -593,21 +636,65 @@ class CLIPContrastiveTrainer(Trainer):
     # Saving
     # ------------------------------------------------------------------------------------------------------------
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """`Trainer.save_model`; for a LoRA model, the final save writes the plain model with the adapters merged
-        (loadable by `CLIPModel.from_pretrained` and `pipeline(...)`) and the adapter into `output_dir/adapter/`.
+        """`Trainer.save_model`; the final save (not a checkpoint's) also writes what the run's arguments ask for:
 
-        Checkpoints (`_internal_call`) keep the Trainer's adapter-only saves, which resuming and
-        `load_best_model_at_end` load back.
+        - a LoRA model not merged yet: the plain model with the adapters merged (loadable by `from_pretrained` and
+          `pipeline(...)`) and the adapter in `output_dir/adapter/`;
+        - `export_onnx`: `output_dir/onnx/` with the two towers' graphs, checked against the model;
+        - the model card (`README.md`, with the curves and the retrieval gallery) from the evaluations so far.
+
+        Checkpoints (`_internal_call`) keep the Trainer's saves (adapter-only for LoRA, which resuming and
+        `load_best_model_at_end` load back).
         """
-        if _internal_call or not is_lora_model(self.model):
+        if _internal_call:
             return super().save_model(output_dir, _internal_call)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        super().save_model(os.path.join(output_dir, ADAPTER_DIRNAME), _internal_call=True)
-        if self.args.should_save:
-            merged_copy(self.model).save_pretrained(output_dir)
-            self.processing_class.save_pretrained(output_dir)
-        if self.args.push_to_hub:
-            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+        if is_lora_model(self.model):
+            super().save_model(os.path.join(output_dir, ADAPTER_DIRNAME), _internal_call=True)
+            if self.args.should_save:
+                merged_copy(self.model).save_pretrained(output_dir)
+                self.processing_class.save_pretrained(output_dir)
+        else:
+            super().save_model(output_dir, _internal_call=True)
+        if not self.args.should_save:
+            return
+        if self.args.export_onnx:
+            self.export_onnx(os.path.join(output_dir, "onnx"))
+        if output_dir != self.args.output_dir:
+            return
+        if self.args.push_to_hub:  # as `Trainer.save_model` does; the push writes the card first
+            self.push_to_hub(commit_message="Upload model trained with clip-trainer", revision=self.args.hub_revision)
+        else:
+            self.create_model_card()
+
+    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True, **kwargs):
+        """`Trainer.push_to_hub`; a failed upload is one line that says where the model is and how to upload it."""
+        from .errors import PublishError
+        from .hub import NETWORK_ERRORS
+
+        try:
+            return super().push_to_hub(commit_message=commit_message, blocking=blocking, **kwargs)
+        except NETWORK_ERRORS as error:
+            raise PublishError(
+                f"Pushing to {self.args.hub_model_id!r} failed ({error}). The trained model is saved in "
+                f"{self.args.output_dir}; upload it later with `hf upload {self.args.hub_model_id} "
+                f"{self.args.output_dir}`."
+            ) from None
+
+    def export_onnx(self, folder: str) -> dict:
+        """The model's two towers as ONNX graphs in `folder`, checked with ONNX Runtime against the model."""
+        from .errors import PublishError
+        from .onnx_export import ONNXExportError, export_onnx
+
+        model = merged_copy(self.model) if is_lora_model(self.model) else self.model
+        try:
+            export = export_onnx(model, folder, processor=self.processing_class)
+        except ONNXExportError as error:
+            raise PublishError(
+                f"ONNX export failed: {error}. The trained model is saved in {self.args.output_dir}."
+            ) from None
+        logger.info(f"ONNX graphs in {folder}, checked: {export['max_abs_diff']}.")
+        return export
 
     def merge_lora(self) -> None:
         """Saves the adapter into `output_dir/adapter/` and goes on with the plain merged model: what is evaluated,

@@ -164,8 +164,8 @@ def test_shards_train_with_two_dataloader_workers(base_args, shards, tmp_path, s
     losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
     assert len(losses) == 3 and all(loss == loss for loss in losses)
     assert any(key.startswith("eval_t2i_recall") for entry in state["log_history"] for key in entry)
-    # Loaded: 48 pairs less the 15% (8) held out; a stream counts its steps.
-    assert results["train_samples"] == (48 - 8 if streaming == "false" else 6)
+    # Loaded: 48 pairs less the 15% (8) held out; a stream counts the samples it drew: 6 steps of 8.
+    assert results["train_samples"] == (48 - 8 if streaming == "false" else 6 * 8)
 
 
 # --------------------------------------------------------------------------------------------------------------
