@@ -19,41 +19,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
 from .checkpoints import latest_complete_checkpoint
-from .modeling import tower_modules
 
 logger = logging.get_logger(__name__)
-
-
-def set_tower_trainable(model, tower: str, trainable: bool) -> None:
-    """Turns gradients on or off for one tower: `vision` (vision model + projection) or `text` (likewise)."""
-    for module in tower_modules(getattr(model, "module", model), tower):
-        for parameter in module.parameters():
-            parameter.requires_grad_(trainable)
-
-
-class FreezeTowersCallback(TrainerCallback):
-    """Freezes the image and/or text tower for the first `unfreeze_after_steps` optimizer steps, or for the whole run.
-
-    Frozen parameters get no gradient, so the optimizer leaves them (and their weight decay) untouched; they stay in
-    the optimizer's groups so that they can train once unfrozen. This is the seed project's `freeze_image_encoder`.
-    """
-
-    def __init__(self, freeze_vision: bool, freeze_text: bool, unfreeze_after_steps: int | None = None) -> None:
-        self.towers = [name for name, frozen in (("vision", freeze_vision), ("text", freeze_text)) if frozen]
-        self.unfreeze_after_steps = unfreeze_after_steps
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        still_frozen = self.unfreeze_after_steps is None or state.global_step < self.unfreeze_after_steps
-        if self.towers and still_frozen:
-            for tower in self.towers:
-                set_tower_trainable(model, tower, False)
-            logger.info(f"Frozen: {', '.join(self.towers)} tower(s).")
-
-    def on_step_begin(self, args, state, control, model=None, **kwargs):
-        if self.towers and self.unfreeze_after_steps is not None and state.global_step == self.unfreeze_after_steps:
-            for tower in self.towers:
-                set_tower_trainable(model, tower, True)
-            logger.info(f"Step {state.global_step}: unfrozen {', '.join(self.towers)} tower(s).")
 
 
 class ClampLogitScaleCallback(TrainerCallback):

@@ -23,14 +23,12 @@ from .arguments import CLIPTrainingArguments, ConfigError, DataArguments
 from .augmentation import ImageAugmentation
 from .callbacks import (
     ClampLogitScaleCallback,
-    FreezeTowersCallback,
     NonFiniteLossCallback,
     StopOnSignalCallback,
 )
 from .collator import ROW_INFO_KEYS, ImageTextCollator
 from .data import class_names_of
 from .evaluation import DEFAULT_ZEROSHOT_TEMPLATES, build_zeroshot_classifier, retrieval_metrics, zeroshot_accuracy
-from .locking import PartialLockCallback, layerwise_lr_scales
 from .lora import ADAPTER_DIRNAME, apply_lora, is_lora_model, merged_copy
 from .loss import contrastive_loss, sigmoid_contrastive_loss
 from .model_card import CLIPModelCardData, non_default_training_arguments, write_model_card
@@ -38,6 +36,7 @@ from .modeling import TOWERS, model_family, tower_layers
 from .plots import save_training_plots
 from .preprocessing import ImagePreprocessor, UnsupportedImageProcessorError
 from .stream import check_shard_split, enable_stream_resume
+from .trainable import TrainableParameters, TrainableParametersCallback, layerwise_lr_scales
 
 logger = logging.get_logger(__name__)
 
@@ -219,6 +218,7 @@ class CLIPContrastiveTrainer(Trainer):
         if args.dataloader_pin_memory and args.device.type == "cpu":
             # Pinned memory only speeds copies to an accelerator; on the CPU torch warns once per DataLoader.
             args.dataloader_pin_memory = False
+            args.accelerator_config.non_blocking = False  # (without pinned memory a non-blocking copy warns)
         super().__init__(
             model=model,
             args=args,
@@ -258,23 +258,10 @@ class CLIPContrastiveTrainer(Trainer):
                 accumulation_steps=self.args.gradient_accumulation_steps,
             )
         # --- callbacks ------------------------------------------------------------------------------------------------
-        if self.args.freeze_vision_model or self.args.freeze_text_model:
-            self.add_callback(
-                FreezeTowersCallback(
-                    self.args.freeze_vision_model, self.args.freeze_text_model, self.args.unfreeze_after_steps
-                )
-            )
-        trainable_layers = {
-            tower: layers
-            for tower, layers in (
-                ("vision", self.args.vision_trainable_layers),
-                ("text", self.args.text_trainable_layers),
-            )
-            if layers is not None
-        }
-        if trainable_layers:
-            # After the freeze callback: it runs second, and re-locks what an unfreeze turned on.
-            self.add_callback(PartialLockCallback(trainable_layers, self.args.unfreeze_after_steps))
+        # Which parameters train: LoRA, partial locking and tower freezing, composed by one policy.
+        self.trainable_parameters = TrainableParameters.from_arguments(self.model, self.args)
+        if not self.trainable_parameters.is_default:
+            self.add_callback(TrainableParametersCallback(self.trainable_parameters))
         if self.args.early_stopping_patience is not None:
             self.add_callback(
                 EarlyStoppingCallback(self.args.early_stopping_patience, self.args.early_stopping_threshold)
