@@ -59,7 +59,8 @@ class GradientCache:
         loss_scalars (`Callable[[], tuple[Tensor, ...]]`): the differentiable scalars the loss takes besides the
             embeddings, computed from the model's parameters (CLIP: the inverse temperature `exp(logit_scale)`).
         loss (`Callable[..., Tensor]`): `loss(image_embeds, text_embeds, *scalars, pad_to=..., valid=...)` over the
-            whole accumulated batch (distributed across processes when it is).
+            whole accumulated batch (distributed across processes when it is); a [`ContrastiveLoss`] is one, with
+            `loss_scalars` its `scalars` of the model.
         backward (`Callable[[Tensor], None]`): backpropagates a surrogate loss (through the accelerator, so that
             fp16 loss scaling and DDP see it as any other backward).
         micro_batch_size (`int`): the per-device micro-batch size; with `accumulation_steps` it fixes the padding

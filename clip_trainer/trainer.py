@@ -22,7 +22,6 @@ from transformers.utils import logging
 from .arguments import CLIPTrainingArguments, ConfigError, DataArguments
 from .augmentation import ImageAugmentation
 from .callbacks import (
-    ClampLogitScaleCallback,
     NonFiniteLossCallback,
     StopOnSignalCallback,
 )
@@ -30,7 +29,7 @@ from .collator import ROW_INFO_KEYS, ImageTextCollator
 from .data import class_names_of
 from .evaluation import DEFAULT_ZEROSHOT_TEMPLATES, build_zeroshot_classifier, retrieval_metrics, zeroshot_accuracy
 from .lora import ADAPTER_DIRNAME, apply_lora, is_lora_model, merged_copy
-from .loss import contrastive_loss, sigmoid_contrastive_loss
+from .losses import ContrastiveLoss, build_loss, inverse_temperature
 from .model_card import CLIPModelCardData, non_default_training_arguments, write_model_card
 from .modeling import TOWERS, model_family, tower_layers
 from .plots import save_training_plots
@@ -153,17 +152,8 @@ class CLIPContrastiveTrainer(Trainer):
                 "and VisionTextDualEncoderModel."
             )
         self.family = model_family(model.config)
-        self.loss_type = self.family.loss if args.loss_type == "auto" else args.loss_type
-        if self.loss_type == "sigmoid" and getattr(model, "logit_bias", None) is None:
-            raise ConfigError(
-                f"`loss_type` is sigmoid, which needs a learned `logit_bias`, and a {self.family.name} model has none; "
-                "use `loss_type` softmax (or auto), or a SigLIP model."
-            )
-        if self.loss_type == "softmax" and getattr(model, "logit_bias", None) is not None:
-            logger.warning(
-                f"`loss_type` is softmax for a {self.family.name} model: its `logit_bias` takes no part in the loss "
-                "(and stays as it is). `auto` trains it with its own sigmoid loss."
-            )
+        # Built before the Trainer, so that a loss the model cannot train with is refused first.
+        self.contrastive_loss: ContrastiveLoss = build_loss(model, self.family, args)
         # WiSE-FT interpolates from the weights before training (of the model without adapters, for LoRA).
         self.pretrained_weights = None
         if args.wise_ft_alphas is not None or args.wise_ft_alpha is not None:
@@ -237,9 +227,8 @@ class CLIPContrastiveTrainer(Trainer):
         # --- loss -----------------------------------------------------------------------------------------------------
         # The loss is ours: the model is never asked for one.
         self.model_accepts_loss_kwargs = False
-        if self.loss_type == "softmax":
-            # CLIP's clamp at ln 100. SigLIP does not clamp, and its checkpoints sit above 100 (t ~ 117).
-            self.add_callback(ClampLogitScaleCallback(self.args.log_max_logit_scale))
+        for callback in self.contrastive_loss.callbacks():  # CLIP's clamp of the inverse temperature
+            self.add_callback(callback)
         # Added after the Trainer's reporters, so that their `on_train_end` runs before these raise (when they stopped
         # the run). The signal callback goes first: it restores the process's handlers before it raises.
         self.add_callback(StopOnSignalCallback())
@@ -252,7 +241,7 @@ class CLIPContrastiveTrainer(Trainer):
             self.gradient_cache = GradientCache(
                 embed=self._embed_for_loss,
                 loss_scalars=self.loss_scalars,
-                loss=self._loss_over_embeddings,
+                loss=self.contrastive_loss,
                 backward=self._backward,
                 micro_batch_size=self.args.per_device_train_batch_size,
                 accumulation_steps=self.args.gradient_accumulation_steps,
@@ -445,10 +434,15 @@ class CLIPContrastiveTrainer(Trainer):
     # ------------------------------------------------------------------------------------------------------------
     # Loss
     # ------------------------------------------------------------------------------------------------------------
+    @property
+    def loss_type(self) -> str:
+        """The loss trained with, as `loss_type` names it (`auto` resolved): `softmax` or `sigmoid`."""
+        return self.contrastive_loss.name
+
     def inverse_temperature(self) -> torch.Tensor:
         """`exp(logit_scale)`, the inverse temperature `t` (logits are `t * cosine`, plus SigLIP's bias), with its
         gradient; a scalar, whatever shape the model keeps it in (SigLIP: `(1,)`)."""
-        return self.model.logit_scale.exp().reshape(())
+        return inverse_temperature(self.model)
 
     def embed(self, model: nn.Module, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised image and text embeddings of a batch, in float32 for the loss.
@@ -471,29 +465,7 @@ class CLIPContrastiveTrainer(Trainer):
     def loss_scalars(self) -> tuple[torch.Tensor, ...]:
         """The differentiable scalars the loss takes besides the embeddings: the inverse temperature, and with the
         sigmoid loss the learned `logit_bias`."""
-        if self.loss_type == "sigmoid":
-            return self.inverse_temperature(), self.model.logit_bias
-        return (self.inverse_temperature(),)
-
-    def _loss_over_embeddings(self, image_embeds, text_embeds, *scalars, pad_to, valid=None):
-        if self.loss_type == "sigmoid":
-            return sigmoid_contrastive_loss(
-                image_embeds,
-                text_embeds,
-                *scalars,
-                gather_negatives=self.args.gather_negatives,
-                pad_to=pad_to,
-                ring=self.args.sigmoid_ring_exchange,
-                valid=valid,
-            )
-        return contrastive_loss(
-            image_embeds,
-            text_embeds,
-            *scalars,
-            gather_negatives=self.args.gather_negatives,
-            pad_to=pad_to,
-            valid=valid,
-        )
+        return self.contrastive_loss.scalars(self.model)
 
     def _backward(self, loss: torch.Tensor) -> None:
         kwargs = {}
@@ -505,7 +477,7 @@ class CLIPContrastiveTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         image_embeds, text_embeds = self.embed(model, inputs)
         batch_size = self.args.per_device_train_batch_size if model.training else self.args.per_device_eval_batch_size
-        loss = self._loss_over_embeddings(
+        loss = self.contrastive_loss(
             image_embeds,
             text_embeds,
             *self.loss_scalars(),
@@ -596,11 +568,8 @@ class CLIPContrastiveTrainer(Trainer):
         """
         logs = dict(logs)
         if "loss" in logs and not any(key.startswith("eval_") for key in logs):
-            inverse_temperature = self.model.logit_scale.detach().exp().item()
-            logs["inverse_temperature"] = round(inverse_temperature, 4)
-            logs["temperature"] = round(1.0 / inverse_temperature, 6)
-            if self.loss_type == "sigmoid":
-                logs["logit_bias"] = round(self.model.logit_bias.detach().item(), 4)
+            values = self.contrastive_loss.logged_values(self.model)
+            logs.update({key: round(value, 6) for key, value in values.items()})
             now = time.perf_counter()
             if self._last_log_time is not None and now > self._last_log_time:
                 throughput = self._samples_since_log * self.args.world_size / (now - self._last_log_time)
@@ -707,7 +676,7 @@ class CLIPContrastiveTrainer(Trainer):
             self.model_card_data,
             family=self.model_card_data.family or self.family.name,
             family_docs=self.model_card_data.family_docs or self.family.docs,
-            loss=self.model_card_data.loss or self.loss_type,
+            loss=self.model_card_data.loss or self.contrastive_loss.card_text,
         )
         plots = save_training_plots(history, self.args.output_dir)
         if self.wise_ft_result is not None and self.wise_ft_result.plot:
@@ -868,9 +837,8 @@ class CLIPContrastiveTrainer(Trainer):
                 # Kept for the retrieval gallery the model card shows: the last evaluation of the validation split.
                 self._last_evaluation = {**collected, "rows": rows, "dataset": dataset, "class_names": class_names}
             output.metrics.update({f"{metric_key_prefix}_{key}": value for key, value in metrics.items()})
-            output.metrics[f"{metric_key_prefix}_inverse_temperature"] = self.model.logit_scale.detach().exp().item()
-            if self.loss_type == "sigmoid":
-                output.metrics[f"{metric_key_prefix}_logit_bias"] = self.model.logit_bias.detach().item()
+            for key, value in self.contrastive_loss.logged_values(self.model).items():
+                output.metrics[f"{metric_key_prefix}_{key}"] = value
         return output
 
     def _no_usable_evaluation_pairs(self, prefix: str, usable: int, rows: int) -> None:

@@ -1,0 +1,228 @@
+"""The contrastive losses as objects the trainer holds: CLIP's softmax loss and SigLIP's sigmoid loss.
+
+The maths lives in `loss.py` as plain functions over embeddings. An object here wraps one of them with everything
+else about that loss that the trainer needs: the differentiable scalars it reads from the model, its options, whether
+the inverse temperature is clamped after each optimizer step, what it logs, and how the model card names it.
+[`build_loss`] picks one, once, from the model family and `loss_type`.
+
+To add a loss: a subclass of [`ContrastiveLoss`] with its own `name` (it is then a `loss_type` the trainer can build;
+`arguments.py` lists the choices the command accepts) and its test.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+from transformers.utils import logging
+
+from .arguments import ConfigError
+from .callbacks import ClampLogitScaleCallback
+from .loss import contrastive_loss, sigmoid_contrastive_loss
+
+if TYPE_CHECKING:
+    from .arguments import CLIPTrainingArguments
+    from .modeling import ModelFamily
+
+logger = logging.get_logger(__name__)
+
+
+def inverse_temperature(model: nn.Module) -> torch.Tensor:
+    """`exp(logit_scale)`, the inverse temperature `t` (logits are `t * cosine`, plus SigLIP's bias), with its
+    gradient; a scalar, whatever shape the model keeps it in (SigLIP: `(1,)`)."""
+    return model.logit_scale.exp().reshape(())
+
+
+class ContrastiveLoss:
+    """A contrastive loss over a batch of image and text embeddings, and what the trainer needs to know about it.
+
+    Called as `loss(image_embeds, text_embeds, *loss.scalars(model), pad_to=..., valid=...)`: the scalars are
+    computed from the model's parameters separately, so that [`GradientCache`] can cache their gradients like the
+    embeddings'. A subclass sets `name` and `card_text` and implements `__call__`; it is registered under `name`
+    for [`build_loss`].
+
+    Args:
+        gather_negatives (`bool`, *optional*, defaults to `True`): under distributed training, contrast each
+            process's pairs against every process's batch (exact global-batch loss); else the local batch only.
+
+    Attributes:
+        name (`str`): the `loss_type` that selects it, and a model family's `loss`.
+        card_text (`str`): how the model card names it ("... trained with clip-trainer ... and {card_text}.").
+    """
+
+    name: ClassVar[str]
+    card_text: ClassVar[str]
+    registry: ClassVar[dict[str, type[ContrastiveLoss]]] = {}
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            ContrastiveLoss.registry[cls.name] = cls
+
+    def __init__(self, gather_negatives: bool = True) -> None:
+        self.gather_negatives = gather_negatives
+
+    @classmethod
+    def from_arguments(cls, args: CLIPTrainingArguments) -> ContrastiveLoss:
+        """The loss with the options `args` sets."""
+        return cls(gather_negatives=args.gather_negatives)
+
+    @classmethod
+    def check_model(cls, model: nn.Module, family: ModelFamily) -> None:
+        """Raises a [`ConfigError`] (or warns) when `model` cannot be trained (well) with this loss."""
+
+    def scalars(self, model: nn.Module) -> tuple[torch.Tensor, ...]:
+        """The differentiable scalars the loss takes besides the embeddings, read from `model`'s parameters."""
+        return (inverse_temperature(model),)
+
+    def __call__(
+        self,
+        image_embeds: torch.Tensor,
+        text_embeds: torch.Tensor,
+        *scalars: torch.Tensor,
+        pad_to: int | None = None,
+        valid: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """This process's loss over its batch (its share of the global batch's, when the negatives are gathered).
+
+        Args:
+            image_embeds, text_embeds (`torch.Tensor` of shape `(batch, dim)`): normalised pairs.
+            scalars: what [`scalars`] returned.
+            pad_to (`int`, *optional*): the largest local batch any process can have, see [`contrastive_loss`].
+            valid (`torch.Tensor` of shape `(batch,)`, *optional*): `False` for rows that are no pair.
+        """
+        raise NotImplementedError
+
+    def callbacks(self) -> list[TrainerCallback]:
+        """The callbacks training with this loss needs (a clamp of the inverse temperature after each step)."""
+        return []
+
+    @torch.no_grad()
+    def logged_values(self, model: nn.Module) -> dict[str, float]:
+        """The loss's parameters as the training logs and evaluations report them (read from the device: call at
+        logging time only)."""
+        value = inverse_temperature(model).item()
+        return {"inverse_temperature": value, "temperature": 1.0 / value}
+
+    def __repr__(self) -> str:
+        options = ", ".join(f"{key}={value!r}" for key, value in vars(self).items())
+        return f"{type(self).__name__}({options})"
+
+
+class SoftmaxContrastiveLoss(ContrastiveLoss):
+    """CLIP's symmetric cross-entropy ([`contrastive_loss`]); `exp(logit_scale)` is clamped at `max_logit_scale`
+    after every optimizer step, as CLIP does.
+
+    Args:
+        gather_negatives (`bool`, *optional*, defaults to `True`): see [`ContrastiveLoss`].
+        max_logit_scale (`float`, *optional*, defaults to 100): the largest inverse temperature (CLIP: 100).
+    """
+
+    name = "softmax"
+    card_text = "CLIP's contrastive (softmax) loss"
+
+    def __init__(self, gather_negatives: bool = True, max_logit_scale: float = 100.0) -> None:
+        super().__init__(gather_negatives)
+        self.max_logit_scale = max_logit_scale
+
+    @classmethod
+    def from_arguments(cls, args: CLIPTrainingArguments) -> SoftmaxContrastiveLoss:
+        return cls(gather_negatives=args.gather_negatives, max_logit_scale=args.max_logit_scale)
+
+    @classmethod
+    def check_model(cls, model: nn.Module, family: ModelFamily) -> None:
+        if getattr(model, "logit_bias", None) is not None:
+            logger.warning(
+                f"`loss_type` is softmax for a {family.name} model: its `logit_bias` takes no part in the loss "
+                "(and stays as it is). `auto` trains it with its own sigmoid loss."
+            )
+
+    def __call__(
+        self,
+        image_embeds: torch.Tensor,
+        text_embeds: torch.Tensor,
+        *scalars: torch.Tensor,
+        pad_to: int | None = None,
+        valid: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return contrastive_loss(
+            image_embeds, text_embeds, *scalars, gather_negatives=self.gather_negatives, pad_to=pad_to, valid=valid
+        )
+
+    def callbacks(self) -> list[TrainerCallback]:
+        return [ClampLogitScaleCallback(math.log(self.max_logit_scale))]
+
+
+class SigmoidContrastiveLoss(ContrastiveLoss):
+    """SigLIP's sigmoid loss ([`sigmoid_contrastive_loss`]) with the model's learned `logit_bias`. Not clamped: SigLIP
+    does not clamp, and its checkpoints sit above CLIP's 100 (`t ~ 117`).
+
+    Args:
+        gather_negatives (`bool`, *optional*, defaults to `True`): see [`ContrastiveLoss`].
+        ring (`bool`, *optional*, defaults to `False`): with gathered negatives, pass the text embeddings round a
+            ring of the processes instead of all-gathering them (same loss, `local x local` memory).
+    """
+
+    name = "sigmoid"
+    card_text = "SigLIP's sigmoid loss, with its learned bias"
+
+    def __init__(self, gather_negatives: bool = True, ring: bool = False) -> None:
+        super().__init__(gather_negatives)
+        self.ring = ring
+
+    @classmethod
+    def from_arguments(cls, args: CLIPTrainingArguments) -> SigmoidContrastiveLoss:
+        return cls(gather_negatives=args.gather_negatives, ring=args.sigmoid_ring_exchange)
+
+    @classmethod
+    def check_model(cls, model: nn.Module, family: ModelFamily) -> None:
+        if getattr(model, "logit_bias", None) is None:
+            raise ConfigError(
+                f"`loss_type` is sigmoid, which needs a learned `logit_bias`, and a {family.name} model has none; "
+                "use `loss_type` softmax (or auto), or a SigLIP model."
+            )
+
+    def scalars(self, model: nn.Module) -> tuple[torch.Tensor, ...]:
+        return inverse_temperature(model), model.logit_bias
+
+    def __call__(
+        self,
+        image_embeds: torch.Tensor,
+        text_embeds: torch.Tensor,
+        *scalars: torch.Tensor,
+        pad_to: int | None = None,
+        valid: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return sigmoid_contrastive_loss(
+            image_embeds,
+            text_embeds,
+            *scalars,
+            gather_negatives=self.gather_negatives,
+            pad_to=pad_to,
+            ring=self.ring,
+            valid=valid,
+        )
+
+    @torch.no_grad()
+    def logged_values(self, model: nn.Module) -> dict[str, float]:
+        return {**super().logged_values(model), "logit_bias": model.logit_bias.item()}
+
+
+def build_loss(model: nn.Module, family: ModelFamily, args: CLIPTrainingArguments) -> ContrastiveLoss:
+    """The loss `args.loss_type` names (`auto`: the family's own), checked against the model and set up from `args`.
+
+    Raises:
+        [`ConfigError`]: the loss needs what the model lacks (the sigmoid loss, a `logit_bias`), or no loss has
+            that name.
+    """
+    name = family.loss if args.loss_type == "auto" else args.loss_type
+    loss_class = ContrastiveLoss.registry.get(name)
+    if loss_class is None:
+        raise ConfigError(
+            f"`loss_type` is {name!r}; choose auto or one of {', '.join(sorted(ContrastiveLoss.registry))}."
+        )
+    loss_class.check_model(model, family)
+    return loss_class.from_arguments(args)
