@@ -139,6 +139,7 @@ class SoftmaxContrastiveLoss(ContrastiveLoss):
                 f"`loss_type` is softmax for a {family.name} model: its `logit_bias` takes no part in the loss "
                 "(and stays as it is). `auto` trains it with its own sigmoid loss."
             )
+            model.logit_bias.requires_grad_(False)
 
     def __call__(
         self,

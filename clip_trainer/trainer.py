@@ -205,6 +205,12 @@ class CLIPContrastiveTrainer(Trainer):
         # Zero-shot prompts are tokenized as the collator tokenizes captions (SigLIP: padded to its one length).
         self.text_padding = getattr(data_collator, "padding", self.family.text_padding)
         self.max_seq_length = getattr(data_collator, "max_seq_length", positions)
+        self.trainable_parameters = TrainableParameters.from_arguments(model, args)
+        if args.ddp_find_unused_parameters is None:
+            # Every parameter that requires a gradient gets one, unless the policy freezes some after DDP wraps the
+            # model: DDP's search for unused ones is then wasted work, and it warns about it on every process.
+            # (A SigLIP model trained with the softmax loss keeps its `logit_bias` out of the loss, and frozen.)
+            args.ddp_find_unused_parameters = not self.trainable_parameters.is_default
         if args.dataloader_pin_memory and args.device.type == "cpu":
             # Pinned memory only speeds copies to an accelerator; on the CPU torch warns once per DataLoader.
             args.dataloader_pin_memory = False
@@ -248,7 +254,6 @@ class CLIPContrastiveTrainer(Trainer):
             )
         # --- callbacks ------------------------------------------------------------------------------------------------
         # Which parameters train: LoRA, partial locking and tower freezing, composed by one policy.
-        self.trainable_parameters = TrainableParameters.from_arguments(self.model, self.args)
         if not self.trainable_parameters.is_default:
             self.add_callback(TrainableParametersCallback(self.trainable_parameters))
         if self.args.early_stopping_patience is not None:

@@ -60,8 +60,13 @@ DISTRIBUTED_ARGS = [
 @pytest.mark.slow
 def test_torchrun_two_processes_train_and_save(base_args, tmp_path):
     out = tmp_path / "out"
-    result = torchrun([*base_args, *DISTRIBUTED_ARGS])
+    result = torchrun([*base_args, *DISTRIBUTED_ARGS, "--eval_strategy", "steps", "--eval_steps", "2"])
     check_run(result, out, steps=4)
+    # One copy of each message and metrics block, not one per process; no DDP warning about unused parameters.
+    output = result.stdout + result.stderr
+    assert output.count("***** train metrics *****") == 1 and output.count("***** eval metrics *****") == 1
+    assert output.count("training pairs: ") == 1
+    assert "find_unused_parameters=True was specified" not in output
 
 
 @pytest.mark.slow
