@@ -12,6 +12,9 @@ peft is an optional dependency: `pip install 'clip-trainer[lora]'`.
 from __future__ import annotations
 
 import copy
+import math
+import os
+from typing import Any
 
 from torch import nn
 from transformers.utils import logging
@@ -70,3 +73,24 @@ def merged_copy(model: nn.Module) -> nn.Module:
     """A plain model with the adapters of the `PeftModel` `model` merged into its weights (`merge_and_unload` on a
     deep copy, so `model` keeps training or saving as it is)."""
     return copy.deepcopy(model).merge_and_unload()
+
+
+def adapter_settings(adapter_dir: str) -> dict[str, Any] | None:
+    """The LoRA settings saved in `adapter_dir` (rank `r`, `lora_alpha`, `lora_dropout`, `target_modules`) and the
+    adapter's size (`num_parameters`), or `None` when it holds no adapter."""
+    if not os.path.isfile(os.path.join(adapter_dir, "adapter_config.json")):
+        return None
+    config = _peft().PeftConfig.from_pretrained(adapter_dir)
+    settings: dict[str, Any] = {
+        "r": getattr(config, "r", None),
+        "lora_alpha": getattr(config, "lora_alpha", None),
+        "lora_dropout": getattr(config, "lora_dropout", None),
+        "target_modules": sorted(config.target_modules) if config.target_modules else [],
+    }
+    weights = os.path.join(adapter_dir, "adapter_model.safetensors")
+    if os.path.isfile(weights):
+        from safetensors import safe_open
+
+        with safe_open(weights, framework="pt") as handle:
+            settings["num_parameters"] = sum(math.prod(handle.get_slice(name).get_shape()) for name in handle.keys())
+    return settings

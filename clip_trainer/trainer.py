@@ -572,15 +572,12 @@ class CLIPContrastiveTrainer(Trainer):
 
         `Trainer.push_to_hub` calls this just before uploading `output_dir`.
         """
+        from .model_card import complete_card_data
+
         if not self.is_world_process_zero():
             return
         history = self.state.log_history
-        card_data = dataclasses.replace(
-            self.model_card_data,
-            family=self.model_card_data.family or self.family.name,
-            family_docs=self.model_card_data.family_docs or self.family.docs,
-            loss=self.model_card_data.loss or self.loss_type,
-        )
+        card_data = complete_card_data(self.model_card_data, self)
         plots = save_training_plots(history, self.args.output_dir)
         if self.wise_ft_result is not None and self.wise_ft_result.plot:
             plots.append(self.wise_ft_result.plot)
