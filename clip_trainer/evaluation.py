@@ -63,7 +63,12 @@ RETRIEVAL_METRIC_NAMES: tuple[str, ...] = (
     "mean_recall",
 )
 """The keys [`retrieval_metrics`] returns with its default `ks`; the trainer logs them with an `eval_` prefix."""
-ZEROSHOT_METRIC_NAMES: tuple[str, ...] = ("zeroshot_top1", "zeroshot_top5")
+ZEROSHOT_METRIC_NAMES: tuple[str, ...] = (
+    "zeroshot_top1",
+    "zeroshot_top5",
+    "zeroshot_balanced_accuracy",
+    "zeroshot_majority_baseline",
+)
 """The keys [`zeroshot_accuracy`] returns with its default `ks`."""
 
 
@@ -308,7 +313,15 @@ def zeroshot_accuracy(
             Number of images scored at once, so memory is `O(chunk_size x C)`.
 
     Returns:
-        `dict[str, float]`: `zeroshot_top{k}` for each `k`, fractions in `[0, 1]`.
+        `dict[str, float]`: fractions in `[0, 1]`:
+
+        - `zeroshot_top{k}` for each `k`;
+        - `zeroshot_balanced_accuracy`: the mean over the classes that occur in `labels` of each class's top-1 recall
+          (the share of its images whose true class ranks first). Classes of the classifier with no image here are
+          left out of the mean: their recall is undefined, not 0. Unlike top-1 it does not reward favouring a large
+          class: answering one class always scores `1 / (classes present)`;
+        - `zeroshot_majority_baseline`: the top-1 accuracy of always answering the most frequent class of `labels`,
+          the score that top-1 has to beat to mean anything on unbalanced classes.
     """
     images = _as_float(image_embeds, "image_embeds")
     weights = _as_float(classifier, "classifier")
@@ -339,4 +352,12 @@ def zeroshot_accuracy(
         beaten_by.scatter_(1, positives, False)
         ranks.append(1 + beaten_by.sum(dim=1))
     ranks = torch.cat(ranks)
-    return {f"zeroshot_top{k}": int((ranks <= k).sum()) / num_images for k in ks}
+    metrics = {f"zeroshot_top{k}": int((ranks <= k).sum()) / num_images for k in ks}
+    # Per-class counts on the CPU in float64: exact for any realistic number of images, on any device.
+    labels = labels.cpu()
+    images_per_class = torch.bincount(labels, minlength=num_classes).double()
+    hits_per_class = torch.bincount(labels, weights=(ranks == 1).cpu().double(), minlength=num_classes)
+    present = images_per_class > 0
+    metrics["zeroshot_balanced_accuracy"] = float((hits_per_class[present] / images_per_class[present]).mean())
+    metrics["zeroshot_majority_baseline"] = float(images_per_class.max()) / num_images
+    return metrics

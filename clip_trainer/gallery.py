@@ -179,7 +179,8 @@ def select_zeroshot_rows(
 
     Args:
         image_embeds (`torch.Tensor` of shape `(N, D)`): the image embedding of each row.
-        class_labels (`Sequence[int]` or `torch.Tensor` of shape `(N,)`): the true class of each row, in `[0, C)`.
+        class_labels (`Sequence[int]` or `torch.Tensor` of shape `(N,)`): the true class of each row, in `[0, C)`,
+            or -1 for a row without a label (a blank label cell), which is never picked.
         classifier (`torch.Tensor` of shape `(C, D)`): one embedding per class, e.g. from
             [`~clip_trainer.evaluation.build_zeroshot_classifier`].
         image_ids (*optional*): rows with equal ids show the same image, which is then picked at most once.
@@ -195,11 +196,14 @@ def select_zeroshot_rows(
     if images.shape[1] != weights.shape[1]:
         raise ValueError(f"`image_embeds` has dimension {images.shape[1]} but `classifier` has {weights.shape[1]}.")
     labels = [int(label) for label in (class_labels.tolist() if hasattr(class_labels, "tolist") else class_labels)]
-    if len(labels) != images.shape[0] or any(not 0 <= label < weights.shape[0] for label in labels):
+    if len(labels) != images.shape[0] or any(not -1 <= label < weights.shape[0] for label in labels):
         raise ValueError(
-            f"`class_labels` must give one class in [0, {weights.shape[0]}) for each of the {images.shape[0]} rows."
+            f"`class_labels` must give one class in [0, {weights.shape[0]}) (or -1: no label) for each of the "
+            f"{images.shape[0]} rows."
         )
     _, first_rows = _group_rows(image_ids, images.shape[0])
+    # Rows without a label count for retrieval only, as in the zero-shot evaluation: there is no true class to show.
+    first_rows = [row for row in first_rows if labels[row] >= 0]
     # A stream of its own, so that the zero-shot images are not the retrieval queries' images again.
     chosen = random.Random(f"zeroshot:{seed}").sample(first_rows, min(num_images, len(first_rows)))
     scores = (images[chosen] @ weights.T).numpy()

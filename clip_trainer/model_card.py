@@ -1,9 +1,11 @@
 """The model card (`README.md`) pushed with a trained CLIP model.
 
 `transformers.Trainer.create_model_card` writes a generic card: the metrics of the last log and every hyperparameter.
-A CLIP model needs a card that says what it is for and how well it does it: retrieval recall both ways and zero-shot
-accuracy, before and after training, the hyperparameters that were changed, the training curves, and code that runs
-zero-shot classification and retrieval. The metadata goes through `huggingface_hub.ModelCardData`, so the Hub indexes
+A CLIP model needs a card that says what it is for and how well it does it: what it was trained and evaluated on,
+counted; retrieval recall both ways and zero-shot accuracy (with the prompts used, the balanced accuracy and the
+majority-class baseline), before and after training; the model's size and the settings the user gave; the training
+curves; and code that runs zero-shot classification and retrieval from where the model is (its Hub id, or the output
+folder as the user named it), truncating texts to the model's positions. The metadata goes through `huggingface_hub.ModelCardData`, so the Hub indexes
 the model under its task, library, datasets and base model.
 """
 
@@ -15,9 +17,9 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from importlib import metadata
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from accelerate import PartialState
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
@@ -25,9 +27,22 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import TrainingArguments
 from transformers.utils import logging
 
+if TYPE_CHECKING:
+    from .trainer import CLIPContrastiveTrainer
+
 logger = logging.get_logger(__name__)
 
-__all__ = ["MODEL_CARD_FILENAME", "CLIPModelCardData", "non_default_training_arguments", "write_model_card"]
+__all__ = [
+    "MODEL_CARD_FILENAME",
+    "CLIPModelCardData",
+    "complete_card_data",
+    "data_description",
+    "evaluation_origin",
+    "given_settings",
+    "model_architecture",
+    "non_default_training_arguments",
+    "write_model_card",
+]
 
 MODEL_CARD_FILENAME = "README.md"
 
@@ -39,6 +54,12 @@ _NOT_HYPERPARAMETERS = frozenset(
     {"output_dir", "logging_dir", "overwrite_output_dir", "resume_from_checkpoint", "push_to_hub", "hub_model_id"}
 )
 _NOT_HYPERPARAMETER_PREFIXES = ("hub_",)
+# Settings a user gives that say nothing about the model either: where downloads are cached, and which stages ran.
+_NOT_SETTINGS = frozenset({"cache_dir", "do_train", "do_eval", "do_predict", "prepare_only"})
+# Fields of accelerate's `AcceleratorConfig` that only decide how batches reach the device (clip-trainer sets them
+# itself: non-blocking copies from pinned memory, each process reading its own shards of a stream); the batches and
+# the maths are the same either way, so they are no hyperparameter.
+_TRANSPORT_SETTINGS = frozenset({"non_blocking", "dispatch_batches", "use_configured_state"})
 
 # Strings shaped like Hugging Face user or organization tokens. Keys holding tokens are dropped by name; this is the
 # second line of defence, for a token that arrives under a name we could not foresee.
@@ -55,7 +76,7 @@ def _is_secret(key: str) -> bool:
 def _render(value: Any) -> str:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         # A config object (accelerate's `AcceleratorConfig`): what differs from its defaults, not its repr.
-        changed = non_default_training_arguments(value)
+        changed = _changed_config_fields(value)
         return ", ".join(f"{key}={item}" for key, item in changed.items()) or "defaults"
     if isinstance(value, enum.Enum):
         return str(value.value)
@@ -65,6 +86,35 @@ def _render(value: Any) -> str:
     if isinstance(value, Mapping):
         return json.dumps(value, sort_keys=True, default=str)
     return str(value)
+
+
+def _changed_config_fields(config: Any) -> dict[str, str]:
+    """The fields of a config dataclass (`AcceleratorConfig`) that differ from its defaults, transport aside."""
+    changed = non_default_training_arguments(config)
+    return {key: value for key, value in changed.items() if key not in _TRANSPORT_SETTINGS}
+
+
+def _same(value: Any, default: Any) -> bool:
+    if default is dataclasses.MISSING:
+        return False
+    if dataclasses.is_dataclass(value) and not isinstance(value, type) and type(value) is type(default):
+        return not _changed_config_fields(value)
+    try:
+        return bool(value == default)
+    except Exception:
+        # An incomparable value (an array) is listed rather than guessed equal to its default.
+        return False
+
+
+def _fresh_kwargs(args: Any) -> dict[str, Any]:
+    """The arguments a fresh instance of `type(args)` is built with (see `_reference_values`)."""
+    kwargs = {"output_dir": args.output_dir} if hasattr(args, "output_dir") else {}
+    if isinstance(args, TrainingArguments) and PartialState._shared_state:
+        # Keep the run's accelerate state: a fresh TrainingArguments would reset it to its own defaults (no
+        # `use_cpu`, no DeepSpeed) on the main process only, which then disagrees with the others about the
+        # world size (a `torchrun ... --use_cpu true` run hangs in its first barrier).
+        kwargs["accelerator_config"] = {"use_configured_state": True}
+    return kwargs
 
 
 def _reference_values(args: Any) -> dict[str, Any]:
@@ -79,12 +129,7 @@ def _reference_values(args: Any) -> dict[str, Any]:
     """
     cls = type(args)
     try:
-        kwargs = {"output_dir": args.output_dir} if hasattr(args, "output_dir") else {}
-        if isinstance(args, TrainingArguments) and PartialState._shared_state:
-            # Keep the run's accelerate state: a fresh TrainingArguments would reset it to its own defaults (no
-            # `use_cpu`, no DeepSpeed) on the main process only, which then disagrees with the others about the
-            # world size (a `torchrun ... --use_cpu true` run hangs in its first barrier).
-            kwargs["accelerator_config"] = {"use_configured_state": True}
+        kwargs = _fresh_kwargs(args)
         fresh = cls(**kwargs)
         reference = {f.name: getattr(fresh, f.name, dataclasses.MISSING) for f in dataclasses.fields(fresh)}
         if "accelerator_config" in kwargs:
@@ -117,31 +162,128 @@ def non_default_training_arguments(args: Any) -> dict[str, str]:
     Returns:
         `dict[str, str]`: field name to value, in field order. Paths and Hub settings (`output_dir`, `logging_dir`,
         `hub_*`, `push_to_hub`, ...) and every field whose name contains "token" are left out, so the dict is safe to
-        publish.
+        publish. So are the fields that `__post_init__` derives from the others that changed (`do_eval` from
+        `eval_strategy`, `greater_is_better` from `metric_for_best_model`, ...) and the transport settings of
+        `accelerator_config` (how batches reach the device): the user did not set them.
     """
     if not dataclasses.is_dataclass(args) or isinstance(args, type):
         raise TypeError(f"Expected a dataclass instance such as `TrainingArguments`, got {type(args).__name__}.")
     reference = _reference_values(args)
-    changed: dict[str, str] = {}
-    for field in dataclasses.fields(args):
-        if not field.init or not _is_hyperparameter(field.name):
-            continue
-        value = getattr(args, field.name, None)
-        default = reference.get(field.name, dataclasses.MISSING)
+    changed = {
+        field.name: getattr(args, field.name, None)
+        for field in dataclasses.fields(args)
+        if field.init
+        and _is_hyperparameter(field.name)
+        and not _same(getattr(args, field.name, None), reference.get(field.name, dataclasses.MISSING))
+    }
+    derived = _derived_fields(args, changed)
+    return {name: _render(value) for name, value in changed.items() if name not in derived}
+
+
+def _derived_fields(args: Any, changed: dict[str, Any]) -> set[str]:
+    """The fields of `changed` that a fresh instance given all the *other* changed values sets to the same value by
+    itself (in `__post_init__`): consequences of the user's settings, not settings.
+
+    Only for classes that build from their fields (`TrainingArguments`); an instance that refuses a combination
+    keeps the field (listed rather than hidden)."""
+    if not isinstance(args, TrainingArguments):
+        return set()
+    kwargs = _fresh_kwargs(args)
+    derived = set()
+    for name in changed:
+        if name == "accelerator_config":
+            continue  # built from `kwargs` in every instance; compared transport aside
+        others = {other: value for other, value in changed.items() if other not in (name, "accelerator_config")}
         try:
-            same = default is not dataclasses.MISSING and bool(value == default)
+            rebuilt = type(args)(**kwargs, **others)
         except Exception:
-            # An incomparable value (an array) is listed rather than guessed equal to its default.
-            same = False
-        if not same:
-            changed[field.name] = _render(value)
-    return changed
+            continue
+        if _same(changed[name], getattr(rebuilt, name, dataclasses.MISSING)):
+            derived.add(name)
+    return derived
+
+
+def _argument_names(argv: Sequence[str], valid: set[str]) -> set[str]:
+    """The argument names `argv` sets: the keys of its leading JSON config files and its `--flags`, as
+    [`clip_trainer.arguments.parse_arguments`] reads them (`--no_x` for a boolean `x`, `-` for `_`)."""
+    argv = list(argv)
+    names: set[str] = set()
+    while argv and argv[0].endswith(".json") and not argv[0].startswith("-"):
+        try:
+            with open(argv.pop(0), encoding="utf-8") as handle:
+                config = json.load(handle)
+        except (OSError, ValueError):
+            continue  # the parser refused such a file already; nothing to document
+        if isinstance(config, dict):
+            names.update(key for key in config if key in valid)
+    for token in argv:
+        if not token.startswith("--"):
+            continue
+        name = token[2:].split("=", 1)[0].replace("-", "_")
+        if name in valid:
+            names.add(name)
+        elif name.startswith("no_") and name[3:] in valid:
+            names.add(name[3:])
+    return names
+
+
+def _public(value: Any) -> Any:
+    """`value` with local paths reduced to their last component (a published card does not show the author's file
+    system); Hub ids, numbers and words stay as they are."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text[:1] in "{[":
+            try:
+                return _public(json.loads(text))
+            except ValueError:
+                pass
+        local = os.path.isabs(text) or text.startswith(("./", "../", "~")) or os.path.exists(text)
+        if local or ("/" in text and _hub_id(text) is None):
+            return os.path.basename(os.path.normpath(text)) or text
+        return value
+    if isinstance(value, Mapping):
+        return {_public(key): _public(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_public(item) for item in value]
+    return value
+
+
+def given_settings(argv: Sequence[str], *arguments: Any) -> dict[str, str]:
+    """
+    The settings the user gave a run (in its config files and on its command line), with their final values, for
+    the model card's hyperparameter table.
+
+    Unlike [`non_default_training_arguments`] this covers the data and model arguments too (augmentation, tokenizer
+    size, model config, ...), and lists exactly what was given, nothing that the arguments' `__post_init__` or
+    clip-trainer derived from it.
+
+    Args:
+        argv (`Sequence[str]`): the run's command line without the program name, config files first.
+        *arguments: the parsed argument dataclasses, in the order the table lists them (data, model, training).
+
+    Returns:
+        `dict[str, str]`: name to rendered value, in field order of each dataclass. Paths, Hub settings, tokens,
+        `cache_dir` and the stage flags (`do_train`, ...) are left out; local paths of the settings that remain
+        (`config_name`, `train_file`, ...) are shown by their last component.
+    """
+    valid = {field.name for args in arguments for field in dataclasses.fields(args) if field.init}
+    given = _argument_names(argv, valid)
+    settings: dict[str, str] = {}
+    for args in arguments:
+        for field in dataclasses.fields(args):
+            name = field.name
+            if name in given and _is_hyperparameter(name) and name not in _NOT_SETTINGS:
+                settings[name] = _render(_public(getattr(args, name)))
+    return settings
 
 
 # --- Metrics -----------------------------------------------------------------------------------------------------------
 
 
-_METRIC_NAME = re.compile(r"^(?:(?:t2i|i2t)_(?:recall@\d+|median_rank)|mean_recall|zeroshot_top\d+|loss)$")
+_METRIC_NAME = re.compile(
+    r"^(?:(?:t2i|i2t)_(?:recall@\d+|median_rank)|mean_recall|zeroshot_(?:top\d+|balanced_accuracy|majority_baseline)"
+    r"|loss)$"
+)
 
 
 def _strip_prefix(metrics: Mapping[str, Any] | None) -> dict[str, float]:
@@ -172,6 +314,8 @@ def _metric_order(name: str) -> tuple[int, int, str]:
         name == "t2i_median_rank",
         name == "i2t_median_rank",
         name.startswith("zeroshot_top"),
+        name == "zeroshot_balanced_accuracy",
+        name == "zeroshot_majority_baseline",
         name == "loss",
     )
     group = groups.index(True) if True in groups else len(groups)
@@ -186,12 +330,17 @@ def _metric_label(name: str) -> str:
         return f"{direction[match.group(1)]} median rank"
     if match := re.fullmatch(r"zeroshot_top(\d+)", name):
         return f"Zero-shot top-{match.group(1)} accuracy"
-    return {"mean_recall": "Mean recall", "loss": "Contrastive loss"}.get(name, name)
+    return {
+        "mean_recall": "Mean recall",
+        "zeroshot_balanced_accuracy": "Zero-shot balanced accuracy (mean per-class recall)",
+        "zeroshot_majority_baseline": "Zero-shot majority-class baseline (top-1)",
+        "loss": "Contrastive loss",
+    }.get(name, name)
 
 
 def _is_fraction(name: str) -> bool:
     # Recalls and accuracies come from the evaluation as fractions in [0, 1]; the card shows percentages.
-    return "recall" in name or name.startswith("zeroshot_top") or "accuracy" in name
+    return "recall" in name or name.startswith("zeroshot_") or "accuracy" in name
 
 
 def _format_metric(name: str, value: float | None) -> str:
@@ -217,36 +366,231 @@ TEMPLATE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templa
 
 @dataclasses.dataclass
 class CLIPModelCardData:
-    """What the model card says about a run beyond what the trainer knows (its metrics, curves and arguments).
+    """What the model card says about a run beyond its metrics and curves. The trainer fills every field left `None`
+    that it knows itself ([`complete_card_data`]), so a library user who builds the trainer without card data still
+    gets a complete card.
 
     Args:
         model_name: the card's title; defaults to the output folder's name.
-        repo_id: the Hub id used in the usage code; defaults to `model_name`.
+        repo_id: the Hub id of the model, named in the usage code; the trainer sets it when it pushes (or has a
+            `hub_model_id`).
+        output_dir: the output folder as the user gave it (`output_dir`), named in the usage code when there is no
+            `repo_id`; the trainer fills it from its arguments.
         base_model: the checkpoint training started from (`None`: trained from scratch). It becomes `base_model`
             metadata only when it is a Hub id; a local path is shown by its folder name.
         dataset_id: the training data's Hub dataset id, set as `datasets` metadata; `None` for local or bundled data.
         dataset_description: the training data in words, for data that is not on the Hub (or a link that is).
-        num_train_pairs, num_eval_pairs: image-caption pairs trained and evaluated on.
+        num_train_pairs, num_eval_pairs: image-caption pairs trained and evaluated on (the trainer counts its
+            datasets when they are not given).
+        eval_origin: where the evaluation pairs came from: `held_out` (split off the training data before training,
+            never trained on), `validation_file` (a separate file) or `validation_split` (the data's own split);
+            `None` (unknown) claims neither. [`evaluation_origin`] finds it for a run.
+        eval_source: the validation file's name or the split's name.
+        held_out_percentage: the share of the training data held out (`validation_split_percentage`), when every
+            held-out pair was evaluated.
+        hyperparameters: the settings to list (see [`given_settings`]); `None`: the training arguments that differ
+            from their defaults.
         license: a Hub license id (`apache-2.0`, `mit`, ...); omitted from the metadata when unknown.
         tags: extra Hub tags, after `clip`, `clip-trainer`, `contrastive-learning` and
             `zero-shot-image-classification`.
         family, family_docs: the model family as the card names it (`CLIP`, `SigLIP`, ...) and its transformers
             documentation page; the trainer fills them from the model.
         loss: `softmax` or `sigmoid`; the trainer fills it.
+        zeroshot_templates: the prompt templates of the zero-shot evaluation; num_classes: its classes;
+            num_classes_present: the classes that have an image among the labelled images it scored,
+            num_zeroshot_images; majority_class: the most frequent class among them.
+        text_positions: the text tower's positions; max_text_length: the caption length trained with (at most
+            `text_positions`), which the usage code truncates to.
+        architecture: `(part, description)` rows of the model's size ([`model_architecture`]).
+        training_steps, epochs, batch_size: optimizer steps taken, epochs they make, pairs per step.
+        lora: `{"r", "lora_alpha", "target_modules"}` of a LoRA run, whose adapter is in `adapter/`.
     """
 
     model_name: str | None = None
     repo_id: str | None = None
+    output_dir: str | None = None
     base_model: str | None = None
     dataset_id: str | None = None
     dataset_description: str | None = None
     num_train_pairs: int | None = None
     num_eval_pairs: int | None = None
+    eval_origin: str | None = None
+    eval_source: str | None = None
+    held_out_percentage: float | None = None
+    hyperparameters: dict[str, str] | None = None
     license: str | None = None
     tags: list[str] = dataclasses.field(default_factory=list)
     family: str | None = None
     family_docs: str | None = None
     loss: str | None = None
+    zeroshot_templates: list[str] | None = None
+    num_classes: int | None = None
+    num_classes_present: int | None = None
+    num_zeroshot_images: int | None = None
+    majority_class: str | None = None
+    text_positions: int | None = None
+    max_text_length: int | None = None
+    architecture: list[tuple[str, str]] | None = None
+    training_steps: int | None = None
+    epochs: float | None = None
+    batch_size: int | None = None
+    lora: dict[str, Any] | None = None
+
+
+# --- What a run knows about its data and model -------------------------------------------------------------------------
+
+
+def data_description(source: Any) -> str:
+    """The training data in words for the card, from a [`clip_trainer.data.DataSource`].
+
+    A local source's description counts its files' rows by split (`local data `pairs.csv` (72 train pairs)`): rows
+    before the held-out split and before unusable rows are dropped, which would disagree with the pairs the card says
+    were trained and evaluated on. The card states those counts itself, so the file counts are left out here."""
+    description = source.description
+    if source.kind == "local":
+        description = re.sub(r" \([^()]*\bpairs\)$", "", description)
+    return description
+
+
+def evaluation_origin(data_args: Any, validation: Any, *, training: bool = True) -> dict[str, Any]:
+    """
+    Where a run's evaluation pairs came from, as the fields `eval_origin`, `eval_source` and `held_out_percentage`
+    of [`CLIPModelCardData`].
+
+    Args:
+        data_args ([`DataArguments`]): the run's data arguments.
+        validation (`datasets.Dataset` or `None`): the validation split [`load_image_text_data`] returned.
+        training (`bool`): whether the run trains (an evaluation-only run may evaluate a `test` split).
+
+    Returns:
+        `dict`: empty without validation data. "Held out" is claimed only when it is certain: a separate
+        `validation_file` or a split the data has (`validation`, `valid`, `val`, or `validation_split_name`) is not
+        held out, whatever its content; pairs that `datasets` records as coming from the training split, or from
+        the head of a training stream of files without splits, are.
+    """
+    from .data import VALIDATION_SPLIT_NAMES
+
+    if validation is None:
+        return {}
+    if data_args.validation_file is not None:
+        return {"eval_origin": "validation_file", "eval_source": _public(str(data_args.validation_file))}
+    # `datasets` records the split a table was loaded as; a split off the training data keeps the training split's.
+    split = getattr(validation, "split", None)
+    split = str(split) if split is not None else None
+    own_names = VALIDATION_SPLIT_NAMES if training else (*VALIDATION_SPLIT_NAMES, "test")
+    if data_args.validation_split_name is not None or split in own_names:
+        return {"eval_origin": "validation_split", "eval_source": data_args.validation_split_name or split}
+    if split is None and data_args.dataset_name is not None:
+        # A stream's validation pairs are rebuilt row by row, without a split: its head held out, or the source's
+        # own split read as a stream. Unknown, so neither is claimed.
+        return {}
+    percentage = None
+    if not data_args.streaming and data_args.max_eval_samples is None and not data_args.train_mixture:
+        percentage = data_args.validation_split_percentage
+    return {"eval_origin": "held_out", "held_out_percentage": percentage}
+
+
+def _number(config: Any, *names: str) -> Any:
+    for name in names:
+        value = getattr(config, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+def _tower(config: Any, first: list[str]) -> str:
+    parts = list(first)
+    for label, names in (
+        ("layers", ("num_hidden_layers",)),
+        ("width", ("hidden_size",)),
+        ("heads", ("num_attention_heads",)),
+        ("MLP", ("intermediate_size",)),
+    ):
+        value = _number(config, *names)
+        if value is not None:
+            parts.append(f"{value:,} {label}" if label in ("layers", "heads") else f"{label} {value:,}")
+    return ", ".join(parts)
+
+
+def model_architecture(model: Any, tokenizer: Any = None) -> list[tuple[str, str]]:
+    """
+    The size of a two-tower model in words, one `(part, description)` row per part, from its config.
+
+    Args:
+        model: a `CLIPModel`, `SiglipModel`, `Siglip2Model` or `VisionTextDualEncoderModel`.
+        tokenizer (*optional*): its tokenizer, whose size is listed beside the text tower's table.
+
+    Returns:
+        `list[tuple[str, str]]`: parameters, embedding dimension, image tower, text tower and tokenizer, each row
+        only when the config says it.
+    """
+    config = model.config
+    vision = getattr(config, "vision_config", None)
+    text = getattr(config, "text_config", None)
+    rows = [("Parameters", f"{sum(p.numel() for p in model.parameters()):,}")]
+    embed_dim = _number(config, "projection_dim") or _number(text, "projection_size") or _number(vision, "hidden_size")
+    if embed_dim is not None:
+        rows.append(("Embedding dimension", f"{embed_dim:,}"))
+    if vision is not None:
+        first = []
+        size = _number(vision, "image_size")
+        if size is not None:
+            first.append(f"{size}x{size} px images" if isinstance(size, int) else f"{size} px images")
+        elif _number(vision, "num_patches") is not None:
+            first.append(f"up to {vision.num_patches:,} patches per image")
+        if _number(vision, "patch_size") is not None:
+            first.append(f"{vision.patch_size} px patches")
+        rows.append(("Image tower", _tower(vision, first)))
+    if text is not None:
+        first = []
+        if _number(text, "max_position_embeddings") is not None:
+            first.append(f"{text.max_position_embeddings:,} positions")
+        if _number(text, "vocab_size") is not None:
+            first.append(f"vocabulary {text.vocab_size:,}")
+        rows.append(("Text tower", _tower(text, first)))
+    if tokenizer is not None:
+        rows.append(("Tokenizer", f"{len(tokenizer):,} tokens"))
+    return rows
+
+
+def complete_card_data(card_data: CLIPModelCardData, trainer: CLIPContrastiveTrainer) -> CLIPModelCardData:
+    """`card_data` with every field it leaves `None` that the trainer knows filled in: family and loss, where the
+    model is (Hub id or output folder), pair counts, the zero-shot evaluation's templates and classes, text length,
+    architecture, steps and batch size, and the LoRA adapter's settings."""
+    from .lora import ADAPTER_DIRNAME, adapter_settings
+
+    args = trainer.args
+    filled: dict[str, Any] = {
+        "family": trainer.family.name,
+        "family_docs": trainer.family.docs,
+        "loss": trainer.contrastive_loss.card_text,
+        # `Trainer.init_hf_repo` resolves the full id (`user/name`) when it pushes.
+        "repo_id": getattr(trainer, "hub_model_id", None) or args.hub_model_id,
+        "output_dir": args.output_dir,
+        "text_positions": trainer.model.config.text_config.max_position_embeddings,
+        "max_text_length": trainer.max_seq_length,
+        "architecture": model_architecture(trainer.model, getattr(trainer.processing_class, "tokenizer", None)),
+        "training_steps": trainer.state.global_step or None,
+        "epochs": trainer.state.epoch,
+        "batch_size": args.train_batch_size * args.world_size * args.gradient_accumulation_steps,
+        "lora": adapter_settings(os.path.join(args.output_dir, ADAPTER_DIRNAME)),
+    }
+    if hasattr(trainer.train_dataset, "__len__"):
+        filled["num_train_pairs"] = len(trainer.train_dataset)
+    if trainer.eval_dataset is not None and not isinstance(trainer.eval_dataset, dict):
+        filled["num_eval_pairs"] = len(trainer.eval_dataset)
+    last = getattr(trainer, "_last_evaluation", None) or {}
+    labels = last.get("class_labels")
+    if last.get("classifier") is not None and labels is not None:
+        labels = labels[labels >= 0]
+        counts = labels.bincount(minlength=len(last["class_names"]))
+        filled["zeroshot_templates"] = list(trainer.zeroshot_templates)
+        filled["num_classes"] = len(last["class_names"])
+        filled["num_classes_present"] = int((counts > 0).sum())
+        filled["num_zeroshot_images"] = int(labels.numel())
+        filled["majority_class"] = str(last["class_names"][int(counts.argmax())])
+    given = {field.name: getattr(card_data, field.name) for field in dataclasses.fields(card_data)}
+    return dataclasses.replace(card_data, **{name: value for name, value in filled.items() if given.get(name) is None})
 
 
 def _hub_id(name: str | None) -> str | None:
@@ -346,9 +690,10 @@ def _model_index(dataset_id: str | None, after: dict[str, float]) -> list[EvalRe
     results = []
     for name in sorted(after, key=_metric_order):
         value = after[name]
-        if name == "loss" or not math.isfinite(value):
+        # The baseline is a property of the labels, not a result of the model.
+        if name in ("loss", "zeroshot_majority_baseline") or not math.isfinite(value):
             continue
-        zeroshot = name.startswith("zeroshot_top")
+        zeroshot = name.startswith("zeroshot_")
         results.append(
             EvalResult(
                 task_type="zero-shot-image-classification" if zeroshot else "image-text-retrieval",
@@ -361,6 +706,111 @@ def _model_index(dataset_id: str | None, after: dict[str, float]) -> list[EvalRe
             )
         )
     return results or None
+
+
+def _count(value: float) -> str:
+    return f"{value:,}"
+
+
+def _epochs(value: float) -> str:
+    text = f"{value:.2f}".rstrip("0").rstrip(".")
+    return f"{text} epoch" + ("" if text == "1" else "s")
+
+
+def _data_sentences(card: CLIPModelCardData) -> str:
+    """What the model trained and was evaluated on, counted: one sentence each."""
+    sentences = []
+    if card.num_train_pairs is not None:
+        trained = f"It was trained on {_count(card.num_train_pairs)} image-caption pairs"
+    else:
+        trained = "It was trained on a stream of image-caption pairs"
+    if card.training_steps and card.batch_size:
+        trained += f" for {_count(card.training_steps)} optimizer steps of {_count(card.batch_size)} pairs"
+        if card.epochs and card.num_train_pairs is not None:
+            trained += f" ({_epochs(card.epochs)})"
+    sentences.append(trained + ".")
+    if card.num_eval_pairs:
+        evaluated = f"It was evaluated on {_count(card.num_eval_pairs)} pairs"
+        if card.eval_origin == "held_out":
+            share = f" ({card.held_out_percentage:g}% of it)" if card.held_out_percentage else ""
+            evaluated += f" held out of the training data{share} before training: it never trained on them"
+        elif card.eval_origin == "validation_file":
+            evaluated += " from a separate validation file" + (f", `{card.eval_source}`" if card.eval_source else "")
+        elif card.eval_origin == "validation_split":
+            name = f"`{card.eval_source}` " if card.eval_source else ""
+            evaluated += f" of the data's own {name}validation split"
+        sentences.append(evaluated + ".")
+    return " ".join(sentences)
+
+
+def _zeroshot_sentences(card: CLIPModelCardData, after: dict[str, float]) -> str | None:
+    """How zero-shot accuracy was measured (prompts, classes, images) and what it has to beat."""
+    if not any(name.startswith("zeroshot_") for name in after) and not card.zeroshot_templates:
+        return None
+    templates = card.zeroshot_templates
+    if card.num_zeroshot_images and card.num_classes:
+        text = (
+            f"Zero-shot accuracy classifies each of the {_count(card.num_zeroshot_images)} labelled evaluation images "
+            f"into one of {_count(card.num_classes)} classes"
+        )
+    else:
+        text = "Zero-shot accuracy classifies each labelled evaluation image into one of its classes"
+    if templates:
+        listed = ", ".join(f"`{_escape_cell(template)}`" for template in templates)
+        if len(templates) == 1:
+            text += f": a class is the embedding of its name put into the prompt template {listed}."
+        else:
+            text += (
+                f": a class is the mean embedding of its name put into each of the {len(templates)} prompt templates "
+                f"{listed}."
+            )
+    else:
+        text += "."
+    text += (
+        " Top-k counts an image as right when its class is among the k best scores; balanced accuracy is the mean "
+        "over the classes present of each class's top-1 recall, so favouring a large class does not pay; the "
+        "majority-class baseline is the top-1 of always answering the most frequent class"
+    )
+    text += f" (`{_escape_cell(card.majority_class)}`)." if card.majority_class else "."
+    top1, baseline = after.get("zeroshot_top1"), after.get("zeroshot_majority_baseline")
+    if top1 is not None and baseline is not None and math.isfinite(top1) and top1 <= baseline:
+        balanced = after.get("zeroshot_balanced_accuracy")
+        text += (
+            f" **The trained model's top-1 ({_format_metric('zeroshot_top1', top1)}) does not beat the "
+            f"{_format_metric('zeroshot_majority_baseline', baseline)} of always answering the most frequent class**"
+        )
+        present = card.num_classes_present or card.num_classes
+        if balanced is not None and present:
+            text += (
+                f"; compare its balanced accuracy ({_format_metric('zeroshot_balanced_accuracy', balanced)}) with the "
+                f"{100 / present:.1f}% (1/{present}) that a constant answer scores"
+            )
+        text += "."
+    return text
+
+
+def _location(card: CLIPModelCardData, model_name: str) -> tuple[str, str]:
+    """The name the usage code loads the model by, and a sentence saying what it is.
+
+    The Hub id when the model is pushed there (or has a `hub_model_id`); otherwise the output folder exactly as the
+    user gave it, which works from where the run was started (relative) or anywhere on that machine (absolute). The
+    folder's bare name, which is what `Trainer` would use, works nowhere but inside its parent folder."""
+    if card.repo_id:
+        return card.repo_id, f"The code loads the model from the Hugging Face Hub, as `{card.repo_id}`."
+    if card.output_dir:
+        where = card.output_dir
+        if os.path.isabs(where):
+            note = f"`{where}` is the folder this card was written into (the run's `output_dir`)."
+        else:
+            note = (
+                f"`{where}` is the folder this card was written into (the run's `output_dir`), relative to the folder "
+                "the run was started from: run the code from there, or give the folder's full path"
+            )
+            note += ' (`"."` from inside it).'
+        return where, (
+            f"{note} Once the folder is uploaded (`hf upload USER/NAME {where}`), load it by that Hub id instead."
+        )
+    return model_name, f"`{model_name}` stands for the folder this card is in, or its Hub id once uploaded."
 
 
 def write_model_card(
@@ -377,21 +827,22 @@ def write_model_card(
 ) -> str:
     """
     Writes `README.md` in `output_dir` from the Markdown template `templates/model_card.md`: Hub metadata, what was
-    trained, the evaluation, the curves and usage code.
+    trained on what, the evaluation, the curves, the model's size, the settings and usage code.
 
     Args:
         output_dir (`str`):
             The folder that is pushed to the Hub; created if missing.
         card_data ([`CLIPModelCardData`]):
-            What the run was trained from and on.
+            What the run was trained from and on; a trainer fills in what it knows with [`complete_card_data`].
         eval_before (`dict`, *optional*), eval_after (`dict`, *optional*):
             `trainer.evaluate()` results before and after training, keys with their `eval_` prefix (`eval_loss`,
             `eval_t2i_recall@1`, `eval_i2t_median_rank`, `eval_zeroshot_top1`, ...). Recalls and accuracies are
             fractions in `[0, 1]`, shown as percentages. Keys that are no metric (runtime, throughput, sample
             counts) are left out.
         hyperparameters (`dict`):
-            The arguments to list, usually `non_default_training_arguments(training_args)`. Keys containing "token" are
-            dropped whatever the caller passes.
+            The settings to list when `card_data.hyperparameters` is `None`, usually
+            `non_default_training_arguments(training_args)`. Keys containing "token" are dropped whatever the caller
+            passes.
         plots (`list[str]`):
             PNGs to show, such as the paths `save_training_plots` returns; linked relative to the card, and skipped
             when they lie outside `output_dir` (they would not be uploaded).
@@ -437,32 +888,64 @@ def write_model_card(
     if wise_ft is not None:
         wise_columns, wise_rows = _wise_ft_table(wise_ft)
         wise_ft_section = {"reason": wise_ft.reason, "columns": wise_columns, "rows": wise_rows}
+    settings = card_data.hyperparameters if card_data.hyperparameters is not None else hyperparameters
     safe = [
-        (_escape_cell(key), _escape_cell(_render(value)))
-        for key, value in hyperparameters.items()
-        if not _is_secret(key)
+        (_escape_cell(key), _escape_cell(_render(value))) for key, value in settings.items() if not _is_secret(key)
     ]
+    location, location_note = _location(card_data, model_name)
+    family = card_data.family or "CLIP"
+    sigmoid = (card_data.loss or "softmax") == "sigmoid" or family.startswith("SigLIP")
+    max_length = card_data.max_text_length or card_data.text_positions
+    templates = card_data.zeroshot_templates or ["a photo of a {}."]
+    # transformers' zero-shot pipeline pads SigLIP prompts to 64 tokens and cuts them there, and does neither for
+    # other models (its `tokenizer_kwargs` do not reach the tokenizer): say where it differs from the code.
+    if family.startswith("SigLIP"):
+        pipeline_note = " with its prompts padded and cut to 64 tokens"
+        if max_length and max_length != 64:
+            pipeline_note += f", not the {max_length} this model was trained with: prefer the code above"
+    else:
+        pipeline_note = ", but does not truncate: only for labels that fit"
+        pipeline_note += f" {max_length} tokens" if max_length else " the text tower"
+    lora = None
+    if card_data.lora:
+        lora = {
+            "r": card_data.lora.get("r"),
+            "alpha": f"{card_data.lora['lora_alpha']:g}" if card_data.lora.get("lora_alpha") is not None else "–",
+            "targets": ", ".join(f"`{target}`" for target in card_data.lora.get("target_modules") or []),
+        }
     card = ModelCard.from_template(
         metadata_card,
         template_path=TEMPLATE_PATH,
         model_name=model_name,
-        family=card_data.family or "CLIP",
+        family=family,
         family_docs=card_data.family_docs or "clip",
         loss=_LOSS_DESCRIPTIONS.get(card_data.loss or "softmax", card_data.loss),
         origin=_origin(card_data.base_model),
         dataset=dataset,
-        num_train_pairs=card_data.num_train_pairs,
+        data_sentences=_data_sentences(card_data),
+        zeroshot_sentences=_zeroshot_sentences(card_data, after),
         num_eval_pairs=card_data.num_eval_pairs,
+        held_out=card_data.eval_origin == "held_out",
         evaluation_columns=columns,
         evaluation_rows=rows,
         eval_set_tables=set_tables,
         wise_ft=wise_ft_section,
         plots=_plot_links(output_dir, plots),
         examples=_plot_links(output_dir, examples or []),
+        architecture=[(_escape_cell(part), _escape_cell(text)) for part, text in card_data.architecture or []],
         hyperparameters=safe,
-        repo_id=card_data.repo_id or model_name,
+        lora=lora,
+        location=json.dumps(location),
+        location_note=location_note,
+        text_positions=card_data.text_positions,
+        max_length=max_length,
+        truncation=f", truncation=True, max_length={max_length}" if max_length else ", truncation=True",
         # SigLIP's text tower pools the last position: captions are padded to the length it was trained with.
-        text_padding='"max_length"' if (card_data.family or "").startswith("SigLIP") else "True",
+        text_padding='"max_length"' if family.startswith("SigLIP") else "True",
+        template=json.dumps(templates[0]),
+        template_count=len(card_data.zeroshot_templates or []),
+        scores="logits.sigmoid()" if sigmoid else "logits.softmax(dim=-1)",
+        pipeline_note=pipeline_note,
         versions=_versions(),
     )
     content = _TOKEN_PATTERN.sub("<redacted>", str(card))

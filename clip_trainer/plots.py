@@ -76,7 +76,7 @@ def _recall_sort_key(key: str) -> tuple[str, int, str]:
 def _is_validation_metric(key: str) -> bool:
     # `eval_t2i_recall@1` is the validation split's; `eval_{set}_t2i_recall@1` is an extra evaluation set's.
     name = key.removeprefix("eval_")
-    return name.startswith(("t2i_", "i2t_", "zeroshot_top")) or name == "mean_recall"
+    return name.startswith(("t2i_", "i2t_", "zeroshot_")) or name == "mean_recall"
 
 
 def _set_names(keys: list[str]) -> list[str]:
@@ -93,7 +93,8 @@ def _panels(log_history: list[dict]) -> list[tuple[str, str, dict[str, Series]]]
     keys = _keys(log_history)
     sets = _set_names(keys)
     recall_keys = [k for k in keys if k.startswith("eval_") and "recall" in k and _is_validation_metric(k)]
-    zeroshot_keys = [k for k in keys if k.startswith("eval_zeroshot_top")]
+    # Top-k, balanced accuracy and the majority-class baseline: a top-1 means little without the baseline beside it.
+    zeroshot_keys = [k for k in keys if k.startswith("eval_zeroshot_")]
     # One curve per extra set: its mean recall, and its zero-shot top-1 when it has labels.
     per_set = {"validation": _series(log_history, "eval_mean_recall", scale=100.0)}
     per_set.update({name: _series(log_history, f"eval_{name}_mean_recall", scale=100.0) for name in sets})
@@ -136,7 +137,8 @@ def save_training_plots(log_history: list[dict], output_dir: str) -> list[str]:
     Draws the training curves of a run into one PNG in `output_dir`.
 
     Panels, each drawn only when the history has points for it: loss (train and eval), retrieval recall (every
-    `eval_*recall*` key, in percent), zero-shot accuracy (`eval_zeroshot_top*`, in percent), learning rate, and
+    `eval_*recall*` key, in percent), zero-shot accuracy (`eval_zeroshot_*`: top-k, balanced accuracy and the
+    majority-class baseline, in percent), learning rate, and
     temperature (`temperature`). The x axis is the optimizer step.
 
     Args:
@@ -164,14 +166,15 @@ def save_training_plots(log_history: list[dict], output_dir: str) -> list[str]:
         axes = figure.add_subplot(rows, columns, position)
         for label, (steps, values) in curves.items():
             # A single point (one evaluation) draws no line; a marker keeps it visible. The mean of the recalls is
-            # dashed so that it does not read as one more direction and cut-off.
+            # dashed so that it does not read as one more direction and cut-off, and so is the zero-shot baseline,
+            # which is no result of the model.
             axes.plot(
                 steps,
                 values,
                 label=label,
                 marker="o" if len(steps) < 20 else None,
                 markersize=3,
-                linestyle="--" if label.startswith("mean_") else "-",
+                linestyle="--" if label.startswith("mean_") or label.endswith("_baseline") else "-",
             )
         if title == "Learning rate":
             axes.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))

@@ -131,14 +131,18 @@ def _run(model_args, data_args, training_args, config, training: bool, resume_ch
     model = load_model(model_args, config, processor.tokenizer)
 
     # --- trainer --------------------------------------------------------------------------------------------------
+    from .model_card import data_description, evaluation_origin, given_settings
+
     card = CLIPModelCardData(
         model_name=Path(training_args.output_dir).absolute().name,
         repo_id=training_args.hub_model_id,
         base_model=model_args.model_name_or_path,
         dataset_id=data.source.hub_id,
-        dataset_description=data.source.description,
+        dataset_description=data_description(data.source),
         num_train_pairs=len(data.train) if hasattr(data.train, "__len__") else None,
         num_eval_pairs=len(data.validation) if data.validation is not None else None,
+        hyperparameters=given_settings(sys.argv[1:] if argv is None else argv, data_args, model_args, training_args),
+        **evaluation_origin(data_args, data.validation, training=training_args.do_train),
     )
     try:
         trainer = CLIPContrastiveTrainer(

@@ -670,19 +670,18 @@ class CLIPContrastiveTrainer(Trainer):
 
     def create_model_card(self, *args, **kwargs) -> None:
         """Writes clip-trainer's model card (`README.md`: metrics before/after, curves, usage) and the training curves
-        (`training_curves.png`) into `output_dir`, instead of the Trainer's generic card.
+        (`training_curves.png`) into `output_dir`, instead of the Trainer's generic card; after a LoRA run, the
+        adapter's own card into `output_dir/adapter/`.
 
         `Trainer.push_to_hub` calls this just before uploading `output_dir`.
         """
+        from .lora import write_adapter_card
+        from .model_card import complete_card_data
+
         if not self.is_world_process_zero():
             return
         history = self.state.log_history
-        card_data = dataclasses.replace(
-            self.model_card_data,
-            family=self.model_card_data.family or self.family.name,
-            family_docs=self.model_card_data.family_docs or self.family.docs,
-            loss=self.model_card_data.loss or self.contrastive_loss.card_text,
-        )
+        card_data = complete_card_data(self.model_card_data, self)
         plots = save_training_plots(history, self.args.output_dir)
         if self.wise_ft_result is not None and self.wise_ft_result.plot:
             plots.append(self.wise_ft_result.plot)
@@ -698,6 +697,8 @@ class CLIPContrastiveTrainer(Trainer):
             eval_sets=list(self.extra_eval_datasets),
             wise_ft=self.wise_ft_result,
         )
+        if card_data.lora is not None:  # replaces peft's template card of the adapter
+            write_adapter_card(os.path.join(self.args.output_dir, ADAPTER_DIRNAME), card_data)
 
     # ------------------------------------------------------------------------------------------------------------
     # Evaluation

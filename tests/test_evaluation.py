@@ -9,6 +9,7 @@ import socket
 import statistics
 from datetime import timedelta
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -430,7 +431,13 @@ def test_zeroshot_accuracy_known_ranks():
         others = [c for c in range(num_classes) if c != label][: rank - 1]
         images[image, others] = 1.0
     metrics = zeroshot_accuracy(images, labels, torch.eye(num_classes))
-    assert metrics == {"zeroshot_top1": 2 / 6, "zeroshot_top5": 4 / 6}
+    # Six classes of seven occur, one image each: balanced accuracy is top-1 here; class 5 has no image.
+    assert metrics == {
+        "zeroshot_top1": 2 / 6,
+        "zeroshot_top5": 4 / 6,
+        "zeroshot_balanced_accuracy": 2 / 6,
+        "zeroshot_majority_baseline": 1 / 6,
+    }
     assert zeroshot_accuracy(images, labels.tolist(), torch.eye(num_classes), chunk_size=1) == metrics
 
 
@@ -438,7 +445,13 @@ def test_zeroshot_ties_count_against_and_top_k_caps_at_num_classes():
     classifier = torch.eye(3)
     images = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])  # image 0 ties classes 0 and 1
     metrics = zeroshot_accuracy(images, [0, 0, 2], classifier, ks=(1, 2, 5))
-    assert metrics == {"zeroshot_top1": 2 / 3, "zeroshot_top2": 1.0, "zeroshot_top5": 1.0}
+    assert metrics == {
+        "zeroshot_top1": 2 / 3,
+        "zeroshot_top2": 1.0,
+        "zeroshot_top5": 1.0,
+        "zeroshot_balanced_accuracy": (1 / 2 + 1) / 2,  # the tie is a miss for class 0; class 1 has no image
+        "zeroshot_majority_baseline": 2 / 3,
+    }
     with pytest.raises(ValueError, match="labels"):
         zeroshot_accuracy(images, [0, 3, 2], classifier)
 
@@ -462,7 +475,47 @@ def test_zeroshot_end_to_end_with_fake_text_encoder():
     images = torch.eye(len(class_names))[labels] * 3.0
     images[6] = torch.tensor([0.5, 1.0, 0.0, 0.0, 0.0, 0.0])  # true class "cat" comes second
     images[7] = torch.tensor([1.0, 0.9, 0.8, 0.7, 0.6, 0.5])  # true class "dog" comes second
-    assert zeroshot_accuracy(images, labels, classifier) == {"zeroshot_top1": 6 / 8, "zeroshot_top5": 1.0}
+    assert zeroshot_accuracy(images, labels, classifier) == {
+        "zeroshot_top1": 6 / 8,
+        "zeroshot_top5": 1.0,
+        "zeroshot_balanced_accuracy": (1 / 2 + 1 / 2 + 4) / 6,
+        "zeroshot_majority_baseline": 2 / 8,
+    }
+
+
+def _balanced_and_majority_numpy(
+    images: np.ndarray, labels: np.ndarray, classifier: np.ndarray
+) -> tuple[float, float]:
+    """Balanced accuracy and majority baseline written out in float64, class by class."""
+    images = images / np.linalg.norm(images, axis=1, keepdims=True)
+    classifier = classifier / np.linalg.norm(classifier, axis=1, keepdims=True)
+    predicted = np.argmax(images @ classifier.T, axis=1)
+    recalls = []
+    for label in sorted(set(labels.tolist())):  # only the classes that occur among the rows
+        rows = labels == label
+        recalls.append(float(np.mean(predicted[rows] == label)))
+    counts = np.bincount(labels)
+    return float(np.mean(recalls)), float(counts.max() / len(labels))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_zeroshot_balanced_accuracy_and_majority_baseline_match_numpy(seed):
+    generator = np.random.default_rng(seed)
+    num_classes, dim = 9, 16
+    # Unbalanced, as real class labels are: class 0 has half the images, classes 7 and 8 none.
+    labels = generator.choice(7, size=200, p=[0.5, 0.2, 0.1, 0.1, 0.05, 0.03, 0.02])
+    classifier = generator.standard_normal((num_classes, dim))
+    images = classifier[labels] + 1.5 * generator.standard_normal((len(labels), dim))
+    metrics = zeroshot_accuracy(torch.from_numpy(images), torch.from_numpy(labels), torch.from_numpy(classifier))
+    balanced, majority = _balanced_and_majority_numpy(images, labels, classifier)
+    assert metrics["zeroshot_balanced_accuracy"] == pytest.approx(balanced, abs=1e-12)
+    assert metrics["zeroshot_majority_baseline"] == pytest.approx(majority, abs=1e-12)
+    assert 0 < balanced < 1 and balanced != pytest.approx(metrics["zeroshot_top1"])  # not top-1 under another name
+    # Always answering the largest class: top-1 equals the baseline, balanced accuracy is 1 / classes present.
+    constant = np.tile(classifier[np.bincount(labels).argmax()], (len(labels), 1))
+    metrics = zeroshot_accuracy(torch.from_numpy(constant), torch.from_numpy(labels), torch.from_numpy(classifier))
+    assert metrics["zeroshot_top1"] == metrics["zeroshot_majority_baseline"] == majority
+    assert metrics["zeroshot_balanced_accuracy"] == pytest.approx(1 / len(set(labels.tolist())))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -74,3 +74,61 @@ def test_lora_without_peft_names_the_extra(base_args, monkeypatch):
 def test_lora_with_locks_is_refused(base_args):
     with pytest.raises(ConfigError, match="`lora_rank` trains adapters only"):
         main([*base_args, "--lora_rank", "4", "--freeze_vision_model", "true"])
+
+
+def _front_matter(text: str) -> dict:
+    import yaml
+
+    return yaml.safe_load(text.split("---\n", 2)[1])
+
+
+@needs_peft
+def test_the_adapter_has_its_own_card(base_args, tiny_clip_dir, tmp_path, monkeypatch):
+    import json
+    import re
+
+    monkeypatch.chdir(tmp_path)
+    argv = list(base_args)
+    argv[argv.index("--output_dir") + 1] = "outputs/lora"  # relative, as users write it
+    main([*argv, "--lora_rank", "4", "--lora_alpha", "8", "--lora_target_modules", "q_proj", "v_proj",
+          "--num_train_epochs", "1"])  # fmt: skip
+    out = tmp_path / "outputs" / "lora"
+    text = (out / "adapter" / "README.md").read_text()
+    saved = json.loads((out / "adapter" / "adapter_config.json").read_text())
+
+    # The project's card, not peft's template; no local path (peft's `base_model` metadata is the base's path).
+    metadata = _front_matter(text)
+    assert metadata["library_name"] == "peft" and "base_model" not in metadata
+    assert "More Information Needed" not in text and "## Model Details" not in text
+    assert str(tiny_clip_dir) not in text and str(tmp_path) not in text
+    # What it is, its settings as saved, and where the merged model is.
+    assert f"rank {saved['r']}, alpha {saved['lora_alpha']:g}" in text and saved["r"] == 4
+    assert "on the modules `q_proj`, `v_proj`" in text and sorted(saved["target_modules"]) == ["q_proj", "v_proj"]
+    assert "The model with this adapter merged into its weights is the parent folder, `outputs/lora`" in text
+    # The main card says it too, and links the adapter.
+    card = (out / "README.md").read_text()
+    assert "Only LoRA adapters of rank 4 (alpha 8, on `q_proj`, `v_proj`) were trained" in card
+    assert "[`adapter/`](adapter/)" in card
+
+    # Its loading code, with the base model's folder put in for the placeholder, gives the merged model's outputs.
+    [block] = re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
+    assert f'"path/to/{tiny_clip_dir.name}"' in block
+    namespace: dict = {}
+    exec(block.replace(f'"path/to/{tiny_clip_dir.name}"', repr(str(tiny_clip_dir))), namespace)
+    processor = AutoProcessor.from_pretrained(out, backend="pil")
+    for adapter_embeds, merged_embeds in zip(
+        embeddings(namespace["model"].eval(), processor), embeddings(CLIPModel.from_pretrained(out), processor)
+    ):
+        torch.testing.assert_close(adapter_embeds, merged_embeds, atol=1e-5, rtol=0)
+
+
+@needs_peft
+def test_a_pushed_lora_run_names_its_hub_repository(base_args, tmp_path, fake_hub):
+    main([*base_args, "--lora_rank", "4", "--max_steps", "2", "--push_to_hub", "true", "--hub_token", "hf_test",
+          "--hub_model_id", "clip-lora"])  # fmt: skip
+    files = fake_hub.files("user/clip-lora")
+    card, adapter_card = files["README.md"].decode(), files["adapter/README.md"].decode()
+    assert card.count('from_pretrained("user/clip-lora")') == 4  # model and processor, in both snippets
+    assert 'PeftModel.from_pretrained(base, "user/clip-lora", subfolder="adapter")' in adapter_card
+    assert "the Hub repository `user/clip-lora`" in adapter_card
+    assert str(tmp_path) not in card and str(tmp_path) not in adapter_card

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -227,6 +228,8 @@ def test_non_default_training_arguments(tmp_path: Path) -> None:
         weight_decay=0.2,
         max_logit_scale=50.0,
         eval_strategy="epoch",
+        metric_for_best_model="eval_mean_recall",
+        accelerator_config={"split_batches": True, "non_blocking": True},
         report_to="none",
         hub_token=SECRET,
         hub_model_id="user/m",
@@ -235,14 +238,20 @@ def test_non_default_training_arguments(tmp_path: Path) -> None:
 
     changed = non_default_training_arguments(args)
 
-    # eval_strategy is compared after __post_init__ made it an enum (and set do_eval from it); weight_decay is the
-    # subclass's own default, and the hub settings and token are no hyperparameters.
+    # eval_strategy is compared after __post_init__ made it an enum; do_eval, which __post_init__ sets from it, is
+    # no setting of the user, nor is greater_is_better (from metric_for_best_model); weight_decay is the subclass's
+    # own default; how batches reach the device (non_blocking) is no hyperparameter, how they are split is; the hub
+    # settings and token are no hyperparameters.
     assert changed == {
         "learning_rate": "0.0003",
         "eval_strategy": "epoch",
-        "do_eval": "True",
+        "metric_for_best_model": "eval_mean_recall",
+        "accelerator_config": "split_batches=True",
         "max_logit_scale": "50.0",
     }
+    # A setting given explicitly that differs from what would be derived stays.
+    explicit = non_default_training_arguments(dataclasses.replace(args, greater_is_better=False))
+    assert explicit["greater_is_better"] == "False"
     # A dataclass that cannot be built without arguments is compared with its declared defaults.
     assert non_default_training_arguments(_NeedsAValue(name="x", tags=["a", "b"])) == {"name": "x", "tags": "a, b"}
     with pytest.raises(TypeError):
@@ -281,26 +290,92 @@ def test_a_single_evaluation_is_plotted(tmp_path: Path) -> None:
         assert image.format == "PNG"
 
 
-def test_usage_snippet_runs(tmp_path: Path, tiny_clip_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    text = _write(tmp_path / "card", repo_id="user/clip-shapes").read_text()
+LONG_CAPTION = "a red circle on white " * 8  # 40 tokens for a text tower of 16 positions
+
+
+def test_usage_snippet_runs_and_truncates(
+    tmp_path: Path, tiny_clip_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    text = _write(
+        tmp_path / "card",
+        repo_id="user/clip-shapes",
+        text_positions=16,
+        max_text_length=16,
+        zeroshot_templates=["a {} on white", "a photo of a {}"],
+    ).read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
     monkeypatch.chdir(tmp_path)
     Image.new("RGB", (40, 40), (220, 30, 30)).save("cat.jpg")
     Image.new("RGB", (40, 40), (30, 60, 220)).save("dog.jpg")
 
-    # The tiny model's tokenizer knows the shapes captions and has 16 positions; the snippet's captions would not fit.
+    assert "The text tower has 16 positions" in text and "`truncation=True, max_length=16`" in text
+    assert "made with `a {} on white`, the first of the 2 templates" in text
+    assert len(blocks) == 2 and all('"user/clip-shapes"' in block for block in blocks)
+    # Captions longer than the tiny model's 16 positions: the snippets cut them, as the card says.
     replacements = {
         '"user/clip-shapes"': repr(str(tiny_clip_dir)),
-        '"a photo of a cat"': '"a red circle on white"',
-        '"a photo of a dog"': '"a blue square on white"',
+        '"a photo of a cat"': repr(LONG_CAPTION),
+        '["cat", "dog"]': repr(["red circle " * 10, "blue square"]),
     }
-    namespace: dict = {}
-    assert len(blocks) == 2 and all(all(old in block for old in replacements) for block in blocks)
+    results = []
     for block in blocks:
+        assert "truncation=True, max_length=16" in block
         for old, new in replacements.items():
             block = block.replace(old, new)
-        namespace = {}
+        namespace: dict = {}
         exec(block, namespace)
+        results.append(namespace)
+        # Without the truncation the same code fails: the test exercises it.
+        with pytest.raises(ValueError, match="max_position_embeddings"):
+            exec(block.replace(", truncation=True, max_length=16", ""), {})
 
-    assert tuple(namespace["similarity"].shape) == (2, 2)
-    assert namespace["similarity"].abs().max() <= 1 + 1e-5
+    scores = results[0]["scores"]
+    assert scores.shape == (2,) and float(scores.sum()) == pytest.approx(1.0, abs=1e-5)
+    assert tuple(results[1]["similarity"].shape) == (2, 2)
+    assert results[1]["similarity"].abs().max() <= 1 + 1e-5
+
+
+def test_siglip_usage_pads_to_its_length_and_scores_with_sigmoids(tmp_path: Path) -> None:
+    text = _write(tmp_path, family="SigLIP", loss="sigmoid", text_positions=64, max_text_length=48).read_text()
+
+    assert text.count('padding="max_length", truncation=True, max_length=48') == 2
+    assert "scores = logits.sigmoid()" in text and "softmax" not in text
+    assert "The text tower has 64 positions and was trained on captions of up to 48 tokens" in text
+    assert "padded and cut to 64 tokens, not the 48 this model was trained with" in text
+
+
+ZEROSHOT_AFTER = EVAL_AFTER | {
+    "eval_zeroshot_top1": 0.222,
+    "eval_zeroshot_balanced_accuracy": 0.18,
+    "eval_zeroshot_majority_baseline": 0.59,
+}
+
+
+def test_zeroshot_sentence_states_prompts_classes_and_the_baseline(tmp_path: Path) -> None:
+    text = _write(
+        tmp_path,
+        eval_after=ZEROSHOT_AFTER,
+        zeroshot_templates=["{}", "an emoji of {}"],
+        num_classes=9,
+        num_classes_present=8,
+        num_zeroshot_images=549,
+        majority_class="Smileys & Emotion",
+    ).read_text()
+
+    evaluation = text.split("## Evaluation\n", 1)[1].split("\n## ", 1)[0]
+    assert "each of the 549 labelled evaluation images into one of 9 classes" in evaluation
+    assert "each of the 2 prompt templates `{}`, `an emoji of {}`" in evaluation
+    assert "always answering the most frequent class (`Smileys & Emotion`)" in evaluation
+    # Top-1 below the baseline is said in so many words, with balanced accuracy against a constant answer (1/8).
+    assert "top-1 (22.2%) does not beat the 59.0% of always answering the most frequent class" in evaluation
+    assert "balanced accuracy (18.0%) with the 12.5% (1/8) that a constant answer scores" in evaluation
+    table = _table(text, "Evaluation")
+    assert table["Zero-shot balanced accuracy (mean per-class recall)"] == ["–", "18.0%"]  # none before
+    assert table["Zero-shot majority-class baseline (top-1)"][-1] == "59.0%"
+    # The baseline describes the labels, not the model: it is no model-index result.
+    reported = [metric["type"] for result in _front_matter(text)["model-index"][0]["results"] for metric in
+                result["metrics"]]  # fmt: skip
+    assert "zeroshot_balanced_accuracy" in reported and "zeroshot_majority_baseline" not in reported
+    # A model above its baseline gets no such warning.
+    above = _write(tmp_path / "above", eval_after=EVAL_AFTER | {"eval_zeroshot_majority_baseline": 0.5}).read_text()
+    assert "does not beat" not in above
