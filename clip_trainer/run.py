@@ -83,13 +83,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             training=training,
         )
     try:
-        return _run(model_args, data_args, training_args, config, training, resume_checkpoint)
+        return _run(model_args, data_args, training_args, config, training, resume_checkpoint, argv)
     finally:
         if output_lock is not None:
             output_lock.release()
 
 
-def _run(model_args, data_args, training_args, config, training: bool, resume_checkpoint: str | None):
+def _run(model_args, data_args, training_args, config, training: bool, resume_checkpoint: str | None, argv):
     # A preparation run writes both splits, whatever the later runs do with them.
     evaluate = training_args.do_eval or training_args.eval_strategy != IntervalStrategy.NO or data_args.prepare_only
     # Before anything random: the held-out split, the tokenizer trained on the captions, a new model's weights.
