@@ -583,6 +583,13 @@ class DataArguments:
                 check_data_file_pattern(key, path)
         if self.train_mixture in ("", {}):
             self.train_mixture = None
+        if isinstance(self.train_mixture, str):
+            try:  # the command line's JSON text; `parse_mixture` reads it too, but would keep a repeated source's last
+                self.train_mixture = json.loads(
+                    self.train_mixture, object_pairs_hook=_refuse_repeated_keys("train_mixture")
+                )
+            except json.JSONDecodeError:
+                pass  # reported by `parse_mixture`, with an example
         if self.train_mixture is not None:
             self.train_mixture = parse_mixture(self.train_mixture)
             for source in self.train_mixture:  # files are checked now; folders and Hub ids when they are loaded
@@ -674,7 +681,7 @@ def _parse_extra_eval_sets(value: Any) -> dict[str, dict[str, Any]] | None:
     example = '{"reference": "data/reference.csv"}'
     if isinstance(value, str):
         try:
-            value = json.loads(value, object_pairs_hook=_refuse_duplicate_set_names)
+            value = json.loads(value, object_pairs_hook=_refuse_repeated_keys("extra_eval_sets"))
         except json.JSONDecodeError as error:
             raise ConfigError(
                 f"`extra_eval_sets` is not valid JSON ({error}); give a JSON object such as '{example}'."
@@ -717,13 +724,65 @@ def _parse_extra_eval_sets(value: Any) -> dict[str, dict[str, Any]] | None:
     return sets or None
 
 
-def _refuse_duplicate_set_names(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    # `json.loads` keeps the last of two equal keys without a word; two sets of one name would report one set.
-    names = [name for name, _ in pairs]
-    for name in names:
-        if names.count(name) > 1:
-            raise ConfigError(f"`extra_eval_sets` has the key {name!r} twice; give each set its own name.")
-    return dict(pairs)
+# `json.loads` keeps the last of two equal keys of an object without a word: two sets of one name would report one
+# set, two weights of one source would drop one, and a key given twice at the top of a config file would keep its
+# second value whatever the reader expects. These say what to do instead.
+REPEATED_KEY_FIXES = {
+    "extra_eval_sets": "give each set its own name",
+    "train_mixture": "give each source once, with the weights added up",
+}
+_REPEATED_KEY_FIX = "keep one of them"
+
+
+def _first_repeated_key(pairs: list[tuple[Any, Any]]) -> Any:
+    seen = set()
+    for key, _ in pairs:
+        if key in seen:
+            return key
+        seen.add(key)
+    return None
+
+
+def _refuse_repeated_keys(option: str) -> Any:
+    """A `json.loads` `object_pairs_hook` for the JSON text of `option` (on the command line) that refuses a key given
+    twice in any of its objects."""
+
+    def hook(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+        key = _first_repeated_key(pairs)
+        if key is not None:
+            fix = REPEATED_KEY_FIXES.get(option, _REPEATED_KEY_FIX)
+            raise ConfigError(f"`{option}` has the key {key!r} twice; {fix}.")
+        return dict(pairs)
+
+    return hook
+
+
+class _RepeatedKeys(dict):
+    """A JSON object of a config file in which the key `repeated` was given more than once; kept (not refused on the
+    spot) so that the message can say which option holds it."""
+
+    repeated: Any = None
+
+
+def _mark_repeated_keys(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    key = _first_repeated_key(pairs)
+    if key is None:
+        return dict(pairs)
+    marked = _RepeatedKeys(pairs)
+    marked.repeated = key
+    return marked
+
+
+def _find_repeated_key(value: Any, where: tuple[str, ...] = ()) -> tuple[tuple[str, ...], Any] | None:
+    """`(the keys leading to the object, the key given twice)` of the first object in `value` with a repeated key."""
+    if isinstance(value, _RepeatedKeys):
+        return where, value.repeated
+    children = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, child in children:
+        found = _find_repeated_key(child, (*where, str(key)))
+        if found is not None:
+            return found
+    return None
 
 
 def _check_metric_keys_are_distinct(names: list[str]) -> None:
@@ -1206,7 +1265,7 @@ def _resolve_extra_eval_sets(value: Any, config_dir: Path) -> Any:
     """`extra_eval_sets` from a config file, each entry's paths read beside the config file like other path keys."""
     if isinstance(value, str):
         try:
-            value = json.loads(value)
+            value = json.loads(value, object_pairs_hook=_refuse_repeated_keys("extra_eval_sets"))
         except json.JSONDecodeError:
             return value  # reported by DataArguments, with the fix
     if not isinstance(value, dict):
@@ -1234,11 +1293,20 @@ def _read_config_file(path: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise ConfigError(f"Config file {path!r} does not exist.")
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = json.loads(Path(path).read_text(encoding="utf-8"), object_pairs_hook=_mark_repeated_keys)
     except json.JSONDecodeError as error:
         raise ConfigError(f"Config file {path!r} is not valid JSON: {error}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"Config file {path!r} must hold one JSON object of option names and values.")
+    found = _find_repeated_key(data)
+    if found is not None:
+        where, key = found
+        inside = f" in `{'.'.join(where)}`" if where else ""
+        fix = REPEATED_KEY_FIXES.get(where[0], _REPEATED_KEY_FIX) if where else _REPEATED_KEY_FIX
+        raise ConfigError(
+            f"Config file {path!r} has the key {key!r} twice{inside}; JSON would keep only the last one without a "
+            f"word, so {fix}."
+        )
     return data
 
 

@@ -352,3 +352,14 @@ def test_arguments_survive_a_copy_with_replace(tmp_path):
     assert dataclasses.replace(training_args).optim == "adam"
     dataclasses.replace(model_args)
     dataclasses.replace(data_args)
+
+
+def test_a_repeated_key_inside_a_json_string_of_a_config_file_is_refused(tmp_path):
+    # `extra_eval_sets` given as the command line's JSON text, but in a config file.
+    with pytest.raises(ConfigError, match="`extra_eval_sets` has the key 'ref' twice; give each set its own name"):
+        parse_files(tmp_path, {"extra_eval_sets": '{"ref": "a.csv", "ref": "b.csv"}'})
+    # Equal keys in different objects are no repetition.
+    text = '{"config_name": "x", "dataset_name": "emoji", "extra_eval_sets": {"a": {"path": "emoji"}, "b": {"path": "emoji"}}}'
+    (tmp_path / "ok.json").write_text(text)
+    _, data_args, _ = parse_arguments([str(tmp_path / "ok.json"), "--report_to", "none"])
+    assert set(data_args.extra_eval_sets) == {"a", "b"}
