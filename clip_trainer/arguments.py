@@ -1432,7 +1432,9 @@ def check_arguments(
         training_args,
         has_labels=data_args.label_column is not None,
         extra_sets={name: args.label_column is not None for name, args in extra_sets.items()},
+        sigmoid_loss=_uses_sigmoid_loss(training_args, config),
     )
+    _check_model_family(data_args, training_args, config)
     _check_fine_tuning(model_args, training_args, config)
     _check_report_to(training_args.report_to)
     if training_args.export_onnx:
@@ -1464,13 +1466,27 @@ def _check_negatives(args: CLIPTrainingArguments) -> None:
         )
 
 
+def _uses_sigmoid_loss(args: CLIPTrainingArguments, config: Any) -> bool | None:
+    """Whether the run trains with the sigmoid loss (which reports `logit_bias`); None when the model is unknown."""
+    if args.loss_type != "auto":
+        return args.loss_type == "sigmoid"
+    from .modeling import FAMILIES
+
+    family = FAMILIES.get(getattr(config, "model_type", None))
+    return None if family is None else family.loss == "sigmoid"
+
+
 def _check_metric_for_best_model(
-    args: CLIPTrainingArguments, has_labels: bool, extra_sets: dict[str, bool] | None = None
+    args: CLIPTrainingArguments,
+    has_labels: bool,
+    extra_sets: dict[str, bool] | None = None,
+    sigmoid_loss: bool | None = None,
 ) -> None:
     """Fails fast when `metric_for_best_model` names a metric that evaluation will never compute.
 
     `extra_sets` maps each of `extra_eval_sets` to whether it has a label column; their metrics are
-    `eval_{name}_{metric}`."""
+    `eval_{name}_{metric}`. `sigmoid_loss`: whether the run's loss is the sigmoid one, whose evaluations also report
+    `logit_bias` (None: not known, so `logit_bias` is allowed)."""
     from .evaluation import RETRIEVAL_METRIC_NAMES, ZEROSHOT_METRIC_NAMES
 
     metric = args.metric_for_best_model
@@ -1478,6 +1494,8 @@ def _check_metric_for_best_model(
         return
     name = metric.removeprefix("eval_")
     per_set = {"loss", "inverse_temperature", *RETRIEVAL_METRIC_NAMES}
+    if sigmoid_loss is not False:
+        per_set.add("logit_bias")
     known = set(per_set) | (set(ZEROSHOT_METRIC_NAMES) if has_labels else set())
     zeroshot_without_labels = set(ZEROSHOT_METRIC_NAMES) - known
     for set_name, labelled in (extra_sets or {}).items():
@@ -1489,6 +1507,8 @@ def _check_metric_for_best_model(
         return
     if name in zeroshot_without_labels:
         hint = " Zero-shot metrics need `label_column` (in the set's entry, for an extra evaluation set)."
+    elif name.split("_")[-2:] == ["logit", "bias"]:
+        hint = " `logit_bias` is reported only with the sigmoid loss (`loss_type` sigmoid, or a SigLIP model)."
     else:
         hint = did_you_mean(name, sorted(known), prefix="eval_")
     raise ConfigError(
@@ -1496,6 +1516,27 @@ def _check_metric_for_best_model(
         + ", ".join(f"eval_{key}" for key in sorted(known))
         + "."
     )
+
+
+def _check_model_family(data_args: DataArguments, args: CLIPTrainingArguments, config: Any) -> None:
+    """What a family's inputs rule out. SigLIP 2 (NaFlex) keeps each image's aspect ratio, at up to `max_num_patches`
+    patches: neither a crop to one fixed size nor a graph of one fixed image size fits it."""
+    if getattr(config, "model_type", None) != "siglip2":
+        return
+    if data_args.augment:
+        raise ConfigError(
+            "`augment` crops every training image to one fixed size, but this SigLIP 2 model (NaFlex) takes each "
+            "image at its own aspect ratio in patches, so no augmented image would fit; drop `augment` (and "
+            "`color_jitter`, `grayscale_probability`), or train a CLIP or SigLIP model to augment."
+        )
+    if args.export_onnx:
+        from .onnx_export import EXPORTABLE_MODEL_TYPES
+
+        raise ConfigError(
+            "`export_onnx` writes graphs of one fixed image size, which SigLIP 2's NaFlex inputs (a varying number of "
+            f"patches per image) do not fit; only {', '.join(EXPORTABLE_MODEL_TYPES)} models export. Drop "
+            "--export_onnx."
+        )
 
 
 def _check_fine_tuning(model_args: ModelArguments, args: CLIPTrainingArguments, config: Any) -> None:

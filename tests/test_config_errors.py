@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import drop_option, set_option
+from conftest import TINY_TEXT, TINY_VISION, drop_option, set_option
 
 from clip_trainer import run
+from clip_trainer.arguments import ConfigError, check_arguments, parse_arguments
 from clip_trainer.data import load_image_text_data as real_load_image_text_data
 
 REPO = Path(__file__).resolve().parent.parent
@@ -57,6 +58,23 @@ def config_only_folder(tmp: Path, tiny_clip_dir: Path) -> str:
     folder.mkdir()
     (folder / "config.json").write_bytes((tiny_clip_dir / "config.json").read_bytes())
     return str(folder)
+
+
+def siglip2_config(tmp: Path) -> str:
+    """A tiny SigLIP 2 (NaFlex) config file, to train from scratch."""
+    from transformers import Siglip2Config
+
+    vision = {key: value for key, value in TINY_VISION.items() if key != "image_size"}
+    config = Siglip2Config(
+        text_config={**TINY_TEXT, "max_position_embeddings": 64}, vision_config={**vision, "num_patches": 16}
+    )
+    path = tmp / "siglip2-tiny.json"
+    path.write_text(config.to_json_string())
+    return str(path)
+
+
+def with_siglip2(argv: list[str], tmp: Path) -> list[str]:
+    return [*drop_option(argv, "model_name_or_path"), "--config_name", siglip2_config(tmp)]
 
 
 @dataclass
@@ -177,6 +195,12 @@ CASES = [
     Case("best model with mismatched strategies",
          lambda a, t, m: [*a, "--load_best_model_at_end", "true", "--eval_strategy", "epoch", "--save_strategy", "steps"],
          ("load_best_model_at_end",)),
+    Case("logit_bias without the sigmoid loss", lambda a, t, m: [*a, "--metric_for_best_model", "eval_logit_bias"],
+         ("`metric_for_best_model` is 'eval_logit_bias'", "reported only with the sigmoid loss")),
+    Case("augmentation for SigLIP 2", lambda a, t, m: [*with_siglip2(a, t), "--augment", "true"],
+         ("`augment` crops every training image to one fixed size", "SigLIP 2", "drop `augment`")),
+    Case("ONNX export of SigLIP 2", lambda a, t, m: [*with_siglip2(a, t), "--export_onnx", "true"],
+         ("`export_onnx`", "SigLIP 2's NaFlex", "Drop --export_onnx")),
     Case("unknown logger", lambda a, t, m: set_option(a, "report_to", "tensorbord"),
          ("`report_to` names 'tensorbord'", "Did you mean `tensorboard`?")),
     Case("resume with nothing to resume", lambda a, t, m: [*a, "--resume_from_checkpoint", "true"],
@@ -269,3 +293,32 @@ def test_the_real_entry_point_prints_one_line(tmp_path, shapes_csv):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "Did you mean `num_train_epochs`" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "flags, phrase",
+    [(["--augment", "true"], "`augment` crops"), (["--export_onnx", "true"], "`export_onnx` writes graphs"),
+     (["--metric_for_best_model", "eval_zeroshot_top1", "--eval_strategy", "epoch"], "Zero-shot metrics need")],
+)  # fmt: skip
+def test_siglip2_mistakes_stop_before_the_output_folder_is_made(flags, phrase, base_args, tmp_path, monkeypatch):
+    """Through `run.main` from a user's folder: the error comes first, with no output folder (so no checkpoint)."""
+    monkeypatch.chdir(tmp_path)
+    argv = [*with_siglip2(set_option(base_args, "output_dir", "out"), tmp_path), *flags]
+    with pytest.raises(ConfigError, match=phrase):
+        run.main(argv)
+    assert not (tmp_path / "out").exists()
+
+
+def test_what_siglip_models_allow(tmp_path):
+    """SigLIP (fixed-size images) augments and exports; its evaluations report `logit_bias`, a metric to select by."""
+    from transformers import SiglipConfig
+
+    config = SiglipConfig(text_config={**TINY_TEXT, "max_position_embeddings": 64}, vision_config=TINY_VISION)
+    model_args, data_args, training_args = parse_arguments(
+        ["--config_name", "x", "--dataset_name", "emoji", "--report_to", "none", "--augment", "true",
+         "--export_onnx", "true", "--eval_strategy", "epoch", "--metric_for_best_model", "eval_logit_bias"]
+    )  # fmt: skip
+    check_arguments(model_args, data_args, training_args, 64, config=config)
+    training_args.loss_type = "softmax"  # a SigLIP model trained with CLIP's loss reports no logit_bias
+    with pytest.raises(ConfigError, match="reported only with the sigmoid loss"):
+        check_arguments(model_args, data_args, training_args, 64, config=config)
