@@ -45,6 +45,18 @@ def did_you_mean(name: str, choices: list[str] | tuple[str, ...], prefix: str = 
     return f" Did you mean `{prefix}{match[0]}`?" if match else ""
 
 
+def describe_load_error(error: Exception) -> str:
+    """One line for a model, config or processor that `from_pretrained` could not load; for one that needs its own
+    code (`auto_map` in its config), what to do instead."""
+    text = str(error).strip()
+    if "trust_remote_code" in text:
+        return (
+            "it needs its own Python code (`auto_map` in its config.json), which clip-trainer never runs; use a model "
+            "that transformers implements itself (CLIP, SigLIP, SigLIP 2, a vision-text dual encoder)."
+        )
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 # LoRA's default targets: the attention projections of both CLIP towers.
 DEFAULT_LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj")
 
