@@ -215,15 +215,13 @@ class OutputDirLock:
             self._handle.close()
 
 
-def claim_output_dir(output_dir: str, resuming: bool, overwrite: bool) -> OutputDirLock:
-    """Checks that a training run may write into `output_dir`, and locks it against a concurrent run.
+def check_writable_dir(output_dir: str) -> None:
+    """Creates `output_dir` if missing and checks that this process can write a file into it (a real write: as root,
+    permissions alone say little, and a read-only file system refuses root too). For every command that writes a
+    folder, before its work.
 
-    - `output_dir` must be a folder this process can create and write (not a file, not on a read-only file system);
-    - if it holds another run's checkpoints, the run resumes from them (`resuming`), or deletes them first
-      (`overwrite`, i.e. `--overwrite_output_dir`), or stops and says so: the Trainer would otherwise mix the two
-      runs' checkpoints and then rotate the older run's away without a word.
-
-    Call it on the main process only. Returns the lock, held until the process ends or it is released.
+    Raises:
+        [`ConfigError`]: naming the folder and why (a file, read-only, no permission), with the fix.
     """
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise ConfigError(f"`output_dir` {output_dir!r} is a file; give a folder (it is created if missing).")
@@ -236,6 +234,19 @@ def claim_output_dir(output_dir: str, resuming: bool, overwrite: bool) -> Output
     except OSError as error:
         reason = "the file system is read-only" if error.errno == errno.EROFS else (error.strerror or str(error))
         raise ConfigError(f"Cannot write into `output_dir` {output_dir!r}: {reason}; choose another folder.") from None
+
+
+def claim_output_dir(output_dir: str, resuming: bool, overwrite: bool) -> OutputDirLock:
+    """Checks that a training run may write into `output_dir`, and locks it against a concurrent run.
+
+    - `output_dir` must be a folder this process can create and write (not a file, not on a read-only file system);
+    - if it holds another run's checkpoints, the run resumes from them (`resuming`), or deletes them first
+      (`overwrite`, i.e. `--overwrite_output_dir`), or stops and says so: the Trainer would otherwise mix the two
+      runs' checkpoints and then rotate the older run's away without a word.
+
+    Call it on the main process only. Returns the lock, held until the process ends or it is released.
+    """
+    check_writable_dir(output_dir)
     lock = OutputDirLock(output_dir)
     existing = _checkpoint_folders(output_dir)
     if existing and not resuming:

@@ -33,6 +33,7 @@ from transformers import AutoModel, CLIPModel
 from transformers.utils import logging
 
 from .arguments import describe_load_error
+from .checkpoints import check_writable_dir
 from .errors import ConfigError
 
 logger = logging.get_logger(__name__)
@@ -235,6 +236,7 @@ def export_onnx(
 
     Raises:
         [`ONNXExportError`]: if the export fails or the graphs do not reproduce the model within `atol`.
+        [`ConfigError`]: if `output_dir` cannot be written, or the model needs its own code.
         `ImportError`: if `onnxscript` (export) or `onnxruntime` (check) is missing.
     """
     if isinstance(model_dir_or_model, nn.Module):
@@ -255,8 +257,8 @@ def export_onnx(
             f"and token ids, which fits {', '.join(EXPORTABLE_MODEL_TYPES)} models (SigLIP 2's NaFlex inputs do not)."
         )
     onnx = _require("onnx", "Exporting to ONNX")
-    os.makedirs(output_dir, exist_ok=True)
     output_dir = str(output_dir)
+    check_writable_dir(output_dir)  # before the export's minutes, as training checks its output_dir
     # The graphs are float32 CPU graphs in inference mode, whatever the model was trained in.
     was_training = model.training
     model.eval()
