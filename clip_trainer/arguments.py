@@ -5,20 +5,26 @@ Every field of [`ModelArguments`], [`DataArguments`] and [`CLIPTrainingArguments
 `transformers.TrainingArguments`) can be set either way. A relative path in a config file is read against the config
 file's folder when something exists there, else against the working folder (see [`CONFIG_RELATIVE_PATH_KEYS`]).
 
-Validation lives here, in two steps: each dataclass's `__post_init__` checks its own fields, and [`check_arguments`]
-checks what needs several of them or the model's config (known before any data or weights are loaded).
+Validation lives here, in two steps: each dataclass's `__post_init__` checks its own fields (first every value against
+its type, `choices` and `bounds` with [`check_field_values`], the same for a flag, a config file or Python), and
+[`check_arguments`] checks what needs several of them or the model's config (known before any data or weights are
+loaded).
 """
 
 from __future__ import annotations
 
 import copy
 import difflib
+import enum
+import functools
 import glob
 import json
 import math
 import os
 import re
 import sys
+import types
+import typing
 import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -39,6 +45,18 @@ def did_you_mean(name: str, choices: list[str] | tuple[str, ...], prefix: str = 
     return f" Did you mean `{prefix}{match[0]}`?" if match else ""
 
 
+def describe_load_error(error: Exception) -> str:
+    """One line for a model, config or processor that `from_pretrained` could not load; for one that needs its own
+    code (`auto_map` in its config), what to do instead."""
+    text = str(error).strip()
+    if "trust_remote_code" in text:
+        return (
+            "it needs its own Python code (`auto_map` in its config.json), which clip-trainer never runs; use a model "
+            "that transformers implements itself (CLIP, SigLIP, SigLIP 2, a vision-text dual encoder)."
+        )
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 # LoRA's default targets: the attention projections of both CLIP towers.
 DEFAULT_LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj")
 
@@ -55,6 +73,192 @@ MIN_TOKENIZER_VOCAB_SIZE = 259
 # Optimizers and schedules the seed project offered that `TrainingArguments` lacks; the trainer builds them.
 EXTRA_OPTIMIZERS = ["adam"]
 EXTRA_SCHEDULERS = ["step"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One check of every option's value, whatever its source
+# --------------------------------------------------------------------------------------------------------------
+# argparse checks `choices` and types only for what is typed on the command line: values from a config file become
+# the parser's defaults, which it never checks, and a dataclass built in Python meets no parser at all. So each
+# argument class's `__post_init__` starts with [`check_field_values`], which reads every field's type annotation,
+# its `choices` and its `bounds` from the field's metadata; the parser leaves both to it (see `build_parser`), so the
+# command line, a config file and Python give the same one-line error.
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The interval a numeric option must lie in (the field metadata key `bounds`); each end is included unless it is
+    `*_open`, and `hint` follows the error message (in parentheses)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    hint: str = ""
+
+    def __contains__(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def describe(self) -> str:
+        """`at least 1`, `above 1`, `in (0, 1]`."""
+        if self.high is None:
+            return f"{'above' if self.low_open else 'at least'} {_number(self.low)}"
+        if self.low is None:
+            return f"{'below' if self.high_open else 'at most'} {_number(self.high)}"
+        left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+        return f"in {left}{_number(self.low)}, {_number(self.high)}{right}"
+
+
+def _number(value: float | None) -> str:
+    return str(int(value)) if value is not None and float(value).is_integer() else str(value)
+
+
+# Bounds of `TrainingArguments` fields that clip-trainer does not redeclare (the redeclared ones carry their own in
+# their metadata). transformers checks none of these ranges itself, or only deep inside training.
+TRAINING_ARGUMENT_BOUNDS = {
+    "per_device_train_batch_size": Bounds(1),
+    "per_device_eval_batch_size": Bounds(1),
+    "gradient_accumulation_steps": Bounds(1),
+    "num_train_epochs": Bounds(0),
+    "max_steps": Bounds(-1, hint="-1: train for `num_train_epochs`"),
+    "warmup_steps": Bounds(0, hint="below 1: a fraction of the steps"),
+    "learning_rate": Bounds(0, hint="e.g. 1e-4"),
+    "adam_beta1": Bounds(0, 1, high_open=True),
+    "max_grad_norm": Bounds(0, hint="0: no clipping"),
+    "eval_steps": Bounds(0, low_open=True, hint="below 1: a fraction of the steps"),
+    "save_steps": Bounds(0, low_open=True, hint="below 1: a fraction of the steps"),
+    "seed": Bounds(0, 2**32 - 1),
+}
+# `TrainingArguments` fields that take more than their annotation says: `fsdp` a list or a bool as well as a string,
+# `resume_from_checkpoint` JSON's `true` (the newest checkpoint) as well as a path.
+_LOOSELY_TYPED_FIELDS = frozenset({"fsdp", "resume_from_checkpoint"})
+_SCALAR_TYPES = (bool, int, float, str)
+WISE_FT_MIX = "WiSE-FT mixes (1 - a) x pretrained + a x fine-tuned"
+
+
+class InvalidValueError(ConfigError):
+    """A [`ConfigError`] about one option's value; `key` names the option, so that the command line can tell where
+    the value came from (a config file or a flag)."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+@functools.cache
+def _field_specs(cls: type) -> tuple[tuple[str, type | None, bool, bool, tuple | None, Bounds | None], ...]:
+    """Per init field of `cls`: (name, scalar type or None when the annotation is not one this check reads, may be
+    None, is a list, choices, bounds)."""
+    hints = typing.get_type_hints(cls)
+    specs = []
+    for f in fields(cls):
+        if not f.init:
+            continue
+        scalar, optional, is_list, enum_choices = _read_annotation(hints[f.name])
+        choices = f.metadata.get("choices", enum_choices)
+        bounds = f.metadata.get("bounds", TRAINING_ARGUMENT_BOUNDS.get(f.name))
+        if f.name in _LOOSELY_TYPED_FIELDS:
+            scalar = None
+        specs.append((f.name, scalar, optional, is_list, None if choices is None else tuple(choices), bounds))
+    return tuple(specs)
+
+
+def _read_annotation(hint: Any) -> tuple[type | None, bool, bool, list | None]:
+    """`(scalar type, may be None, is a list, the values of an Enum in it)` of an annotation such as `int | None`,
+    `list[str]` or `IntervalStrategy | str`; the scalar type is None for anything else (a dict, a union of several
+    types), which the option's own parsing checks."""
+    members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    optional = type(None) in members
+    members = tuple(member for member in members if member is not type(None))
+    enums = [member for member in members if isinstance(member, type) and issubclass(member, enum.Enum)]
+    if enums:
+        # transformers' `IntervalStrategy | str` and the like: a string, one of the enum's values.
+        only_enum = all(member in (*enums, str) for member in members)
+        return (str if only_enum else None), optional, False, [item.value for item in enums[0]]
+    if len(members) != 1:
+        return None, optional, False, None
+    (member,) = members
+    if typing.get_origin(member) is list and typing.get_args(member) and typing.get_args(member)[0] in _SCALAR_TYPES:
+        return typing.get_args(member)[0], optional, True, None
+    return (member if member in _SCALAR_TYPES else None), optional, False, None
+
+
+def _has_type(value: Any, scalar: type) -> bool:
+    if scalar is bool or isinstance(value, bool):
+        return isinstance(value, bool) and scalar is bool  # True is an int to Python, never a number here
+    if scalar is float:
+        return isinstance(value, int | float) and math.isfinite(value)
+    return isinstance(value, scalar)
+
+
+_TYPE_NAMES = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
+_LIST_TYPE_NAMES = {bool: "booleans", int: "whole numbers", float: "numbers", str: "strings"}
+
+
+def check_field_values(instance: Any) -> None:
+    """Checks every init field of an argument dataclass against its annotation's type, its `choices` and its
+    `bounds`, whatever set it (a flag, a config file, Python).
+
+    Raises:
+        [`InvalidValueError`]: one line naming the key, the value, what it may be and how to fix it.
+    """
+    for name, scalar, optional, is_list, choices, bounds in _field_specs(type(instance)):
+        value = getattr(instance, name)
+        if value is None and (optional or scalar is None):
+            continue
+        if choices is not None:
+            if not isinstance(value, str) or value not in choices:  # every option's choices are strings
+                hint = did_you_mean(value, [str(choice) for choice in choices]) if isinstance(value, str) else ""
+                raise InvalidValueError(
+                    name,
+                    f"`{name}` is {value!r}; set it to one of: {', '.join(str(choice) for choice in choices)}.{hint}",
+                )
+            continue
+        if scalar is None:
+            continue
+        empty = ", or empty (null)" if optional else ""
+        if is_list:
+            if not isinstance(value, list | tuple):
+                example = (
+                    json.dumps([value]) if _has_type(value, scalar) else f"[{'0.5' if scalar is float else '...'}]"
+                )
+                raise InvalidValueError(
+                    name,
+                    f"`{name}` is {value!r}; it must be a list of {_LIST_TYPE_NAMES[scalar]}{empty} (on the command "
+                    f"line: --{name} A B ...; in a config file a JSON list, e.g. {example}).",
+                )
+            for item in value:
+                if not _has_type(item, scalar) or (bounds is not None and item not in bounds):
+                    what = _TYPE_NAMES[scalar] + _of(bounds)
+                    raise InvalidValueError(
+                        name, f"`{name}` has {item!r}; each of its values must be {what}{_hint(bounds)}."
+                    )
+            continue
+        if not _has_type(value, scalar):
+            what = _TYPE_NAMES[scalar] + _of(bounds)
+            if scalar is bool:
+                what += " (a JSON boolean, without quotes)"
+            raise InvalidValueError(name, f"`{name}` is {value!r}; it must be {what}{empty}{_hint(bounds)}.")
+        if bounds is not None and value not in bounds:
+            raise InvalidValueError(
+                name, f"`{name}` is {value!r}; it must be {bounds.describe()}{empty}{_hint(bounds)}."
+            )
+
+
+def _hint(bounds: Bounds | None) -> str:
+    return f" ({bounds.hint})" if bounds is not None and bounds.hint else ""
+
+
+def _of(bounds: Bounds | None) -> str:
+    """`a whole number` + ` of at least 1` / ` above 1` / ` in (0, 1]`."""
+    if bounds is None:
+        return ""
+    described = bounds.describe()
+    return f" of {described}" if described.startswith(("at least", "at most")) else f" {described}"
 
 
 @dataclass
@@ -95,7 +299,10 @@ class ModelArguments:
     )
     projection_dim: int = field(
         default=512,
-        metadata={"help": "For a new dual encoder: the size of the shared embedding space its projections map to."},
+        metadata={
+            "help": "For a new dual encoder: the size of the shared embedding space its projections map to.",
+            "bounds": Bounds(1),
+        },
     )
     tokenizer_name: str | None = field(
         default=None,
@@ -112,13 +319,20 @@ class ModelArguments:
     )
     tokenizer_vocab_size: int = field(
         default=4096,
-        metadata={"help": "Vocabulary size of the tokenizer trained on the captions when none is given."},
+        metadata={
+            "help": "Vocabulary size of the tokenizer trained on the captions when none is given.",
+            "bounds": Bounds(
+                MIN_TOKENIZER_VOCAB_SIZE,
+                hint="a byte-level tokenizer needs 256 bytes and 3 special tokens; use 1024 or more for real captions",
+            ),
+        },
     )
     dropout: float | None = field(
         default=None,
         metadata={
             "help": "Dropout probability set on both towers' configs (CLIP applies it to attention weights, its only "
-            "dropout site). Empty: keep the model's."
+            "dropout site). Empty: keep the model's.",
+            "bounds": Bounds(0, 1, high_open=True),
         },
     )
     attn_implementation: str = field(
@@ -140,6 +354,7 @@ class ModelArguments:
     )
 
     def __post_init__(self) -> None:
+        check_field_values(self)
         # An empty value on the command line (--model_name_or_path "") unsets what a config file set.
         keys = ("model_name_or_path", "config_name", "tokenizer_name", "image_processor_name")
         for key in (*keys, "vision_model_name_or_path", "text_model_name_or_path"):
@@ -167,13 +382,6 @@ class ModelArguments:
                 "No model given: set `model_name_or_path` (e.g. openai/clip-vit-base-patch32) to fine-tune, "
                 "`config_name` (a CLIPConfig or SiglipConfig) to train from scratch, or `vision_model_name_or_path` "
                 "and `text_model_name_or_path` to join two encoders."
-            )
-        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"`dropout` is {self.dropout}; it must be in [0, 1).")
-        if self.tokenizer_vocab_size < MIN_TOKENIZER_VOCAB_SIZE:
-            raise ConfigError(
-                f"`tokenizer_vocab_size` is {self.tokenizer_vocab_size}; a byte-level tokenizer needs at least "
-                f"{MIN_TOKENIZER_VOCAB_SIZE} (256 bytes and 3 special tokens). Use 1024 or more for real captions."
             )
         _check_attention_available(self.attn_implementation)
 
@@ -231,17 +439,24 @@ class DataArguments:
         metadata={
             "help": "Percent of the training data held out for validation when there is no validation split. 0: train "
             "on everything (no evaluation unless `validation_file` is given). Nothing is held out when the run does "
-            "not evaluate."
+            "not evaluate.",
+            "bounds": Bounds(0, 100, high_open=True, hint="0: train on everything"),
         },
     )
     max_seq_length: int | None = field(
         default=None,
         metadata={
-            "help": "Longest caption in tokens; longer ones are truncated. Default and upper bound: the text model's positions."
+            "help": "Longest caption in tokens; longer ones are truncated. Default and upper bound: the text model's "
+            "positions.",
+            "bounds": Bounds(2, hint="a start and an end token"),
         },
     )
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use only this many training pairs."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only this many validation pairs."})
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Use only this many training pairs.", "bounds": Bounds(1)}
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Use only this many validation pairs.", "bounds": Bounds(1)}
+    )
     on_bad_rows: str = field(
         default="skip",
         metadata={
@@ -260,7 +475,10 @@ class DataArguments:
     )
     max_image_pixels: int = field(
         default=89_478_485,
-        metadata={"help": "Images with more pixels than this are skipped as likely decompression bombs."},
+        metadata={
+            "help": "Images with more pixels than this are skipped as likely decompression bombs.",
+            "bounds": Bounds(1),
+        },
     )
     prepare_only: bool = field(
         default=False,
@@ -279,11 +497,12 @@ class DataArguments:
             "help": "With `streaming`: each DataLoader worker shuffles its stream in consecutive blocks of this many "
             "rows (within one pass over its shards; the shard order is shuffled too). Rows are kept encoded, so a "
             "block takes about this many times the average image file size of memory per worker; a resumed run "
-            "re-reads at most one block to continue exactly where it stopped."
+            "re-reads at most one block to continue exactly where it stopped.",
+            "bounds": Bounds(1),
         },
     )
     preprocessing_num_workers: int | None = field(
-        default=None, metadata={"help": "Processes used by `datasets` to prepare the data."}
+        default=None, metadata={"help": "Processes used by `datasets` to prepare the data.", "bounds": Bounds(1)}
     )
     train_mixture: dict[str, float] | str | None = field(
         default=None,
@@ -336,21 +555,25 @@ class DataArguments:
     augment_scale_min: float = field(
         default=0.9,
         metadata={
-            "help": "With `augment`: the smallest share of the image's area a random crop keeps (open_clip: 0.9)."
+            "help": "With `augment`: the smallest share of the image's area a random crop keeps (open_clip: 0.9).",
+            "bounds": Bounds(0, 1, low_open=True, hint="open_clip uses 0.9"),
         },
     )
     color_jitter: float = field(
         default=0.0,
         metadata={
             "help": "With `augment`: brightness, contrast and saturation each multiplied by a random factor in "
-            "[1 - x, 1 + x] (torchvision's ColorJitter(x, x, x)). 0: off."
+            "[1 - x, 1 + x] (torchvision's ColorJitter(x, x, x)). 0: off.",
+            "bounds": Bounds(0, 1, hint="0 turns it off"),
         },
     )
     grayscale_probability: float = field(
-        default=0.0, metadata={"help": "With `augment`: the probability of turning a training image gray."}
+        default=0.0,
+        metadata={"help": "With `augment`: the probability of turning a training image gray.", "bounds": Bounds(0, 1)},
     )
 
     def __post_init__(self) -> None:
+        check_field_values(self)
         self._check_augmentation()
         self.extra_eval_sets = _parse_extra_eval_sets(self.extra_eval_sets)
         if self.validation_split_name is not None and not self.validation_split_name.strip():
@@ -372,6 +595,13 @@ class DataArguments:
                 check_data_file_pattern(key, path)
         if self.train_mixture in ("", {}):
             self.train_mixture = None
+        if isinstance(self.train_mixture, str):
+            try:  # the command line's JSON text; `parse_mixture` reads it too, but would keep a repeated source's last
+                self.train_mixture = json.loads(
+                    self.train_mixture, object_pairs_hook=_refuse_repeated_keys("train_mixture")
+                )
+            except json.JSONDecodeError:
+                pass  # reported by `parse_mixture`, with an example
         if self.train_mixture is not None:
             self.train_mixture = parse_mixture(self.train_mixture)
             for source in self.train_mixture:  # files are checked now; folders and Hub ids when they are loaded
@@ -383,28 +613,9 @@ class DataArguments:
                         f"Both `train_mixture` and `{key}` ({getattr(self, key)!r}) are set; put that source into the "
                         f'mixture or drop one (on the command line, --{key} "" unsets a config file\'s).'
                     )
-        if self.shuffle_buffer_size < 1:
-            raise ConfigError(f"`shuffle_buffer_size` is {self.shuffle_buffer_size}; it must be at least 1.")
-        if not 0 <= self.validation_split_percentage < 100:
-            raise ConfigError(
-                f"`validation_split_percentage` is {self.validation_split_percentage}; it must be at least 0 (train "
-                "on everything) and below 100."
-            )
-        if self.max_seq_length is not None and self.max_seq_length < 2:
-            raise ConfigError(
-                f"`max_seq_length` is {self.max_seq_length}; it must be at least 2 (start and end token)."
-            )
         self.extra_eval_data_arguments()  # each entry checked as a validation split's arguments are
 
     def _check_augmentation(self) -> None:
-        if not (isinstance(self.augment_scale_min, int | float) and 0 < self.augment_scale_min <= 1):
-            raise ConfigError(
-                f"`augment_scale_min` is {self.augment_scale_min!r}; it must be in (0, 1] (open_clip uses 0.9)."
-            )
-        if not (isinstance(self.color_jitter, int | float) and 0 <= self.color_jitter <= 1):
-            raise ConfigError(f"`color_jitter` is {self.color_jitter!r}; it must be in [0, 1] (0 turns it off).")
-        if not (isinstance(self.grayscale_probability, int | float) and 0 <= self.grayscale_probability <= 1):
-            raise ConfigError(f"`grayscale_probability` is {self.grayscale_probability!r}; it must be in [0, 1].")
         changed = self.augment_scale_min != 0.9 or self.color_jitter or self.grayscale_probability
         if changed and not self.augment:
             warnings.warn(
@@ -482,7 +693,7 @@ def _parse_extra_eval_sets(value: Any) -> dict[str, dict[str, Any]] | None:
     example = '{"reference": "data/reference.csv"}'
     if isinstance(value, str):
         try:
-            value = json.loads(value, object_pairs_hook=_refuse_duplicate_set_names)
+            value = json.loads(value, object_pairs_hook=_refuse_repeated_keys("extra_eval_sets"))
         except json.JSONDecodeError as error:
             raise ConfigError(
                 f"`extra_eval_sets` is not valid JSON ({error}); give a JSON object such as '{example}'."
@@ -525,13 +736,65 @@ def _parse_extra_eval_sets(value: Any) -> dict[str, dict[str, Any]] | None:
     return sets or None
 
 
-def _refuse_duplicate_set_names(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    # `json.loads` keeps the last of two equal keys without a word; two sets of one name would report one set.
-    names = [name for name, _ in pairs]
-    for name in names:
-        if names.count(name) > 1:
-            raise ConfigError(f"`extra_eval_sets` has the key {name!r} twice; give each set its own name.")
-    return dict(pairs)
+# `json.loads` keeps the last of two equal keys of an object without a word: two sets of one name would report one
+# set, two weights of one source would drop one, and a key given twice at the top of a config file would keep its
+# second value whatever the reader expects. These say what to do instead.
+REPEATED_KEY_FIXES = {
+    "extra_eval_sets": "give each set its own name",
+    "train_mixture": "give each source once, with the weights added up",
+}
+_REPEATED_KEY_FIX = "keep one of them"
+
+
+def _first_repeated_key(pairs: list[tuple[Any, Any]]) -> Any:
+    seen = set()
+    for key, _ in pairs:
+        if key in seen:
+            return key
+        seen.add(key)
+    return None
+
+
+def _refuse_repeated_keys(option: str) -> Any:
+    """A `json.loads` `object_pairs_hook` for the JSON text of `option` (on the command line) that refuses a key given
+    twice in any of its objects."""
+
+    def hook(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+        key = _first_repeated_key(pairs)
+        if key is not None:
+            fix = REPEATED_KEY_FIXES.get(option, _REPEATED_KEY_FIX)
+            raise ConfigError(f"`{option}` has the key {key!r} twice; {fix}.")
+        return dict(pairs)
+
+    return hook
+
+
+class _RepeatedKeys(dict):
+    """A JSON object of a config file in which the key `repeated` was given more than once; kept (not refused on the
+    spot) so that the message can say which option holds it."""
+
+    repeated: Any = None
+
+
+def _mark_repeated_keys(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    key = _first_repeated_key(pairs)
+    if key is None:
+        return dict(pairs)
+    marked = _RepeatedKeys(pairs)
+    marked.repeated = key
+    return marked
+
+
+def _find_repeated_key(value: Any, where: tuple[str, ...] = ()) -> tuple[tuple[str, ...], Any] | None:
+    """`(the keys leading to the object, the key given twice)` of the first object in `value` with a repeated key."""
+    if isinstance(value, _RepeatedKeys):
+        return where, value.repeated
+    children = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, child in children:
+        found = _find_repeated_key(child, (*where, str(key)))
+        if found is not None:
+            return found
+    return None
 
 
 def _check_metric_keys_are_distinct(names: list[str]) -> None:
@@ -559,11 +822,16 @@ class CLIPTrainingArguments(TrainingArguments):
         default=False, metadata={"help": "Keep False: the collator reads raw columns."}
     )
     # CLIP's own AdamW settings (Radford et al. 2021; open_clip): beta2 0.98, eps 1e-6, weight decay 0.2.
-    adam_beta2: float = field(default=0.98, metadata={"help": "Adam beta2 (CLIP: 0.98)."})
-    adam_epsilon: float = field(default=1e-6, metadata={"help": "Adam epsilon (CLIP: 1e-6)."})
+    adam_beta2: float = field(
+        default=0.98, metadata={"help": "Adam beta2 (CLIP: 0.98).", "bounds": Bounds(0, 1, high_open=True)}
+    )
+    adam_epsilon: float = field(default=1e-6, metadata={"help": "Adam epsilon (CLIP: 1e-6).", "bounds": Bounds(0)})
     weight_decay: float = field(
         default=0.2,
-        metadata={"help": "Weight decay; never applied to biases, norms, embeddings or logit_scale."},
+        metadata={
+            "help": "Weight decay; never applied to biases, norms, embeddings or logit_scale.",
+            "bounds": Bounds(0),
+        },
     )
     optim: str = field(
         default=TrainingArguments.optim,
@@ -593,14 +861,22 @@ class CLIPTrainingArguments(TrainingArguments):
         metadata={"help": "Checkpoints kept; with load_best_model_at_end the best one is always among them."},
     )
     logging_steps: float = field(
-        default=10, metadata={"help": "Log every N optimizer steps (or a fraction of the run)."}
+        default=10,
+        metadata={
+            "help": "Log every N optimizer steps (or a fraction of the run).",
+            "bounds": Bounds(0, low_open=True, hint="below 1: a fraction of the steps"),
+        },
     )
     report_to: None | str | list[str] = field(
         default="tensorboard",
         metadata={"help": "Where to log: tensorboard, wandb, all, none, or a comma-separated list of them."},
     )
     dataloader_num_workers: int = field(
-        default=2, metadata={"help": "Worker processes that decode and resize images. 0 decodes in the main process."}
+        default=2,
+        metadata={
+            "help": "Worker processes that decode and resize images. 0 decodes in the main process.",
+            "bounds": Bounds(0, hint="0: decode in the main process"),
+        },
     )
     dataloader_persistent_workers: bool = field(
         default=True, metadata={"help": "Keep data workers alive between epochs and evaluations."}
@@ -631,20 +907,27 @@ class CLIPTrainingArguments(TrainingArguments):
     unfreeze_after_steps: int | None = field(
         default=None,
         metadata={
-            "help": "Unfreeze the frozen tower(s) after this many optimizer steps. Empty: frozen for the whole run."
+            "help": "Unfreeze the frozen tower(s) after this many optimizer steps. Empty: frozen for the whole run.",
+            "bounds": Bounds(0),
         },
     )
     zeroshot_templates: list[str] | None = field(
         default=None,
         metadata={"help": "Prompt templates for zero-shot classification, each with one `{}`. Empty: a default list."},
     )
-    lr_step_size: int = field(default=1000, metadata={"help": "For lr_scheduler_type=step: steps between decays."})
-    lr_step_gamma: float = field(default=0.1, metadata={"help": "For lr_scheduler_type=step: decay factor."})
+    lr_step_size: int = field(
+        default=1000, metadata={"help": "For lr_scheduler_type=step: steps between decays.", "bounds": Bounds(1)}
+    )
+    lr_step_gamma: float = field(
+        default=0.1,
+        metadata={"help": "For lr_scheduler_type=step: decay factor.", "bounds": Bounds(0, 1, low_open=True)},
+    )
     max_logit_scale: float = field(
         default=100.0,
         metadata={
             "help": "Upper bound of exp(logit_scale) (the inverse temperature) with the softmax loss; CLIP clamps it "
-            "at 100. The sigmoid loss is not clamped (SigLIP is not: its checkpoints sit above 100)."
+            "at 100. The sigmoid loss is not clamped (SigLIP is not: its checkpoints sit above 100).",
+            "bounds": Bounds(1, low_open=True, hint="CLIP uses 100"),
         },
     )
     gather_negatives: bool = field(
@@ -681,22 +964,31 @@ class CLIPTrainingArguments(TrainingArguments):
     )
     early_stopping_patience: int | None = field(
         default=None,
-        metadata={"help": "Stop after this many evaluations without improvement of `metric_for_best_model`."},
+        metadata={
+            "help": "Stop after this many evaluations without improvement of `metric_for_best_model`.",
+            "bounds": Bounds(1),
+        },
     )
     early_stopping_threshold: float = field(
         default=0.0,
         metadata={
-            "help": "Smallest change of `metric_for_best_model` that counts as an improvement (the seed's min_delta)."
+            "help": "Smallest change of `metric_for_best_model` that counts as an improvement (the seed's min_delta).",
+            "bounds": Bounds(0),
         },
     )
     retrieval_chunk_size: int = field(
-        default=1024, metadata={"help": "Queries ranked at once during retrieval evaluation (bounds its memory)."}
+        default=1024,
+        metadata={
+            "help": "Queries ranked at once during retrieval evaluation (bounds its memory).",
+            "bounds": Bounds(1),
+        },
     )
     peak_tflops: float | None = field(
         default=None,
         metadata={
             "help": "Peak TFLOP/s of one device in the training precision (e.g. 989 for an H100's dense bf16); when "
-            "set, training logs report `mfu`, model FLOPs utilisation, next to `samples_per_second`."
+            "set, training logs report `mfu`, model FLOPs utilisation, next to `samples_per_second`.",
+            "bounds": Bounds(0, low_open=True, hint="e.g. 989 for an H100's dense bf16"),
         },
     )
     export_onnx: bool = field(
@@ -711,7 +1003,8 @@ class CLIPTrainingArguments(TrainingArguments):
         metadata={
             "help": "Optimizer steps whose loss or gradients are NaN/inf are skipped (weights untouched) and counted "
             "(`nonfinite_steps_skipped`); after this many in a row the run saves a checkpoint and stops with an "
-            "error. 0: never stop."
+            "error. 0: never stop.",
+            "bounds": Bounds(0, hint="0: never stop"),
         },
     )
     # --- Fine-tuning without forgetting (issue 13): partial locking, layer-wise rates, WiSE-FT, LoRA --------------
@@ -720,19 +1013,24 @@ class CLIPTrainingArguments(TrainingArguments):
         metadata={
             "help": "Train only the top N encoder layers of the image tower, with its final norm and projection; its "
             "embeddings and lower layers stay fixed. 0: only the final norm and projection train (LiT-style lock with "
-            "a trainable head; `freeze_vision_model` fixes them too). Empty: every layer trains."
+            "a trainable head; `freeze_vision_model` fixes them too). Empty: every layer trains.",
+            "bounds": Bounds(0, hint="0: only the final norm and projection train"),
         },
     )
     text_trainable_layers: int | None = field(
         default=None,
-        metadata={"help": "The same for the text tower: its top N layers, final norm and projection train."},
+        metadata={
+            "help": "The same for the text tower: its top N layers, final norm and projection train.",
+            "bounds": Bounds(0, hint="0: only the final norm and projection train"),
+        },
     )
     layerwise_lr_decay: float | None = field(
         default=None,
         metadata={
             "help": "Layer-wise learning-rate decay d in (0, 1]: in each tower the final norm and projection (and "
             "logit_scale) train at `learning_rate`, the k-th encoder layer from the top at learning_rate x d^k, the "
-            "embeddings at learning_rate x d^(layers + 1). Empty: one rate for all."
+            "embeddings at learning_rate x d^(layers + 1). Empty: one rate for all.",
+            "bounds": Bounds(0, 1, low_open=True, hint="e.g. 0.75"),
         },
     )
     wise_ft_alphas: list[float] | None = field(
@@ -741,14 +1039,16 @@ class CLIPTrainingArguments(TrainingArguments):
             "help": "WiSE-FT: after training, evaluate the weights (1 - a) x pretrained + a x fine-tuned for each a "
             "(0 and 1 are always added) on every evaluation set; the table goes to wise_ft_results.json, the "
             "in-domain vs reference curve to wise_ft.png, and the model saved is the a chosen by "
-            "`wise_ft_min_retention` (or `wise_ft_alpha`). Needs `model_name_or_path`."
+            "`wise_ft_min_retention` (or `wise_ft_alpha`). Needs `model_name_or_path`.",
+            "bounds": Bounds(0, 1, hint=f"{WISE_FT_MIX}; e.g. [0.25, 0.5, 0.75]"),
         },
     )
     wise_ft_alpha: float | None = field(
         default=None,
         metadata={
             "help": "Save the WiSE-FT interpolation at this a in [0, 1] (with or without `wise_ft_alphas`). Empty: "
-            "chosen by the rule of `wise_ft_min_retention`."
+            "chosen by the rule of `wise_ft_min_retention`.",
+            "bounds": Bounds(0, 1, hint=WISE_FT_MIX),
         },
     )
     wise_ft_min_retention: float = field(
@@ -756,7 +1056,8 @@ class CLIPTrainingArguments(TrainingArguments):
         metadata={
             "help": "WiSE-FT's rule: among the evaluated a, save the one with the best in-domain (validation) metric "
             "whose metric on every `extra_eval_sets` set stays at least this share of the pretrained model's (a=0). "
-            "The metric is `metric_for_best_model` without its set prefix when greater is better, else mean_recall."
+            "The metric is `metric_for_best_model` without its set prefix when greater is better, else mean_recall.",
+            "bounds": Bounds(0, 1, hint="e.g. 0.9"),
         },
     )
     lora_rank: int | None = field(
@@ -764,14 +1065,20 @@ class CLIPTrainingArguments(TrainingArguments):
         metadata={
             "help": "Train LoRA adapters of this rank (through peft; `pip install 'clip-trainer[lora]'`) instead of "
             "the model's weights; the saved model is the plain CLIPModel with the adapters merged, and the adapter "
-            "is saved beside it in `output_dir/adapter`. Empty: no LoRA."
+            "is saved beside it in `output_dir/adapter`. Empty: no LoRA.",
+            "bounds": Bounds(1),
         },
     )
     lora_alpha: float | None = field(
         default=None,
-        metadata={"help": "LoRA's scale numerator: the update is (lora_alpha / lora_rank) x B A. Empty: lora_rank."},
+        metadata={
+            "help": "LoRA's scale numerator: the update is (lora_alpha / lora_rank) x B A. Empty: lora_rank.",
+            "bounds": Bounds(0, low_open=True, hint="empty: `lora_rank`"),
+        },
     )
-    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA adapters' input."})
+    lora_dropout: float = field(
+        default=0.0, metadata={"help": "Dropout on the LoRA adapters' input.", "bounds": Bounds(0, 1, high_open=True)}
+    )
     lora_target_modules: list[str] = field(
         default_factory=lambda: list(DEFAULT_LORA_TARGET_MODULES),
         metadata={
@@ -781,7 +1088,9 @@ class CLIPTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
-        self._check_numbers()
+        # Every field's type, choices and bounds, the parent's too, before transformers reads any of them.
+        check_field_values(self)
+        self._check_steps()
         self._check_fine_tuning_options()
         # `TrainingArguments` accepts only its own optimizer and scheduler names; ours are swapped out for a
         # stand-in while it validates, then put back for the trainer to build.
@@ -814,16 +1123,6 @@ class CLIPTrainingArguments(TrainingArguments):
             self.optim = extra_optim
         if extra_scheduler:
             self.lr_scheduler_type = extra_scheduler
-        if self.max_logit_scale <= 1:
-            raise ConfigError(f"`max_logit_scale` is {self.max_logit_scale}; it must be above 1 (CLIP uses 100).")
-        if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
-            raise ConfigError(f"`early_stopping_patience` is {self.early_stopping_patience}; it must be at least 1.")
-        if self.lr_step_size < 1:
-            raise ConfigError(f"`lr_step_size` is {self.lr_step_size}; it must be at least 1.")
-        if self.max_nonfinite_steps < 0:
-            raise ConfigError(
-                f"`max_nonfinite_steps` is {self.max_nonfinite_steps}; it must be 0 (never stop) or more."
-            )
         if self.unfreeze_after_steps is not None and not (self.freeze_vision_model or self.freeze_text_model):
             raise ConfigError(
                 "`unfreeze_after_steps` is set but no tower is frozen; set `freeze_vision_model` or "
@@ -841,28 +1140,8 @@ class CLIPTrainingArguments(TrainingArguments):
                 )
 
     def _check_fine_tuning_options(self) -> None:
-        """Partial locking, layer-wise rates, WiSE-FT and LoRA: what can be checked without the model."""
-        for key in ("vision_trainable_layers", "text_trainable_layers", "lora_rank"):
-            value = getattr(self, key)
-            minimum = 1 if key == "lora_rank" else 0
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
-                raise ConfigError(f"`{key}` is {value!r}; it must be a whole number of at least {minimum}, or empty.")
-        decay = self.layerwise_lr_decay
-        if decay is not None and (isinstance(decay, bool) or not isinstance(decay, int | float) or not 0 < decay <= 1):
-            raise ConfigError(f"`layerwise_lr_decay` is {decay!r}; it must be in (0, 1] (e.g. 0.75), or empty.")
-        if self.wise_ft_alphas is not None and not isinstance(self.wise_ft_alphas, list | tuple):
-            self.wise_ft_alphas = [self.wise_ft_alphas]
-        explicit = [] if self.wise_ft_alpha is None else [self.wise_ft_alpha]
-        for key, alphas in (("wise_ft_alphas", self.wise_ft_alphas or []), ("wise_ft_alpha", explicit)):
-            for alpha in alphas:
-                if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 <= alpha <= 1:
-                    raise ConfigError(
-                        f"`{key}` has {alpha!r}; WiSE-FT mixes (1 - a) x pretrained + a x fine-tuned, so a must be "
-                        "in [0, 1] (e.g. [0.25, 0.5, 0.75])."
-                    )
-        retention = self.wise_ft_min_retention
-        if isinstance(retention, bool) or not isinstance(retention, int | float) or not 0 <= retention <= 1:
-            raise ConfigError(f"`wise_ft_min_retention` is {retention!r}; it must be in [0, 1] (e.g. 0.9).")
+        """LoRA against partial locking, and its package: what can be checked without the model (the values'
+        types and ranges are checked by `check_field_values`)."""
         if self.lora_rank is None:
             return
         if not is_peft_installed():
@@ -870,10 +1149,6 @@ class CLIPTrainingArguments(TrainingArguments):
                 "`lora_rank` is set but peft, which trains the adapters, is not installed: "
                 "pip install 'clip-trainer[lora]' (or unset `lora_rank`)."
             )
-        if not 0 <= self.lora_dropout < 1:
-            raise ConfigError(f"`lora_dropout` is {self.lora_dropout}; it must be in [0, 1).")
-        if self.lora_alpha is not None and not self.lora_alpha > 0:
-            raise ConfigError(f"`lora_alpha` is {self.lora_alpha}; it must be positive (empty: `lora_rank`).")
         if not self.lora_target_modules:
             raise ConfigError(
                 "`lora_target_modules` is empty; name the modules that get adapters (e.g. q_proj v_proj)."
@@ -889,29 +1164,8 @@ class CLIPTrainingArguments(TrainingArguments):
                 "choose where adapters go with `lora_target_modules`, or drop `lora_rank`."
             )
 
-    def _check_numbers(self) -> None:
-        """Values a JSON file can get wrong in ways argparse never sees (null, a list, a negative number)."""
-
-        def number(key: str, minimum: float, integer: bool, allow: tuple = ()) -> None:
-            value = getattr(self, key)
-            if value in allow:
-                return
-            kind = int if integer else (int, float)
-            if isinstance(value, bool) or not isinstance(value, kind) or value < minimum or value != value:
-                what = "a whole number" if integer else "a number"
-                raise ConfigError(f"`{key}` is {value!r}; it must be {what} of at least {minimum}.")
-
-        number("per_device_train_batch_size", 1, integer=True)
-        number("per_device_eval_batch_size", 1, integer=True)
-        number("gradient_accumulation_steps", 1, integer=True)
-        number("dataloader_num_workers", 0, integer=True)
-        number("num_train_epochs", 0, integer=False)
-        number("max_steps", -1, integer=True)
-        number("warmup_steps", 0, integer=False)
-        number("weight_decay", 0, integer=False)
-        rate = self.learning_rate
-        if isinstance(rate, bool) or not isinstance(rate, int | float) or not rate >= 0:
-            raise ConfigError(f"`learning_rate` is {rate!r}; it must be a number of at least 0 (e.g. 1e-4).")
+    def _check_steps(self) -> None:
+        """A run that would train nothing: each value is in range, but together they make no step."""
         if self.max_steps == 0:
             raise ConfigError("`max_steps` is 0, so nothing would train; set a positive number, or -1 to use epochs.")
         if self.max_steps < 0 and self.num_train_epochs <= 0:
@@ -950,8 +1204,22 @@ class CLIPTrainingArguments(TrainingArguments):
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, CLIPTrainingArguments)
 
 
+class _ArgumentParser(HfArgumentParser):
+    """`HfArgumentParser` that leaves the options' `choices` and `bounds` to [`check_field_values`]: argparse would
+    check choices on the command line only (never in a config file) and does not know `bounds`. The choices are
+    listed in the option's help instead."""
+
+    def add_argument(self, *names: str, **kwargs: Any) -> Any:
+        kwargs.pop("bounds", None)
+        choices = kwargs.pop("choices", None)
+        if choices is not None:
+            listed = f"One of: {', '.join(str(choice) for choice in choices)}."
+            kwargs["help"] = f"{kwargs['help']} {listed}" if kwargs.get("help") else listed
+        return super().add_argument(*names, **kwargs)
+
+
 def build_parser() -> HfArgumentParser:
-    parser = HfArgumentParser(ARGUMENT_CLASSES)
+    parser = _ArgumentParser(ARGUMENT_CLASSES)
     parser.description = (
         "Train or fine-tune a CLIP model. Usage: run_clip.py [CONFIG.json ...] [--flag value ...]. Config files are "
         "applied left to right, then command-line flags."
@@ -1009,7 +1277,7 @@ def _resolve_extra_eval_sets(value: Any, config_dir: Path) -> Any:
     """`extra_eval_sets` from a config file, each entry's paths read beside the config file like other path keys."""
     if isinstance(value, str):
         try:
-            value = json.loads(value)
+            value = json.loads(value, object_pairs_hook=_refuse_repeated_keys("extra_eval_sets"))
         except json.JSONDecodeError:
             return value  # reported by DataArguments, with the fix
     if not isinstance(value, dict):
@@ -1037,11 +1305,20 @@ def _read_config_file(path: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise ConfigError(f"Config file {path!r} does not exist.")
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = json.loads(Path(path).read_text(encoding="utf-8"), object_pairs_hook=_mark_repeated_keys)
     except json.JSONDecodeError as error:
         raise ConfigError(f"Config file {path!r} is not valid JSON: {error}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"Config file {path!r} must hold one JSON object of option names and values.")
+    found = _find_repeated_key(data)
+    if found is not None:
+        where, key = found
+        inside = f" in `{'.'.join(where)}`" if where else ""
+        fix = REPEATED_KEY_FIXES.get(where[0], _REPEATED_KEY_FIX) if where else _REPEATED_KEY_FIX
+        raise ConfigError(
+            f"Config file {path!r} has the key {key!r} twice{inside}; JSON would keep only the last one without a "
+            f"word, so {fix}."
+        )
     return data
 
 
@@ -1066,12 +1343,14 @@ def parse_arguments(
     while argv and argv[0].endswith(".json") and not argv[0].startswith("-"):
         config_files.append(argv.pop(0))
     merged: dict[str, Any] = {}
+    set_in: dict[str, str] = {}  # key -> the config file whose value is used, for the error messages
     for path in config_files:
         config_dir = Path(path).resolve().parent
         for key, value in _read_config_file(path).items():
             if key not in valid_keys:
                 raise ConfigError(f"Unknown key `{key}` in {path}.{did_you_mean(key, valid_keys)}")
             merged[key] = _resolve_config_value(key, value, config_dir)
+            set_in[key] = path
     # Values from files become the parser's defaults, so that flags on the command line win.
     parser.set_defaults(**merged)
     namespace, remaining = parser.parse_known_args(argv)
@@ -1093,12 +1372,21 @@ def parse_arguments(
             names = {f.name for f in fields(cls) if f.init}
             values = {name: value for name, value in vars(namespace).items() if name in names}
             outputs.append(cls(**values))
+    except InvalidValueError as error:
+        if error.key in set_in and not _given_as_flag(error.key, argv):
+            raise InvalidValueError(error.key, f"{error} (It is set in {set_in[error.key]}.)") from None
+        raise
     except ConfigError:
         raise
     except (ValueError, TypeError) as error:
         # TrainingArguments validates with ValueError; its messages name the fields.
         raise ConfigError(str(error)) from None
     return tuple(outputs)  # type: ignore[return-value]
+
+
+def _given_as_flag(key: str, argv: list[str]) -> bool:
+    flags = {f"--{key}", f"--{key.replace('_', '-')}", f"--no_{key}", f"--no-{key.replace('_', '-')}"}
+    return any(arg.split("=", 1)[0] in flags for arg in argv)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -1156,7 +1444,9 @@ def check_arguments(
         training_args,
         has_labels=data_args.label_column is not None,
         extra_sets={name: args.label_column is not None for name, args in extra_sets.items()},
+        sigmoid_loss=_uses_sigmoid_loss(training_args, config),
     )
+    _check_model_family(data_args, training_args, config)
     _check_fine_tuning(model_args, training_args, config)
     _check_report_to(training_args.report_to)
     if training_args.export_onnx:
@@ -1188,13 +1478,27 @@ def _check_negatives(args: CLIPTrainingArguments) -> None:
         )
 
 
+def _uses_sigmoid_loss(args: CLIPTrainingArguments, config: Any) -> bool | None:
+    """Whether the run trains with the sigmoid loss (which reports `logit_bias`); None when the model is unknown."""
+    if args.loss_type != "auto":
+        return args.loss_type == "sigmoid"
+    from .modeling import FAMILIES
+
+    family = FAMILIES.get(getattr(config, "model_type", None))
+    return None if family is None else family.loss == "sigmoid"
+
+
 def _check_metric_for_best_model(
-    args: CLIPTrainingArguments, has_labels: bool, extra_sets: dict[str, bool] | None = None
+    args: CLIPTrainingArguments,
+    has_labels: bool,
+    extra_sets: dict[str, bool] | None = None,
+    sigmoid_loss: bool | None = None,
 ) -> None:
     """Fails fast when `metric_for_best_model` names a metric that evaluation will never compute.
 
     `extra_sets` maps each of `extra_eval_sets` to whether it has a label column; their metrics are
-    `eval_{name}_{metric}`."""
+    `eval_{name}_{metric}`. `sigmoid_loss`: whether the run's loss is the sigmoid one, whose evaluations also report
+    `logit_bias` (None: not known, so `logit_bias` is allowed)."""
     from .evaluation import RETRIEVAL_METRIC_NAMES, ZEROSHOT_METRIC_NAMES
 
     metric = args.metric_for_best_model
@@ -1202,6 +1506,8 @@ def _check_metric_for_best_model(
         return
     name = metric.removeprefix("eval_")
     per_set = {"loss", "inverse_temperature", *RETRIEVAL_METRIC_NAMES}
+    if sigmoid_loss is not False:
+        per_set.add("logit_bias")
     known = set(per_set) | (set(ZEROSHOT_METRIC_NAMES) if has_labels else set())
     zeroshot_without_labels = set(ZEROSHOT_METRIC_NAMES) - known
     for set_name, labelled in (extra_sets or {}).items():
@@ -1213,6 +1519,8 @@ def _check_metric_for_best_model(
         return
     if name in zeroshot_without_labels:
         hint = " Zero-shot metrics need `label_column` (in the set's entry, for an extra evaluation set)."
+    elif name.split("_")[-2:] == ["logit", "bias"]:
+        hint = " `logit_bias` is reported only with the sigmoid loss (`loss_type` sigmoid, or a SigLIP model)."
     else:
         hint = did_you_mean(name, sorted(known), prefix="eval_")
     raise ConfigError(
@@ -1220,6 +1528,27 @@ def _check_metric_for_best_model(
         + ", ".join(f"eval_{key}" for key in sorted(known))
         + "."
     )
+
+
+def _check_model_family(data_args: DataArguments, args: CLIPTrainingArguments, config: Any) -> None:
+    """What a family's inputs rule out. SigLIP 2 (NaFlex) keeps each image's aspect ratio, at up to `max_num_patches`
+    patches: neither a crop to one fixed size nor a graph of one fixed image size fits it."""
+    if getattr(config, "model_type", None) != "siglip2":
+        return
+    if data_args.augment:
+        raise ConfigError(
+            "`augment` crops every training image to one fixed size, but this SigLIP 2 model (NaFlex) takes each "
+            "image at its own aspect ratio in patches, so no augmented image would fit; drop `augment` (and "
+            "`color_jitter`, `grayscale_probability`), or train a CLIP or SigLIP model to augment."
+        )
+    if args.export_onnx:
+        from .onnx_export import EXPORTABLE_MODEL_TYPES
+
+        raise ConfigError(
+            "`export_onnx` writes graphs of one fixed image size, which SigLIP 2's NaFlex inputs (a varying number of "
+            f"patches per image) do not fit; only {', '.join(EXPORTABLE_MODEL_TYPES)} models export. Drop "
+            "--export_onnx."
+        )
 
 
 def _check_fine_tuning(model_args: ModelArguments, args: CLIPTrainingArguments, config: Any) -> None:

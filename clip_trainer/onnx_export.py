@@ -32,6 +32,10 @@ from torch import nn
 from transformers import AutoModel, CLIPModel
 from transformers.utils import logging
 
+from .arguments import describe_load_error
+from .checkpoints import check_writable_folder
+from .errors import ConfigError
+
 logger = logging.get_logger(__name__)
 
 __all__ = ["ONNXExportError", "VISION_MODEL_FILENAME", "TEXT_MODEL_FILENAME", "export_onnx", "main"]
@@ -232,6 +236,7 @@ def export_onnx(
 
     Raises:
         [`ONNXExportError`]: if the export fails or the graphs do not reproduce the model within `atol`.
+        [`ConfigError`]: if `output_dir` cannot be written, or the model needs its own code.
         `ImportError`: if `onnxscript` (export) or `onnxruntime` (check) is missing.
     """
     if isinstance(model_dir_or_model, nn.Module):
@@ -240,15 +245,20 @@ def export_onnx(
         source_dir = Path(model_dir_or_model)
         if not (source_dir / "config.json").is_file():
             raise FileNotFoundError(f"{source_dir} has no config.json; pass a folder written by save_pretrained.")
-        model = AutoModel.from_pretrained(source_dir)
+        try:
+            # trust_remote_code=False: a model that needs its own code is refused, never run, and never asked about
+            # (left unset, transformers asks on the terminal, which a script cannot answer).
+            model = AutoModel.from_pretrained(source_dir, trust_remote_code=False)
+        except ValueError as error:
+            raise ConfigError(f"Cannot load {str(source_dir)!r}: {describe_load_error(error)}") from None
     if model.config.model_type not in EXPORTABLE_MODEL_TYPES:
         raise ONNXExportError(
             f"Exporting a {model.config.model_type!r} model is not supported: the two graphs take fixed-size images "
             f"and token ids, which fits {', '.join(EXPORTABLE_MODEL_TYPES)} models (SigLIP 2's NaFlex inputs do not)."
         )
     onnx = _require("onnx", "Exporting to ONNX")
-    os.makedirs(output_dir, exist_ok=True)
     output_dir = str(output_dir)
+    check_writable_folder(output_dir)  # before the export's minutes, as training checks its output_dir
     # The graphs are float32 CPU graphs in inference mode, whatever the model was trained in.
     was_training = model.training
     model.eval()
@@ -328,9 +338,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         result = export_onnx(
             args.model_dir, args.output_dir, opset=args.opset, check=not args.no_check, atol=args.atol
         )
-    except (ONNXExportError, ImportError, FileNotFoundError, OSError) as error:
+    except (ONNXExportError, ConfigError, ImportError, FileNotFoundError, OSError) as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
-        return 2 if isinstance(error, ImportError | FileNotFoundError) else 1
+        return 2 if isinstance(error, ConfigError | ImportError | FileNotFoundError) else 1
     checked = f", max abs difference {result['max_abs_diff']}" if "max_abs_diff" in result else ""
     print(f"Wrote {result['vision_model']} and {result['text_model']} (opset {result['opset']}){checked}.")
     return 0

@@ -28,6 +28,7 @@ torchvision build from the PyTorch index (`--index-url https://download.pytorch.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gzip
 import importlib.util
@@ -40,6 +41,9 @@ from torch import nn
 from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor, CLIPTokenizer
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
 from transformers.utils import logging
+
+from .checkpoints import check_writable_folder
+from .errors import ConfigError
 
 logger = logging.get_logger(__name__)
 
@@ -697,11 +701,16 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """Command line: `clip-trainer import-open-clip MODEL_NAME --checkpoint FILE --output_dir DIR`."""
     parser = build_parser(prog)
     args = parser.parse_args(argv)
+    made = not os.path.isdir(args.output_dir)
     try:
+        check_writable_folder(args.output_dir)  # before the conversion, as training checks its output_dir
         clip_model, processor = convert_open_clip(
             args.model_name, args.checkpoint, force_quick_gelu=args.force_quick_gelu, check=not args.no_check
         )
-    except (OpenCLIPConversionError, ImportError, FileNotFoundError, ValueError) as error:
+    except (ConfigError, OpenCLIPConversionError, ImportError, FileNotFoundError, ValueError) as error:
+        if made and os.path.isdir(args.output_dir):
+            with contextlib.suppress(OSError):  # the folder the check made, if still empty; nothing else
+                os.rmdir(args.output_dir)
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2
     save_converted(clip_model, processor, args.output_dir)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging as std_logging
 import math
 import os
 import sys
@@ -38,9 +39,10 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from .arguments import ConfigError
+from .arguments import ConfigError, describe_load_error
 
-logger = logging.get_logger(__name__)
+# Named, not `__name__`: `python -m clip_trainer.wise_ft` runs this module as `__main__`.
+logger = logging.get_logger("clip_trainer.wise_ft")
 
 __all__ = ["WiseFTResult", "choose_alpha", "interpolate_state_dicts", "main", "run_wise_ft"]
 
@@ -268,10 +270,11 @@ def _load(source: str, key: str, cache_dir: str | None):
         )
         raise ConfigError(f"`--{key}` {source!r} is not a saved model (no config.json).{hint}")
     try:
-        return AutoModel.from_pretrained(source, cache_dir=cache_dir, use_safetensors=True)
+        # trust_remote_code=False: a model that needs its own code is refused, never run, and never asked about
+        # (left unset, transformers asks on the terminal, which a script cannot answer).
+        return AutoModel.from_pretrained(source, cache_dir=cache_dir, use_safetensors=True, trust_remote_code=False)
     except (OSError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ConfigError(f"Cannot load `--{key}` {source!r}: {first_line}") from None
+        raise ConfigError(f"Cannot load `--{key}` {source!r}: {describe_load_error(error)}") from None
 
 
 def interpolate_saved_models(
@@ -295,25 +298,45 @@ def interpolate_saved_models(
             "two versions of one architecture."
         )
     try:
-        tuned.load_state_dict(interpolate_state_dicts(weights_of(base), weights_of(tuned), alpha))
+        mixed = interpolate_state_dicts(weights_of(base), weights_of(tuned), alpha)
     except ValueError as error:
         raise ConfigError(str(error)) from None
+    tuned.load_state_dict(mixed)
     tuned.save_pretrained(output_dir)
+    processor_from = None
     for source in (fine_tuned, pretrained):
         try:
-            AutoProcessor.from_pretrained(source, cache_dir=cache_dir).save_pretrained(output_dir)
-            break
+            processor = AutoProcessor.from_pretrained(source, cache_dir=cache_dir, trust_remote_code=False)
         except (OSError, ValueError, TypeError):
             continue
+        processor.save_pretrained(output_dir)
+        processor_from = source
+        break
     else:
         logger.warning("Neither model has a processor; only the weights and config were saved.")
+    interpolated = sum(tensor.is_floating_point() for tensor in mixed.values())
+    copied = len(mixed) - interpolated
+    logger.info(
+        f"WiSE-FT: (1 - {alpha:g}) x {pretrained} + {alpha:g} x {fine_tuned}: {interpolated} tensors of a "
+        f"{type(tuned).__name__} interpolated{f', {copied} integer buffers copied' if copied else ''}; processor from "
+        f"{processor_from or 'neither model'}."
+    )
     return output_dir
+
+
+def _show_the_summary_only() -> None:
+    """clip-trainer's own lines at INFO; the libraries' at warnings, without progress bars. At INFO, transformers
+    alone writes some 260 lines for two small models (every config it reads, every file it writes)."""
+    std_logging.basicConfig(format="%(message)s", handlers=[std_logging.StreamHandler(sys.stdout)])
+    std_logging.getLogger("clip_trainer").setLevel(std_logging.INFO)
+    logging.set_verbosity_warning()
+    logging.disable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m clip_trainer.wise_ft`: 0 when saved, 2 for a mistake (one line, no traceback)."""
     args = build_parser().parse_args(argv)
-    logging.set_verbosity_info()
+    _show_the_summary_only()
     try:
         interpolate_saved_models(args.pretrained, args.fine_tuned, args.alpha, args.output_dir, args.cache_dir)
     except ConfigError as error:

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import drop_option, set_option
+from conftest import TINY_TEXT, TINY_VISION, drop_option, set_option
 
 from clip_trainer import run
+from clip_trainer.arguments import ConfigError, check_arguments, parse_arguments
 from clip_trainer.data import load_image_text_data as real_load_image_text_data
 
 REPO = Path(__file__).resolve().parent.parent
@@ -59,6 +60,23 @@ def config_only_folder(tmp: Path, tiny_clip_dir: Path) -> str:
     return str(folder)
 
 
+def siglip2_config(tmp: Path) -> str:
+    """A tiny SigLIP 2 (NaFlex) config file, to train from scratch."""
+    from transformers import Siglip2Config
+
+    vision = {key: value for key, value in TINY_VISION.items() if key != "image_size"}
+    config = Siglip2Config(
+        text_config={**TINY_TEXT, "max_position_embeddings": 64}, vision_config={**vision, "num_patches": 16}
+    )
+    path = tmp / "siglip2-tiny.json"
+    path.write_text(config.to_json_string())
+    return str(path)
+
+
+def with_siglip2(argv: list[str], tmp: Path) -> list[str]:
+    return [*drop_option(argv, "model_name_or_path"), "--config_name", siglip2_config(tmp)]
+
+
 @dataclass
 class Case:
     name: str
@@ -82,6 +100,47 @@ CASES = [
          ("must hold one JSON object",)),
     Case("bad value for a typed option", lambda a, t, m: [*a, "--learning_rate", "fast"], ("learning_rate", "fast")),
     Case("bad choice", lambda a, t, m: [*a, "--on_bad_rows", "ignore"], ("on_bad_rows", "skip", "error")),
+    # --- values a config file gets wrong: checked as the command line's are, before any data is read ------------
+    Case("a choice in a config file", lambda a, t, m: [config_file(t, {"loss_type": "hinge"}), *a],
+         ("`loss_type` is 'hinge'; set it to one of: auto, softmax, sigmoid", "config.json")),
+    Case("accumulation mode in a config file", lambda a, t, m: [config_file(t, {"accumulation_mode": "magic"}), *a],
+         ("`accumulation_mode` is 'magic'", "cached, independent")),
+    Case("transformers' enum in a config file",
+         lambda a, t, m: [config_file(t, {"eval_strategy": "weekly"}), *drop_option(a, "eval_strategy")],
+         ("`eval_strategy` is 'weekly'", "no, steps, epoch", "config.json")),
+    Case("a choice of the wrong JSON type", lambda a, t, m: [config_file(t, {"on_bad_rows": False}), *a],
+         ("`on_bad_rows` is False", "skip, error")),
+    Case("retrieval chunk size 0 in a file", lambda a, t, m: [config_file(t, {"retrieval_chunk_size": 0}), *a],
+         ("`retrieval_chunk_size` is 0; it must be at least 1", "config.json")),
+    Case("peak TFLOP/s 0 in a file", lambda a, t, m: [config_file(t, {"peak_tflops": 0}), *a],
+         ("`peak_tflops` is 0; it must be above 0",)),
+    Case("max_logit_scale nan", lambda a, t, m: [*a, "--max_logit_scale", "nan"],
+         ("`max_logit_scale` is nan; it must be a number above 1",)),
+    Case("a string for a list option", lambda a, t, m: [config_file(t, {"zeroshot_templates": "a photo of {}"}), *a],
+         ("`zeroshot_templates` is 'a photo of {}'; it must be a list of strings", '["a photo of {}"]')),
+    Case("a list for a scalar option", lambda a, t, m: [config_file(t, {"max_seq_length": [8]}), *a],
+         ("`max_seq_length` is [8]; it must be a whole number of at least 2",)),
+    Case("a number for a bool option", lambda a, t, m: [config_file(t, {"augment": 1}), *a],
+         ("`augment` is 1; it must be true or false",)),
+    # --- a key given twice in one JSON object: JSON itself keeps the last one without a word ----------------------
+    Case("a key twice in a config file",
+         lambda a, t, m: [csv_file(t, '{"learning_rate": 1e-4, "seed": 3, "learning_rate": 1e-3}', name="twice.json"), *a],
+         ("Config file", "twice.json", "has the key 'learning_rate' twice;", "keep one of them")),
+    Case("an evaluation set named twice in a config file",
+         lambda a, t, m: [csv_file(t, '{"extra_eval_sets": {"ref": "a.csv", "ref": "b.csv"}}', name="sets.json"), *a],
+         ("has the key 'ref' twice in `extra_eval_sets`", "give each set its own name")),
+    Case("an evaluation set's option twice in a config file",
+         lambda a, t, m: [csv_file(t, '{"extra_eval_sets": {"ref": {"path": "a.csv", "path": "b.csv"}}}', name="sets.json"), *a],
+         ("has the key 'path' twice in `extra_eval_sets.ref`",)),
+    Case("a mixture source twice in a config file",
+         lambda a, t, m: [csv_file(t, '{"train_mixture": {"X": 1, "X": 3}}', name="mix.json"),
+                          *drop_option(a, "train_file")],
+         ("has the key 'X' twice in `train_mixture`", "give each source once, with the weights added up")),
+    Case("a mixture source twice on the command line",
+         lambda a, t, m: [*drop_option(a, "train_file"), "--train_mixture", '{"X": 1, "X": 3}'],
+         ("`train_mixture` has the key 'X' twice", "weights added up")),
+    Case("a bool as an unknown string", lambda a, t, m: [config_file(t, {"freeze_text_model": "sometimes"}), *a],
+         ("--freeze_text_model", "sometimes")),
     # --- numbers a JSON file gets wrong --------------------------------------------------------------------------
     Case("eval batch size 0", lambda a, t, m: set_option(a, "per_device_eval_batch_size", "0"),
          ("`per_device_eval_batch_size` is 0", "at least 1")),
@@ -136,6 +195,12 @@ CASES = [
     Case("best model with mismatched strategies",
          lambda a, t, m: [*a, "--load_best_model_at_end", "true", "--eval_strategy", "epoch", "--save_strategy", "steps"],
          ("load_best_model_at_end",)),
+    Case("logit_bias without the sigmoid loss", lambda a, t, m: [*a, "--metric_for_best_model", "eval_logit_bias"],
+         ("`metric_for_best_model` is 'eval_logit_bias'", "reported only with the sigmoid loss")),
+    Case("augmentation for SigLIP 2", lambda a, t, m: [*with_siglip2(a, t), "--augment", "true"],
+         ("`augment` crops every training image to one fixed size", "SigLIP 2", "drop `augment`")),
+    Case("ONNX export of SigLIP 2", lambda a, t, m: [*with_siglip2(a, t), "--export_onnx", "true"],
+         ("`export_onnx`", "SigLIP 2's NaFlex", "Drop --export_onnx")),
     Case("unknown logger", lambda a, t, m: set_option(a, "report_to", "tensorbord"),
          ("`report_to` names 'tensorbord'", "Did you mean `tensorboard`?")),
     Case("resume with nothing to resume", lambda a, t, m: [*a, "--resume_from_checkpoint", "true"],
@@ -228,3 +293,32 @@ def test_the_real_entry_point_prints_one_line(tmp_path, shapes_csv):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "Did you mean `num_train_epochs`" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "flags, phrase",
+    [(["--augment", "true"], "`augment` crops"), (["--export_onnx", "true"], "`export_onnx` writes graphs"),
+     (["--metric_for_best_model", "eval_zeroshot_top1", "--eval_strategy", "epoch"], "Zero-shot metrics need")],
+)  # fmt: skip
+def test_siglip2_mistakes_stop_before_the_output_folder_is_made(flags, phrase, base_args, tmp_path, monkeypatch):
+    """Through `run.main` from a user's folder: the error comes first, with no output folder (so no checkpoint)."""
+    monkeypatch.chdir(tmp_path)
+    argv = [*with_siglip2(set_option(base_args, "output_dir", "out"), tmp_path), *flags]
+    with pytest.raises(ConfigError, match=phrase):
+        run.main(argv)
+    assert not (tmp_path / "out").exists()
+
+
+def test_what_siglip_models_allow(tmp_path):
+    """SigLIP (fixed-size images) augments and exports; its evaluations report `logit_bias`, a metric to select by."""
+    from transformers import SiglipConfig
+
+    config = SiglipConfig(text_config={**TINY_TEXT, "max_position_embeddings": 64}, vision_config=TINY_VISION)
+    model_args, data_args, training_args = parse_arguments(
+        ["--config_name", "x", "--dataset_name", "emoji", "--report_to", "none", "--augment", "true",
+         "--export_onnx", "true", "--eval_strategy", "epoch", "--metric_for_best_model", "eval_logit_bias"]
+    )  # fmt: skip
+    check_arguments(model_args, data_args, training_args, 64, config=config)
+    training_args.loss_type = "softmax"  # a SigLIP model trained with CLIP's loss reports no logit_bias
+    with pytest.raises(ConfigError, match="reported only with the sigmoid loss"):
+        check_arguments(model_args, data_args, training_args, 64, config=config)

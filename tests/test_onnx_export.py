@@ -15,6 +15,7 @@ pytest.importorskip(
 )
 
 from conftest import draw_shape  # noqa: E402
+from remote_code import custom_code_model, record_prompts  # noqa: E402
 from transformers import AutoProcessor, CLIPModel  # noqa: E402
 
 from clip_trainer.onnx_export import ONNXExportError, check_onnx, export_onnx, main  # noqa: E402
@@ -140,3 +141,20 @@ def test_a_model_object_exports_with_its_processor(tiny_clip_dir, tmp_path):
     assert sorted(result["files"]) == sorted(str(tmp_path / "out" / name) for name in names)
     reloaded = AutoProcessor.from_pretrained(tmp_path / "out")
     assert reloaded.tokenizer("a red circle")["input_ids"] == processor.tokenizer("a red circle")["input_ids"]
+
+
+def test_a_model_that_needs_its_own_code_is_refused_without_asking(tmp_path, monkeypatch, capsys):
+    """`clip-trainer export-onnx` with stdin closed: one line, status 2, no prompt, the model's code never run."""
+    from clip_trainer.cli import main as cli_main
+
+    asked = record_prompts(monkeypatch)
+    custom = custom_code_model(tmp_path / "custom")
+    code = cli_main(["export-onnx", str(custom), "--output_dir", str(tmp_path / "out")])
+    captured = capsys.readouterr()
+    assert code == 2 and asked == [] and "Do you wish to run the custom code" not in captured.out + captured.err
+    assert captured.err.splitlines() == [
+        f"clip-trainer export-onnx: error: Cannot load {str(custom)!r}: it needs its own Python code (`auto_map` in "
+        "its config.json), which clip-trainer never runs; use a model that transformers implements itself (CLIP, "
+        "SigLIP, SigLIP 2, a vision-text dual encoder)."
+    ]
+    assert not (custom / "RAN").exists() and not (tmp_path / "out").exists()

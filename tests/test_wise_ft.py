@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from remote_code import custom_code_model, record_prompts
 from safetensors.torch import load_file
 from transformers import CLIPModel
 
@@ -116,3 +120,41 @@ def test_wise_ft_needs_a_pretrained_model_and_evaluation(shapes_csv, tiny_clip_d
               "--eval_strategy", "no", "--report_to", "none", "--output_dir", str(tmp_path / "o")])  # fmt: skip
     with pytest.raises(ConfigError, match="`wise_ft_alphas` has -0.1"):
         main(["--model_name_or_path", "m", "--train_file", str(shapes_csv), "--wise_ft_alphas", "0.5", "-0.1"])
+
+
+def test_the_command_prints_a_short_summary(tiny_clip_dir, tmp_path):
+    """`python -m clip_trainer.wise_ft` in its own process, stdin closed: the command's two lines, no library INFO."""
+    _, fine_tuned = two_models(tiny_clip_dir)
+    fine_tuned.save_pretrained(tmp_path / "tuned")
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]),
+           "HF_HUB_OFFLINE": "1"}  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "clip_trainer.wise_ft", "--pretrained", str(tiny_clip_dir), "--fine_tuned", "tuned",
+         "--alpha", "0.25", "--output_dir", "mixed"],
+        cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = (result.stdout + result.stderr).splitlines()
+    assert lines == [
+        f"WiSE-FT: (1 - 0.25) x {tiny_clip_dir} + 0.25 x tuned: {len(fine_tuned.state_dict())} tensors of a CLIPModel "
+        f"interpolated; processor from {tiny_clip_dir}.",
+        "Saved the WiSE-FT model at alpha 0.25 to mixed.",
+    ], lines[:20]
+    assert (tmp_path / "mixed" / "model.safetensors").is_file()
+
+
+def test_a_model_that_needs_its_own_code_is_refused_without_asking(tiny_clip_dir, tmp_path, monkeypatch, capsys):
+    asked = record_prompts(monkeypatch)
+    custom = custom_code_model(tmp_path / "custom")
+    for pretrained, fine_tuned, key in ((custom, tiny_clip_dir, "pretrained"), (tiny_clip_dir, custom, "fine_tuned")):
+        code = wise_ft_main(["--pretrained", str(pretrained), "--fine_tuned", str(fine_tuned), "--alpha", "0.5",
+                             "--output_dir", str(tmp_path / "out")])  # fmt: skip
+        captured = capsys.readouterr()
+        assert code == 2 and asked == [] and "Do you wish to run the custom code" not in captured.out + captured.err
+        assert captured.err.splitlines() == [
+            f"python -m clip_trainer.wise_ft: error: Cannot load `--{key}` {str(custom)!r}: it needs its own Python "
+            "code (`auto_map` in its config.json), which clip-trainer never runs; use a model that transformers "
+            "implements itself (CLIP, SigLIP, SigLIP 2, a vision-text dual encoder)."
+        ]
+    assert not (custom / "RAN").exists() and not (tmp_path / "out").exists()
