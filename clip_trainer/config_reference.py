@@ -87,6 +87,16 @@ def _default_of(item: Field) -> Any:
     return MISSING
 
 
+def _declared_type(item: Field) -> Any:
+    """The type as the class declares it. `field.type` is not read: `HfArgumentParser` rewrites it in place (it strips
+    `None` from optional types) once a parser has been built in the process."""
+    for cls in (ModelArguments, DataArguments, *CLIPTrainingArguments.__mro__):
+        annotations = inspect.get_annotations(cls) if isinstance(cls, type) else {}
+        if item.name in annotations:
+            return annotations[item.name]
+    return item.type
+
+
 def _format_type(annotation: Any) -> str:
     # Under `from __future__ import annotations` (arguments.py) the type is its source text already.
     if not isinstance(annotation, str):
@@ -102,6 +112,11 @@ def _escape_cell(text: str) -> str:
     for index in range(0, len(parts), 2):  # outside code spans
         parts[index] = parts[index].replace("<", "&lt;").replace(">", "&gt;")
     return "`".join(parts).replace("|", "\\|")
+
+
+def _resolved_type(item: Field) -> Any:
+    """The evaluated type of a `TrainingArguments` field, from its class rather than the (rewritable) field."""
+    return typing.get_type_hints(TrainingArguments).get(item.name, item.type)
 
 
 def _enum_values(annotation: Any) -> list[str]:
@@ -134,7 +149,7 @@ def _option_table(items: list[Field]) -> list[str]:
     lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for item in items:
         default = _format_default(_default_of(item)) if _default_of(item) is not MISSING else "required"
-        lines.append(f"| `{item.name}` | {_format_type(item.type)} | {default} | {_help(item)} |")
+        lines.append(f"| `{item.name}` | {_format_type(_declared_type(item))} | {default} | {_help(item)} |")
     return lines
 
 
@@ -147,7 +162,7 @@ def _changed_training_fields() -> list[tuple[Field, Field, list[str] | None]]:
         base = parent.get(item.name)
         if base is None:
             continue
-        base_choices = list(base.metadata.get("choices") or _enum_values(base.type))
+        base_choices = list(base.metadata.get("choices") or _enum_values(_resolved_type(base)))
         added = [choice for choice in item.metadata.get("choices") or [] if choice not in base_choices]
         if _default_of(item) != _default_of(base) or added:
             changed.append((item, base, added or None))
