@@ -8,7 +8,8 @@ import sys
 # as a DataLoader worker wants a core. Set before torch loads OpenMP, and only when the user has not chosen.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from clip_trainer.run import cli  # noqa: E402
+# The command line is checked (and --help answered) before torch is imported.
+from clip_trainer.command_line import run_command  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(run_command(prog="run_clip.py"))

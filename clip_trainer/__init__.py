@@ -3,21 +3,46 @@
 The public API, in pipeline order: the argument classes, the data loader, the collator, the loss functions and
 objects, and the trainer. `python run_clip.py CONFIG.json [--flag value ...]` runs all of them (see
 `clip_trainer.run.main`).
+
+Names are imported on first use (PEP 562), so that `run_clip.py` can check its command line, and answer `--help`,
+before torch is imported.
 """
 
-from .arguments import CLIPTrainingArguments, ConfigError, DataArguments, ModelArguments, parse_arguments
-from .augmentation import ImageAugmentation
-from .collator import ImageTextCollator
-from .data import ImageTextData, load_image_text_data
-from .loss import clip_loss, contrastive_loss, distributed_clip_loss, sigmoid_contrastive_loss
-from .losses import ContrastiveLoss, SigmoidContrastiveLoss, SoftmaxContrastiveLoss, build_loss
-from .model_card import CLIPModelCardData
-from .preprocessing import ImagePreprocessor
-from .trainer import CLIPContrastiveTrainer
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .version import __version__
+
+_EXPORTS = {
+    "ARGUMENT_CLASSES": ".arguments",
+    "CLIPTrainingArguments": ".arguments",
+    "DataArguments": ".arguments",
+    "ModelArguments": ".arguments",
+    "ConfigError": ".errors",
+    "parse_arguments": ".command_line",
+    "check_arguments": ".validation",
+    "ImageTextData": ".data",
+    "load_image_text_data": ".data",
+    "ImageAugmentation": ".augmentation",
+    "ImagePreprocessor": ".preprocessing",
+    "ImageTextCollator": ".collator",
+    "clip_loss": ".loss",
+    "contrastive_loss": ".loss",
+    "distributed_clip_loss": ".loss",
+    "sigmoid_contrastive_loss": ".loss",
+    "ContrastiveLoss": ".losses",
+    "SigmoidContrastiveLoss": ".losses",
+    "SoftmaxContrastiveLoss": ".losses",
+    "build_loss": ".losses",
+    "CLIPContrastiveTrainer": ".trainer",
+    "CLIPModelCardData": ".model_card",
+}
 
 __all__ = [
     "__version__",
+    "ARGUMENT_CLASSES",
     "CLIPContrastiveTrainer",
     "CLIPModelCardData",
     "CLIPTrainingArguments",
@@ -32,6 +57,7 @@ __all__ = [
     "SigmoidContrastiveLoss",
     "SoftmaxContrastiveLoss",
     "build_loss",
+    "check_arguments",
     "clip_loss",
     "contrastive_loss",
     "distributed_clip_loss",
@@ -39,3 +65,30 @@ __all__ = [
     "parse_arguments",
     "sigmoid_contrastive_loss",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'clip_trainer' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+if TYPE_CHECKING:
+    from .arguments import ARGUMENT_CLASSES, CLIPTrainingArguments, DataArguments, ModelArguments
+    from .augmentation import ImageAugmentation
+    from .collator import ImageTextCollator
+    from .command_line import parse_arguments
+    from .data import ImageTextData, load_image_text_data
+    from .errors import ConfigError
+    from .loss import clip_loss, contrastive_loss, distributed_clip_loss, sigmoid_contrastive_loss
+    from .losses import ContrastiveLoss, SigmoidContrastiveLoss, SoftmaxContrastiveLoss, build_loss
+    from .model_card import CLIPModelCardData
+    from .preprocessing import ImagePreprocessor
+    from .trainer import CLIPContrastiveTrainer
+    from .validation import check_arguments

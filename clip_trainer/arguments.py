@@ -14,15 +14,11 @@ loaded).
 from __future__ import annotations
 
 import copy
-import difflib
 import enum
 import functools
-import glob
 import json
 import math
-import os
 import re
-import sys
 import types
 import typing
 import warnings
@@ -30,19 +26,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from transformers import HfArgumentParser, TrainingArguments
+from transformers import TrainingArguments
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy, SchedulerType
 from transformers.training_args import OptimizerNames
 
+from .config_files import did_you_mean, refuse_repeated_keys
 from .errors import ConfigError
 
-__all__ = ["CLIPTrainingArguments", "ConfigError", "DataArguments", "ModelArguments", "parse_arguments"]
-
-
-def did_you_mean(name: str, choices: list[str] | tuple[str, ...], prefix: str = "") -> str:
-    """`" Did you mean `x`?"` for the closest of `choices` to `name`, or `""` when none is close."""
-    match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
-    return f" Did you mean `{prefix}{match[0]}`?" if match else ""
+__all__ = ["ARGUMENT_CLASSES", "CLIPTrainingArguments", "ConfigError", "DataArguments", "ModelArguments"]
 
 
 def describe_load_error(error: Exception) -> str:
@@ -598,7 +589,7 @@ class DataArguments:
         if isinstance(self.train_mixture, str):
             try:  # the command line's JSON text; `parse_mixture` reads it too, but would keep a repeated source's last
                 self.train_mixture = json.loads(
-                    self.train_mixture, object_pairs_hook=_refuse_repeated_keys("train_mixture")
+                    self.train_mixture, object_pairs_hook=refuse_repeated_keys("train_mixture")
                 )
             except json.JSONDecodeError:
                 pass  # reported by `parse_mixture`, with an example
@@ -693,7 +684,7 @@ def _parse_extra_eval_sets(value: Any) -> dict[str, dict[str, Any]] | None:
     example = '{"reference": "data/reference.csv"}'
     if isinstance(value, str):
         try:
-            value = json.loads(value, object_pairs_hook=_refuse_repeated_keys("extra_eval_sets"))
+            value = json.loads(value, object_pairs_hook=refuse_repeated_keys("extra_eval_sets"))
         except json.JSONDecodeError as error:
             raise ConfigError(
                 f"`extra_eval_sets` is not valid JSON ({error}); give a JSON object such as '{example}'."
@@ -739,64 +730,6 @@ def _parse_extra_eval_sets(value: Any) -> dict[str, dict[str, Any]] | None:
 # `json.loads` keeps the last of two equal keys of an object without a word: two sets of one name would report one
 # set, two weights of one source would drop one, and a key given twice at the top of a config file would keep its
 # second value whatever the reader expects. These say what to do instead.
-REPEATED_KEY_FIXES = {
-    "extra_eval_sets": "give each set its own name",
-    "train_mixture": "give each source once, with the weights added up",
-}
-_REPEATED_KEY_FIX = "keep one of them"
-
-
-def _first_repeated_key(pairs: list[tuple[Any, Any]]) -> Any:
-    seen = set()
-    for key, _ in pairs:
-        if key in seen:
-            return key
-        seen.add(key)
-    return None
-
-
-def _refuse_repeated_keys(option: str) -> Any:
-    """A `json.loads` `object_pairs_hook` for the JSON text of `option` (on the command line) that refuses a key given
-    twice in any of its objects."""
-
-    def hook(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
-        key = _first_repeated_key(pairs)
-        if key is not None:
-            fix = REPEATED_KEY_FIXES.get(option, _REPEATED_KEY_FIX)
-            raise ConfigError(f"`{option}` has the key {key!r} twice; {fix}.")
-        return dict(pairs)
-
-    return hook
-
-
-class _RepeatedKeys(dict):
-    """A JSON object of a config file in which the key `repeated` was given more than once; kept (not refused on the
-    spot) so that the message can say which option holds it."""
-
-    repeated: Any = None
-
-
-def _mark_repeated_keys(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
-    key = _first_repeated_key(pairs)
-    if key is None:
-        return dict(pairs)
-    marked = _RepeatedKeys(pairs)
-    marked.repeated = key
-    return marked
-
-
-def _find_repeated_key(value: Any, where: tuple[str, ...] = ()) -> tuple[tuple[str, ...], Any] | None:
-    """`(the keys leading to the object, the key given twice)` of the first object in `value` with a repeated key."""
-    if isinstance(value, _RepeatedKeys):
-        return where, value.repeated
-    children = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-    for key, child in children:
-        found = _find_repeated_key(child, (*where, str(key)))
-        if found is not None:
-            return found
-    return None
-
-
 def _check_metric_keys_are_distinct(names: list[str]) -> None:
     """No two evaluation sets (the validation split included) may report a metric under the same key."""
     owner: dict[str, str] = {}
@@ -1202,408 +1135,3 @@ class CLIPTrainingArguments(TrainingArguments):
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, CLIPTrainingArguments)
-
-
-class _ArgumentParser(HfArgumentParser):
-    """`HfArgumentParser` that leaves the options' `choices` and `bounds` to [`check_field_values`]: argparse would
-    check choices on the command line only (never in a config file) and does not know `bounds`. The choices are
-    listed in the option's help instead."""
-
-    def add_argument(self, *names: str, **kwargs: Any) -> Any:
-        kwargs.pop("bounds", None)
-        choices = kwargs.pop("choices", None)
-        if choices is not None:
-            listed = f"One of: {', '.join(str(choice) for choice in choices)}."
-            kwargs["help"] = f"{kwargs['help']} {listed}" if kwargs.get("help") else listed
-        return super().add_argument(*names, **kwargs)
-
-
-def build_parser() -> HfArgumentParser:
-    parser = _ArgumentParser(ARGUMENT_CLASSES)
-    parser.description = (
-        "Train or fine-tune a CLIP model. Usage: run_clip.py [CONFIG.json ...] [--flag value ...]. Config files are "
-        "applied left to right, then command-line flags."
-    )
-    # An abbreviated flag (--learning_rat) would otherwise be silently taken for another.
-    parser.allow_abbrev = False
-    parser.error = _raise_config_error  # type: ignore[method-assign]
-    return parser
-
-
-def _raise_config_error(message: str) -> None:
-    # argparse's own `error` prints the usage line of every option (hundreds) before the one line that matters, and
-    # exits from inside the parser; a ConfigError reaches `cli`, which prints the message alone with status 2.
-    raise ConfigError(f"{message}. See `run_clip.py --help`.")
-
-
-# Keys whose value is a path the run reads. In a config file, a relative one is looked up beside the config file
-# first (the rule of tools such as Hydra or tsconfig: a config and what it names travel together), then in the
-# working folder, and a Hub id stays a Hub id. `output_dir` is what the run writes, so it stays relative to the
-# working folder, like every path given on the command line.
-CONFIG_RELATIVE_PATH_KEYS = (
-    "model_name_or_path",
-    "config_name",
-    "vision_model_name_or_path",
-    "text_model_name_or_path",
-    "tokenizer_name",
-    "image_processor_name",
-    "dataset_name",
-    "train_file",
-    "validation_file",
-    "train_mixture",
-    "resume_from_checkpoint",
-    "deepspeed",
-    "fsdp_config",
-    "extra_eval_sets",  # the paths inside each entry (`EXTRA_EVAL_SET_PATH_KEYS`)
-)
-
-
-def _resolve_against_config(value: Any, config_dir: Path) -> Any:
-    """`value` read beside its config file when something is there (a file, a folder, or a glob's matches); for a
-    `train_mixture` object, each of its sources."""
-    if isinstance(value, dict):
-        return {_resolve_against_config(source, config_dir): weight for source, weight in value.items()}
-    if not isinstance(value, str) or not value or os.path.isabs(value) or value.lower() in ("true", "false"):
-        return value
-    candidate = config_dir / value
-    if glob.has_magic(value) or "{" in value:
-        from .sources import expand_pattern
-
-        return str(candidate) if expand_pattern(str(candidate))[0] else value
-    return str(candidate) if candidate.exists() else value
-
-
-def _resolve_extra_eval_sets(value: Any, config_dir: Path) -> Any:
-    """`extra_eval_sets` from a config file, each entry's paths read beside the config file like other path keys."""
-    if isinstance(value, str):
-        try:
-            value = json.loads(value, object_pairs_hook=_refuse_repeated_keys("extra_eval_sets"))
-        except json.JSONDecodeError:
-            return value  # reported by DataArguments, with the fix
-    if not isinstance(value, dict):
-        return value
-    resolved = {}
-    for name, entry in value.items():
-        if isinstance(entry, str):
-            entry = _resolve_against_config(entry, config_dir)
-        elif isinstance(entry, dict):
-            entry = {
-                key: _resolve_against_config(item, config_dir) if key in EXTRA_EVAL_SET_PATH_KEYS else item
-                for key, item in entry.items()
-            }
-        resolved[name] = entry
-    return resolved
-
-
-def _resolve_config_value(key: str, value: Any, config_dir: Path) -> Any:
-    if key == "extra_eval_sets":
-        return _resolve_extra_eval_sets(value, config_dir)
-    return _resolve_against_config(value, config_dir) if key in CONFIG_RELATIVE_PATH_KEYS else value
-
-
-def _read_config_file(path: str) -> dict[str, Any]:
-    if not os.path.isfile(path):
-        raise ConfigError(f"Config file {path!r} does not exist.")
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"), object_pairs_hook=_mark_repeated_keys)
-    except json.JSONDecodeError as error:
-        raise ConfigError(f"Config file {path!r} is not valid JSON: {error}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"Config file {path!r} must hold one JSON object of option names and values.")
-    found = _find_repeated_key(data)
-    if found is not None:
-        where, key = found
-        inside = f" in `{'.'.join(where)}`" if where else ""
-        fix = REPEATED_KEY_FIXES.get(where[0], _REPEATED_KEY_FIX) if where else _REPEATED_KEY_FIX
-        raise ConfigError(
-            f"Config file {path!r} has the key {key!r} twice{inside}; JSON would keep only the last one without a "
-            f"word, so {fix}."
-        )
-    return data
-
-
-def parse_arguments(
-    argv: list[str] | None = None,
-) -> tuple[ModelArguments, DataArguments, CLIPTrainingArguments]:
-    """Parses `[CONFIG.json ...] [--flag value ...]` into the three argument dataclasses.
-
-    Args:
-        argv (`list[str]`, *optional*):
-            The command line without the program name; defaults to `sys.argv[1:]`.
-
-    Raises:
-        [`ConfigError`]: for an unknown key or flag (naming the closest valid one), a missing or malformed config
-            file, or a value that fails validation.
-    """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    valid_keys = sorted(f.name for cls in ARGUMENT_CLASSES for f in fields(cls) if f.init)
-
-    config_files = []
-    while argv and argv[0].endswith(".json") and not argv[0].startswith("-"):
-        config_files.append(argv.pop(0))
-    merged: dict[str, Any] = {}
-    set_in: dict[str, str] = {}  # key -> the config file whose value is used, for the error messages
-    for path in config_files:
-        config_dir = Path(path).resolve().parent
-        for key, value in _read_config_file(path).items():
-            if key not in valid_keys:
-                raise ConfigError(f"Unknown key `{key}` in {path}.{did_you_mean(key, valid_keys)}")
-            merged[key] = _resolve_config_value(key, value, config_dir)
-            set_in[key] = path
-    # Values from files become the parser's defaults, so that flags on the command line win.
-    parser.set_defaults(**merged)
-    namespace, remaining = parser.parse_known_args(argv)
-    if remaining:
-        flag = next((arg for arg in remaining if arg.startswith("-")), remaining[0])
-        name = flag.lstrip("-").split("=")[0]
-        hint = did_you_mean(name, valid_keys)
-        raise ConfigError(
-            f"Unknown option `{flag}`.{hint}" if flag.startswith("-") else f"Unexpected argument `{flag}`."
-        )
-    # A run that names none of do_train/do_eval/do_predict trains (and evaluates when eval_strategy asks for it).
-    # Decided on the raw options: TrainingArguments turns do_eval on by itself whenever eval_strategy is not "no".
-    stages = ("do_train", "do_eval", "do_predict")
-    if not any(stage in merged or f"--{stage}" in argv for stage in stages):
-        namespace.do_train = True
-    outputs = []
-    try:
-        for cls in ARGUMENT_CLASSES:
-            names = {f.name for f in fields(cls) if f.init}
-            values = {name: value for name, value in vars(namespace).items() if name in names}
-            outputs.append(cls(**values))
-    except InvalidValueError as error:
-        if error.key in set_in and not _given_as_flag(error.key, argv):
-            raise InvalidValueError(error.key, f"{error} (It is set in {set_in[error.key]}.)") from None
-        raise
-    except ConfigError:
-        raise
-    except (ValueError, TypeError) as error:
-        # TrainingArguments validates with ValueError; its messages name the fields.
-        raise ConfigError(str(error)) from None
-    return tuple(outputs)  # type: ignore[return-value]
-
-
-def _given_as_flag(key: str, argv: list[str]) -> bool:
-    flags = {f"--{key}", f"--{key.replace('_', '-')}", f"--no_{key}", f"--no-{key.replace('_', '-')}"}
-    return any(arg.split("=", 1)[0] in flags for arg in argv)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Checks across the argument classes and against the model's config
-# --------------------------------------------------------------------------------------------------------------
-
-
-def check_arguments(
-    model_args: ModelArguments,
-    data_args: DataArguments,
-    training_args: CLIPTrainingArguments,
-    text_positions: int,
-    config: Any = None,
-) -> None:
-    """Every check that needs several argument classes or the model's config, but no data and no weights, so that a
-    mistake stops the run in seconds. Changes nothing.
-
-    Args:
-        text_positions: the text model's `max_position_embeddings`, from its config.
-        config: the model's config, for the checks of partial locking against the towers' depths.
-
-    Raises:
-        [`ConfigError`]: naming the key and the fix.
-    """
-    has_data_source = (
-        data_args.dataset_name is not None or data_args.train_file is not None or data_args.train_mixture is not None
-    )
-    if training_args.do_train and not has_data_source:
-        raise ConfigError(
-            "No training data given: set `dataset_name` (a Hub id, a prepared folder, or `emoji`) or `train_file`; "
-            "or pass only --do_eval to evaluate a model."
-        )
-    if not training_args.do_train and training_args.do_eval and not (has_data_source or data_args.validation_file):
-        raise ConfigError(
-            "--do_eval needs evaluation data: set `validation_file`, or `dataset_name` (a Hub dataset with a "
-            "validation or test split, or a prepared folder)."
-        )
-    from_scratch = model_args.model_name_or_path is None and model_args.vision_model_name_or_path is None
-    if from_scratch and not training_args.do_train:
-        raise ConfigError(
-            "A model built from scratch (`config_name` without `model_name_or_path`) has nothing to evaluate before "
-            "it trains: add --do_train, or evaluate a trained model with `model_name_or_path`."
-        )
-    if data_args.max_seq_length is not None and data_args.max_seq_length > text_positions:
-        raise ConfigError(
-            f"`max_seq_length` is {data_args.max_seq_length} but the text model has {text_positions} positions; set "
-            f"it to {text_positions} or less."
-        )
-    if training_args.early_stopping_patience is not None and training_args.eval_strategy == IntervalStrategy.NO:
-        raise ConfigError(
-            "`early_stopping_patience` stops on evaluations, but `eval_strategy` is no; set it to epoch or steps."
-        )
-    extra_sets = data_args.extra_eval_data_arguments()
-    _check_metric_for_best_model(
-        training_args,
-        has_labels=data_args.label_column is not None,
-        extra_sets={name: args.label_column is not None for name, args in extra_sets.items()},
-        sigmoid_loss=_uses_sigmoid_loss(training_args, config),
-    )
-    _check_model_family(data_args, training_args, config)
-    _check_fine_tuning(model_args, training_args, config)
-    _check_report_to(training_args.report_to)
-    if training_args.export_onnx:
-        import importlib.util
-
-        missing = [name for name in ("onnx", "onnxruntime", "onnxscript") if importlib.util.find_spec(name) is None]
-        if missing:
-            raise ConfigError(
-                f"`export_onnx` needs {', '.join(missing)}: pip install 'clip-trainer[onnx]', or drop --export_onnx."
-            )
-    if training_args.do_train:
-        _check_negatives(training_args)
-    if data_args.streaming and training_args.do_train and training_args.max_steps <= 0:
-        raise ConfigError("Streaming data has no known length: set `max_steps` (e.g. --max_steps 10000).")
-
-
-def _check_negatives(args: CLIPTrainingArguments) -> None:
-    """A contrastive batch of one pair has no negative: its loss is 0 whatever the weights, so nothing would train."""
-    pairs = args.per_device_train_batch_size
-    if args.gather_negatives:
-        pairs *= args.world_size
-    if args.accumulation_mode == "cached":
-        pairs *= args.gradient_accumulation_steps
-    if pairs < 2:
-        raise ConfigError(
-            "`per_device_train_batch_size` is 1, so each pair is contrasted with no other pair: the loss is 0 and "
-            "nothing trains. Use a batch of at least 2 (CLIP trains with hundreds), or keep 1 and set "
-            "`gradient_accumulation_steps` > 1 with `accumulation_mode` cached."
-        )
-
-
-def _uses_sigmoid_loss(args: CLIPTrainingArguments, config: Any) -> bool | None:
-    """Whether the run trains with the sigmoid loss (which reports `logit_bias`); None when the model is unknown."""
-    if args.loss_type != "auto":
-        return args.loss_type == "sigmoid"
-    from .modeling import FAMILIES
-
-    family = FAMILIES.get(getattr(config, "model_type", None))
-    return None if family is None else family.loss == "sigmoid"
-
-
-def _check_metric_for_best_model(
-    args: CLIPTrainingArguments,
-    has_labels: bool,
-    extra_sets: dict[str, bool] | None = None,
-    sigmoid_loss: bool | None = None,
-) -> None:
-    """Fails fast when `metric_for_best_model` names a metric that evaluation will never compute.
-
-    `extra_sets` maps each of `extra_eval_sets` to whether it has a label column; their metrics are
-    `eval_{name}_{metric}`. `sigmoid_loss`: whether the run's loss is the sigmoid one, whose evaluations also report
-    `logit_bias` (None: not known, so `logit_bias` is allowed)."""
-    from .evaluation import RETRIEVAL_METRIC_NAMES, ZEROSHOT_METRIC_NAMES
-
-    metric = args.metric_for_best_model
-    if metric is None:
-        return
-    name = metric.removeprefix("eval_")
-    per_set = {"loss", "inverse_temperature", *RETRIEVAL_METRIC_NAMES}
-    if sigmoid_loss is not False:
-        per_set.add("logit_bias")
-    known = set(per_set) | (set(ZEROSHOT_METRIC_NAMES) if has_labels else set())
-    zeroshot_without_labels = set(ZEROSHOT_METRIC_NAMES) - known
-    for set_name, labelled in (extra_sets or {}).items():
-        metrics = per_set | (set(ZEROSHOT_METRIC_NAMES) if labelled else set())
-        known.update(f"{set_name}_{key}" for key in metrics)
-        if not labelled:
-            zeroshot_without_labels.update(f"{set_name}_{key}" for key in ZEROSHOT_METRIC_NAMES)
-    if name in known:
-        return
-    if name in zeroshot_without_labels:
-        hint = " Zero-shot metrics need `label_column` (in the set's entry, for an extra evaluation set)."
-    elif name.split("_")[-2:] == ["logit", "bias"]:
-        hint = " `logit_bias` is reported only with the sigmoid loss (`loss_type` sigmoid, or a SigLIP model)."
-    else:
-        hint = did_you_mean(name, sorted(known), prefix="eval_")
-    raise ConfigError(
-        f"`metric_for_best_model` is {metric!r}, which evaluation never computes.{hint} Choose one of: "
-        + ", ".join(f"eval_{key}" for key in sorted(known))
-        + "."
-    )
-
-
-def _check_model_family(data_args: DataArguments, args: CLIPTrainingArguments, config: Any) -> None:
-    """What a family's inputs rule out. SigLIP 2 (NaFlex) keeps each image's aspect ratio, at up to `max_num_patches`
-    patches: neither a crop to one fixed size nor a graph of one fixed image size fits it."""
-    if getattr(config, "model_type", None) != "siglip2":
-        return
-    if data_args.augment:
-        raise ConfigError(
-            "`augment` crops every training image to one fixed size, but this SigLIP 2 model (NaFlex) takes each "
-            "image at its own aspect ratio in patches, so no augmented image would fit; drop `augment` (and "
-            "`color_jitter`, `grayscale_probability`), or train a CLIP or SigLIP model to augment."
-        )
-    if args.export_onnx:
-        from .onnx_export import EXPORTABLE_MODEL_TYPES
-
-        raise ConfigError(
-            "`export_onnx` writes graphs of one fixed image size, which SigLIP 2's NaFlex inputs (a varying number of "
-            f"patches per image) do not fit; only {', '.join(EXPORTABLE_MODEL_TYPES)} models export. Drop "
-            "--export_onnx."
-        )
-
-
-def _check_fine_tuning(model_args: ModelArguments, args: CLIPTrainingArguments, config: Any) -> None:
-    """WiSE-FT and partial locking against the model: a pretrained model to interpolate, towers deep enough."""
-    wise_ft = args.wise_ft_alphas is not None or args.wise_ft_alpha is not None
-    if wise_ft and model_args.model_name_or_path is None:
-        raise ConfigError(
-            "`wise_ft_alphas`/`wise_ft_alpha` interpolate between the pretrained and the fine-tuned weights, but this "
-            "model is trained from scratch (no `model_name_or_path`); give a pretrained model or drop WiSE-FT."
-        )
-    if wise_ft and not args.do_train:
-        raise ConfigError("`wise_ft_alphas`/`wise_ft_alpha` run after training; add --do_train or drop them.")
-    if wise_ft and not args.do_eval and args.eval_strategy == IntervalStrategy.NO:
-        raise ConfigError(
-            "WiSE-FT evaluates each interpolation, but this run does not evaluate (`eval_strategy` is no); add "
-            "--do_eval, or set `eval_strategy` to epoch or steps."
-        )
-    if wise_ft and (args.fsdp or args.deepspeed):
-        raise ConfigError(
-            "WiSE-FT needs every process to hold the whole model (it loads interpolated state dicts); it does not run "
-            "under FSDP or DeepSpeed. Drop `wise_ft_alphas`, and interpolate the saved model afterwards with "
-            "`python -m clip_trainer.wise_ft`."
-        )
-    if config is None:
-        return
-    for tower in ("vision", "text"):
-        key = f"{tower}_trainable_layers"
-        wanted = getattr(args, key)
-        depth = getattr(getattr(config, f"{tower}_config", None), "num_hidden_layers", None)
-        if wanted is not None and depth is not None and wanted > depth:
-            raise ConfigError(
-                f"`{key}` is {wanted}, but the {tower} tower has {depth} layers; set it to {depth} or less (or leave it "
-                "empty to train every layer)."
-            )
-
-
-def _check_report_to(report_to: str | list[str] | None) -> None:
-    """Unknown or uninstalled loggers fail here: `Trainer.__init__` would only find out after loading data and model."""
-    from transformers.integrations import is_tensorboard_available, is_wandb_available
-    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
-
-    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
-    known = sorted(INTEGRATION_TO_CALLBACK)
-    for name in names:
-        if name in (None, "none", "all"):
-            continue
-        if name not in INTEGRATION_TO_CALLBACK:
-            raise ConfigError(
-                f"`report_to` names {name!r}, which transformers cannot log to.{did_you_mean(name, known)} Choose "
-                f"from: none, all, {', '.join(known)}."
-            )
-    installed = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
-    for name, available in installed.items():
-        if name in names and not available():
-            extra = "pip install 'clip-trainer[wandb]'" if name == "wandb" else "pip install tensorboard"
-            raise ConfigError(
-                f"`report_to` includes {name}, which is not installed: {extra}, or drop it from `report_to`."
-            )

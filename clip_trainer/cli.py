@@ -14,18 +14,18 @@ PROG = "clip-trainer"
 
 
 def _train(argv: list[str]) -> int:
-    from .run import cli
+    from .command_line import run_command
 
-    return cli(argv)
+    return run_command(argv, prog=f"{PROG} train")
 
 
 def _eval(argv: list[str]) -> int:
-    from .run import cli
+    from .command_line import run_command
 
     # Appended, not prepended: config files must lead the command line (`eval configs/x.json --flag value`).
     if not any(arg == "--do_eval" or arg.startswith("--do_eval=") for arg in argv):
         argv = [*argv, "--do_eval"]
-    return cli(argv)
+    return run_command(argv, prog=f"{PROG} eval")
 
 
 def _export_onnx(argv: list[str]) -> int:

@@ -28,7 +28,8 @@ from typing import Any
 
 from transformers import TrainingArguments
 
-from .arguments import CONFIG_RELATIVE_PATH_KEYS, CLIPTrainingArguments, DataArguments, ModelArguments
+from .arguments import CLIPTrainingArguments, DataArguments, ModelArguments
+from .command_line import CONFIG_RELATIVE_PATH_KEYS
 
 __all__ = ["REGENERATE_COMMAND", "default_output_path", "main", "render_configuration_reference"]
 

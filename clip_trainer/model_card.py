@@ -205,7 +205,7 @@ def _derived_fields(args: Any, changed: dict[str, Any]) -> set[str]:
 
 def _argument_names(argv: Sequence[str], valid: set[str]) -> set[str]:
     """The argument names `argv` sets: the keys of its leading JSON config files and its `--flags`, as
-    [`clip_trainer.arguments.parse_arguments`] reads them (`--no_x` for a boolean `x`, `-` for `_`)."""
+    [`clip_trainer.command_line.parse_arguments`] reads them (`--no_x` for a boolean `x`, `-` for `_`)."""
     argv = list(argv)
     names: set[str] = set()
     while argv and argv[0].endswith(".json") and not argv[0].startswith("-"):

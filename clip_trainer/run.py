@@ -12,15 +12,17 @@ from transformers import enable_full_determinism, set_seed
 from transformers.trainer_utils import IntervalStrategy
 from transformers.utils import logging
 
-from .arguments import CLIPTrainingArguments, ConfigError, check_arguments, parse_arguments
+from .arguments import CLIPTrainingArguments
 from .callbacks import NonFiniteTrainingError, TrainingInterrupted
 from .checkpoints import claim_output_dir, describe_save_error, is_save_failure, resolve_resume_checkpoint
+from .command_line import parse_arguments
 from .data import ImageTextData, load_extra_eval_sets, load_image_text_data, save_prepared_data
-from .errors import PublishError, SaveError
+from .errors import ConfigError, PublishError, SaveError
 from .hub import NETWORK_ERRORS, check_hub_access
 from .model_card import CLIPModelCardData
 from .modeling import load_model, load_model_config, load_processor, max_text_positions
 from .trainer import CLIPContrastiveTrainer
+from .validation import check_arguments
 
 logger = logging.get_logger("clip_trainer")
 
@@ -211,7 +213,7 @@ def run_stages(
     return results
 
 
-def cli(argv: list[str] | None = None) -> int:
+def cli(argv: list[str] | None = None, prog: str = "run_clip.py") -> int:
     """`run_clip.py`'s entry point: a mistake or a fault prints one message, never a traceback.
 
     Exit status: 0 done; 1 training stopped (non-finite losses, a failed push or save); 2 a configuration or data
@@ -220,16 +222,16 @@ def cli(argv: list[str] | None = None) -> int:
     try:
         main(argv)
     except ConfigError as error:
-        print(f"run_clip.py: error: {error}", file=sys.stderr)
+        print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
     # What stops a run while it trains starts on a new line: the progress bar's line ends without one.
     except (PublishError, SaveError, NonFiniteTrainingError) as error:
-        print(f"\nrun_clip.py: error: {error}", file=sys.stderr)
+        print(f"\n{prog}: error: {error}", file=sys.stderr)
         return 1
     except TrainingInterrupted as error:
-        print(f"\nrun_clip.py: {error}", file=sys.stderr)
+        print(f"\n{prog}: {error}", file=sys.stderr)
         return 128 + error.signal_number
     except KeyboardInterrupt:
-        print("\nrun_clip.py: interrupted (Ctrl-C); nothing was saved since the last checkpoint.", file=sys.stderr)
+        print(f"\n{prog}: interrupted (Ctrl-C); nothing was saved since the last checkpoint.", file=sys.stderr)
         return 130
     return 0

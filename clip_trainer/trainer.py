@@ -184,6 +184,23 @@ class CLIPContrastiveTrainer(Trainer):
             self.image_preprocessor = ImagePreprocessor.from_image_processor(image_processor)
         except UnsupportedImageProcessorError as error:
             raise ConfigError(str(error)) from None
+        # --- the settings against each other and against the model (as the command checks them) -----------------
+        from .data import LABEL_COLUMN
+        from .validation import check_training_arguments
+
+        labelled = any(LABEL_COLUMN in (getattr(d, "column_names", None) or []) for d in (eval_dataset, train_dataset))
+        check_training_arguments(
+            data_args if data_args is not None else DataArguments(),
+            args,
+            model.config,
+            has_labels=(data_args is not None and data_args.label_column is not None) or labelled,
+            extra_sets={
+                name: LABEL_COLUMN in (getattr(dataset, "column_names", None) or [])
+                for name, dataset in (extra_eval_datasets or {}).items()
+            }
+            if extra_eval_datasets
+            else None,
+        )
         # The data settings the collator reads (columns, caption length, pixel limit, draft decoding, augmentation):
         # a library user gets exactly what `run_clip.py` builds from the same `DataArguments`.
         self.data_args = data_args if data_args is not None else DataArguments()

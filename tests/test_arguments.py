@@ -21,8 +21,8 @@ from clip_trainer.arguments import (
     ConfigError,
     DataArguments,
     ModelArguments,
-    parse_arguments,
 )
+from clip_trainer.command_line import parse_arguments
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -338,7 +338,7 @@ def test_a_flag_over_a_bad_file_value_wins_and_the_message_says_where_the_value_
 
 
 def test_help_lists_the_choices():
-    from clip_trainer.arguments import build_parser
+    from clip_trainer.command_line import build_parser
 
     text = " ".join(build_parser().format_help().split())  # unwrapped
     assert "One of: auto, softmax, sigmoid." in text and "One of: cached, independent." in text

@@ -93,7 +93,7 @@ def test_crop_boxes_stay_inside_the_image_and_keep_the_area():
     ],
 )
 def test_bad_augmentation_values_are_refused(flags, message):
-    from clip_trainer.arguments import parse_arguments
+    from clip_trainer.command_line import parse_arguments
 
     with pytest.raises(ConfigError) as error:
         parse_arguments(["--model_name_or_path", "m", "--dataset_name", "emoji", "--augment", "true", *flags])

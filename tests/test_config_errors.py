@@ -19,8 +19,10 @@ import pytest
 from conftest import TINY_TEXT, TINY_VISION, drop_option, set_option
 
 from clip_trainer import run
-from clip_trainer.arguments import ConfigError, check_arguments, parse_arguments
+from clip_trainer.arguments import ConfigError
+from clip_trainer.command_line import parse_arguments
 from clip_trainer.data import load_image_text_data as real_load_image_text_data
+from clip_trainer.validation import check_arguments
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import write_shapes_csv
 
-from clip_trainer.arguments import ConfigError, parse_arguments
+from clip_trainer.arguments import ConfigError
+from clip_trainer.command_line import parse_arguments
 from clip_trainer.evaluation import RETRIEVAL_METRIC_NAMES, ZEROSHOT_METRIC_NAMES
 from clip_trainer.run import main
 

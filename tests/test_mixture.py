@@ -11,7 +11,8 @@ import pytest
 from conftest import write_shapes_csv
 from test_webdataset import write_tar_shards
 
-from clip_trainer.arguments import ConfigError, DataArguments, parse_arguments
+from clip_trainer.arguments import ConfigError, DataArguments
+from clip_trainer.command_line import parse_arguments
 from clip_trainer.data import _stream_key, load_image_text_data
 from clip_trainer.run import main
 

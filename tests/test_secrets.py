@@ -9,7 +9,8 @@ import pytest
 import torch
 from fake_hub import FakeHub
 
-from clip_trainer.arguments import ModelArguments, parse_arguments
+from clip_trainer.arguments import ModelArguments
+from clip_trainer.command_line import parse_arguments
 from clip_trainer.run import main
 
 TOKEN = "hf_SECRETtoken123"

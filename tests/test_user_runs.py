@@ -19,7 +19,7 @@ import yaml
 from conftest import write_shapes_csv
 from safetensors.torch import load_file
 
-from clip_trainer.arguments import parse_arguments
+from clip_trainer.command_line import parse_arguments
 from clip_trainer.evaluation import RETRIEVAL_METRIC_NAMES
 from clip_trainer.run import main
 

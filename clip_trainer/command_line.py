@@ -1,0 +1,430 @@
+"""The command line: `run_clip.py [CONFIG.json ...] [--option value ...]` into the three argument classes.
+
+Two passes. The first, [`check_command_line`], needs only the standard library: it reads the config files, checks
+every key and flag name against the options, and answers `--help`, so that a typo or `--help` answers at once,
+before torch and transformers are imported (they take seconds). The options are read from the source of the argument
+classes and of transformers' `TrainingArguments` (their fields, help, defaults and choices), not by importing them.
+The second, [`parse_arguments`], builds the dataclasses with transformers' `HfArgumentParser`, which checks the values.
+
+Config files apply left to right, then flags; a relative path in a config file is read beside it first (see
+`CONFIG_RELATIVE_PATH_KEYS`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import functools
+import glob
+import importlib.util
+import json
+import os
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .config_files import did_you_mean, read_config_file, refuse_repeated_keys
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .arguments import CLIPTrainingArguments, DataArguments, ModelArguments
+
+# --------------------------------------------------------------------------------------------------------------
+# The options, read from source (no torch)
+# --------------------------------------------------------------------------------------------------------------
+
+# `--help` shows the groups in this order: the project's own options first, then the data, then transformers'.
+OPTION_GROUPS = (
+    ("ModelArguments", "model options"),
+    ("CLIPTrainingArguments", "clip-trainer training options"),
+    ("DataArguments", "data options"),
+    (
+        "TrainingArguments",
+        "transformers TrainingArguments options (https://huggingface.co/docs/transformers/main_classes/trainer#transformers.TrainingArguments)",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option as `--help` shows it: its name, group, help, default (as written in the source) and choices."""
+
+    name: str
+    group: str
+    help: str
+    default: str
+    choices: tuple[str, ...] | None
+    is_bool: bool
+
+
+def _constants(tree: ast.Module) -> dict[str, Any]:
+    """The module's top-level constants that are plain literals (for help texts built from them)."""
+    values = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            try:
+                values[node.targets[0].id] = ast.literal_eval(node.value)
+            except (ValueError, SyntaxError, TypeError):
+                pass
+    return values
+
+
+def _text(node: ast.AST | None, constants: dict[str, Any]) -> str:
+    """A help text or default as the user should read it: literals evaluated, f-strings filled in from the module's
+    constants where they can be, anything else as its source."""
+    if node is None:
+        return ""
+    try:
+        return str(ast.literal_eval(node))
+    except (ValueError, SyntaxError, TypeError):
+        pass
+    if isinstance(node, ast.JoinedStr):
+        pieces = []
+        for part in node.values:
+            if isinstance(part, ast.Constant):
+                pieces.append(str(part.value))
+            elif isinstance(part, ast.FormattedValue):
+                source = ast.unparse(part.value)
+                pieces.append(str(constants.get(source, source)))
+        return "".join(pieces)
+    if isinstance(node, ast.BinOp):  # "..." + "..." or a literal joined to a constant
+        return _text(node.left, constants) + _text(node.right, constants)
+    if isinstance(node, ast.Name) and node.id in constants:
+        return str(constants[node.id])
+    return ast.unparse(node)
+
+
+def _class_options(path: Path, class_name: str, group: str) -> list[Option]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    constants = _constants(tree)
+    found = next((n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == class_name), None)
+    if found is None:
+        return []
+    options = []
+    for node in found.body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        keywords = {}
+        if isinstance(node.value, ast.Call):
+            keywords = {keyword.arg: keyword.value for keyword in node.value.keywords if keyword.arg}
+            if isinstance(keywords.get("init"), ast.Constant) and keywords["init"].value is False:
+                continue
+        metadata = {}
+        if isinstance(keywords.get("metadata"), ast.Dict):
+            metadata = {
+                key.value: value
+                for key, value in zip(keywords["metadata"].keys, keywords["metadata"].values)
+                if isinstance(key, ast.Constant)
+            }
+        choices = None
+        if "choices" in metadata:
+            try:
+                choices = tuple(str(choice) for choice in ast.literal_eval(metadata["choices"]))
+            except (ValueError, SyntaxError, TypeError):
+                value = constants.get(ast.unparse(metadata["choices"]))
+                choices = tuple(str(choice) for choice in value) if isinstance(value, list | tuple) else None
+        default = keywords.get("default", node.value if not isinstance(node.value, ast.Call) else None)
+        options.append(
+            Option(
+                name=node.target.id,
+                group=group,
+                help=" ".join(_text(metadata.get("help"), constants).split()),
+                default=_text(default, constants) if default is not None else "",
+                choices=choices,
+                is_bool="bool" in ast.unparse(node.annotation),
+            )
+        )
+    return options
+
+
+def _transformers_training_args_path() -> Path:
+    spec = importlib.util.find_spec("transformers")  # finds the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("transformers is not installed: pip install -e . (see README, Install).")
+    return Path(next(iter(spec.submodule_search_locations))) / "training_args.py"
+
+
+@functools.cache
+def option_table() -> tuple[Option, ...]:
+    """Every option of `run_clip.py`, grouped as `--help` shows them; an option that clip-trainer re-declares (to
+    change its default) is listed once, with clip-trainer's."""
+    ours = Path(__file__).with_name("arguments.py")
+    sources = {
+        "ModelArguments": ours,
+        "CLIPTrainingArguments": ours,
+        "DataArguments": ours,
+        "TrainingArguments": _transformers_training_args_path(),
+    }
+    table: list[Option] = []
+    seen: set[str] = set()
+    for class_name, group in OPTION_GROUPS:
+        for option in _class_options(sources[class_name], class_name, group):
+            if option.name not in seen:
+                seen.add(option.name)
+                table.append(option)
+    return tuple(table)
+
+
+def _flag_names(options: tuple[Option, ...]) -> dict[str, str]:
+    """Every flag spelling `HfArgumentParser` accepts (`--name`, `--name-with-dashes`, `--no_name` for booleans) ->
+    the option's name."""
+    names = {}
+    for option in options:
+        for spelling in {option.name, option.name.replace("_", "-")}:
+            names[spelling] = option.name
+            if option.is_bool:
+                names[f"no_{spelling}"] = option.name
+                names[f"no-{spelling}"] = option.name
+    return names
+
+
+def help_text(prog: str) -> str:
+    """`--help` of the command `prog`: its usage, then every option by group, from the options' own help."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        usage=f"{prog} [CONFIG.json ...] [--option value ...]",
+        description="Train or fine-tune a CLIP-style model. Config files (JSON objects of option names and values) "
+        "apply left to right, then the flags. Every option is also a config-file key.",
+        add_help=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-h", "--help", action="store_true", help="Show this message and exit.")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for option in option_table():
+        group = groups.get(option.group) or groups.setdefault(option.group, parser.add_argument_group(option.group))
+        text = option.help
+        if option.choices:
+            text += f" One of: {', '.join(option.choices)}."
+        if option.default not in ("", "None"):
+            text += f" Default: {option.default}."
+        group.add_argument(f"--{option.name}", metavar="", help=text.replace("%", "%%"))
+    return parser.format_help()
+
+
+def _config_files(argv: list[str]) -> tuple[list[str], list[str]]:
+    """The leading config files of `argv`, and the rest."""
+    count = 0
+    while count < len(argv) and argv[count].endswith(".json") and not argv[count].startswith("-"):
+        count += 1
+    return argv[:count], argv[count:]
+
+
+def check_command_line(argv: list[str], prog: str = "run_clip.py") -> bool:
+    """The fast first pass: `--help` (printed; returns True), config files that exist, hold one JSON object and no
+    repeated key, and every key and flag an option. Imports nothing heavy.
+
+    Raises:
+        [`ConfigError`]: for the first mistake, naming the closest valid option.
+    """
+    if any(arg in ("-h", "--help") for arg in argv):
+        print(help_text(prog))
+        return True
+    options = option_table()
+    names = [option.name for option in options]
+    flags = _flag_names(options)
+    config_files, rest = _config_files(argv)
+    for path in config_files:
+        for key in read_config_file(path):
+            if key not in names:
+                raise ConfigError(f"Unknown key `{key}` in {path}.{did_you_mean(key, names)}")
+    for arg in rest:
+        if arg.startswith("--") and len(arg) > 2:
+            name = arg[2:].split("=", 1)[0]
+            if name not in flags:
+                raise ConfigError(f"Unknown option `--{name}`.{did_you_mean(name, names)}")
+    return False
+
+
+def run_command(argv: list[str] | None = None, prog: str = "run_clip.py") -> int:
+    """`run_clip.py` and `clip-trainer train|eval`: the fast check, then (importing torch) the run itself."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if check_command_line(argv, prog):
+            return 0
+    except ConfigError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
+    from .run import cli
+
+    return cli(argv, prog=prog)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The full parse (imports transformers)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _extra_eval_set_path_keys() -> tuple[str, ...]:
+    from .arguments import EXTRA_EVAL_SET_PATH_KEYS
+
+    return EXTRA_EVAL_SET_PATH_KEYS
+
+
+class _ChoicesInHelp:
+    """`HfArgumentParser` that leaves the options' `choices` and `bounds` to [`check_field_values`]: argparse would
+    check choices on the command line only (never in a config file) and does not know `bounds`. The choices are
+    listed in the option's help instead."""
+
+    def add_argument(self, *names: str, **kwargs: Any) -> Any:
+        kwargs.pop("bounds", None)
+        choices = kwargs.pop("choices", None)
+        if choices is not None:
+            listed = f"One of: {', '.join(str(choice) for choice in choices)}."
+            kwargs["help"] = f"{kwargs['help']} {listed}" if kwargs.get("help") else listed
+        return super().add_argument(*names, **kwargs)
+
+
+def build_parser():
+    """The `HfArgumentParser` of the three argument classes, grouped in `--help` as they are in the docs."""
+    from transformers import HfArgumentParser
+
+    from .arguments import ARGUMENT_CLASSES
+
+    parser = type("_ArgumentParser", (_ChoicesInHelp, HfArgumentParser), {})(ARGUMENT_CLASSES)
+    parser.description = (
+        "Train or fine-tune a CLIP model. Usage: run_clip.py [CONFIG.json ...] [--flag value ...]. Config files are "
+        "applied left to right, then command-line flags."
+    )
+    # An abbreviated flag (--learning_rat) would otherwise be silently taken for another.
+    parser.allow_abbrev = False
+    parser.error = _raise_config_error  # type: ignore[method-assign]
+    return parser
+
+
+def _raise_config_error(message: str) -> None:
+    # argparse's own `error` prints the usage line of every option (hundreds) before the one line that matters, and
+    # exits from inside the parser; a ConfigError reaches `cli`, which prints the message alone with status 2.
+    raise ConfigError(f"{message}. See `run_clip.py --help`.")
+
+
+# Keys whose value is a path the run reads. In a config file, a relative one is looked up beside the config file
+# first (the rule of tools such as Hydra or tsconfig: a config and what it names travel together), then in the
+# working folder, and a Hub id stays a Hub id. `output_dir` is what the run writes, so it stays relative to the
+# working folder, like every path given on the command line.
+CONFIG_RELATIVE_PATH_KEYS = (
+    "model_name_or_path",
+    "config_name",
+    "vision_model_name_or_path",
+    "text_model_name_or_path",
+    "tokenizer_name",
+    "image_processor_name",
+    "dataset_name",
+    "train_file",
+    "validation_file",
+    "train_mixture",
+    "resume_from_checkpoint",
+    "deepspeed",
+    "fsdp_config",
+    "extra_eval_sets",  # the paths inside each entry (`EXTRA_EVAL_SET_PATH_KEYS`)
+)
+
+
+def _resolve_against_config(value: Any, config_dir: Path) -> Any:
+    """`value` read beside its config file when something is there (a file, a folder, or a glob's matches); for a
+    `train_mixture` object, each of its sources."""
+    if isinstance(value, dict):
+        return {_resolve_against_config(source, config_dir): weight for source, weight in value.items()}
+    if not isinstance(value, str) or not value or os.path.isabs(value) or value.lower() in ("true", "false"):
+        return value
+    candidate = config_dir / value
+    if glob.has_magic(value) or "{" in value:
+        from .sources import expand_pattern
+
+        return str(candidate) if expand_pattern(str(candidate))[0] else value
+    return str(candidate) if candidate.exists() else value
+
+
+def _resolve_extra_eval_sets(value: Any, config_dir: Path) -> Any:
+    """`extra_eval_sets` from a config file, each entry's paths read beside the config file like other path keys."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value, object_pairs_hook=refuse_repeated_keys("extra_eval_sets"))
+        except json.JSONDecodeError:
+            return value  # reported by DataArguments, with the fix
+    if not isinstance(value, dict):
+        return value
+    resolved = {}
+    for name, entry in value.items():
+        if isinstance(entry, str):
+            entry = _resolve_against_config(entry, config_dir)
+        elif isinstance(entry, dict):
+            entry = {
+                key: _resolve_against_config(item, config_dir) if key in _extra_eval_set_path_keys() else item
+                for key, item in entry.items()
+            }
+        resolved[name] = entry
+    return resolved
+
+
+def _resolve_config_value(key: str, value: Any, config_dir: Path) -> Any:
+    if key == "extra_eval_sets":
+        return _resolve_extra_eval_sets(value, config_dir)
+    return _resolve_against_config(value, config_dir) if key in CONFIG_RELATIVE_PATH_KEYS else value
+
+
+def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, CLIPTrainingArguments]:
+    """Parses `[CONFIG.json ...] [--flag value ...]` into the three argument dataclasses.
+
+    Args:
+        argv (`list[str]`, *optional*):
+            The command line without the program name; defaults to `sys.argv[1:]`.
+
+    Raises:
+        [`ConfigError`]: for an unknown key or flag (naming the closest valid one), a missing or malformed config
+            file, or a value that fails validation.
+    """
+    from .arguments import ARGUMENT_CLASSES, InvalidValueError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    valid_keys = sorted(f.name for cls in ARGUMENT_CLASSES for f in fields(cls) if f.init)
+
+    config_files = []
+    while argv and argv[0].endswith(".json") and not argv[0].startswith("-"):
+        config_files.append(argv.pop(0))
+    merged: dict[str, Any] = {}
+    set_in: dict[str, str] = {}  # key -> the config file whose value is used, for the error messages
+    for path in config_files:
+        config_dir = Path(path).resolve().parent
+        for key, value in read_config_file(path).items():
+            if key not in valid_keys:
+                raise ConfigError(f"Unknown key `{key}` in {path}.{did_you_mean(key, valid_keys)}")
+            merged[key] = _resolve_config_value(key, value, config_dir)
+            set_in[key] = path
+    # Values from files become the parser's defaults, so that flags on the command line win.
+    parser.set_defaults(**merged)
+    namespace, remaining = parser.parse_known_args(argv)
+    if remaining:
+        flag = next((arg for arg in remaining if arg.startswith("-")), remaining[0])
+        name = flag.lstrip("-").split("=")[0]
+        hint = did_you_mean(name, valid_keys)
+        raise ConfigError(
+            f"Unknown option `{flag}`.{hint}" if flag.startswith("-") else f"Unexpected argument `{flag}`."
+        )
+    # A run that names none of do_train/do_eval/do_predict trains (and evaluates when eval_strategy asks for it).
+    # Decided on the raw options: TrainingArguments turns do_eval on by itself whenever eval_strategy is not "no".
+    stages = ("do_train", "do_eval", "do_predict")
+    if not any(stage in merged or f"--{stage}" in argv for stage in stages):
+        namespace.do_train = True
+    outputs = []
+    try:
+        for cls in ARGUMENT_CLASSES:
+            names = {f.name for f in fields(cls) if f.init}
+            values = {name: value for name, value in vars(namespace).items() if name in names}
+            outputs.append(cls(**values))
+    except InvalidValueError as error:
+        if error.key in set_in and not _given_as_flag(error.key, argv):
+            raise InvalidValueError(error.key, f"{error} (It is set in {set_in[error.key]}.)") from None
+        raise
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as error:
+        # TrainingArguments validates with ValueError; its messages name the fields.
+        raise ConfigError(str(error)) from None
+    return tuple(outputs)  # type: ignore[return-value]
+
+
+def _given_as_flag(key: str, argv: list[str]) -> bool:
+    flags = {f"--{key}", f"--{key.replace('_', '-')}", f"--no_{key}", f"--no-{key.replace('_', '-')}"}
+    return any(arg.split("=", 1)[0] in flags for arg in argv)

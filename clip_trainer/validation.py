@@ -1,0 +1,263 @@
+"""The checks of a run's settings that need more than one field: several argument classes, or the model's config.
+
+Checks of one field live in the argument classes' `__post_init__`. Everything here needs no data and no weights, so
+the command calls it before any data is read and the trainer at construction: a mistake stops a run in seconds, with
+one line that names the key and the fix.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers.trainer_utils import IntervalStrategy
+
+from .arguments import CLIPTrainingArguments, DataArguments, ModelArguments
+from .config_files import did_you_mean
+from .errors import ConfigError
+
+
+def check_arguments(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: CLIPTrainingArguments,
+    text_positions: int,
+    config: Any = None,
+) -> None:
+    """Every check that needs several argument classes or the model's config, but no data and no weights, so that a
+    mistake stops the run in seconds. Changes nothing.
+
+    Args:
+        text_positions: the text model's `max_position_embeddings`, from its config.
+        config: the model's config, for the checks of partial locking against the towers' depths.
+
+    Raises:
+        [`ConfigError`]: naming the key and the fix.
+    """
+    has_data_source = (
+        data_args.dataset_name is not None or data_args.train_file is not None or data_args.train_mixture is not None
+    )
+    if training_args.do_train and not has_data_source:
+        raise ConfigError(
+            "No training data given: set `dataset_name` (a Hub id, a prepared folder, or `emoji`) or `train_file`; "
+            "or pass only --do_eval to evaluate a model."
+        )
+    if not training_args.do_train and training_args.do_eval and not (has_data_source or data_args.validation_file):
+        raise ConfigError(
+            "--do_eval needs evaluation data: set `validation_file`, or `dataset_name` (a Hub dataset with a "
+            "validation or test split, or a prepared folder)."
+        )
+    from_scratch = model_args.model_name_or_path is None and model_args.vision_model_name_or_path is None
+    if from_scratch and not training_args.do_train:
+        raise ConfigError(
+            "A model built from scratch (`config_name` without `model_name_or_path`) has nothing to evaluate before "
+            "it trains: add --do_train, or evaluate a trained model with `model_name_or_path`."
+        )
+    check_training_arguments(data_args, training_args, config, model_args=model_args, text_positions=text_positions)
+    if training_args.do_train:
+        _check_negatives(training_args)
+    if data_args.streaming and training_args.do_train and training_args.max_steps <= 0:
+        raise ConfigError("Streaming data has no known length: set `max_steps` (e.g. --max_steps 10000).")
+
+
+def check_training_arguments(
+    data_args: DataArguments,
+    training_args: CLIPTrainingArguments,
+    config: Any = None,
+    model_args: ModelArguments | None = None,
+    text_positions: int | None = None,
+    has_labels: bool | None = None,
+    extra_sets: dict[str, bool] | None = None,
+) -> None:
+    """The checks the command and the trainer share: the settings against each other and against the model's config
+    (caption length, early stopping, the metric that chooses the best model, the family's limits, WiSE-FT and partial
+    locking, reporting, ONNX export). [`CLIPContrastiveTrainer`] runs them at construction.
+
+    Args:
+        model_args: the command's model arguments, for what depends on where the model comes from (WiSE-FT needs a
+            pretrained model); a trainer has none.
+        text_positions: the text tower's positions; read from `config` when not given.
+        has_labels: whether the evaluation data has class labels; by default, whether `label_column` is set.
+        extra_sets: the extra evaluation sets' names and whether each has class labels; by default, those of
+            `data_args.extra_eval_sets`.
+    """
+    if text_positions is None and config is not None:
+        text_positions = getattr(getattr(config, "text_config", None), "max_position_embeddings", None)
+    if (
+        text_positions is not None
+        and data_args.max_seq_length is not None
+        and data_args.max_seq_length > text_positions
+    ):
+        raise ConfigError(
+            f"`max_seq_length` is {data_args.max_seq_length} but the text model has {text_positions} positions; set "
+            f"it to {text_positions} or less."
+        )
+    if training_args.early_stopping_patience is not None and training_args.eval_strategy == IntervalStrategy.NO:
+        raise ConfigError(
+            "`early_stopping_patience` stops on evaluations, but `eval_strategy` is no; set it to epoch or steps."
+        )
+    if extra_sets is None:
+        extra_sets = {name: a.label_column is not None for name, a in data_args.extra_eval_data_arguments().items()}
+    _check_metric_for_best_model(
+        training_args,
+        has_labels=data_args.label_column is not None if has_labels is None else has_labels,
+        extra_sets=extra_sets,
+        sigmoid_loss=_uses_sigmoid_loss(training_args, config),
+    )
+    _check_model_family(data_args, training_args, config)
+    _check_fine_tuning(model_args, training_args, config)
+    _check_report_to(training_args.report_to)
+    if training_args.export_onnx:
+        import importlib.util
+
+        missing = [name for name in ("onnx", "onnxruntime", "onnxscript") if importlib.util.find_spec(name) is None]
+        if missing:
+            raise ConfigError(
+                f"`export_onnx` needs {', '.join(missing)}: pip install 'clip-trainer[onnx]', or drop --export_onnx."
+            )
+
+
+def _check_negatives(args: CLIPTrainingArguments) -> None:
+    """A contrastive batch of one pair has no negative: its loss is 0 whatever the weights, so nothing would train."""
+    pairs = args.per_device_train_batch_size
+    if args.gather_negatives:
+        pairs *= args.world_size
+    if args.accumulation_mode == "cached":
+        pairs *= args.gradient_accumulation_steps
+    if pairs < 2:
+        raise ConfigError(
+            "`per_device_train_batch_size` is 1, so each pair is contrasted with no other pair: the loss is 0 and "
+            "nothing trains. Use a batch of at least 2 (CLIP trains with hundreds), or keep 1 and set "
+            "`gradient_accumulation_steps` > 1 with `accumulation_mode` cached."
+        )
+
+
+def _uses_sigmoid_loss(args: CLIPTrainingArguments, config: Any) -> bool | None:
+    """Whether the run trains with the sigmoid loss (which reports `logit_bias`); None when the model is unknown."""
+    if args.loss_type != "auto":
+        return args.loss_type == "sigmoid"
+    from .modeling import FAMILIES
+
+    family = FAMILIES.get(getattr(config, "model_type", None))
+    return None if family is None else family.loss == "sigmoid"
+
+
+def _check_metric_for_best_model(
+    args: CLIPTrainingArguments,
+    has_labels: bool,
+    extra_sets: dict[str, bool] | None = None,
+    sigmoid_loss: bool | None = None,
+) -> None:
+    """Fails fast when `metric_for_best_model` names a metric that evaluation will never compute.
+
+    `extra_sets` maps each of `extra_eval_sets` to whether it has a label column; their metrics are
+    `eval_{name}_{metric}`. `sigmoid_loss`: whether the run's loss is the sigmoid one, whose evaluations also report
+    `logit_bias` (None: not known, so `logit_bias` is allowed)."""
+    from .evaluation import RETRIEVAL_METRIC_NAMES, ZEROSHOT_METRIC_NAMES
+
+    metric = args.metric_for_best_model
+    if metric is None:
+        return
+    name = metric.removeprefix("eval_")
+    per_set = {"loss", "inverse_temperature", *RETRIEVAL_METRIC_NAMES}
+    if sigmoid_loss is not False:
+        per_set.add("logit_bias")
+    known = set(per_set) | (set(ZEROSHOT_METRIC_NAMES) if has_labels else set())
+    zeroshot_without_labels = set(ZEROSHOT_METRIC_NAMES) - known
+    for set_name, labelled in (extra_sets or {}).items():
+        metrics = per_set | (set(ZEROSHOT_METRIC_NAMES) if labelled else set())
+        known.update(f"{set_name}_{key}" for key in metrics)
+        if not labelled:
+            zeroshot_without_labels.update(f"{set_name}_{key}" for key in ZEROSHOT_METRIC_NAMES)
+    if name in known:
+        return
+    if name in zeroshot_without_labels:
+        hint = " Zero-shot metrics need `label_column` (in the set's entry, for an extra evaluation set)."
+    elif name.split("_")[-2:] == ["logit", "bias"]:
+        hint = " `logit_bias` is reported only with the sigmoid loss (`loss_type` sigmoid, or a SigLIP model)."
+    else:
+        hint = did_you_mean(name, sorted(known), prefix="eval_")
+    raise ConfigError(
+        f"`metric_for_best_model` is {metric!r}, which evaluation never computes.{hint} Choose one of: "
+        + ", ".join(f"eval_{key}" for key in sorted(known))
+        + "."
+    )
+
+
+def _check_model_family(data_args: DataArguments, args: CLIPTrainingArguments, config: Any) -> None:
+    """What a family's inputs rule out. SigLIP 2 (NaFlex) keeps each image's aspect ratio, at up to `max_num_patches`
+    patches: neither a crop to one fixed size nor a graph of one fixed image size fits it."""
+    if getattr(config, "model_type", None) != "siglip2":
+        return
+    if data_args.augment:
+        raise ConfigError(
+            "`augment` crops every training image to one fixed size, but this SigLIP 2 model (NaFlex) takes each "
+            "image at its own aspect ratio in patches, so no augmented image would fit; drop `augment` (and "
+            "`color_jitter`, `grayscale_probability`), or train a CLIP or SigLIP model to augment."
+        )
+    if args.export_onnx:
+        from .onnx_export import EXPORTABLE_MODEL_TYPES
+
+        raise ConfigError(
+            "`export_onnx` writes graphs of one fixed image size, which SigLIP 2's NaFlex inputs (a varying number of "
+            f"patches per image) do not fit; only {', '.join(EXPORTABLE_MODEL_TYPES)} models export. Drop "
+            "--export_onnx."
+        )
+
+
+def _check_fine_tuning(model_args: ModelArguments | None, args: CLIPTrainingArguments, config: Any) -> None:
+    """WiSE-FT and partial locking against the model: a pretrained model to interpolate, towers deep enough."""
+    wise_ft = args.wise_ft_alphas is not None or args.wise_ft_alpha is not None
+    command = model_args is not None  # a trainer built in Python trains when `train()` is called
+    if wise_ft and command and model_args.model_name_or_path is None:
+        raise ConfigError(
+            "`wise_ft_alphas`/`wise_ft_alpha` interpolate between the pretrained and the fine-tuned weights, but this "
+            "model is trained from scratch (no `model_name_or_path`); give a pretrained model or drop WiSE-FT."
+        )
+    if wise_ft and command and not args.do_train:
+        raise ConfigError("`wise_ft_alphas`/`wise_ft_alpha` run after training; add --do_train or drop them.")
+    if wise_ft and command and not args.do_eval and args.eval_strategy == IntervalStrategy.NO:
+        raise ConfigError(
+            "WiSE-FT evaluates each interpolation, but this run does not evaluate (`eval_strategy` is no); add "
+            "--do_eval, or set `eval_strategy` to epoch or steps."
+        )
+    if wise_ft and (args.fsdp or args.deepspeed):
+        raise ConfigError(
+            "WiSE-FT needs every process to hold the whole model (it loads interpolated state dicts); it does not run "
+            "under FSDP or DeepSpeed. Drop `wise_ft_alphas`, and interpolate the saved model afterwards with "
+            "`python -m clip_trainer.wise_ft`."
+        )
+    if config is None:
+        return
+    for tower in ("vision", "text"):
+        key = f"{tower}_trainable_layers"
+        wanted = getattr(args, key)
+        depth = getattr(getattr(config, f"{tower}_config", None), "num_hidden_layers", None)
+        if wanted is not None and depth is not None and wanted > depth:
+            raise ConfigError(
+                f"`{key}` is {wanted}, but the {tower} tower has {depth} layers; set it to {depth} or less (or leave it "
+                "empty to train every layer)."
+            )
+
+
+def _check_report_to(report_to: str | list[str] | None) -> None:
+    """Unknown or uninstalled loggers fail here: `Trainer.__init__` would only find out after loading data and model."""
+    from transformers.integrations import is_tensorboard_available, is_wandb_available
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    known = sorted(INTEGRATION_TO_CALLBACK)
+    for name in names:
+        if name in (None, "none", "all"):
+            continue
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise ConfigError(
+                f"`report_to` names {name!r}, which transformers cannot log to.{did_you_mean(name, known)} Choose "
+                f"from: none, all, {', '.join(known)}."
+            )
+    installed = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
+    for name, available in installed.items():
+        if name in names and not available():
+            extra = "pip install 'clip-trainer[wandb]'" if name == "wandb" else "pip install tensorboard"
+            raise ConfigError(
+                f"`report_to` includes {name}, which is not installed: {extra}, or drop it from `report_to`."
+            )
