@@ -9,7 +9,7 @@ import sys
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # The command line is checked (and --help answered) before torch is imported.
-from clip_trainer.command_line import run_command  # noqa: E402
+from clip_trainer.cli import run_command  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(run_command(prog="run_clip.py"))

@@ -202,6 +202,11 @@ def check_field_values(instance: Any) -> None:
         if value is None and (optional or scalar is None):
             continue
         if choices is not None:
+            if name == "loss_type" and isinstance(value, str) and value not in choices:
+                # A loss added in Python (a `ContrastiveLoss` subclass) is chosen by its name like the built-in ones.
+                from .losses import ContrastiveLoss
+
+                choices = (*choices, *(n for n in ContrastiveLoss.registry if n not in choices))
             if not isinstance(value, str) or value not in choices:  # every option's choices are strings
                 hint = did_you_mean(value, [str(choice) for choice in choices]) if isinstance(value, str) else ""
                 raise InvalidValueError(

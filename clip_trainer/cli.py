@@ -13,15 +13,28 @@ from collections.abc import Callable
 PROG = "clip-trainer"
 
 
-def _train(argv: list[str]) -> int:
-    from .command_line import run_command
+def run_command(argv: list[str] | None = None, prog: str = "run_clip.py") -> int:
+    """`run_clip.py` and `clip-trainer train|eval`: the fast check of the command line (no torch), then the run."""
+    from .command_line import check_command_line
+    from .errors import ConfigError
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if check_command_line(argv, prog):
+            return 0
+    except ConfigError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
+    from .run import cli
+
+    return cli(argv, prog=prog)
+
+
+def _train(argv: list[str]) -> int:
     return run_command(argv, prog=f"{PROG} train")
 
 
 def _eval(argv: list[str]) -> int:
-    from .command_line import run_command
-
     # Appended, not prepended: config files must lead the command line (`eval configs/x.json --flag value`).
     if not any(arg == "--do_eval" or arg.startswith("--do_eval=") for arg in argv):
         argv = [*argv, "--do_eval"]

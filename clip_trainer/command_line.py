@@ -236,20 +236,6 @@ def check_command_line(argv: list[str], prog: str = "run_clip.py") -> bool:
     return False
 
 
-def run_command(argv: list[str] | None = None, prog: str = "run_clip.py") -> int:
-    """`run_clip.py` and `clip-trainer train|eval`: the fast check, then (importing torch) the run itself."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        if check_command_line(argv, prog):
-            return 0
-    except ConfigError as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        return 2
-    from .run import cli
-
-    return cli(argv, prog=prog)
-
-
 # --------------------------------------------------------------------------------------------------------------
 # The full parse (imports transformers)
 # --------------------------------------------------------------------------------------------------------------

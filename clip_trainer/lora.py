@@ -14,15 +14,13 @@ from __future__ import annotations
 import copy
 import math
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import nn
 from transformers.utils import logging
 
 from .arguments import CLIPTrainingArguments, ConfigError
 
-if TYPE_CHECKING:
-    from .model_card import CLIPModelCardData
 
 logger = logging.get_logger(__name__)
 
@@ -103,7 +101,7 @@ def _number(value: Any) -> str:
     return f"{value:g}" if isinstance(value, int | float) else str(value)
 
 
-def write_adapter_card(adapter_dir: str, card_data: CLIPModelCardData) -> str:
+def write_adapter_card(adapter_dir: str, card_data: Any) -> str:
     """
     Writes the adapter's own `README.md` in `adapter_dir`, in place of peft's template.
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-# run_clip.py run as a module (not __main__, so it does not train), with `clip_trainer.run` stood in by a module
+# run_clip.py run as a module (not __main__, so it does not train), with `clip_trainer.cli` stood in by a module
 # that notes the policy at the moment run_clip.py imports from it, that is before torch would load OpenMP.
 PROBE = """
 import os, runpy, sys, types
@@ -20,9 +20,9 @@ class Run(types.ModuleType):
     def __getattr__(self, name):
         seen[name] = os.environ.get("OMP_WAIT_POLICY")
         return lambda: 0
-sys.modules["clip_trainer.run"] = Run("clip_trainer.run")
+sys.modules["clip_trainer.cli"] = Run("clip_trainer.cli")
 runpy.run_path("run_clip.py", run_name="probe")
-print(seen["cli"])
+print(seen["run_command"])
 """
 
 

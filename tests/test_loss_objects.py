@@ -168,7 +168,7 @@ def test_build_loss_refuses_the_sigmoid_loss_without_a_bias_and_warns_of_softmax
     model = tiny_clip()
     with pytest.raises(ConfigError, match=r"needs a learned `logit_bias`, and a CLIP model has none"):
         build_loss(model, model_family(model.config), arguments(tmp_path, loss_type="sigmoid"))
-    with pytest.raises(ConfigError, match=r"`loss_type` is 'cosine'; choose auto or one of sigmoid, softmax"):
+    with pytest.raises(ConfigError, match=r"`loss_type` is 'cosine'; set it to one of: auto, softmax, sigmoid"):
         build_loss(model, model_family(model.config), arguments(tmp_path, loss_type="cosine"))
     caplog.set_level(logging.WARNING, logger="clip_trainer")
     siglip = tiny_siglip()
