@@ -21,7 +21,7 @@ import zipfile
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
-from .arguments import ConfigError
+from .errors import ConfigError
 
 logger = logging.get_logger(__name__)
 

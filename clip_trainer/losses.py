@@ -19,8 +19,8 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.utils import logging
 
-from .arguments import ConfigError
 from .callbacks import ClampLogitScaleCallback
+from .errors import ConfigError
 from .loss import contrastive_loss, sigmoid_contrastive_loss
 
 if TYPE_CHECKING:

@@ -953,3 +953,81 @@ def write_model_card(
     path = os.path.join(output_dir, MODEL_CARD_FILENAME)
     ModelCard(content).save(path)
     return path
+
+
+def write_adapter_card(adapter_dir: str, card_data: Any) -> str:
+    """
+    Writes the adapter's own `README.md` in `adapter_dir`, in place of peft's template.
+
+    peft's card is an empty template whose `base_model` metadata is the base model's path on the author's machine
+    (`_name_or_path`), which the Hub rejects and which publishes that path. This one says what the adapter is, its
+    settings, how to load it on its base model with peft, and that the merged model is the parent folder's.
+
+    Args:
+        adapter_dir (`str`): the adapter's folder (`output_dir/adapter`).
+        card_data ([`CLIPModelCardData`]): the run's card data, completed by the trainer (`lora` set).
+
+    Returns:
+        `str`: the path of the card written.
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from .lora import ADAPTER_DIRNAME, adapter_settings
+
+    lora = card_data.lora or adapter_settings(adapter_dir) or {}
+    output_name = card_data.model_name or os.path.basename(os.path.abspath(os.path.dirname(adapter_dir)))
+    location, _ = _location(card_data, output_name)
+    base_id = _hub_id(card_data.base_model)
+    family = card_data.family or "CLIP"
+    metadata = ModelCardData(
+        library_name="peft",
+        pipeline_tag="zero-shot-image-classification",
+        base_model=base_id,
+        tags=[*_DEFAULT_TAGS, "lora", "peft"],
+        license=card_data.license or None,
+    )
+    if base_id:
+        base_line = f'base = AutoModel.from_pretrained("{base_id}")'
+    elif card_data.base_model:
+        name = os.path.basename(os.path.normpath(card_data.base_model))
+        base_line = f'base = AutoModel.from_pretrained("path/to/{name}")  # the local model `{name}` it was trained on'
+    else:
+        base_line = 'base = AutoModel.from_pretrained("path/to/base-model")  # the model it was trained on'
+    if card_data.repo_id:
+        adapter_line = f'model = PeftModel.from_pretrained(base, "{location}", subfolder="{ADAPTER_DIRNAME}")'
+    else:
+        adapter_line = f'model = PeftModel.from_pretrained(base, "{location}/{ADAPTER_DIRNAME}")'
+    targets = ", ".join(f"`{target}`" for target in lora.get("target_modules") or []) or "the configured modules"
+    size = f" ({lora['num_parameters']:,} parameters)" if lora.get("num_parameters") else ""
+    dropout = f", dropout {lora['lora_dropout']:g}" if lora.get("lora_dropout") else ""
+    parent = f"the Hub repository `{location}`" if card_data.repo_id else f"the parent folder, `{location}`"
+    text = f"""
+# LoRA adapter of {output_name}
+
+A [LoRA](https://arxiv.org/abs/2106.09685) adapter{size} for a {family} model, {_origin(card_data.base_model)}, \
+trained with clip-trainer: rank {lora.get("r")}, alpha {_plain_number(lora.get("lora_alpha"))}{dropout}, on the modules \
+{targets}. Only the adapter was trained; every weight of the base model, the temperature included, stayed as it \
+was.
+
+The model with this adapter merged into its weights is {parent}: it loads without peft \
+(`AutoModel.from_pretrained("{location}")`), and its card has the evaluation and usage code.
+
+## Loading the adapter with peft
+
+```python
+from peft import PeftModel
+from transformers import AutoModel, AutoProcessor
+
+{base_line}
+{adapter_line}
+processor = AutoProcessor.from_pretrained("{location}")
+# model.merge_and_unload() gives the merged model of the parent folder.
+```
+"""
+    path = os.path.join(adapter_dir, MODEL_CARD_FILENAME)
+    ModelCard(f"---\n{metadata.to_yaml()}\n---\n{text}").save(path)
+    return path
+
+
+def _plain_number(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, int | float) else str(value)

@@ -692,8 +692,7 @@ class CLIPContrastiveTrainer(Trainer):
 
         `Trainer.push_to_hub` calls this just before uploading `output_dir`.
         """
-        from .lora import write_adapter_card
-        from .model_card import complete_card_data
+        from .model_card import complete_card_data, write_adapter_card
 
         if not self.is_world_process_zero():
             return
