@@ -27,6 +27,7 @@ from .arguments import ConfigError, DataArguments
 from .images import BadSampleError, decode_base64_image, is_url, load_image, looks_like_base64_image
 from .rows import find_bad_rows
 from .sources import (
+    ShardReport,
     expand_pattern,
     image_folder_kind,
     interleave,
@@ -39,7 +40,7 @@ from .sources import (
     pattern_suffix,
     webdataset_columns,
 )
-from .stream import shuffled_passes
+from .stream import StreamSource, record_source, shuffled_passes, source_of
 
 logger = logging.get_logger(__name__)
 
@@ -89,6 +90,9 @@ class ImageTextData:
     train: Dataset | IterableDataset | None
     validation: Dataset | None
     source: DataSource
+    # The tar shards that could not be read (whole or in part): `shard_report.skipped_shards`,
+    # `shard_report.skipped_samples`, `shard_report.summary()`.
+    shard_report: ShardReport = field(default_factory=ShardReport)
     # One pass over the training pairs (a stream before it is repeated and shuffled), for `training_captions`.
     one_pass: Dataset | IterableDataset | None = field(default=None, repr=False)
 
@@ -129,7 +133,7 @@ def _stream(dataset: Dataset, streaming: bool) -> Dataset | IterableDataset:
 
 
 def _load_source(
-    data_args: DataArguments, cache_dir: str | None, streaming: bool, need_train: bool
+    data_args: DataArguments, cache_dir: str | None, streaming: bool, need_train: bool, report: ShardReport
 ) -> tuple[dict[str, Dataset | IterableDataset], DataSource]:
     """The source's splits, with images kept encoded and relative paths resolved, and what the source is."""
     name = data_args.dataset_name
@@ -178,17 +182,17 @@ def _load_source(
 
     splits = {}
     if data_args.train_file is not None and (need_train or data_args.validation_file is None):
-        splits["train"] = _load_files(data_args.train_file, "train_file", data_args, cache_dir, streaming)
+        splits["train"] = _load_files(data_args.train_file, "train_file", data_args, cache_dir, streaming, report)
     if data_args.validation_file is not None:
         # Loaded whole even when training streams: evaluation sees the same finite set every time.
         splits["validation"] = _load_files(
-            data_args.validation_file, "validation_file", data_args, cache_dir, streaming=False
+            data_args.validation_file, "validation_file", data_args, cache_dir, False, report
         )
     return splits, _local_source(data_args.train_file or data_args.validation_file, splits)
 
 
 def _load_mixture(
-    data_args: DataArguments, cache_dir: str | None, streaming: bool, seed: int, hold_out: bool
+    data_args: DataArguments, cache_dir: str | None, streaming: bool, seed: int, hold_out: bool, report: ShardReport
 ) -> tuple[dict[str, Dataset | IterableDataset], DataSource]:
     """`train_mixture`: each source loaded as if it were the run's only one, then drawn by weight with
     `datasets.interleave_datasets`.
@@ -201,7 +205,8 @@ def _load_mixture(
     mixture = data_args.train_mixture
     trains, validations, sizes = [], [], []
     for source in mixture:
-        splits, _ = _load_source(mixture_source_arguments(source, data_args), cache_dir, streaming, need_train=True)
+        source_args = mixture_source_arguments(source, data_args)
+        splits, _ = _load_source(source_args, cache_dir, streaming, need_train=True, report=report)
         if "train" not in splits:
             raise ConfigError(
                 f"`train_mixture` source {source!r} has no `train` split; its splits are: {', '.join(splits)}."
@@ -219,7 +224,9 @@ def _load_mixture(
     log_mixture(mixture, sizes, data_args.mixture_stopping_strategy, streaming)
     mixed = {"train": interleave(trains, mixture, seed, data_args.mixture_stopping_strategy)}
     if data_args.validation_file is not None:
-        mixed["validation"] = _load_files(data_args.validation_file, "validation_file", data_args, cache_dir, False)
+        mixed["validation"] = _load_files(
+            data_args.validation_file, "validation_file", data_args, cache_dir, False, report
+        )
     elif validations:
         limit = data_args.max_eval_samples or DEFAULT_STREAMING_EVAL_SAMPLES
         for index, validation in enumerate(validations):
@@ -242,11 +249,16 @@ def _expand(pattern: str) -> list[str]:
 
 
 def _load_files(
-    pattern: str, key: str, data_args: DataArguments, cache_dir: str | None, streaming: bool
+    pattern: str,
+    key: str,
+    data_args: DataArguments,
+    cache_dir: str | None,
+    streaming: bool,
+    report: ShardReport | None = None,
 ) -> Dataset | IterableDataset:
     """`train_file` / `validation_file`: WebDataset tar shards, or csv/json/parquet data files."""
     if pattern_suffix(pattern) == ".tar":
-        return load_webdataset(_expand(pattern), key, data_args, cache_dir, streaming)
+        return load_webdataset(_expand(pattern), key, data_args, cache_dir, streaming, report)
     return _load_data_files(pattern, key, data_args, cache_dir, streaming)
 
 
@@ -512,6 +524,20 @@ class _NotHeldOut:
         return (_stream_key(row[self.image_column]), str(row[self.caption_column])) not in self.keys
 
 
+def _source_files(data_args: DataArguments) -> list[str]:
+    """The files (or the names) a training source reads, in order: the shards of `train_file`, every file under a
+    local `dataset_name` folder, each source of a mixture; a Hub id or `emoji` stands for itself."""
+    names = list(data_args.train_mixture or []) or [data_args.train_file or data_args.dataset_name or ""]
+    files: list[str] = []
+    for name in names:
+        if os.path.isdir(name):
+            files.extend(sorted(str(path) for path in Path(name).rglob("*") if path.is_file()))
+        else:
+            found, _ = expand_pattern(name)
+            files.extend(found or [name])
+    return files
+
+
 def _column_names(stream: IterableDataset) -> list[str]:
     """The stream's columns; csv streams know them only once a row is read."""
     if stream.column_names is not None:
@@ -540,6 +566,7 @@ def _finish_training_stream(
         )
         raise _file_error(key, [str(source)], error) from None
     _check_columns(columns, "train", data_args)
+    read = source_of(train) or StreamSource(_source_files(data_args))
     if hold_out:
         # The head of the unshuffled stream, so that every process and every restart holds out the same pairs.
         held_out = data_args.max_eval_samples or DEFAULT_STREAMING_EVAL_SAMPLES
@@ -561,6 +588,9 @@ def _finish_training_stream(
     # would leave them waiting in a collective) when `accelerate` deals out shards of unequal sizes. Each pass is
     # shuffled on its own, in a way that resumes exactly (see stream.py).
     train = shuffled_passes(train, seed=seed, block_size=data_args.shuffle_buffer_size)
+    # What the stream reads, for the warning on uneven shards and for the position saved with checkpoints.
+    samples = read.samples if data_args.max_train_samples is None else None
+    record_source(train, StreamSource(read.shards, samples, data_args.shuffle_buffer_size))
     logger.info(
         f"Streaming the training pairs ({train.num_shards} shard(s), shuffle buffer {data_args.shuffle_buffer_size:,})."
     )
@@ -599,11 +629,12 @@ def load_image_text_data(
     seed project's 85/15); a stream holds out its first `max_eval_samples` pairs (default 1,000) instead.
     """
     streaming = data_args.streaming and train
+    report = ShardReport()
     if data_args.train_mixture and train:
         hold_out_each = evaluate and data_args.validation_split_percentage > 0
-        splits, source = _load_mixture(data_args, cache_dir, streaming, seed, hold_out=hold_out_each)
+        splits, source = _load_mixture(data_args, cache_dir, streaming, seed, hold_out=hold_out_each, report=report)
     else:
-        splits, source = _load_source(data_args, cache_dir, streaming, need_train=train)
+        splits, source = _load_source(data_args, cache_dir, streaming, need_train=train, report=report)
     names = VALIDATION_SPLIT_NAMES if train else (*VALIDATION_SPLIT_NAMES, "test")
     if data_args.validation_split_name is not None:
         if data_args.validation_split_name not in splits:
@@ -646,7 +677,9 @@ def load_image_text_data(
     sizes = [f"training pairs: {len(train_split):,}"] if isinstance(train_split, Dataset) else []
     sizes.append(f"validation pairs: {len(validation):,}" if validation is not None else "no validation pairs")
     logger.info("; ".join(sizes))
-    return ImageTextData(train=train_split, validation=validation, source=source, one_pass=one_pass)
+    return ImageTextData(
+        train=train_split, validation=validation, source=source, one_pass=one_pass, shard_report=report
+    )
 
 
 def load_extra_eval_sets(data_args: DataArguments, seed: int, cache_dir: str | None = None) -> dict[str, Dataset]:

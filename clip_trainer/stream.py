@@ -27,9 +27,11 @@ every image of them). [`StreamPositionCallback`] saves each process's loader sta
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging as std_logging
 import os
 import warnings
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -106,21 +108,93 @@ def shuffled_passes(stream: IterableDataset, seed: int, block_size: int) -> Iter
     )
 
 
+@dataclasses.dataclass
+class StreamSource:
+    """What a training stream reads, as far as known: its shard files (in order), each shard's sample count (when it
+    was cheap to count), and the shuffle block size. Saved with the stream's position, so that a resume over other
+    data does not reuse a position that means other samples."""
+
+    shards: list[str]
+    samples: list[int] | None = None
+    shuffle_buffer_size: int | None = None
+
+    def identity(self) -> dict[str, Any]:
+        """The shards (absolute paths with their sizes in bytes: a replaced shard holds other samples) and the
+        shuffle block size, in a form `torch.load(weights_only=True)` reads back."""
+        shards = []
+        for shard in self.shards:
+            size = os.path.getsize(shard) if os.path.isfile(shard) else -1
+            shards.append([os.path.abspath(shard) if os.path.exists(shard) else shard, size])
+        return {"shards": shards, "shuffle_buffer_size": self.shuffle_buffer_size}
+
+
+# The sources of the streams made by clip-trainer's loaders, looked up by the trainer (a stream carries no such note).
+_SOURCES: weakref.WeakKeyDictionary[IterableDataset, StreamSource] = weakref.WeakKeyDictionary()
+
+
+def record_source(stream: IterableDataset, source: StreamSource) -> None:
+    """Notes what `stream` reads (see [`StreamSource`])."""
+    _SOURCES[stream] = source
+
+
+def source_of(stream: Any) -> StreamSource | None:
+    """What `stream` reads, when one of clip-trainer's loaders made it."""
+    try:
+        return _SOURCES.get(stream)
+    except TypeError:  # not weakly referable: not one of ours
+        return None
+
+
+# A reader whose samples come round this many times as often as with equal shards is worth a warning.
+UNEVEN_SHARDS_FACTOR = 1.1
+
+
+def uneven_shard_excess(samples: list[int], readers: int) -> tuple[float, int]:
+    """How much more often, at worst, a sample comes round than with equal shards when `readers` (processes x
+    DataLoader workers) each read their own shards and give an equal share of the batches, and the fewest samples a
+    reader can be dealt: the sum of the `len(samples) // readers` smallest shards (each reader gets at least that
+    many shards). 1.0: uniform."""
+    per_reader = len(samples) // readers
+    if readers <= 1 or per_reader == 0:
+        return 1.0, sum(samples)
+    fewest = sum(sorted(samples)[:per_reader])
+    if fewest == 0:
+        return float("inf"), 0
+    return sum(samples) / (readers * fewest), fewest
+
+
 def check_shard_split(stream: IterableDataset, world_size: int, num_workers: int) -> None:
-    """Logs how the stream's shards are dealt out, and warns when they do not divide evenly."""
+    """Warns when the stream's shards are not dealt out evenly: fewer shards than processes, uneven shard sizes
+    (when they are known, see [`StreamSource`]), or a shard count that is not a multiple of the readers."""
     readers = world_size * max(1, num_workers)
     shards = stream.num_shards
+    source = source_of(stream)
+    sizes = source.samples if source is not None and source.samples is not None else None
+    layout = 'see "Laying out shards" in docs/data.md'
     if shards < world_size:
         logger.warning(
             f"The training stream has {shards} shard(s) for {world_size} processes: every process reads all of it and "
             "keeps every n-th batch. Give at least as many shards (files) as processes to read each one once."
         )
+    elif sizes is not None and len(sizes) == shards and readers > 1:
+        excess, fewest = uneven_shard_excess(sizes, readers)
+        if excess >= UNEVEN_SHARDS_FACTOR:
+            total = sum(sizes)
+            logger.warning(
+                f"The training stream's {shards} shards are uneven ({min(sizes):,} to {max(sizes):,} samples, "
+                f"{total:,} in all) for {readers} readers ({world_size} process(es) x {max(1, num_workers)} "
+                f"DataLoader worker(s)), each reading its own shards and giving an equal share of the batches: a "
+                f"reader dealt the smallest shards starts its next pass sooner, so their samples can come round up "
+                f"to {excess:.1f}x as often as the rest (at worst {fewest:,} samples make {1 / readers:.0%} of the "
+                f"draws instead of {fewest / total:.1%}). Write shards of equal size, a multiple of {readers} of "
+                f"them ({layout})."
+            )
     elif shards % readers:
         logger.warning(
             f"The training stream's {shards} shards do not divide evenly among {world_size} process(es) x "
             f"{max(1, num_workers)} DataLoader worker(s): every sample is still read once per pass of its worker, but "
             f"workers with fewer shards start their next pass sooner, so their samples come round more often. A "
-            f"multiple of {readers} equal-sized shards samples uniformly."
+            f"multiple of {readers} equal-sized shards samples uniformly ({layout})."
         )
 
 
