@@ -32,27 +32,30 @@ def write_tar_shards(
     folder: Path,
     shards: int,
     per_shard: int,
-    image: str = "jpg",
+    image: str | list[str] = "jpg",
     members: tuple[str, ...] = ("txt", "json"),
     sizes: list[int] | None = None,
 ) -> list[str]:
     """`shards` tar files `folder/00000.tar`, ... in WebDataset format: each sample `s<shard>_<i>` has an image
-    member (`image`; none if empty), a `txt` caption and a `json` member `{"caption", "shape"}`; every image is
-    distinct (drawn at the shard's own size). `sizes` gives each shard's sample count. Returns every sample key."""
+    member (`image`; none if empty; a list gives each shard its own; `"jpg/png"` alternates them sample by sample),
+    a `txt` caption and a `json` member `{"caption", "shape"}`; every image is distinct (drawn at the shard's own
+    size). `sizes` gives each shard's sample count. Returns every sample key."""
     folder.mkdir(parents=True, exist_ok=True)
     rows = shape_rows()
     keys = []
     for shard in range(shards):
+        extensions = (image[shard] if isinstance(image, list) else image).split("/")
         with tarfile.open(folder / f"{shard:05d}.tar", "w") as tar:
             for index in range(sizes[shard] if sizes else per_shard):
                 color, shape, background, caption = rows[index % len(rows)]
                 key = f"s{shard}_{index:03d}"
                 keys.append(key)
-                if image:
+                extension = extensions[index % len(extensions)]
+                if extension:
                     buffer = io.BytesIO()
                     picture = draw_shape(color, shape, background, size=36 + 2 * shard + index // len(rows))
-                    picture.save(buffer, format={"jpg": "JPEG", "jpeg": "JPEG"}.get(image, image.upper()))
-                    _add_member(tar, f"{key}.{image}", buffer.getvalue())
+                    picture.save(buffer, format={"jpg": "JPEG", "jpeg": "JPEG"}.get(extension, extension.upper()))
+                    _add_member(tar, f"{key}.{extension}", buffer.getvalue())
                 if "txt" in members:
                     _add_member(tar, f"{key}.txt", f"{caption} (txt)".encode())
                 if "json" in members:
@@ -166,6 +169,38 @@ def test_shards_train_with_two_dataloader_workers(base_args, shards, tmp_path, s
     assert any(key.startswith("eval_t2i_recall") for entry in state["log_history"] for key in entry)
     # Loaded: 48 pairs less the 15% (8) held out; a stream counts its steps.
     assert results["train_samples"] == (48 - 8 if streaming == "false" else 6)
+
+
+@pytest.mark.parametrize("streaming", ["true", "false"], ids=["streamed", "loaded"])
+def test_each_sample_keeps_whichever_image_it_has_across_and_inside_shards(
+    base_args, tmp_path, monkeypatch, streaming
+):
+    """jpg, png and webp shards, and a shard that alternates png and jpeg: not one image is lost, trained or
+    evaluated, whatever the first shard's image extension."""
+    from test_stream_resume import KeyedCollator, RecordingTrainer
+
+    from clip_trainer import run
+
+    monkeypatch.chdir(tmp_path)
+    keys = write_tar_shards(tmp_path / "shards", shards=4, per_shard=6, image=["jpg", "png", "webp", "png/jpeg"])
+    monkeypatch.setattr(run, "ImageTextCollator", KeyedCollator)
+    monkeypatch.setattr(run, "CLIPContrastiveTrainer", RecordingTrainer)
+    RecordingTrainer.steps = {}
+    argv = _train_args(base_args, "shards/*.tar")
+    argv[argv.index("--output_dir") + 1] = "out"
+    if streaming == "true":  # 8 held out, 16 trained on in passes of 8 per worker: 5 steps of 8 read each twice
+        argv += ["--streaming", "true", "--max_steps", "5", "--max_eval_samples", "8", "--shuffle_buffer_size", "8"]
+    else:  # 24 pairs: 4 held out (15%), 20 trained on once
+        argv += ["--num_train_epochs", "1"]
+    results = run.main([*argv, "--do_train", "true", "--do_eval", "true", "--logging_steps", "1"])
+    trained = [key for batch in RecordingTrainer.steps.values() for key in batch]
+    held_out = 8 if streaming == "true" else 4
+    assert results["eval_samples"] == held_out  # every held-out sample has its image
+    assert len(set(trained)) == 24 - held_out and set(trained) <= set(keys)
+    if streaming == "false":
+        assert results["train_samples"] == len(trained) == 20
+    history = json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"]
+    assert all("skipped_samples" not in entry for entry in history)  # no sample trained without its image
 
 
 # --------------------------------------------------------------------------------------------------------------
