@@ -119,12 +119,18 @@ class StreamSource:
     shuffle_buffer_size: int | None = None
 
     def identity(self) -> dict[str, Any]:
-        """The shards (absolute paths with their sizes in bytes: a replaced shard holds other samples) and the
-        shuffle block size, in a form `torch.load(weights_only=True)` reads back."""
+        """The shards, each with its sample count (else its size in bytes: a replaced shard holds other samples),
+        and the shuffle block size, in a form `torch.load(weights_only=True)` reads back. Shards are named relative
+        to the folder that holds them all, so that the data can move (to a node's local disk) between runs."""
+        local = [os.path.abspath(shard) for shard in self.shards if os.path.isfile(shard)]
+        root = os.path.commonpath([os.path.dirname(path) for path in local]) if len(local) == len(self.shards) else ""
         shards = []
-        for shard in self.shards:
-            size = os.path.getsize(shard) if os.path.isfile(shard) else -1
-            shards.append([os.path.abspath(shard) if os.path.exists(shard) else shard, size])
+        for index, shard in enumerate(self.shards):
+            name = os.path.relpath(os.path.abspath(shard), root) if root else shard
+            if self.samples is not None:
+                shards.append([name, self.samples[index]])
+            else:
+                shards.append([name, os.path.getsize(shard) if os.path.isfile(shard) else -1])
         return {"shards": shards, "shuffle_buffer_size": self.shuffle_buffer_size}
 
 
@@ -220,6 +226,30 @@ def _layout(args: Any) -> dict[str, int]:
     }
 
 
+def _data_changes(saved: dict[str, Any] | None, current: dict[str, Any] | None) -> str:
+    """What differs between the training data a stream position was saved with and this run's, in words; empty when
+    nothing does or either is unknown (a checkpoint from before the data was saved with it)."""
+    if saved is None or current is None or saved == current:
+        return ""
+    changes = []
+    if saved.get("shuffle_buffer_size") != current.get("shuffle_buffer_size"):
+        changes.append(
+            f"`shuffle_buffer_size` was {saved.get('shuffle_buffer_size')} and is {current.get('shuffle_buffer_size')}"
+        )
+    before = {path: size for path, size in saved.get("shards", [])}
+    now = {path: size for path, size in current.get("shards", [])}
+    for label, names in (
+        ("gone", [path for path in before if path not in now]),
+        ("new", [path for path in now if path not in before]),
+        ("of another size", [path for path in now if path in before and now[path] != before[path]]),
+    ):
+        if names:
+            changes.append(f"{len(names):,} shard(s) {label} (first: {names[0]})")
+    if not changes:
+        changes.append("the shards are in another order")
+    return "; ".join(changes)
+
+
 class StreamPositionCallback(TrainerCallback):
     """Saves every process's training-stream position with each checkpoint and restores it when the run resumes.
 
@@ -228,8 +258,11 @@ class StreamPositionCallback(TrainerCallback):
     [`enable_stream_resume`] asks `accelerate` for.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, source: StreamSource | None = None) -> None:
         self.pending: dict[str, Any] | None = None
+        # What the stream reads (its shards, their sizes, the shuffle block size), saved beside its position: the
+        # same position in other data is other samples.
+        self.data = source.identity() if source is not None else None
 
     def on_save(self, args, state, control, train_dataloader=None, **kwargs):
         if train_dataloader is None or not hasattr(train_dataloader, "state_dict"):
@@ -237,6 +270,8 @@ class StreamPositionCallback(TrainerCallback):
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         os.makedirs(folder, exist_ok=True)
         payload = {"dataloader": train_dataloader.state_dict(), "layout": _layout(args), "step": state.global_step}
+        if self.data is not None:
+            payload["data"] = self.data
         path = os.path.join(folder, STREAM_STATE_NAME.format(rank=args.process_index))
         torch.save(payload, path + ".tmp")
         os.replace(path + ".tmp", path)  # a kill mid-write leaves no half file under the real name
@@ -248,7 +283,7 @@ class StreamPositionCallback(TrainerCallback):
 
     def read(self, checkpoint: str, args: Any) -> dict[str, Any] | None:
         """The loader state this process saved in `checkpoint`, or `None` (with the reason logged) when there is none
-        or it was saved with another layout."""
+        or it was saved with another layout or over other data (other shards, `shuffle_buffer_size`)."""
         path = os.path.join(checkpoint, STREAM_STATE_NAME.format(rank=args.process_index))
         if not os.path.isfile(path):
             logger.warning(
@@ -266,6 +301,14 @@ class StreamPositionCallback(TrainerCallback):
                 f"{path} was saved with {payload.get('layout')} and this run has {_layout(args)}: the saved stream "
                 "position does not apply. Replaying the stream, which with another layout reads other samples than "
                 "the interrupted run would have."
+            )
+            return None
+        changed = _data_changes(payload.get("data"), self.data)
+        if changed:
+            logger.warning(
+                f"{path} was saved while streaming other training data: {changed}. The saved stream position would "
+                "point at other samples (some repeated, some never read), so it is not used: the stream is replayed "
+                "from the start up to the checkpoint instead."
             )
             return None
         return payload["dataloader"]
@@ -305,6 +348,6 @@ def enable_stream_resume(trainer: Any) -> StreamPositionCallback | None:
     trainer.accelerator.dataloader_config.use_stateful_dataloader = True
     # torchdata 0.11 calls a torch function that torch 2.9+ deprecates, at every `iter()`; nothing for a user to do.
     warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
-    callback = StreamPositionCallback()
+    callback = StreamPositionCallback(source_of(trainer.train_dataset))
     trainer.add_callback(callback)
     return callback
