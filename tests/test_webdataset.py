@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import tarfile
 from collections import defaultdict
 from pathlib import Path
@@ -265,6 +266,40 @@ def test_every_sample_once_per_pass_across_two_processes_and_two_workers(tmp_pat
         # 5 shards: process 0 gets 3 (2 + 1 for its workers), process 1 gets 2: one reader's pass is twice as long,
         # so in the same steps the others' samples come round twice as often (as documented in stream.py).
         assert sorted(pass_sizes.values()) == [6, 6, 6, 12]
+
+
+@pytest.mark.parametrize("sizes", [[200, 2, 3, 1], [5, 5, 5, 5]], ids=["uneven", "even"])
+def test_uneven_shards_are_reported_with_how_uneven_and_how_to_lay_them_out(
+    base_args, tmp_path, monkeypatch, caplog, sizes
+):
+    monkeypatch.chdir(tmp_path)
+    write_tar_shards(tmp_path / "shards", shards=4, per_shard=0, sizes=sizes)
+    caplog.set_level(logging.WARNING, logger="clip_trainer")
+    argv = _train_args(base_args, "shards/*.tar")
+    argv[argv.index("--output_dir") + 1] = "out"
+    main([*argv, "--streaming", "true", "--max_steps", "1", "--validation_split_percentage", "0",
+          "--shuffle_buffer_size", "8"])  # fmt: skip
+    warnings = [r.getMessage() for r in caplog.records if "shards are uneven" in r.getMessage()]
+    if sizes[0] == 5:
+        assert warnings == []  # 2 workers with 2 shards of 5 each: uniform
+        return
+    [message] = warnings
+    assert "(1 to 200 samples, 206 in all) for 2 readers (1 process(es) x 2 DataLoader worker(s))" in message
+    # The fewest samples a worker can be dealt: its 2 shards the smallest, 1 + 2; they make half of the draws.
+    assert "up to 34.3x as often" in message and "at worst 3 samples make 50% of the draws instead of 1.5%" in message
+    assert 'a multiple of 2 of them (see "Laying out shards" in docs/data.md)' in message
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "data.md").read_text()
+    assert "## Laying out shards" in docs
+
+    # Counted from what two DataLoader workers draw (the run's seed deals the worst case: the shards of 2 and 1
+    # samples to one worker): each worker gives half of the batches, so those 3 samples are half of the draws.
+    data_args = DataArguments(train_file="shards/*.tar", streaming=True, shuffle_buffer_size=8)
+    stream = load_image_text_data(data_args, seed=1, evaluate=False).train
+    streams = reader_streams(stream, processes=1, workers=2, batches=60)
+    small = min(streams.values(), key=lambda keys: len(set(keys)))
+    share = len(small) / sum(len(keys) for keys in streams.values())
+    assert (len(set(small)), share) == (3, 0.5)
+    assert f"up to {share / (len(set(small)) / 206):.1f}x as often" in message
 
 
 RECORDING_CLI = """
