@@ -28,6 +28,7 @@ from .images import BadSampleError, decode_base64_image, is_url, load_image, loo
 from .rows import find_bad_rows
 from .sources import (
     ShardReport,
+    check_mixture_size,
     expand_pattern,
     image_folder_kind,
     interleave,
@@ -222,6 +223,8 @@ def _load_mixture(
         if validation is not None and data_args.validation_file is None:
             validations.append(mixed_columns(validation, data_args, source))
     log_mixture(mixture, sizes, data_args.mixture_stopping_strategy, streaming)
+    if not streaming:
+        check_mixture_size(mixture, sizes, data_args.mixture_stopping_strategy)
     mixed = {"train": interleave(trains, mixture, seed, data_args.mixture_stopping_strategy)}
     if data_args.validation_file is not None:
         mixed["validation"] = _load_files(

@@ -33,7 +33,7 @@ import os
 import re
 import tarfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -56,6 +56,12 @@ WEBDATASET_KEY_COLUMNS = ("__key__", "__url__")
 METADATA_FILENAMES = ("metadata.csv", "metadata.jsonl", "metadata.parquet")
 DATA_FILE_SUFFIXES = (".csv", ".json", ".jsonl", ".parquet", ".tar")
 MIXTURE_STOPPING_STRATEGIES = ("all_exhausted", "first_exhausted")
+# The heaviest weight of a mixture over its lightest, at most. Beyond it the light source is never drawn in practice,
+# and a loaded `all_exhausted` mixture (which draws until every source is read through) grows past memory.
+MAX_MIXTURE_WEIGHT_RATIO = 1e6
+# A loaded `all_exhausted` mixture may have at most this many times its sources' pairs: reading a source of small
+# weight and many pairs through repeats the others that many times over (every row an index in memory).
+MAX_MIXTURE_REPEATS = 100
 
 # --------------------------------------------------------------------------------------------------------------
 # File patterns
@@ -65,14 +71,13 @@ _BRACE = re.compile(r"\{([^{}]*)\}")
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
 
 
-def expand_braces(pattern: str) -> list[str]:
-    """Bash-style brace expansion: `a/{00000..00002}.tar` -> `a/00000.tar`, `a/00001.tar`, `a/00002.tar`; `{x,y}`
-    lists; several groups multiply. Written here because `datasets`' data-file patterns take globs, not braces (the
-    WebDataset convention for naming shards). A zero-padded bound pads every number to the longest bound's width."""
-    match = _BRACE.search(pattern)
-    if match is None:
-        return [pattern]
-    body = match.group(1)
+# A pattern may name at most this many files: a typo in a range (`{000000..99999999}`, 10^8 names) would otherwise
+# fill memory with names before a single one is looked up.
+MAX_PATTERN_NAMES = 1_000_000
+
+
+def _brace_choices(body: str) -> tuple[int, Iterable[str]] | None:
+    """How many names a brace group's body gives, and (lazily) the names; `None` for a body that is no expansion."""
     numeric = _RANGE.match(body)
     if numeric:
         first, last = numeric.groups()
@@ -80,13 +85,60 @@ def expand_braces(pattern: str) -> list[str]:
         step = 1 if stop >= start else -1
         padded = any(len(bound.lstrip("-")) > 1 and bound.lstrip("-").startswith("0") for bound in (first, last))
         width = max(len(first), len(last)) if padded else 0
-        choices = [str(number).zfill(width) for number in range(start, stop + step, step)]
-    elif "," in body:
+        numbers = range(start, stop + step, step)
+        return len(numbers), (str(number).zfill(width) for number in numbers)
+    if "," in body:
         choices = body.split(",")
-    else:  # `{}` or `{x}` is no expansion in bash either: kept as written
-        return [pattern[: match.end()] + rest for rest in expand_braces(pattern[match.end() :])]
+        return len(choices), choices
+    return None  # `{}` or `{x}` is no expansion in bash either: kept as written
+
+
+def brace_count(pattern: str) -> int:
+    """How many names the brace groups of `pattern` expand to, counted without expanding them."""
+    count = 1
+    for match in _BRACE.finditer(pattern):
+        choices = _brace_choices(match.group(1))
+        count *= choices[0] if choices is not None else 1
+    return count
+
+
+def expand_braces(pattern: str, key: str | None = None) -> list[str]:
+    """Bash-style brace expansion: `a/{00000..00002}.tar` -> `a/00000.tar`, `a/00001.tar`, `a/00002.tar`; `{x,y}`
+    lists; several groups multiply. Written here because `datasets`' data-file patterns take globs, not braces (the
+    WebDataset convention for naming shards). A zero-padded bound pads every number to the longest bound's width.
+
+    Raises:
+        [`ConfigError`]: naming `key` when the pattern gives more than `MAX_PATTERN_NAMES` names.
+    """
+    count = brace_count(pattern)
+    if count > MAX_PATTERN_NAMES:
+        where = f"`{key}` is {pattern!r}" if key else f"The file pattern {pattern!r}"
+        raise ConfigError(
+            f"{where}, a brace range of {count:,} names, more than the {MAX_PATTERN_NAMES:,} one pattern may name (a "
+            "typo in a range's bounds?); fix the range to the shards there are, e.g. shards/{000000..000999}.tar."
+        )
+    return _expand(pattern)
+
+
+def _expand(pattern: str) -> list[str]:
+    match = _BRACE.search(pattern)
+    if match is None:
+        return [pattern]
     head, tail = pattern[: match.start()], pattern[match.end() :]
-    return [head + choice + rest for choice in choices for rest in expand_braces(tail)]
+    choices = _brace_choices(match.group(1))
+    if choices is None:
+        return [pattern[: match.end()] + rest for rest in _expand(tail)]
+    return [head + choice + rest for choice in choices[1] for rest in _expand(tail)]
+
+
+def _first_name(pattern: str) -> str:
+    """The first name a brace pattern expands to, without expanding the others."""
+
+    def first(match: re.Match) -> str:
+        choices = _brace_choices(match.group(1))
+        return next(iter(choices[1])) if choices is not None else match.group(0)
+
+    return _BRACE.sub(first, pattern)
 
 
 def has_pattern(path: str) -> bool:
@@ -94,12 +146,13 @@ def has_pattern(path: str) -> bool:
     return glob.has_magic(path) or _BRACE.search(path) is not None
 
 
-def expand_pattern(pattern: str) -> tuple[list[str], list[str]]:
+def expand_pattern(pattern: str, key: str | None = None) -> tuple[list[str], list[str]]:
     """The files a data-file pattern names (braces expanded, then globs matched, sorted within each glob), and the
-    names it gives that do not exist (a brace range naming a missing shard, a glob that matches nothing)."""
+    names it gives that do not exist (a brace range naming a missing shard, a glob that matches nothing). A range
+    of too many names is a [`ConfigError`] naming `key` (see [`expand_braces`])."""
     files: list[str] = []
     missing: list[str] = []
-    for name in expand_braces(pattern):
+    for name in expand_braces(pattern, key):
         if glob.has_magic(name):
             matches = sorted(glob.glob(name))
             files.extend(matches)
@@ -114,7 +167,7 @@ def expand_pattern(pattern: str) -> tuple[list[str], list[str]]:
 
 def pattern_suffix(pattern: str) -> str:
     """The file suffix of a data-file pattern (`.tar` for `shards/{0..9}.tar`), lower case."""
-    return Path(expand_braces(pattern)[0]).suffix.lower()
+    return Path(_first_name(pattern)).suffix.lower()
 
 
 def check_data_file_pattern(key: str, pattern: str) -> None:
@@ -125,7 +178,7 @@ def check_data_file_pattern(key: str, pattern: str) -> None:
             f"`{key}` is {pattern!r}; it must be a .csv, .json, .jsonl or .parquet file, or .tar WebDataset shards "
             "(a glob such as data/train-*.parquet or a brace range such as shards/{00000..00099}.tar)."
         )
-    files, missing = expand_pattern(pattern)
+    files, missing = expand_pattern(pattern, key)
     if has_pattern(pattern):
         if not files:
             raise ConfigError(f"`{key}` is {pattern!r}, a pattern that matches no file.")
@@ -764,6 +817,17 @@ def parse_mixture(value: Any) -> dict[str, float]:
         if not isinstance(source, str) or not source.strip():
             raise ConfigError(f"`train_mixture` has an empty source name (weight {weight}); name a file or dataset.")
         mixture[source] = float(weight)
+    heaviest, lightest = max(mixture, key=mixture.get), min(mixture, key=mixture.get)
+    ratio = mixture[heaviest] / mixture[lightest]
+    if not math.isfinite(sum(mixture.values())) or not ratio <= MAX_MIXTURE_WEIGHT_RATIO:
+        spread = f"{ratio:.3g} to 1" if math.isfinite(ratio) else "too far apart to divide"
+        limit = f"{MAX_MIXTURE_WEIGHT_RATIO:,.0f}"
+        raise ConfigError(
+            f"`train_mixture` weights {heaviest!r}: {mixture[heaviest]:g} and {lightest!r}: {mixture[lightest]:g} "
+            f"are {spread}, beyond the {limit} to 1 a mixture may span (a source drawn once in a million pairs is "
+            f"as good as left out, and reading it through repeats the others until memory runs out); give weights "
+            f"within {limit} to 1 of each other, e.g. 3 and 1, or leave the source out."
+        )
     return mixture
 
 
@@ -812,6 +876,27 @@ def log_mixture(mixture: dict[str, float], sizes: list[int | None], strategy: st
     }[strategy]
     endless = "; streamed, the mixture repeats without end" if streaming else ""
     logger.info(f"Mixing {len(mixture)} training sources: {', '.join(parts)} (`{strategy}`: {rule}{endless}).")
+
+
+def check_mixture_size(mixture: dict[str, float], sizes: list[int | None], strategy: str) -> None:
+    """Raises a one-line [`ConfigError`] when a loaded `all_exhausted` mixture would hold more than
+    `MAX_MIXTURE_REPEATS` times its sources' pairs: it draws until its slowest-read source (the one with most pairs
+    per unit of weight) is read through, about `size / probability` draws."""
+    if strategy != "all_exhausted" or any(size is None for size in sizes):
+        return
+    total = sum(mixture.values())
+    draws = {source: size / (weight / total) for (source, weight), size in zip(mixture.items(), sizes)}
+    slowest = max(draws, key=draws.get)
+    pairs = sum(sizes)
+    if draws[slowest] > MAX_MIXTURE_REPEATS * max(1, pairs):
+        share = mixture[slowest] / total
+        raise ConfigError(
+            f"`train_mixture`: {slowest!r} has {sizes[list(mixture).index(slowest)]:,} pairs and weight "
+            f"{mixture[slowest]:g} ({share:.2g} of the draws), so an `all_exhausted` mixture reads it through only "
+            f"after about {draws[slowest]:,.0f} draws, {draws[slowest] / max(1, pairs):,.0f} times its sources' "
+            f"{pairs:,} pairs (more than the {MAX_MIXTURE_REPEATS} a loaded mixture may hold in memory). Raise its "
+            "weight towards its share of the pairs, set `mixture_stopping_strategy` to first_exhausted, or stream."
+        )
 
 
 def interleave(
