@@ -12,6 +12,7 @@ Images are never decoded here: they stay file paths or encoded bytes, and the co
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from collections import defaultdict
@@ -24,13 +25,14 @@ from datasets import ClassLabel, Dataset, DatasetDict, IterableDataset
 from transformers.utils import logging
 
 from .arguments import ConfigError, DataArguments
+from .hub import NETWORK_ERRORS
 from .images import BadSampleError, decode_base64_image, is_url, load_image, looks_like_base64_image
 from .rows import find_bad_rows
 from .sources import (
     ShardReport,
     check_mixture_size,
     expand_pattern,
-    image_folder_kind,
+    folder_splits,
     interleave,
     is_webdataset,
     load_image_folder,
@@ -39,6 +41,7 @@ from .sources import (
     mixed_columns,
     mixture_source_arguments,
     pattern_suffix,
+    resolve_data_path,
     webdataset_columns,
 )
 from .stream import StreamSource, record_source, shuffled_passes, source_of
@@ -117,11 +120,6 @@ def class_names_of(dataset: Dataset | None) -> list[str] | None:
     return list(dataset.features[LABEL_COLUMN].names)
 
 
-def is_prepared_folder(path: str) -> bool:
-    """Whether `path` is a folder written by `save_to_disk` (a `--prepare_only` run writes one)."""
-    return os.path.isfile(os.path.join(path, "dataset_dict.json")) or os.path.isfile(os.path.join(path, "state.json"))
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Sources
 # --------------------------------------------------------------------------------------------------------------
@@ -137,50 +135,8 @@ def _load_source(
     data_args: DataArguments, cache_dir: str | None, streaming: bool, need_train: bool, report: ShardReport
 ) -> tuple[dict[str, Dataset | IterableDataset], DataSource]:
     """The source's splits, with images kept encoded and relative paths resolved, and what the source is."""
-    name = data_args.dataset_name
-    if name == "emoji":
-        from .demo_data import load_emoji_dataset
-
-        # Loaded, not streamed, even with `streaming`: it is held out by percentage as in a loaded run, and the
-        # training split is streamed after that (see `load_image_text_data`).
-        train = load_emoji_dataset()
-        description = "the emoji demo data bundled with clip-trainer (3,655 Noto Color Emoji with their CLDR names)"
-        return {"train": _with_lazy_images(train, data_args.image_column, None)}, DataSource(
-            "bundled", name, description
-        )
-    if name is not None and os.path.isdir(name) and is_prepared_folder(name):
-        loaded = datasets.load_from_disk(name)
-        splits = {"train": loaded} if isinstance(loaded, Dataset) else dict(loaded)
-        splits = {split: _with_lazy_images(dataset, data_args.image_column, None) for split, dataset in splits.items()}
-        return splits, _local_source(name, splits)
-    folder_kind = image_folder_kind(name) if name is not None and os.path.isdir(name) else None
-    if folder_kind is not None:
-        # Images with a metadata file (datasets' imagefolder convention) or with a .txt caption beside each.
-        splits = load_image_folder(name, folder_kind, data_args, cache_dir, streaming)
-        return splits, _local_source(name, splits)
-    if name is not None:
-        # A Hub id or a local folder of data files. Opening every split as a stream reads no data yet.
-        local = os.path.isdir(name)
-        try:
-            loaded = datasets.load_dataset(
-                name, data_args.dataset_config_name, cache_dir=cache_dir, streaming=streaming
-            )
-        except (FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as error:
-            raise ConfigError(f"Cannot load `dataset_name` {name!r}: {error}") from None
-        base = str(Path(name).resolve()) if local else None
-        # A WebDataset repository or folder of tar shards is read by datasets' webdataset builder: its members
-        # become the run's columns.
-        loaded = {
-            split: webdataset_columns(dataset, data_args, f"`dataset_name` {name!r}")
-            if is_webdataset(dataset)
-            else dataset
-            for split, dataset in loaded.items()
-        }
-        splits = {split: _with_lazy_images(dataset, data_args.image_column, base) for split, dataset in loaded.items()}
-        if local:
-            return splits, _local_source(name, splits)
-        return splits, DataSource("hub", name, f"[{name}](https://huggingface.co/datasets/{name})")
-
+    if data_args.dataset_name is not None:
+        return _load_named_source(data_args, cache_dir, streaming, report)
     splits = {}
     if data_args.train_file is not None and (need_train or data_args.validation_file is None):
         splits["train"] = _load_files(data_args.train_file, "train_file", data_args, cache_dir, streaming, report)
@@ -190,6 +146,74 @@ def _load_source(
             data_args.validation_file, "validation_file", data_args, cache_dir, False, report
         )
     return splits, _local_source(data_args.train_file or data_args.validation_file, splits)
+
+
+def _load_named_source(
+    data_args: DataArguments, cache_dir: str | None, streaming: bool, report: ShardReport
+) -> tuple[dict[str, Dataset | IterableDataset], DataSource]:
+    """`dataset_name`, whatever [`resolve_data_path`] finds it is."""
+    found = resolve_data_path("dataset_name", data_args.dataset_name)
+    name = os.path.expanduser(found.path)
+    if found.kind == "bundled":
+        from .demo_data import load_emoji_dataset
+
+        # Loaded, not streamed, even with `streaming`: it is held out by percentage as in a loaded run, and the
+        # training split is streamed after that (see `load_image_text_data`).
+        train = load_emoji_dataset()
+        description = "the emoji demo data bundled with clip-trainer (3,655 Noto Color Emoji with their CLDR names)"
+        return {"train": _with_lazy_images(train, data_args.image_column, None)}, DataSource(
+            "bundled", name, description
+        )
+    if found.kind == "prepared":
+        loaded = datasets.load_from_disk(name)
+        splits = {"train": loaded} if isinstance(loaded, Dataset) else dict(loaded)
+        splits = {split: _with_lazy_images(dataset, data_args.image_column, None) for split, dataset in splits.items()}
+        return splits, _local_source(name, splits)
+    if found.kind == "image_folder":
+        # Images with a metadata file (datasets' imagefolder convention) or with a .txt caption beside each.
+        splits = load_image_folder(name, found.folder_kind, data_args, cache_dir, streaming)
+        return splits, _local_source(name, splits)
+    if found.is_files:  # a data file, or shards, named as the dataset: its pairs are the training split
+        splits = {"train": _load_files(name, "dataset_name", data_args, cache_dir, streaming, report)}
+        return splits, _local_source(name, splits)
+    if found.kind == "data_folder":
+        by_split = folder_splits(name)
+        if by_split and all(file.lower().endswith(".tar") for files in by_split.values() for file in files):
+            # WebDataset shards, split by datasets' file-name rules, each split read by clip-trainer's reader.
+            splits = {
+                split: load_webdataset(files, "dataset_name", data_args, cache_dir, streaming, report)
+                for split, files in by_split.items()
+            }
+            return splits, _local_source(name, splits)
+    # A Hub id or a local folder of data files. Opening every split as a stream reads no data yet.
+    local = found.kind == "data_folder"
+    try:
+        loaded = datasets.load_dataset(name, data_args.dataset_config_name, cache_dir=cache_dir, streaming=streaming)
+    except (FileNotFoundError, datasets.exceptions.DatasetNotFoundError, *NETWORK_ERRORS) as error:
+        raise _hub_error(name, error) from None
+    base = str(Path(name).resolve()) if local else None
+    # A Hub WebDataset repository is read by datasets' webdataset builder: its members become the run's columns.
+    loaded = {
+        split: webdataset_columns(dataset, data_args, f"`dataset_name` {name!r}")
+        if is_webdataset(dataset)
+        else dataset
+        for split, dataset in loaded.items()
+    }
+    splits = {split: _with_lazy_images(dataset, data_args.image_column, base) for split, dataset in loaded.items()}
+    if local:
+        return splits, _local_source(name, splits)
+    return splits, DataSource("hub", name, f"[{name}](https://huggingface.co/datasets/{name})")
+
+
+def _hub_error(name: str, error: Exception) -> ConfigError:
+    """`dataset_name` that is no local data and that the Hub did not give, in one line with the fix."""
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    offline = " (HF_HUB_OFFLINE is set)" if datasets.config.HF_HUB_OFFLINE else ""
+    return ConfigError(
+        f"`dataset_name` {name!r} is not on this machine (no {os.path.abspath(name)}) and cannot be loaded from "
+        f"the Hub{offline}: {reason}. Give the path of a local folder or file (e.g. ./{name}), or a Hub dataset id "
+        "with the network on."
+    )
 
 
 def _load_mixture(
@@ -685,12 +709,17 @@ def load_image_text_data(
     )
 
 
-def load_extra_eval_sets(data_args: DataArguments, seed: int, cache_dir: str | None = None) -> dict[str, Dataset]:
+def load_extra_eval_sets(
+    data_args: DataArguments, seed: int, cache_dir: str | None = None, report: ShardReport | None = None
+) -> dict[str, Dataset]:
     """The `extra_eval_sets` of `data_args`, each loaded as the validation split of an evaluation-only run (so every
     check of a validation split applies, and class names come from the set's own label column).
 
     Each set keeps only what evaluation reads, under the run's column names (`image_column`, `caption_column`, the
     image ids and class labels), so that the run's collator reads every set.
+
+    A set given as data files (a .csv/.json/.jsonl/.parquet file or .tar shards, one or a glob or brace range; see
+    [`resolve_data_path`]) is evaluated whole; shards it cannot read are added to `report`.
 
     Raises:
         [`ConfigError`]: naming the set and the problem.
@@ -698,9 +727,14 @@ def load_extra_eval_sets(data_args: DataArguments, seed: int, cache_dir: str | N
     sets = {}
     for name, set_args in data_args.extra_eval_data_arguments().items():
         try:
-            dataset = load_image_text_data(set_args, seed=seed, cache_dir=cache_dir, train=False).validation
+            if set_args.dataset_name is not None and resolve_data_path("path", set_args.dataset_name).is_files:
+                set_args = dataclasses.replace(set_args, dataset_name=None, validation_file=set_args.dataset_name)
+            data = load_image_text_data(set_args, seed=seed, cache_dir=cache_dir, train=False)
         except ConfigError as error:
             raise ConfigError(f"`extra_eval_sets` entry {name!r}: {error}") from None
+        if report is not None:
+            report.merge(data.shard_report)
+        dataset = data.validation
         kept = [set_args.image_column, set_args.caption_column, IMAGE_ID_COLUMN]
         dataset = dataset.select_columns(kept + [LABEL_COLUMN] * (LABEL_COLUMN in dataset.column_names))
         renames = {set_args.image_column: data_args.image_column, set_args.caption_column: data_args.caption_column}

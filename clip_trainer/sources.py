@@ -192,6 +192,105 @@ def check_data_file_pattern(key: str, pattern: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# What a path names
+# --------------------------------------------------------------------------------------------------------------
+
+# A Hub dataset id: `owner/name`, or a bare `name` (the canonical datasets).
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+BUNDLED_DATASETS = ("emoji",)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataPath:
+    """What a data path names (see [`resolve_data_path`]).
+
+    Attributes:
+        key: the option that named it, for messages.
+        path: the path as given.
+        kind: `bundled` (clip-trainer's demo data), `files` (a .csv/.json/.jsonl/.parquet file, glob or brace range),
+            `shards` (WebDataset .tar files: one, a glob or a brace range), `prepared` (a folder written by
+            `save_to_disk`), `image_folder` (images with a metadata file or `.txt` captions), `data_folder` (a folder
+            of data files or shards, split by `datasets`' file-name rules) or `hub` (a Hub dataset id).
+        folder_kind: for an image folder, `metadata` or `captions` (see [`image_folder_kind`]).
+    """
+
+    key: str
+    path: str
+    kind: str
+    folder_kind: str | None = None
+
+    @property
+    def is_files(self) -> bool:
+        """Whether it names data files (what `train_file` and `validation_file` take)."""
+        return self.kind in ("files", "shards")
+
+
+def looks_local(path: str) -> bool:
+    """Whether `path` can only mean a place on this machine: it starts with `./`, `../`, `/` or `~` (or a drive
+    letter), or has a path separator without being of the Hub's `owner/name` form."""
+    if path in (".", "..") or path.startswith(("./", "../", "/", "~", ".\\", "..\\", "\\")):
+        return True
+    if re.match(r"^[A-Za-z]:[\\/]", path):
+        return True
+    separators = [os.sep] + ([os.altsep] if os.altsep else [])
+    return any(separator in path for separator in separators) and not _HUB_ID.match(path)
+
+
+def resolve_data_path(key: str, path: str) -> DataPath:
+    """The one rule for what a data path is, for every option that takes one (`dataset_name`, `train_file`,
+    `validation_file`, each `extra_eval_sets` entry and `train_mixture` source).
+
+    In order: `emoji` is the bundled demo; a glob or brace range, or an existing file, is data files (`.tar`:
+    WebDataset shards); an existing folder is a prepared folder, an image folder, or a folder of data files; a name
+    that is not there is a [`ConfigError`] when it has a data file's suffix or looks local ([`looks_local`]), and a
+    Hub dataset id otherwise.
+
+    Raises:
+        [`ConfigError`]: one line naming `key`, for a path that cannot name data.
+    """
+    if path in BUNDLED_DATASETS and not os.path.exists(path):
+        return DataPath(key, path, "bundled")
+    local = os.path.expanduser(path)
+    suffix = pattern_suffix(local)
+    if has_pattern(local) or os.path.isfile(local):
+        check_data_file_pattern(key, local)
+        return DataPath(key, path, "shards" if suffix == ".tar" else "files")
+    if os.path.isdir(local):
+        if is_prepared_folder(local):
+            return DataPath(key, path, "prepared")
+        folder_kind = image_folder_kind(local)
+        if folder_kind is not None:
+            return DataPath(key, path, "image_folder", folder_kind)
+        if not any(name.lower().endswith(DATA_FILE_SUFFIXES) for _, _, names in os.walk(local) for name in names):
+            raise ConfigError(
+                f"`{key}` is {path!r}, a folder without data: no .csv, .json, .jsonl, .parquet or .tar file, no "
+                "images with a metadata file or .txt captions, and no prepared dataset in it."
+            )
+        return DataPath(key, path, "data_folder")
+    if suffix in DATA_FILE_SUFFIXES:
+        raise ConfigError(f"`{key}` is {path!r}, which does not exist.")
+    if looks_local(path):
+        raise ConfigError(
+            f"`{key}` is {path!r}, a local path that does not exist (looked for {os.path.abspath(local)}); check "
+            "the path, or give a Hub dataset id (owner/name)."
+        )
+    return DataPath(key, path, "hub")
+
+
+def is_prepared_folder(path: str) -> bool:
+    """Whether `path` is a folder written by `save_to_disk` (a `--prepare_only` run writes one)."""
+    return os.path.isfile(os.path.join(path, "dataset_dict.json")) or os.path.isfile(os.path.join(path, "state.json"))
+
+
+def folder_splits(path: str) -> dict[str, list[str]]:
+    """The data files of a folder by split, as `datasets` splits a folder (`train-*`, `validation/`, ...)."""
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    files = DataFilesDict.from_patterns(get_data_patterns(path), base_path=path)
+    return {str(split): list(names) for split, names in files.items()}
+
+
+# --------------------------------------------------------------------------------------------------------------
 # WebDataset shards
 # --------------------------------------------------------------------------------------------------------------
 
@@ -832,9 +931,10 @@ def parse_mixture(value: Any) -> dict[str, float]:
 
 
 def mixture_source_arguments(source: str, data_args: DataArguments) -> DataArguments:
-    """The `DataArguments` of one mixture source: a data file, glob or brace range of shards becomes `train_file`,
-    anything else (`emoji`, a folder, a Hub id) `dataset_name`; everything else as the run's."""
-    as_file = pattern_suffix(source) in DATA_FILE_SUFFIXES
+    """The `DataArguments` of one mixture source: data files (a file, glob or brace range of shards, see
+    [`resolve_data_path`]) become `train_file`, anything else (`emoji`, a folder, a Hub id) `dataset_name`;
+    everything else as the run's."""
+    as_file = resolve_data_path("train_mixture", source).is_files
     return dataclasses.replace(
         data_args,
         dataset_name=None if as_file else source,
