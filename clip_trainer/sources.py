@@ -830,22 +830,55 @@ def image_folder_kind(path: str) -> str | None:
     return None
 
 
+# Caption files named in the log, at most, per source and process: a folder with thousands of bad ones is
+# summed up by the rows report.
+MAX_CAPTION_FILES_LOGGED = 20
+
+
 class _SidecarCaptions:
-    """Batched map: the caption of each image, read from the `.txt` file beside it (`cat.jpg` -> `cat.txt`); `None`
-    when there is none, so that the row is reported and skipped like any row without a caption."""
+    """Batched map: the caption of each image, read from the `.txt` file beside it (`cat.jpg` -> `cat.txt`), a UTF-8
+    byte order mark (Windows editors write one) and surrounding whitespace removed; `None` when there is none or it
+    cannot be read, so that the row is reported and skipped like any row without a caption, the file named."""
 
     def __init__(self, image_column: str, caption_column: str) -> None:
         self.image_column = image_column
         self.caption_column = caption_column
+        self.logged: set[str] = set()
+
+    def _log(self, text_file: Path, problem: str) -> None:
+        """Names a caption file whose image is left out, once (a stream reads the folder again every pass)."""
+        name = str(text_file)
+        if name in self.logged or len(self.logged) > MAX_CAPTION_FILES_LOGGED:
+            return
+        self.logged.add(name)
+        if len(self.logged) > MAX_CAPTION_FILES_LOGGED:
+            logger.warning(f"More than {MAX_CAPTION_FILES_LOGGED} caption files have no usable caption; not named.")
+        else:
+            logger.warning(f"Caption file {name} {problem}: its image is left out.")
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         captions = []
         for image in batch[self.image_column]:
             path = image.get("path") if isinstance(image, dict) else image
-            try:
-                captions.append(Path(path).with_suffix(".txt").read_text(encoding="utf-8").strip())
-            except (OSError, TypeError, UnicodeDecodeError):
+            if not isinstance(path, str):
                 captions.append(None)
+                continue
+            text_file = Path(path).with_suffix(".txt")
+            try:
+                caption = text_file.read_text(encoding="utf-8-sig").strip()
+            except FileNotFoundError:
+                self._log(text_file, f"is missing (no caption for {path})")
+                caption = None
+            except UnicodeDecodeError as error:
+                self._log(text_file, f"is not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8")
+                caption = None
+            except OSError as error:
+                self._log(text_file, f"cannot be read ({error.strerror or type(error).__name__})")
+                caption = None
+            else:
+                if not caption:
+                    self._log(text_file, "is empty")
+            captions.append(caption)
         return {self.caption_column: captions}
 
 
@@ -877,6 +910,9 @@ def load_image_folder(
             kwargs: dict[str, Any] = {"batched": True, "features": features}
             if isinstance(dataset, Dataset):
                 kwargs["desc"] = "Reading the .txt captions"
+                # Read every run: the imagefolder builder's fingerprint covers the images, not the .txt files, so a
+                # cached map would keep a caption after its file was edited (and name no bad file again).
+                kwargs["load_from_cache_file"] = False
             dataset = dataset.map(captions, **kwargs)
         splits[split] = dataset
     return splits

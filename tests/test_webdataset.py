@@ -125,6 +125,18 @@ def test_the_caption_rule_json_key_then_txt(tmp_path, shards):
     assert _first_row(tmp_path / "txt-only")["image"]["bytes"][1:4] == b"PNG"
 
 
+def test_a_txt_member_with_a_byte_order_mark_is_read_without_it(tmp_path):
+    (tmp_path / "bom").mkdir()
+    with tarfile.open(tmp_path / "bom" / "00000.tar", "w") as tar:  # captions as Windows Notepad saves them
+        for index, (color, shape, background, caption) in enumerate(shape_rows()[:3]):
+            buffer = io.BytesIO()
+            draw_shape(color, shape, background).save(buffer, format="PNG")
+            _add_member(tar, f"s0_{index:03d}.png", buffer.getvalue())
+            _add_member(tar, f"s0_{index:03d}.txt", b"\xef\xbb\xbf" + caption.encode())
+    data = load_image_text_data(DataArguments(train_file=str(tmp_path / "bom" / "*.tar")), seed=0, evaluate=False)
+    assert sorted(data.train["caption"]) == sorted(caption for *_, caption in shape_rows()[:3])
+
+
 def test_bad_shards_are_one_line_errors_naming_the_file_and_the_fix(tmp_path, shards):
     write_tar_shards(tmp_path / "no-image", shards=1, per_shard=3, image="")
     with pytest.raises(ConfigError, match=r"no image member \(jpg, jpeg, png or webp\); their members are: txt, json"):
