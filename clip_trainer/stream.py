@@ -22,6 +22,9 @@ map batch and re-reads that batch on resume.
 checkpoints: on resume it replays the stream from the start and throws away the batches already trained on (decoding
 every image of them). [`StreamPositionCallback`] saves each process's loader state beside the checkpoint
 (`stream_state_<rank>.pt`) and loads it on resume; the replay stays as the fallback for a checkpoint without one.
+The position is saved with what it depends on: the layout (processes, workers, batch size, seed) and the data (the
+shards, with their sample counts or sizes, and `shuffle_buffer_size`, see [`StreamSource`]); a resume where either
+changed replays the stream and says what changed, rather than continuing at a position that now means other samples.
 """
 
 from __future__ import annotations
