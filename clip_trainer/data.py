@@ -12,6 +12,7 @@ Images are never decoded here: they stay file paths or encoded bytes, and the co
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from collections import defaultdict
@@ -24,11 +25,14 @@ from datasets import ClassLabel, Dataset, DatasetDict, IterableDataset
 from transformers.utils import logging
 
 from .arguments import ConfigError, DataArguments
+from .hub import NETWORK_ERRORS
 from .images import BadSampleError, decode_base64_image, is_url, load_image, looks_like_base64_image
 from .rows import find_bad_rows
 from .sources import (
+    ShardReport,
+    check_mixture_size,
     expand_pattern,
-    image_folder_kind,
+    folder_splits,
     interleave,
     is_webdataset,
     load_image_folder,
@@ -37,9 +41,10 @@ from .sources import (
     mixed_columns,
     mixture_source_arguments,
     pattern_suffix,
+    resolve_data_path,
     webdataset_columns,
 )
-from .stream import shuffled_passes
+from .stream import StreamSource, record_source, shuffled_passes, source_of
 
 logger = logging.get_logger(__name__)
 
@@ -89,6 +94,9 @@ class ImageTextData:
     train: Dataset | IterableDataset | None
     validation: Dataset | None
     source: DataSource
+    # The tar shards that could not be read (whole or in part): `shard_report.skipped_shards`,
+    # `shard_report.skipped_samples`, `shard_report.summary()`.
+    shard_report: ShardReport = field(default_factory=ShardReport)
     # One pass over the training pairs (a stream before it is repeated and shuffled), for `training_captions`.
     one_pass: Dataset | IterableDataset | None = field(default=None, repr=False)
 
@@ -112,11 +120,6 @@ def class_names_of(dataset: Dataset | None) -> list[str] | None:
     return list(dataset.features[LABEL_COLUMN].names)
 
 
-def is_prepared_folder(path: str) -> bool:
-    """Whether `path` is a folder written by `save_to_disk` (a `--prepare_only` run writes one)."""
-    return os.path.isfile(os.path.join(path, "dataset_dict.json")) or os.path.isfile(os.path.join(path, "state.json"))
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Sources
 # --------------------------------------------------------------------------------------------------------------
@@ -129,11 +132,29 @@ def _stream(dataset: Dataset, streaming: bool) -> Dataset | IterableDataset:
 
 
 def _load_source(
-    data_args: DataArguments, cache_dir: str | None, streaming: bool, need_train: bool
+    data_args: DataArguments, cache_dir: str | None, streaming: bool, need_train: bool, report: ShardReport
 ) -> tuple[dict[str, Dataset | IterableDataset], DataSource]:
     """The source's splits, with images kept encoded and relative paths resolved, and what the source is."""
-    name = data_args.dataset_name
-    if name == "emoji":
+    if data_args.dataset_name is not None:
+        return _load_named_source(data_args, cache_dir, streaming, report)
+    splits = {}
+    if data_args.train_file is not None and (need_train or data_args.validation_file is None):
+        splits["train"] = _load_files(data_args.train_file, "train_file", data_args, cache_dir, streaming, report)
+    if data_args.validation_file is not None:
+        # Loaded whole even when training streams: evaluation sees the same finite set every time.
+        splits["validation"] = _load_files(
+            data_args.validation_file, "validation_file", data_args, cache_dir, False, report
+        )
+    return splits, _local_source(data_args.train_file or data_args.validation_file, splits)
+
+
+def _load_named_source(
+    data_args: DataArguments, cache_dir: str | None, streaming: bool, report: ShardReport
+) -> tuple[dict[str, Dataset | IterableDataset], DataSource]:
+    """`dataset_name`, whatever [`resolve_data_path`] finds it is."""
+    found = resolve_data_path("dataset_name", data_args.dataset_name)
+    name = os.path.expanduser(found.path)
+    if found.kind == "bundled":
         from .demo_data import load_emoji_dataset
 
         # Loaded, not streamed, even with `streaming`: it is held out by percentage as in a loaded run, and the
@@ -143,52 +164,60 @@ def _load_source(
         return {"train": _with_lazy_images(train, data_args.image_column, None)}, DataSource(
             "bundled", name, description
         )
-    if name is not None and os.path.isdir(name) and is_prepared_folder(name):
+    if found.kind == "prepared":
         loaded = datasets.load_from_disk(name)
         splits = {"train": loaded} if isinstance(loaded, Dataset) else dict(loaded)
         splits = {split: _with_lazy_images(dataset, data_args.image_column, None) for split, dataset in splits.items()}
         return splits, _local_source(name, splits)
-    folder_kind = image_folder_kind(name) if name is not None and os.path.isdir(name) else None
-    if folder_kind is not None:
+    if found.kind == "image_folder":
         # Images with a metadata file (datasets' imagefolder convention) or with a .txt caption beside each.
-        splits = load_image_folder(name, folder_kind, data_args, cache_dir, streaming)
+        splits = load_image_folder(name, found.folder_kind, data_args, cache_dir, streaming)
         return splits, _local_source(name, splits)
-    if name is not None:
-        # A Hub id or a local folder of data files. Opening every split as a stream reads no data yet.
-        local = os.path.isdir(name)
-        try:
-            loaded = datasets.load_dataset(
-                name, data_args.dataset_config_name, cache_dir=cache_dir, streaming=streaming
-            )
-        except (FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as error:
-            raise ConfigError(f"Cannot load `dataset_name` {name!r}: {error}") from None
-        base = str(Path(name).resolve()) if local else None
-        # A WebDataset repository or folder of tar shards is read by datasets' webdataset builder: its members
-        # become the run's columns.
-        loaded = {
-            split: webdataset_columns(dataset, data_args, f"`dataset_name` {name!r}")
-            if is_webdataset(dataset)
-            else dataset
-            for split, dataset in loaded.items()
-        }
-        splits = {split: _with_lazy_images(dataset, data_args.image_column, base) for split, dataset in loaded.items()}
-        if local:
+    if found.is_files:  # a data file, or shards, named as the dataset: its pairs are the training split
+        splits = {"train": _load_files(name, "dataset_name", data_args, cache_dir, streaming, report)}
+        return splits, _local_source(name, splits)
+    if found.kind == "data_folder":
+        by_split = folder_splits(name)
+        if by_split and all(file.lower().endswith(".tar") for files in by_split.values() for file in files):
+            # WebDataset shards, split by datasets' file-name rules, each split read by clip-trainer's reader.
+            splits = {
+                split: load_webdataset(files, "dataset_name", data_args, cache_dir, streaming, report)
+                for split, files in by_split.items()
+            }
             return splits, _local_source(name, splits)
-        return splits, DataSource("hub", name, f"[{name}](https://huggingface.co/datasets/{name})")
+    # A Hub id or a local folder of data files. Opening every split as a stream reads no data yet.
+    local = found.kind == "data_folder"
+    try:
+        loaded = datasets.load_dataset(name, data_args.dataset_config_name, cache_dir=cache_dir, streaming=streaming)
+    except (FileNotFoundError, datasets.exceptions.DatasetNotFoundError, *NETWORK_ERRORS) as error:
+        raise _hub_error(name, error) from None
+    base = str(Path(name).resolve()) if local else None
+    # A Hub WebDataset repository is read by datasets' webdataset builder: its members become the run's columns.
+    loaded = {
+        split: webdataset_columns(dataset, data_args, f"`dataset_name` {name!r}")
+        if is_webdataset(dataset)
+        else dataset
+        for split, dataset in loaded.items()
+    }
+    splits = {split: _with_lazy_images(dataset, data_args.image_column, base) for split, dataset in loaded.items()}
+    if local:
+        return splits, _local_source(name, splits)
+    return splits, DataSource("hub", name, f"[{name}](https://huggingface.co/datasets/{name})")
 
-    splits = {}
-    if data_args.train_file is not None and (need_train or data_args.validation_file is None):
-        splits["train"] = _load_files(data_args.train_file, "train_file", data_args, cache_dir, streaming)
-    if data_args.validation_file is not None:
-        # Loaded whole even when training streams: evaluation sees the same finite set every time.
-        splits["validation"] = _load_files(
-            data_args.validation_file, "validation_file", data_args, cache_dir, streaming=False
-        )
-    return splits, _local_source(data_args.train_file or data_args.validation_file, splits)
+
+def _hub_error(name: str, error: Exception) -> ConfigError:
+    """`dataset_name` that is no local data and that the Hub did not give, in one line with the fix."""
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    offline = " (HF_HUB_OFFLINE is set)" if datasets.config.HF_HUB_OFFLINE else ""
+    return ConfigError(
+        f"`dataset_name` {name!r} is not on this machine (no {os.path.abspath(name)}) and cannot be loaded from "
+        f"the Hub{offline}: {reason}. Give the path of a local folder or file (e.g. ./{name}), or a Hub dataset id "
+        "with the network on."
+    )
 
 
 def _load_mixture(
-    data_args: DataArguments, cache_dir: str | None, streaming: bool, seed: int, hold_out: bool
+    data_args: DataArguments, cache_dir: str | None, streaming: bool, seed: int, hold_out: bool, report: ShardReport
 ) -> tuple[dict[str, Dataset | IterableDataset], DataSource]:
     """`train_mixture`: each source loaded as if it were the run's only one, then drawn by weight with
     `datasets.interleave_datasets`.
@@ -201,7 +230,8 @@ def _load_mixture(
     mixture = data_args.train_mixture
     trains, validations, sizes = [], [], []
     for source in mixture:
-        splits, _ = _load_source(mixture_source_arguments(source, data_args), cache_dir, streaming, need_train=True)
+        source_args = mixture_source_arguments(source, data_args)
+        splits, _ = _load_source(source_args, cache_dir, streaming, need_train=True, report=report)
         if "train" not in splits:
             raise ConfigError(
                 f"`train_mixture` source {source!r} has no `train` split; its splits are: {', '.join(splits)}."
@@ -217,9 +247,13 @@ def _load_mixture(
         if validation is not None and data_args.validation_file is None:
             validations.append(mixed_columns(validation, data_args, source))
     log_mixture(mixture, sizes, data_args.mixture_stopping_strategy, streaming)
+    if not streaming:
+        check_mixture_size(mixture, sizes, data_args.mixture_stopping_strategy)
     mixed = {"train": interleave(trains, mixture, seed, data_args.mixture_stopping_strategy)}
     if data_args.validation_file is not None:
-        mixed["validation"] = _load_files(data_args.validation_file, "validation_file", data_args, cache_dir, False)
+        mixed["validation"] = _load_files(
+            data_args.validation_file, "validation_file", data_args, cache_dir, False, report
+        )
     elif validations:
         limit = data_args.max_eval_samples or DEFAULT_STREAMING_EVAL_SAMPLES
         for index, validation in enumerate(validations):
@@ -242,11 +276,16 @@ def _expand(pattern: str) -> list[str]:
 
 
 def _load_files(
-    pattern: str, key: str, data_args: DataArguments, cache_dir: str | None, streaming: bool
+    pattern: str,
+    key: str,
+    data_args: DataArguments,
+    cache_dir: str | None,
+    streaming: bool,
+    report: ShardReport | None = None,
 ) -> Dataset | IterableDataset:
     """`train_file` / `validation_file`: WebDataset tar shards, or csv/json/parquet data files."""
     if pattern_suffix(pattern) == ".tar":
-        return load_webdataset(_expand(pattern), key, data_args, cache_dir, streaming)
+        return load_webdataset(_expand(pattern), key, data_args, cache_dir, streaming, report)
     return _load_data_files(pattern, key, data_args, cache_dir, streaming)
 
 
@@ -512,6 +551,20 @@ class _NotHeldOut:
         return (_stream_key(row[self.image_column]), str(row[self.caption_column])) not in self.keys
 
 
+def _source_files(data_args: DataArguments) -> list[str]:
+    """The files (or the names) a training source reads, in order: the shards of `train_file`, every file under a
+    local `dataset_name` folder, each source of a mixture; a Hub id or `emoji` stands for itself."""
+    names = list(data_args.train_mixture or []) or [data_args.train_file or data_args.dataset_name or ""]
+    files: list[str] = []
+    for name in names:
+        if os.path.isdir(name):
+            files.extend(sorted(str(path) for path in Path(name).rglob("*") if path.is_file()))
+        else:
+            found, _ = expand_pattern(name)
+            files.extend(found or [name])
+    return files
+
+
 def _column_names(stream: IterableDataset) -> list[str]:
     """The stream's columns; csv streams know them only once a row is read."""
     if stream.column_names is not None:
@@ -540,6 +593,7 @@ def _finish_training_stream(
         )
         raise _file_error(key, [str(source)], error) from None
     _check_columns(columns, "train", data_args)
+    read = source_of(train) or StreamSource(_source_files(data_args))
     if hold_out:
         # The head of the unshuffled stream, so that every process and every restart holds out the same pairs.
         held_out = data_args.max_eval_samples or DEFAULT_STREAMING_EVAL_SAMPLES
@@ -561,6 +615,9 @@ def _finish_training_stream(
     # would leave them waiting in a collective) when `accelerate` deals out shards of unequal sizes. Each pass is
     # shuffled on its own, in a way that resumes exactly (see stream.py).
     train = shuffled_passes(train, seed=seed, block_size=data_args.shuffle_buffer_size)
+    # What the stream reads, for the warning on uneven shards and for the position saved with checkpoints.
+    samples = read.samples if data_args.max_train_samples is None else None
+    record_source(train, StreamSource(read.shards, samples, data_args.shuffle_buffer_size))
     logger.info(
         f"Streaming the training pairs ({train.num_shards} shard(s), shuffle buffer {data_args.shuffle_buffer_size:,})."
     )
@@ -599,11 +656,12 @@ def load_image_text_data(
     seed project's 85/15); a stream holds out its first `max_eval_samples` pairs (default 1,000) instead.
     """
     streaming = data_args.streaming and train
+    report = ShardReport()
     if data_args.train_mixture and train:
         hold_out_each = evaluate and data_args.validation_split_percentage > 0
-        splits, source = _load_mixture(data_args, cache_dir, streaming, seed, hold_out=hold_out_each)
+        splits, source = _load_mixture(data_args, cache_dir, streaming, seed, hold_out=hold_out_each, report=report)
     else:
-        splits, source = _load_source(data_args, cache_dir, streaming, need_train=train)
+        splits, source = _load_source(data_args, cache_dir, streaming, need_train=train, report=report)
     names = VALIDATION_SPLIT_NAMES if train else (*VALIDATION_SPLIT_NAMES, "test")
     if data_args.validation_split_name is not None:
         if data_args.validation_split_name not in splits:
@@ -646,15 +704,22 @@ def load_image_text_data(
     sizes = [f"training pairs: {len(train_split):,}"] if isinstance(train_split, Dataset) else []
     sizes.append(f"validation pairs: {len(validation):,}" if validation is not None else "no validation pairs")
     logger.info("; ".join(sizes))
-    return ImageTextData(train=train_split, validation=validation, source=source, one_pass=one_pass)
+    return ImageTextData(
+        train=train_split, validation=validation, source=source, one_pass=one_pass, shard_report=report
+    )
 
 
-def load_extra_eval_sets(data_args: DataArguments, seed: int, cache_dir: str | None = None) -> dict[str, Dataset]:
+def load_extra_eval_sets(
+    data_args: DataArguments, seed: int, cache_dir: str | None = None, report: ShardReport | None = None
+) -> dict[str, Dataset]:
     """The `extra_eval_sets` of `data_args`, each loaded as the validation split of an evaluation-only run (so every
     check of a validation split applies, and class names come from the set's own label column).
 
     Each set keeps only what evaluation reads, under the run's column names (`image_column`, `caption_column`, the
     image ids and class labels), so that the run's collator reads every set.
+
+    A set given as data files (a .csv/.json/.jsonl/.parquet file or .tar shards, one or a glob or brace range; see
+    [`resolve_data_path`]) is evaluated whole; shards it cannot read are added to `report`.
 
     Raises:
         [`ConfigError`]: naming the set and the problem.
@@ -662,9 +727,14 @@ def load_extra_eval_sets(data_args: DataArguments, seed: int, cache_dir: str | N
     sets = {}
     for name, set_args in data_args.extra_eval_data_arguments().items():
         try:
-            dataset = load_image_text_data(set_args, seed=seed, cache_dir=cache_dir, train=False).validation
+            if set_args.dataset_name is not None and resolve_data_path("path", set_args.dataset_name).is_files:
+                set_args = dataclasses.replace(set_args, dataset_name=None, validation_file=set_args.dataset_name)
+            data = load_image_text_data(set_args, seed=seed, cache_dir=cache_dir, train=False)
         except ConfigError as error:
             raise ConfigError(f"`extra_eval_sets` entry {name!r}: {error}") from None
+        if report is not None:
+            report.merge(data.shard_report)
+        dataset = data.validation
         kept = [set_args.image_column, set_args.caption_column, IMAGE_ID_COLUMN]
         dataset = dataset.select_columns(kept + [LABEL_COLUMN] * (LABEL_COLUMN in dataset.column_names))
         renames = {set_args.image_column: data_args.image_column, set_args.caption_column: data_args.caption_column}

@@ -213,6 +213,22 @@ def _image_column_checks(
     return reasons
 
 
+def _image_paths(column: pa.ChunkedArray) -> list[str | None]:
+    """Each row's image file path (`None` for embedded bytes), for naming a row in a report."""
+    paths: list[str | None] = []
+    for array in column.chunks:
+        kind = array.type
+        if pa.types.is_struct(kind) and kind.get_field_index("path") >= 0:
+            has_bytes = kind.get_field_index("bytes") >= 0
+            lengths = pc.binary_length(array.field("bytes")).to_pylist() if has_bytes else [None] * len(array)
+            paths.extend(None if length else path for path, length in zip(array.field("path").to_pylist(), lengths))
+        elif pa.types.is_string(kind) or pa.types.is_large_string(kind):
+            paths.extend(None if value is None or len(value) > 1024 else value for value in array.to_pylist())
+        else:
+            paths.extend([None] * len(array))
+    return paths
+
+
 def _check_python_value(value: Any, base_dir: str | None, cache: dict[str, str | None]) -> str | None:
     if isinstance(value, dict):
         data = value.get("bytes")
@@ -277,13 +293,17 @@ def find_bad_rows(
             # A column of mixed types (a JSON file with a number where a caption should be) is stored as JSON text,
             # `"a cat"` with its quotes and `5` as "5"; decoded, the number is seen as the non-string it is.
             captions = [None if caption is None else json.loads(caption) for caption in captions]
+        paths: list[str | None] | None = None
         for position, (caption, image_reason) in enumerate(zip(captions, image_reasons)):
             reason = image_reason
             if reason is None:
                 try:
                     check_caption(caption)
                 except BadSampleError as error:
-                    reason = error.reason
+                    # The row's image file names the pair (and, in a folder of .txt captions, its caption file).
+                    paths = _image_paths(batch.column(image_column)) if paths is None else paths
+                    image = paths[position]
+                    reason = error.reason + (f" (image {_resolve_path(image, base_dir)})" if image else "")
             if reason is None:
                 continue
             index = offset + position

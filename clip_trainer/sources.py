@@ -1,15 +1,17 @@
 """Sources at web scale: WebDataset tar shards, image folders, and weighted mixtures of sources.
 
-Every source is opened by `datasets` itself: tar shards by its `webdataset` builder, folders of images by its
-`imagefolder` builder (with `metadata.csv` / `metadata.jsonl` / `metadata.parquet`, or with a `.txt` caption beside
-each image), mixtures by `interleave_datasets`. What is written here is the mapping of their columns onto the run's
+Sources are opened by `datasets`: folders of images by its `imagefolder` builder (with `metadata.csv` /
+`metadata.jsonl` / `metadata.parquet`, or with a `.txt` caption beside each image), Hub WebDataset repositories by
+its `webdataset` builder, mixtures by `interleave_datasets`; local tar shards by `from_generator` over a reader
+written here (see [`_ShardReader`] for why). What is written here is the mapping of their columns onto the run's
 `image_column` and `caption_column`, and what `datasets` lacks: brace ranges in file patterns
-(`shards/{00000..00099}.tar`) and captions from same-named `.txt` files.
+(`shards/{00000..00099}.tar`), captions from same-named `.txt` files, and shards that cannot be read (left out and
+named, see [`ShardReport`]).
 
-WebDataset columns. The `webdataset` builder gives one column per member extension of a sample (`jpg`, `txt`,
-`json`, ...) plus `__key__` and `__url__`. The image is the sample's `image_column` member if it has one, else the
-first of its `jpg`, `jpeg`, `png`, `webp` (then any other image) members that the row has. The caption follows
-`caption_column`:
+WebDataset columns. A sample's members are its files with one key (`000001.jpg`, `000001.txt`, `000001.json`); its
+row has `__key__` and `__url__` (the tar file). The image is the sample's `image_column` member when that names an
+image member of the first samples, else whichever image member the sample has, looked for as `jpg`, `jpeg`, `png`,
+`webp`, then any other image extension, in every shard. The caption follows `caption_column`:
 
 - a member name (`txt`): that member's text;
 - `json.<key>` (`json.caption`): that key of the `json` member;
@@ -23,18 +25,25 @@ first of its `jpg`, `jpeg`, `png`, `webp` (then any other image) members that th
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
+import hashlib
 import math
 import os
 import re
+import tarfile
+import zlib
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import datasets
+import pyarrow as pa
 from datasets import Dataset, IterableDataset
 from transformers.utils import logging
 
 from .errors import ConfigError
+from .stream import StreamSource, record_source
 
 if TYPE_CHECKING:
     from .arguments import DataArguments
@@ -47,6 +56,12 @@ WEBDATASET_KEY_COLUMNS = ("__key__", "__url__")
 METADATA_FILENAMES = ("metadata.csv", "metadata.jsonl", "metadata.parquet")
 DATA_FILE_SUFFIXES = (".csv", ".json", ".jsonl", ".parquet", ".tar")
 MIXTURE_STOPPING_STRATEGIES = ("all_exhausted", "first_exhausted")
+# The heaviest weight of a mixture over its lightest, at most. Beyond it the light source is never drawn in practice,
+# and a loaded `all_exhausted` mixture (which draws until every source is read through) grows past memory.
+MAX_MIXTURE_WEIGHT_RATIO = 1e6
+# A loaded `all_exhausted` mixture may have at most this many times its sources' pairs: reading a source of small
+# weight and many pairs through repeats the others that many times over (every row an index in memory).
+MAX_MIXTURE_REPEATS = 100
 
 # --------------------------------------------------------------------------------------------------------------
 # File patterns
@@ -56,14 +71,13 @@ _BRACE = re.compile(r"\{([^{}]*)\}")
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
 
 
-def expand_braces(pattern: str) -> list[str]:
-    """Bash-style brace expansion: `a/{00000..00002}.tar` -> `a/00000.tar`, `a/00001.tar`, `a/00002.tar`; `{x,y}`
-    lists; several groups multiply. Written here because `datasets`' data-file patterns take globs, not braces (the
-    WebDataset convention for naming shards). A zero-padded bound pads every number to the longest bound's width."""
-    match = _BRACE.search(pattern)
-    if match is None:
-        return [pattern]
-    body = match.group(1)
+# A pattern may name at most this many files: a typo in a range (`{000000..99999999}`, 10^8 names) would otherwise
+# fill memory with names before a single one is looked up.
+MAX_PATTERN_NAMES = 1_000_000
+
+
+def _brace_choices(body: str) -> tuple[int, Iterable[str]] | None:
+    """How many names a brace group's body gives, and (lazily) the names; `None` for a body that is no expansion."""
     numeric = _RANGE.match(body)
     if numeric:
         first, last = numeric.groups()
@@ -71,13 +85,60 @@ def expand_braces(pattern: str) -> list[str]:
         step = 1 if stop >= start else -1
         padded = any(len(bound.lstrip("-")) > 1 and bound.lstrip("-").startswith("0") for bound in (first, last))
         width = max(len(first), len(last)) if padded else 0
-        choices = [str(number).zfill(width) for number in range(start, stop + step, step)]
-    elif "," in body:
+        numbers = range(start, stop + step, step)
+        return len(numbers), (str(number).zfill(width) for number in numbers)
+    if "," in body:
         choices = body.split(",")
-    else:  # `{}` or `{x}` is no expansion in bash either: kept as written
-        return [pattern[: match.end()] + rest for rest in expand_braces(pattern[match.end() :])]
+        return len(choices), choices
+    return None  # `{}` or `{x}` is no expansion in bash either: kept as written
+
+
+def brace_count(pattern: str) -> int:
+    """How many names the brace groups of `pattern` expand to, counted without expanding them."""
+    count = 1
+    for match in _BRACE.finditer(pattern):
+        choices = _brace_choices(match.group(1))
+        count *= choices[0] if choices is not None else 1
+    return count
+
+
+def expand_braces(pattern: str, key: str | None = None) -> list[str]:
+    """Bash-style brace expansion: `a/{00000..00002}.tar` -> `a/00000.tar`, `a/00001.tar`, `a/00002.tar`; `{x,y}`
+    lists; several groups multiply. Written here because `datasets`' data-file patterns take globs, not braces (the
+    WebDataset convention for naming shards). A zero-padded bound pads every number to the longest bound's width.
+
+    Raises:
+        [`ConfigError`]: naming `key` when the pattern gives more than `MAX_PATTERN_NAMES` names.
+    """
+    count = brace_count(pattern)
+    if count > MAX_PATTERN_NAMES:
+        where = f"`{key}` is {pattern!r}" if key else f"The file pattern {pattern!r}"
+        raise ConfigError(
+            f"{where}, a brace range of {count:,} names, more than the {MAX_PATTERN_NAMES:,} one pattern may name (a "
+            "typo in a range's bounds?); fix the range to the shards there are, e.g. shards/{000000..000999}.tar."
+        )
+    return _expand(pattern)
+
+
+def _expand(pattern: str) -> list[str]:
+    match = _BRACE.search(pattern)
+    if match is None:
+        return [pattern]
     head, tail = pattern[: match.start()], pattern[match.end() :]
-    return [head + choice + rest for choice in choices for rest in expand_braces(tail)]
+    choices = _brace_choices(match.group(1))
+    if choices is None:
+        return [pattern[: match.end()] + rest for rest in _expand(tail)]
+    return [head + choice + rest for choice in choices[1] for rest in _expand(tail)]
+
+
+def _first_name(pattern: str) -> str:
+    """The first name a brace pattern expands to, without expanding the others."""
+
+    def first(match: re.Match) -> str:
+        choices = _brace_choices(match.group(1))
+        return next(iter(choices[1])) if choices is not None else match.group(0)
+
+    return _BRACE.sub(first, pattern)
 
 
 def has_pattern(path: str) -> bool:
@@ -85,12 +146,13 @@ def has_pattern(path: str) -> bool:
     return glob.has_magic(path) or _BRACE.search(path) is not None
 
 
-def expand_pattern(pattern: str) -> tuple[list[str], list[str]]:
+def expand_pattern(pattern: str, key: str | None = None) -> tuple[list[str], list[str]]:
     """The files a data-file pattern names (braces expanded, then globs matched, sorted within each glob), and the
-    names it gives that do not exist (a brace range naming a missing shard, a glob that matches nothing)."""
+    names it gives that do not exist (a brace range naming a missing shard, a glob that matches nothing). A range
+    of too many names is a [`ConfigError`] naming `key` (see [`expand_braces`])."""
     files: list[str] = []
     missing: list[str] = []
-    for name in expand_braces(pattern):
+    for name in expand_braces(pattern, key):
         if glob.has_magic(name):
             matches = sorted(glob.glob(name))
             files.extend(matches)
@@ -105,7 +167,7 @@ def expand_pattern(pattern: str) -> tuple[list[str], list[str]]:
 
 def pattern_suffix(pattern: str) -> str:
     """The file suffix of a data-file pattern (`.tar` for `shards/{0..9}.tar`), lower case."""
-    return Path(expand_braces(pattern)[0]).suffix.lower()
+    return Path(_first_name(pattern)).suffix.lower()
 
 
 def check_data_file_pattern(key: str, pattern: str) -> None:
@@ -116,7 +178,7 @@ def check_data_file_pattern(key: str, pattern: str) -> None:
             f"`{key}` is {pattern!r}; it must be a .csv, .json, .jsonl or .parquet file, or .tar WebDataset shards "
             "(a glob such as data/train-*.parquet or a brace range such as shards/{00000..00099}.tar)."
         )
-    files, missing = expand_pattern(pattern)
+    files, missing = expand_pattern(pattern, key)
     if has_pattern(pattern):
         if not files:
             raise ConfigError(f"`{key}` is {pattern!r}, a pattern that matches no file.")
@@ -130,44 +192,529 @@ def check_data_file_pattern(key: str, pattern: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# What a path names
+# --------------------------------------------------------------------------------------------------------------
+
+# A Hub dataset id: `owner/name`, or a bare `name` (the canonical datasets).
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+BUNDLED_DATASETS = ("emoji",)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataPath:
+    """What a data path names (see [`resolve_data_path`]).
+
+    Attributes:
+        key: the option that named it, for messages.
+        path: the path as given.
+        kind: `bundled` (clip-trainer's demo data), `files` (a .csv/.json/.jsonl/.parquet file, glob or brace range),
+            `shards` (WebDataset .tar files: one, a glob or a brace range), `prepared` (a folder written by
+            `save_to_disk`), `image_folder` (images with a metadata file or `.txt` captions), `data_folder` (a folder
+            of data files or shards, split by `datasets`' file-name rules) or `hub` (a Hub dataset id).
+        folder_kind: for an image folder, `metadata` or `captions` (see [`image_folder_kind`]).
+    """
+
+    key: str
+    path: str
+    kind: str
+    folder_kind: str | None = None
+
+    @property
+    def is_files(self) -> bool:
+        """Whether it names data files (what `train_file` and `validation_file` take)."""
+        return self.kind in ("files", "shards")
+
+
+def looks_local(path: str) -> bool:
+    """Whether `path` can only mean a place on this machine: it starts with `./`, `../`, `/` or `~` (or a drive
+    letter), or has a path separator without being of the Hub's `owner/name` form."""
+    if path in (".", "..") or path.startswith(("./", "../", "/", "~", ".\\", "..\\", "\\")):
+        return True
+    if re.match(r"^[A-Za-z]:[\\/]", path):
+        return True
+    separators = [os.sep] + ([os.altsep] if os.altsep else [])
+    return any(separator in path for separator in separators) and not _HUB_ID.match(path)
+
+
+def resolve_data_path(key: str, path: str) -> DataPath:
+    """The one rule for what a data path is, for every option that takes one (`dataset_name`, `train_file`,
+    `validation_file`, each `extra_eval_sets` entry and `train_mixture` source).
+
+    In order: `emoji` is the bundled demo; a glob or brace range, or an existing file, is data files (`.tar`:
+    WebDataset shards); an existing folder is a prepared folder, an image folder, or a folder of data files; a name
+    that is not there is a [`ConfigError`] when it has a data file's suffix or looks local ([`looks_local`]), and a
+    Hub dataset id otherwise.
+
+    Raises:
+        [`ConfigError`]: one line naming `key`, for a path that cannot name data.
+    """
+    if path in BUNDLED_DATASETS and not os.path.exists(path):
+        return DataPath(key, path, "bundled")
+    local = os.path.expanduser(path)
+    suffix = pattern_suffix(local)
+    if has_pattern(local) or os.path.isfile(local):
+        check_data_file_pattern(key, local)
+        return DataPath(key, path, "shards" if suffix == ".tar" else "files")
+    if os.path.isdir(local):
+        if is_prepared_folder(local):
+            return DataPath(key, path, "prepared")
+        folder_kind = image_folder_kind(local)
+        if folder_kind is not None:
+            return DataPath(key, path, "image_folder", folder_kind)
+        if not any(name.lower().endswith(DATA_FILE_SUFFIXES) for _, _, names in os.walk(local) for name in names):
+            raise ConfigError(
+                f"`{key}` is {path!r}, a folder without data: no .csv, .json, .jsonl, .parquet or .tar file, no "
+                "images with a metadata file or .txt captions, and no prepared dataset in it."
+            )
+        return DataPath(key, path, "data_folder")
+    if suffix in DATA_FILE_SUFFIXES:
+        raise ConfigError(f"`{key}` is {path!r}, which does not exist.")
+    if looks_local(path):
+        raise ConfigError(
+            f"`{key}` is {path!r}, a local path that does not exist (looked for {os.path.abspath(local)}); check "
+            "the path, or give a Hub dataset id (owner/name)."
+        )
+    return DataPath(key, path, "hub")
+
+
+def is_prepared_folder(path: str) -> bool:
+    """Whether `path` is a folder written by `save_to_disk` (a `--prepare_only` run writes one)."""
+    return os.path.isfile(os.path.join(path, "dataset_dict.json")) or os.path.isfile(os.path.join(path, "state.json"))
+
+
+def folder_splits(path: str) -> dict[str, list[str]]:
+    """The data files of a folder by split, as `datasets` splits a folder (`train-*`, `validation/`, ...)."""
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    files = DataFilesDict.from_patterns(get_data_patterns(path), base_path=path)
+    return {str(split): list(names) for split, names in files.items()}
+
+
+# --------------------------------------------------------------------------------------------------------------
 # WebDataset shards
 # --------------------------------------------------------------------------------------------------------------
 
 
 def is_webdataset(dataset: Dataset | IterableDataset) -> bool:
-    """Whether `dataset` was read by `datasets`' webdataset builder (a Hub WebDataset repository, local shards)."""
+    """Whether `dataset` was read by `datasets`' webdataset builder (a Hub WebDataset repository)."""
     features = dataset.features
     return features is not None and all(column in features for column in WEBDATASET_KEY_COLUMNS)
 
 
-def load_webdataset(
-    files: list[str], key: str, data_args: DataArguments, cache_dir: str | None, streaming: bool
-) -> Dataset | IterableDataset:
-    """Tar shards in WebDataset format, read by `datasets`' webdataset builder, as the run's image and caption columns.
+# Tar files are 512-byte blocks ending with two zero blocks (POSIX ustar); a shard cut short lacks that end.
+_TAR_BLOCK = 512
+# Samples read from the first readable shard to learn the members and json keys (datasets' builder reads 5).
+_SAMPLES_FOR_FEATURES = 5
+# Local shards of at most this many bytes in all have their samples counted up front (a walk over the tar headers,
+# no image data read), to report uneven shards; larger data is not walked before training.
+SHARD_COUNT_BYTES = 1 << 30
+_READ_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error)
 
-    Streamed, every tar is one shard that processes and DataLoader workers are dealt (see `stream.py`).
+
+@dataclasses.dataclass
+class ShardReport:
+    """The tar shards a run could not read, whole or in part, for the log and the run's summary.
+
+    Attributes:
+        checked: how many shards were checked.
+        unreadable: shard -> why it was left out whole (an empty file, not a tar file: e.g. a saved HTML error page).
+        truncated: shard -> what is wrong with it; its samples before the cut are read, the rest is lost.
+        skipped_samples: samples left out because a shard was cut inside them, as far as known before training
+            (shards are counted up front when small, see `SHARD_COUNT_BYTES`; a cut met later is logged where the
+            shard is read).
+    """
+
+    checked: int = 0
+    unreadable: dict[str, str] = dataclasses.field(default_factory=dict)
+    truncated: dict[str, str] = dataclasses.field(default_factory=dict)
+    skipped_samples: int = 0
+
+    @property
+    def skipped_shards(self) -> int:
+        """Shards left out whole."""
+        return len(self.unreadable)
+
+    def merge(self, other: ShardReport) -> None:
+        self.checked += other.checked
+        self.unreadable.update(other.unreadable)
+        self.truncated.update(other.truncated)
+        self.skipped_samples += other.skipped_samples
+
+    def summary(self) -> str:
+        """One line, e.g. `"left out 2 of 7 shards that cannot be read (a.tar is an empty file (0 bytes); ...); read
+        1 truncated shard up to its cut, leaving out 1 incomplete sample (c.tar is truncated ...)"`; empty when every
+        shard was read whole."""
+        parts = []
+        if self.unreadable:
+            named = "; ".join(f"{path} {reason}" for path, reason in self.unreadable.items())
+            parts.append(
+                f"left out {len(self.unreadable):,} of {self.checked:,} shard(s) that cannot be read ({named})"
+            )
+        if self.truncated:
+            named = "; ".join(f"{path} {reason}" for path, reason in self.truncated.items())
+            parts.append(
+                f"read {len(self.truncated):,} truncated shard(s) up to the cut, leaving out "
+                f"{self.skipped_samples:,} incomplete sample(s) ({named})"
+            )
+        return "; ".join(parts)
+
+
+def shard_problem(path: str) -> tuple[str, bool] | None:
+    """What is wrong with a local tar shard, from its first and last blocks only: `(reason, readable_in_part)`, or
+    `None` for a shard that looks whole.
+
+    An empty file, or one that does not start with a tar header (an HTML error page saved as `.tar`), cannot be read
+    at all; a shard without the end-of-archive blocks was cut short (an interrupted download or copy) and is readable
+    up to the cut. Checked here because `datasets` opens a shard only when it reaches it, mid-run.
     """
     try:
-        dataset = datasets.load_dataset(
-            "webdataset", data_files={"data": files}, split="data", cache_dir=cache_dir, streaming=streaming
-        )
-    except Exception as error:
-        raise _tar_error(key, files, error) from None
-    return webdataset_columns(dataset, data_args, f"`{key}` {files[0]!r}")
+        size = os.path.getsize(path)
+        with open(path, "rb") as handle:
+            head = handle.read(_TAR_BLOCK)
+            handle.seek(max(0, size - 2 * _TAR_BLOCK))
+            tail = handle.read(2 * _TAR_BLOCK)
+    except OSError as error:
+        return f"cannot be opened ({error.strerror or type(error).__name__})", False
+    if size == 0:
+        return "is an empty file (0 bytes)", False
+    try:
+        tarfile.TarInfo.frombuf(head, tarfile.ENCODING, "surrogateescape")
+    except tarfile.EOFHeaderError:
+        return "holds no sample (an empty tar?)", False
+    except tarfile.HeaderError:
+        html = head.lstrip()[:1] == b"<"
+        return "is not a tar file" + (" (it starts like an HTML page: a failed download?)" if html else ""), False
+    if size % _TAR_BLOCK or size < 3 * _TAR_BLOCK or tail.count(0) != len(tail):
+        return f"is truncated ({size:,} bytes, no end-of-archive blocks: an interrupted download or copy?)", True
+    return None
 
 
-def _tar_error(key: str, files: list[str], error: Exception) -> ConfigError:
-    message = str(error)
-    if isinstance(error, IndexError) or "Must pass at least one table" in message:
-        return ConfigError(
-            f"`{key}` {files[0]!r} holds no sample (an empty tar?); each shard needs image-caption pairs."
+def count_shard_samples(path: str) -> tuple[int, bool]:
+    """The whole samples of a tar shard, and whether a sample is cut short at its end, from the tar headers alone
+    (the members' data is seeked over, not read)."""
+    size = os.path.getsize(path)
+    samples, last_key, cut = 0, None, False
+    with tarfile.open(path, mode="r:") as tar:
+        while True:
+            try:
+                member = tar.next()
+            except _READ_ERRORS:
+                cut = True
+                break
+            if member is None:
+                break
+            key, _ = _member_key(member.name) if member.isreg() else (None, "")
+            if member.offset_data + member.size > size:
+                cut = True
+                samples -= key == last_key  # the sample this member belongs to is incomplete
+                break
+            if key is not None and key != last_key:
+                samples, last_key = samples + 1, key
+    return max(0, samples), cut
+
+
+def _member_key(name: str) -> tuple[str | None, str]:
+    """`dir/000012.seg.jpg` -> (`dir/000012`, `seg.jpg`), the WebDataset convention (datasets' `base_plus_ext`),
+    extensions in lower case; hidden files (`.`, `__` prefixes) belong to no sample."""
+    from datasets.packaged_modules.webdataset.webdataset import base_plus_ext
+
+    if os.path.basename(name).startswith((".", "__")):
+        return None, ""
+    key, extension = base_plus_ext(name)
+    return key, (extension or "").lower()
+
+
+@functools.cache
+def _decoders() -> tuple[dict[str, Any], frozenset[str]]:
+    """datasets' webdataset member decoders (json, txt, cls, npy, ...) and its image extensions."""
+    from datasets.packaged_modules.webdataset import webdataset
+
+    return webdataset.DECODERS, frozenset(webdataset.IMAGE_EXTENSIONS)
+
+
+def _is_image_member(extension: str) -> bool:
+    return extension.rsplit(".", 1)[-1] in _decoders()[1]
+
+
+def _decode_member(extension: str, data: bytes) -> Any:
+    """A member's value: image bytes as they are, others decoded by their last extension as `datasets` decodes
+    them; `None` when the member does not decode (bad JSON, text that is not UTF-8), so that its sample is reported
+    like any with a missing value rather than stopping the run."""
+    last = extension.rsplit(".", 1)[-1]
+    if _is_image_member(last):
+        return data
+    if last in ("txt", "text", "transcript"):
+        data = data.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark is not part of the caption
+    decoder = _decoders()[0].get(last)
+    if decoder is None:
+        return data
+    try:
+        return decoder(data)
+    except Exception:  # any decoder's failure is a bad member, whatever it raises
+        return None
+
+
+class _ShardCut(Exception):
+    """A tar shard could not be read to its end."""
+
+    def __init__(self, samples: int, error: Exception) -> None:
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.samples = samples
+
+
+def _tar_samples(shard: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """`(key, {extension: bytes})` for each sample of a tar shard, read as a stream (as `datasets` reads it: each
+    member once, none kept); raises [`_ShardCut`] where it cannot go on, the sample being read at that point lost."""
+    samples, key, members = 0, None, {}
+    try:
+        with open(shard, "rb") as handle, tarfile.open(fileobj=handle, mode="r|") as tar:
+            for member in tar:
+                name_key, extension = _member_key(member.name)
+                if not member.isreg() or name_key is None:
+                    continue
+                if name_key != key and members:  # before reading on: the sample before a cut is whole
+                    yield key, members
+                    samples, members = samples + 1, {}
+                key = name_key
+                members.setdefault(extension, tar.extractfile(member).read())
+                tar.members = []
+            # tarfile ends a stream quietly at a header it cannot parse, or at the end of the file: only the
+            # end-of-archive blocks mean that the whole shard was read.
+            handle.seek(tar.offset)
+            end = handle.read(_TAR_BLOCK)
+    except _READ_ERRORS as error:
+        raise _ShardCut(samples, error) from None
+    if members:
+        yield key, members
+        samples += 1
+    if not end or end.count(0) != len(end):
+        problem = "an invalid tar header" if end else "the end of the file, without the end-of-archive blocks"
+        raise _ShardCut(samples, tarfile.ReadError(f"{problem} at byte {tar.offset:,}"))
+
+
+@dataclasses.dataclass
+class _SampleColumns:
+    """How a WebDataset sample becomes a row under the run's column names (see the module docstring)."""
+
+    image_column: str
+    # The image members looked for, in order; with `any_image`, else any member with an image extension.
+    image_members: list[str]
+    any_image: bool
+    # Column -> (member, json key or None).
+    lookups: dict[str, tuple[str, str | None]]
+
+    def row(self, key: str, members: dict[str, bytes], shard: str) -> dict[str, Any]:
+        name = next((name for name in self.image_members if name in members), None)
+        if name is None and self.any_image:
+            name = next((name for name in members if _is_image_member(name)), None)
+        row: dict[str, Any] = {
+            self.image_column: {"bytes": members[name], "path": f"{key}.{name}"} if name is not None else None
+        }
+        decoded: dict[str, Any] = {}
+        for column, (member, json_key) in self.lookups.items():
+            if member not in decoded:
+                decoded[member] = _decode_member(member, members[member]) if member in members else None
+            value = decoded[member]
+            if json_key is not None:
+                value = value.get(json_key) if isinstance(value, dict) else None
+            row[column] = value
+        row["__key__"], row["__url__"] = key, shard
+        return row
+
+
+_REPORTED_CUTS: set[str] = set()
+
+
+class _ShardReader:
+    """The rows of tar shards, for `datasets`' `from_generator` (which deals each DataLoader worker and process its
+    own shards, and records a stream's position for resuming).
+
+    Written here because `datasets`' webdataset builder stops the run on a shard it cannot read (a raw
+    `tarfile.ReadError` that names no file) and learns the image members from the first shard only (a sample whose
+    image is a `png` among `jpg` shards loses it). This reader leaves out what it cannot read, names the shard, and
+    goes on; with `on_bad_rows` `error` it stops, naming the shard.
+    """
+
+    def __init__(self, columns: _SampleColumns, key: str, on_bad_rows: str) -> None:
+        self.columns = columns
+        self.key = key
+        self.on_bad_rows = on_bad_rows
+
+    def __call__(self, shards: list[str]) -> Iterator[dict[str, Any]]:
+        for shard in shards:
+            try:
+                for key, members in _tar_samples(shard):
+                    yield self.columns.row(key, members, shard)
+            except _ShardCut as cut:
+                self._report(shard, cut)
+
+    def _report(self, shard: str, cut: _ShardCut) -> None:
+        message = (
+            f"shard {shard!r} of `{self.key}` cannot be read after {cut.samples:,} sample(s) ({cut}); the rest of "
+            "it is left out"
         )
-    if "don't share the same prefix or the same types" in message:
-        return ConfigError(
-            f"`{key}` {files[0]!r} is not in WebDataset format: its first samples do not all have the same members. "
-            "Every sample needs the same extensions, e.g. 000001.jpg + 000001.txt (+ 000001.json)."
+        if self.on_bad_rows == "error":
+            raise ConfigError(f"{message}. Re-download or re-create it, or set `on_bad_rows` to `skip`.")
+        if shard not in _REPORTED_CUTS:  # once per shard and process: a stream reads its shards again every pass
+            _REPORTED_CUTS.add(shard)
+            logger.warning(message + "; the run goes on.")
+
+
+def check_shards(files: list[str], key: str, on_bad_rows: str) -> tuple[list[str], ShardReport, list[int] | None]:
+    """The shards of `files` that can be read (whole or up to a cut), what is wrong with the others, and every
+    readable shard's sample count when the shards are small enough to count up front (`SHARD_COUNT_BYTES`).
+
+    With `on_bad_rows` `error`, the first bad shard is a one-line [`ConfigError`] naming it.
+    """
+    report = ShardReport(checked=len(files))
+    readable = []
+    for path in files:
+        problem = shard_problem(path)
+        if problem is None:
+            readable.append(path)
+            continue
+        reason, in_part = problem
+        if on_bad_rows == "error":
+            raise ConfigError(
+                f"`{key}` shard {path!r} {reason}. Re-download or re-create it, or leave it out of `{key}` (or set "
+                "`on_bad_rows` to `skip` to go on without what cannot be read)."
+            )
+        if in_part:
+            report.truncated[path] = reason
+            readable.append(path)
+        else:
+            report.unreadable[path] = reason
+    sizes = None
+    if sum(os.path.getsize(path) for path in readable) <= SHARD_COUNT_BYTES:
+        sizes = []
+        for path in readable:
+            samples, cut = count_shard_samples(path)
+            sizes.append(samples)
+            report.skipped_samples += cut
+    if report.unreadable or report.truncated:
+        logger.warning(f"`{key}`: {report.summary()}. The run goes on without them.")
+    return readable, report, sizes
+
+
+def _sample_features(samples: list[dict[str, Any]]) -> datasets.Features:
+    """The members' features, inferred from decoded samples as `datasets`' webdataset builder infers them."""
+    from datasets.features.features import cast_to_python_objects
+
+    plain = [{name: value for name, value in sample.items() if not _is_image_member(name)} for sample in samples]
+    tables = [pa.Table.from_pylist(cast_to_python_objects([row], only_1d_for_numpy=True)) for row in plain]
+    features = datasets.Features.from_arrow_schema(pa.concat_tables(tables, promote_options="default").schema)
+    for sample in samples:
+        for name in sample:
+            if _is_image_member(name):
+                features[name] = datasets.Image()
+    return features
+
+
+def _sample_columns(
+    samples: list[dict[str, Any]], data_args: DataArguments, where: str
+) -> tuple[_SampleColumns, datasets.Features]:
+    """The image and lookup rules of the module docstring, from the first samples' members, and the row features."""
+    features = _sample_features(samples)
+    members = list(features)
+    images = [name for name in members if isinstance(features[name], datasets.Image)]
+    if not images:
+        raise ConfigError(
+            f"{where}: its samples have no image member (jpg, jpeg, png or webp); their members are: "
+            f"{', '.join(members)}. Each sample needs an image file (e.g. 000001.jpg) beside its caption (000001.txt)."
         )
-    return ConfigError(f"Cannot read `{key}` {files[0]!r} as WebDataset tar shards: {type(error).__name__}: {error}")
+    if data_args.image_column in images:  # an explicit member: that one only
+        image_members, any_image = [data_args.image_column], False
+    else:  # whichever image the sample has, in this order, in whichever shard
+        rest = sorted(name for name in images if name not in IMAGE_MEMBERS)
+        image_members, any_image = [*IMAGE_MEMBERS, *rest], True
+    lookups = {data_args.caption_column: _member_lookup(data_args.caption_column, features, "caption_column", where)}
+    for kind in ("label_column", "image_id_column"):
+        column = getattr(data_args, kind)
+        if column is not None:
+            lookups[column] = _member_lookup(column, features, kind, where)
+    row_features = datasets.Features({data_args.image_column: datasets.Image(decode=False)})
+    for column, (member, key) in lookups.items():
+        feature = features[member] if key is None else features[member][key]
+        row_features[column] = datasets.Value("string") if column == data_args.caption_column else feature
+    for column in WEBDATASET_KEY_COLUMNS:
+        row_features[column] = datasets.Value("string")
+    return _SampleColumns(data_args.image_column, image_members, any_image, lookups), row_features
+
+
+def _first_samples(shards: list[str], limit: int) -> list[dict[str, Any]]:
+    """The first `limit` samples (members decoded) of the first shard that has any."""
+    for shard in shards:
+        samples = []
+        try:
+            for _, members in _tar_samples(shard):
+                samples.append({name: _decode_member(name, data) for name, data in members.items()})
+                if len(samples) == limit:
+                    break
+        except _ShardCut:
+            pass
+        if samples:
+            return samples
+    return []
+
+
+def load_webdataset(
+    files: list[str],
+    key: str,
+    data_args: DataArguments,
+    cache_dir: str | None,
+    streaming: bool,
+    report: ShardReport | None = None,
+) -> Dataset | IterableDataset:
+    """Local tar shards in WebDataset format as the run's image and caption columns (and `__key__`, `__url__`).
+
+    Shards that cannot be read are left out, named in the log and added to `report` (with `on_bad_rows` `error`
+    the first one stops the run); a shard cut short is read up to the cut. Streamed, every tar is one shard that
+    processes and DataLoader workers are dealt (see `stream.py`); loaded, the rows are written to the `datasets`
+    cache once (the cache is keyed by the shards' names, sizes and times, so a replaced shard is read again).
+    """
+    readable, found, sizes = check_shards(files, key, data_args.on_bad_rows)
+    if report is not None:
+        report.merge(found)
+    if not readable:
+        if len(files) == 1:
+            raise ConfigError(
+                f"`{key}` {files[0]!r} {found.unreadable[files[0]]}; it needs image-caption pairs in WebDataset "
+                "format (e.g. 000001.jpg + 000001.txt)."
+            )
+        raise ConfigError(f"None of the {len(files):,} shards of `{key}` can be read: {found.summary()}.")
+    samples = _first_samples(readable, _SAMPLES_FOR_FEATURES)
+    if not samples:
+        raise ConfigError(
+            f"`{key}` {readable[0]!r} holds no sample (an empty tar?); each shard needs image-caption pairs."
+        )
+    others = [{name for name in sample if not _is_image_member(name)} for sample in samples]
+    if any(members != others[0] for members in others):
+        raise ConfigError(
+            f"`{key}` {readable[0]!r} is not in WebDataset format: its first samples do not all have the same "
+            "members. Every sample needs the same extensions, e.g. 000001.jpg + 000001.txt (+ 000001.json)."
+        )
+    columns, features = _sample_columns(samples, data_args, f"`{key}` {readable[0]!r}")
+    reader = _ShardReader(columns, key, data_args.on_bad_rows)
+    if streaming:
+        stream = IterableDataset.from_generator(reader, features=features, gen_kwargs={"shards": readable})
+        record_source(stream, StreamSource(readable, sizes))
+        return stream
+    stamps = [(path, str(Path(path).resolve()), os.path.getsize(path), os.stat(path).st_mtime_ns) for path in readable]
+    fingerprint = hashlib.sha256(
+        repr(("clip-trainer webdataset 1", stamps, dataclasses.asdict(columns), data_args.on_bad_rows)).encode()
+    ).hexdigest()[:32]
+    try:
+        return Dataset.from_generator(
+            reader,
+            features=features,
+            gen_kwargs={"shards": readable},
+            cache_dir=cache_dir,
+            fingerprint=fingerprint,
+        )
+    except datasets.exceptions.DatasetGenerationError as error:
+        if isinstance(error.__cause__, ConfigError):  # a shard cut found only now, with `on_bad_rows` `error`
+            raise error.__cause__ from None
+        raise
 
 
 def _member_lookup(column: str, features: datasets.Features, kind: str, where: str) -> tuple[str, str | None]:
@@ -283,22 +830,55 @@ def image_folder_kind(path: str) -> str | None:
     return None
 
 
+# Caption files named in the log, at most, per source and process: a folder with thousands of bad ones is
+# summed up by the rows report.
+MAX_CAPTION_FILES_LOGGED = 20
+
+
 class _SidecarCaptions:
-    """Batched map: the caption of each image, read from the `.txt` file beside it (`cat.jpg` -> `cat.txt`); `None`
-    when there is none, so that the row is reported and skipped like any row without a caption."""
+    """Batched map: the caption of each image, read from the `.txt` file beside it (`cat.jpg` -> `cat.txt`), a UTF-8
+    byte order mark (Windows editors write one) and surrounding whitespace removed; `None` when there is none or it
+    cannot be read, so that the row is reported and skipped like any row without a caption, the file named."""
 
     def __init__(self, image_column: str, caption_column: str) -> None:
         self.image_column = image_column
         self.caption_column = caption_column
+        self.logged: set[str] = set()
+
+    def _log(self, text_file: Path, problem: str) -> None:
+        """Names a caption file whose image is left out, once (a stream reads the folder again every pass)."""
+        name = str(text_file)
+        if name in self.logged or len(self.logged) > MAX_CAPTION_FILES_LOGGED:
+            return
+        self.logged.add(name)
+        if len(self.logged) > MAX_CAPTION_FILES_LOGGED:
+            logger.warning(f"More than {MAX_CAPTION_FILES_LOGGED} caption files have no usable caption; not named.")
+        else:
+            logger.warning(f"Caption file {name} {problem}: its image is left out.")
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         captions = []
         for image in batch[self.image_column]:
             path = image.get("path") if isinstance(image, dict) else image
-            try:
-                captions.append(Path(path).with_suffix(".txt").read_text(encoding="utf-8").strip())
-            except (OSError, TypeError, UnicodeDecodeError):
+            if not isinstance(path, str):
                 captions.append(None)
+                continue
+            text_file = Path(path).with_suffix(".txt")
+            try:
+                caption = text_file.read_text(encoding="utf-8-sig").strip()
+            except FileNotFoundError:
+                self._log(text_file, f"is missing (no caption for {path})")
+                caption = None
+            except UnicodeDecodeError as error:
+                self._log(text_file, f"is not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8")
+                caption = None
+            except OSError as error:
+                self._log(text_file, f"cannot be read ({error.strerror or type(error).__name__})")
+                caption = None
+            else:
+                if not caption:
+                    self._log(text_file, "is empty")
+            captions.append(caption)
         return {self.caption_column: captions}
 
 
@@ -330,6 +910,9 @@ def load_image_folder(
             kwargs: dict[str, Any] = {"batched": True, "features": features}
             if isinstance(dataset, Dataset):
                 kwargs["desc"] = "Reading the .txt captions"
+                # Read every run: the imagefolder builder's fingerprint covers the images, not the .txt files, so a
+                # cached map would keep a caption after its file was edited (and name no bad file again).
+                kwargs["load_from_cache_file"] = False
             dataset = dataset.map(captions, **kwargs)
         splits[split] = dataset
     return splits
@@ -369,13 +952,25 @@ def parse_mixture(value: Any) -> dict[str, float]:
         if not isinstance(source, str) or not source.strip():
             raise ConfigError(f"`train_mixture` has an empty source name (weight {weight}); name a file or dataset.")
         mixture[source] = float(weight)
+    heaviest, lightest = max(mixture, key=mixture.get), min(mixture, key=mixture.get)
+    ratio = mixture[heaviest] / mixture[lightest]
+    if not math.isfinite(sum(mixture.values())) or not ratio <= MAX_MIXTURE_WEIGHT_RATIO:
+        spread = f"{ratio:.3g} to 1" if math.isfinite(ratio) else "too far apart to divide"
+        limit = f"{MAX_MIXTURE_WEIGHT_RATIO:,.0f}"
+        raise ConfigError(
+            f"`train_mixture` weights {heaviest!r}: {mixture[heaviest]:g} and {lightest!r}: {mixture[lightest]:g} "
+            f"are {spread}, beyond the {limit} to 1 a mixture may span (a source drawn once in a million pairs is "
+            f"as good as left out, and reading it through repeats the others until memory runs out); give weights "
+            f"within {limit} to 1 of each other, e.g. 3 and 1, or leave the source out."
+        )
     return mixture
 
 
 def mixture_source_arguments(source: str, data_args: DataArguments) -> DataArguments:
-    """The `DataArguments` of one mixture source: a data file, glob or brace range of shards becomes `train_file`,
-    anything else (`emoji`, a folder, a Hub id) `dataset_name`; everything else as the run's."""
-    as_file = pattern_suffix(source) in DATA_FILE_SUFFIXES
+    """The `DataArguments` of one mixture source: data files (a file, glob or brace range of shards, see
+    [`resolve_data_path`]) become `train_file`, anything else (`emoji`, a folder, a Hub id) `dataset_name`;
+    everything else as the run's."""
+    as_file = resolve_data_path("train_mixture", source).is_files
     return dataclasses.replace(
         data_args,
         dataset_name=None if as_file else source,
@@ -417,6 +1012,27 @@ def log_mixture(mixture: dict[str, float], sizes: list[int | None], strategy: st
     }[strategy]
     endless = "; streamed, the mixture repeats without end" if streaming else ""
     logger.info(f"Mixing {len(mixture)} training sources: {', '.join(parts)} (`{strategy}`: {rule}{endless}).")
+
+
+def check_mixture_size(mixture: dict[str, float], sizes: list[int | None], strategy: str) -> None:
+    """Raises a one-line [`ConfigError`] when a loaded `all_exhausted` mixture would hold more than
+    `MAX_MIXTURE_REPEATS` times its sources' pairs: it draws until its slowest-read source (the one with most pairs
+    per unit of weight) is read through, about `size / probability` draws."""
+    if strategy != "all_exhausted" or any(size is None for size in sizes):
+        return
+    total = sum(mixture.values())
+    draws = {source: size / (weight / total) for (source, weight), size in zip(mixture.items(), sizes)}
+    slowest = max(draws, key=draws.get)
+    pairs = sum(sizes)
+    if draws[slowest] > MAX_MIXTURE_REPEATS * max(1, pairs):
+        share = mixture[slowest] / total
+        raise ConfigError(
+            f"`train_mixture`: {slowest!r} has {sizes[list(mixture).index(slowest)]:,} pairs and weight "
+            f"{mixture[slowest]:g} ({share:.2g} of the draws), so an `all_exhausted` mixture reads it through only "
+            f"after about {draws[slowest]:,.0f} draws, {draws[slowest] / max(1, pairs):,.0f} times its sources' "
+            f"{pairs:,} pairs (more than the {MAX_MIXTURE_REPEATS} a loaded mixture may hold in memory). Raise its "
+            "weight towards its share of the pairs, set `mixture_stopping_strategy` to first_exhausted, or stream."
+        )
 
 
 def interleave(

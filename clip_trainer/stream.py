@@ -22,14 +22,19 @@ map batch and re-reads that batch on resume.
 checkpoints: on resume it replays the stream from the start and throws away the batches already trained on (decoding
 every image of them). [`StreamPositionCallback`] saves each process's loader state beside the checkpoint
 (`stream_state_<rank>.pt`) and loads it on resume; the replay stays as the fallback for a checkpoint without one.
+The position is saved with what it depends on: the layout (processes, workers, batch size, seed) and the data (the
+shards, with their sample counts or sizes, and `shuffle_buffer_size`, see [`StreamSource`]); a resume where either
+changed replays the stream and says what changed, rather than continuing at a position that now means other samples.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging as std_logging
 import os
 import warnings
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -106,21 +111,99 @@ def shuffled_passes(stream: IterableDataset, seed: int, block_size: int) -> Iter
     )
 
 
+@dataclasses.dataclass
+class StreamSource:
+    """What a training stream reads, as far as known: its shard files (in order), each shard's sample count (when it
+    was cheap to count), and the shuffle block size. Saved with the stream's position, so that a resume over other
+    data does not reuse a position that means other samples."""
+
+    shards: list[str]
+    samples: list[int] | None = None
+    shuffle_buffer_size: int | None = None
+
+    def identity(self) -> dict[str, Any]:
+        """The shards, each with its sample count (else its size in bytes: a replaced shard holds other samples),
+        and the shuffle block size, in a form `torch.load(weights_only=True)` reads back. Shards are named relative
+        to the folder that holds them all, so that the data can move (to a node's local disk) between runs."""
+        local = [os.path.abspath(shard) for shard in self.shards if os.path.isfile(shard)]
+        root = os.path.commonpath([os.path.dirname(path) for path in local]) if len(local) == len(self.shards) else ""
+        shards = []
+        for index, shard in enumerate(self.shards):
+            name = os.path.relpath(os.path.abspath(shard), root) if root else shard
+            if self.samples is not None:
+                shards.append([name, self.samples[index]])
+            else:
+                shards.append([name, os.path.getsize(shard) if os.path.isfile(shard) else -1])
+        return {"shards": shards, "shuffle_buffer_size": self.shuffle_buffer_size}
+
+
+# The sources of the streams made by clip-trainer's loaders, looked up by the trainer (a stream carries no such note).
+_SOURCES: weakref.WeakKeyDictionary[IterableDataset, StreamSource] = weakref.WeakKeyDictionary()
+
+
+def record_source(stream: IterableDataset, source: StreamSource) -> None:
+    """Notes what `stream` reads (see [`StreamSource`])."""
+    _SOURCES[stream] = source
+
+
+def source_of(stream: Any) -> StreamSource | None:
+    """What `stream` reads, when one of clip-trainer's loaders made it."""
+    try:
+        return _SOURCES.get(stream)
+    except TypeError:  # not weakly referable: not one of ours
+        return None
+
+
+# A reader whose samples come round this many times as often as with equal shards is worth a warning.
+UNEVEN_SHARDS_FACTOR = 1.1
+
+
+def uneven_shard_excess(samples: list[int], readers: int) -> tuple[float, int]:
+    """How much more often, at worst, a sample comes round than with equal shards when `readers` (processes x
+    DataLoader workers) each read their own shards and give an equal share of the batches, and the fewest samples a
+    reader can be dealt: the sum of the `len(samples) // readers` smallest shards (each reader gets at least that
+    many shards). 1.0: uniform."""
+    per_reader = len(samples) // readers
+    if readers <= 1 or per_reader == 0:
+        return 1.0, sum(samples)
+    fewest = sum(sorted(samples)[:per_reader])
+    if fewest == 0:
+        return float("inf"), 0
+    return sum(samples) / (readers * fewest), fewest
+
+
 def check_shard_split(stream: IterableDataset, world_size: int, num_workers: int) -> None:
-    """Logs how the stream's shards are dealt out, and warns when they do not divide evenly."""
+    """Warns when the stream's shards are not dealt out evenly: fewer shards than processes, uneven shard sizes
+    (when they are known, see [`StreamSource`]), or a shard count that is not a multiple of the readers."""
     readers = world_size * max(1, num_workers)
     shards = stream.num_shards
+    source = source_of(stream)
+    sizes = source.samples if source is not None and source.samples is not None else None
+    layout = 'see "Laying out shards" in docs/data.md'
     if shards < world_size:
         logger.warning(
             f"The training stream has {shards} shard(s) for {world_size} processes: every process reads all of it and "
             "keeps every n-th batch. Give at least as many shards (files) as processes to read each one once."
         )
+    elif sizes is not None and len(sizes) == shards and readers > 1:
+        excess, fewest = uneven_shard_excess(sizes, readers)
+        if excess >= UNEVEN_SHARDS_FACTOR:
+            total = sum(sizes)
+            logger.warning(
+                f"The training stream's {shards} shards are uneven ({min(sizes):,} to {max(sizes):,} samples, "
+                f"{total:,} in all) for {readers} readers ({world_size} process(es) x {max(1, num_workers)} "
+                f"DataLoader worker(s)), each reading its own shards and giving an equal share of the batches: a "
+                f"reader dealt the smallest shards starts its next pass sooner, so their samples can come round up "
+                f"to {excess:.1f}x as often as the rest (at worst {fewest:,} samples make {1 / readers:.0%} of the "
+                f"draws instead of {fewest / total:.1%}). Write shards of equal size, a multiple of {readers} of "
+                f"them ({layout})."
+            )
     elif shards % readers:
         logger.warning(
             f"The training stream's {shards} shards do not divide evenly among {world_size} process(es) x "
             f"{max(1, num_workers)} DataLoader worker(s): every sample is still read once per pass of its worker, but "
             f"workers with fewer shards start their next pass sooner, so their samples come round more often. A "
-            f"multiple of {readers} equal-sized shards samples uniformly."
+            f"multiple of {readers} equal-sized shards samples uniformly ({layout})."
         )
 
 
@@ -146,6 +229,30 @@ def _layout(args: Any) -> dict[str, int]:
     }
 
 
+def _data_changes(saved: dict[str, Any] | None, current: dict[str, Any] | None) -> str:
+    """What differs between the training data a stream position was saved with and this run's, in words; empty when
+    nothing does or either is unknown (a checkpoint from before the data was saved with it)."""
+    if saved is None or current is None or saved == current:
+        return ""
+    changes = []
+    if saved.get("shuffle_buffer_size") != current.get("shuffle_buffer_size"):
+        changes.append(
+            f"`shuffle_buffer_size` was {saved.get('shuffle_buffer_size')} and is {current.get('shuffle_buffer_size')}"
+        )
+    before = {path: size for path, size in saved.get("shards", [])}
+    now = {path: size for path, size in current.get("shards", [])}
+    for label, names in (
+        ("gone", [path for path in before if path not in now]),
+        ("new", [path for path in now if path not in before]),
+        ("of another size", [path for path in now if path in before and now[path] != before[path]]),
+    ):
+        if names:
+            changes.append(f"{len(names):,} shard(s) {label} (first: {names[0]})")
+    if not changes:
+        changes.append("the shards are in another order")
+    return "; ".join(changes)
+
+
 class StreamPositionCallback(TrainerCallback):
     """Saves every process's training-stream position with each checkpoint and restores it when the run resumes.
 
@@ -154,8 +261,11 @@ class StreamPositionCallback(TrainerCallback):
     [`enable_stream_resume`] asks `accelerate` for.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, source: StreamSource | None = None) -> None:
         self.pending: dict[str, Any] | None = None
+        # What the stream reads (its shards, their sizes, the shuffle block size), saved beside its position: the
+        # same position in other data is other samples.
+        self.data = source.identity() if source is not None else None
 
     def on_save(self, args, state, control, train_dataloader=None, **kwargs):
         if train_dataloader is None or not hasattr(train_dataloader, "state_dict"):
@@ -163,6 +273,8 @@ class StreamPositionCallback(TrainerCallback):
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         os.makedirs(folder, exist_ok=True)
         payload = {"dataloader": train_dataloader.state_dict(), "layout": _layout(args), "step": state.global_step}
+        if self.data is not None:
+            payload["data"] = self.data
         path = os.path.join(folder, STREAM_STATE_NAME.format(rank=args.process_index))
         torch.save(payload, path + ".tmp")
         os.replace(path + ".tmp", path)  # a kill mid-write leaves no half file under the real name
@@ -174,7 +286,7 @@ class StreamPositionCallback(TrainerCallback):
 
     def read(self, checkpoint: str, args: Any) -> dict[str, Any] | None:
         """The loader state this process saved in `checkpoint`, or `None` (with the reason logged) when there is none
-        or it was saved with another layout."""
+        or it was saved with another layout or over other data (other shards, `shuffle_buffer_size`)."""
         path = os.path.join(checkpoint, STREAM_STATE_NAME.format(rank=args.process_index))
         if not os.path.isfile(path):
             logger.warning(
@@ -192,6 +304,14 @@ class StreamPositionCallback(TrainerCallback):
                 f"{path} was saved with {payload.get('layout')} and this run has {_layout(args)}: the saved stream "
                 "position does not apply. Replaying the stream, which with another layout reads other samples than "
                 "the interrupted run would have."
+            )
+            return None
+        changed = _data_changes(payload.get("data"), self.data)
+        if changed:
+            logger.warning(
+                f"{path} was saved while streaming other training data: {changed}. The saved stream position would "
+                "point at other samples (some repeated, some never read), so it is not used: the stream is replayed "
+                "from the start up to the checkpoint instead."
             )
             return None
         return payload["dataloader"]
@@ -231,6 +351,6 @@ def enable_stream_resume(trainer: Any) -> StreamPositionCallback | None:
     trainer.accelerator.dataloader_config.use_stateful_dataloader = True
     # torchdata 0.11 calls a torch function that torch 2.9+ deprecates, at every `iter()`; nothing for a user to do.
     warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
-    callback = StreamPositionCallback()
+    callback = StreamPositionCallback(source_of(trainer.train_dataset))
     trainer.add_callback(callback)
     return callback

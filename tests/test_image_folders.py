@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from conftest import draw_shape, shape_rows
 
 from clip_trainer.arguments import DataArguments
 from clip_trainer.data import load_image_text_data
-from clip_trainer.run import main
+from clip_trainer.run import cli, main
 from clip_trainer.sources import image_folder_kind
 
 
@@ -119,3 +120,45 @@ def test_image_folders_train_through_run_main(base_args, tmp_path, kind):
     assert state["global_step"] == 4
     assert [entry["loss"] for entry in state["log_history"] if "loss" in entry]
     assert any("eval_t2i_recall@1" in entry for entry in state["log_history"])
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["loaded", "streamed"])
+def test_a_utf8_byte_order_mark_is_not_part_of_the_caption(tmp_path, streaming):
+    folder = write_caption_folder(tmp_path / "notepad")
+    for text_file in folder.rglob("*.txt"):  # as Windows Notepad saves "UTF-8"
+        text_file.write_bytes(b"\xef\xbb\xbf" + text_file.read_bytes())
+    data_args = DataArguments(
+        dataset_name=str(folder), streaming=streaming, shuffle_buffer_size=8, validation_split_percentage=0
+    )
+    train = load_image_text_data(data_args, seed=0, evaluate=False).train
+    rows = list(train.take(24)) if streaming else list(train)
+    expected = {f"{shape}/{color}_{background}.jpg": caption for color, shape, background, caption in shape_rows()}
+    by_image = {Path(row["image"]["path"]).relative_to(folder).as_posix(): row["caption"] for row in rows}
+    assert by_image == expected
+
+
+def test_a_skipped_row_of_a_caption_folder_names_its_file(base_args, tmp_path, monkeypatch, caplog, capsys):
+    monkeypatch.chdir(tmp_path)
+    folder = write_caption_folder(tmp_path / "captioned")
+    (folder / "circle" / "red_white.txt").write_text("  \n")  # empty
+    (folder / "square" / "blue_black.txt").write_bytes("un carré bleu".encode("latin-1"))  # not UTF-8
+    (folder / "triangle" / "green_white.txt").unlink()  # missing
+    args = list(base_args)
+    del args[args.index("--train_file") : args.index("--train_file") + 2]
+    argv = [*args, "--dataset_name", "captioned", "--validation_split_percentage", "0", "--num_train_epochs", "1"]
+    caplog.set_level(logging.WARNING, logger="clip_trainer")
+    results = main(argv)
+    assert results["train_samples"] == 24 - 3
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    for name, problem in (
+        ("circle/red_white.txt", "is empty"),
+        ("square/blue_black.txt", "is not UTF-8 text (invalid continuation byte at byte 7); save it as UTF-8"),
+        ("triangle/green_white.txt", "is missing (no caption for"),
+    ):
+        assert f"Caption file {folder / name} {problem}" in logged, name
+    # The rows report names each row's image too, and so does the stop of `on_bad_rows error`.
+    assert f"empty caption (image {folder / 'circle' / 'red_white.jpg'})" in logged
+    status = cli([*argv, "--on_bad_rows", "error", "--output_dir", "stopped"])
+    [line] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("run_clip.py: error:")]
+    assert status == 2 and "skipped 3 of 24 rows (2 missing caption, 1 empty caption)" in line
+    assert f"(image {folder / 'circle' / 'red_white.jpg'})" in line and "`on_bad_rows` to `skip`" in line

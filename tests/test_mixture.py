@@ -84,6 +84,62 @@ def test_bad_weights_are_one_line_errors(two_sources, mixture, message):
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize("weights", [(1e9, 1), (1, 5e-324), (1e308, 1e308)], ids=["1e9:1", "5e-324", "overflow"])
+def test_extreme_weights_are_one_line_errors_not_out_of_memory(two_sources, weights):
+    a, b = two_sources
+    with pytest.raises(ConfigError) as error:
+        DataArguments(train_mixture={a: weights[0], b: weights[1]})
+    message = str(error.value)
+    assert message.startswith("`train_mixture` weights") and "\n" not in message
+    assert "beyond the 1,000,000 to 1 a mixture may span" in message and "e.g. 3 and 1" in message
+    DataArguments(train_mixture={a: 1e6, b: 1})  # the bound itself is allowed
+
+
+def test_extreme_weights_stop_the_command_with_exit_status_2(base_args, two_sources, capsys):
+    from conftest import drop_option
+
+    from clip_trainer.run import cli
+
+    a, b = two_sources
+    mixture = json.dumps({a: 1e9, b: 1})
+    status = cli([*drop_option(base_args, "train_file"), "--train_mixture", mixture, "--max_steps", "2"])
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and err.startswith("run_clip.py: error: `train_mixture` weights") and "\n" not in err
+
+
+def test_a_loaded_mixture_that_would_repeat_its_pairs_past_memory_is_refused(two_sources):
+    a, b = two_sources
+    # Weight 1 of 100,001 for b's 24 pairs: read through after 24 / (1 / 100,001) = 2,400,024 draws, 50,000 times
+    # the 48 pairs of both sources.
+    with pytest.raises(ConfigError) as error:
+        load_image_text_data(DataArguments(train_mixture={a: 1e5, b: 1}), seed=0, evaluate=False)
+    message = str(error.value)
+    assert f"reads it through only after about {24 * 100_001:,} draws, {24 * 100_001 / 48:,.0f} times" in message
+    assert repr(b) in message and "first_exhausted" in message and "\n" not in message
+    # The same weights stopping at the first source's end, or streamed, hold no such table.
+    first = load_image_text_data(
+        DataArguments(train_mixture={a: 1e5, b: 1}, mixture_stopping_strategy="first_exhausted"),
+        seed=0,
+        evaluate=False,
+    )
+    assert 24 <= len(first.train) <= 26  # a is read through (b drawn once in 100,001, if at all)
+    streamed = load_image_text_data(
+        DataArguments(train_mixture={a: 1e5, b: 1}, streaming=True, shuffle_buffer_size=8), seed=0, evaluate=False
+    )
+    assert all(from_a(row) for row in streamed.train.take(48))
+
+
+@pytest.mark.parametrize("key", ["train_file", "train_mixture"])
+def test_a_brace_range_typo_of_a_hundred_million_names_is_a_one_line_error(tmp_path, monkeypatch, key):
+    monkeypatch.chdir(tmp_path)
+    pattern = "shard-{000000..99999999}.tar"  # one digit too many: 10^8 names
+    with pytest.raises(ConfigError) as error:
+        DataArguments(**{key: pattern if key == "train_file" else {pattern: 1}})
+    message = str(error.value)
+    assert message.startswith(f"`{key}` is {pattern!r}, a brace range of 100,000,000 names") and "\n" not in message
+    assert "more than the 1,000,000 one pattern may name" in message and "fix the range" in message
+
+
 def test_a_missing_source_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match=r"`train_mixture` is '.*missing-\*.tar', a pattern that matches no file"):
         DataArguments(train_mixture={str(tmp_path / "missing-*.tar"): 1})

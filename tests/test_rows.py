@@ -84,9 +84,9 @@ def test_find_bad_rows_with_path_strings(image_dir):
     assert report.bad_indices == [1, 2, 3, 4, 5, 7]
     assert report.reasons == {
         1: f"image file not found: {image_dir / 'images' / 'missing.jpg'}",
-        2: "empty caption",
+        2: f"empty caption (image {image_dir / 'images' / 'good.png'})",  # the row's image names it
         3: f"empty image file: {image_dir / 'images' / 'empty.jpg'}",
-        4: "missing caption (None)",
+        4: f"missing caption (None) (image {image_dir / 'images' / 'good.jpg'})",
         5: "image is missing (None)",
         7: f"image path is a directory: {image_dir / 'images'}",
     }
@@ -96,7 +96,8 @@ def test_find_bad_rows_with_path_strings(image_dir):
     assert report.summary() == (
         "skipped 6 of 8 rows (1 image file not found, 1 empty caption, 1 empty image file, 1 missing caption, "
         "1 image is missing, 1 image path is a directory): "
-        f"row 1: image file not found: {image_dir / 'images' / 'missing.jpg'}; row 2: empty caption; "
+        f"row 1: image file not found: {image_dir / 'images' / 'missing.jpg'}; row 2: empty caption (image "
+        f"{image_dir / 'images' / 'good.png'}); "
         f"row 3: empty image file: {image_dir / 'images' / 'empty.jpg'} (and 3 more)"
     )
 

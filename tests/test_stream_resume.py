@@ -106,6 +106,60 @@ def test_a_saved_position_is_read_back_only_for_the_same_layout(tmp_path):
     assert callback.read(checkpoint, SimpleNamespace(**{**vars(args), "process_index": 1})) is None  # not its file
 
 
+@pytest.mark.parametrize("change", ["deleted shard", "added shard", "replaced shard", "shuffle_buffer_size"])
+def test_a_position_saved_over_other_data_is_not_loaded(tmp_path, caplog, change):
+    """The position is saved with the stream's shards and block size; a resume over other shards (one deleted, as in
+    the 30 repeated samples of a user's run) or another `shuffle_buffer_size` replays the stream and says why."""
+    from types import SimpleNamespace
+
+    from clip_trainer.arguments import DataArguments
+    from clip_trainer.data import load_image_text_data
+    from clip_trainer.stream import StreamPositionCallback, source_of
+
+    shards = tmp_path / "shards"
+    write_tar_shards(shards, shards=4, per_shard=5)
+
+    def callback(buffer: int = 4) -> StreamPositionCallback:
+        data_args = DataArguments(train_file=str(shards / "*.tar"), streaming=True, shuffle_buffer_size=buffer)
+        return StreamPositionCallback(source_of(load_image_text_data(data_args, seed=5, evaluate=False).train))
+
+    args = SimpleNamespace(
+        output_dir=str(tmp_path), process_index=0, world_size=1, dataloader_num_workers=2,
+        per_device_train_batch_size=4, gradient_accumulation_steps=1, seed=5,
+    )  # fmt: skip
+    saved = {"_snapshot": {"worker": [1, 2]}, "_num_yielded": 3}
+    loader = SimpleNamespace(state_dict=lambda: saved)
+    callback().on_save(args, SimpleNamespace(global_step=4), None, train_dataloader=loader)
+    checkpoint = str(tmp_path / "checkpoint-4")
+    assert callback().read(checkpoint, args) == saved  # the same data: the position applies
+
+    buffer, expected = (
+        4,
+        {
+            "deleted shard": "1 shard(s) gone (first: 00003.tar)",
+            "added shard": "1 shard(s) new (first: 00004.tar)",
+            "replaced shard": "1 shard(s) of another size (first: 00002.tar)",
+            "shuffle_buffer_size": "`shuffle_buffer_size` was 4 and is 8",
+        }[change],
+    )
+    if change == "deleted shard":
+        (shards / "00003.tar").unlink()
+    elif change == "added shard":
+        write_tar_shards(tmp_path / "more", shards=5, per_shard=5)
+        (tmp_path / "more" / "00004.tar").rename(shards / "00004.tar")
+    elif change == "replaced shard":
+        write_tar_shards(tmp_path / "other", shards=3, per_shard=7)
+        (tmp_path / "other" / "00002.tar").replace(shards / "00002.tar")
+    else:
+        buffer = 8
+    caplog.set_level(logging.WARNING, logger="clip_trainer")
+    assert callback(buffer).read(checkpoint, args) is None
+    [message] = [
+        r.getMessage() for r in caplog.records if "saved while streaming other training data" in r.getMessage()
+    ]
+    assert expected in message and "replayed from the start" in message
+
+
 def _recorded_run(monkeypatch, argv: list[str]) -> dict[int, list[str]]:
     monkeypatch.setattr(run, "ImageTextCollator", KeyedCollator)
     monkeypatch.setattr(run, "CLIPContrastiveTrainer", RecordingTrainer)
@@ -183,7 +237,7 @@ def test_a_killed_streamed_run_resumes_at_the_sample_where_its_checkpoint_was_ta
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("change", ["dataloader_num_workers", "seed"])
+@pytest.mark.parametrize("change", ["dataloader_num_workers", "seed", "shuffle_buffer_size", "train_file"])
 def test_a_position_saved_with_another_layout_is_not_loaded(base_args, tmp_path, monkeypatch, caplog, change):
     shards = tmp_path / "shards"
     write_tar_shards(shards, shards=4, per_shard=5)
@@ -192,8 +246,15 @@ def test_a_position_saved_with_another_layout_is_not_loaded(base_args, tmp_path,
     _recorded_run(monkeypatch, [*argv, "--max_steps", "4"])
     assert (out / "checkpoint-4" / STREAM_STATE_NAME.format(rank=0)).is_file()
     changed = list(argv)
-    changed[changed.index(f"--{change}") + 1] = "1" if change == "dataloader_num_workers" else "7"
+    value = {"dataloader_num_workers": "1", "train_file": str(shards / "{00000..00002}.tar")}.get(change, "7")
+    changed[changed.index(f"--{change}") + 1] = value
+    if change == "train_file":
+        (shards / "00003.tar").unlink()  # a shard deleted between the runs
     caplog.set_level(logging.WARNING, logger="clip_trainer")
     resumed = _recorded_run(monkeypatch, [*changed, "--resume_from_checkpoint", "true"])
     assert sorted(resumed) == [5, 6, 7, 8]
-    assert any("the saved stream position does not apply" in r.getMessage() for r in caplog.records)
+    expected = {
+        "shuffle_buffer_size": "saved while streaming other training data: `shuffle_buffer_size` was 10 and is 7",
+        "train_file": "saved while streaming other training data: 1 shard(s) gone (first: 00003.tar)",
+    }.get(change, "the saved stream position does not apply")
+    assert any(expected in r.getMessage() for r in caplog.records)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import tarfile
 from collections import defaultdict
 from pathlib import Path
@@ -32,27 +33,30 @@ def write_tar_shards(
     folder: Path,
     shards: int,
     per_shard: int,
-    image: str = "jpg",
+    image: str | list[str] = "jpg",
     members: tuple[str, ...] = ("txt", "json"),
     sizes: list[int] | None = None,
 ) -> list[str]:
     """`shards` tar files `folder/00000.tar`, ... in WebDataset format: each sample `s<shard>_<i>` has an image
-    member (`image`; none if empty), a `txt` caption and a `json` member `{"caption", "shape"}`; every image is
-    distinct (drawn at the shard's own size). `sizes` gives each shard's sample count. Returns every sample key."""
+    member (`image`; none if empty; a list gives each shard its own; `"jpg/png"` alternates them sample by sample),
+    a `txt` caption and a `json` member `{"caption", "shape"}`; every image is distinct (drawn at the shard's own
+    size). `sizes` gives each shard's sample count. Returns every sample key."""
     folder.mkdir(parents=True, exist_ok=True)
     rows = shape_rows()
     keys = []
     for shard in range(shards):
+        extensions = (image[shard] if isinstance(image, list) else image).split("/")
         with tarfile.open(folder / f"{shard:05d}.tar", "w") as tar:
             for index in range(sizes[shard] if sizes else per_shard):
                 color, shape, background, caption = rows[index % len(rows)]
                 key = f"s{shard}_{index:03d}"
                 keys.append(key)
-                if image:
+                extension = extensions[index % len(extensions)]
+                if extension:
                     buffer = io.BytesIO()
                     picture = draw_shape(color, shape, background, size=36 + 2 * shard + index // len(rows))
-                    picture.save(buffer, format={"jpg": "JPEG", "jpeg": "JPEG"}.get(image, image.upper()))
-                    _add_member(tar, f"{key}.{image}", buffer.getvalue())
+                    picture.save(buffer, format={"jpg": "JPEG", "jpeg": "JPEG"}.get(extension, extension.upper()))
+                    _add_member(tar, f"{key}.{extension}", buffer.getvalue())
                 if "txt" in members:
                     _add_member(tar, f"{key}.txt", f"{caption} (txt)".encode())
                 if "json" in members:
@@ -121,6 +125,18 @@ def test_the_caption_rule_json_key_then_txt(tmp_path, shards):
     assert _first_row(tmp_path / "txt-only")["image"]["bytes"][1:4] == b"PNG"
 
 
+def test_a_txt_member_with_a_byte_order_mark_is_read_without_it(tmp_path):
+    (tmp_path / "bom").mkdir()
+    with tarfile.open(tmp_path / "bom" / "00000.tar", "w") as tar:  # captions as Windows Notepad saves them
+        for index, (color, shape, background, caption) in enumerate(shape_rows()[:3]):
+            buffer = io.BytesIO()
+            draw_shape(color, shape, background).save(buffer, format="PNG")
+            _add_member(tar, f"s0_{index:03d}.png", buffer.getvalue())
+            _add_member(tar, f"s0_{index:03d}.txt", b"\xef\xbb\xbf" + caption.encode())
+    data = load_image_text_data(DataArguments(train_file=str(tmp_path / "bom" / "*.tar")), seed=0, evaluate=False)
+    assert sorted(data.train["caption"]) == sorted(caption for *_, caption in shape_rows()[:3])
+
+
 def test_bad_shards_are_one_line_errors_naming_the_file_and_the_fix(tmp_path, shards):
     write_tar_shards(tmp_path / "no-image", shards=1, per_shard=3, image="")
     with pytest.raises(ConfigError, match=r"no image member \(jpg, jpeg, png or webp\); their members are: txt, json"):
@@ -166,6 +182,38 @@ def test_shards_train_with_two_dataloader_workers(base_args, shards, tmp_path, s
     assert any(key.startswith("eval_t2i_recall") for entry in state["log_history"] for key in entry)
     # Loaded: 48 pairs less the 15% (8) held out; a stream counts the samples it drew: 6 steps of 8.
     assert results["train_samples"] == (48 - 8 if streaming == "false" else 6 * 8)
+
+
+@pytest.mark.parametrize("streaming", ["true", "false"], ids=["streamed", "loaded"])
+def test_each_sample_keeps_whichever_image_it_has_across_and_inside_shards(
+    base_args, tmp_path, monkeypatch, streaming
+):
+    """jpg, png and webp shards, and a shard that alternates png and jpeg: not one image is lost, trained or
+    evaluated, whatever the first shard's image extension."""
+    from test_stream_resume import KeyedCollator, RecordingTrainer
+
+    from clip_trainer import run
+
+    monkeypatch.chdir(tmp_path)
+    keys = write_tar_shards(tmp_path / "shards", shards=4, per_shard=6, image=["jpg", "png", "webp", "png/jpeg"])
+    monkeypatch.setattr(run, "ImageTextCollator", KeyedCollator)
+    monkeypatch.setattr(run, "CLIPContrastiveTrainer", RecordingTrainer)
+    RecordingTrainer.steps = {}
+    argv = _train_args(base_args, "shards/*.tar")
+    argv[argv.index("--output_dir") + 1] = "out"
+    if streaming == "true":  # 8 held out, 16 trained on in passes of 8 per worker: 5 steps of 8 read each twice
+        argv += ["--streaming", "true", "--max_steps", "5", "--max_eval_samples", "8", "--shuffle_buffer_size", "8"]
+    else:  # 24 pairs: 4 held out (15%), 20 trained on once
+        argv += ["--num_train_epochs", "1"]
+    results = run.main([*argv, "--do_train", "true", "--do_eval", "true", "--logging_steps", "1"])
+    trained = [key for batch in RecordingTrainer.steps.values() for key in batch]
+    held_out = 8 if streaming == "true" else 4
+    assert results["eval_samples"] == held_out  # every held-out sample has its image
+    assert len(set(trained)) == 24 - held_out and set(trained) <= set(keys)
+    if streaming == "false":
+        assert results["train_samples"] == len(trained) == 20
+    history = json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"]
+    assert all("skipped_samples" not in entry for entry in history)  # no sample trained without its image
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -230,6 +278,40 @@ def test_every_sample_once_per_pass_across_two_processes_and_two_workers(tmp_pat
         # 5 shards: process 0 gets 3 (2 + 1 for its workers), process 1 gets 2: one reader's pass is twice as long,
         # so in the same steps the others' samples come round twice as often (as documented in stream.py).
         assert sorted(pass_sizes.values()) == [6, 6, 6, 12]
+
+
+@pytest.mark.parametrize("sizes", [[200, 2, 3, 1], [5, 5, 5, 5]], ids=["uneven", "even"])
+def test_uneven_shards_are_reported_with_how_uneven_and_how_to_lay_them_out(
+    base_args, tmp_path, monkeypatch, caplog, sizes
+):
+    monkeypatch.chdir(tmp_path)
+    write_tar_shards(tmp_path / "shards", shards=4, per_shard=0, sizes=sizes)
+    caplog.set_level(logging.WARNING, logger="clip_trainer")
+    argv = _train_args(base_args, "shards/*.tar")
+    argv[argv.index("--output_dir") + 1] = "out"
+    main([*argv, "--streaming", "true", "--max_steps", "1", "--validation_split_percentage", "0",
+          "--shuffle_buffer_size", "8"])  # fmt: skip
+    warnings = [r.getMessage() for r in caplog.records if "shards are uneven" in r.getMessage()]
+    if sizes[0] == 5:
+        assert warnings == []  # 2 workers with 2 shards of 5 each: uniform
+        return
+    [message] = warnings
+    assert "(1 to 200 samples, 206 in all) for 2 readers (1 process(es) x 2 DataLoader worker(s))" in message
+    # The fewest samples a worker can be dealt: its 2 shards the smallest, 1 + 2; they make half of the draws.
+    assert "up to 34.3x as often" in message and "at worst 3 samples make 50% of the draws instead of 1.5%" in message
+    assert 'a multiple of 2 of them (see "Laying out shards" in docs/data.md)' in message
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "data.md").read_text()
+    assert "## Laying out shards" in docs
+
+    # Counted from what two DataLoader workers draw (the run's seed deals the worst case: the shards of 2 and 1
+    # samples to one worker): each worker gives half of the batches, so those 3 samples are half of the draws.
+    data_args = DataArguments(train_file="shards/*.tar", streaming=True, shuffle_buffer_size=8)
+    stream = load_image_text_data(data_args, seed=1, evaluate=False).train
+    streams = reader_streams(stream, processes=1, workers=2, batches=60)
+    small = min(streams.values(), key=lambda keys: len(set(keys)))
+    share = len(small) / sum(len(keys) for keys in streams.values())
+    assert (len(set(small)), share) == (3, 0.5)
+    assert f"up to {share / (len(set(small)) / 206):.1f}x as often" in message
 
 
 RECORDING_CLI = """
