@@ -122,7 +122,9 @@ def _run(model_args, data_args, training_args, config, training: bool, resume_ch
     extra_eval_sets = {}
     if data.validation is not None and (training_args.do_eval or training_args.eval_strategy != IntervalStrategy.NO):
         with training_args.main_process_first(desc="loading the extra evaluation sets"):
-            extra_eval_sets = load_extra_eval_sets(data_args, seed=training_args.seed, cache_dir=model_args.cache_dir)
+            extra_eval_sets = load_extra_eval_sets(
+                data_args, seed=training_args.seed, cache_dir=model_args.cache_dir, report=data.shard_report
+            )
 
     # --- processor and model --------------------------------------------------------------------------------------
     captions = None
@@ -186,6 +188,13 @@ def run_stages(
         else:  # a stream: the samples drawn, every optimizer step a full batch on every process
             batch = args.train_batch_size * args.gradient_accumulation_steps * args.world_size
             metrics["train_samples"] = trainer.state.global_step * batch
+        report = data.shard_report
+        if report is not None and report.summary():
+            # What was left out of a web-scale run goes in its summary, not only in a warning hours earlier.
+            metrics["skipped_shards"] = report.skipped_shards
+            metrics["truncated_shards"] = len(report.truncated)
+            metrics["skipped_shard_samples"] = report.skipped_samples
+            logger.warning(f"Data: {report.summary()}.")
         trainer.log_metrics("train", metrics)
         trainer.save_metrics("train", metrics)
         trainer.save_state()

@@ -60,7 +60,9 @@ def run_args(base_args: list[str], *extra: str) -> list[str]:
 
 
 def recorded_run(monkeypatch, argv: list[str]) -> tuple[dict, list[str]]:
-    monkeypatch.setattr(run, "ImageTextCollator", KeyedCollator)
+    import clip_trainer.trainer
+
+    monkeypatch.setattr(clip_trainer.trainer, "ImageTextCollator", KeyedCollator)  # the trainer builds the collator
     monkeypatch.setattr(run, "CLIPContrastiveTrainer", RecordingTrainer)
     RecordingTrainer.steps = {}
     results = run.main(argv)
@@ -90,8 +92,10 @@ def test_a_streamed_run_skips_bad_shards_names_them_and_trains_on_every_readable
         base_args, "--streaming", "true", "--max_steps", "12", "--per_device_train_batch_size", "4",
         "--shuffle_buffer_size", "8", "--dataloader_num_workers", "2",
     )  # fmt: skip
-    _, trained = recorded_run(monkeypatch, argv)
+    results, trained = recorded_run(monkeypatch, argv)
     assert len(trained) == 48
+    # The run's summary (train_results.json) counts what was left out: 2 shards whole, 1 read to its cut.
+    assert (results["skipped_shards"], results["truncated_shards"], results["skipped_shard_samples"]) == (2, 1, 1)
     # 21 readable samples; 48 draws by 2 workers make at least two passes of each worker's shards.
     assert set(trained) == set(bad_shards)
     check_named(logged(caplog))
@@ -101,6 +105,7 @@ def test_a_loaded_run_skips_bad_shards_and_trains_on_every_readable_sample(base_
     caplog.set_level(logging.WARNING, logger="clip_trainer")
     results, trained = recorded_run(monkeypatch, run_args(base_args, "--num_train_epochs", "1"))
     assert results["train_samples"] == len(bad_shards) == 21
+    assert (results["skipped_shards"], results["truncated_shards"]) == (2, 1)
     assert sorted(trained) == sorted(bad_shards)  # one epoch: each readable sample once
     check_named(logged(caplog))
 
