@@ -31,7 +31,7 @@ from transformers.trainer_utils import IntervalStrategy, SaveStrategy, Scheduler
 from transformers.training_args import OptimizerNames
 
 from .config_files import did_you_mean, refuse_repeated_keys
-from .errors import ConfigError
+from .errors import ConfigError, InvalidValueError
 
 __all__ = ["ARGUMENT_CLASSES", "CLIPTrainingArguments", "ConfigError", "DataArguments", "ModelArguments"]
 
@@ -129,15 +129,6 @@ TRAINING_ARGUMENT_BOUNDS = {
 _LOOSELY_TYPED_FIELDS = frozenset({"fsdp", "resume_from_checkpoint"})
 _SCALAR_TYPES = (bool, int, float, str)
 WISE_FT_MIX = "WiSE-FT mixes (1 - a) x pretrained + a x fine-tuned"
-
-
-class InvalidValueError(ConfigError):
-    """A [`ConfigError`] about one option's value; `key` names the option, so that the command line can tell where
-    the value came from (a config file or a flag)."""
-
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(message)
-        self.key = key
 
 
 @functools.cache
@@ -373,13 +364,14 @@ class ModelArguments:
                 "Both a model (`model_name_or_path` / `config_name`) and two towers (`vision_model_name_or_path`, "
                 "`text_model_name_or_path`) are given; keep one."
             )
-        if self.model_name_or_path is None and self.config_name is None and not all(towers):
-            raise ConfigError(
-                "No model given: set `model_name_or_path` (e.g. openai/clip-vit-base-patch32) to fine-tune, "
-                "`config_name` (a CLIPConfig or SiglipConfig) to train from scratch, or `vision_model_name_or_path` "
-                "and `text_model_name_or_path` to join two encoders."
-            )
         _check_attention_available(self.attn_implementation)
+
+    @property
+    def has_model(self) -> bool:
+        """Whether a model is named: pretrained, a config to build one from, or two towers. (A `prepare_only` run
+        needs none; every other run does, which [`check_arguments`] checks.)"""
+        towers = (self.vision_model_name_or_path, self.text_model_name_or_path)
+        return self.model_name_or_path is not None or self.config_name is not None or all(towers)
 
 
 def _check_attention_available(implementation: str) -> None:

@@ -19,6 +19,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
 from .checkpoints import latest_complete_checkpoint
+from .errors import NonFiniteTrainingError, TrainingInterrupted
 
 logger = logging.get_logger(__name__)
 
@@ -44,11 +45,6 @@ class ClampLogitScaleCallback(TrainerCallback):
 # --------------------------------------------------------------------------------------------------------------
 # Non-finite losses and gradients
 # --------------------------------------------------------------------------------------------------------------
-
-
-class NonFiniteTrainingError(RuntimeError):
-    """Training stopped because the loss or the gradients stayed NaN or inf for too many optimizer steps in a row, or
-    because no step had a usable sample for as long (`fix` says which, and what to do)."""
 
 
 def all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -249,14 +245,6 @@ def _parameters(model, optimizer) -> list[torch.nn.Parameter]:
 # --------------------------------------------------------------------------------------------------------------
 # SIGTERM and Ctrl-C
 # --------------------------------------------------------------------------------------------------------------
-
-
-class TrainingInterrupted(RuntimeError):
-    """Training stopped on a signal after saving a checkpoint; `resume_from_checkpoint=true` continues it."""
-
-    def __init__(self, message: str, signal_number: int) -> None:
-        super().__init__(message)
-        self.signal_number = signal_number
 
 
 class StopOnSignalCallback(TrainerCallback):

@@ -19,6 +19,8 @@ import PIL.Image
 from PIL import ExifTags, ImageOps
 from transformers.utils import logging
 
+from .errors import BadSampleError
+
 logger = logging.get_logger(__name__)
 
 # Pillow's own default for `PIL.Image.MAX_IMAGE_PIXELS` (about a quarter GiB as 24-bit RGB). Spelled out rather than
@@ -39,26 +41,6 @@ _MIN_BASE64_IMAGE_LENGTH = 64
 
 ImageSource = PIL.Image.Image | str | os.PathLike | bytes | bytearray | memoryview | dict[str, Any] | None
 """What [`load_image`] accepts: a PIL image, a path, encoded bytes, or the undecoded `datasets.Image` dict."""
-
-
-class BadSampleError(ValueError):
-    """
-    A sample that cannot be used: a missing, empty, truncated, oversized or non-image file, or a missing caption.
-
-    The collator catches this (and only this) to skip the sample, so anything that signals a bug in our code must
-    raise something else.
-
-    Args:
-        reason (`str`):
-            Short human-readable cause, for example `"image file not found: /data/x.jpg"`, `"truncated image"` or
-            `"empty caption"`. It is also the exception message.
-    """
-
-    def __init__(self, reason: str):
-        # A single positional argument keeps the exception picklable and lets torch's worker `ExceptionWrapper`
-        # re-create it from a message string in the main process.
-        super().__init__(reason)
-        self.reason = reason
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from transformers.utils import logging
 
 from .arguments import describe_load_error
 from .checkpoints import check_writable_folder
-from .errors import ConfigError
+from .errors import ConfigError, ONNXExportError
 
 logger = logging.get_logger(__name__)
 
@@ -58,10 +58,6 @@ SERVING_FILES = (
     "vocab.json",
     "merges.txt",
 )
-
-
-class ONNXExportError(RuntimeError):
-    """The exported graphs do not reproduce the PyTorch model, or could not be written."""
 
 
 class _ImageEmbedder(nn.Module):

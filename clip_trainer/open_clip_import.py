@@ -43,7 +43,7 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImage
 from transformers.utils import logging
 
 from .checkpoints import check_writable_folder
-from .errors import ConfigError
+from .errors import ConfigError, OpenCLIPConversionError
 
 logger = logging.get_logger(__name__)
 
@@ -67,10 +67,6 @@ EOS_TOKEN = "<|endoftext|>"
 # forms, the merges and 2 special tokens make the 49408 ids of every CLIP text tower.
 _NUM_MERGES = 49152 - 256 - 2
 _BPE_FILENAME = "bpe_simple_vocab_16e6.txt.gz"
-
-
-class OpenCLIPConversionError(ValueError):
-    """The open_clip model, tokenizer or preprocessing cannot be mapped onto `CLIPModel`/`CLIPProcessor` exactly."""
 
 
 def import_open_clip():

@@ -25,13 +25,10 @@ import numpy as np
 import PIL.Image
 import torch
 
+from .errors import UnsupportedImageProcessorError
 from .images import BadSampleError, rgb_pixels_or_bad_sample
 
 __all__ = ["ImagePreprocessor", "UnsupportedImageProcessorError"]
-
-
-class UnsupportedImageProcessorError(ValueError):
-    """The image processor asks for a step that [`ImagePreprocessor`] does not implement."""
 
 
 def _setting(image_processor: Any, name: str, default: Any = None) -> Any:

@@ -64,8 +64,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # --- arguments: everything that can be checked without data or weights ----------------------------------------
     model_args, data_args, training_args = parse_arguments(argv)
     setup_logging(training_args)
-    config = load_model_config(model_args)
-    check_arguments(model_args, data_args, training_args, max_text_positions(config), config=config)
+    # A preparation run needs no model: it checks and stores the pairs.
+    config = load_model_config(model_args) if model_args.has_model else None
+    positions = max_text_positions(config) if config is not None else None
+    check_arguments(model_args, data_args, training_args, positions, config=config)
     training = training_args.do_train and not data_args.prepare_only
     if training_args.push_to_hub and training_args.should_save and training:
         # Known before hours of training: a missing token, no network, a repository this user cannot write.

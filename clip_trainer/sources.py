@@ -35,18 +35,20 @@ import tarfile
 import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import datasets
 import pyarrow as pa
 from datasets import Dataset, IterableDataset
 from transformers.utils import logging
 
-from .errors import ConfigError
+from .errors import ConfigError, ShardCutError
 from .stream import StreamSource, record_source
 
-if TYPE_CHECKING:
-    from .arguments import DataArguments
+# The data settings these readers use (`image_column`, `caption_column`, `label_column`, `image_id_column`,
+# `on_bad_rows`, ...) arrive as the run's `DataArguments`; this module sits below the argument classes and does not
+# import them.
+DataArguments = Any
 
 logger = logging.get_logger(__name__)
 
@@ -454,17 +456,9 @@ def _decode_member(extension: str, data: bytes) -> Any:
         return None
 
 
-class _ShardCut(Exception):
-    """A tar shard could not be read to its end."""
-
-    def __init__(self, samples: int, error: Exception) -> None:
-        super().__init__(f"{type(error).__name__}: {error}")
-        self.samples = samples
-
-
 def _tar_samples(shard: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     """`(key, {extension: bytes})` for each sample of a tar shard, read as a stream (as `datasets` reads it: each
-    member once, none kept); raises [`_ShardCut`] where it cannot go on, the sample being read at that point lost."""
+    member once, none kept); raises [`ShardCutError`] where it cannot go on, the sample being read at that point lost."""
     samples, key, members = 0, None, {}
     try:
         with open(shard, "rb") as handle, tarfile.open(fileobj=handle, mode="r|") as tar:
@@ -483,13 +477,13 @@ def _tar_samples(shard: str) -> Iterator[tuple[str, dict[str, bytes]]]:
             handle.seek(tar.offset)
             end = handle.read(_TAR_BLOCK)
     except _READ_ERRORS as error:
-        raise _ShardCut(samples, error) from None
+        raise ShardCutError(samples, error) from None
     if members:
         yield key, members
         samples += 1
     if not end or end.count(0) != len(end):
         problem = "an invalid tar header" if end else "the end of the file, without the end-of-archive blocks"
-        raise _ShardCut(samples, tarfile.ReadError(f"{problem} at byte {tar.offset:,}"))
+        raise ShardCutError(samples, tarfile.ReadError(f"{problem} at byte {tar.offset:,}"))
 
 
 @dataclasses.dataclass
@@ -545,10 +539,10 @@ class _ShardReader:
             try:
                 for key, members in _tar_samples(shard):
                     yield self.columns.row(key, members, shard)
-            except _ShardCut as cut:
+            except ShardCutError as cut:
                 self._report(shard, cut)
 
-    def _report(self, shard: str, cut: _ShardCut) -> None:
+    def _report(self, shard: str, cut: ShardCutError) -> None:
         message = (
             f"shard {shard!r} of `{self.key}` cannot be read after {cut.samples:,} sample(s) ({cut}); the rest of "
             "it is left out"
@@ -650,7 +644,7 @@ def _first_samples(shards: list[str], limit: int) -> list[dict[str, Any]]:
                 samples.append({name: _decode_member(name, data) for name, data in members.items()})
                 if len(samples) == limit:
                     break
-        except _ShardCut:
+        except ShardCutError:
             pass
         if samples:
             return samples

@@ -20,7 +20,7 @@ def check_arguments(
     model_args: ModelArguments,
     data_args: DataArguments,
     training_args: CLIPTrainingArguments,
-    text_positions: int,
+    text_positions: int | None,
     config: Any = None,
 ) -> None:
     """Every check that needs several argument classes or the model's config, but no data and no weights, so that a
@@ -33,6 +33,18 @@ def check_arguments(
     Raises:
         [`ConfigError`]: naming the key and the fix.
     """
+    if not model_args.has_model and not data_args.prepare_only:
+        raise ConfigError(
+            "No model given: set `model_name_or_path` (e.g. openai/clip-vit-base-patch32) to fine-tune, "
+            "`config_name` (a CLIPConfig or SiglipConfig) to train from scratch, or `vision_model_name_or_path` "
+            "and `text_model_name_or_path` to join two encoders."
+        )
+    if data_args.prepare_only and data_args.streaming:
+        raise ConfigError(
+            "`prepare_only` checks every pair and writes them, images included, into one prepared folder; a stream "
+            "is read as it trains and has no end to write. Drop --streaming to prepare the data (and stream the "
+            "prepared folder later with --dataset_name FOLDER --streaming true), or drop --prepare_only."
+        )
     has_data_source = (
         data_args.dataset_name is not None or data_args.train_file is not None or data_args.train_mixture is not None
     )
@@ -47,7 +59,7 @@ def check_arguments(
             "validation or test split, or a prepared folder)."
         )
     from_scratch = model_args.model_name_or_path is None and model_args.vision_model_name_or_path is None
-    if from_scratch and not training_args.do_train:
+    if from_scratch and model_args.has_model and not training_args.do_train:
         raise ConfigError(
             "A model built from scratch (`config_name` without `model_name_or_path`) has nothing to evaluate before "
             "it trains: add --do_train, or evaluate a trained model with `model_name_or_path`."

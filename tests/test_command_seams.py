@@ -314,3 +314,27 @@ def test_write_checks_come_before_the_work(tiny_clip_dir, shapes_csv, tmp_path, 
                           "--report_to", "none", *extra])  # fmt: skip
         err = capsys.readouterr().err
         assert status == 2 and "Cannot write into `output_dir`" in err and "Traceback" not in err, err
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Preparing data needs no model
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_prepare_only_needs_no_model_and_its_folder_trains(tiny_clip_dir, shapes_csv, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert run.cli(["--train_file", str(shapes_csv), "--prepare_only", "true", "--output_dir", "prepared",
+                    "--report_to", "none"]) == 0  # fmt: skip
+    from datasets import load_from_disk
+
+    prepared = load_from_disk("prepared")
+    assert sum(len(split) for split in prepared.values()) == 72  # every pair of the CSV, checked and stored
+    results = run.main(["--model_name_or_path", str(tiny_clip_dir), "--dataset_name", "prepared", "--output_dir",
+                        "trained", "--max_steps", "1", "--report_to", "none", "--dataloader_num_workers", "0"])  # fmt: skip
+    assert results["train_samples"] == len(prepared["train"])
+    # Streaming cannot be prepared: one line, before any data is read.
+    status = run.cli(["--train_file", str(shapes_csv), "--prepare_only", "true", "--streaming", "true",
+                      "--output_dir", "p2", "--max_steps", "1"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert status == 2 and "Traceback" not in err and "Drop --streaming to prepare the data" in err
+    assert not (tmp_path / "p2").exists()

@@ -84,3 +84,21 @@ def test_a_disk_error_is_no_network_error():
     assert not isinstance(PermissionError(13, "Permission denied"), NETWORK_ERRORS)
     assert not isinstance(OSError(28, "No space left on device"), NETWORK_ERRORS)
     assert isinstance(ConnectionError("refused"), NETWORK_ERRORS)
+
+
+def test_every_exception_class_lives_in_errors():
+    """One home for what the command prints as one line and what a library user catches."""
+    import ast
+
+    package = Path(__file__).resolve().parents[1] / "clip_trainer"
+    exception_bases = {"Exception", "ValueError", "RuntimeError", "OSError", "KeyError", "TypeError"}
+    elsewhere = []
+    for path in package.rglob("*.py"):
+        if path.name == "errors.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef):
+                bases = {ast.unparse(base).split(".")[-1] for base in node.bases}
+                if bases & exception_bases or any(base.endswith("Error") for base in bases):
+                    elsewhere.append(f"{path.name}: {node.name}")
+    assert not elsewhere, elsewhere
