@@ -19,6 +19,7 @@ from conftest import SLOWED_CLI
 from test_faults import checkpoint_problems_or_missing
 from test_webdataset import write_tar_shards
 
+import clip_trainer.trainer
 from clip_trainer import run
 from clip_trainer.collator import ImageTextCollator
 from clip_trainer.stream import STREAM_STATE_NAME
@@ -161,7 +162,7 @@ def test_a_position_saved_over_other_data_is_not_loaded(tmp_path, caplog, change
 
 
 def _recorded_run(monkeypatch, argv: list[str]) -> dict[int, list[str]]:
-    monkeypatch.setattr(run, "ImageTextCollator", KeyedCollator)
+    monkeypatch.setattr(clip_trainer.trainer, "ImageTextCollator", KeyedCollator)  # the trainer builds it
     monkeypatch.setattr(run, "CLIPContrastiveTrainer", RecordingTrainer)
     RecordingTrainer.steps = {}
     run.main(argv)

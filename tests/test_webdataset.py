@@ -17,6 +17,7 @@ from accelerate.data_loader import prepare_data_loader
 from conftest import draw_shape, shape_rows
 from torch.utils.data import DataLoader
 
+import clip_trainer.trainer
 from clip_trainer.arguments import ConfigError, DataArguments
 from clip_trainer.data import load_image_text_data
 from clip_trainer.run import main
@@ -196,7 +197,7 @@ def test_each_sample_keeps_whichever_image_it_has_across_and_inside_shards(
 
     monkeypatch.chdir(tmp_path)
     keys = write_tar_shards(tmp_path / "shards", shards=4, per_shard=6, image=["jpg", "png", "webp", "png/jpeg"])
-    monkeypatch.setattr(run, "ImageTextCollator", KeyedCollator)
+    monkeypatch.setattr(clip_trainer.trainer, "ImageTextCollator", KeyedCollator)  # the trainer builds it
     monkeypatch.setattr(run, "CLIPContrastiveTrainer", RecordingTrainer)
     RecordingTrainer.steps = {}
     argv = _train_args(base_args, "shards/*.tar")
