@@ -1,8 +1,8 @@
 """clip-trainer: train and fine-tune CLIP models on image-caption data, the Hugging Face way.
 
 The public API, in pipeline order: the argument classes, the data loader, the collator, the loss functions and
-objects, and the trainer. `python run_clip.py CONFIG.json [--flag value ...]` runs all of them (see
-`clip_trainer.run.main`).
+objects, the trainer, and the evaluator that scores a model alone. `python run_clip.py CONFIG.json [--flag value
+...]` runs all of them (see `clip_trainer.run.main`).
 
 Names are imported on first use (PEP 562), so that `run_clip.py` can check its command line, and answer `--help`,
 before torch is imported.
@@ -36,6 +36,7 @@ _EXPORTS = {
     "SigmoidContrastiveLoss": ".losses",
     "SoftmaxContrastiveLoss": ".losses",
     "build_loss": ".losses",
+    "RetrievalEvaluator": ".evaluation",
     "CLIPContrastiveTrainer": ".trainer",
     "CLIPModelCardData": ".model_card",
 }
@@ -54,6 +55,7 @@ __all__ = [
     "ImageTextCollator",
     "ImageTextData",
     "ModelArguments",
+    "RetrievalEvaluator",
     "SigmoidContrastiveLoss",
     "SoftmaxContrastiveLoss",
     "build_loss",
@@ -86,6 +88,7 @@ if TYPE_CHECKING:
     from .command_line import parse_arguments
     from .data import ImageTextData, load_image_text_data
     from .errors import ConfigError
+    from .evaluation import RetrievalEvaluator
     from .loss import clip_loss, contrastive_loss, distributed_clip_loss, sigmoid_contrastive_loss
     from .losses import ContrastiveLoss, SigmoidContrastiveLoss, SoftmaxContrastiveLoss, build_loss
     from .model_card import CLIPModelCardData

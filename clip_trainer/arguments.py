@@ -669,7 +669,7 @@ _EVALUATION_KEYS = (
 
 
 def _evaluation_key_suffixes() -> tuple[str, ...]:
-    from .evaluation import RETRIEVAL_METRIC_NAMES, ZEROSHOT_METRIC_NAMES
+    from .metrics import RETRIEVAL_METRIC_NAMES, ZEROSHOT_METRIC_NAMES
 
     return (*_EVALUATION_KEYS, *RETRIEVAL_METRIC_NAMES, *ZEROSHOT_METRIC_NAMES)
 

@@ -1,7 +1,11 @@
-"""Evaluation maths for CLIP: image-text retrieval and zero-shot classification over precomputed embeddings.
+"""Evaluation for CLIP-style models: image-text retrieval and zero-shot classification.
 
-Everything here is a plain function of tensors, so it is testable without a model or a trainer. The trainer collects
-the embeddings of the whole evaluation set and calls these functions once, on every process or on the main one.
+- The maths ([`retrieval_metrics`], [`build_zeroshot_classifier`], [`zeroshot_accuracy`]) are plain functions of
+  tensors, testable without a model or a trainer.
+- [`RetrievalEvaluator`] is one evaluation set: it embeds the set with any model alone (`evaluator(model,
+  processor)`), or computes the metrics from embeddings gathered elsewhere (`evaluator.compute_metrics(...)`: the
+  trainer collects the embeddings of the whole set across processes in its evaluation loop and hands them over).
+- The metric registry ([`METRICS`], from `clip_trainer.metrics`) names, describes and orders every metric reported.
 
 Conventions shared by all metrics:
 
@@ -27,20 +31,47 @@ unusable rows breaks this (the gather needs equal shapes and the cut lands on th
 
 from __future__ import annotations
 
+import contextlib
+from collections import defaultdict
 from collections.abc import Callable, Hashable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from transformers.utils import logging
 
+# The registry lives in its own light module (the argument checks read it before torch is imported); it is part of
+# this module's API.
+from .metrics import (
+    METRICS,
+    METRICS_BY_NAME,
+    RECALL_KS,
+    RETRIEVAL_METRIC_NAMES,
+    ZEROSHOT_KS,
+    ZEROSHOT_METRIC_NAMES,
+    MetricInfo,
+    metric_info,
+    render_metric_table,
+    split_metric_key,
+)
+
 logger = logging.get_logger(__name__)
 
 __all__ = [
     "DEFAULT_ZEROSHOT_TEMPLATES",
+    "METRICS",
+    "METRICS_BY_NAME",
+    "MetricInfo",
     "RETRIEVAL_METRIC_NAMES",
+    "RetrievalEvaluator",
     "ZEROSHOT_METRIC_NAMES",
     "build_zeroshot_classifier",
+    "embed_batch",
+    "metric_info",
+    "render_metric_table",
     "retrieval_metrics",
+    "split_metric_key",
+    "text_encoder",
     "zeroshot_accuracy",
 ]
 
@@ -55,21 +86,6 @@ DEFAULT_ZEROSHOT_TEMPLATES: tuple[str, ...] = (
     "a drawing of a {}.",
 )
 """Generic prompt templates for zero-shot classification, a domain-neutral subset of the CLIP paper's prompts."""
-
-RETRIEVAL_METRIC_NAMES: tuple[str, ...] = (
-    *(f"{direction}_recall@{k}" for direction in ("i2t", "t2i") for k in (1, 5, 10)),
-    "i2t_median_rank",
-    "t2i_median_rank",
-    "mean_recall",
-)
-"""The keys [`retrieval_metrics`] returns with its default `ks`; the trainer logs them with an `eval_` prefix."""
-ZEROSHOT_METRIC_NAMES: tuple[str, ...] = (
-    "zeroshot_top1",
-    "zeroshot_top5",
-    "zeroshot_balanced_accuracy",
-    "zeroshot_majority_baseline",
-)
-"""The keys [`zeroshot_accuracy`] returns with its default `ks`."""
 
 
 def _as_float(tensor: torch.Tensor, name: str) -> torch.Tensor:
@@ -361,3 +377,307 @@ def zeroshot_accuracy(
     metrics["zeroshot_balanced_accuracy"] = float((hits_per_class[present] / images_per_class[present]).mean())
     metrics["zeroshot_majority_baseline"] = float(images_per_class.max()) / num_images
     return metrics
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Embedding a model's inputs
+# --------------------------------------------------------------------------------------------------------------
+
+
+def embed_batch(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], image_preprocessor
+) -> tuple[torch.Tensor, ...]:
+    """
+    Image and text embeddings of one batch of [`ImageTextCollator`], in float32: the model's forward (every family's
+    `image_embeds` and `text_embeds`, already normalised), with the collator's uint8 pixels normalised on their device
+    by `image_preprocessor` as the image processor would have.
+
+    The trainer embeds its batches with this function too, so that a model evaluated alone and inside a run sees the
+    very same inputs.
+
+    Args:
+        model (`torch.nn.Module`): a `CLIPModel`, `SiglipModel`, `Siglip2Model` or `VisionTextDualEncoderModel`.
+        batch (`dict[str, torch.Tensor]`): the collator's batch, on the model's device; its row information
+            (`image_ids`, `class_labels`, `valid`) is not passed to the model.
+        image_preprocessor ([`ImagePreprocessor`]): the preprocessor the collator resized with.
+
+    Returns:
+        `tuple[torch.Tensor, torch.Tensor]`: `(image_embeds, text_embeds)`, each `(batch, embed_dim)`.
+    """
+    from .collator import ROW_INFO_KEYS
+
+    inputs = {key: value for key, value in batch.items() if key not in ROW_INFO_KEYS}
+    pixels = inputs.get("pixel_values")
+    if pixels is not None and pixels.dtype == torch.uint8:
+        inputs["pixel_values"] = image_preprocessor.normalize(pixels, inputs.get("pixel_attention_mask"))
+    outputs = model(**inputs, return_loss=False)
+    return outputs.image_embeds.float(), outputs.text_embeds.float()
+
+
+def text_encoder(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    *,
+    padding: str | bool,
+    max_length: int,
+    device: torch.device | str | None = None,
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    batch_size: int = 256,
+) -> Callable[[list[str]], torch.Tensor]:
+    """
+    `encode_text` for [`build_zeroshot_classifier`]: normalised text embeddings of a list of prompts, tokenized as the
+    collator tokenizes captions (the family's padding, truncated at `max_length`), in eval mode, on the CPU.
+
+    Args:
+        model (`torch.nn.Module`): a model with `get_text_features`.
+        tokenizer: the caption tokenizer.
+        padding (`str` or `bool`): the family's text padding (`"longest"`, or SigLIP's `"max_length"`).
+        max_length (`int`): longest prompt in tokens.
+        device (*optional*): where the model is; defaults to the device of its first parameter.
+        context (*optional*): a context manager factory around each forward (the trainer's autocast).
+        batch_size (`int`, *optional*, defaults to 256): prompts encoded at once.
+    """
+
+    @torch.no_grad()
+    def encode(texts: list[str]) -> torch.Tensor:
+        target = device if device is not None else next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        chunks = []
+        try:
+            for start in range(0, len(texts), batch_size):
+                tokens = tokenizer(
+                    texts[start : start + batch_size],
+                    padding=padding,
+                    truncation=True,
+                    max_length=max_length,
+                    return_tensors="pt",
+                ).to(target)
+                with context():
+                    features = model.get_text_features(**tokens)
+                features = getattr(features, "pooler_output", features)
+                chunks.append(F.normalize(features.float(), dim=-1).cpu())
+        finally:
+            model.train(was_training)
+        return torch.cat(chunks)
+
+    return encode
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The evaluator
+# --------------------------------------------------------------------------------------------------------------
+
+
+class RetrievalEvaluator:
+    """
+    Image-text retrieval and zero-shot classification of one evaluation set: scores any model alone, or the
+    embeddings a trainer has already gathered.
+
+    - `evaluator(model, processor)` embeds every image and caption of the set with the model, batched by the project's
+      [`ImageTextCollator`] (the family's caption padding, the image processor's resize and crop via
+      [`ImagePreprocessor`]), on the model's device, with no trainer, and returns the metrics.
+    - `evaluator.compute_metrics(embeddings, encode_text=...)` computes the same metrics from embeddings computed
+      elsewhere: the trainer gathers them across processes in its evaluation loop (where it computes the loss) and
+      hands them to the evaluator of that set.
+
+    Either way the embeddings scored last stay in `evaluator.last_embeddings` (for the retrieval gallery).
+
+    Rows showing the same image are one image to retrieval when the set has the `_image_id` column that
+    [`load_image_text_data`] adds to every validation split (or name `image_id_column`); zero-shot accuracy is reported
+    when it has the `_label` class-label column (or name `label_column`). Otherwise every row is its own image and
+    there is no zero-shot accuracy. The metrics and their keys are those of [`METRICS`], `{prefix}_{metric}`.
+
+    Args:
+        dataset (`datasets.Dataset`): rows of an image (path, bytes, PIL image, ...) and a caption.
+        name (`str`, *optional*): the set's name: its keys are `eval_{name}_{metric}`; `None` (the validation split)
+            gives `eval_{metric}`.
+        image_column / caption_column (`str`, *optional*, default to `"image"` / `"caption"`): the dataset's columns.
+        image_id_column (`str`, *optional*): for a dataset without `_image_id`: rows with equal values in this column
+            show the same image (as the command's `image_id_column`).
+        label_column (`str`, *optional*): for a dataset without `_label`: the class of each row, for zero-shot
+            accuracy (as the command's `label_column`).
+        batch_size (`int`, *optional*, defaults to 32): rows embedded at once by `__call__`.
+        zeroshot_templates (`Sequence[str]`, *optional*): prompt templates of the zero-shot classifier; defaults to
+            [`DEFAULT_ZEROSHOT_TEMPLATES`].
+        chunk_size (`int`, *optional*, defaults to 1024): queries ranked at once (see [`retrieval_metrics`]).
+        max_seq_length (`int`, *optional*): longest caption in tokens; defaults to the text tower's positions (capped
+            at the tokenizer's `model_max_length`), as the command's default.
+        max_image_pixels, jpeg_draft: the collator's decoding settings (see [`ImageTextCollator`]).
+        num_workers (`int`, *optional*, defaults to 0): DataLoader worker processes of `__call__`.
+
+    Example:
+
+    ```python
+    >>> from transformers import AutoModel, AutoProcessor
+    >>> from clip_trainer import DataArguments, RetrievalEvaluator, load_image_text_data
+
+    >>> data_args = DataArguments(validation_file="val.csv", label_column="label")
+    >>> data = load_image_text_data(data_args, seed=42, train=False)
+    >>> evaluator = RetrievalEvaluator(data.validation, batch_size=64)
+    >>> metrics = evaluator(AutoModel.from_pretrained("openai/clip-vit-base-patch32"),
+    ...                     AutoProcessor.from_pretrained("openai/clip-vit-base-patch32"))
+    >>> metrics["eval_t2i_recall@1"]
+    ```
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        name: str | None = None,
+        *,
+        image_column: str = "image",
+        caption_column: str = "caption",
+        image_id_column: str | None = None,
+        label_column: str | None = None,
+        batch_size: int = 32,
+        zeroshot_templates: Sequence[str] | None = None,
+        chunk_size: int = 1024,
+        max_seq_length: int | None = None,
+        max_image_pixels: int | None = 89_478_485,
+        jpeg_draft: bool = False,
+        num_workers: int = 0,
+    ) -> None:
+        from .data import IMAGE_ID_COLUMN, LABEL_COLUMN, add_class_labels, add_image_ids, class_names_of
+
+        if batch_size < 1 or chunk_size < 1:
+            raise ValueError(f"`batch_size` and `chunk_size` must be positive, got {batch_size} and {chunk_size}.")
+        columns = list(getattr(dataset, "column_names", None) or [])
+        if image_id_column is not None and IMAGE_ID_COLUMN not in columns:
+            dataset = add_image_ids(dataset, image_column, image_id_column)
+        if label_column is not None and LABEL_COLUMN not in columns:
+            dataset = add_class_labels(dataset, label_column)
+        self.dataset = dataset
+        self.name = name
+        self.image_column = image_column
+        self.caption_column = caption_column
+        self.batch_size = batch_size
+        self.zeroshot_templates = list(zeroshot_templates or DEFAULT_ZEROSHOT_TEMPLATES)
+        self.chunk_size = chunk_size
+        self.max_seq_length = max_seq_length
+        self.max_image_pixels = max_image_pixels
+        self.jpeg_draft = jpeg_draft
+        self.num_workers = num_workers
+        self.class_names = class_names_of(dataset) if hasattr(dataset, "features") else None
+        # Whether `compute_metrics` keeps the embeddings it scored (the trainer keeps them on its main process only).
+        self.keep_embeddings = True
+        self.last_embeddings: dict[str, Any] | None = None
+
+    @property
+    def metric_key_prefix(self) -> str:
+        """`eval` for the validation split, `eval_{name}` for a named set."""
+        return "eval" if self.name is None else f"eval_{self.name}"
+
+    def __repr__(self) -> str:
+        rows = len(self.dataset) if hasattr(self.dataset, "__len__") else "?"
+        return f"{type(self).__name__}(name={self.name!r}, rows={rows}, batch_size={self.batch_size})"
+
+    def __call__(self, model: torch.nn.Module, processor: Any) -> dict[str, float]:
+        """
+        Embeds the set with `model` and returns its metrics.
+
+        Args:
+            model (`torch.nn.Module`): a CLIP, SigLIP, SigLIP 2 or vision-text dual encoder model, on any device.
+            processor: its processor (a `tokenizer` and an `image_processor`).
+
+        Returns:
+            `dict[str, float]`: `{prefix}_{metric}` for the metrics of [`METRICS`] the evaluator computes (the
+            zero-shot ones when the set has class labels).
+
+        Raises:
+            `ValueError`: when fewer than two rows of the set can be used (their images or captions are unusable).
+        """
+        from torch.utils.data import DataLoader
+
+        from .collator import ImageTextCollator
+        from .modeling import max_text_positions, model_family
+
+        family = model_family(model.config)
+        tokenizer = processor.tokenizer
+        max_length = self.max_seq_length or min(max_text_positions(model.config), tokenizer.model_max_length)
+        collator = ImageTextCollator.from_processor(
+            processor,
+            max_seq_length=max_length,
+            image_column=self.image_column,
+            caption_column=self.caption_column,
+            max_image_pixels=self.max_image_pixels,
+            jpeg_draft=self.jpeg_draft,
+            padding=family.text_padding,
+        )
+        loader = DataLoader(
+            self.dataset, batch_size=self.batch_size, shuffle=False, collate_fn=collator, num_workers=self.num_workers
+        )
+        device = next(model.parameters()).device
+        collected: dict[str, list[torch.Tensor]] = defaultdict(list)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                for batch in loader:
+                    batch = {key: value.to(device) for key, value in batch.items()}
+                    image_embeds, text_embeds = embed_batch(model, batch, collator.image_preprocessor)
+                    collected["image_embeds"].append(image_embeds.cpu())
+                    collected["text_embeds"].append(text_embeds.cpu())
+                    for key in ("image_ids", "class_labels", "valid"):
+                        if key in batch:
+                            collected[key].append(batch[key].cpu())
+        finally:
+            model.train(was_training)
+        embeddings = {key: torch.cat(values) for key, values in collected.items()}
+        valid = embeddings.pop("valid")
+        embeddings = {key: value[valid] for key, value in embeddings.items()}
+        embeddings["rows"] = torch.arange(len(valid))[valid]
+        usable = int(valid.sum())
+        if usable < 2:
+            set_name = "the validation split" if self.name is None else f"evaluation set {self.name!r}"
+            raise ValueError(
+                f"{set_name} has {usable} usable pair(s) of {len(valid)} (the warnings above name the others); "
+                "retrieval needs at least 2: fix or replace those files."
+            )
+        encode = text_encoder(model, tokenizer, padding=family.text_padding, max_length=max_length, device=device)
+        return self.compute_metrics(embeddings, encode_text=encode)
+
+    def compute_metrics(
+        self,
+        embeddings: dict[str, torch.Tensor],
+        encode_text: Callable[[list[str]], torch.Tensor] | None = None,
+        metric_key_prefix: str | None = None,
+    ) -> dict[str, float]:
+        """
+        The set's metrics from embeddings computed already (the usable rows only).
+
+        Args:
+            embeddings (`dict[str, torch.Tensor]`): `image_embeds` and `text_embeds` (`(N, D)`), and when the set has
+                them `image_ids` and `class_labels` (`(N,)`, -1 for a row without a class); `rows`, the dataset row
+                of each, is kept for the gallery.
+            encode_text (`Callable[[list[str]], torch.Tensor]`, *optional*): the model's text embeddings of a list of
+                prompts (see [`text_encoder`]); needed for zero-shot accuracy when the set has class labels.
+            metric_key_prefix (`str`, *optional*): the keys' prefix; defaults to [`metric_key_prefix`].
+
+        Returns:
+            `dict[str, float]`: `{prefix}_{metric}` for each retrieval metric, and the zero-shot ones when the set has
+            class names and at least one labelled row.
+        """
+        prefix = metric_key_prefix or self.metric_key_prefix
+        images = embeddings["image_embeds"]
+        metrics = retrieval_metrics(
+            images, embeddings["text_embeds"], embeddings.get("image_ids"), ks=RECALL_KS, chunk_size=self.chunk_size
+        )
+        labels = embeddings.get("class_labels")
+        classifier = None
+        if self.class_names and labels is not None and bool((labels >= 0).any()):
+            if encode_text is None:
+                raise ValueError(
+                    "This set has class labels, and zero-shot accuracy needs the model's text embeddings: pass "
+                    "`encode_text` (see `clip_trainer.evaluation.text_encoder`)."
+                )
+            labelled = labels >= 0
+            classifier = build_zeroshot_classifier(encode_text, self.class_names, self.zeroshot_templates)
+            metrics.update(
+                zeroshot_accuracy(
+                    images[labelled], labels[labelled], classifier, ks=ZEROSHOT_KS, chunk_size=self.chunk_size
+                )
+            )
+        if self.keep_embeddings:
+            self.last_embeddings = {**embeddings, **({"classifier": classifier} if classifier is not None else {})}
+        return {f"{prefix}_{key}": value for key, value in metrics.items()}

@@ -27,6 +27,8 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import TrainingArguments
 from transformers.utils import logging
 
+from .metrics import METRICS, METRICS_BY_NAME, MetricInfo
+
 if TYPE_CHECKING:
     from .trainer import CLIPContrastiveTrainer
 
@@ -280,10 +282,11 @@ def given_settings(argv: Sequence[str], *arguments: Any) -> dict[str, str]:
 # --- Metrics -----------------------------------------------------------------------------------------------------------
 
 
-_METRIC_NAME = re.compile(
-    r"^(?:(?:t2i|i2t)_(?:recall@\d+|median_rank)|mean_recall|zeroshot_(?:top\d+|balanced_accuracy|majority_baseline)"
-    r"|loss)$"
-)
+def _card_metric(name: str) -> MetricInfo | None:
+    """The registry's entry of a metric the card shows: what the evaluation measures, and the loss. The readings of the
+    model's own parameters (the temperature, the bias) describe the weights, not the evaluation data."""
+    info = METRICS_BY_NAME.get(name)
+    return info if info is not None and not info.parameter else None
 
 
 def _strip_prefix(metrics: Mapping[str, Any] | None) -> dict[str, float]:
@@ -293,7 +296,7 @@ def _strip_prefix(metrics: Mapping[str, Any] | None) -> dict[str, float]:
     cleaned: dict[str, float] = {}
     for key, value in (metrics or {}).items():
         name = key.removeprefix("eval_")
-        if _is_secret(name) or not _METRIC_NAME.match(name):
+        if _is_secret(name) or _card_metric(name) is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int | float):
             continue
@@ -301,46 +304,21 @@ def _strip_prefix(metrics: Mapping[str, Any] | None) -> dict[str, float]:
     return cleaned
 
 
-def _cutoff(name: str) -> int:
-    digits = re.search(r"(\d+)$", name)
-    return int(digits.group(1)) if digits else 0
-
-
-def _metric_order(name: str) -> tuple[int, int, str]:
-    groups = (
-        name.startswith("t2i_recall@"),
-        name.startswith("i2t_recall@"),
-        name == "mean_recall",
-        name == "t2i_median_rank",
-        name == "i2t_median_rank",
-        name.startswith("zeroshot_top"),
-        name == "zeroshot_balanced_accuracy",
-        name == "zeroshot_majority_baseline",
-        name == "loss",
-    )
-    group = groups.index(True) if True in groups else len(groups)
-    return (group, _cutoff(name) if group in (0, 1, 5) else 0, name)
+def _metric_order(name: str) -> tuple[int, str]:
+    # The registry's order (directions together, cut-offs in numeric order); anything else after it.
+    info = METRICS_BY_NAME.get(name)
+    return (METRICS.index(info) if info is not None else len(METRICS), name)
 
 
 def _metric_label(name: str) -> str:
-    direction = {"t2i": "Text-to-image", "i2t": "Image-to-text"}
-    if match := re.fullmatch(r"(t2i|i2t)_recall@(\d+)", name):
-        return f"{direction[match.group(1)]} recall@{match.group(2)}"
-    if match := re.fullmatch(r"(t2i|i2t)_median_rank", name):
-        return f"{direction[match.group(1)]} median rank"
-    if match := re.fullmatch(r"zeroshot_top(\d+)", name):
-        return f"Zero-shot top-{match.group(1)} accuracy"
-    return {
-        "mean_recall": "Mean recall",
-        "zeroshot_balanced_accuracy": "Zero-shot balanced accuracy (mean per-class recall)",
-        "zeroshot_majority_baseline": "Zero-shot majority-class baseline (top-1)",
-        "loss": "Contrastive loss",
-    }.get(name, name)
+    info = METRICS_BY_NAME.get(name)
+    return info.label if info is not None else name
 
 
 def _is_fraction(name: str) -> bool:
     # Recalls and accuracies come from the evaluation as fractions in [0, 1]; the card shows percentages.
-    return "recall" in name or name.startswith("zeroshot_") or "accuracy" in name
+    info = METRICS_BY_NAME.get(name)
+    return info is not None and info.is_fraction
 
 
 def _format_metric(name: str, value: float | None) -> str:
@@ -350,7 +328,7 @@ def _format_metric(name: str, value: float | None) -> str:
         return "n/a"
     if _is_fraction(name):
         return f"{100 * value:.1f}%"
-    if name.endswith("median_rank"):
+    if (info := METRICS_BY_NAME.get(name)) is not None and info.kind == "rank":
         return f"{value:g}"
     return f"{value:.4f}"
 
@@ -690,10 +668,11 @@ def _model_index(dataset_id: str | None, after: dict[str, float]) -> list[EvalRe
     results = []
     for name in sorted(after, key=_metric_order):
         value = after[name]
-        # The baseline is a property of the labels, not a result of the model.
-        if name in ("loss", "zeroshot_majority_baseline") or not math.isfinite(value):
+        # Task results only: not the loss, nor the majority baseline (a property of the labels, not of the model).
+        info = METRICS_BY_NAME[name]
+        if info.kind == "scalar" or info.greater_is_better is None or not math.isfinite(value):
             continue
-        zeroshot = name.startswith("zeroshot_")
+        zeroshot = METRICS_BY_NAME[name].needs_labels
         results.append(
             EvalResult(
                 task_type="zero-shot-image-classification" if zeroshot else "image-text-retrieval",
@@ -745,7 +724,7 @@ def _data_sentences(card: CLIPModelCardData) -> str:
 
 def _zeroshot_sentences(card: CLIPModelCardData, after: dict[str, float]) -> str | None:
     """How zero-shot accuracy was measured (prompts, classes, images) and what it has to beat."""
-    if not any(name.startswith("zeroshot_") for name in after) and not card.zeroshot_templates:
+    if not any(METRICS_BY_NAME[name].needs_labels for name in after) and not card.zeroshot_templates:
         return None
     templates = card.zeroshot_templates
     if card.num_zeroshot_images and card.num_classes:

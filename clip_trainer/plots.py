@@ -15,6 +15,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from transformers.utils import logging
 
+from .metrics import METRICS, METRICS_BY_NAME, MetricInfo, split_metric_key
+
 logger = logging.get_logger(__name__)
 
 __all__ = ["TRAINING_CURVES_FILENAME", "WISE_FT_PLOT_NAME", "save_training_plots", "save_wise_ft_plot"]
@@ -66,35 +68,30 @@ def _keys(log_history: Iterable[dict]) -> list[str]:
     return list(seen)
 
 
-def _recall_sort_key(key: str) -> tuple[str, int, str]:
-    # eval_t2i_recall@5 -> ("t2i", 5): directions stay together and cut-offs run in numeric order, not "1, 10, 5".
-    name = key.removeprefix("eval_")
-    prefix, _, cutoff = name.partition("@")
-    return (prefix, int(cutoff) if cutoff.isdigit() else 0, name)
-
-
-def _is_validation_metric(key: str) -> bool:
+def _validation_metric(key: str) -> MetricInfo | None:
     # `eval_t2i_recall@1` is the validation split's; `eval_{set}_t2i_recall@1` is an extra evaluation set's.
-    name = key.removeprefix("eval_")
-    return name.startswith(("t2i_", "i2t_", "zeroshot_")) or name == "mean_recall"
+    split = split_metric_key(key)
+    return split[1] if split is not None and split[0] is None else None
+
+
+def _metric_order(key: str) -> int:
+    # The registry's order: directions together, cut-offs in numeric order (not "1, 10, 5").
+    return METRICS.index(METRICS_BY_NAME[key.removeprefix("eval_")])
 
 
 def _set_names(keys: list[str]) -> list[str]:
-    """The extra evaluation sets of a history, from their `eval_{set}_mean_recall` keys."""
-    return [
-        key.removeprefix("eval_").removesuffix("_mean_recall")
-        for key in keys
-        if key.startswith("eval_") and key.endswith("_mean_recall") and key != "eval_mean_recall"
-    ]
+    """The extra evaluation sets of a history, from their `eval_{set}_{metric}` keys, in order of appearance."""
+    return list(dict.fromkeys(split[0] for key in keys if (split := split_metric_key(key)) and split[0] is not None))
 
 
 def _panels(log_history: list[dict]) -> list[tuple[str, str, dict[str, Series]]]:
     """(title, y label, {legend label: (steps, values)}) for each panel that has at least one point."""
     keys = _keys(log_history)
     sets = _set_names(keys)
-    recall_keys = [k for k in keys if k.startswith("eval_") and "recall" in k and _is_validation_metric(k)]
+    validation = {key: info for key in keys if (info := _validation_metric(key)) is not None}
+    recall_keys = [key for key, info in validation.items() if info.kind == "recall"]
     # Top-k, balanced accuracy and the majority-class baseline: a top-1 means little without the baseline beside it.
-    zeroshot_keys = [k for k in keys if k.startswith("eval_zeroshot_")]
+    zeroshot_keys = [key for key, info in validation.items() if info.needs_labels]
     # One curve per extra set: its mean recall, and its zero-shot top-1 when it has labels.
     per_set = {"validation": _series(log_history, "eval_mean_recall", scale=100.0)}
     per_set.update({name: _series(log_history, f"eval_{name}_mean_recall", scale=100.0) for name in sets})
@@ -108,14 +105,17 @@ def _panels(log_history: list[dict]) -> list[tuple[str, str, dict[str, Series]]]
             "recall (%)",
             {
                 key.removeprefix("eval_"): _series(log_history, key, scale=100.0)
-                for key in sorted(recall_keys, key=_recall_sort_key)
+                for key in sorted(recall_keys, key=_metric_order)
             },
         ),
         (
             "Zero-shot accuracy",
             "accuracy (%)",
             {
-                **{key.removeprefix("eval_"): _series(log_history, key, scale=100.0) for key in sorted(zeroshot_keys)},
+                **{
+                    key.removeprefix("eval_"): _series(log_history, key, scale=100.0)
+                    for key in sorted(zeroshot_keys, key=_metric_order)
+                },
                 **zeroshot_per_set,
             },
         ),
@@ -208,17 +208,20 @@ def save_wise_ft_plot(result, output_dir: str) -> str | None:
     figure = Figure(figsize=(5.5, 4.2), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.add_subplot(1, 1, 1)
-    x = [100.0 * row[f"eval_{result.metric}"] for row in result.rows]
+    # Fractions (recalls, accuracies) in percent, other metrics as they are.
+    info = METRICS_BY_NAME.get(result.metric)
+    scale, unit = (100.0, " (%)") if info is None or info.is_fraction else (1.0, "")
+    x = [scale * row[f"eval_{result.metric}"] for row in result.rows]
     for name in result.reference_sets:
-        y = [100.0 * row[f"eval_{name}_{result.metric}"] for row in result.rows]
+        y = [scale * row[f"eval_{name}_{result.metric}"] for row in result.rows]
         (line,) = axes.plot(x, y, marker="o", markersize=4, label=name)
         for row, px, py in zip(result.rows, x, y):
             axes.annotate(f"{row['alpha']:g}", (px, py), textcoords="offset points", xytext=(4, 4), fontsize=7)
             if row["alpha"] == result.alpha:
                 axes.plot([px], [py], marker="o", markersize=11, fillstyle="none", color=line.get_color())
     axes.set_title(f"WiSE-FT: {result.metric}, a = 0 (pretrained) to 1 (fine-tuned)", fontsize="medium")
-    axes.set_xlabel(f"in-domain {result.metric} (%)")
-    axes.set_ylabel(f"reference {result.metric} (%)")
+    axes.set_xlabel(f"in-domain {result.metric}{unit}")
+    axes.set_ylabel(f"reference {result.metric}{unit}")
     axes.grid(True, alpha=0.3)
     axes.legend(fontsize="small", title="reference set", title_fontsize="small")
     os.makedirs(output_dir, exist_ok=True)

@@ -25,9 +25,8 @@ from .callbacks import (
     NonFiniteLossCallback,
     StopOnSignalCallback,
 )
-from .collator import ROW_INFO_KEYS, ImageTextCollator
-from .data import class_names_of
-from .evaluation import DEFAULT_ZEROSHOT_TEMPLATES, build_zeroshot_classifier, retrieval_metrics, zeroshot_accuracy
+from .collator import ImageTextCollator
+from .evaluation import DEFAULT_ZEROSHOT_TEMPLATES, RetrievalEvaluator, embed_batch, text_encoder
 from .lora import ADAPTER_DIRNAME, apply_lora, is_lora_model, merged_copy
 from .losses import ContrastiveLoss, build_loss, inverse_temperature
 from .model_card import CLIPModelCardData, non_default_training_arguments, write_model_card
@@ -88,10 +87,11 @@ class CLIPContrastiveTrainer(Trainer):
       accumulation and `accumulation_mode="cached"` against the whole accumulated batch ([`GradientCache`]).
     - The optimizer applies no weight decay to biases, norms, embeddings and `logit_scale`; `logit_scale` is clamped at
       `log(max_logit_scale)` after every step; the temperature is logged.
-    - Evaluation collects the embeddings of the whole validation set (across processes) and reports retrieval recall
-      and, when the evaluation data has class labels (a `_label` `ClassLabel` column, see
+    - Evaluation collects the embeddings of the whole validation set (across processes) with the loss, and hands them
+      to the set's [`RetrievalEvaluator`] (`trainer.evaluators`, one per evaluation set), which reports retrieval
+      recall and, when the evaluation data has class labels (a `_label` `ClassLabel` column, see
       [`load_image_text_data`]), zero-shot accuracy next to `eval_loss`, so `metric_for_best_model` and early
-      stopping can use them.
+      stopping can use them. The same evaluator scores a model alone, with no trainer.
     - Images arrive from [`ImageTextCollator`] as `uint8`; they are normalised on the device by the same
       [`ImagePreprocessor`], read from `processing_class.image_processor`.
 
@@ -301,6 +301,14 @@ class CLIPContrastiveTrainer(Trainer):
         if dataclasses.is_dataclass(self.data_collator) and getattr(self.data_collator, "augmentation", None):
             self.eval_data_collator = dataclasses.replace(self.data_collator, augmentation=None)
         self._eval_loaders: dict[str | None, DataLoader] = {}
+        # One evaluator per evaluation set, by metric prefix (`eval`, `eval_{name}`): the evaluation loop gathers the
+        # embeddings (with the loss) and hands them to the evaluator of the set, which computes its metrics.
+        self.evaluators: dict[str, RetrievalEvaluator] = {}
+        named = self.eval_dataset if isinstance(self.eval_dataset, dict) else {}
+        if self.eval_dataset is not None and not named:
+            self.evaluators["eval"] = self._new_evaluator(self.eval_dataset, None)
+        for name, dataset in {**named, **self.extra_eval_datasets}.items():
+            self.evaluators[f"eval_{name}"] = self._new_evaluator(dataset, name)
         # Set by `clip_trainer.wise_ft.run_wise_ft` after training, for the model card.
         self.wise_ft_result = None
 
@@ -471,14 +479,8 @@ class CLIPContrastiveTrainer(Trainer):
 
         uint8 pixels from the collator are normalised here, on their device, as the image processor would have.
         """
-        model_inputs = {key: value for key, value in inputs.items() if key not in ROW_INFO_KEYS}
-        pixels = model_inputs.get("pixel_values")
-        if pixels is not None and pixels.dtype == torch.uint8:
-            model_inputs["pixel_values"] = self.image_preprocessor.normalize(
-                pixels, model_inputs.get("pixel_attention_mask")
-            )
-        outputs = model(**model_inputs, return_loss=False)
-        return outputs.image_embeds.float(), outputs.text_embeds.float()
+        # The evaluator embeds a model alone with the same function: the same inputs inside a run and out of it.
+        return embed_batch(model, inputs, self.image_preprocessor)
 
     def _embed_for_loss(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
         with self.compute_loss_context_manager():
@@ -852,16 +854,50 @@ class CLIPContrastiveTrainer(Trainer):
                 # The loss of a set with no pair is not 0 (what the masked sum gives): there is none.
                 output.metrics[f"{metric_key_prefix}_loss"] = float("nan")
         else:
-            dataset = getattr(dataloader, "dataset", None)
-            class_names = class_names_of(dataset)
-            metrics = self.compute_embedding_metrics(collected, class_names)
-            if metric_key_prefix == "eval" and self.is_world_process_zero():
+            evaluator = self._evaluator_for(getattr(dataloader, "dataset", None), metric_key_prefix)
+            collected["rows"] = rows
+            output.metrics.update(
+                evaluator.compute_metrics(collected, encode_text=self.encode_text, metric_key_prefix=metric_key_prefix)
+            )
+            if metric_key_prefix == "eval" and evaluator.last_embeddings is not None:
                 # Kept for the retrieval gallery the model card shows: the last evaluation of the validation split.
-                self._last_evaluation = {**collected, "rows": rows, "dataset": dataset, "class_names": class_names}
-            output.metrics.update({f"{metric_key_prefix}_{key}": value for key, value in metrics.items()})
+                self._last_evaluation = {
+                    **evaluator.last_embeddings,
+                    "dataset": evaluator.dataset,
+                    "class_names": evaluator.class_names,
+                }
             for key, value in self.contrastive_loss.logged_values(self.model).items():
                 output.metrics[f"{metric_key_prefix}_{key}"] = value
         return output
+
+    def _new_evaluator(self, dataset, name: str | None) -> RetrievalEvaluator:
+        """The evaluator of one evaluation set, with the run's columns, batch size, prompts and ranking chunks. It
+        keeps the embeddings it scores (for the gallery) on the main process only."""
+        evaluator = RetrievalEvaluator(
+            dataset,
+            name,
+            image_column=getattr(self.eval_data_collator, "image_column", self.data_args.image_column),
+            caption_column=getattr(self.eval_data_collator, "caption_column", self.data_args.caption_column),
+            batch_size=self.args.eval_batch_size,
+            zeroshot_templates=self.zeroshot_templates,
+            chunk_size=self.args.retrieval_chunk_size,
+            max_seq_length=self.max_seq_length,
+            max_image_pixels=self.data_args.max_image_pixels,
+            jpeg_draft=self.data_args.jpeg_draft,
+        )
+        evaluator.keep_embeddings = self.is_world_process_zero()
+        return evaluator
+
+    def _evaluator_for(self, dataset, metric_key_prefix: str) -> RetrievalEvaluator:
+        """The evaluator of the set being evaluated: the one of that prefix or of that dataset, or a new one for a
+        dataset given to `evaluate` directly."""
+        evaluator = self.evaluators.get(metric_key_prefix)
+        if evaluator is not None and evaluator.dataset is dataset:
+            return evaluator
+        for evaluator in self.evaluators.values():
+            if evaluator.dataset is dataset:
+                return evaluator
+        return self._new_evaluator(dataset, None)
 
     def _no_usable_evaluation_pairs(self, prefix: str, usable: int, rows: int) -> None:
         """An evaluation set without two usable pairs has no retrieval metrics: a one-line error when the run selects
@@ -885,25 +921,6 @@ class CLIPContrastiveTrainer(Trainer):
             )
         logger.warning(message)
 
-    def compute_embedding_metrics(
-        self, collected: dict[str, torch.Tensor], class_names: list[str] | None = None
-    ) -> dict[str, float]:
-        """Retrieval recall over the whole evaluation set, and zero-shot accuracy when classes are known (over the
-        rows that have a label: -1 is none)."""
-        metrics = retrieval_metrics(
-            collected["image_embeds"],
-            collected["text_embeds"],
-            collected.get("image_ids"),
-            chunk_size=self.args.retrieval_chunk_size,
-        )
-        labels = collected.get("class_labels")
-        if class_names and labels is not None and bool((labels >= 0).any()):
-            labelled = labels >= 0
-            classifier = build_zeroshot_classifier(self.encode_text, class_names, self.zeroshot_templates)
-            collected["classifier"] = classifier
-            metrics.update(zeroshot_accuracy(collected["image_embeds"][labelled], labels[labelled], classifier))
-        return metrics
-
     def save_retrieval_examples(self, path: str | None = None) -> str | None:
         """Draws `retrieval_examples.png` (in `output_dir` unless `path` says otherwise) from the last evaluation of
         the validation split: a few held-out captions, fixed by the seed, with the images they retrieve, and with
@@ -915,8 +932,8 @@ class CLIPContrastiveTrainer(Trainer):
             return None
         rows = last["rows"].tolist()
         table = last["dataset"].with_format(None).select(rows)
-        image_column = getattr(self.data_collator, "image_column", "image")
-        caption_column = getattr(self.data_collator, "caption_column", "caption")
+        evaluator = self._evaluator_for(last["dataset"], "eval")
+        image_column, caption_column = evaluator.image_column, evaluator.caption_column
         labels = last.get("class_labels")
         return save_retrieval_gallery(
             last["image_embeds"],
@@ -931,28 +948,18 @@ class CLIPContrastiveTrainer(Trainer):
             classifier=last.get("classifier"),
         )
 
-    @torch.no_grad()
     def encode_text(self, texts: list[str]) -> torch.Tensor:
-        """Normalised text embeddings from the model being trained (for zero-shot class prompts)."""
-        model = self.model
-        was_training = model.training
-        model.eval()
-        tokenizer = self.processing_class.tokenizer
-        chunks = []
-        for start in range(0, len(texts), 256):
-            tokens = tokenizer(
-                texts[start : start + 256],
-                padding=self.text_padding,
-                truncation=True,
-                max_length=self.max_seq_length,
-                return_tensors="pt",
-            ).to(self.args.device)
-            with self.compute_loss_context_manager():
-                features = model.get_text_features(**tokens)
-            features = getattr(features, "pooler_output", features)
-            chunks.append(nn.functional.normalize(features.float(), dim=-1).cpu())
-        model.train(was_training)
-        return torch.cat(chunks)
+        """Normalised text embeddings from the model being trained (for zero-shot class prompts), tokenized as the
+        collator tokenizes captions (SigLIP: padded to its one length), under the evaluation's autocast."""
+        encode = text_encoder(
+            self.model,
+            self.processing_class.tokenizer,
+            padding=self.text_padding,
+            max_length=self.max_seq_length,
+            device=self.args.device,
+            context=self.compute_loss_context_manager,
+        )
+        return encode(texts)
 
 
 def _evaluation_at(log_history: list[dict], first: bool) -> dict[str, float] | None:

@@ -164,28 +164,30 @@ def _check_metric_for_best_model(
     `extra_sets` maps each of `extra_eval_sets` to whether it has a label column; their metrics are
     `eval_{name}_{metric}`. `sigmoid_loss`: whether the run's loss is the sigmoid one, whose evaluations also report
     `logit_bias` (None: not known, so `logit_bias` is allowed)."""
-    from .evaluation import RETRIEVAL_METRIC_NAMES, ZEROSHOT_METRIC_NAMES
+    from .metrics import METRICS
 
     metric = args.metric_for_best_model
     if metric is None:
         return
     name = metric.removeprefix("eval_")
-    per_set = {"loss", "inverse_temperature", *RETRIEVAL_METRIC_NAMES}
-    if sigmoid_loss is not False:
-        per_set.add("logit_bias")
-    known = set(per_set) | (set(ZEROSHOT_METRIC_NAMES) if has_labels else set())
-    zeroshot_without_labels = set(ZEROSHOT_METRIC_NAMES) - known
+    # What every evaluation set reports, from the metric registry; the sigmoid loss adds its `logit_bias`.
+    per_set = {m.name for m in METRICS if not m.needs_labels and (sigmoid_loss is not False or not m.sigmoid_only)}
+    labelled_only = {m.name for m in METRICS if m.needs_labels}
+    known = per_set | (labelled_only if has_labels else set())
+    zeroshot_without_labels = labelled_only - known
     for set_name, labelled in (extra_sets or {}).items():
-        metrics = per_set | (set(ZEROSHOT_METRIC_NAMES) if labelled else set())
+        metrics = per_set | (labelled_only if labelled else set())
         known.update(f"{set_name}_{key}" for key in metrics)
         if not labelled:
-            zeroshot_without_labels.update(f"{set_name}_{key}" for key in ZEROSHOT_METRIC_NAMES)
+            zeroshot_without_labels.update(f"{set_name}_{key}" for key in labelled_only)
     if name in known:
         return
     if name in zeroshot_without_labels:
         hint = " Zero-shot metrics need `label_column` (in the set's entry, for an extra evaluation set)."
-    elif name.split("_")[-2:] == ["logit", "bias"]:
-        hint = " `logit_bias` is reported only with the sigmoid loss (`loss_type` sigmoid, or a SigLIP model)."
+    elif sigmoid_only := [
+        m.name for m in METRICS if m.sigmoid_only and (name == m.name or name.endswith(f"_{m.name}"))
+    ]:
+        hint = f" `{sigmoid_only[0]}` is reported only with the sigmoid loss (`loss_type` sigmoid, or a SigLIP model)."
     else:
         hint = did_you_mean(name, sorted(known), prefix="eval_")
     raise ConfigError(
