@@ -332,7 +332,8 @@ class KeyLoggingCollator(ImageTextCollator):
         return super().__call__(rows)
 
 
-run.ImageTextCollator = KeyLoggingCollator
+import clip_trainer.trainer
+clip_trainer.trainer.ImageTextCollator = KeyLoggingCollator  # the trainer builds the collator
 sys.exit(run.cli(sys.argv[1:]))
 """
 
