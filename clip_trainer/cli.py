@@ -1,8 +1,8 @@
 """The `clip-trainer` command: `clip-trainer train|eval|export-onnx|import-open-clip [options]`.
 
 `train` is `run_clip.py`; `eval` is `run_clip.py --do_eval` (evaluate `model_name_or_path` and write
-`eval_results.json`); `export-onnx` and `import-open-clip` are the command lines of [`clip_trainer.onnx_export`] and
-[`clip_trainer.open_clip_import`]. `clip-trainer COMMAND --help` prints each command's options.
+`eval_results.json`); `export-onnx` and `import-open-clip` are the command lines of [`clip_trainer.converters.to_onnx`] and
+[`clip_trainer.converters.from_open_clip`]. `clip-trainer COMMAND --help` prints each command's options.
 """
 
 from __future__ import annotations
@@ -42,13 +42,13 @@ def _eval(argv: list[str]) -> int:
 
 
 def _export_onnx(argv: list[str]) -> int:
-    from .onnx_export import main
+    from .converters.to_onnx import main
 
     return main(argv, prog=f"{PROG} export-onnx")
 
 
 def _import_open_clip(argv: list[str]) -> int:
-    from .open_clip_import import main
+    from .converters.from_open_clip import main
 
     return main(argv, prog=f"{PROG} import-open-clip")
 

@@ -663,8 +663,8 @@ class CLIPContrastiveTrainer(Trainer):
 
     def export_onnx(self, folder: str) -> dict:
         """The model's two towers as ONNX graphs in `folder`, checked with ONNX Runtime against the model."""
+        from .converters.to_onnx import ONNXExportError, export_onnx
         from .errors import PublishError
-        from .onnx_export import ONNXExportError, export_onnx
 
         model = merged_copy(self.model) if is_lora_model(self.model) else self.model
         try:

@@ -209,7 +209,7 @@ def _check_model_family(data_args: DataArguments, args: CLIPTrainingArguments, c
             "`color_jitter`, `grayscale_probability`), or train a CLIP or SigLIP model to augment."
         )
     if args.export_onnx:
-        from .onnx_export import EXPORTABLE_MODEL_TYPES
+        from .converters.to_onnx import EXPORTABLE_MODEL_TYPES
 
         raise ConfigError(
             "`export_onnx` writes graphs of one fixed image size, which SigLIP 2's NaFlex inputs (a varying number of "

@@ -18,7 +18,7 @@ from conftest import draw_shape  # noqa: E402
 from remote_code import custom_code_model, record_prompts  # noqa: E402
 from transformers import AutoProcessor, CLIPModel  # noqa: E402
 
-from clip_trainer.onnx_export import ONNXExportError, check_onnx, export_onnx, main  # noqa: E402
+from clip_trainer.converters.to_onnx import ONNXExportError, check_onnx, export_onnx, main  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ except RuntimeError as error:  # torchvision's C++ ops do not register beside a 
 
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel  # noqa: E402
 
-from clip_trainer.open_clip_import import (  # noqa: E402
+from clip_trainer.converters.from_open_clip import (  # noqa: E402
     OpenCLIPConversionError,
     clip_bpe_tokenizer,
     convert_open_clip,
@@ -301,7 +301,7 @@ def test_a_mismatched_activation_fails_the_embedding_check(tiny_open_clip):
     """The check is real: a model whose blocks are swapped to QuickGELU after conversion no longer matches."""
     model = tiny_open_clip[0]
     clip_model, _ = convert_open_clip(model=model)
-    from clip_trainer.open_clip_import import _check_embeddings
+    from clip_trainer.converters.from_open_clip import _check_embeddings
 
     clip_model.config.vision_config.hidden_act = "quick_gelu"
     broken = CLIPModel(clip_model.config)

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from clip_trainer import onnx_export, open_clip_import
 from clip_trainer.cli import main
+from clip_trainer.converters import from_open_clip as open_clip_import
+from clip_trainer.converters import to_onnx as onnx_export
 
 
 def under_a_file(tmp_path: Path) -> Path:

@@ -32,9 +32,9 @@ from torch import nn
 from transformers import AutoModel, CLIPModel
 from transformers.utils import logging
 
-from .arguments import describe_load_error
-from .checkpoints import check_writable_folder
-from .errors import ConfigError, ONNXExportError
+from ..arguments import describe_load_error
+from ..checkpoints import check_writable_folder
+from ..errors import ConfigError, ONNXExportError
 
 logger = logging.get_logger(__name__)
 

@@ -42,8 +42,8 @@ from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProce
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
 from transformers.utils import logging
 
-from .checkpoints import check_writable_folder
-from .errors import ConfigError, OpenCLIPConversionError
+from ..checkpoints import check_writable_folder
+from ..errors import ConfigError, OpenCLIPConversionError
 
 logger = logging.get_logger(__name__)
 
