@@ -604,6 +604,23 @@ def _sample_features(samples: list[dict[str, Any]]) -> datasets.Features:
     return features
 
 
+def _row_columns(
+    data_args: DataArguments, features: datasets.Features, where: str
+) -> tuple[dict[str, tuple[str, str | None]], datasets.Features]:
+    """Where each of the run's columns (caption, and label and image id when named) is found in a sample's members,
+    and the features of the rows made from them (the image kept encoded, the caption as text)."""
+    lookups = {data_args.caption_column: _member_lookup(data_args.caption_column, features, "caption_column", where)}
+    for kind in ("label_column", "image_id_column"):
+        column = getattr(data_args, kind)
+        if column is not None:
+            lookups[column] = _member_lookup(column, features, kind, where)
+    row_features = datasets.Features({data_args.image_column: datasets.Image(decode=False)})
+    for column, (member, key) in lookups.items():
+        feature = features[member] if key is None else features[member][key]
+        row_features[column] = datasets.Value("string") if column == data_args.caption_column else feature
+    return lookups, row_features
+
+
 def _sample_columns(
     samples: list[dict[str, Any]], data_args: DataArguments, where: str
 ) -> tuple[_SampleColumns, datasets.Features]:
@@ -621,15 +638,7 @@ def _sample_columns(
     else:  # whichever image the sample has, in this order, in whichever shard
         rest = sorted(name for name in images if name not in IMAGE_MEMBERS)
         image_members, any_image = [*IMAGE_MEMBERS, *rest], True
-    lookups = {data_args.caption_column: _member_lookup(data_args.caption_column, features, "caption_column", where)}
-    for kind in ("label_column", "image_id_column"):
-        column = getattr(data_args, kind)
-        if column is not None:
-            lookups[column] = _member_lookup(column, features, kind, where)
-    row_features = datasets.Features({data_args.image_column: datasets.Image(decode=False)})
-    for column, (member, key) in lookups.items():
-        feature = features[member] if key is None else features[member][key]
-        row_features[column] = datasets.Value("string") if column == data_args.caption_column else feature
+    lookups, row_features = _row_columns(data_args, features, where)
     for column in WEBDATASET_KEY_COLUMNS:
         row_features[column] = datasets.Value("string")
     return _SampleColumns(data_args.image_column, image_members, any_image, lookups), row_features
@@ -772,15 +781,7 @@ def webdataset_columns(
             f"{where}: its samples have no image member (jpg, jpeg, png or webp); their members are: "
             f"{', '.join(members)}. Each sample needs an image file (e.g. 000001.jpg) beside its caption (000001.txt)."
         )
-    lookups = {data_args.caption_column: _member_lookup(data_args.caption_column, features, "caption_column", where)}
-    for kind in ("label_column", "image_id_column"):
-        column = getattr(data_args, kind)
-        if column is not None:
-            lookups[column] = _member_lookup(column, features, kind, where)
-    new_features = datasets.Features({data_args.image_column: datasets.Image(decode=False)})
-    for column, (member, key) in lookups.items():
-        feature = features[member] if key is None else features[member][key]
-        new_features[column] = datasets.Value("string") if column == data_args.caption_column else feature
+    lookups, new_features = _row_columns(data_args, features, where)
     for column in WEBDATASET_KEY_COLUMNS:
         new_features[column] = features[column]
     for name in images:

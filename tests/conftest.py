@@ -121,6 +121,24 @@ def tiny_clip_dir(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def tiny_siglip_run(tmp_path_factory, shapes_csv) -> Path:
+    """A tiny SigLIP trained from scratch by the command (3 steps, its own caption tokenizer), its output folder as a
+    user has it: a model to fine-tune or evaluate."""
+    from transformers import SiglipConfig
+
+    from clip_trainer import run
+
+    folder = tmp_path_factory.mktemp("siglip-run")
+    config = SiglipConfig(text_config={**TINY_TEXT, "max_position_embeddings": 24}, vision_config=TINY_VISION)
+    (folder / "siglip.json").write_text(config.to_json_string())
+    run.main(["--config_name", str(folder / "siglip.json"), "--tokenizer_vocab_size", "300",
+              "--train_file", str(shapes_csv), "--output_dir", str(folder / "out"), "--max_steps", "3",
+              "--per_device_train_batch_size", "8", "--report_to", "none", "--dataloader_num_workers", "0",
+              "--eval_strategy", "no", "--save_strategy", "no", "--use_cpu", "true"])  # fmt: skip
+    return folder / "out"
+
+
 @pytest.fixture
 def base_args(tiny_clip_dir, shapes_csv, tmp_path) -> list[str]:
     """Command-line arguments for a fast CPU run of the tiny model on the shapes data."""

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SLOWED_CLI, TINY_TEXT, TINY_VISION, drop_option, set_option
+from conftest import SLOWED_CLI, drop_option, set_option
 from PIL import Image
-from transformers import AutoModel, AutoProcessor, SiglipConfig
+from transformers import AutoModel, AutoProcessor
 
 from clip_trainer import run
 from clip_trainer.checkpoints import LOCK_FILE_NAME, checkpoint_problems
@@ -31,19 +31,6 @@ REPO = Path(__file__).resolve().parents[1]
 # --------------------------------------------------------------------------------------------------------------
 # SigLIP through the command: captions padded to the length it pools at
 # --------------------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def siglip_run(tmp_path_factory, shapes_csv) -> Path:
-    """A tiny SigLIP trained from scratch by the command (3 steps), its folder as a user has it."""
-    folder = tmp_path_factory.mktemp("siglip-run")
-    config = SiglipConfig(text_config={**TINY_TEXT, "max_position_embeddings": 24}, vision_config=TINY_VISION)
-    (folder / "siglip.json").write_text(config.to_json_string())
-    run.main(["--config_name", str(folder / "siglip.json"), "--tokenizer_vocab_size", "300",
-              "--train_file", str(shapes_csv), "--output_dir", str(folder / "out"), "--max_steps", "3",
-              "--per_device_train_batch_size", "8", "--report_to", "none", "--dataloader_num_workers", "0",
-              "--eval_strategy", "no", "--save_strategy", "no", "--use_cpu", "true"])  # fmt: skip
-    return folder / "out"
 
 
 def _reference_t2i_recall_at_1(model_dir: Path, csv: Path) -> float:
@@ -74,31 +61,31 @@ def _reference_t2i_recall_at_1(model_dir: Path, csv: Path) -> float:
     return float(np.mean(hits))
 
 
-def test_siglip_evaluates_with_max_length_padding_whatever_the_batch_size(siglip_run, shapes_csv, tmp_path):
+def test_siglip_evaluates_with_max_length_padding_whatever_the_batch_size(tiny_siglip_run, shapes_csv, tmp_path):
     recalls = []
     for batch in (3, 16, 72):
-        results = run.main(["--model_name_or_path", str(siglip_run), "--validation_file", str(shapes_csv),
+        results = run.main(["--model_name_or_path", str(tiny_siglip_run), "--validation_file", str(shapes_csv),
                             "--do_eval", "--output_dir", str(tmp_path / f"eval-{batch}"), "--use_cpu", "true",
                             "--report_to", "none", "--dataloader_num_workers", "0",
                             "--per_device_eval_batch_size", str(batch)])  # fmt: skip
         recalls.append(results["eval_t2i_recall@1"])
     assert recalls[0] == recalls[1] == recalls[2]
-    assert recalls[0] == pytest.approx(_reference_t2i_recall_at_1(siglip_run, shapes_csv), abs=1e-9)
+    assert recalls[0] == pytest.approx(_reference_t2i_recall_at_1(tiny_siglip_run, shapes_csv), abs=1e-9)
 
 
-def test_the_trainer_builds_the_familys_collator_from_the_data_arguments(siglip_run, shapes_csv, tmp_path):
+def test_the_trainer_builds_the_familys_collator_from_the_data_arguments(tiny_siglip_run, shapes_csv, tmp_path):
     """A library user passing `data_args` gets the collator the command builds: SigLIP's padding, the columns,
     the caption length and the augmentation of training batches only."""
     from clip_trainer import CLIPContrastiveTrainer, CLIPTrainingArguments, DataArguments
 
     data_args = DataArguments(train_file=str(shapes_csv), max_seq_length=12, augment=True, jpeg_draft=True)
     trainer = CLIPContrastiveTrainer(
-        model=AutoModel.from_pretrained(siglip_run),
+        model=AutoModel.from_pretrained(tiny_siglip_run),
         args=CLIPTrainingArguments(
             output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", eval_strategy="no"
         ),
         data_args=data_args,
-        processing_class=AutoProcessor.from_pretrained(siglip_run, backend="pil"),
+        processing_class=AutoProcessor.from_pretrained(tiny_siglip_run, backend="pil"),
     )
     collator = trainer.data_collator
     assert (collator.padding, collator.max_seq_length, collator.jpeg_draft) == ("max_length", 12, True)

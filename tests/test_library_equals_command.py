@@ -4,13 +4,10 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_TEXT, TINY_VISION
 from safetensors.torch import load_file
-from transformers import SiglipConfig
 
 from clip_trainer import run
 
@@ -34,18 +31,6 @@ SETTINGS = {
 }
 
 
-@pytest.fixture(scope="module")
-def siglip_model(tmp_path_factory, shapes_csv) -> Path:
-    folder = tmp_path_factory.mktemp("siglip-base")
-    config = SiglipConfig(text_config={**TINY_TEXT, "max_position_embeddings": 24}, vision_config=TINY_VISION)
-    (folder / "siglip.json").write_text(config.to_json_string())
-    run.main(["--config_name", str(folder / "siglip.json"), "--tokenizer_vocab_size", "300",
-              "--train_file", str(shapes_csv), "--output_dir", str(folder / "out"), "--max_steps", "2",
-              "--report_to", "none", "--dataloader_num_workers", "0", "--eval_strategy", "no",
-              "--save_strategy", "no", "--use_cpu", "true"])  # fmt: skip
-    return folder / "out"
-
-
 def _flags(settings: dict) -> list[str]:
     argv = []
     for key, value in settings.items():
@@ -55,11 +40,11 @@ def _flags(settings: dict) -> list[str]:
 
 
 @pytest.mark.slow
-def test_the_trainer_built_directly_equals_the_command(siglip_model, shapes_csv, tmp_path, monkeypatch):
+def test_the_trainer_built_directly_equals_the_command(tiny_siglip_run, shapes_csv, tmp_path, monkeypatch):
     pytest.importorskip("peft")
     pytest.importorskip("onnxruntime")
     monkeypatch.chdir(tmp_path)
-    command_results = run.main(["--model_name_or_path", str(siglip_model), "--train_file", str(shapes_csv),
+    command_results = run.main(["--model_name_or_path", str(tiny_siglip_run), "--train_file", str(shapes_csv),
                                 "--output_dir", "by-command", *_flags(SETTINGS)])  # fmt: skip
 
     # The library, as the README shows it.
@@ -71,12 +56,12 @@ def test_the_trainer_built_directly_equals_the_command(siglip_model, shapes_csv,
     data_args = DataArguments(train_file=str(shapes_csv))
     data = load_image_text_data(data_args, seed=args.seed)
     trainer = CLIPContrastiveTrainer(
-        model=AutoModel.from_pretrained(siglip_model),
+        model=AutoModel.from_pretrained(tiny_siglip_run),
         args=args,
         data_args=data_args,
         train_dataset=data.train,
         eval_dataset=data.validation,
-        processing_class=AutoProcessor.from_pretrained(siglip_model),
+        processing_class=AutoProcessor.from_pretrained(tiny_siglip_run),
     )
     trainer.train()
     library_metrics = trainer.evaluate()
@@ -105,7 +90,7 @@ def test_the_trainer_built_directly_equals_the_command(siglip_model, shapes_csv,
     assert trainer.data_collator.padding == "max_length"
 
 
-def test_a_plain_training_arguments_is_converted(siglip_model, shapes_csv, tmp_path):
+def test_a_plain_training_arguments_is_converted(tiny_siglip_run, shapes_csv, tmp_path):
     from transformers import AutoModel, AutoProcessor, TrainingArguments
 
     from clip_trainer import CLIPContrastiveTrainer, CLIPTrainingArguments
@@ -113,8 +98,8 @@ def test_a_plain_training_arguments_is_converted(siglip_model, shapes_csv, tmp_p
     plain = TrainingArguments(output_dir=str(tmp_path / "out"), learning_rate=1e-4, use_cpu=True, report_to="none",
                               per_device_train_batch_size=4)  # fmt: skip
     trainer = CLIPContrastiveTrainer(
-        model=AutoModel.from_pretrained(siglip_model), args=plain,
-        processing_class=AutoProcessor.from_pretrained(siglip_model),
+        model=AutoModel.from_pretrained(tiny_siglip_run), args=plain,
+        processing_class=AutoProcessor.from_pretrained(tiny_siglip_run),
     )  # fmt: skip
     assert isinstance(trainer.args, CLIPTrainingArguments)
     assert (trainer.args.learning_rate, trainer.args.per_device_train_batch_size) == (1e-4, 4)
