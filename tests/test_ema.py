@@ -299,7 +299,9 @@ def test_a_metric_of_the_weights_saves_the_weights(base_args, tmp_path):
 
 def test_wise_ft_interpolates_from_the_average(base_args, tiny_clip_dir, tmp_path):
     out = tmp_path / "out"
-    run.main([*base_args, *EVALUATED, "--metric_for_best_model", "eval_ema_mean_recall", "--wise_ft_alpha", "0.5"])
+    run.main([*base_args, *EVALUATED, "--metric_for_best_model", "eval_ema_t2i_recall@10", "--wise_ft_alpha", "0.5"])
+    # The rule's metric is the EMA metric's own (the interpolations have no `eval_ema_*`).
+    assert json.loads((out / "wise_ft_results.json").read_text())["metric"] == "t2i_recall@10"
     pretrained = load_file(str(tiny_clip_dir / "model.safetensors"))
     average, saved = ema_of(out / "checkpoint-4"), load_file(str(out / "model.safetensors"))
     for name, value in average.items():
