@@ -208,7 +208,7 @@ class EMACallback(TrainerCallback):
 
     def build(self, model: nn.Module) -> ExponentialMovingAverage:
         """A new average of `model`'s averaged parameters, starting at their current values."""
-        parameters = dict(getattr(model, "module", model).named_parameters())
+        parameters = dict(model.named_parameters())  # the trainer's model, as `ema_parameter_names` read it
         return ExponentialMovingAverage([(name, parameters[name]) for name in self.names], self.decay)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):

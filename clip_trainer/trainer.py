@@ -339,10 +339,12 @@ class CLIPContrastiveTrainer(Trainer):
         """
         if self.ema_callback is not None:
             checkpoint = resume_from_checkpoint
-            if checkpoint is True:  # as `Trainer.train` resolves it
+            if checkpoint is True:  # as `Trainer.train` resolves it (a path is checked below)
                 from transformers.trainer_utils import get_last_checkpoint
 
                 checkpoint = get_last_checkpoint(self.args.output_dir)
+                if checkpoint is not None:
+                    self._check_resumable_settings(checkpoint)
             self.ema_callback.resume_from = checkpoint if isinstance(checkpoint, str) else None
         if isinstance(resume_from_checkpoint, str) and os.path.isdir(resume_from_checkpoint):
             self._check_resumable_settings(resume_from_checkpoint)
@@ -769,10 +771,11 @@ class CLIPContrastiveTrainer(Trainer):
 
         The validation split reports `eval_{metric}`, each extra set `eval_{name}_{metric}` (a dict `eval_dataset`
         reports each of its keys so, too), and while a run with `ema_decay` trains, the moving average of the weights
-        on the validation split `eval_ema_{metric}`, all in one log entry and one `on_evaluate`. `Trainer.evaluate` given a dict
-        evaluates each set as a separate evaluation: a log entry each, and `on_evaluate` once per set with that set's
-        metrics only, so early stopping warns on every set that lacks `metric_for_best_model` and the model card and
-        the curves would see one set per round. With `eval_dataset` given (a dataset), that dataset alone is evaluated.
+        on the validation split `eval_ema_{metric}`, all in one log entry and one `on_evaluate`. `Trainer.evaluate`
+        given a dict evaluates each set as a separate evaluation: a log entry each, and `on_evaluate` once per set
+        with that set's metrics only, so early stopping warns on every set that lacks `metric_for_best_model` and the
+        model card and the curves would see one set per round. With `eval_dataset` given (a dataset), that dataset
+        alone is evaluated.
         """
         sets = self._evaluation_sets(eval_dataset, metric_key_prefix)
         if len(sets) == 1 and not self._evaluates_ema(sets[0][0]):

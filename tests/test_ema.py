@@ -160,6 +160,15 @@ def test_a_resume_with_another_decay_is_refused(base_args, tmp_path, capsys):
     assert status == 2 and "was trained with `ema_decay` 0.9, and this run sets none" in err
 
 
+def test_a_library_resume_from_the_latest_checkpoint_is_checked_too(tiny_clip_dir, shapes_csv, tmp_path):
+    trainer = build_trainer(tmp_path, tiny_clip_dir, shapes_csv, ema_decay=0.9, max_steps=2, save_strategy="steps",
+                            save_steps=2)  # fmt: skip
+    trainer.train()
+    resumed = build_trainer(tmp_path, tiny_clip_dir, shapes_csv, ema_decay=0.7, max_steps=4)
+    with pytest.raises(ConfigError, match="was trained with `ema_decay` 0.9, and this run sets 0.7"):
+        resumed.train(resume_from_checkpoint=True)
+
+
 def test_a_resume_with_an_average_from_a_checkpoint_without_one_is_refused(base_args, tmp_path, capsys):
     argv = [*base_args, "--save_strategy", "steps", "--save_steps", "2"]
     run.main([*argv, "--max_steps", "2"])
