@@ -69,6 +69,19 @@ def test_a_bfloat16_model_is_averaged_in_float32():
     torch.testing.assert_close(ema.averages[0], torch.full((3,), 0.001), rtol=1e-6, atol=0)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronisation is observable on CUDA only")
+def test_the_update_reads_nothing_back_from_the_device():
+    weights = [torch.nn.Parameter(torch.randn(64, 64, device="cuda")), torch.nn.Parameter(torch.randn(64).cuda())]
+    ema = ExponentialMovingAverage([("a", weights[0]), ("b", weights[1])], 0.999)
+    torch.cuda.set_sync_debug_mode("error")  # any synchronising call raises
+    try:
+        for _ in range(3):
+            ema.update()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert ema.averages[0].device.type == "cuda"
+
+
 class RecordWeights(TrainerCallback):
     """The weights when training begins and after every step (the clamp and the average done), in float64."""
 
