@@ -16,8 +16,10 @@ Recipes:
 - `vision locked`: `freeze_vision_model` (the text tower and the temperature train);
 - `top-1 layers`: `vision_trainable_layers 1 --text_trainable_layers 1` (of 2 per tower), norms and projections;
 - `LoRA r8`: `lora_rank 8` on the attention projections of both towers (needs `pip install 'clip-trainer[lora]'`);
-- `WiSE-FT a=...`: the plain fine-tune's weights interpolated with the pretrained ones (`wise_ft_alphas`, measured in
-  the plain run).
+- `plain + EMA`: every weight trains, and the model saved is the moving average of the weights (`ema_decay 0.9`,
+  an average over about 10 of the 50 steps, chosen by `metric_for_best_model eval_ema_t2i_recall@10`);
+- `WiSE-FT a=...`: the plain (or vision-locked, or EMA) fine-tune's weights interpolated with the pretrained ones
+  (`wise_ft_alphas`, measured in the fine-tune's run).
 
 Every step is clip-trainer's own command (`clip_trainer.run.main`, the function behind `run_clip.py`), on data
 written as prepared folders. It prints a table, then one line of JSON. A few minutes on a 2-core CPU:
@@ -54,9 +56,10 @@ RECIPES = {
     "vision locked": ["--freeze_vision_model", "true"],
     "top-1 layers": ["--vision_trainable_layers", "1", "--text_trainable_layers", "1"],
     "LoRA r8": ["--lora_rank", "8", "--lora_alpha", "16", "--learning_rate", "2e-3"],
+    "plain + EMA": ["--ema_decay", "0.9"],
 }
-# WiSE-FT is measured on the plain and the vision-locked fine-tunes (`a = 1` is the fine-tune itself).
-WISE_FT_RECIPES = ("plain", "vision locked")
+# WiSE-FT is measured on the plain, the vision-locked and the EMA fine-tunes (`a = 1` is the fine-tune itself).
+WISE_FT_RECIPES = ("plain", "vision locked", "plain + EMA")
 WISE_FT_ALPHAS = ("0.25", "0.5", "0.6", "0.75")
 
 
@@ -113,7 +116,9 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         out = work_dir / name.replace(" ", "-")
         wise = name in WISE_FT_RECIPES
-        extra = ["--wise_ft_alphas", *WISE_FT_ALPHAS, "--metric_for_best_model", f"eval_{METRIC}"] if wise else []
+        # With an EMA, its metric chooses it as the model saved (and WiSE-FT interpolates from it).
+        metric = f"eval_ema_{METRIC}" if "--ema_decay" in flags else f"eval_{METRIC}"
+        extra = ["--wise_ft_alphas", *WISE_FT_ALPHAS, "--metric_for_best_model", metric] if wise else []
         run([*fine_tune_data, *FINE_TUNE, *COMMON, *seed, *flags, *extra, "--output_dir", str(out),
              "--overwrite_output_dir", "true"])  # fmt: skip
         if not wise:

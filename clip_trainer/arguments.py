@@ -654,8 +654,9 @@ EXTRA_EVAL_SET_KEYS = (
 # Path-valued keys of an entry, read beside the config file that names them (see `CONFIG_RELATIVE_PATH_KEYS`).
 EXTRA_EVAL_SET_PATH_KEYS = ("path", "dataset_name", "validation_file")
 EXTRA_EVAL_SET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
-# The first words of the validation split's metric families: a set named `t2i...` would make `eval_t2i_..._recall@1`.
-RESERVED_SET_NAME_WORDS = ("t2i", "i2t", "zeroshot")
+# The first words of the validation split's metric families: a set named `t2i...` would make `eval_t2i_..._recall@1`;
+# `ema` begins the keys of the validation split's EMA evaluation (`eval_ema_t2i_recall@1`).
+RESERVED_SET_NAME_WORDS = ("t2i", "i2t", "zeroshot", "ema")
 # What follows `eval_` or `eval_{name}_` in an evaluation's keys, besides the retrieval and zero-shot metrics.
 _EVALUATION_KEYS = (
     "loss",
@@ -1014,6 +1015,21 @@ class CLIPTrainingArguments(TrainingArguments):
         metadata={
             "help": "Modules that get adapters, matched by the end of their name (peft's rule); default: the "
             "attention projections of both towers."
+        },
+    )
+
+    # --- An exponential moving average of the weights ---------------------------------------------------------------
+    ema_decay: float | None = field(
+        default=None,
+        metadata={
+            "help": "Keep an exponential moving average (EMA) of the trainable weights, ema = d x ema + (1 - d) x "
+            "weights after every optimizer step (in float32, starting from the weights training starts from). It is "
+            "saved in every checkpoint (`ema.safetensors`) and evaluated beside the weights at every evaluation "
+            "(`eval_ema_*`, validation split). The model saved is the EMA when `metric_for_best_model` is an "
+            "`eval_ema_*` metric, else the weights themselves. It averages over about 1 / (1 - d) steps: choose d so "
+            "that this is well below the run's steps (0.99 for ~1,000 steps, 0.999 for 10,000 and more). Empty: no "
+            "EMA.",
+            "bounds": Bounds(0, 1, low_open=True, high_open=True, hint="e.g. 0.999"),
         },
     )
 

@@ -36,6 +36,9 @@ SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 # peft's adapter files, which a LoRA run's checkpoints hold in place of the model's weights.
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+# The moving average of the weights (`ema_decay`), written with the checkpoint's weights (before the optimizer state and
+# `trainer_state.json`) by `CLIPContrastiveTrainer.save_model`.
+EMA_WEIGHTS_NAME = "ema.safetensors"
 # Written with `torch.save`, a zip archive: one cut short has no central directory at its end.
 TRAINING_STATE_FILES = ("optimizer.pt", "scheduler.pt")
 
@@ -84,8 +87,8 @@ def checkpoint_problems(folder: str) -> list[str]:
     renamed at the end: the weights, config and processor, then `optimizer.pt`, `scheduler.pt` and `scaler.pt`,
     `rng_state.pth` (`rng_state_<rank>.pth` with several processes), and `trainer_state.json` last. A process killed on
     the way leaves a folder under the final name with some of these missing or cut short. Every file a resume loads is
-    checked cheaply: the safetensors headers (single file, or index and every shard), the zip directory of each
-    `torch.save` file, and that `trainer_state.json` parses.
+    checked cheaply: the safetensors headers (single file, or index and every shard, and `ema.safetensors` when there
+    is one), the zip directory of each `torch.save` file, and that `trainer_state.json` parses.
 
     The layout checked is the Trainer's for one process or DDP; DeepSpeed and FSDP checkpoints store the model and
     optimizer differently and are reported as incomplete.
@@ -127,6 +130,13 @@ def checkpoint_problems(folder: str) -> list[str]:
         if problem:
             problems.append(problem)
 
+    if os.path.exists(os.path.join(folder, EMA_WEIGHTS_NAME)):
+        # A run with `ema_decay` writes it with the weights, under a temporary name renamed when complete, before
+        # `trainer_state.json`: a checkpoint of such a run that has its state has it. One damaged since is refused
+        # here; whether a run may resume without it (or with it) is the trainer's check of its settings.
+        problem = _safetensors_problem(os.path.join(folder, EMA_WEIGHTS_NAME))
+        if problem:
+            problems.append(problem)
     problems.extend(p for name in TRAINING_STATE_FILES if (p := _torch_file_problem(os.path.join(folder, name))))
     if os.path.exists(os.path.join(folder, "scaler.pt")):  # only written in fp16
         problem = _torch_file_problem(os.path.join(folder, "scaler.pt"))

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = [
+    "EMA_PREFIX",
     "METRICS",
     "METRICS_BY_NAME",
     "METRIC_KINDS",
@@ -20,6 +21,7 @@ __all__ = [
     "ZEROSHOT_KS",
     "ZEROSHOT_METRIC_NAMES",
     "MetricInfo",
+    "ema_metric_name",
     "metric_info",
     "render_metric_table",
     "split_metric_key",
@@ -224,6 +226,26 @@ def split_metric_key(key: str, prefix: str = "eval") -> tuple[str | None, Metric
         if rest.endswith(f"_{name}") and len(rest) > len(name) + 1:
             return rest[: -len(name) - 1], METRICS_BY_NAME[name]
     return None
+
+
+EMA_PREFIX = "ema"
+"""With `ema_decay`, each evaluation also scores the moving average of the weights on the validation split and reports
+its metrics as `eval_ema_{name}` (`eval_ema_mean_recall`), the way an extra evaluation set reports `eval_{set}_{name}`:
+[`split_metric_key`] reads them as the set `ema`, and no extra evaluation set may take that name."""
+
+
+def ema_metric_name(key: str | None) -> str | None:
+    """
+    The metric of the EMA's evaluation that `key` names: `eval_ema_mean_recall` (or `ema_mean_recall`) ->
+    `mean_recall`; `None` for any other key (the weights' own `eval_mean_recall`, an extra set's metric).
+
+    A `metric_for_best_model` for which this is not `None` chooses the EMA weights as the model saved at the end.
+    """
+    rest = (key or "").removeprefix("eval_")
+    if not rest.startswith(f"{EMA_PREFIX}_"):
+        return None
+    name = rest.removeprefix(f"{EMA_PREFIX}_")
+    return name if name in METRICS_BY_NAME else None
 
 
 def render_metric_table() -> str:

@@ -803,6 +803,7 @@ def write_model_card(
     examples: list[str] | None = None,
     eval_sets: list[str] | None = None,
     wise_ft: Any = None,
+    saved_weights: str | None = None,
 ) -> str:
     """
     Writes `README.md` in `output_dir` from the Markdown template `templates/model_card.md`: Hub metadata, what was
@@ -832,6 +833,9 @@ def write_model_card(
             `eval_{name}_*` keys of `eval_before` and `eval_after`.
         wise_ft ([`clip_trainer.wise_ft.WiseFTResult`], *optional*):
             The WiSE-FT table and the interpolation saved, with the reason; shown in a section of its own.
+        saved_weights (`str`, *optional*):
+            For a run with `ema_decay`: which weights were saved, the moving average or the weights themselves, and
+            why (a sentence, [`EMACallback.saved_weights`]); shown under the first paragraph.
 
     Returns:
         `str`: the path of the card written.
@@ -909,6 +913,7 @@ def write_model_card(
         evaluation_rows=rows,
         eval_set_tables=set_tables,
         wise_ft=wise_ft_section,
+        saved_weights=saved_weights,
         plots=_plot_links(output_dir, plots),
         examples=_plot_links(output_dir, examples or []),
         architecture=[(_escape_cell(part), _escape_cell(text)) for part, text in card_data.architecture or []],

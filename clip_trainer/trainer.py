@@ -29,6 +29,7 @@ from .collator import ImageTextCollator
 from .evaluation import DEFAULT_ZEROSHOT_TEMPLATES, RetrievalEvaluator, embed_batch, text_encoder
 from .lora import ADAPTER_DIRNAME, apply_lora, is_lora_model, merged_copy
 from .losses import ContrastiveLoss, build_loss, inverse_temperature
+from .metrics import EMA_PREFIX, ema_metric_name
 from .model_card import CLIPModelCardData, non_default_training_arguments, write_model_card
 from .modeling import TOWERS, model_family, tower_layers
 from .plots import save_training_plots
@@ -92,6 +93,8 @@ class CLIPContrastiveTrainer(Trainer):
       recall and, when the evaluation data has class labels (a `_label` `ClassLabel` column, see
       [`load_image_text_data`]), zero-shot accuracy next to `eval_loss`, so `metric_for_best_model` and early
       stopping can use them. The same evaluator scores a model alone, with no trainer.
+    - With `ema_decay`, a moving average of the trainable weights ([`EMACallback`]) is kept, checkpointed, evaluated
+      beside the weights (`eval_ema_*`) and saved as the model when `metric_for_best_model` is one of its metrics.
     - Images arrive from [`ImageTextCollator`] as `uint8`; they are normalised on the device by the same
       [`ImagePreprocessor`], read from `processing_class.image_processor`.
 
@@ -277,6 +280,14 @@ class CLIPContrastiveTrainer(Trainer):
             self.add_callback(
                 EarlyStoppingCallback(self.args.early_stopping_patience, self.args.early_stopping_threshold)
             )
+        # The moving average of the trainable weights (`ema_decay`), updated after the clamp of the temperature.
+        self.ema_callback = None
+        if self.args.ema_decay is not None:
+            from .ema import EMACallback, ema_parameter_names
+
+            names = ema_parameter_names(self.model, self.trainable_parameters)
+            self.ema_callback = EMACallback(self.args.ema_decay, names)
+            self.add_callback(self.ema_callback)
         # A stream's position is saved with every checkpoint, so that a resumed run continues at the same sample.
         self.stream_position = None
         if isinstance(train_dataset, IterableDataset):
@@ -326,6 +337,15 @@ class CLIPContrastiveTrainer(Trainer):
         - a streamed run restores the stream's saved position (see `stream.py`) instead of replaying the stream up
           to the checkpoint, which the Trainer decides before any callback runs.
         """
+        if self.ema_callback is not None:
+            checkpoint = resume_from_checkpoint
+            if checkpoint is True:  # as `Trainer.train` resolves it (a path is checked below)
+                from transformers.trainer_utils import get_last_checkpoint
+
+                checkpoint = get_last_checkpoint(self.args.output_dir)
+                if checkpoint is not None:
+                    self._check_resumable_settings(checkpoint)
+            self.ema_callback.resume_from = checkpoint if isinstance(checkpoint, str) else None
         if isinstance(resume_from_checkpoint, str) and os.path.isdir(resume_from_checkpoint):
             self._check_resumable_settings(resume_from_checkpoint)
             state = TrainerState.load_from_json(os.path.join(resume_from_checkpoint, TRAINER_STATE_NAME))
@@ -352,9 +372,22 @@ class CLIPContrastiveTrainer(Trainer):
         return output
 
     def _finish_training(self) -> None:
-        """What follows the last step, before anything is saved: a LoRA model goes on merged (its adapter saved in
+        """What follows the last step, before anything is saved: with `ema_decay`, the moving average goes into the
+        model when `metric_for_best_model` is an `eval_ema_*` metric; a LoRA model goes on merged (its adapter saved in
         `output_dir/adapter`), so that what is evaluated, interpolated and saved is what `from_pretrained` loads;
-        then WiSE-FT (`wise_ft_alphas`, `wise_ft_alpha`) chooses and loads its interpolation."""
+        then WiSE-FT (`wise_ft_alphas`, `wise_ft_alpha`) chooses and loads its interpolation of the weights chosen."""
+        if self.ema_callback is not None:
+            best = self.state.best_model_checkpoint if self.args.load_best_model_at_end else None
+            self.ema_callback.choose_saved_weights(
+                self.model,
+                self.args.metric_for_best_model,
+                best if best and os.path.isdir(best) else None,
+                self.ema_callback.resume_from,
+            )
+            if ema_metric_name(self.args.metric_for_best_model) is not None:
+                # Early stopping is over, and the evaluations after training score the saved model alone (no
+                # `eval_ema_*`): it would warn at each of them that its metric is missing.
+                self.remove_callback(EarlyStoppingCallback)
         self.merge_lora()
         if self.pretrained_weights is not None:
             from .wise_ft import run_wise_ft
@@ -366,8 +399,14 @@ class CLIPContrastiveTrainer(Trainer):
 
         `layerwise_lr_decay` decides the optimizer's parameter groups and their rates: changed on resume, the saved
         state either does not load (another number of groups: a traceback deep in torch) or silently brings back the
-        old rates (the same number of groups).
+        old rates (the same number of groups). `ema_decay` is the decay of the average saved beside the weights, which
+        the run would continue with another decay (or drop, or start from nothing).
         """
+        from .ema import ema_resume_problem
+
+        problem = ema_resume_problem(checkpoint, self.args.ema_decay)
+        if problem:
+            raise ConfigError(problem)
         path = os.path.join(checkpoint, "training_args.bin")
         if not os.path.isfile(path):
             return
@@ -624,10 +663,15 @@ class CLIPContrastiveTrainer(Trainer):
         - the model card (`README.md`, with the curves and the retrieval gallery) from the evaluations so far.
 
         Checkpoints (`_internal_call`) keep the Trainer's saves (adapter-only for LoRA, which resuming and
-        `load_best_model_at_end` load back).
+        `load_best_model_at_end` load back), with the moving average of the weights (`ema.safetensors`) when the run
+        keeps one.
         """
         if _internal_call:
-            return super().save_model(output_dir, _internal_call)
+            super().save_model(output_dir, _internal_call)
+            if self.ema_callback is not None and output_dir is not None and self.args.should_save:
+                # With the checkpoint's weights, before its optimizer state and `trainer_state.json`.
+                self.ema_callback.save(output_dir)
+            return
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if is_lora_model(self.model):
             super().save_model(os.path.join(output_dir, ADAPTER_DIRNAME), _internal_call=True)
@@ -714,6 +758,7 @@ class CLIPContrastiveTrainer(Trainer):
             examples=[examples] if examples else [],
             eval_sets=list(self.extra_eval_datasets),
             wise_ft=self.wise_ft_result,
+            saved_weights=self.ema_callback.saved_weights if self.ema_callback is not None else None,
         )
         if card_data.lora is not None:  # replaces peft's template card of the adapter
             write_adapter_card(os.path.join(self.args.output_dir, ADAPTER_DIRNAME), card_data)
@@ -725,13 +770,15 @@ class CLIPContrastiveTrainer(Trainer):
         """`Trainer.evaluate`, over the validation split and every one of `extra_eval_datasets` as one round.
 
         The validation split reports `eval_{metric}`, each extra set `eval_{name}_{metric}` (a dict `eval_dataset`
-        reports each of its keys so, too), all in one log entry and one `on_evaluate`. `Trainer.evaluate` given a dict
-        evaluates each set as a separate evaluation: a log entry each, and `on_evaluate` once per set with that set's
-        metrics only, so early stopping warns on every set that lacks `metric_for_best_model` and the model card and
-        the curves would see one set per round. With `eval_dataset` given (a dataset), that dataset alone is evaluated.
+        reports each of its keys so, too), and while a run with `ema_decay` trains, the moving average of the weights
+        on the validation split `eval_ema_{metric}`, all in one log entry and one `on_evaluate`. `Trainer.evaluate`
+        given a dict evaluates each set as a separate evaluation: a log entry each, and `on_evaluate` once per set
+        with that set's metrics only, so early stopping warns on every set that lacks `metric_for_best_model` and the
+        model card and the curves would see one set per round. With `eval_dataset` given (a dataset), that dataset
+        alone is evaluated.
         """
         sets = self._evaluation_sets(eval_dataset, metric_key_prefix)
-        if len(sets) == 1:
+        if len(sets) == 1 and not self._evaluates_ema(sets[0][0]):
             prefix, dataset = sets[0]
             return super().evaluate(dataset, ignore_keys=ignore_keys, metric_key_prefix=prefix)
         metrics = self.evaluate_sets(sets, ignore_keys=ignore_keys)
@@ -767,15 +814,28 @@ class CLIPContrastiveTrainer(Trainer):
         """
         metrics: dict[str, float] = {}
         for prefix, dataset in sets if sets is not None else self._evaluation_sets(None, "eval"):
-            loader = self.get_eval_dataloader(dataset)
-            start = time.time()
-            output = self.evaluation_loop(
-                loader, "Evaluation", prediction_loss_only=True, ignore_keys=ignore_keys, metric_key_prefix=prefix
-            )
-            batches = math.ceil(output.num_samples / (self.args.eval_batch_size * self.args.world_size))
-            output.metrics.update(speed_metrics(prefix, start, num_samples=output.num_samples, num_steps=batches))
-            metrics.update(output.metrics)
+            metrics.update(self._evaluate_set(prefix, dataset, ignore_keys))
+            if self._evaluates_ema(prefix):
+                # The moving average on the same split, in the same round (`eval_ema_*`), then the weights back.
+                with self.ema_callback.ema.swapped_in():
+                    metrics.update(self._evaluate_set(f"{prefix}_{EMA_PREFIX}", dataset, ignore_keys))
         return metrics
+
+    def _evaluate_set(self, prefix: str, dataset, ignore_keys) -> dict[str, float]:
+        loader = self.get_eval_dataloader(dataset)
+        start = time.time()
+        output = self.evaluation_loop(
+            loader, "Evaluation", prediction_loss_only=True, ignore_keys=ignore_keys, metric_key_prefix=prefix
+        )
+        batches = math.ceil(output.num_samples / (self.args.eval_batch_size * self.args.world_size))
+        output.metrics.update(speed_metrics(prefix, start, num_samples=output.num_samples, num_steps=batches))
+        return output.metrics
+
+    def _evaluates_ema(self, prefix: str) -> bool:
+        """Whether an evaluation of the set of `prefix` also scores the moving average of the weights: the validation
+        split's (`eval`), while the run keeps an average (from the start of training until the weights to save are
+        chosen)."""
+        return prefix == "eval" and self.ema_callback is not None and self.ema_callback.ema is not None
 
     def get_eval_dataloader(self, eval_dataset=None) -> DataLoader:
         """The evaluation DataLoader of the validation split (`None`), of a set by name (one of

@@ -164,7 +164,7 @@ def _check_metric_for_best_model(
     `extra_sets` maps each of `extra_eval_sets` to whether it has a label column; their metrics are
     `eval_{name}_{metric}`. `sigmoid_loss`: whether the run's loss is the sigmoid one, whose evaluations also report
     `logit_bias` (None: not known, so `logit_bias` is allowed)."""
-    from .metrics import METRICS
+    from .metrics import EMA_PREFIX, METRICS, ema_metric_name
 
     metric = args.metric_for_best_model
     if metric is None:
@@ -175,6 +175,9 @@ def _check_metric_for_best_model(
     labelled_only = {m.name for m in METRICS if m.needs_labels}
     known = per_set | (labelled_only if has_labels else set())
     zeroshot_without_labels = labelled_only - known
+    if args.ema_decay is not None:  # the EMA's evaluation of the validation split: `eval_ema_{metric}`
+        known |= {f"{EMA_PREFIX}_{key}" for key in known}
+        zeroshot_without_labels |= {f"{EMA_PREFIX}_{key}" for key in zeroshot_without_labels}
     for set_name, labelled in (extra_sets or {}).items():
         metrics = per_set | (labelled_only if labelled else set())
         known.update(f"{set_name}_{key}" for key in metrics)
@@ -182,7 +185,9 @@ def _check_metric_for_best_model(
             zeroshot_without_labels.update(f"{set_name}_{key}" for key in labelled_only)
     if name in known:
         return
-    if name in zeroshot_without_labels:
+    if ema_metric_name(name) is not None and args.ema_decay is None:
+        hint = " The `eval_ema_*` metrics are the moving average's: set `ema_decay` (e.g. 0.999) to report them."
+    elif name in zeroshot_without_labels:
         hint = " Zero-shot metrics need `label_column` (in the set's entry, for an extra evaluation set)."
     elif sigmoid_only := [
         m.name for m in METRICS if m.sigmoid_only and (name == m.name or name.endswith(f"_{m.name}"))
@@ -219,7 +224,8 @@ def _check_model_family(data_args: DataArguments, args: CLIPTrainingArguments, c
 
 
 def _check_fine_tuning(model_args: ModelArguments | None, args: CLIPTrainingArguments, config: Any) -> None:
-    """WiSE-FT and partial locking against the model: a pretrained model to interpolate, towers deep enough."""
+    """WiSE-FT, the EMA and partial locking against the model and the parallelism: a pretrained model to interpolate,
+    whole weights on every process, towers deep enough."""
     wise_ft = args.wise_ft_alphas is not None or args.wise_ft_alpha is not None
     command = model_args is not None  # a trainer built in Python trains when `train()` is called
     if wise_ft and command and model_args.model_name_or_path is None:
@@ -239,6 +245,11 @@ def _check_fine_tuning(model_args: ModelArguments | None, args: CLIPTrainingArgu
             "WiSE-FT needs every process to hold the whole model (it loads interpolated state dicts); it does not run "
             "under FSDP or DeepSpeed. Drop `wise_ft_alphas`, and interpolate the saved model afterwards with "
             "`python -m clip_trainer.wise_ft`."
+        )
+    if args.ema_decay is not None and (args.fsdp or args.deepspeed):
+        raise ConfigError(
+            "`ema_decay` averages the whole trainable weights on every process, but FSDP and DeepSpeed shard them "
+            "across processes; drop `ema_decay`, or train with DDP (torchrun without FSDP or DeepSpeed)."
         )
     if config is None:
         return

@@ -135,10 +135,13 @@ class WiseFTResult:
 
 def wise_ft_metric(metric_for_best_model: str | None, greater_is_better: bool | None, set_names: list[str]) -> str:
     """The metric WiSE-FT's rule compares: `metric_for_best_model` without `eval_` and any set prefix, when greater
-    is better; otherwise `mean_recall`."""
+    is better; otherwise `mean_recall`. An `eval_ema_*` metric chose the moving average as the weights WiSE-FT starts
+    from, and compares its own metric (`eval_ema_t2i_recall@10` -> `t2i_recall@10`)."""
+    from .metrics import ema_metric_name
+
     if metric_for_best_model is None or greater_is_better is False:
         return DEFAULT_WISE_FT_METRIC
-    name = metric_for_best_model.removeprefix("eval_")
+    name = ema_metric_name(metric_for_best_model) or metric_for_best_model.removeprefix("eval_")
     for set_name in sorted(set_names, key=len, reverse=True):
         if name.startswith(f"{set_name}_"):
             name = name.removeprefix(f"{set_name}_")
