@@ -158,3 +158,14 @@ def test_a_model_that_needs_its_own_code_is_refused_without_asking(tiny_clip_dir
             "implements itself (CLIP, SigLIP, SigLIP 2, a vision-text dual encoder)."
         ]
     assert not (custom / "RAN").exists() and not (tmp_path / "out").exists()
+
+
+def test_exactly_the_retention_asked_for_is_enough():
+    """315 of 515 recalls against 350 of 515 keeps exactly 90%; in floating point 315/515 < 0.9 * 350/515."""
+    assert 315 / 515 < 0.9 * (350 / 515)  # why the rule needs its tolerance
+    rows = [
+        {"alpha": 0.0, "eval_m": 0.20, "eval_ref_m": 350 / 515},
+        {"alpha": 0.6, "eval_m": 0.40, "eval_ref_m": 315 / 515},
+        {"alpha": 1.0, "eval_m": 0.50, "eval_ref_m": 0.30},
+    ]
+    assert choose_alpha(rows, "m", ["ref"], 0.9)[0] == 0.6
