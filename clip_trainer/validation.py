@@ -114,6 +114,7 @@ def check_training_arguments(
         has_labels=data_args.label_column is not None if has_labels is None else has_labels,
         extra_sets=extra_sets,
         sigmoid_loss=_uses_sigmoid_loss(training_args, config),
+        hard_negatives=data_args.hard_negative_column is not None,
     )
     _check_model_family(data_args, training_args, config)
     _check_fine_tuning(model_args, training_args, config)
@@ -158,12 +159,14 @@ def _check_metric_for_best_model(
     has_labels: bool,
     extra_sets: dict[str, bool] | None = None,
     sigmoid_loss: bool | None = None,
+    hard_negatives: bool = False,
 ) -> None:
     """Fails fast when `metric_for_best_model` names a metric that evaluation will never compute.
 
     `extra_sets` maps each of `extra_eval_sets` to whether it has a label column; their metrics are
     `eval_{name}_{metric}`. `sigmoid_loss`: whether the run's loss is the sigmoid one, whose evaluations also report
-    `logit_bias` (None: not known, so `logit_bias` is allowed)."""
+    `logit_bias` (None: not known, so `logit_bias` is allowed). `hard_negatives`: whether `hard_negative_column` is
+    set, without which no set reports `hard_negative_accuracy`."""
     from .metrics import METRICS
 
     metric = args.metric_for_best_model
@@ -171,7 +174,13 @@ def _check_metric_for_best_model(
         return
     name = metric.removeprefix("eval_")
     # What every evaluation set reports, from the metric registry; the sigmoid loss adds its `logit_bias`.
-    per_set = {m.name for m in METRICS if not m.needs_labels and (sigmoid_loss is not False or not m.sigmoid_only)}
+    per_set = {
+        m.name
+        for m in METRICS
+        if not m.needs_labels
+        and (sigmoid_loss is not False or not m.sigmoid_only)
+        and (hard_negatives or not m.needs_hard_negatives)
+    }
     labelled_only = {m.name for m in METRICS if m.needs_labels}
     known = per_set | (labelled_only if has_labels else set())
     zeroshot_without_labels = labelled_only - known
@@ -184,6 +193,8 @@ def _check_metric_for_best_model(
         return
     if name in zeroshot_without_labels:
         hint = " Zero-shot metrics need `label_column` (in the set's entry, for an extra evaluation set)."
+    elif any(m.needs_hard_negatives and (name == m.name or name.endswith(f"_{m.name}")) for m in METRICS):
+        hint = " Hard-negative accuracy needs `hard_negative_column` (and evaluation data that has it)."
     elif sigmoid_only := [
         m.name for m in METRICS if m.sigmoid_only and (name == m.name or name.endswith(f"_{m.name}"))
     ]:
