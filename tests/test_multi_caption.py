@@ -238,3 +238,69 @@ def test_a_stream_draws_one_caption_per_row_and_pass(tmp_path):
     assert len(by_image) == 12 and sum(len(captions) == 2 for captions in by_image.values()) >= 6
     again = list(load_image_text_data(args, seed=0, evaluate=False).train.take(12 * 4))
     assert [row["caption"] for row in again] == [row["caption"] for row in rows]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The collator: image ids for training rows, hard negatives after the captions
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _collator(tiny_clip_dir, **kwargs):
+    from transformers import AutoProcessor
+
+    from clip_trainer.collator import ImageTextCollator
+
+    processor = AutoProcessor.from_pretrained(tiny_clip_dir, backend="pil")
+    return ImageTextCollator.from_processor(processor, max_seq_length=12, **kwargs)
+
+
+def test_training_rows_carry_image_ids_and_the_same_image_gets_the_same_id(tiny_clip_dir, tmp_path):
+    import io
+
+    red, blue = tmp_path / "red.png", tmp_path / "blue.png"
+    draw_shape("red", "circle").save(red)
+    draw_shape("blue", "square").save(blue)
+    buffer = io.BytesIO()
+    draw_shape("green", "triangle").save(buffer, format="PNG")
+    data = {"bytes": buffer.getvalue(), "path": None}
+    rows = [
+        {"image": str(red), "caption": "a red circle"},
+        {"image": str(blue), "caption": "a blue square"},
+        {"image": str(red), "caption": "red, round"},  # the first row's image again
+        {"image": data, "caption": "a green triangle"},
+        {"image": dict(data), "caption": "green, pointed"},  # the same bytes again
+    ]
+    ids = _collator(tiny_clip_dir)(rows)["image_ids"].tolist()
+    assert ids[0] == ids[2] and ids[3] == ids[4] and len(set(ids)) == 3
+    # `image_id_column` decides when given: other files, one id.
+    named = [{**row, "item": "sku-1" if index < 2 else f"sku-{index}"} for index, row in enumerate(rows)]
+    ids = _collator(tiny_clip_dir, image_id_column="item")(named)["image_ids"].tolist()
+    assert ids[0] == ids[1] and len(set(ids)) == 4
+    # Validation rows keep their `_image_id`; an evaluation collator gives rows without one none.
+    assert _collator(tiny_clip_dir)([{**rows[0], IMAGE_ID_COLUMN: 7}])["image_ids"].tolist() == [7]
+    assert "image_ids" not in _collator(tiny_clip_dir, row_image_ids=False)(rows)
+
+
+def test_hard_negatives_are_tokenized_after_the_captions_with_their_rows_slots(tiny_clip_dir):
+    collator = _collator(tiny_clip_dir, hard_negative_column="negatives")
+    rows = [
+        {
+            "image": draw_shape("red", "circle"),
+            "caption": "a red circle",
+            "negatives": '["a blue circle", "a red square"]',
+        },
+        {"image": draw_shape("blue", "square"), "caption": "a blue square", "negatives": None},
+        {"image": draw_shape("green", "triangle"), "caption": "a green triangle", "negatives": "a green circle"},
+        {"image": None, "caption": "unusable", "negatives": ["a thing"]},  # left out: no negatives either
+    ]
+    batch = collator(rows)
+    assert batch["input_ids"].shape[0] == 4 + 3
+    assert batch["hard_negative_index"].tolist() == [[0, 1], [-1, -1], [2, -1], [-1, -1]]
+    decoded = collator.tokenizer.batch_decode(batch["input_ids"][4:], skip_special_tokens=True)
+    assert [text.replace(" ", "") for text in decoded] == ["abluecircle", "aredsquare", "agreencircle"]
+    # A batch without any still says so (0 slots), so that every process passes the loss the same inputs.
+    none = collator([{**row, "negatives": None} for row in rows[:2]])
+    assert none["hard_negative_index"].shape == (2, 0) and none["input_ids"].shape[0] == 2
+    assert "hard_negative_index" not in _collator(tiny_clip_dir, hard_negative_column="negatives")(
+        [{"image": draw_shape("red", "circle"), "caption": "a red circle"}]
+    )
