@@ -118,6 +118,7 @@ def check_training_arguments(
     )
     _check_model_family(data_args, training_args, config)
     _check_fine_tuning(model_args, training_args, config)
+    _check_captions(data_args)
     _check_report_to(training_args.report_to)
     if training_args.export_onnx:
         import importlib.util
@@ -262,6 +263,24 @@ def _check_fine_tuning(model_args: ModelArguments | None, args: CLIPTrainingArgu
                 f"`{key}` is {wanted}, but the {tower} tower has {depth} layers; set it to {depth} or less (or leave it "
                 "empty to train every layer)."
             )
+
+
+def _check_captions(data_args: DataArguments) -> None:
+    """Several caption columns and hard negatives against the data sources that can carry them: the sources of a
+    `train_mixture` are cut to their image and caption columns (so that they interleave), which would drop them."""
+    if not data_args.train_mixture:
+        return
+    if isinstance(data_args.caption_sampling, dict):
+        raise ConfigError(
+            "`caption_sampling` draws from several caption columns, but a `train_mixture` keeps each source's image "
+            "and caption columns only; give each image's captions as the JSON text of a list in its caption column "
+            "(drawn from uniformly), or train from one source."
+        )
+    if data_args.hard_negative_column is not None:
+        raise ConfigError(
+            "`hard_negative_column` is set, but a `train_mixture` keeps each source's image and caption columns only; "
+            "train from one source (merge them into one file), or drop `hard_negative_column`."
+        )
 
 
 def _check_report_to(report_to: str | list[str] | None) -> None:
