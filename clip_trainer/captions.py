@@ -349,13 +349,16 @@ def _replace_column(dataset: Dataset, column: str, values: list, feature) -> Dat
     return dataset.select_columns(order)
 
 
-def prepare_training_captions(dataset: Dataset, data_args: DataArguments) -> Dataset:
+def prepare_training_captions(dataset: Dataset, data_args: DataArguments, merge_rows: bool = True) -> Dataset:
     """A loaded training split as `caption_sampling` trains on it (see the module docstring).
 
     With `uniform` or a mapping, rows of one image are merged into one row (the first row's other columns, each
     caption column and `hard_negative_column` a list of all the rows' values), when there is any choice to make;
     data with one caption per image is returned as it is. With `all`, a list of captions is spread over one row per
     caption.
+
+    `merge_rows=False` keeps every row a row (a loaded `train_mixture` repeats a source's rows on purpose: that is its
+    weighting), drawing only from the lists rows hold.
     """
     import datasets
 
@@ -377,7 +380,7 @@ def prepare_training_captions(dataset: Dataset, data_args: DataArguments) -> Dat
         )
         return _replace_column(spread, caption_column, flat, string)
 
-    keys = _image_keys(dataset, data_args)
+    keys = _image_keys(dataset, data_args) if merge_rows else [str(index) for index in range(len(dataset))]
     groups: dict[str, list[int]] = {}
     for index, key in enumerate(keys):
         groups.setdefault(key, []).append(index)

@@ -709,7 +709,7 @@ def load_image_text_data(
         if not data_args.prepare_only:
             # Several captions per image: rows of one image merged, one caption drawn per epoch (`caption_sampling`).
             # A prepared folder keeps the rows as they are; the run that trains from it merges them.
-            train_split = prepare_training_captions(train_split, data_args)
+            train_split = prepare_training_captions(train_split, data_args, merge_rows=not data_args.train_mixture)
         if streaming:  # checked like a loaded split, then read as a stream
             train_split = _stream(train_split, streaming=True)
     one_pass = train_split
