@@ -284,11 +284,13 @@ class EpochSampler(torch.utils.data.Sampler[int]):
 
 def needs_caption_sampling(dataset: Any, data_args: DataArguments) -> bool:
     """Whether a loaded training set has images with several captions to draw from: a caption column (of
-    [`caption_fields`]) whose values are lists."""
+    [`caption_fields`]) whose values are lists, or several weighted caption columns."""
     import datasets
 
     if not isinstance(dataset, datasets.Dataset) or data_args.caption_sampling == "all":
         return False
+    if sum(column in dataset.column_names for column in caption_fields(data_args)) > 1:
+        return True
     for column in caption_fields(data_args):
         feature = dataset.features.get(column)
         if isinstance(feature, datasets.List | datasets.LargeList | datasets.Sequence):

@@ -304,3 +304,18 @@ def test_hard_negatives_are_tokenized_after_the_captions_with_their_rows_slots(t
     assert "hard_negative_index" not in _collator(tiny_clip_dir, hard_negative_column="negatives")(
         [{"image": draw_shape("red", "circle"), "caption": "a red circle"}]
     )
+
+
+def test_a_dataset_given_to_the_trainer_directly_draws_from_its_weighted_columns():
+    from datasets import Dataset
+
+    from clip_trainer.captions import needs_caption_sampling
+
+    dataset = Dataset.from_dict(
+        {"image": ["a.png", "b.png"], "caption": ["a cat", "a dog"], "keywords": ["cat", "dog"]}
+    )
+    args = DataArguments(caption_sampling={"caption": 1, "keywords": 1})
+    assert needs_caption_sampling(dataset, args) and not needs_caption_sampling(dataset, DataArguments())
+    sampled = CaptionSampledDataset.from_arguments(dataset, args, seed=0)
+    drawn = {sampled[epoch * 2]["caption"] for epoch in range(40)}
+    assert drawn == {"a cat", "cat"}
