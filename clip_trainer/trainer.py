@@ -657,7 +657,8 @@ class CLIPContrastiveTrainer(Trainer):
         vision, text = self._tower_weights
         patch = model.config.vision_config.patch_size
         image_tokens = (pixels.shape[-2] // patch) * (pixels.shape[-1] // patch) + 1  # patches and the class token
-        return 6 * input_ids.shape[0] * (vision * image_tokens + text * input_ids.shape[1])
+        # Images and texts counted apart: a batch's hard negatives are texts without an image.
+        return 6 * (pixels.shape[0] * vision * image_tokens + input_ids.shape[0] * text * input_ids.shape[1])
 
     # ------------------------------------------------------------------------------------------------------------
     # Logging

@@ -319,3 +319,21 @@ def test_a_dataset_given_to_the_trainer_directly_draws_from_its_weighted_columns
     sampled = CaptionSampledDataset.from_arguments(dataset, args, seed=0)
     drawn = {sampled[epoch * 2]["caption"] for epoch in range(40)}
     assert drawn == {"a cat", "cat"}
+
+
+def test_another_sampling_strategy_is_refused_for_images_with_several_captions(tmp_path, tiny_clip_dir):
+    from transformers import AutoModel, AutoProcessor
+
+    data_args = DataArguments(train_file=str(write_multi_caption_csv(tmp_path, rows=4)))
+    train = load_image_text_data(data_args, seed=0, evaluate=False).train
+    args = CLIPTrainingArguments(
+        output_dir=str(tmp_path / "out"), train_sampling_strategy="group_by_length", **FAST_TRAINING
+    )
+    with pytest.raises(ConfigError, match="`train_sampling_strategy` is group_by_length.*use random"):
+        CLIPContrastiveTrainer(
+            model=AutoModel.from_pretrained(tiny_clip_dir),
+            args=args,
+            data_args=data_args,
+            train_dataset=train,
+            processing_class=AutoProcessor.from_pretrained(tiny_clip_dir, backend="pil"),
+        )
