@@ -422,6 +422,28 @@ class DataArguments:
             "rows with the same image file (or the same image bytes) are the same image."
         },
     )
+    caption_sampling: dict[str, float] | str | None = field(
+        default="uniform",
+        metadata={
+            "help": "What training makes of several captions per image (a caption column of lists, e.g. JSON text "
+            '\'["a cat", "a cat on a mat"]\' in a CSV cell, or several rows of one image): `uniform` merges the '
+            "rows of an image and draws one of its captions per epoch, uniformly, seeded by the run's seed, the "
+            "epoch and the image (an epoch is then one pass over the images); `all` trains on every caption every "
+            'epoch; a JSON object of caption columns -> weights, e.g. \'{"caption": 3, "keywords": 1}\' (it must '
+            "name `caption_column`), draws a column per image and epoch by weight, then one of its captions. Rows of "
+            "one image in a batch are never each other's negatives, whichever you choose; evaluation scores every "
+            "caption (of every column named)."
+        },
+    )
+    hard_negative_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "Optional column of hard negatives: per row, one caption or a list of captions (JSON text in a "
+            "CSV cell) that are wrong for the row's image. The softmax loss adds them to that image's candidate "
+            "texts, the sigmoid loss adds them as negative pairs; evaluation data with the column reports "
+            "`eval_hard_negative_accuracy`."
+        },
+    )
     validation_split_percentage: float = field(
         default=15,
         metadata={
@@ -566,6 +588,19 @@ class DataArguments:
         self.extra_eval_sets = _parse_extra_eval_sets(self.extra_eval_sets)
         if self.validation_split_name is not None and not self.validation_split_name.strip():
             self.validation_split_name = None
+        self.caption_sampling = _parse_caption_sampling(self.caption_sampling, self.caption_column)
+        if self.hard_negative_column is not None and not self.hard_negative_column.strip():
+            self.hard_negative_column = None
+        if self.hard_negative_column is not None:
+            captions = [
+                self.caption_column,
+                *(self.caption_sampling if isinstance(self.caption_sampling, dict) else ()),
+            ]
+            if self.hard_negative_column in (self.image_column, *captions):
+                raise ConfigError(
+                    f"`hard_negative_column` is {self.hard_negative_column!r}, which is also the image or a caption "
+                    "column; name the column that holds the captions that are wrong for each image."
+                )
         # An empty value on the command line (--dataset_name "") unsets what a config file set.
         for key in ("dataset_name", "train_file", "validation_file"):
             if getattr(self, key) == "":
@@ -670,9 +705,52 @@ _EVALUATION_KEYS = (
 
 
 def _evaluation_key_suffixes() -> tuple[str, ...]:
-    from .metrics import RETRIEVAL_METRIC_NAMES, ZEROSHOT_METRIC_NAMES
+    from .metrics import HARD_NEGATIVE_METRIC_NAMES, RETRIEVAL_METRIC_NAMES, ZEROSHOT_METRIC_NAMES
 
-    return (*_EVALUATION_KEYS, *RETRIEVAL_METRIC_NAMES, *ZEROSHOT_METRIC_NAMES)
+    return (*_EVALUATION_KEYS, *RETRIEVAL_METRIC_NAMES, *ZEROSHOT_METRIC_NAMES, *HARD_NEGATIVE_METRIC_NAMES)
+
+
+CAPTION_SAMPLING_MODES = ("uniform", "all")
+
+
+def _parse_caption_sampling(value: Any, caption_column: str) -> str | dict[str, float]:
+    """`caption_sampling` as given (a mode, a dict, or a dict's JSON text) -> `uniform`, `all` or column -> weight."""
+    example = f'\'{{"{caption_column}": 3, "keywords": 1}}\''
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return "uniform"
+    if isinstance(value, str):
+        text = value.strip()
+        if text in CAPTION_SAMPLING_MODES:
+            return text
+        if not text.startswith("{"):
+            raise ConfigError(
+                f"`caption_sampling` is {value!r}; set it to uniform, all, or a JSON object of caption columns -> "
+                f"weights such as {example}.{did_you_mean(text, CAPTION_SAMPLING_MODES)}"
+            )
+        try:
+            value = json.loads(text, object_pairs_hook=refuse_repeated_keys("caption_sampling"))
+        except json.JSONDecodeError as error:
+            raise ConfigError(
+                f"`caption_sampling` is not valid JSON ({error}); give uniform, all, or an object such as {example}."
+            ) from None
+    if not isinstance(value, dict) or not value:
+        raise ConfigError(
+            f"`caption_sampling` is {value!r}; set it to uniform, all, or a JSON object of caption columns -> weights "
+            f"such as {example}."
+        )
+    for column, weight in value.items():
+        positive = isinstance(weight, int | float) and not isinstance(weight, bool) and 0 < weight < math.inf
+        if not isinstance(column, str) or not column or not positive:
+            raise ConfigError(
+                f"`caption_sampling` gives column {column!r} the weight {weight!r}; each key must be a caption column "
+                f"and each weight a positive number, as in {example}."
+            )
+    if caption_column not in value:
+        raise ConfigError(
+            f"`caption_sampling` names {', '.join(map(repr, value))} but not `caption_column` ({caption_column!r}), "
+            f"which every row needs a caption in; add it with a weight, or set `caption_column` to one of them."
+        )
+    return {column: float(weight) for column, weight in value.items()}
 
 
 def _parse_extra_eval_sets(value: Any) -> dict[str, dict[str, Any]] | None:

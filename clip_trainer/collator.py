@@ -15,6 +15,7 @@ from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging
 
 from .augmentation import ImageAugmentation
+from .captions import caption_list, training_image_id
 from .data import IMAGE_ID_COLUMN, LABEL_COLUMN
 from .images import BadSampleError, load_image
 from .preprocessing import ImagePreprocessor
@@ -23,7 +24,7 @@ from .rows import check_caption
 logger = logging.get_logger(__name__)
 
 # Batch entries that describe the rows and are not model inputs.
-ROW_INFO_KEYS = ("image_ids", "class_labels", "valid")
+ROW_INFO_KEYS = ("image_ids", "class_labels", "valid", "hard_negative_index")
 
 
 @dataclass
@@ -32,7 +33,15 @@ class ImageTextCollator:
 
     Returns `pixel_values` (`uint8`, `(B, 3, H, W)`), `input_ids` and `attention_mask` (padded to the longest caption
     of the batch, or to `max_seq_length` with `padding="max_length"`, truncated at `max_seq_length`), `valid` (one
-    flag per row), and for validation rows `image_ids` and `class_labels`.
+    flag per row), `image_ids` (validation rows: their `_image_id`; other rows, with `row_image_ids`: an id of their
+    `image_id_column` value, file path or image bytes, so that the loss never takes two rows of one image for
+    negatives), and for validation rows `class_labels`.
+
+    With `hard_negative_column`, each row's hard negatives (a caption or a list of captions) are tokenized after the
+    batch's captions: `input_ids` then has `B + H` rows, and `hard_negative_index` (`(B, K)`, `K` the most hard
+    negatives of a row) gives the row of `input_ids[B:]` of each row's hard negatives, -1 for an empty slot. It is
+    there (possibly with `K = 0`) for every batch of data that has the column, so that every process of a
+    distributed run passes the same inputs to the loss.
 
     A row whose image cannot be decoded or whose caption is empty never stops the run: it stays in the batch as a
     blank placeholder flagged `valid=False`, which the loss and the metrics leave out. Keeping it (rather than dropping
@@ -51,6 +60,10 @@ class ImageTextCollator:
             compiled models, and what SigLIP was trained with).
         augmentation: a random [`ImageAugmentation`] used in place of the preprocessor's resize and crop, for
             training batches only; the trainer evaluates with a copy of the collator that has none.
+        image_id_column: the column naming each row's image, for the ids of rows without `_image_id`.
+        hard_negative_column: the column of hard negatives (see above).
+        row_image_ids: give rows without `_image_id` an image id (training); the evaluation collators turn it off,
+            so that a set without image ids is scored with every row its own image, as before.
     """
 
     tokenizer: PreTrainedTokenizerBase
@@ -62,6 +75,9 @@ class ImageTextCollator:
     jpeg_draft: bool = False
     padding: str = "longest"
     augmentation: ImageAugmentation | None = None
+    image_id_column: str | None = None
+    hard_negative_column: str | None = None
+    row_image_ids: bool = True
 
     @classmethod
     def from_processor(cls, processor: Any, **kwargs: Any) -> ImageTextCollator:
@@ -98,8 +114,13 @@ class ImageTextCollator:
                 valid.append(True)
             captions.append(caption)
 
+        hard_negatives, hard_negative_index = self._hard_negatives(rows, valid)
         text = self.tokenizer(
-            captions, padding=self.padding, truncation=True, max_length=self.max_seq_length, return_tensors="pt"
+            captions + hard_negatives,
+            padding=self.padding,
+            truncation=True,
+            max_length=self.max_seq_length,
+            return_tensors="pt",
         )
         batch = {
             **self.image_preprocessor.collate(pixels),
@@ -108,8 +129,25 @@ class ImageTextCollator:
         }
         if "attention_mask" in text:
             batch["attention_mask"] = text["attention_mask"]
+        if hard_negative_index is not None:
+            batch["hard_negative_index"] = hard_negative_index
         if rows and IMAGE_ID_COLUMN in rows[0]:
             batch["image_ids"] = torch.tensor([row[IMAGE_ID_COLUMN] for row in rows], dtype=torch.long)
+        elif rows and self.row_image_ids:
+            ids = [training_image_id(row, self.image_column, self.image_id_column) for row in rows]
+            batch["image_ids"] = torch.tensor(ids, dtype=torch.long)
         if rows and LABEL_COLUMN in rows[0]:
             batch["class_labels"] = torch.tensor([row[LABEL_COLUMN] for row in rows], dtype=torch.long)
         return batch
+
+    def _hard_negatives(self, rows: list[dict[str, Any]], valid: list[bool]) -> tuple[list[str], torch.Tensor | None]:
+        """The batch's hard negatives, in row order, and each row's slots in them (`None`: the data has no column)."""
+        if self.hard_negative_column is None or not rows or self.hard_negative_column not in rows[0]:
+            return [], None
+        per_row = [caption_list(row.get(self.hard_negative_column)) if ok else [] for row, ok in zip(rows, valid)]
+        index = torch.full((len(rows), max(map(len, per_row), default=0)), -1, dtype=torch.long)
+        flat: list[str] = []
+        for position, negatives in enumerate(per_row):
+            index[position, : len(negatives)] = torch.arange(len(flat), len(flat) + len(negatives))
+            flat.extend(negatives)
+        return flat, index

@@ -25,6 +25,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, IterableDataset
 from transformers.utils import logging
 
 from .arguments import ConfigError, DataArguments
+from .captions import caption_list, expand_evaluation_captions, prepare_training_captions, sample_stream_captions
 from .hub import NETWORK_ERRORS
 from .images import BadSampleError, decode_base64_image, is_url, load_image, looks_like_base64_image
 from .rows import find_bad_rows
@@ -104,8 +105,11 @@ class ImageTextData:
         """The first `limit` training captions (all of a loaded split), e.g. to train a tokenizer on."""
         source = self.one_pass if self.one_pass is not None else self.train
         if isinstance(source, Dataset):
-            return [str(c) for c in source.select(range(min(limit, len(source))))[caption_column] if c is not None]
-        return [str(row[caption_column]) for row in source.take(limit) if row[caption_column] is not None]
+            values = source.select(range(min(limit, len(source))))[caption_column]
+        else:
+            values = [row[caption_column] for row in source.take(limit)]
+        # A row may hold several captions (a list, or its JSON text): each is a caption to learn tokens from.
+        return [caption for value in values for caption in caption_list(value)]
 
     @property
     def class_names(self) -> list[str] | None:
@@ -389,7 +393,12 @@ def _check_columns(columns: list[str], split: str, data_args: DataArguments) -> 
     }
     if split != "train":
         wanted["label_column"] = data_args.label_column
-    for key, column in wanted.items():
+    else:
+        wanted["hard_negative_column"] = data_args.hard_negative_column
+    columns_to_check = list(wanted.items())
+    if split == "train" and isinstance(data_args.caption_sampling, dict):
+        columns_to_check += [("caption_sampling", column) for column in data_args.caption_sampling]
+    for key, column in columns_to_check:
         if column is not None and column not in columns:
             raise ConfigError(
                 f"`{key}` is {column!r}, but the {split} data has no such column. Its columns are: "
@@ -494,6 +503,8 @@ def _finish_validation(validation: Dataset | IterableDataset, data_args: DataArg
     validation = _drop_bad_rows(_captions_as_text(validation, data_args.caption_column), split, data_args)
     if data_args.max_eval_samples is not None:
         validation = validation.select(range(min(data_args.max_eval_samples, len(validation))))
+    # Every caption of an image is scored: a row of several captions becomes one row per caption (one image id).
+    validation = expand_evaluation_captions(validation, data_args)
     if len(validation) < 2:
         raise ConfigError(
             f"The {split} data has {len(validation)} usable pair(s); retrieval needs at least 2 (one to find, one to "
@@ -615,6 +626,8 @@ def _finish_training_stream(
     # would leave them waiting in a collective) when `accelerate` deals out shards of unequal sizes. Each pass is
     # shuffled on its own, in a way that resumes exactly (see stream.py).
     train = shuffled_passes(train, seed=seed, block_size=data_args.shuffle_buffer_size)
+    # Rows with several captions: one drawn per row and pass (or, with `caption_sampling` all, one row per caption).
+    train = sample_stream_captions(train, data_args, seed)
     # What the stream reads, for the warning on uneven shards and for the position saved with checkpoints.
     samples = read.samples if data_args.max_train_samples is None else None
     record_source(train, StreamSource(read.shards, samples, data_args.shuffle_buffer_size))
@@ -693,6 +706,10 @@ def load_image_text_data(
         train_split = None
     elif isinstance(train_split, Dataset):
         train_split = _finish_training_split(train_split, data_args)
+        if not data_args.prepare_only:
+            # Several captions per image: rows of one image merged, one caption drawn per epoch (`caption_sampling`).
+            # A prepared folder keeps the rows as they are; the run that trains from it merges them.
+            train_split = prepare_training_captions(train_split, data_args, merge_rows=not data_args.train_mixture)
         if streaming:  # checked like a loaded split, then read as a stream
             train_split = _stream(train_split, streaming=True)
     one_pass = train_split
@@ -736,6 +753,8 @@ def load_extra_eval_sets(
             report.merge(data.shard_report)
         dataset = data.validation
         kept = [set_args.image_column, set_args.caption_column, IMAGE_ID_COLUMN]
+        if data_args.hard_negative_column in dataset.column_names:  # scored for hard-negative accuracy too
+            kept.append(data_args.hard_negative_column)
         dataset = dataset.select_columns(kept + [LABEL_COLUMN] * (LABEL_COLUMN in dataset.column_names))
         renames = {set_args.image_column: data_args.image_column, set_args.caption_column: data_args.caption_column}
         sets[name] = dataset.rename_columns({old: new for old, new in renames.items() if old != new})

@@ -67,6 +67,9 @@ __all__ = [
     "ZEROSHOT_METRIC_NAMES",
     "build_zeroshot_classifier",
     "embed_batch",
+    "embed_batch_with_hard_negatives",
+    "hard_negative_accuracy",
+    "hard_negative_scores",
     "metric_info",
     "render_metric_table",
     "retrieval_metrics",
@@ -402,7 +405,25 @@ def embed_batch(
         image_preprocessor ([`ImagePreprocessor`]): the preprocessor the collator resized with.
 
     Returns:
-        `tuple[torch.Tensor, torch.Tensor]`: `(image_embeds, text_embeds)`, each `(batch, embed_dim)`.
+        `tuple[torch.Tensor, torch.Tensor]`: `(image_embeds, text_embeds)`, each `(batch, embed_dim)` (a batch's hard
+        negatives, tokenized after its captions, are left out: see [`embed_batch_with_hard_negatives`]).
+    """
+    image_embeds, text_embeds, _, _ = embed_batch_with_hard_negatives(model, batch, image_preprocessor)
+    return image_embeds, text_embeds
+
+
+def embed_batch_with_hard_negatives(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], image_preprocessor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """
+    [`embed_batch`], and the embeddings of the batch's hard negatives: the collator tokenizes them after the captions
+    (`input_ids` has `batch + H` rows), so that they go through the text tower in the same forward (one forward per
+    step, as DDP wants it) and come out normalised like the captions.
+
+    Returns:
+        `(image_embeds, text_embeds, hard_negatives, hard_negative_valid)`: the first two `(batch, embed_dim)`;
+        `hard_negatives` `(batch, k, embed_dim)` and `hard_negative_valid` `(batch, k)` (`False` for an empty slot),
+        or `None` for a batch without `hard_negative_index`.
     """
     from .collator import ROW_INFO_KEYS
 
@@ -411,7 +432,54 @@ def embed_batch(
     if pixels is not None and pixels.dtype == torch.uint8:
         inputs["pixel_values"] = image_preprocessor.normalize(pixels, inputs.get("pixel_attention_mask"))
     outputs = model(**inputs, return_loss=False)
-    return outputs.image_embeds.float(), outputs.text_embeds.float()
+    image_embeds, text_embeds = outputs.image_embeds.float(), outputs.text_embeds.float()
+    rows = image_embeds.shape[0]
+    index = batch.get("hard_negative_index")
+    if index is None:
+        return image_embeds, text_embeds[:rows], None, None
+    index = index.to(text_embeds.device)
+    hard_negatives = text_embeds[rows:][index.clamp(min=0)]  # empty slots point at row 0 and are masked
+    return image_embeds, text_embeds[:rows], hard_negatives, index >= 0
+
+
+def hard_negative_scores(
+    image_embeds: torch.Tensor, hard_negatives: torch.Tensor, hard_negative_valid: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """
+    Per row, the cosine similarity of its image to its best-scoring hard negative (`hard_negative_best`, -inf for a row
+    without any) and whether it has any (`hard_negative_present`): what [`hard_negative_accuracy`] needs, as two
+    `(batch,)` tensors that gather across processes whatever each row's number of hard negatives.
+    """
+    images = F.normalize(image_embeds.float(), dim=-1)
+    scores = torch.einsum("bd,bkd->bk", images, F.normalize(hard_negatives.float(), dim=-1))
+    scores = scores.masked_fill(~hard_negative_valid, float("-inf"))
+    best = scores.amax(dim=1) if scores.shape[1] else scores.new_full((scores.shape[0],), float("-inf"))
+    return {"hard_negative_best": best, "hard_negative_present": hard_negative_valid.any(dim=1)}
+
+
+def hard_negative_accuracy(
+    image_embeds: torch.Tensor, text_embeds: torch.Tensor, best: torch.Tensor, present: torch.Tensor
+) -> float:
+    """
+    The share of the rows with hard negatives whose image scores its own caption strictly above every one of its hard
+    negatives (as SugarCrepe and Winoground-style tests score a model). Ties and NaN count against the caption.
+
+    Args:
+        image_embeds, text_embeds (`torch.Tensor` of shape `(N, D)`): each row's image and caption; normalised here.
+        best (`torch.Tensor` of shape `(N,)`): each row's best hard-negative cosine ([`hard_negative_scores`]).
+        present (`torch.Tensor` of shape `(N,)`): whether the row has hard negatives.
+
+    Returns:
+        `float` in `[0, 1]`, or NaN when no row has a hard negative.
+    """
+    images = _as_float(image_embeds, "image_embeds")
+    texts = _as_float(text_embeds, "text_embeds").to(images.dtype)
+    present = present.to(torch.bool)
+    if not bool(present.any()):
+        return float("nan")
+    positive = (images * texts).sum(dim=1)
+    wins = positive > best.to(device=positive.device, dtype=positive.dtype)
+    return int((wins & present).sum()) / int(present.sum())
 
 
 def text_encoder(
@@ -495,6 +563,9 @@ class RetrievalEvaluator:
         image_column / caption_column (`str`, *optional*, default to `"image"` / `"caption"`): the dataset's columns.
         image_id_column (`str`, *optional*): for a dataset without `_image_id`: rows with equal values in this column
             show the same image (as the command's `image_id_column`).
+        hard_negative_column (`str`, *optional*): the column of each row's hard negatives (a caption or a list of
+            them); when the set has it, `__call__` also reports `hard_negative_accuracy`. (Given embeddings,
+            `compute_metrics` reports it whenever they include `hard_negative_best` and `hard_negative_present`.)
         label_column (`str`, *optional*): for a dataset without `_label`: the class of each row, for zero-shot
             accuracy (as the command's `label_column`).
         batch_size (`int`, *optional*, defaults to 32): rows embedded at once by `__call__`.
@@ -530,6 +601,7 @@ class RetrievalEvaluator:
         caption_column: str = "caption",
         image_id_column: str | None = None,
         label_column: str | None = None,
+        hard_negative_column: str | None = None,
         batch_size: int = 32,
         zeroshot_templates: Sequence[str] | None = None,
         chunk_size: int = 1024,
@@ -551,6 +623,7 @@ class RetrievalEvaluator:
         self.name = name
         self.image_column = image_column
         self.caption_column = caption_column
+        self.hard_negative_column = hard_negative_column
         self.batch_size = batch_size
         self.zeroshot_templates = list(zeroshot_templates or DEFAULT_ZEROSHOT_TEMPLATES)
         self.chunk_size = chunk_size
@@ -603,6 +676,8 @@ class RetrievalEvaluator:
             max_image_pixels=self.max_image_pixels,
             jpeg_draft=self.jpeg_draft,
             padding=family.text_padding,
+            hard_negative_column=self.hard_negative_column,
+            row_image_ids=False,
         )
         loader = DataLoader(
             self.dataset, batch_size=self.batch_size, shuffle=False, collate_fn=collator, num_workers=self.num_workers
@@ -615,9 +690,14 @@ class RetrievalEvaluator:
             with torch.no_grad():
                 for batch in loader:
                     batch = {key: value.to(device) for key, value in batch.items()}
-                    image_embeds, text_embeds = embed_batch(model, batch, collator.image_preprocessor)
+                    image_embeds, text_embeds, hard, hard_valid = embed_batch_with_hard_negatives(
+                        model, batch, collator.image_preprocessor
+                    )
                     collected["image_embeds"].append(image_embeds.cpu())
                     collected["text_embeds"].append(text_embeds.cpu())
+                    if hard is not None:
+                        for key, value in hard_negative_scores(image_embeds, hard, hard_valid).items():
+                            collected[key].append(value.cpu())
                     for key in ("image_ids", "class_labels", "valid"):
                         if key in batch:
                             collected[key].append(batch[key].cpu())
@@ -663,6 +743,11 @@ class RetrievalEvaluator:
         metrics = retrieval_metrics(
             images, embeddings["text_embeds"], embeddings.get("image_ids"), ks=RECALL_KS, chunk_size=self.chunk_size
         )
+        best, present = embeddings.get("hard_negative_best"), embeddings.get("hard_negative_present")
+        if best is not None and present is not None and bool(present.any()):
+            metrics["hard_negative_accuracy"] = hard_negative_accuracy(
+                images, embeddings["text_embeds"], best, present
+            )
         labels = embeddings.get("class_labels")
         classifier = None
         if self.class_names and labels is not None and bool((labels >= 0).any()):

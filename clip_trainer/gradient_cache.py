@@ -16,6 +16,7 @@ contrastive loss over the batch's embeddings (CLIP's softmax loss, SigLIP's sigm
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -54,13 +55,16 @@ class GradientCache:
     It knows nothing of the Trainer; it is given what it calls:
 
     Args:
-        embed (`Callable[[dict], tuple[Tensor, Tensor]]`): a micro-batch (as the DataLoader gave it) to its image and
-            text embeddings, through the model being trained, with autocast as the training step uses it.
+        embed (`Callable[[dict], tuple[Tensor, ...]]`): a micro-batch (as the DataLoader gave it) to its image and
+            text embeddings, through the model being trained, with autocast as the training step uses it; with hard
+            negatives in the batch, also their embeddings `(batch, k, dim)` and their validity `(batch, k)`.
         loss_scalars (`Callable[[], tuple[Tensor, ...]]`): the differentiable scalars the loss takes besides the
             embeddings, computed from the model's parameters (CLIP: the inverse temperature `exp(logit_scale)`).
         loss (`Callable[..., Tensor]`): `loss(image_embeds, text_embeds, *scalars, pad_to=..., valid=...)` over the
             whole accumulated batch (distributed across processes when it is); a [`ContrastiveLoss`] is one, with
-            `loss_scalars` its `scalars` of the model.
+            `loss_scalars` its `scalars` of the model. When the micro-batches carry `image_ids`, or `embed` gives
+            hard negatives, it is also passed `image_ids=`, `hard_negatives=` and `hard_negative_valid=`, for the
+            whole accumulated batch: rows of one image are masked and hard negatives counted across micro-batches.
         backward (`Callable[[Tensor], None]`): backpropagates a surrogate loss (through the accelerator, so that
             fp16 loss scaling and DDP see it as any other backward).
         micro_batch_size (`int`): the per-device micro-batch size; with `accumulation_steps` it fixes the padding
@@ -92,11 +96,13 @@ class GradientCache:
         self.loss = loss
         self.backward = backward
         self.pad_to = micro_batch_size * accumulation_steps
+        self.relations = accepted_keywords(loss, RELATION_KEYWORDS)
         self._batches: list[dict[str, Any]] = []
         self._random_states: list[RandomState] = []
         self._image_grads: list[torch.Tensor] | None = None
         self._text_grads: list[torch.Tensor] | None = None
         self._scalar_grads: list[torch.Tensor] | None = None
+        self._hard_grads: list[torch.Tensor] | None = None
         self._loss: torch.Tensor | None = None
 
     def start_step(self, batch_samples: list[dict[str, Any]]) -> None:
@@ -105,6 +111,7 @@ class GradientCache:
         self._batches = list(batch_samples)
         self._random_states = []
         self._image_grads = self._text_grads = self._scalar_grads = self._loss = None
+        self._hard_grads = None
 
     def owns(self, inputs: dict[str, Any]) -> bool:
         """Whether `inputs` is one of the current step's micro-batches (the very object, not an equal one)."""
@@ -123,8 +130,11 @@ class GradientCache:
             self._cache_embedding_gradients()
 
         self._random_states[index].restore()
-        image_embeds, text_embeds = self.embed(inputs)
+        image_embeds, text_embeds, *hard = self.embed(inputs)
         surrogate = (image_embeds * self._image_grads[index]).sum() + (text_embeds * self._text_grads[index]).sum()
+        if hard and self._hard_grads is not None:
+            # This micro-batch's own hard-negative slots: the cache padded every micro-batch to the most slots.
+            surrogate = surrogate + (hard[0] * self._hard_grads[index][:, : hard[0].shape[1]]).sum()
         if index == num_micro - 1:
             # The loss scalars' gradients enter once, with the micro-batch whose backward DDP synchronises: a
             # parameter that takes no gradient in the synchronised backward would be left out of the all-reduce.
@@ -141,12 +151,17 @@ class GradientCache:
         """First pass: the embeddings of every micro-batch without a graph, the accumulated batch's loss, and its
         gradients with respect to the embeddings and to the loss scalars."""
         image_chunks, text_chunks, valid_chunks = [], [], []
+        id_chunks, hard_chunks = [], []
         with torch.no_grad():
             for batch in self._batches:
                 self._random_states.append(RandomState.capture())
-                image_embeds, text_embeds = self.embed(batch)
+                image_embeds, text_embeds, *hard = self.embed(batch)
                 image_chunks.append(image_embeds)
                 text_chunks.append(text_embeds)
+                if batch.get("image_ids") is not None:
+                    id_chunks.append(batch["image_ids"].to(image_embeds.device))
+                if hard:
+                    hard_chunks.append(hard)
                 valid = batch.get("valid")
                 valid_chunks.append(
                     torch.ones(len(image_embeds), dtype=torch.bool, device=image_embeds.device)
@@ -166,8 +181,21 @@ class GradientCache:
         pad_to = max(self.pad_to, images.shape[0])
         # In the embeddings' precision (float32) whatever the mixed-precision setting: the loss and the cached
         # gradients are exact, and only the towers' own forward and backward run in half precision.
+        # Rows of one image and hard negatives are related across the whole accumulated batch, not per micro-batch;
+        # passed only when there are any, so that a loss without these options keeps working.
+        relations = {}
+        if id_chunks and len(id_chunks) == len(image_chunks):
+            relations["image_ids"] = torch.cat(id_chunks)
+        hard_leaf = None
+        if hard_chunks and len(hard_chunks) == len(image_chunks):
+            hard_leaf, relations["hard_negative_valid"] = _padded_hard_negatives(hard_chunks)
+            hard_leaf = hard_leaf.to(images.dtype).requires_grad_(True)
+            relations["hard_negatives"] = hard_leaf
+        relations = {key: value for key, value in relations.items() if key in self.relations}
+        if "hard_negatives" not in relations:
+            hard_leaf = None
         with torch.autocast(device_type=images.device.type, enabled=False):
-            loss = self.loss(images, texts, *scalar_leaves, pad_to=pad_to, valid=torch.cat(valid_chunks))
+            loss = self.loss(images, texts, *scalar_leaves, pad_to=pad_to, valid=torch.cat(valid_chunks), **relations)
         # A plain autograd backward to the leaves: unscaled, since these gradients are cached and not stepped on.
         loss.backward()
 
@@ -175,4 +203,36 @@ class GradientCache:
         self._image_grads = list(images.grad.split(sizes))
         self._text_grads = list(texts.grad.split(sizes))
         self._scalar_grads = [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in scalar_leaves]
+        if hard_leaf is not None:
+            grad = hard_leaf.grad if hard_leaf.grad is not None else torch.zeros_like(hard_leaf)
+            self._hard_grads = list(grad.split(sizes))
         self._loss = loss.detach()
+
+
+RELATION_KEYWORDS = ("image_ids", "hard_negatives", "hard_negative_valid")
+"""What a loss may be told about the rows of a batch besides their embeddings (see [`ContrastiveLoss`])."""
+
+
+def accepted_keywords(function: Callable, names: tuple[str, ...]) -> set[str]:
+    """Which of `names` `function` takes as keyword arguments: all of them with `**kwargs`. A loss written before these
+    existed (or a subclass that does without them) is called as it always was."""
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):  # a callable whose signature cannot be read: try everything
+        return set(names)
+    if any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters):
+        return set(names)
+    keywords = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return {name for name in names if name in keywords}
+
+
+def _padded_hard_negatives(chunks: list[list[torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The micro-batches' hard negatives `(rows, k, dim)` and validity `(rows, k)` as one batch: micro-batches hold
+    different numbers of slots, so each is padded with empty (invalid) slots to the most."""
+    slots = max(hard.shape[1] for hard, _ in chunks)
+    embeds, valid = [], []
+    for hard, hard_valid in chunks:
+        missing = slots - hard.shape[1]
+        embeds.append(torch.cat([hard, hard.new_zeros(hard.shape[0], missing, hard.shape[2])], dim=1))
+        valid.append(torch.cat([hard_valid.bool(), hard_valid.new_zeros(hard.shape[0], missing, dtype=torch.bool)], 1))
+    return torch.cat(embeds), torch.cat(valid)

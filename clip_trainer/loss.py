@@ -17,6 +17,9 @@ def clip_loss(
     text_embeds: torch.Tensor,
     inverse_temperature: torch.Tensor,
     valid: torch.Tensor | None = None,
+    image_ids: torch.Tensor | None = None,
+    hard_negatives: torch.Tensor | None = None,
+    hard_negative_valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """CLIP's symmetric cross-entropy over one batch of matching pairs.
 
@@ -31,7 +34,19 @@ def clip_loss(
             collator could not use): they are neither queries nor negatives. The mean is over the valid pairs; with
             none the loss is 0, still connected to the graph, so every process of a distributed run runs the same
             backward. Masked rather than indexed, so that no host synchronisation is needed to count them.
+        image_ids (`torch.Tensor` of shape `(batch,)`, *optional*): the image each row shows. Rows of one image
+            (several captions of it) are no negatives of each other: row `j` is left out of row `i`'s candidates, as
+            image and as text, when `image_ids[i] == image_ids[j]`. Default: every row its own image.
+        hard_negatives (`torch.Tensor` of shape `(batch, k, dim)`, *optional*): normalised text embeddings of
+            captions that are wrong for row `i`'s image; each image's candidate texts (the image-to-text direction)
+            are the batch's captions and its own hard negatives.
+        hard_negative_valid (`torch.Tensor` of shape `(batch, k)`, *optional*): `False` for the slots of
+            `hard_negatives` that hold none (rows have different numbers of them). Default: all are real.
     """
+    if image_ids is not None or hard_negatives is not None:
+        return _clip_loss_with_relations(
+            image_embeds, text_embeds, inverse_temperature, valid, image_ids, hard_negatives, hard_negative_valid
+        )
     logits = inverse_temperature * image_embeds @ text_embeds.T
     labels = torch.arange(logits.shape[0], device=logits.device)
     if valid is None:
@@ -115,6 +130,9 @@ def distributed_clip_loss(
     pad_to: int | None = None,
     valid: torch.Tensor | None = None,
     group: dist.ProcessGroup | None = None,
+    image_ids: torch.Tensor | None = None,
+    hard_negatives: torch.Tensor | None = None,
+    hard_negative_valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """This process's share of the CLIP loss over the global batch of all processes.
 
@@ -132,10 +150,25 @@ def distributed_clip_loss(
         valid (`torch.Tensor` of shape `(local_batch,)`, *optional*): `False` for rows that are no pair, as in
             [`clip_loss`]. With no valid pair anywhere the loss is 0 (connected to the graph).
         group: the process group; defaults to the world.
+        image_ids, hard_negatives, hard_negative_valid: as in [`clip_loss`]. Image ids are gathered with the
+            embeddings, so that rows of one image on different processes are no negatives of each other either; hard
+            negatives stay with their image's process (they are candidates of that image only).
 
     A process with no pair (every sample of its batch unusable) contributes 0 and still takes part in the gathers; when
     no process has a pair, the loss is 0 rather than NaN, with zero gradients.
     """
+    if image_ids is not None or hard_negatives is not None:
+        return _distributed_clip_loss_with_relations(
+            image_embeds,
+            text_embeds,
+            inverse_temperature,
+            pad_to,
+            valid,
+            group,
+            image_ids,
+            hard_negatives,
+            hard_negative_valid,
+        )
     world_size = dist.get_world_size(group)
     rank = dist.get_rank(group)
     local = image_embeds.shape[0]
@@ -166,11 +199,17 @@ def contrastive_loss(
     gather_negatives: bool = True,
     pad_to: int | None = None,
     valid: torch.Tensor | None = None,
+    image_ids: torch.Tensor | None = None,
+    hard_negatives: torch.Tensor | None = None,
+    hard_negative_valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """[`distributed_clip_loss`] when several processes train and `gather_negatives` is on, else [`clip_loss`]."""
+    relations = {"image_ids": image_ids, "hard_negatives": hard_negatives, "hard_negative_valid": hard_negative_valid}
     if gather_negatives and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return distributed_clip_loss(image_embeds, text_embeds, inverse_temperature, pad_to=pad_to, valid=valid)
-    return clip_loss(image_embeds, text_embeds, inverse_temperature, valid=valid)
+        return distributed_clip_loss(
+            image_embeds, text_embeds, inverse_temperature, pad_to=pad_to, valid=valid, **relations
+        )
+    return clip_loss(image_embeds, text_embeds, inverse_temperature, valid=valid, **relations)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -184,16 +223,20 @@ def _sigmoid_logits_and_labels(
     inverse_temperature: torch.Tensor,
     logit_bias: torch.Tensor,
     positive_offset: int | None,
+    positives: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The similarities, the logits `inverse_temperature * similarity + logit_bias` and the +-1 labels of a block of pairs.
 
     Image row `i` matches text column `i + positive_offset`; with `positive_offset=None` the block holds negatives only.
+    `positives` (`(rows, columns)` booleans), when given, marks further positive pairs: a caption of the same image.
     """
     similarity = image_embeds @ text_embeds.T
     logits = inverse_temperature * similarity + logit_bias
     labels = torch.full_like(logits, -1.0)
     if positive_offset is not None:
         labels.diagonal(positive_offset).fill_(1.0)
+    if positives is not None:
+        labels.masked_fill_(positives, 1.0)
     return similarity, logits, labels
 
 
@@ -205,11 +248,12 @@ def _sigmoid_pair_sum(
     positive_offset: int | None = 0,
     column_weight: torch.Tensor | None = None,
     row_weight: torch.Tensor | None = None,
+    positives: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`sum_ij -log sigmoid(label_ij * logit_ij)` over a block of pairs, each text column weighted by `column_weight`
     and each image row by `row_weight` (0 for padding and for unusable samples)."""
     _, logits, labels = _sigmoid_logits_and_labels(
-        image_embeds, text_embeds, inverse_temperature, logit_bias, positive_offset
+        image_embeds, text_embeds, inverse_temperature, logit_bias, positive_offset, positives
     )
     losses = -F.logsigmoid(labels * logits)
     if column_weight is not None:
@@ -228,6 +272,7 @@ def _sigmoid_pair_sum_gradients(
     column_weight: torch.Tensor,
     row_weight: torch.Tensor,
     grad_output: torch.Tensor,
+    positives: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The gradients of `grad_output * _sigmoid_pair_sum(...)` with respect to the images, the texts, the scale and the
     bias, written out so that the ring's backward holds one block's `local x local` logits and no autograd graph.
@@ -236,7 +281,7 @@ def _sigmoid_pair_sum_gradients(
     ring adds text gradients up across processes.
     """
     similarity, logits, labels = _sigmoid_logits_and_labels(
-        image_embeds, text_embeds, inverse_temperature, logit_bias, positive_offset
+        image_embeds, text_embeds, inverse_temperature, logit_bias, positive_offset, positives
     )
     # d/dz of -log sigmoid(l * z) is -l * sigmoid(-l * z).
     grad_logits = -labels * torch.sigmoid(-labels * logits) * column_weight * row_weight[:, None] * grad_output
@@ -251,6 +296,9 @@ def sigmoid_loss(
     inverse_temperature: torch.Tensor,
     logit_bias: torch.Tensor,
     valid: torch.Tensor | None = None,
+    image_ids: torch.Tensor | None = None,
+    hard_negatives: torch.Tensor | None = None,
+    hard_negative_valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SigLIP's sigmoid loss over one batch of matching pairs (Zhai et al., 2023, "Sigmoid Loss for Language Image
     Pre-Training").
@@ -273,7 +321,23 @@ def sigmoid_loss(
         valid (`torch.Tensor` of shape `(batch,)`, *optional*): `False` for rows that are no pair (a sample the
             collator could not use): neither their image nor their text takes part, and `n` counts the valid pairs;
             with none the loss is 0, still connected to the graph.
+        image_ids (`torch.Tensor` of shape `(batch,)`, *optional*): the image each row shows; a caption of the same
+            image is a positive (`l_ij = +1` when `image_ids[i] == image_ids[j]`), not a negative.
+        hard_negatives (`torch.Tensor` of shape `(batch, k, dim)`, *optional*): normalised embeddings of captions
+            that are wrong for row `i`'s image: each adds a negative pair `(i, h)` to the sum (still divided by `n`).
+        hard_negative_valid (`torch.Tensor` of shape `(batch, k)`, *optional*): `False` for empty slots.
     """
+    if image_ids is not None or hard_negatives is not None:
+        return _sigmoid_loss_with_relations(
+            image_embeds,
+            text_embeds,
+            inverse_temperature,
+            logit_bias,
+            valid,
+            image_ids,
+            hard_negatives,
+            hard_negative_valid,
+        )
     if valid is None:
         return _sigmoid_pair_sum(image_embeds, text_embeds, inverse_temperature, logit_bias) / image_embeds.shape[0]
     weight = valid.to(image_embeds.dtype)
@@ -325,10 +389,11 @@ class _RingSigmoidPairSum(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, image_embeds, text_block, inverse_temperature, logit_bias, block_weights, group):
+    def forward(ctx, image_embeds, text_block, inverse_temperature, logit_bias, block_weights, group, block_ids=None):
         world_size = dist.get_world_size(group)
         rank = dist.get_rank(group)
-        ctx.save_for_backward(image_embeds, text_block, inverse_temperature, logit_bias, block_weights)
+        # `block_ids` (`(world_size, rows)`): every process's image ids, when rows of one image are positives.
+        ctx.save_for_backward(image_embeds, text_block, inverse_temperature, logit_bias, block_weights, block_ids)
         ctx.group = group
         # What `torch.amp.custom_bwd` does, for whichever device the embeddings are on: the backward's matmuls run
         # under the autocast state of the forward's.
@@ -351,6 +416,7 @@ class _RingSigmoidPairSum(torch.autograd.Function):
                     positive_offset,
                     block_weights[owner],
                     row_weight,
+                    _same_image(block_ids, rank, owner, image_embeds.shape[0]),
                 )
             )
             if shift is not None:
@@ -360,7 +426,7 @@ class _RingSigmoidPairSum(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        image_embeds, text_block, inverse_temperature, logit_bias, block_weights = ctx.saved_tensors
+        image_embeds, text_block, inverse_temperature, logit_bias, block_weights, block_ids = ctx.saved_tensors
         group = ctx.group
         world_size = dist.get_world_size(group)
         rank = dist.get_rank(group)
@@ -393,6 +459,7 @@ class _RingSigmoidPairSum(torch.autograd.Function):
                     block_weights[owner],
                     row_weight,
                     grad_output,
+                    _same_image(block_ids, rank, owner, image_embeds.shape[0]),
                 )
                 grad_images += step_images
                 grad_scale += step_scale.reshape_as(grad_scale)
@@ -417,6 +484,7 @@ class _RingSigmoidPairSum(torch.autograd.Function):
             grad_bias if ctx.needs_input_grad[3] else None,
             None,
             None,
+            None,
         )
 
 
@@ -429,6 +497,9 @@ def distributed_sigmoid_loss(
     group: dist.ProcessGroup | None = None,
     ring: bool = False,
     valid: torch.Tensor | None = None,
+    image_ids: torch.Tensor | None = None,
+    hard_negatives: torch.Tensor | None = None,
+    hard_negative_valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """This process's share of the sigmoid loss over the global batch of all processes.
 
@@ -459,10 +530,27 @@ def distributed_sigmoid_loss(
             them.
         valid (`torch.Tensor` of shape `(local_batch,)`, *optional*): `False` for rows that are no pair, as in
             [`sigmoid_loss`]; they are masked like padding.
+        image_ids, hard_negatives, hard_negative_valid: as in [`sigmoid_loss`]. Image ids are gathered (once, beside
+            the validity flags), so that captions of one image on two processes are positives in either exchange;
+            hard negatives are pairs of this process's images only, summed here.
 
     A process with no pair (every sample of its batch unusable) contributes 0 and still takes part in every exchange,
     forward and backward; when no process has a pair, the loss is 0 rather than NaN, with zero gradients.
     """
+    if image_ids is not None or hard_negatives is not None:
+        return _distributed_sigmoid_loss_with_relations(
+            image_embeds,
+            text_embeds,
+            inverse_temperature,
+            logit_bias,
+            pad_to,
+            group,
+            ring,
+            valid,
+            image_ids,
+            hard_negatives,
+            hard_negative_valid,
+        )
     world_size = dist.get_world_size(group)
     rank = dist.get_rank(group)
     local = image_embeds.shape[0]
@@ -506,10 +594,274 @@ def sigmoid_contrastive_loss(
     pad_to: int | None = None,
     ring: bool = False,
     valid: torch.Tensor | None = None,
+    image_ids: torch.Tensor | None = None,
+    hard_negatives: torch.Tensor | None = None,
+    hard_negative_valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """[`distributed_sigmoid_loss`] when several processes train and `gather_negatives` is on, else [`sigmoid_loss`]."""
+    relations = {"image_ids": image_ids, "hard_negatives": hard_negatives, "hard_negative_valid": hard_negative_valid}
     if gather_negatives and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return distributed_sigmoid_loss(
-            image_embeds, text_embeds, inverse_temperature, logit_bias, pad_to=pad_to, ring=ring, valid=valid
+            image_embeds,
+            text_embeds,
+            inverse_temperature,
+            logit_bias,
+            pad_to=pad_to,
+            ring=ring,
+            valid=valid,
+            **relations,
         )
-    return sigmoid_loss(image_embeds, text_embeds, inverse_temperature, logit_bias, valid=valid)
+    return sigmoid_loss(image_embeds, text_embeds, inverse_temperature, logit_bias, valid=valid, **relations)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Rows of one image (several captions) and hard negatives
+# --------------------------------------------------------------------------------------------------------------
+# Separate functions rather than branches inside the plain ones: without image ids and hard negatives the plain
+# losses run exactly as they always have (and cost no extra gather).
+
+
+def _gather_ids(ids: torch.Tensor, rows: int, group) -> torch.Tensor:
+    """Every process's image ids, padded to `rows`: `(world_size, rows)`. No gradient: ids are labels."""
+    padded = _pad_rows(ids, rows)
+    everyone = [torch.empty_like(padded) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(everyone, padded, group=group)
+    return torch.stack(everyone)
+
+
+def _same_image(block_ids: torch.Tensor | None, rank: int, owner: int, local: int) -> torch.Tensor | None:
+    """Which of this process's images and the `owner` process's texts show the same image (`None`: no ids)."""
+    if block_ids is None:
+        return None
+    return block_ids[rank, :local, None] == block_ids[owner][None, :]
+
+
+def _hard_negative_valid(hard_negatives: torch.Tensor, hard_negative_valid: torch.Tensor | None) -> torch.Tensor:
+    if hard_negative_valid is not None:
+        return hard_negative_valid.to(device=hard_negatives.device, dtype=torch.bool)
+    return torch.ones(hard_negatives.shape[:2], dtype=torch.bool, device=hard_negatives.device)
+
+
+def _candidates(
+    row_ids: torch.Tensor, column_ids: torch.Tensor, labels: torch.Tensor, column_valid: torch.Tensor
+) -> torch.Tensor:
+    """`(rows, columns)`: the columns each row is contrasted with: its own pair, and every usable column that shows
+    another image (a second caption of the row's image is neither a positive nor a negative there)."""
+    columns = torch.arange(column_ids.shape[0], device=column_ids.device)
+    own = columns[None, :] == labels[:, None]
+    return column_valid[None, :] & ((row_ids[:, None] != column_ids[None, :]) | own)
+
+
+def _cross_entropies_over(
+    logits: torch.Tensor, labels: torch.Tensor, row_valid: torch.Tensor, candidates: torch.Tensor
+) -> torch.Tensor:
+    """Per-row cross-entropies over each row's candidate columns (a 2-D mask, where [`_masked_cross_entropies`] takes
+    one set of columns for all rows); invalid rows give exactly 0, as there."""
+    mask = torch.zeros_like(logits).masked_fill(~candidates, float("-inf"))
+    logits = torch.where(row_valid[:, None], logits + mask, torch.zeros_like(logits))
+    return torch.where(
+        row_valid, F.cross_entropy(logits, labels, reduction="none"), torch.zeros_like(labels, dtype=logits.dtype)
+    )
+
+
+def _clip_sum(
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    all_images: torch.Tensor,
+    all_texts: torch.Tensor,
+    inverse_temperature: torch.Tensor,
+    labels: torch.Tensor,
+    local_valid: torch.Tensor,
+    column_valid: torch.Tensor,
+    local_ids: torch.Tensor,
+    column_ids: torch.Tensor,
+    hard_negatives: torch.Tensor | None,
+    hard_negative_valid: torch.Tensor | None,
+) -> torch.Tensor:
+    """The sum over this process's valid rows of both cross-entropies, with rows of one image masked from each other's
+    negatives and each image's hard negatives among its candidate texts."""
+    candidates = _candidates(local_ids, column_ids, labels, column_valid)
+    logits_image_to_text = inverse_temperature * image_embeds @ all_texts.T
+    logits_text_to_image = inverse_temperature * text_embeds @ all_images.T
+    text_candidates = candidates
+    if hard_negatives is not None:
+        hard_logits = inverse_temperature * torch.einsum("bd,bkd->bk", image_embeds, hard_negatives)
+        logits_image_to_text = torch.cat([logits_image_to_text, hard_logits], dim=1)
+        text_candidates = torch.cat([candidates, _hard_negative_valid(hard_negatives, hard_negative_valid)], dim=1)
+    return (
+        _cross_entropies_over(logits_image_to_text, labels, local_valid, text_candidates).sum()
+        + _cross_entropies_over(logits_text_to_image, labels, local_valid, candidates).sum()
+    )
+
+
+def _clip_loss_with_relations(
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    inverse_temperature: torch.Tensor,
+    valid: torch.Tensor | None,
+    image_ids: torch.Tensor | None,
+    hard_negatives: torch.Tensor | None,
+    hard_negative_valid: torch.Tensor | None,
+) -> torch.Tensor:
+    """[`clip_loss`] with image ids and/or hard negatives."""
+    rows = image_embeds.shape[0]
+    device = image_embeds.device
+    labels = torch.arange(rows, device=device)
+    row_valid = torch.ones(rows, dtype=torch.bool, device=device) if valid is None else valid.to(device)
+    ids = labels if image_ids is None else image_ids.to(device)
+    total = _clip_sum(
+        image_embeds,
+        text_embeds,
+        image_embeds,
+        text_embeds,
+        inverse_temperature,
+        labels,
+        row_valid,
+        row_valid,
+        ids,
+        ids,
+        hard_negatives,
+        hard_negative_valid,
+    )
+    pairs = rows if valid is None else row_valid.sum().clamp(min=1)
+    return total / 2 / pairs
+
+
+def _distributed_clip_loss_with_relations(
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    inverse_temperature: torch.Tensor,
+    pad_to: int | None,
+    valid: torch.Tensor | None,
+    group,
+    image_ids: torch.Tensor | None,
+    hard_negatives: torch.Tensor | None,
+    hard_negative_valid: torch.Tensor | None,
+) -> torch.Tensor:
+    """[`distributed_clip_loss`] with image ids and/or hard negatives."""
+    world_size = dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    local = image_embeds.shape[0]
+    rows, local_valid, all_valid = _padding_and_validity(image_embeds, pad_to, valid, group)
+    column_valid = all_valid.flatten()
+    all_images = gather_with_gradient(_pad_rows(image_embeds, rows), group)
+    all_texts = gather_with_gradient(_pad_rows(text_embeds, rows), group)
+    labels = rank * rows + torch.arange(local, device=image_embeds.device)
+    if image_ids is None:  # every row its own image: its global position is an id no other row has
+        local_ids, column_ids = labels, torch.arange(world_size * rows, device=image_embeds.device)
+    else:
+        local_ids = image_ids.to(image_embeds.device)
+        column_ids = _gather_ids(local_ids, rows, group).flatten()
+    total = _clip_sum(
+        image_embeds,
+        text_embeds,
+        all_images,
+        all_texts,
+        inverse_temperature,
+        labels,
+        local_valid,
+        column_valid,
+        local_ids,
+        column_ids,
+        hard_negatives,
+        hard_negative_valid,
+    )
+    # As in `distributed_clip_loss`: the global number of pairs, times the world size DDP divides by again.
+    return total / 2 / column_valid.sum().clamp(min=1) * world_size
+
+
+def _sigmoid_hard_negative_sum(
+    image_embeds: torch.Tensor,
+    hard_negatives: torch.Tensor,
+    inverse_temperature: torch.Tensor,
+    logit_bias: torch.Tensor,
+    hard_negative_valid: torch.Tensor | None,
+    row_weight: torch.Tensor | None,
+) -> torch.Tensor:
+    """`sum_ik -log sigmoid(-(t * image_i . hard_ik + b))`: each image's hard negatives as negative pairs, empty slots
+    and unusable rows weighted 0."""
+    logits = inverse_temperature * torch.einsum("bd,bkd->bk", image_embeds, hard_negatives) + logit_bias
+    losses = -F.logsigmoid(-logits) * _hard_negative_valid(hard_negatives, hard_negative_valid).to(logits.dtype)
+    if row_weight is not None:
+        losses = losses * row_weight[:, None]
+    return losses.sum()
+
+
+def _sigmoid_loss_with_relations(
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    inverse_temperature: torch.Tensor,
+    logit_bias: torch.Tensor,
+    valid: torch.Tensor | None,
+    image_ids: torch.Tensor | None,
+    hard_negatives: torch.Tensor | None,
+    hard_negative_valid: torch.Tensor | None,
+) -> torch.Tensor:
+    """[`sigmoid_loss`] with image ids and/or hard negatives."""
+    weight = None if valid is None else valid.to(image_embeds.dtype)
+    positives = None if image_ids is None else image_ids[:, None] == image_ids[None, :]
+    total = _sigmoid_pair_sum(
+        image_embeds, text_embeds, inverse_temperature, logit_bias, 0, weight, weight, positives=positives
+    )
+    if hard_negatives is not None:
+        total = total + _sigmoid_hard_negative_sum(
+            image_embeds, hard_negatives, inverse_temperature, logit_bias, hard_negative_valid, weight
+        )
+    pairs = image_embeds.shape[0] if valid is None else valid.sum().clamp(min=1)
+    return total / pairs
+
+
+def _distributed_sigmoid_loss_with_relations(
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    inverse_temperature: torch.Tensor,
+    logit_bias: torch.Tensor,
+    pad_to: int | None,
+    group,
+    ring: bool,
+    valid: torch.Tensor | None,
+    image_ids: torch.Tensor | None,
+    hard_negatives: torch.Tensor | None,
+    hard_negative_valid: torch.Tensor | None,
+) -> torch.Tensor:
+    """[`distributed_sigmoid_loss`] with image ids and/or hard negatives."""
+    world_size = dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    local = image_embeds.shape[0]
+    rows, _, all_valid = _padding_and_validity(image_embeds, pad_to, valid, group)
+    block_weights = all_valid.to(image_embeds.dtype)
+    text_block = _pad_rows(text_embeds, rows)
+    block_ids = None if image_ids is None else _gather_ids(image_ids.to(image_embeds.device), rows, group)
+    if ring:
+        device = image_embeds.device
+        total = _RingSigmoidPairSum.apply(
+            image_embeds,
+            text_block,
+            torch.as_tensor(inverse_temperature, device=device),
+            torch.as_tensor(logit_bias, device=device),
+            block_weights,
+            group,
+            block_ids,
+        )
+    else:
+        all_texts = gather_with_gradient(text_block, group)
+        total = _sigmoid_pair_sum(
+            image_embeds,
+            all_texts,
+            inverse_temperature,
+            logit_bias,
+            rank * rows,
+            block_weights.flatten(),
+            block_weights[rank, :local],
+            positives=None if block_ids is None else block_ids[rank, :local, None] == block_ids.flatten()[None, :],
+        )
+    if hard_negatives is not None:
+        total = total + _sigmoid_hard_negative_sum(
+            image_embeds,
+            hard_negatives,
+            inverse_temperature,
+            logit_bias,
+            hard_negative_valid,
+            block_weights[rank, :local],
+        )
+    return total / block_weights.sum().clamp(min=1) * world_size

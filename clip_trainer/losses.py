@@ -85,6 +85,9 @@ class ContrastiveLoss:
         *scalars: torch.Tensor,
         pad_to: int | None = None,
         valid: torch.Tensor | None = None,
+        image_ids: torch.Tensor | None = None,
+        hard_negatives: torch.Tensor | None = None,
+        hard_negative_valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """This process's loss over its batch (its share of the global batch's, when the negatives are gathered).
 
@@ -93,6 +96,10 @@ class ContrastiveLoss:
             scalars: what [`scalars`] returned.
             pad_to (`int`, *optional*): the largest local batch any process can have, see [`contrastive_loss`].
             valid (`torch.Tensor` of shape `(batch,)`, *optional*): `False` for rows that are no pair.
+            image_ids (`torch.Tensor` of shape `(batch,)`, *optional*): the image each row shows; rows of one image
+                (several captions of it) are never each other's negatives.
+            hard_negatives (`torch.Tensor` of shape `(batch, k, dim)`, *optional*): normalised embeddings of captions
+                that are wrong for each row's image, with `hard_negative_valid` (`(batch, k)`) flagging the real ones.
         """
         raise NotImplementedError
 
@@ -148,9 +155,20 @@ class SoftmaxContrastiveLoss(ContrastiveLoss):
         *scalars: torch.Tensor,
         pad_to: int | None = None,
         valid: torch.Tensor | None = None,
+        image_ids: torch.Tensor | None = None,
+        hard_negatives: torch.Tensor | None = None,
+        hard_negative_valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return contrastive_loss(
-            image_embeds, text_embeds, *scalars, gather_negatives=self.gather_negatives, pad_to=pad_to, valid=valid
+            image_embeds,
+            text_embeds,
+            *scalars,
+            gather_negatives=self.gather_negatives,
+            pad_to=pad_to,
+            valid=valid,
+            image_ids=image_ids,
+            hard_negatives=hard_negatives,
+            hard_negative_valid=hard_negative_valid,
         )
 
     def callbacks(self) -> list[TrainerCallback]:
@@ -196,6 +214,9 @@ class SigmoidContrastiveLoss(ContrastiveLoss):
         *scalars: torch.Tensor,
         pad_to: int | None = None,
         valid: torch.Tensor | None = None,
+        image_ids: torch.Tensor | None = None,
+        hard_negatives: torch.Tensor | None = None,
+        hard_negative_valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return sigmoid_contrastive_loss(
             image_embeds,
@@ -205,6 +226,9 @@ class SigmoidContrastiveLoss(ContrastiveLoss):
             pad_to=pad_to,
             ring=self.ring,
             valid=valid,
+            image_ids=image_ids,
+            hard_negatives=hard_negatives,
+            hard_negative_valid=hard_negative_valid,
         )
 
     @torch.no_grad()

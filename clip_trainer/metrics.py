@@ -20,6 +20,7 @@ __all__ = [
     "RETRIEVAL_METRIC_NAMES",
     "ZEROSHOT_KS",
     "ZEROSHOT_METRIC_NAMES",
+    "HARD_NEGATIVE_METRIC_NAMES",
     "MetricInfo",
     "ema_metric_name",
     "metric_info",
@@ -53,6 +54,8 @@ class MetricInfo:
         sigmoid_only (`bool`): reported only by a run trained with the sigmoid loss (SigLIP's `logit_bias`).
         by_evaluator (`bool`): computed by [`RetrievalEvaluator`] from the embeddings; the others (`loss` and the
             parameters) are added by the trainer, which has the loss.
+        needs_hard_negatives (`bool`): reported only for an evaluation set with hard negatives
+            (`hard_negative_column`).
     """
 
     name: str
@@ -64,6 +67,7 @@ class MetricInfo:
     parameter: bool = False
     sigmoid_only: bool = False
     by_evaluator: bool = True
+    needs_hard_negatives: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in METRIC_KINDS:
@@ -146,6 +150,16 @@ def _registry() -> tuple[MetricInfo, ...]:
             kind="accuracy",
         ),
         MetricInfo(
+            "hard_negative_accuracy",
+            "Hard-negative accuracy",
+            "fraction of the pairs with hard negatives (`hard_negative_column`) whose image scores its caption above "
+            "every one of the pair's hard negatives",
+            greater_is_better=True,
+            needs_labels=False,
+            kind="accuracy",
+            needs_hard_negatives=True,
+        ),
+        MetricInfo(
             "loss",
             "Contrastive loss",
             "the training loss over the evaluation set's batches",
@@ -192,8 +206,12 @@ METRICS: tuple[MetricInfo, ...] = _registry()
 """Every metric an evaluation reports, in the order tables list them: the one list that argument checks, the curves,
 the model card and the manual read."""
 METRICS_BY_NAME: dict[str, MetricInfo] = {metric.name: metric for metric in METRICS}
-RETRIEVAL_METRIC_NAMES: tuple[str, ...] = tuple(m.name for m in METRICS if m.by_evaluator and not m.needs_labels)
+RETRIEVAL_METRIC_NAMES: tuple[str, ...] = tuple(
+    m.name for m in METRICS if m.by_evaluator and not m.needs_labels and not m.needs_hard_negatives
+)
 """The keys [`retrieval_metrics`] returns with its default `ks`; the trainer logs them with an `eval_` prefix."""
+HARD_NEGATIVE_METRIC_NAMES: tuple[str, ...] = tuple(m.name for m in METRICS if m.needs_hard_negatives)
+"""The keys reported for an evaluation set with hard negatives ([`hard_negative_accuracy`])."""
 ZEROSHOT_METRIC_NAMES: tuple[str, ...] = tuple(m.name for m in METRICS if m.by_evaluator and m.needs_labels)
 """The keys [`zeroshot_accuracy`] returns with its default `ks`."""
 
@@ -259,6 +277,8 @@ def render_metric_table() -> str:
             return "with `label_column`"
         if metric.sigmoid_only:
             return "sigmoid loss only"
+        if metric.needs_hard_negatives:
+            return "with `hard_negative_column`"
         return "always"
 
     lines = ["| key | definition | better | reported |", "|---|---|---|---|"]

@@ -249,7 +249,7 @@ def find_bad_rows(
     """
     Cheaply find rows that cannot be trained on, before training, without decoding any image.
 
-    Checks each caption with [`check_caption`], and each image as [`load_image`] would pick it: embedded bytes must
+    Checks each caption with [`check_caption`] (a list of captions needs one usable caption), and each image as [`load_image`] would pick it: embedded bytes must
     be non-empty; a path (relative ones resolved against `base_dir`) must exist, be a file and be non-empty. Files
     that exist but are corrupt are only found when decoded, so the collator still has to handle [`BadSampleError`].
     Reads the two columns in Arrow batches: a 100k-row dataset of paths takes well under a second on a local disk.
@@ -278,6 +278,8 @@ def find_bad_rows(
     for name in (image_column, caption_column):
         if name not in dataset.column_names:
             raise KeyError(f"Column {name!r} is not in the dataset; available columns: {dataset.column_names}.")
+    from .captions import check_caption_list
+
     report = BadRowReport(num_rows=len(dataset))
     stat_cache: dict[str, str | None] = {}
     columns = list(dict.fromkeys([image_column, caption_column]))
@@ -298,7 +300,8 @@ def find_bad_rows(
             reason = image_reason
             if reason is None:
                 try:
-                    check_caption(caption)
+                    # One caption, or several (a list, or its JSON text): see `clip_trainer.captions`.
+                    check_caption_list(caption)
                 except BadSampleError as error:
                     # The row's image file names the pair (and, in a folder of .txt captions, its caption file).
                     paths = _image_paths(batch.column(image_column)) if paths is None else paths

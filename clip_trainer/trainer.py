@@ -26,7 +26,14 @@ from .callbacks import (
     StopOnSignalCallback,
 )
 from .collator import ImageTextCollator
-from .evaluation import DEFAULT_ZEROSHOT_TEMPLATES, RetrievalEvaluator, embed_batch, text_encoder
+from .evaluation import (
+    DEFAULT_ZEROSHOT_TEMPLATES,
+    RetrievalEvaluator,
+    embed_batch,
+    embed_batch_with_hard_negatives,
+    hard_negative_scores,
+    text_encoder,
+)
 from .lora import ADAPTER_DIRNAME, apply_lora, is_lora_model, merged_copy
 from .losses import ContrastiveLoss, build_loss, inverse_temperature
 from .metrics import EMA_PREFIX, ema_metric_name
@@ -207,6 +214,7 @@ class CLIPContrastiveTrainer(Trainer):
         # The data settings the collator reads (columns, caption length, pixel limit, draft decoding, augmentation):
         # a library user gets exactly what `run_clip.py` builds from the same `DataArguments`.
         self.data_args = data_args if data_args is not None else DataArguments()
+        train_dataset = self._with_caption_sampling(train_dataset, args)
         positions = model.config.text_config.max_position_embeddings
         if data_collator is None:
             data_collator = ImageTextCollator(
@@ -221,6 +229,8 @@ class CLIPContrastiveTrainer(Trainer):
                 # SigLIP's text tower pools at the last position: its captions are always padded to one length.
                 padding=self.family.text_padding,
                 augmentation=ImageAugmentation.from_data_arguments(self.data_args),
+                image_id_column=self.data_args.image_id_column,
+                hard_negative_column=self.data_args.hard_negative_column,
             )
         # Zero-shot prompts are tokenized as the collator tokenizes captions (SigLIP: padded to its one length).
         self.text_padding = getattr(data_collator, "padding", self.family.text_padding)
@@ -255,6 +265,7 @@ class CLIPContrastiveTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         for callback in self.contrastive_loss.callbacks():  # CLIP's clamp of the inverse temperature
             self.add_callback(callback)
+        self._loss_relations = self._check_loss_relations()
         # Added after the Trainer's reporters, so that their `on_train_end` runs before these raise (when they stopped
         # the run). The signal callback goes first: it restores the process's handlers before it raises.
         self.add_callback(StopOnSignalCallback())
@@ -311,6 +322,9 @@ class CLIPContrastiveTrainer(Trainer):
         self.eval_data_collator = self.data_collator
         if dataclasses.is_dataclass(self.data_collator) and getattr(self.data_collator, "augmentation", None):
             self.eval_data_collator = dataclasses.replace(self.data_collator, augmentation=None)
+        if isinstance(self.eval_data_collator, ImageTextCollator) and self.eval_data_collator.row_image_ids:
+            # Evaluation rows are one image each unless the set says otherwise (its `_image_id`), as before.
+            self.eval_data_collator = dataclasses.replace(self.eval_data_collator, row_image_ids=False)
         self._eval_loaders: dict[str | None, DataLoader] = {}
         # One evaluator per evaluation set, by metric prefix (`eval`, `eval_{name}`): the evaluation loop gathers the
         # embeddings (with the loss) and hands them to the evaluator of the set, which computes its metrics.
@@ -521,9 +535,11 @@ class CLIPContrastiveTrainer(Trainer):
         # The evaluator embeds a model alone with the same function: the same inputs inside a run and out of it.
         return embed_batch(model, inputs, self.image_preprocessor)
 
-    def _embed_for_loss(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def _embed_for_loss(self, inputs: dict) -> tuple[torch.Tensor, ...]:
         with self.compute_loss_context_manager():
-            return self.embed(self.model_wrapped, inputs)
+            image_embeds, text_embeds, *hard = self.embed_with_hard_negatives(self.model_wrapped, inputs)
+        # The gradient cache caches the hard negatives' gradients too, when the batch has them.
+        return (image_embeds, text_embeds) if hard[0] is None else (image_embeds, text_embeds, *hard)
 
     def loss_scalars(self) -> tuple[torch.Tensor, ...]:
         """The differentiable scalars the loss takes besides the embeddings: the inverse temperature, and with the
@@ -538,7 +554,7 @@ class CLIPContrastiveTrainer(Trainer):
         self.accelerator.backward(loss, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
-        image_embeds, text_embeds = self.embed(model, inputs)
+        image_embeds, text_embeds, hard_negatives, hard_negative_valid = self.embed_with_hard_negatives(model, inputs)
         batch_size = self.args.per_device_train_batch_size if model.training else self.args.per_device_eval_batch_size
         loss = self.contrastive_loss(
             image_embeds,
@@ -546,10 +562,70 @@ class CLIPContrastiveTrainer(Trainer):
             *self.loss_scalars(),
             pad_to=max(batch_size, image_embeds.shape[0]),
             valid=inputs.get("valid"),
+            **{
+                key: value
+                for key, value in _row_relations(inputs, hard_negatives, hard_negative_valid).items()
+                if key in self._loss_relations
+            },
         )
         if return_outputs:
-            return loss, {"image_embeds": image_embeds, "text_embeds": text_embeds}
+            outputs = {"image_embeds": image_embeds, "text_embeds": text_embeds}
+            if hard_negatives is not None:  # for `eval_hard_negative_accuracy`: one score per row, gathered
+                outputs.update(hard_negative_scores(image_embeds, hard_negatives, hard_negative_valid))
+            return loss, outputs
         return loss
+
+    def embed_with_hard_negatives(
+        self, model: nn.Module, inputs: dict
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """[`embed`], and the batch's hard negatives `(batch, k, dim)` with their validity `(batch, k)` (`None` for a
+        batch without `hard_negative_index`), from the same forward."""
+        return embed_batch_with_hard_negatives(model, inputs, self.image_preprocessor)
+
+    def _with_caption_sampling(self, train_dataset, args: CLIPTrainingArguments):
+        """A loaded training set whose images have several captions, wrapped to draw one per image and epoch (see
+        `clip_trainer.captions`); any other training set as it is."""
+        from .captions import CaptionSampledDataset, needs_caption_sampling
+
+        if not needs_caption_sampling(train_dataset, self.data_args):
+            return train_dataset
+        if args.train_sampling_strategy != "random":
+            raise ConfigError(
+                f"`train_sampling_strategy` is {args.train_sampling_strategy}, but the training images have several "
+                "captions, drawn one per image and epoch by clip-trainer's own sampler; use random, or "
+                "`caption_sampling` all."
+            )
+        seed = args.data_seed if args.data_seed is not None else args.seed
+        return CaptionSampledDataset.from_arguments(train_dataset, self.data_args, seed)
+
+    def _check_loss_relations(self) -> set[str]:
+        """What the loss takes besides the embeddings (a loss class written for an older clip-trainer may take no image
+        ids or hard negatives): refuses hard negatives it cannot use, warns when rows of one image will be negatives."""
+        from .gradient_cache import RELATION_KEYWORDS, accepted_keywords
+
+        accepted = accepted_keywords(self.contrastive_loss, RELATION_KEYWORDS)
+        name = type(self.contrastive_loss).__name__
+        if self.data_args.hard_negative_column is not None and "hard_negatives" not in accepted:
+            raise ConfigError(
+                f"`hard_negative_column` is set, but the loss {name} takes no `hard_negatives`; add the keyword "
+                "arguments `image_ids`, `hard_negatives` and `hard_negative_valid` to its `__call__`, or drop "
+                "`hard_negative_column`."
+            )
+        if "image_ids" not in accepted:
+            logger.warning(
+                f"The loss {name} takes no `image_ids`: two rows of one image in a batch are each other's negatives."
+            )
+        return accepted
+
+    def _get_train_sampler(self, train_dataset=None):
+        """The Trainer's sampler, or for a training set that draws captions per epoch its own (which passes the
+        epoch to the DataLoader's workers, see [`CaptionSampledDataset`])."""
+        from .captions import CaptionSampledDataset
+
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if isinstance(dataset, CaptionSampledDataset):
+            return dataset.sampler()
+        return super()._get_train_sampler(train_dataset)
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
@@ -568,7 +644,8 @@ class CLIPContrastiveTrainer(Trainer):
             # step. The counts are summed where they are and read at logging steps, which synchronise anyway.
             pairs = valid.sum()
             self._skipped_samples = self._skipped_samples + (valid.numel() - pairs)
-        self._samples_since_log += inputs["input_ids"].shape[0]
+        # Rows, not texts: a batch's hard negatives are tokenized after its captions.
+        self._samples_since_log += (valid if valid is not None else inputs["input_ids"]).shape[0]
         if self.args.peak_tflops is not None:
             self._flops_since_log += self.floating_point_ops(inputs)
         if self.gradient_cache is not None and self.gradient_cache.owns(inputs):
@@ -619,7 +696,8 @@ class CLIPContrastiveTrainer(Trainer):
         vision, text = self._tower_weights
         patch = model.config.vision_config.patch_size
         image_tokens = (pixels.shape[-2] // patch) * (pixels.shape[-1] // patch) + 1  # patches and the class token
-        return 6 * input_ids.shape[0] * (vision * image_tokens + text * input_ids.shape[1])
+        # Images and texts counted apart: a batch's hard negatives are texts without an image.
+        return 6 * (pixels.shape[0] * vision * image_tokens + input_ids.shape[0] * text * input_ids.shape[1])
 
     # ------------------------------------------------------------------------------------------------------------
     # Logging
@@ -1045,3 +1123,17 @@ def _matmul_weights(*modules: nn.Module) -> int:
         id(p) for module in modules for m in module.modules() if isinstance(m, nn.Embedding) for p in m.parameters()
     }
     return sum(p.numel() for module in modules for p in module.parameters() if p.ndim >= 2 and id(p) not in tables)
+
+
+def _row_relations(
+    inputs: dict, hard_negatives: torch.Tensor | None, hard_negative_valid: torch.Tensor | None
+) -> dict[str, torch.Tensor]:
+    """What the loss needs to know about a batch's rows besides their embeddings: which image each shows (rows of one
+    image are never each other's negatives) and their hard negatives. Empty for a batch with neither."""
+    relations = {}
+    if inputs.get("image_ids") is not None:
+        relations["image_ids"] = inputs["image_ids"]
+    if hard_negatives is not None:
+        relations["hard_negatives"] = hard_negatives
+        relations["hard_negative_valid"] = hard_negative_valid
+    return relations

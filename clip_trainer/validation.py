@@ -114,9 +114,11 @@ def check_training_arguments(
         has_labels=data_args.label_column is not None if has_labels is None else has_labels,
         extra_sets=extra_sets,
         sigmoid_loss=_uses_sigmoid_loss(training_args, config),
+        hard_negatives=data_args.hard_negative_column is not None,
     )
     _check_model_family(data_args, training_args, config)
     _check_fine_tuning(model_args, training_args, config)
+    _check_captions(data_args)
     _check_report_to(training_args.report_to)
     if training_args.export_onnx:
         import importlib.util
@@ -158,12 +160,14 @@ def _check_metric_for_best_model(
     has_labels: bool,
     extra_sets: dict[str, bool] | None = None,
     sigmoid_loss: bool | None = None,
+    hard_negatives: bool = False,
 ) -> None:
     """Fails fast when `metric_for_best_model` names a metric that evaluation will never compute.
 
     `extra_sets` maps each of `extra_eval_sets` to whether it has a label column; their metrics are
     `eval_{name}_{metric}`. `sigmoid_loss`: whether the run's loss is the sigmoid one, whose evaluations also report
-    `logit_bias` (None: not known, so `logit_bias` is allowed)."""
+    `logit_bias` (None: not known, so `logit_bias` is allowed). `hard_negatives`: whether `hard_negative_column` is
+    set, without which no set reports `hard_negative_accuracy`."""
     from .metrics import EMA_PREFIX, METRICS, ema_metric_name
 
     metric = args.metric_for_best_model
@@ -171,7 +175,13 @@ def _check_metric_for_best_model(
         return
     name = metric.removeprefix("eval_")
     # What every evaluation set reports, from the metric registry; the sigmoid loss adds its `logit_bias`.
-    per_set = {m.name for m in METRICS if not m.needs_labels and (sigmoid_loss is not False or not m.sigmoid_only)}
+    per_set = {
+        m.name
+        for m in METRICS
+        if not m.needs_labels
+        and (sigmoid_loss is not False or not m.sigmoid_only)
+        and (hard_negatives or not m.needs_hard_negatives)
+    }
     labelled_only = {m.name for m in METRICS if m.needs_labels}
     known = per_set | (labelled_only if has_labels else set())
     zeroshot_without_labels = labelled_only - known
@@ -189,6 +199,8 @@ def _check_metric_for_best_model(
         hint = " The `eval_ema_*` metrics are the moving average's: set `ema_decay` (e.g. 0.999) to report them."
     elif name in zeroshot_without_labels:
         hint = " Zero-shot metrics need `label_column` (in the set's entry, for an extra evaluation set)."
+    elif any(m.needs_hard_negatives and (name == m.name or name.endswith(f"_{m.name}")) for m in METRICS):
+        hint = " Hard-negative accuracy needs `hard_negative_column` (and evaluation data that has it)."
     elif sigmoid_only := [
         m.name for m in METRICS if m.sigmoid_only and (name == m.name or name.endswith(f"_{m.name}"))
     ]:
@@ -262,6 +274,24 @@ def _check_fine_tuning(model_args: ModelArguments | None, args: CLIPTrainingArgu
                 f"`{key}` is {wanted}, but the {tower} tower has {depth} layers; set it to {depth} or less (or leave it "
                 "empty to train every layer)."
             )
+
+
+def _check_captions(data_args: DataArguments) -> None:
+    """Several caption columns and hard negatives against the data sources that can carry them: the sources of a
+    `train_mixture` are cut to their image and caption columns (so that they interleave), which would drop them."""
+    if not data_args.train_mixture:
+        return
+    if isinstance(data_args.caption_sampling, dict):
+        raise ConfigError(
+            "`caption_sampling` draws from several caption columns, but a `train_mixture` keeps each source's image "
+            "and caption columns only; give each image's captions as the JSON text of a list in its caption column "
+            "(drawn from uniformly), or train from one source."
+        )
+    if data_args.hard_negative_column is not None:
+        raise ConfigError(
+            "`hard_negative_column` is set, but a `train_mixture` keeps each source's image and caption columns only; "
+            "train from one source (merge them into one file), or drop `hard_negative_column`."
+        )
 
 
 def _check_report_to(report_to: str | list[str] | None) -> None:

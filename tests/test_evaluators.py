@@ -133,7 +133,8 @@ def test_the_evaluator_alone_reports_what_the_command_reports(family, model_dirs
     model, processor = load(model_dirs[family])
     evaluator = RetrievalEvaluator(validation_split(pairs), batch_size=EVAL_BATCH)
     alone = evaluator(model, processor)
-    expected = {f"eval_{m.name}" for m in METRICS if m.by_evaluator}  # with labels: retrieval and zero-shot
+    # With labels and without hard negatives: retrieval and zero-shot.
+    expected = {f"eval_{m.name}" for m in METRICS if m.by_evaluator and not m.needs_hard_negatives}
     assert set(alone) == expected
     assert alone == {key: command_results[family][key] for key in expected}
     # A named set reports under its name, as the command's extra set does.
@@ -268,8 +269,8 @@ def test_the_registry_names_every_metric_an_evaluation_reports(family, command_r
         split = split_metric_key(key)
         assert split is not None, f"{key} is reported but not in the metric registry"
         by_set.setdefault(split[0], set()).add(split[1].name)
-    # Both sets have labels; only the sigmoid loss has a bias to report.
-    expected = {m.name for m in METRICS if family == "siglip" or not m.sigmoid_only}
+    # Both sets have labels and no hard negatives; only the sigmoid loss has a bias to report.
+    expected = {m.name for m in METRICS if (family == "siglip" or not m.sigmoid_only) and not m.needs_hard_negatives}
     assert by_set == {None: expected, "ref": expected}
     for key, value in metrics.items():
         info = split_metric_key(key)[1]

@@ -1,0 +1,478 @@
+"""Several captions per image, and hard negatives: what the data holds, and which caption a training step sees.
+
+**Several captions per image.** A caption column may hold a list of captions (COCO and Flickr have five per image; a
+CSV cell may hold them as JSON text, `["a cat", "a cat on a mat"]`), and several rows may show one image (the same
+`image_id_column` value, the same file path or the same image bytes). `caption_sampling` says what training makes of
+them:
+
+- `uniform` (the default): the rows of one image become one training row holding all its captions, and each epoch
+  draws one of them, uniformly, with a seed made of the run's seed, the epoch and the image, so that a run repeats
+  exactly, a resumed run included, and each epoch sees another caption. An epoch is one pass over the *images*.
+- `all`: every caption is a training pair in every epoch (a list is spread over one row per caption).
+- a JSON object of caption columns and weights, `{"title": 3, "description": 1}`: each epoch draws a column for each
+  image with probability proportional to its weight (among the columns that hold a caption of that image), then one
+  of that column's captions uniformly, as open_clip's `--json-text-key` with probabilities.
+
+A streamed training set is read row by row, so rows of one image are not merged: a list of captions is drawn from at
+each pass (seeded by the row's position in the stream, which differs from pass to pass and resumes exactly). Either
+way, rows of one image that meet in a batch are never each other's negatives (see `loss.py`): the collator gives
+every training row an image id (the `image_id_column` value, else its file path or a digest of its bytes).
+
+Evaluation keeps every caption: each becomes a validation row, and the rows of one image share its id.
+
+**Hard negatives.** `hard_negative_column` holds, per row, captions that are wrong for its image (a string, a list,
+or a JSON list in a CSV cell); the collator tokenizes them with the captions and the loss adds them to the image's
+candidates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from transformers.utils import logging
+
+from .errors import BadSampleError
+from .rows import check_caption
+
+if TYPE_CHECKING:
+    from datasets import Dataset, IterableDataset
+
+    from .arguments import DataArguments
+
+logger = logging.get_logger(__name__)
+
+# Seeds of numpy's SeedSequence are non-negative; ids of torch's int64 tensors are below 2**63.
+_ID_MASK = (1 << 63) - 1
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reading captions and image identities
+# --------------------------------------------------------------------------------------------------------------
+
+
+def caption_list(value: Any) -> list[str]:
+    """The usable captions a value holds, stripped, in order: a list (or tuple) of captions, JSON text of one
+    (`'["a cat", "a cat on a mat"]'`, as a CSV cell holds it), or one caption. Empty and missing ones are left out.
+
+    Example:
+
+    ```python
+    >>> caption_list('["a cat", " ", "a cat on a mat"]')
+    ['a cat', 'a cat on a mat']
+    >>> caption_list("[draft] a cat")
+    ['[draft] a cat']
+    ```
+    """
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("[") and text.endswith("]"):
+            try:
+                parsed = json.loads(text)
+            except json.JSONDecodeError:
+                parsed = None  # a caption that only looks like a list: "[draft] a cat [v2]"
+            if isinstance(parsed, list):
+                value = parsed
+    if isinstance(value, list | tuple):
+        captions = []
+        for item in value:
+            try:
+                captions.append(check_caption(item))
+            except BadSampleError:
+                continue
+        return captions
+    try:
+        return [check_caption(value)]
+    except BadSampleError:
+        return []
+
+
+def check_caption_list(value: Any) -> list[str]:
+    """[`caption_list`], raising [`BadSampleError`] when it holds no usable caption (with the reason a single
+    caption would give)."""
+    captions = caption_list(value)
+    if captions:
+        return captions
+    if isinstance(value, list | tuple) or (isinstance(value, str) and value.strip().startswith("[")):
+        raise BadSampleError("no usable caption in the list")
+    check_caption(value)  # raises with the reason: missing, empty, not a string
+    raise BadSampleError("empty caption")
+
+
+def image_key(row: dict[str, Any], image_column: str, image_id_column: str | None = None) -> str:
+    """What makes two training rows the same image, without reading a file: the `image_id_column` value when there is
+    one, else the image's file path, else a digest of its bytes.
+
+    (Evaluation compares the bytes of files, so that one picture under two names is one image; training would have to
+    read every file before the first step for that, so two copies of a picture count as one only under one name or
+    one `image_id_column` value.)
+    """
+    if image_id_column is not None and row.get(image_id_column) is not None:
+        return "id:" + str(row[image_id_column])
+    value = row.get(image_column)
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            value = value["bytes"]
+        else:
+            value = value.get("path")
+    if isinstance(value, bytes | bytearray | memoryview):
+        return "bytes:" + hashlib.blake2b(bytes(value), digest_size=16).hexdigest()
+    if hasattr(value, "tobytes"):  # a decoded PIL image
+        return "pixels:" + hashlib.blake2b(value.tobytes(), digest_size=16).hexdigest()
+    return "path:" + str(value)
+
+
+def key_to_id(key: str) -> int:
+    """A 63-bit integer for an image key (the loss compares image ids as int64 tensors; two different images share one
+    with probability about 1e-19)."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") & _ID_MASK
+
+
+def training_image_id(row: dict[str, Any], image_column: str, image_id_column: str | None = None) -> int:
+    """The image id the collator gives a training row: [`key_to_id`] of its [`image_key`]."""
+    return key_to_id(image_key(row, image_column, image_id_column))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Drawing one caption
+# --------------------------------------------------------------------------------------------------------------
+
+
+def caption_fields(data_args: DataArguments) -> list[str]:
+    """The caption columns a run reads: the keys of a `caption_sampling` mapping (the caption column first), else the
+    caption column alone."""
+    sampling = data_args.caption_sampling
+    if isinstance(sampling, dict):
+        return [data_args.caption_column] + [column for column in sampling if column != data_args.caption_column]
+    return [data_args.caption_column]
+
+
+def field_weights(data_args: DataArguments) -> list[float] | None:
+    """The weight of each of [`caption_fields`], or `None` when one column is drawn from uniformly."""
+    sampling = data_args.caption_sampling
+    if not isinstance(sampling, dict):
+        return None
+    return [float(sampling[column]) for column in caption_fields(data_args)]
+
+
+def choose_caption(
+    captions: list[list[str]], weights: list[float] | None, seed: int, draw: int, image: int
+) -> str | None:
+    """One caption of an image, drawn with a generator seeded by `(seed, draw, image)`: the same arguments give the
+    same caption in every process and every run, and another `draw` (the epoch) another draw.
+
+    Args:
+        captions: the image's captions, one list per caption column.
+        weights: each column's weight (columns without a caption are not drawn); `None`: one column.
+        seed: the run's seed.
+        draw: the epoch (a stream: the row's position in the stream).
+        image: the image's id ([`key_to_id`]).
+
+    Returns:
+        `str | None`: the caption, or `None` when the image has none (the collator then leaves the row out).
+    """
+    present = [index for index, column in enumerate(captions) if column]
+    if not present:
+        return None
+    rng = np.random.default_rng([seed & _ID_MASK, draw & _ID_MASK, image & _ID_MASK])
+    column = present[0]
+    if len(present) > 1:
+        chances = np.array([weights[index] if weights is not None else 1.0 for index in present], dtype=np.float64)
+        column = present[int(rng.choice(len(present), p=chances / chances.sum()))]
+    options = captions[column]
+    return options[int(rng.integers(len(options)))] if len(options) > 1 else options[0]
+
+
+class CaptionSampledDataset(torch.utils.data.Dataset):
+    """A training set of one row per image, each with several captions, that gives each image one caption per epoch.
+
+    The epoch reaches the DataLoader's worker processes (which live across epochs) through the indices:
+    [`EpochSampler`] yields `epoch * len(dataset) + row`, and `__getitem__` takes the epoch back from the index. So the
+    draw is part of the index stream that the main process sends, and is the same with any number of workers, after a
+    resume, and on every process of a distributed run (each draws the caption of an image from the same seed).
+
+    Args:
+        dataset (`datasets.Dataset`): rows whose caption columns hold lists of captions (or single captions).
+        caption_column (`str`): the column the collator reads the drawn caption from.
+        fields (`list[str]`): the caption columns drawn from (see [`caption_fields`]).
+        weights (`list[float]`, *optional*): their weights (see [`field_weights`]).
+        seed (`int`): the run's seed.
+        image_column / image_id_column: what identifies an image (see [`image_key`]).
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        caption_column: str,
+        fields: list[str],
+        weights: list[float] | None,
+        seed: int,
+        image_column: str = "image",
+        image_id_column: str | None = None,
+    ) -> None:
+        self.dataset = dataset
+        self.caption_column = caption_column
+        self.fields = fields
+        self.weights = weights
+        self.seed = seed
+        self.image_column = image_column
+        self.image_id_column = image_id_column
+
+    @classmethod
+    def from_arguments(cls, dataset: Dataset, data_args: DataArguments, seed: int) -> CaptionSampledDataset:
+        fields = [column for column in caption_fields(data_args) if column in dataset.column_names]
+        weights = field_weights(data_args)
+        weights = None if weights is None else dict(zip(caption_fields(data_args), weights))
+        return cls(
+            dataset,
+            data_args.caption_column,
+            fields,
+            None if weights is None else [weights[column] for column in fields],
+            seed,
+            data_args.image_column,
+            data_args.image_id_column,
+        )
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    @property
+    def column_names(self) -> list[str]:
+        return self.dataset.column_names
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        epoch, position = divmod(int(index), len(self.dataset))
+        row = dict(self.dataset[position])
+        captions = [caption_list(row.get(column)) for column in self.fields]
+        image = training_image_id(row, self.image_column, self.image_id_column)
+        row[self.caption_column] = choose_caption(captions, self.weights, self.seed, epoch, image)
+        return row
+
+    def sampler(self) -> EpochSampler:
+        """The training sampler that tells `__getitem__` the epoch."""
+        return EpochSampler(len(self.dataset), self.seed)
+
+
+class EpochSampler(torch.utils.data.Sampler[int]):
+    """A random order of `num_rows` rows, drawn anew each epoch from `seed + epoch` (as accelerate's seedable sampler
+    does, so every process of a distributed run has the same order and takes its own share of it), with each index
+    offset by `epoch * num_rows` (see [`CaptionSampledDataset`]). The Trainer calls `set_epoch` before each epoch."""
+
+    def __init__(self, num_rows: int, seed: int) -> None:
+        self.num_rows = num_rows
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + self.epoch)
+        offset = self.epoch * self.num_rows
+        for row in torch.randperm(self.num_rows, generator=generator).tolist():
+            yield offset + row
+
+
+def needs_caption_sampling(dataset: Any, data_args: DataArguments) -> bool:
+    """Whether a loaded training set has images with several captions to draw from: a caption column (of
+    [`caption_fields`]) whose values are lists, or several weighted caption columns."""
+    import datasets
+
+    if not isinstance(dataset, datasets.Dataset) or data_args.caption_sampling == "all":
+        return False
+    if sum(column in dataset.column_names for column in caption_fields(data_args)) > 1:
+        return True
+    for column in caption_fields(data_args):
+        feature = dataset.features.get(column)
+        if isinstance(feature, datasets.List | datasets.LargeList | datasets.Sequence):
+            return True
+    return False
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Preparing the splits
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _column_lists(dataset: Dataset, columns: list[str]) -> dict[str, list[list[str]]]:
+    table = dataset.select_columns([c for c in columns if c in dataset.column_names]).with_format(None)
+    return {column: [caption_list(value) for value in table[column]] for column in table.column_names}
+
+
+def _image_keys(dataset: Dataset, data_args: DataArguments, batch_size: int = 10_000) -> list[str]:
+    """Each row's [`image_key`], reading the image column in batches (a column of image bytes is never held whole)."""
+    columns = [data_args.image_column] + ([data_args.image_id_column] if data_args.image_id_column else [])
+    keys = []
+    for batch in dataset.select_columns(columns).with_format(None).iter(batch_size=batch_size):
+        for index in range(len(batch[data_args.image_column])):
+            row = {column: batch[column][index] for column in columns}
+            keys.append(image_key(row, data_args.image_column, data_args.image_id_column))
+    return keys
+
+
+def _holds_single_captions(dataset: Dataset, column: str) -> bool:
+    """Whether a caption column holds one caption per row as plain text (no lists, no JSON text of a list)."""
+    import datasets
+
+    if not isinstance(dataset.features.get(column), datasets.Value):
+        return False
+    return not any(len(caption_list(value)) > 1 or _is_json_list(value) for value in dataset.with_format(None)[column])
+
+
+def _is_json_list(value: Any) -> bool:
+    if not isinstance(value, str) or not value.strip().startswith("["):
+        return False
+    try:
+        return isinstance(json.loads(value), list)
+    except json.JSONDecodeError:
+        return False
+
+
+def _list_feature():
+    import datasets
+
+    return datasets.List(datasets.Value("string"))
+
+
+def _replace_column(dataset: Dataset, column: str, values: list, feature) -> Dataset:
+    position = dataset.column_names.index(column)
+    dataset = dataset.remove_columns(column).add_column(column, values, feature=feature)
+    order = dataset.column_names[:-1]
+    order.insert(position, column)
+    return dataset.select_columns(order)
+
+
+def prepare_training_captions(dataset: Dataset, data_args: DataArguments, merge_rows: bool = True) -> Dataset:
+    """A loaded training split as `caption_sampling` trains on it (see the module docstring).
+
+    With `uniform` or a mapping, rows of one image are merged into one row (the first row's other columns, each
+    caption column and `hard_negative_column` a list of all the rows' values), when there is any choice to make;
+    data with one caption per image is returned as it is. With `all`, a list of captions is spread over one row per
+    caption.
+
+    `merge_rows=False` keeps every row a row (a loaded `train_mixture` repeats a source's rows on purpose: that is its
+    weighting), drawing only from the lists rows hold.
+    """
+    import datasets
+
+    string = datasets.Value("string")
+    fields = caption_fields(data_args)
+    lists = _column_lists(dataset, fields)
+    caption_column = data_args.caption_column
+    plain = _holds_single_captions(dataset, caption_column)
+    if data_args.caption_sampling == "all":
+        captions = lists[caption_column]
+        if plain and all(len(values) == 1 for values in captions):
+            return dataset
+        rows = [index for index, values in enumerate(captions) for _ in values]
+        spread = dataset.select(rows)
+        flat = [caption for values in captions for caption in values]
+        logger.info(
+            f"caption_sampling all: {len(dataset):,} training rows hold {len(flat):,} captions, each a training pair "
+            "every epoch."
+        )
+        return _replace_column(spread, caption_column, flat, string)
+
+    keys = _image_keys(dataset, data_args) if merge_rows else [str(index) for index in range(len(dataset))]
+    groups: dict[str, list[int]] = {}
+    for index, key in enumerate(keys):
+        groups.setdefault(key, []).append(index)
+    counts = [sum(len(lists[column][index]) for column in lists for index in rows) for rows in groups.values()]
+    if plain and len(lists) == 1 and all(count <= 1 for count in counts):
+        return dataset  # one caption per image: nothing to draw
+    merged_columns = [column for column in fields if column in dataset.column_names]
+    if data_args.hard_negative_column and data_args.hard_negative_column in dataset.column_names:
+        merged_columns.append(data_args.hard_negative_column)
+        lists.update(_column_lists(dataset, [data_args.hard_negative_column]))
+    firsts = [rows[0] for rows in groups.values()]
+    merged = dataset.select(firsts) if len(firsts) < len(dataset) else dataset
+    for column in merged_columns:
+        values = []
+        for rows in groups.values():
+            combined = [caption for index in rows for caption in lists[column][index]]
+            # A hard negative repeated by every caption row of its image is one negative, not five.
+            values.append(list(dict.fromkeys(combined)) if column == data_args.hard_negative_column else combined)
+        merged = _replace_column(merged, column, values, _list_feature())
+    total = sum(counts)
+    how = "uniformly" if not isinstance(data_args.caption_sampling, dict) else "by column weight"
+    logger.info(
+        f"{len(dataset):,} training rows show {len(groups):,} images with {total:,} captions: each epoch draws one "
+        f"caption per image ({how}, seeded by the run's seed, the epoch and the image; `caption_sampling`)."
+    )
+    return merged
+
+
+def expand_evaluation_captions(dataset: Dataset, data_args: DataArguments) -> Dataset:
+    """A loaded validation split with every caption a row: a list of captions (and, with a `caption_sampling` mapping,
+    the captions of its other columns) spread over one row per caption, in the caption column. The rows of one image
+    then get one image id, as rows of one image always do."""
+    import datasets
+
+    caption_column = data_args.caption_column
+    lists = _column_lists(dataset, caption_fields(data_args))
+    captions = [[caption for column in lists for caption in lists[column][index]] for index in range(len(dataset))]
+    if _holds_single_captions(dataset, caption_column) and len(lists) == 1:
+        return dataset
+    rows = [index for index, values in enumerate(captions) for _ in values]
+    spread = dataset.select(rows) if rows != list(range(len(dataset))) else dataset
+    flat = [caption for values in captions for caption in values]
+    return _replace_column(spread, caption_column, flat, datasets.Value("string"))
+
+
+class _StreamCaptions:
+    """Map over a training stream: each row's caption columns become one drawn caption (seeded by the run's seed, the
+    row's position in the stream and its image), or with `all` one row per caption. A class, not a closure, so that
+    DataLoader workers can pickle the stream."""
+
+    def __init__(self, data_args: DataArguments, seed: int) -> None:
+        self.caption_column = data_args.caption_column
+        self.fields = caption_fields(data_args)
+        self.weights = field_weights(data_args)
+        self.spread = data_args.caption_sampling == "all"
+        self.image_column = data_args.image_column
+        self.image_id_column = data_args.image_id_column
+        self.seed = seed
+
+    def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        size = len(indices)
+        if self.spread:
+            out: dict[str, list] = {column: [] for column in batch}
+            for position in range(size):
+                captions = caption_list(batch[self.caption_column][position]) or [None]
+                for caption in captions:
+                    for column in batch:
+                        value = batch[column][position]
+                        out[column].append(caption if column == self.caption_column else value)
+            return out
+        chosen = []
+        for position in range(size):
+            row = {column: batch[column][position] for column in batch}
+            captions = [caption_list(row.get(column)) for column in self.fields]
+            image = training_image_id(row, self.image_column, self.image_id_column)
+            chosen.append(choose_caption(captions, self.weights, self.seed, indices[position], image))
+        return {**batch, self.caption_column: chosen}
+
+
+def sample_stream_captions(stream: IterableDataset, data_args: DataArguments, seed: int) -> IterableDataset:
+    """The training stream with one caption per row (see [`_StreamCaptions`])."""
+    import datasets
+
+    features = stream.features
+    if features is not None and data_args.caption_column in features:
+        features = features.copy()
+        features[data_args.caption_column] = datasets.Value("string")
+    return stream.map(_StreamCaptions(data_args, seed), batched=True, with_indices=True, features=features)
+
+
+def finite_weight(value: Any) -> bool:
+    """Whether `value` is a usable `caption_sampling` weight: a positive, finite number (not a boolean)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0

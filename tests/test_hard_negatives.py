@@ -1,0 +1,134 @@
+"""Hard negatives at evaluation (`eval_hard_negative_accuracy`, against the model's own embeddings computed here),
+and the combinations that are refused in one line."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import FAST_TRAINING
+from test_multi_caption import write_multi_caption_csv
+from transformers import AutoModel, AutoProcessor
+
+from clip_trainer import CLIPContrastiveTrainer, CLIPTrainingArguments, DataArguments, load_image_text_data
+from clip_trainer.captions import caption_list
+from clip_trainer.errors import ConfigError
+from clip_trainer.evaluation import RetrievalEvaluator, hard_negative_accuracy
+from clip_trainer.images import load_image
+from clip_trainer.validation import check_training_arguments
+
+
+def test_hard_negative_accuracy_counts_ties_and_nan_against_the_caption():
+    images = torch.eye(4)
+    texts = torch.eye(4)  # each caption scores 1 with its image
+    best = torch.tensor([0.5, 1.0, float("nan"), 2.0])  # below, a tie, NaN, above
+    present = torch.tensor([True, True, True, False])  # the last has none: not counted
+    assert hard_negative_accuracy(images, texts, best, present) == pytest.approx(1 / 3)
+    assert math.isnan(hard_negative_accuracy(images, texts, best, torch.zeros(4, dtype=torch.bool)))
+
+
+def _features(output) -> torch.Tensor:
+    return F.normalize(getattr(output, "pooler_output", output).double(), dim=-1)
+
+
+@pytest.fixture
+def evaluated(tmp_path, tiny_clip_dir):
+    csv_path = write_multi_caption_csv(tmp_path, rows=12)
+    data_args = DataArguments(validation_file=str(csv_path), hard_negative_column="negatives")
+    validation = load_image_text_data(data_args, seed=0, train=False).validation
+    model = AutoModel.from_pretrained(tiny_clip_dir)
+    processor = AutoProcessor.from_pretrained(tiny_clip_dir, backend="pil")
+    args = CLIPTrainingArguments(output_dir=str(tmp_path / "out"), **FAST_TRAINING)
+    trainer = CLIPContrastiveTrainer(
+        model=model, args=args, data_args=data_args, eval_dataset=validation, processing_class=processor
+    )
+    return trainer, validation, model, processor
+
+
+def test_the_evaluation_reports_hard_negative_accuracy_from_the_models_embeddings(evaluated):
+    trainer, validation, model, processor = evaluated
+    metrics = trainer.evaluate()
+
+    # Independently: the processor's own preprocessing and the towers' features, row by row.
+    model.eval()
+    wins, margins = [], []
+    with torch.no_grad():
+        for row in validation:
+            pixels = processor.image_processor(load_image(row["image"]), return_tensors="pt").pixel_values
+            image = _features(model.get_image_features(pixel_values=pixels))
+            texts = [row["caption"], *caption_list(row["negatives"])]
+            tokens = processor.tokenizer(texts, padding=True, truncation=True, max_length=16, return_tensors="pt")
+            scores = (image @ _features(model.get_text_features(**tokens)).T)[0]
+            wins.append(bool(scores[0] > scores[1:].max()))
+            margins.append(abs(float(scores[0] - scores[1:].max())))
+    assert len(wins) == 24 and 0 < sum(wins) < 24 and min(margins) > 1e-4  # no near-tie for float paths to flip
+    assert metrics["eval_hard_negative_accuracy"] == pytest.approx(sum(wins) / len(wins), abs=1e-12)
+    # The evaluator alone reports the same, and so does any set without the column: nothing.
+    alone = RetrievalEvaluator(validation, hard_negative_column="negatives")(model, processor)
+    assert alone["eval_hard_negative_accuracy"] == metrics["eval_hard_negative_accuracy"]
+    assert "eval_hard_negative_accuracy" not in RetrievalEvaluator(validation)(model, processor)
+
+
+def test_hard_negatives_enter_the_evaluation_loss(evaluated, tmp_path, tiny_clip_dir):
+    trainer, validation, model, processor = evaluated
+    with_negatives = trainer.evaluate()["eval_loss"]
+    plain = CLIPContrastiveTrainer(
+        model=model,
+        args=CLIPTrainingArguments(output_dir=str(tmp_path / "plain"), **FAST_TRAINING),
+        eval_dataset=validation,
+        processing_class=processor,
+    ).evaluate()["eval_loss"]
+    assert with_negatives > plain  # more candidates for every image, never a positive
+
+
+def test_choosing_the_best_model_by_hard_negative_accuracy_needs_the_column():
+    args = CLIPTrainingArguments(
+        output_dir="out", metric_for_best_model="eval_hard_negative_accuracy", **FAST_TRAINING
+    )
+    with pytest.raises(ConfigError, match="Hard-negative accuracy needs `hard_negative_column`"):
+        check_training_arguments(DataArguments(), args)
+    check_training_arguments(DataArguments(hard_negative_column="negatives"), args)
+
+
+def test_a_mixture_refuses_hard_negatives_and_caption_columns(shapes_csv):
+    args = CLIPTrainingArguments(output_dir="out", **FAST_TRAINING)
+    mixture = {str(shapes_csv): 1}
+    for extra, message in (
+        ({"hard_negative_column": "negatives"}, "`hard_negative_column` is set, but a `train_mixture`"),
+        ({"caption_sampling": {"caption": 1, "shape": 1}}, "`caption_sampling` draws from several caption columns"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            check_training_arguments(DataArguments(train_mixture=mixture, **extra), args)
+
+
+def test_a_loss_without_hard_negatives_is_refused_and_one_without_ids_still_trains(
+    tmp_path, tiny_clip_dir, shapes_csv, monkeypatch
+):
+    from clip_trainer.losses import ContrastiveLoss
+
+    monkeypatch.setattr(ContrastiveLoss, "registry", dict(ContrastiveLoss.registry))
+
+    class OldStyleLoss(ContrastiveLoss):  # written before image ids and hard negatives existed
+        name = "old-style"
+        card_text = "an old-style loss"
+
+        def __call__(self, image_embeds, text_embeds, *scalars, pad_to=None, valid=None):
+            return (scalars[0] * image_embeds @ text_embeds.T).logsumexp(1).mean()
+
+    def build(data_args):
+        return CLIPContrastiveTrainer(
+            model=AutoModel.from_pretrained(tiny_clip_dir),
+            args=CLIPTrainingArguments(output_dir=str(tmp_path / "out"), loss_type="old-style", **FAST_TRAINING),
+            data_args=data_args,
+            train_dataset=load_image_text_data(DataArguments(train_file=str(shapes_csv)), 0, evaluate=False).train,
+            processing_class=AutoProcessor.from_pretrained(tiny_clip_dir, backend="pil"),
+        )
+
+    with pytest.raises(ConfigError, match="the loss OldStyleLoss takes no `hard_negatives`"):
+        build(DataArguments(hard_negative_column="negatives"))
+    trainer = build(DataArguments())
+    assert trainer._loss_relations == set()
+    trainer.args.max_steps = 1
+    trainer.train()  # called as it always was: no image ids passed
