@@ -37,8 +37,7 @@ import numpy as np
 import torch
 from transformers.utils import logging
 
-from .errors import BadSampleError
-from .rows import check_caption
+from .rows import caption_list, check_caption, check_caption_list  # noqa: F401 - read here too
 
 if TYPE_CHECKING:
     from datasets import Dataset, IterableDataset
@@ -54,54 +53,6 @@ _ID_MASK = (1 << 63) - 1
 # --------------------------------------------------------------------------------------------------------------
 # Reading captions and image identities
 # --------------------------------------------------------------------------------------------------------------
-
-
-def caption_list(value: Any) -> list[str]:
-    """The usable captions a value holds, stripped, in order: a list (or tuple) of captions, JSON text of one
-    (`'["a cat", "a cat on a mat"]'`, as a CSV cell holds it), or one caption. Empty and missing ones are left out.
-
-    Example:
-
-    ```python
-    >>> caption_list('["a cat", " ", "a cat on a mat"]')
-    ['a cat', 'a cat on a mat']
-    >>> caption_list("[draft] a cat")
-    ['[draft] a cat']
-    ```
-    """
-    if isinstance(value, str):
-        text = value.strip()
-        if text.startswith("[") and text.endswith("]"):
-            try:
-                parsed = json.loads(text)
-            except json.JSONDecodeError:
-                parsed = None  # a caption that only looks like a list: "[draft] a cat [v2]"
-            if isinstance(parsed, list):
-                value = parsed
-    if isinstance(value, list | tuple):
-        captions = []
-        for item in value:
-            try:
-                captions.append(check_caption(item))
-            except BadSampleError:
-                continue
-        return captions
-    try:
-        return [check_caption(value)]
-    except BadSampleError:
-        return []
-
-
-def check_caption_list(value: Any) -> list[str]:
-    """[`caption_list`], raising [`BadSampleError`] when it holds no usable caption (with the reason a single
-    caption would give)."""
-    captions = caption_list(value)
-    if captions:
-        return captions
-    if isinstance(value, list | tuple) or (isinstance(value, str) and value.strip().startswith("[")):
-        raise BadSampleError("no usable caption in the list")
-    check_caption(value)  # raises with the reason: missing, empty, not a string
-    raise BadSampleError("empty caption")
 
 
 def image_key(row: dict[str, Any], image_column: str, image_id_column: str | None = None) -> str:

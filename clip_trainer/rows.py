@@ -278,8 +278,6 @@ def find_bad_rows(
     for name in (image_column, caption_column):
         if name not in dataset.column_names:
             raise KeyError(f"Column {name!r} is not in the dataset; available columns: {dataset.column_names}.")
-    from .captions import check_caption_list
-
     report = BadRowReport(num_rows=len(dataset))
     stat_cache: dict[str, str | None] = {}
     columns = list(dict.fromkeys([image_column, caption_column]))
@@ -317,3 +315,51 @@ def find_bad_rows(
             report.reason_counts[kind] = report.reason_counts.get(kind, 0) + 1
         offset += batch.num_rows
     return report
+
+
+def caption_list(value: Any) -> list[str]:
+    """The usable captions a value holds, stripped, in order: a list (or tuple) of captions, JSON text of one
+    (`'["a cat", "a cat on a mat"]'`, as a CSV cell holds it), or one caption. Empty and missing ones are left out.
+
+    Example:
+
+    ```python
+    >>> caption_list('["a cat", " ", "a cat on a mat"]')
+    ['a cat', 'a cat on a mat']
+    >>> caption_list("[draft] a cat")
+    ['[draft] a cat']
+    ```
+    """
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("[") and text.endswith("]"):
+            try:
+                parsed = json.loads(text)
+            except json.JSONDecodeError:
+                parsed = None  # a caption that only looks like a list: "[draft] a cat [v2]"
+            if isinstance(parsed, list):
+                value = parsed
+    if isinstance(value, list | tuple):
+        captions = []
+        for item in value:
+            try:
+                captions.append(check_caption(item))
+            except BadSampleError:
+                continue
+        return captions
+    try:
+        return [check_caption(value)]
+    except BadSampleError:
+        return []
+
+
+def check_caption_list(value: Any) -> list[str]:
+    """[`caption_list`], raising [`BadSampleError`] when it holds no usable caption (with the reason a single
+    caption would give)."""
+    captions = caption_list(value)
+    if captions:
+        return captions
+    if isinstance(value, list | tuple) or (isinstance(value, str) and value.strip().startswith("[")):
+        raise BadSampleError("no usable caption in the list")
+    check_caption(value)  # raises with the reason: missing, empty, not a string
+    raise BadSampleError("empty caption")
