@@ -589,6 +589,8 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+# Spawns processes (slow on 2 cores): the slow tier; the default suite keeps one exact two-process test (test_loss.py).
+@pytest.mark.slow
 def test_two_process_gather_matches_single_process(tmp_path):
     output_path = str(tmp_path / "gathered.pt")
     mp.spawn(_gather_worker, args=(2, _free_port(), output_path), nprocs=2, join=True)

@@ -203,6 +203,8 @@ def _distributed_worker(rank: int, world_size: int, port: int, out_dir: str) -> 
         dist.destroy_process_group()
 
 
+# Spawns processes (slow on 2 cores): the slow tier; the default suite keeps one exact two-process test (test_loss.py).
+@pytest.mark.slow
 def test_two_processes_with_cached_accumulation_equal_one_big_batch(tmp_path):
     mp.spawn(_distributed_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     result = torch.load(tmp_path / "result.pt")

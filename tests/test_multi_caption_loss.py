@@ -254,6 +254,8 @@ def two_process_results(tmp_path_factory) -> dict:
     return torch.load(out_dir / "result.pt")
 
 
+# Spawns processes (slow on 2 cores): the slow tier; the default suite keeps one exact two-process test (test_loss.py).
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_two_processes_equal_one_process_and_the_reference(two_process_results, case):
     inputs, weights = _parameters()

@@ -284,6 +284,8 @@ def _close(got: torch.Tensor, expected: torch.Tensor, what: str) -> None:
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12, msg=lambda message: f"{what}: {message}")
 
 
+# Spawns processes (slow on 2 cores): the slow tier; the default suite keeps one exact two-process test (test_loss.py).
+@pytest.mark.slow
 @pytest.mark.parametrize("world_size, scenario, mode", CASES, ids=[f"{w}-processes-{s}-{m}" for w, s, m in CASES])
 def test_distributed_sigmoid_loss_and_gradients_equal_one_process(distributed_results, world_size, scenario, mode):
     sizes = next(sizes for name, sizes, _ in SCENARIOS[world_size] if name == scenario)
