@@ -66,6 +66,9 @@ class GradientCache:
         micro_batch_size (`int`): the per-device micro-batch size; with `accumulation_steps` it fixes the padding
             of the accumulated batch, so that every process's gather has the same shape on every step.
         accumulation_steps (`int`): micro-batches per optimizer step.
+        constants (`Callable[[dict], dict[str, Tensor]]`, *optional*): per micro-batch, more tensors the loss takes
+            that carry no gradient (a teacher's embeddings, for distillation): computed in the first pass, concatenated
+            over the accumulated batch like the embeddings, and passed to `loss` as keyword arguments.
 
     [`CLIPContrastiveTrainer`] creates one when `gradient_accumulation_steps > 1` and `accumulation_mode="cached"`,
     hands it each step's micro-batches through [`start_step`] and forwards the Trainer's per-micro-batch
@@ -86,12 +89,14 @@ class GradientCache:
         backward: Callable[[torch.Tensor], None],
         micro_batch_size: int,
         accumulation_steps: int,
+        constants: Callable[[dict[str, Any]], dict[str, torch.Tensor]] | None = None,
     ) -> None:
         self.embed = embed
         self.loss_scalars = loss_scalars
         self.loss = loss
         self.backward = backward
         self.pad_to = micro_batch_size * accumulation_steps
+        self.constants = constants
         self._batches: list[dict[str, Any]] = []
         self._random_states: list[RandomState] = []
         self._image_grads: list[torch.Tensor] | None = None
@@ -141,6 +146,7 @@ class GradientCache:
         """First pass: the embeddings of every micro-batch without a graph, the accumulated batch's loss, and its
         gradients with respect to the embeddings and to the loss scalars."""
         image_chunks, text_chunks, valid_chunks = [], [], []
+        constant_chunks: list[dict[str, torch.Tensor]] = []
         with torch.no_grad():
             for batch in self._batches:
                 self._random_states.append(RandomState.capture())
@@ -153,6 +159,9 @@ class GradientCache:
                     if valid is None
                     else valid.to(image_embeds.device)
                 )
+                if self.constants is not None:
+                    # After the micro-batch's embedding, whose random state was captured just before it.
+                    constant_chunks.append(self.constants(batch))
             scalars = self.loss_scalars()
 
         # Leaves: the loss is backpropagated to the embeddings and the scalars only, never into the model. The
@@ -166,8 +175,9 @@ class GradientCache:
         pad_to = max(self.pad_to, images.shape[0])
         # In the embeddings' precision (float32) whatever the mixed-precision setting: the loss and the cached
         # gradients are exact, and only the towers' own forward and backward run in half precision.
+        constants = {key: torch.cat([chunk[key] for chunk in constant_chunks]) for key in (constant_chunks or [{}])[0]}
         with torch.autocast(device_type=images.device.type, enabled=False):
-            loss = self.loss(images, texts, *scalar_leaves, pad_to=pad_to, valid=torch.cat(valid_chunks))
+            loss = self.loss(images, texts, *scalar_leaves, pad_to=pad_to, valid=torch.cat(valid_chunks), **constants)
         # A plain autograd backward to the leaves: unscaled, since these gradients are cached and not stepped on.
         loss.backward()
 
