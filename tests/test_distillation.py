@@ -5,6 +5,7 @@ stop in one line."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -134,14 +135,16 @@ def float64_embeddings(model_dir: Path, csv: Path, padding: str | bool = True) -
     images = [Image.open(csv.parent / path).convert("RGB") for path, _, _ in rows]
     captions = [caption for _, caption, _ in rows]
     model = AutoModel.from_pretrained(model_dir).double().eval()
-    pixels = AutoImageProcessor.from_pretrained(model_dir, backend="pil")(images, return_tensors="pt")["pixel_values"]
+    pixels = AutoImageProcessor.from_pretrained(model_dir, backend="pil")(images, return_tensors="pt")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     text = tokenizer(
         captions, padding=padding, truncation=True, max_length=tokenizer.model_max_length, return_tensors="pt"
     )
     with torch.no_grad():
         outputs = model(
-            pixel_values=pixels.double(), input_ids=text["input_ids"], attention_mask=text["attention_mask"]
+            **{**pixels, "pixel_values": pixels["pixel_values"].double()},
+            input_ids=text["input_ids"],
+            attention_mask=text["attention_mask"],
         )
     return outputs.image_embeds, outputs.text_embeds, model.logit_scale.exp().item()
 
@@ -270,6 +273,37 @@ def test_the_collator_gives_the_teacher_its_own_size_tokens_and_the_same_augment
     assert torch.equal(plain["teacher_pixel_values"][0], torch.from_numpy(teacher_images(rows[0]["image"])))
 
 
+def test_a_naflex_teacher_embeds_its_own_patches(tiny_clip_dir):
+    """A SigLIP 2 teacher (NaFlex: each image at its own aspect ratio, in patches) behind a CLIP student: the collator
+    makes its patches, mask and shapes, and the teacher's embeddings are those of its model on its processor's
+    inputs."""
+    from transformers import AutoProcessor, Siglip2Config, Siglip2ImageProcessorPil, Siglip2Model
+
+    from clip_trainer.distillation import Teacher
+
+    tokenizer = train_caption_tokenizer([c for *_, c in shape_rows()] * 3, vocab_size=280, model_max_length=64)
+    text = {**TINY_TEXT, "max_position_embeddings": 64, **text_config_token_ids(tokenizer)}
+    vision = {key: value for key, value in TINY_VISION.items() if key != "image_size"}
+    torch.manual_seed(5)
+    model = Siglip2Model(Siglip2Config(text_config=text, vision_config={**vision, "num_patches": 16}))
+    image_processor = Siglip2ImageProcessorPil(patch_size=8, max_num_patches=16)
+    preprocessor = ImagePreprocessor.from_image_processor(image_processor)
+    teacher = Teacher(model, preprocessor, TeacherProcessing(tokenizer, preprocessor, 64, "max_length"))
+    rows = [{"image": draw_shape("red", "circle", size=40).resize((40, 64)), "caption": "a red circle on white"},
+            {"image": draw_shape("blue", "square", size=48), "caption": "a blue square on black"}]  # fmt: skip
+    student = AutoProcessor.from_pretrained(tiny_clip_dir, backend="pil")
+    batch = ImageTextCollator.from_processor(student, max_seq_length=16, teacher=teacher.processing)(rows)
+    assert {"teacher_pixel_attention_mask", "teacher_spatial_shapes"} <= batch.keys()
+    got_image, got_text = teacher.embed(batch)
+
+    expected_inputs = image_processor([row["image"] for row in rows], return_tensors="pt")
+    captions = tokenizer([row["caption"] for row in rows], padding="max_length", max_length=64, return_tensors="pt")
+    with torch.no_grad():
+        expected = model(**expected_inputs, **captions)
+    torch.testing.assert_close(got_image, expected.image_embeds, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got_text, expected.text_embeds, rtol=1e-4, atol=1e-5)
+
+
 # --- cached accumulation: the teacher's embeddings are constants of the accumulated batch ----------------------
 
 
@@ -366,3 +400,95 @@ def test_distill_from_pretrained_refuses_a_model_trained_from_scratch(tiny_clip_
     argv[argv.index("--config_name") + 1] = str(tiny_clip_dir / "config.json")
     with pytest.raises(ConfigError, match="trained from scratch"):
         run.main([*argv, "--distill_from_pretrained", "true"])
+
+
+# --- with the other options: the sigmoid loss, LoRA, partial locking and WiSE-FT, streaming, torchrun ------------
+
+
+def test_a_siglip_student_distils_its_softmax_over_the_batch(one_batch_csv, teacher_dir, tmp_path):
+    """The sigmoid family: the student's distribution is still the softmax over the batch of its logits (its bias
+    shifts a whole row and drops out), and the loss is the sigmoid loss plus the weighted KL divergence."""
+    from test_sigmoid_loss import reference_sigmoid_loss
+
+    student = save_teacher(tmp_path / "siglip-student", "siglip")  # a SigLIP model, here in the student's seat
+    with torch.no_grad():  # a bias that would change the distributions if it took part in them
+        model = SiglipModel.from_pretrained(student)
+        model.logit_bias.fill_(-3.0)
+        model.save_pretrained(student)
+    out = tmp_path / "out"
+    run.main([*distill_args(student, one_batch_csv, out), "--teacher_model_name_or_path", str(teacher_dir)])
+    image, text, scale = float64_embeddings(student, one_batch_csv, padding="max_length")
+    teacher_image, teacher_text, teacher_scale = float64_embeddings(teacher_dir, one_batch_csv)
+    divergence = reference_distillation(
+        image.tolist(), text.tolist(), teacher_image.tolist(), teacher_text.tolist(), scale, teacher_scale
+    )
+    sigmoid = reference_sigmoid_loss(image.tolist(), text.tolist(), scale, -3.0)
+    first = training_logs(out)[0]
+    assert first["distillation_kl"] == pytest.approx(divergence, rel=1e-4)
+    assert first["loss"] == pytest.approx(sigmoid + divergence, rel=1e-4)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="peft is not installed")
+def test_lora_distils_from_the_plain_pretrained_model(tiny_clip_dir, one_batch_csv, tmp_path, recorded):
+    out = tmp_path / "out"
+    run.main([*distill_args(tiny_clip_dir, one_batch_csv, out), "--distill_from_pretrained", "true",
+              "--lora_rank", "4", "--learning_rate", "3e-2"])  # fmt: skip
+    first, second = training_logs(out)
+    # LoRA's adapters start at zero: the student starts as its teacher, then moves.
+    assert first["distillation_kl"] == pytest.approx(0, abs=1e-6) and second["distillation_kl"] > 1e-5
+    (trainer,) = recorded
+    assert type(trainer.teacher.model) is CLIPModel  # the weights before LoRA wrapped them, without adapters
+
+
+def test_partial_locking_and_wise_ft_with_the_pretrained_teacher(tiny_clip_dir, one_batch_csv, tmp_path):
+    out = tmp_path / "out"
+    argv = distill_args(tiny_clip_dir, one_batch_csv, out)
+    argv[argv.index("--validation_split_percentage") + 1] = "25"
+    run.main([*argv, "--distill_from_pretrained", "true", "--vision_trainable_layers", "1", "--eval_strategy",
+              "steps", "--eval_steps", "2", "--wise_ft_alphas", "0.5"])  # fmt: skip
+    assert (out / "wise_ft_results.json").is_file()
+    assert all("distillation_kl" in entry for entry in training_logs(out))
+    before, after = AutoModel.from_pretrained(tiny_clip_dir), AutoModel.from_pretrained(out)
+    locked = "vision_model.encoder.layers.0.mlp.fc1.weight"
+    assert torch.equal(before.state_dict()[locked], after.state_dict()[locked])
+
+
+def test_a_streamed_run_distils(tiny_clip_dir, teacher_dir, one_batch_csv, tmp_path):
+    """A stream of the 24 pairs with a batch of 24: the first batch is every pair, so its loss is the reference's."""
+    out = tmp_path / "out"
+    argv = distill_args(tiny_clip_dir, one_batch_csv, out)
+    run.main([*argv, "--streaming", "true", "--shuffle_buffer_size", "8", "--teacher_model_name_or_path",
+              str(teacher_dir)])  # fmt: skip
+    image, text, scale = float64_embeddings(tiny_clip_dir, one_batch_csv)
+    teacher_image, teacher_text, teacher_scale = float64_embeddings(teacher_dir, one_batch_csv)
+    divergence = reference_distillation(
+        image.tolist(), text.tolist(), teacher_image.tolist(), teacher_text.tolist(), scale, teacher_scale
+    )
+    first = training_logs(out)[0]
+    assert first["distillation_kl"] == pytest.approx(divergence, rel=1e-4)
+    assert first["loss"] == pytest.approx(
+        reference_clip_loss(image.tolist(), text.tolist(), scale) + divergence, rel=1e-4
+    )
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_distil_over_the_global_batch(tiny_clip_dir, teacher_dir, one_batch_csv, tmp_path):
+    """2 processes of 12 pairs each: the first logged loss and KL divergence are those of all 24 pairs at once (the
+    distributions are over the gathered global batch), with cached accumulation on top."""
+    from test_distributed_run import torchrun
+
+    out = tmp_path / "out"
+    argv = distill_args(tiny_clip_dir, one_batch_csv, out)
+    argv[argv.index("--per_device_train_batch_size") + 1] = "6"
+    result = torchrun([*argv, "--gradient_accumulation_steps", "2", "--ddp_backend", "gloo",
+                       "--teacher_model_name_or_path", str(teacher_dir), "--distillation_weight", "0.5"])  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    image, text, scale = float64_embeddings(tiny_clip_dir, one_batch_csv)
+    teacher_image, teacher_text, teacher_scale = float64_embeddings(teacher_dir, one_batch_csv)
+    divergence = reference_distillation(
+        image.tolist(), text.tolist(), teacher_image.tolist(), teacher_text.tolist(), scale, teacher_scale
+    )
+    first = training_logs(out)[0]
+    assert first["distillation_kl"] == pytest.approx(divergence, rel=1e-4)
+    contrastive = reference_clip_loss(image.tolist(), text.tolist(), scale)
+    assert first["loss"] == pytest.approx(contrastive + 0.5 * divergence, rel=1e-4)
