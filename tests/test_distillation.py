@@ -41,6 +41,7 @@ from clip_trainer.tokenization import text_config_token_ids, train_caption_token
 from clip_trainer.trainer import CLIPContrastiveTrainer
 
 TEACHER_SCALE = 30.0
+REPO = Path(__file__).resolve().parents[1]
 
 
 def save_teacher(folder: Path, family: str = "clip") -> Path:
@@ -492,3 +493,36 @@ def test_torchrun_two_processes_distil_over_the_global_batch(tiny_clip_dir, teac
     assert first["distillation_kl"] == pytest.approx(divergence, rel=1e-4)
     contrastive = reference_clip_loss(image.tolist(), text.tolist(), scale)
     assert first["loss"] == pytest.approx(contrastive + 0.5 * divergence, rel=1e-4)
+
+
+# --- the documented commands -------------------------------------------------------------------------------------
+
+
+def documented_commands() -> list[list[str]]:
+    """The command lines of the distillation section of docs/fine-tuning.md, as a shell would split them."""
+    import re
+    import shlex
+
+    text = (REPO / "docs" / "fine-tuning.md").read_text().split("## Distillation from a teacher", 1)[1]
+    block = re.search(r"```bash\n(.*?)```", text, re.DOTALL).group(1).replace("\\\n", " ")
+    return [shlex.split(line, comments=True)[2:] for line in block.splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+def test_the_documented_commands_run(tmp_path, monkeypatch):
+    """Each command of the docs on the bundled data, from a working folder beside a copy of the configs, shortened."""
+    import shutil
+
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    monkeypatch.chdir(tmp_path)
+    short = ["--max_steps", "3", "--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end",
+             "false", "--eval_on_start", "false", "--report_to", "none", "--dataloader_num_workers", "0",
+             "--dataloader_persistent_workers", "false"]  # fmt: skip
+    commands = documented_commands()
+    assert len(commands) == 3 and any("--teacher_model_name_or_path" in c for c in commands)
+    for command in commands:
+        run.main([*command, *short])
+    for folder in ("outputs/demo", "outputs/demo-half-distilled", "outputs/demo-kept"):
+        assert (tmp_path / folder / "model.safetensors").is_file()
+    half = json.loads((tmp_path / "outputs/demo-half-distilled/config.json").read_text())
+    assert half["vision_config"]["hidden_size"] == 64
