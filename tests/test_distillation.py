@@ -526,3 +526,12 @@ def test_the_documented_commands_run(tmp_path, monkeypatch):
         assert (tmp_path / folder / "model.safetensors").is_file()
     half = json.loads((tmp_path / "outputs/demo-half-distilled/config.json").read_text())
     assert half["vision_config"]["hidden_size"] == 64
+
+
+def test_the_teacher_runs_in_the_training_precision(tiny_clip_dir, one_batch_csv, tmp_path):
+    """Under bf16 the pretrained teacher's embeddings are its student's at the first step, bit for bit: the teacher's
+    forward runs under the same autocast (float32 against the student's bf16 would differ by bf16's rounding)."""
+    out = tmp_path / "out"
+    run.main([*distill_args(tiny_clip_dir, one_batch_csv, out), "--distill_from_pretrained", "true", "--bf16", "true"])
+    first, second = training_logs(out)
+    assert first["distillation_kl"] == 0 and second["distillation_kl"] > 0
