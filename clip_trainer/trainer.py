@@ -96,6 +96,10 @@ class CLIPContrastiveTrainer(Trainer):
       stopping can use them. The same evaluator scores a model alone, with no trainer.
     - Images arrive from [`ImageTextCollator`] as `uint8`; they are normalised on the device by the same
       [`ImagePreprocessor`], read from `processing_class.image_processor`.
+    - With a teacher (`teacher_model_name_or_path`, or `distill_from_pretrained` for a frozen copy of the starting
+      model), training adds `distillation_weight x` the KL divergence from the teacher's similarity distributions over
+      the batch to the student's ([`distillation_loss`], gathered and cached like the contrastive loss); the teacher
+      ([`Teacher`], `trainer.teacher`) runs frozen on each device, and the collator makes its own inputs.
 
     Everything the run needs is set up here from the arguments: the default collator, the freeze, clamp, non-finite,
     signal and early-stopping callbacks, and `dispatch_batches=False` for streamed (iterable) training data.
