@@ -535,3 +535,18 @@ def test_the_teacher_runs_in_the_training_precision(tiny_clip_dir, one_batch_csv
     run.main([*distill_args(tiny_clip_dir, one_batch_csv, out), "--distill_from_pretrained", "true", "--bf16", "true"])
     first, second = training_logs(out)
     assert first["distillation_kl"] == 0 and second["distillation_kl"] > 0
+
+
+def test_a_batch_without_the_teacher_inputs_is_one_line(tiny_clip_dir, teacher_dir):
+    """A collator of the caller's that does not make the teacher's inputs: the first step says what to give."""
+    from transformers import AutoProcessor
+
+    from clip_trainer.distillation import Teacher
+
+    teacher = Teacher.from_pretrained(str(teacher_dir))
+    batch = ImageTextCollator.from_processor(AutoProcessor.from_pretrained(tiny_clip_dir, backend="pil"))(
+        [{"image": draw_shape("red", "circle"), "caption": "a red circle on white"}]
+    )
+    with pytest.raises(ConfigError, match="ImageTextCollator\\(teacher=...\\)") as error:
+        teacher.embed(batch)
+    assert "\n" not in str(error.value)
