@@ -31,11 +31,14 @@ _EXPORTS = {
     "clip_loss": ".loss",
     "contrastive_loss": ".loss",
     "distributed_clip_loss": ".loss",
+    "distillation_loss": ".loss",
     "sigmoid_contrastive_loss": ".loss",
     "ContrastiveLoss": ".losses",
     "SigmoidContrastiveLoss": ".losses",
     "SoftmaxContrastiveLoss": ".losses",
+    "DistillationLoss": ".losses",
     "build_loss": ".losses",
+    "Teacher": ".distillation",
     "RetrievalEvaluator": ".evaluation",
     "CLIPContrastiveTrainer": ".trainer",
     "CLIPModelCardData": ".model_card",
@@ -50,6 +53,7 @@ __all__ = [
     "ConfigError",
     "ContrastiveLoss",
     "DataArguments",
+    "DistillationLoss",
     "ImageAugmentation",
     "ImagePreprocessor",
     "ImageTextCollator",
@@ -58,10 +62,12 @@ __all__ = [
     "RetrievalEvaluator",
     "SigmoidContrastiveLoss",
     "SoftmaxContrastiveLoss",
+    "Teacher",
     "build_loss",
     "check_arguments",
     "clip_loss",
     "contrastive_loss",
+    "distillation_loss",
     "distributed_clip_loss",
     "load_image_text_data",
     "parse_arguments",
@@ -87,10 +93,17 @@ if TYPE_CHECKING:
     from .collator import ImageTextCollator
     from .command_line import parse_arguments
     from .data import ImageTextData, load_image_text_data
+    from .distillation import Teacher
     from .errors import ConfigError
     from .evaluation import RetrievalEvaluator
-    from .loss import clip_loss, contrastive_loss, distributed_clip_loss, sigmoid_contrastive_loss
-    from .losses import ContrastiveLoss, SigmoidContrastiveLoss, SoftmaxContrastiveLoss, build_loss
+    from .loss import clip_loss, contrastive_loss, distillation_loss, distributed_clip_loss, sigmoid_contrastive_loss
+    from .losses import (
+        ContrastiveLoss,
+        DistillationLoss,
+        SigmoidContrastiveLoss,
+        SoftmaxContrastiveLoss,
+        build_loss,
+    )
     from .model_card import CLIPModelCardData
     from .preprocessing import ImagePreprocessor
     from .trainer import CLIPContrastiveTrainer

@@ -1016,6 +1016,42 @@ class CLIPTrainingArguments(TrainingArguments):
             "bounds": Bounds(0, hint="0: never stop"),
         },
     )
+    # --- Distillation from a teacher ---------------------------------------------------------------------------------
+    teacher_model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Distil from this model (Hub id or folder; any family clip-trainer loads, any size, with its own "
+            "image processor and tokenizer): the loss adds `distillation_weight` x the KL divergence from the "
+            "teacher's image-to-text and text-to-image similarity distributions over each batch to the student's. "
+            "The teacher runs frozen, in eval mode, in the training precision, on each training device."
+        },
+    )
+    distill_from_pretrained: bool = field(
+        default=False,
+        metadata={
+            "help": "Distil from the starting model itself (a frozen copy of the pretrained weights, reading the same "
+            "inputs), so that a fine-tune is pulled towards what it knew. Needs `model_name_or_path`."
+        },
+    )
+    distillation_weight: float | None = field(
+        default=None,
+        metadata={
+            "help": "What the distillation KL divergence is multiplied by before it is added to the contrastive loss. "
+            "Empty: 1 with a teacher. Needs `teacher_model_name_or_path` or `distill_from_pretrained`.",
+            "bounds": Bounds(0, low_open=True, hint="empty: 1 with a teacher"),
+        },
+    )
+    distillation_temperature: float | None = field(
+        default=None,
+        metadata={
+            "help": "Softmax temperature of both similarity distributions in the distillation term, softmax(cosine / "
+            "temperature); the student's learned temperature then takes no part in it. Empty: each model's own "
+            "learned temperature, 1 / exp(logit_scale), so that the student also learns the teacher's sharpness.",
+            "bounds": Bounds(
+                0, low_open=True, hint="e.g. 0.05 (an inverse temperature of 20); empty: each model's own"
+            ),
+        },
+    )
     # --- Fine-tuning without forgetting (issue 13): partial locking, layer-wise rates, WiSE-FT, LoRA --------------
     vision_trainable_layers: int | None = field(
         default=None,
@@ -1114,6 +1150,8 @@ class CLIPTrainingArguments(TrainingArguments):
     def __post_init__(self) -> None:
         # Every field's type, choices and bounds, the parent's too, before transformers reads any of them.
         check_field_values(self)
+        if self.teacher_model_name_or_path is not None and not self.teacher_model_name_or_path.strip():
+            self.teacher_model_name_or_path = None  # an empty value on the command line unsets a config file's
         self._check_steps()
         self._check_fine_tuning_options()
         # `TrainingArguments` accepts only its own optimizer and scheduler names; ours are swapped out for a

@@ -25,6 +25,26 @@ logger = logging.get_logger(__name__)
 
 # Batch entries that describe the rows and are not model inputs.
 ROW_INFO_KEYS = ("image_ids", "class_labels", "valid", "hard_negative_index")
+# The batch entries that are a teacher's inputs (`teacher_pixel_values`, `teacher_input_ids`, ...), for distillation.
+TEACHER_PREFIX = "teacher_"
+
+
+@dataclass(frozen=True)
+class TeacherProcessing:
+    """How [`ImageTextCollator`] makes a distillation teacher's inputs beside the student's: the same rows through the
+    teacher's own image preprocessor and tokenizer.
+
+    Attributes:
+        tokenizer: the teacher's tokenizer.
+        image_preprocessor: the teacher's resize and crop (its own size; its normalisation is applied on the device).
+        max_seq_length: the teacher's longest caption in tokens.
+        padding: the teacher family's caption padding (`"max_length"` for SigLIP, else `"longest"`).
+    """
+
+    tokenizer: PreTrainedTokenizerBase
+    image_preprocessor: ImagePreprocessor
+    max_seq_length: int
+    padding: str = "longest"
 
 
 @dataclass
@@ -64,6 +84,9 @@ class ImageTextCollator:
         hard_negative_column: the column of hard negatives (see above).
         row_image_ids: give rows without `_image_id` an image id (training); the evaluation collators turn it off,
             so that a set without image ids is scored with every row its own image, as before.
+        teacher: a [`TeacherProcessing`] for distillation: the batch also holds the teacher's inputs of the same rows,
+            under `teacher_`-prefixed keys (`teacher_pixel_values` uint8 at the teacher's size, `teacher_input_ids`,
+            `teacher_attention_mask`). An augmented image reaches the teacher with the same crop and colours.
     """
 
     tokenizer: PreTrainedTokenizerBase
@@ -78,6 +101,7 @@ class ImageTextCollator:
     image_id_column: str | None = None
     hard_negative_column: str | None = None
     row_image_ids: bool = True
+    teacher: TeacherProcessing | None = None
 
     @classmethod
     def from_processor(cls, processor: Any, **kwargs: Any) -> ImageTextCollator:
@@ -95,19 +119,26 @@ class ImageTextCollator:
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         pixels, captions, valid = [], [], []
-        draft = self.image_preprocessor.draft_size if self.jpeg_draft else None
+        teacher_pixels = []
+        draft = self._draft_size() if self.jpeg_draft else None
         for row in rows:
             try:
                 caption = check_caption(row.get(self.caption_column))
                 image = load_image(row.get(self.image_column), max_pixels=self.max_image_pixels, draft_size=draft)
+                random_state = torch.get_rng_state() if self.teacher is not None else None
                 if self.augmentation is not None:
-                    pixels.append(self.augmentation(image, self.image_preprocessor))
+                    image_pixels = self.augmentation(image, self.image_preprocessor)
                 else:
-                    pixels.append(self.image_preprocessor(image))
+                    image_pixels = self.image_preprocessor(image)
+                if self.teacher is not None:
+                    teacher_pixels.append(self._teacher_pixels(image, random_state))
+                pixels.append(image_pixels)
             except BadSampleError as error:
                 # Rows are checked for cheap faults before training; what is left (a corrupt file) is rare.
                 logger.warning(f"Leaving out a sample that cannot be used ({error.reason}).")
                 pixels.append(self.image_preprocessor.placeholder())
+                if self.teacher is not None:  # both views are appended only once both are made
+                    teacher_pixels.append(self.teacher.image_preprocessor.placeholder())
                 caption = ""
                 valid.append(False)
             else:
@@ -138,6 +169,8 @@ class ImageTextCollator:
             batch["image_ids"] = torch.tensor(ids, dtype=torch.long)
         if rows and LABEL_COLUMN in rows[0]:
             batch["class_labels"] = torch.tensor([row[LABEL_COLUMN] for row in rows], dtype=torch.long)
+        if self.teacher is not None:
+            batch.update(self._teacher_inputs(teacher_pixels, captions))
         return batch
 
     def _hard_negatives(self, rows: list[dict[str, Any]], valid: list[bool]) -> tuple[list[str], torch.Tensor | None]:
@@ -151,3 +184,38 @@ class ImageTextCollator:
             index[position, : len(negatives)] = torch.arange(len(flat), len(flat) + len(negatives))
             flat.extend(negatives)
         return flat, index
+
+    def _draft_size(self) -> tuple[int, int] | None:
+        """The JPEG draft size that loses no pixel the student or the teacher keeps: the larger of the two."""
+        size = self.image_preprocessor.draft_size
+        if self.teacher is None or size is None:
+            return size
+        teacher_size = self.teacher.image_preprocessor.draft_size
+        return None if teacher_size is None else (max(size[0], teacher_size[0]), max(size[1], teacher_size[1]))
+
+    def _teacher_pixels(self, image: Any, random_state: torch.Tensor) -> Any:
+        """The teacher's view of a row's image. With augmentation, the student's random draws are replayed (they
+        depend on the image's size only, not the output's), so the teacher sees the same crop and colours at its own
+        size; torch's generator then continues from where the student's draws left it."""
+        if self.augmentation is None:
+            return self.teacher.image_preprocessor(image)
+        after = torch.get_rng_state()
+        torch.set_rng_state(random_state)
+        try:
+            return self.augmentation(image, self.teacher.image_preprocessor)
+        finally:
+            torch.set_rng_state(after)
+
+    def _teacher_inputs(self, teacher_pixels: list, captions: list[str]) -> dict[str, torch.Tensor]:
+        """The teacher's model inputs of the batch, under `teacher_`-prefixed keys."""
+        text = self.teacher.tokenizer(
+            captions,
+            padding=self.teacher.padding,
+            truncation=True,
+            max_length=self.teacher.max_seq_length,
+            return_tensors="pt",
+        )
+        inputs = {**self.teacher.image_preprocessor.collate(teacher_pixels), "input_ids": text["input_ids"]}
+        if "attention_mask" in text:
+            inputs["attention_mask"] = text["attention_mask"]
+        return {f"{TEACHER_PREFIX}{key}": value for key, value in inputs.items()}

@@ -293,6 +293,7 @@ CONFIG_RELATIVE_PATH_KEYS = (
     "config_name",
     "vision_model_name_or_path",
     "text_model_name_or_path",
+    "teacher_model_name_or_path",
     "tokenizer_name",
     "image_processor_name",
     "dataset_name",

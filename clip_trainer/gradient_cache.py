@@ -70,6 +70,9 @@ class GradientCache:
         micro_batch_size (`int`): the per-device micro-batch size; with `accumulation_steps` it fixes the padding
             of the accumulated batch, so that every process's gather has the same shape on every step.
         accumulation_steps (`int`): micro-batches per optimizer step.
+        constants (`Callable[[dict], dict[str, Tensor]]`, *optional*): per micro-batch, more tensors the loss takes
+            that carry no gradient (a teacher's embeddings, for distillation): computed in the first pass, concatenated
+            over the accumulated batch like the embeddings, and passed to `loss` as keyword arguments.
 
     [`CLIPContrastiveTrainer`] creates one when `gradient_accumulation_steps > 1` and `accumulation_mode="cached"`,
     hands it each step's micro-batches through [`start_step`] and forwards the Trainer's per-micro-batch
@@ -90,6 +93,7 @@ class GradientCache:
         backward: Callable[[torch.Tensor], None],
         micro_batch_size: int,
         accumulation_steps: int,
+        constants: Callable[[dict[str, Any]], dict[str, torch.Tensor]] | None = None,
     ) -> None:
         self.embed = embed
         self.loss_scalars = loss_scalars
@@ -97,6 +101,7 @@ class GradientCache:
         self.backward = backward
         self.pad_to = micro_batch_size * accumulation_steps
         self.relations = accepted_keywords(loss, RELATION_KEYWORDS)
+        self.constants = constants
         self._batches: list[dict[str, Any]] = []
         self._random_states: list[RandomState] = []
         self._image_grads: list[torch.Tensor] | None = None
@@ -152,6 +157,7 @@ class GradientCache:
         gradients with respect to the embeddings and to the loss scalars."""
         image_chunks, text_chunks, valid_chunks = [], [], []
         id_chunks, hard_chunks = [], []
+        constant_chunks: list[dict[str, torch.Tensor]] = []
         with torch.no_grad():
             for batch in self._batches:
                 self._random_states.append(RandomState.capture())
@@ -168,6 +174,9 @@ class GradientCache:
                     if valid is None
                     else valid.to(image_embeds.device)
                 )
+                if self.constants is not None:
+                    # After the micro-batch's embedding, whose random state was captured just before it.
+                    constant_chunks.append(self.constants(batch))
             scalars = self.loss_scalars()
 
         # Leaves: the loss is backpropagated to the embeddings and the scalars only, never into the model. The
@@ -194,8 +203,12 @@ class GradientCache:
         relations = {key: value for key, value in relations.items() if key in self.relations}
         if "hard_negatives" not in relations:
             hard_leaf = None
+        # The teacher's embeddings (distillation) are constants of the whole accumulated batch.
+        constants = {key: torch.cat([chunk[key] for chunk in constant_chunks]) for key in (constant_chunks or [{}])[0]}
         with torch.autocast(device_type=images.device.type, enabled=False):
-            loss = self.loss(images, texts, *scalar_leaves, pad_to=pad_to, valid=torch.cat(valid_chunks), **relations)
+            loss = self.loss(
+                images, texts, *scalar_leaves, pad_to=pad_to, valid=torch.cat(valid_chunks), **relations, **constants
+            )
         # A plain autograd backward to the leaves: unscaled, since these gradients are cached and not stepped on.
         loss.backward()
 

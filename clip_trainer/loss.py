@@ -865,3 +865,112 @@ def _distributed_sigmoid_loss_with_relations(
             block_weights[rank, :local],
         )
     return total / block_weights.sum().clamp(min=1) * world_size
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Distillation: the KL divergence from a teacher's similarity distributions to the student's
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _masked_log_softmax(logits: torch.Tensor, row_valid: torch.Tensor, column_valid: torch.Tensor) -> torch.Tensor:
+    """Each row's log-softmax over its valid columns, with 0 (not -inf) at invalid columns and in invalid rows.
+
+    Zeros rather than -inf: a zero probability times a `-inf - -inf` difference would be NaN, in the forward and in
+    the backward, even where it is multiplied by 0. An invalid row's logits are replaced by zeros before the softmax
+    (as in [`_masked_cross_entropies`]), so that a row with no valid column anywhere gives no NaN either.
+    """
+    column_mask = torch.where(column_valid, 0.0, float("-inf")).to(logits.dtype)
+    logits = torch.where(row_valid[:, None], logits + column_mask, torch.zeros_like(logits))
+    keep = row_valid[:, None] & column_valid[None, :]
+    return torch.where(keep, logits.log_softmax(dim=-1), torch.zeros_like(logits))
+
+
+def _kl_divergence_sum(
+    teacher_logits: torch.Tensor, student_logits: torch.Tensor, row_valid: torch.Tensor, column_valid: torch.Tensor
+) -> torch.Tensor:
+    """`sum_i KL(softmax(teacher_logits[i]) || softmax(student_logits[i]))` over the valid rows, each softmax over
+    the valid columns. `torch.nn.functional.kl_div` takes no mask, and its zero-target convention would still need
+    the masked entries out of the student's softmax, so the few lines are written here."""
+    teacher_log_probs = _masked_log_softmax(teacher_logits, row_valid, column_valid)
+    student_log_probs = _masked_log_softmax(student_logits, row_valid, column_valid)
+    keep = row_valid[:, None] & column_valid[None, :]
+    teacher_probs = torch.where(keep, teacher_log_probs.exp(), torch.zeros_like(teacher_log_probs))
+    return (teacher_probs * (teacher_log_probs - student_log_probs)).sum()
+
+
+def distillation_loss(
+    student_image_embeds: torch.Tensor,
+    student_text_embeds: torch.Tensor,
+    teacher_image_embeds: torch.Tensor,
+    teacher_text_embeds: torch.Tensor,
+    student_inverse_temperature: torch.Tensor,
+    teacher_inverse_temperature: torch.Tensor | float,
+    gather: bool = True,
+    pad_to: int | None = None,
+    valid: torch.Tensor | None = None,
+    group: dist.ProcessGroup | None = None,
+) -> torch.Tensor:
+    """The KL divergence from the teacher's similarity distributions over the batch to the student's.
+
+    Each image's distribution over the batch's texts is the softmax of its logits `inverse_temperature x cosine`
+    (image-to-text), and each text's over the images likewise (text-to-image); the student's come from its
+    embeddings and `student_inverse_temperature`, the teacher's from its own embeddings (of the same pairs, through
+    its own processor; any width) and `teacher_inverse_temperature`. The loss is
+
+        `(mean_i KL(p_i2t_i || q_i2t_i) + mean_i KL(p_t2i_i || q_t2i_i)) / 2`
+
+    with `p` the teacher's and `q` the student's distributions, the means over the valid pairs. It is 0 when the
+    student ranks the batch as the teacher does, at the same sharpness. For SigLIP models too the distributions are
+    softmaxes over the batch of the model's logits: SigLIP's bias shifts a whole row and leaves its softmax unchanged.
+
+    The teacher's embeddings and inverse temperature are constants (no gradient is asked of them); the student's
+    inverse temperature may carry a gradient (it learns the teacher's sharpness) or be a constant.
+
+    Args:
+        student_image_embeds, student_text_embeds (`torch.Tensor` of shape `(batch, dim)`): the student's normalised
+            pairs.
+        teacher_image_embeds, teacher_text_embeds (`torch.Tensor` of shape `(batch, teacher_dim)`): the teacher's
+            normalised embeddings of the same pairs, row for row.
+        student_inverse_temperature, teacher_inverse_temperature (`torch.Tensor` or `float`, scalars): what each
+            model's cosines are multiplied by before the softmax.
+        gather (`bool`, *optional*, defaults to `True`): under distributed training, each process's rows are
+            distributions over every process's batch (the student's columns gathered with their gradients, as in
+            [`distributed_clip_loss`], and the teacher's); summed over processes and divided by the world size, the
+            shares give the loss and gradients over the concatenated batch. Else (or with one process) the local batch.
+        pad_to (`int`, *optional*): the largest local batch any process can have, as in [`distributed_clip_loss`].
+        valid (`torch.Tensor` of shape `(batch,)`, *optional*): `False` for rows that are no pair: they are neither
+            rows nor columns of any distribution. With no valid pair the loss is 0, still connected to the graph.
+        group: the process group; defaults to the world.
+    """
+    distributed = gather and dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+    if distributed:
+        world_size = dist.get_world_size(group)
+        rows, row_valid, all_valid = _padding_and_validity(student_image_embeds, pad_to, valid, group)
+        column_valid = all_valid.flatten()
+        # The student's columns keep their gradients (back to the process that owns them); the teacher's have none.
+        student_images = gather_with_gradient(_pad_rows(student_image_embeds, rows), group)
+        student_texts = gather_with_gradient(_pad_rows(student_text_embeds, rows), group)
+        teacher_images = gather_with_gradient(_pad_rows(teacher_image_embeds, rows), group)
+        teacher_texts = gather_with_gradient(_pad_rows(teacher_text_embeds, rows), group)
+    else:
+        world_size = 1
+        local = student_image_embeds.shape[0]
+        row_valid = torch.ones(local, dtype=torch.bool, device=student_image_embeds.device) if valid is None else valid
+        column_valid = row_valid
+        student_images, student_texts = student_image_embeds, student_text_embeds
+        teacher_images, teacher_texts = teacher_image_embeds, teacher_text_embeds
+
+    total = _kl_divergence_sum(
+        teacher_inverse_temperature * teacher_image_embeds @ teacher_texts.T,
+        student_inverse_temperature * student_image_embeds @ student_texts.T,
+        row_valid,
+        column_valid,
+    ) + _kl_divergence_sum(
+        teacher_inverse_temperature * teacher_text_embeds @ teacher_images.T,
+        student_inverse_temperature * student_text_embeds @ student_images.T,
+        row_valid,
+        column_valid,
+    )
+    # As in `distributed_clip_loss`: over the global number of pairs, times the world size that DDP's averaging
+    # divides by again; clamped so that a batch without pairs gives 0, not 0 / 0.
+    return total / 2 / column_valid.sum().clamp(min=1) * world_size

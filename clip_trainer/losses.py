@@ -21,7 +21,7 @@ from transformers.utils import logging
 
 from .callbacks import ClampLogitScaleCallback
 from .errors import ConfigError
-from .loss import contrastive_loss, sigmoid_contrastive_loss
+from .loss import contrastive_loss, distillation_loss, sigmoid_contrastive_loss
 
 if TYPE_CHECKING:
     from .arguments import CLIPTrainingArguments
@@ -251,3 +251,77 @@ def build_loss(model: nn.Module, family: ModelFamily, args: CLIPTrainingArgument
         )
     loss_class.check_model(model, family)
     return loss_class.from_arguments(args)
+
+
+class DistillationLoss:
+    """The distillation term a run with a teacher adds to the contrastive loss: `weight x` [`distillation_loss`], the
+    KL divergence from the teacher's image-to-text and text-to-image distributions over the batch to the student's
+    (gathered across processes like the contrastive loss's negatives).
+
+    Args:
+        weight (`float`, *optional*, defaults to 1): what the KL divergence is multiplied by before it is added.
+        temperature (`float`, *optional*): the softmax temperature of both distributions, `softmax(cosine /
+            temperature)`; the student's learned inverse temperature then takes no part in the term. `None`: each
+            model's own learned inverse temperature (`exp(logit_scale)`), so that the student also learns the
+            teacher's sharpness (as open_clip's `DistillClipLoss` does).
+        gather_negatives (`bool`, *optional*, defaults to `True`): under distributed training, the distributions
+            are over the global batch.
+    """
+
+    def __init__(self, weight: float = 1.0, temperature: float | None = None, gather_negatives: bool = True) -> None:
+        self.weight = weight
+        self.temperature = temperature
+        self.gather_negatives = gather_negatives
+
+    @classmethod
+    def from_arguments(cls, args: CLIPTrainingArguments) -> DistillationLoss | None:
+        """The term `args` asks for (`teacher_model_name_or_path` or `distill_from_pretrained`), else `None`."""
+        if args.teacher_model_name_or_path is None and not args.distill_from_pretrained:
+            return None
+        weight = 1.0 if args.distillation_weight is None else args.distillation_weight
+        return cls(weight, args.distillation_temperature, args.gather_negatives)
+
+    def inverse_temperatures(
+        self, student: torch.Tensor, teacher: torch.Tensor
+    ) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+        """The student's and the teacher's inverse temperatures in the term: their own, or `1 / temperature`."""
+        if self.temperature is None:
+            return student, teacher
+        return 1.0 / self.temperature, 1.0 / self.temperature
+
+    def __call__(
+        self,
+        image_embeds: torch.Tensor,
+        text_embeds: torch.Tensor,
+        teacher_image_embeds: torch.Tensor,
+        teacher_text_embeds: torch.Tensor,
+        inverse_temperature: torch.Tensor,
+        teacher_inverse_temperature: torch.Tensor,
+        pad_to: int | None = None,
+        valid: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The KL divergence (not yet multiplied by `weight`) of this process's rows: its share of the global
+        batch's, when gathered.
+
+        Args:
+            image_embeds, text_embeds: the student's normalised pairs.
+            teacher_image_embeds, teacher_text_embeds: the teacher's embeddings of the same pairs (constants).
+            inverse_temperature: the student's `exp(logit_scale)`, with its gradient.
+            teacher_inverse_temperature: the teacher's `exp(logit_scale)`.
+        """
+        student_scale, teacher_scale = self.inverse_temperatures(inverse_temperature, teacher_inverse_temperature)
+        return distillation_loss(
+            image_embeds,
+            text_embeds,
+            teacher_image_embeds.to(image_embeds.dtype),
+            teacher_text_embeds.to(image_embeds.dtype),
+            student_scale,
+            teacher_scale,
+            gather=self.gather_negatives,
+            pad_to=pad_to,
+            valid=valid,
+        )
+
+    def __repr__(self) -> str:
+        options = ", ".join(f"{key}={value!r}" for key, value in vars(self).items())
+        return f"{type(self).__name__}({options})"

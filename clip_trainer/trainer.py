@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -25,7 +26,8 @@ from .callbacks import (
     NonFiniteLossCallback,
     StopOnSignalCallback,
 )
-from .collator import ImageTextCollator
+from .collator import TEACHER_PREFIX, ImageTextCollator
+from .distillation import Teacher
 from .evaluation import (
     DEFAULT_ZEROSHOT_TEMPLATES,
     RetrievalEvaluator,
@@ -35,7 +37,7 @@ from .evaluation import (
     text_encoder,
 )
 from .lora import ADAPTER_DIRNAME, apply_lora, is_lora_model, merged_copy
-from .losses import ContrastiveLoss, build_loss, inverse_temperature
+from .losses import ContrastiveLoss, DistillationLoss, build_loss, inverse_temperature
 from .metrics import EMA_PREFIX, ema_metric_name
 from .model_card import CLIPModelCardData, non_default_training_arguments, write_model_card
 from .modeling import TOWERS, model_family, tower_layers
@@ -104,6 +106,10 @@ class CLIPContrastiveTrainer(Trainer):
       beside the weights (`eval_ema_*`) and saved as the model when `metric_for_best_model` is one of its metrics.
     - Images arrive from [`ImageTextCollator`] as `uint8`; they are normalised on the device by the same
       [`ImagePreprocessor`], read from `processing_class.image_processor`.
+    - With a teacher (`teacher_model_name_or_path`, or `distill_from_pretrained` for a frozen copy of the starting
+      model), training adds `distillation_weight x` the KL divergence from the teacher's similarity distributions over
+      the batch to the student's ([`distillation_loss`], gathered and cached like the contrastive loss); the teacher
+      ([`Teacher`], `trainer.teacher`) runs frozen on each device, and the collator makes its own inputs.
 
     Everything the run needs is set up here from the arguments: the default collator, the freeze, clamp, non-finite,
     signal and early-stopping callbacks, and `dispatch_batches=False` for streamed (iterable) training data.
@@ -175,6 +181,10 @@ class CLIPContrastiveTrainer(Trainer):
             from .wise_ft import weights_of
 
             self.pretrained_weights = weights_of(model)
+        # Distillation: `distill_from_pretrained` teaches with the weights as they are now, copied before LoRA wraps
+        # them; the teacher itself is built once the settings are checked (below).
+        self.distillation = DistillationLoss.from_arguments(args)
+        pretrained_copy = copy.deepcopy(model) if args.distill_from_pretrained else None
         if args.lora_rank is not None and not is_lora_model(model):
             # The adapters' initial weights follow the seed, however the caller left the random state.
             enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
@@ -211,6 +221,14 @@ class CLIPContrastiveTrainer(Trainer):
             if extra_eval_datasets
             else None,
         )
+        # The teacher, frozen on this process's device; one with its own processor has its inputs made by the collator.
+        self.teacher: Teacher | None = None
+        if args.teacher_model_name_or_path is not None:
+            self.teacher = Teacher.from_pretrained(args.teacher_model_name_or_path)
+        elif pretrained_copy is not None:
+            self.teacher = Teacher(pretrained_copy, self.image_preprocessor)
+        if self.teacher is not None:
+            self.teacher.to(args.device)
         # The data settings the collator reads (columns, caption length, pixel limit, draft decoding, augmentation):
         # a library user gets exactly what `run_clip.py` builds from the same `DataArguments`.
         self.data_args = data_args if data_args is not None else DataArguments()
@@ -231,7 +249,15 @@ class CLIPContrastiveTrainer(Trainer):
                 augmentation=ImageAugmentation.from_data_arguments(self.data_args),
                 image_id_column=self.data_args.image_id_column,
                 hard_negative_column=self.data_args.hard_negative_column,
+                teacher=self.teacher.processing if self.teacher is not None else None,
             )
+        elif (
+            self.teacher is not None
+            and self.teacher.processing is not None
+            and isinstance(data_collator, ImageTextCollator)
+        ):
+            if data_collator.teacher is None:  # a collator of the caller's: it makes the teacher's inputs too
+                data_collator = dataclasses.replace(data_collator, teacher=self.teacher.processing)
         # Zero-shot prompts are tokenized as the collator tokenizes captions (SigLIP: padded to its one length).
         self.text_padding = getattr(data_collator, "padding", self.family.text_padding)
         self.max_seq_length = getattr(data_collator, "max_seq_length", positions)
@@ -283,6 +309,12 @@ class CLIPContrastiveTrainer(Trainer):
                 micro_batch_size=self.args.per_device_train_batch_size,
                 accumulation_steps=self.args.gradient_accumulation_steps,
             )
+        if self.gradient_cache is not None and self.teacher is not None:
+            # The teacher's embeddings are constants of the accumulated batch, embedded with each micro-batch.
+            self.gradient_cache.loss = self._with_distillation(self.gradient_cache.loss)
+            self.gradient_cache.constants = self._with_teacher_embeddings(self.gradient_cache.constants)
+        self._distillation_sum: torch.Tensor | None = None
+        self._distillation_count = 0
         # --- callbacks ------------------------------------------------------------------------------------------------
         # Which parameters train: LoRA, partial locking and tower freezing, composed by one policy.
         if not self.trainable_parameters.is_default:
@@ -325,6 +357,10 @@ class CLIPContrastiveTrainer(Trainer):
         if isinstance(self.eval_data_collator, ImageTextCollator) and self.eval_data_collator.row_image_ids:
             # Evaluation rows are one image each unless the set says otherwise (its `_image_id`), as before.
             self.eval_data_collator = dataclasses.replace(self.eval_data_collator, row_image_ids=False)
+        if dataclasses.is_dataclass(self.eval_data_collator) and getattr(self.eval_data_collator, "teacher", None):
+            # Nor do they need the teacher's inputs: distillation is a training term (`eval_loss` is the contrastive
+            # loss alone, comparable with runs without a teacher).
+            self.eval_data_collator = dataclasses.replace(self.eval_data_collator, teacher=None)
         self._eval_loaders: dict[str | None, DataLoader] = {}
         # One evaluator per evaluation set, by metric prefix (`eval`, `eval_{name}`): the evaluation loop gathers the
         # embeddings (with the loss) and hands them to the evaluator of the set, which computes its metrics.
@@ -532,6 +568,8 @@ class CLIPContrastiveTrainer(Trainer):
 
         uint8 pixels from the collator are normalised here, on their device, as the image processor would have.
         """
+        if self.teacher is not None:  # the teacher's inputs are not the model's
+            inputs = {key: value for key, value in inputs.items() if not key.startswith(TEACHER_PREFIX)}
         # The evaluator embeds a model alone with the same function: the same inputs inside a run and out of it.
         return embed_batch(model, inputs, self.image_preprocessor)
 
@@ -568,6 +606,15 @@ class CLIPContrastiveTrainer(Trainer):
                 if key in self._loss_relations
             },
         )
+        if self.teacher is not None and model.training:
+            loss = loss + self._distillation_term(
+                image_embeds,
+                text_embeds,
+                *self.teacher_embeddings(inputs).values(),
+                self.inverse_temperature(),
+                pad_to=max(batch_size, image_embeds.shape[0]),
+                valid=inputs.get("valid"),
+            )
         if return_outputs:
             outputs = {"image_embeds": image_embeds, "text_embeds": text_embeds}
             if hard_negatives is not None:  # for `eval_hard_negative_accuracy`: one score per row, gathered
@@ -626,6 +673,65 @@ class CLIPContrastiveTrainer(Trainer):
         if isinstance(dataset, CaptionSampledDataset):
             return dataset.sampler()
         return super()._get_train_sampler(train_dataset)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Distillation
+    # ------------------------------------------------------------------------------------------------------------
+    def teacher_embeddings(self, inputs: dict) -> dict[str, torch.Tensor]:
+        """The teacher's normalised embeddings of a batch's pairs, without gradients, under the run's mixed
+        precision (accelerate applies it to the model's forward; the teacher is not prepared, so it is applied
+        here)."""
+        with self.accelerator.autocast():
+            image_embeds, text_embeds = self.teacher.embed(inputs)
+        return {"teacher_image_embeds": image_embeds, "teacher_text_embeds": text_embeds}
+
+    def _distillation_term(
+        self,
+        image_embeds: torch.Tensor,
+        text_embeds: torch.Tensor,
+        teacher_image_embeds: torch.Tensor,
+        teacher_text_embeds: torch.Tensor,
+        student_inverse_temperature: torch.Tensor,
+        pad_to: int | None,
+        valid: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """`distillation_weight x` the KL divergence from the teacher's distributions to the student's; the divergence
+        is kept (on the device) for the training logs' `distillation_kl`."""
+        divergence = self.distillation(
+            image_embeds,
+            text_embeds,
+            teacher_image_embeds,
+            teacher_text_embeds,
+            student_inverse_temperature,
+            self.teacher.inverse_temperature(),
+            pad_to=pad_to,
+            valid=valid,
+        )
+        detached = divergence.detach()
+        self._distillation_sum = detached if self._distillation_sum is None else self._distillation_sum + detached
+        self._distillation_count += 1
+        return self.distillation.weight * divergence
+
+    def _with_distillation(self, loss_function):
+        """The cached accumulation's loss with the distillation term added; the student's inverse temperature is the
+        first of the loss scalars (both loss families start with it)."""
+
+        def loss(images, texts, *scalars, pad_to, valid, teacher_image_embeds, teacher_text_embeds, **constants):
+            base = loss_function(images, texts, *scalars, pad_to=pad_to, valid=valid, **constants)
+            return base + self._distillation_term(
+                images, texts, teacher_image_embeds, teacher_text_embeds, scalars[0], pad_to, valid
+            )
+
+        return loss
+
+    def _with_teacher_embeddings(self, constants_function):
+        """The cached accumulation's per-micro-batch constants with the teacher's embeddings added."""
+
+        def constants(batch: dict) -> dict[str, torch.Tensor]:
+            others = constants_function(batch) if constants_function is not None else {}
+            return {**others, **self.teacher_embeddings(batch)}
+
+        return constants
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
@@ -727,6 +833,11 @@ class CLIPContrastiveTrainer(Trainer):
                 logs["skipped_samples"] = skipped
             if self.nonfinite_guard.skipped_steps:
                 logs["nonfinite_steps_skipped"] = self.nonfinite_guard.skipped_steps
+            if self._distillation_count:
+                # The mean KL divergence to the teacher since the last log, over every process.
+                mean = self.accelerator.reduce(self._distillation_sum / self._distillation_count, reduction="mean")
+                logs["distillation_kl"] = round(mean.item(), 6)
+                self._distillation_sum, self._distillation_count = None, 0
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------------------------------------------------

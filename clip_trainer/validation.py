@@ -119,6 +119,7 @@ def check_training_arguments(
     _check_model_family(data_args, training_args, config)
     _check_fine_tuning(model_args, training_args, config)
     _check_captions(data_args)
+    _check_distillation(data_args, training_args, model_args, config)
     _check_report_to(training_args.report_to)
     if training_args.export_onnx:
         import importlib.util
@@ -291,6 +292,50 @@ def _check_captions(data_args: DataArguments) -> None:
         raise ConfigError(
             "`hard_negative_column` is set, but a `train_mixture` keeps each source's image and caption columns only; "
             "train from one source (merge them into one file), or drop `hard_negative_column`."
+        )
+
+
+def _check_distillation(
+    data_args: DataArguments, args: CLIPTrainingArguments, model_args: ModelArguments | None, config: Any
+) -> None:
+    """A teacher (`teacher_model_name_or_path` or `distill_from_pretrained`) against the other settings; the teacher's
+    config is read (not its weights), so that a wrong path or family stops the run before any data is read."""
+    has_teacher = args.teacher_model_name_or_path is not None or args.distill_from_pretrained
+    for key in ("distillation_weight", "distillation_temperature"):
+        if getattr(args, key) is not None and not has_teacher:
+            raise ConfigError(
+                f"`{key}` is set, but there is no teacher to distil from; set `teacher_model_name_or_path` (or "
+                f"`distill_from_pretrained`), or drop `{key}`."
+            )
+    if not has_teacher:
+        return
+    if args.teacher_model_name_or_path is not None and args.distill_from_pretrained:
+        raise ConfigError(
+            "Both `teacher_model_name_or_path` and `distill_from_pretrained` name a teacher; keep one of them."
+        )
+    if args.fsdp or args.deepspeed:
+        raise ConfigError(
+            "A distillation teacher is held whole on every process and is not sharded by FSDP or DeepSpeed; drop "
+            "`fsdp`/`deepspeed`, or the teacher."
+        )
+    command = model_args is not None  # a trainer built in Python has no model arguments
+    if command and args.distill_from_pretrained and model_args.model_name_or_path is None:
+        raise ConfigError(
+            "`distill_from_pretrained` keeps a fine-tune near its pretrained weights, but this model is trained from "
+            "scratch (no `model_name_or_path`); drop it, or give a teacher with `teacher_model_name_or_path`."
+        )
+    if command and not args.do_train:
+        raise ConfigError("A distillation teacher teaches during training; add --do_train, or drop the teacher.")
+    if args.teacher_model_name_or_path is None:
+        return
+    from .distillation import load_teacher_config
+
+    teacher = load_teacher_config(args.teacher_model_name_or_path, model_args.cache_dir if command else None)
+    if teacher.model_type == "siglip2" and data_args.augment:
+        raise ConfigError(
+            "`augment` crops each training image to one fixed size, and the teacher is a SigLIP 2 model (NaFlex) that "
+            "takes each image at its own aspect ratio, so it could not see the student's crop; drop `augment`, or "
+            "distil from a CLIP or SigLIP teacher."
         )
 
 
