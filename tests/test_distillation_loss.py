@@ -240,6 +240,8 @@ def _check_against_one_process(case: str, result: dict) -> None:
     assert log_scale.grad.abs().item() > 0
 
 
+# Spawns processes (slow on 2 cores): the slow tier; the default suite keeps one exact two-process test (test_loss.py).
+@pytest.mark.slow
 def test_two_process_distillation_equals_one_process_with_masked_and_uneven_rows(tmp_path):
     """One spawn covers the hardest case: uneven local batches, padded, with unusable rows on both processes."""
     case = "unusable-rows-masked"
