@@ -59,8 +59,12 @@ RECIPES = {
     "plain + EMA": ["--ema_decay", "0.9"],
     # The pretrained model as a teacher: the fine-tune is pulled towards its similarity distributions.
     "plain + distillation from the pretrained": ["--distill_from_pretrained", "true"],
-    "vision locked + distillation from the pretrained": ["--freeze_vision_model", "true", "--distill_from_pretrained",
-                                                         "true"],  # fmt: skip
+    "vision locked + distillation from the pretrained": [
+        "--freeze_vision_model",
+        "true",
+        "--distill_from_pretrained",
+        "true",
+    ],  # fmt: skip
 }
 # WiSE-FT is measured on the plain, the vision-locked, the EMA and the distilled fine-tunes (`a = 1` is the fine-tune
 # itself).

@@ -534,7 +534,7 @@ class DataArguments:
             "choices": ["all_exhausted", "first_exhausted"],
         },
     )
-    # --- Evaluation sets beside the validation split, and augmentation (issue 13) ---------------------------------
+    # --- Evaluation sets beside the validation split, and augmentation --------------------------------------------
     extra_eval_sets: dict | str | None = field(
         default=None,
         metadata={
@@ -1052,7 +1052,7 @@ class CLIPTrainingArguments(TrainingArguments):
             ),
         },
     )
-    # --- Fine-tuning without forgetting (issue 13): partial locking, layer-wise rates, WiSE-FT, LoRA --------------
+    # --- Fine-tuning without forgetting: partial locking, layer-wise rates, WiSE-FT, LoRA ---------------------------
     vision_trainable_layers: int | None = field(
         default=None,
         metadata={
