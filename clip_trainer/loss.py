@@ -43,18 +43,21 @@ def clip_loss(
         hard_negative_valid (`torch.Tensor` of shape `(batch, k)`, *optional*): `False` for the slots of
             `hard_negatives` that hold none (rows have different numbers of them). Default: all are real.
     """
-    if image_ids is not None or hard_negatives is not None:
-        return _clip_loss_with_relations(
-            image_embeds, text_embeds, inverse_temperature, valid, image_ids, hard_negatives, hard_negative_valid
-        )
-    logits = inverse_temperature * image_embeds @ text_embeds.T
-    labels = torch.arange(logits.shape[0], device=logits.device)
-    if valid is None:
+    if valid is None and image_ids is None and hard_negatives is None:
+        logits = inverse_temperature * image_embeds @ text_embeds.T
+        labels = torch.arange(logits.shape[0], device=logits.device)
         return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-    losses = _masked_cross_entropies(logits, labels, valid, valid) + _masked_cross_entropies(
-        logits.T, labels, valid, valid
-    )
-    return losses.sum() / 2 / valid.sum().clamp(min=1)
+    rows = image_embeds.shape[0]
+    device = image_embeds.device
+    labels = torch.arange(rows, device=device)
+    row_valid = torch.ones(rows, dtype=torch.bool, device=device) if valid is None else valid.to(device)
+    ids = None if image_ids is None else image_ids.to(device)
+    total = _clip_sum(
+        image_embeds, text_embeds, image_embeds, text_embeds, inverse_temperature, labels, row_valid, row_valid,
+        ids, ids, hard_negatives, hard_negative_valid,
+    )  # fmt: skip
+    pairs = rows if valid is None else row_valid.sum().clamp(min=1)
+    return total / 2 / pairs
 
 
 def _masked_cross_entropies(
@@ -157,18 +160,6 @@ def distributed_clip_loss(
     A process with no pair (every sample of its batch unusable) contributes 0 and still takes part in the gathers; when
     no process has a pair, the loss is 0 rather than NaN, with zero gradients.
     """
-    if image_ids is not None or hard_negatives is not None:
-        return _distributed_clip_loss_with_relations(
-            image_embeds,
-            text_embeds,
-            inverse_temperature,
-            pad_to,
-            valid,
-            group,
-            image_ids,
-            hard_negatives,
-            hard_negative_valid,
-        )
     world_size = dist.get_world_size(group)
     rank = dist.get_rank(group)
     local = image_embeds.shape[0]
@@ -176,20 +167,19 @@ def distributed_clip_loss(
     column_valid = all_valid.flatten()
     all_images = gather_with_gradient(_pad_rows(image_embeds, rows), group)
     all_texts = gather_with_gradient(_pad_rows(text_embeds, rows), group)
-
     labels = rank * rows + torch.arange(local, device=image_embeds.device)
-    # Padded and invalid columns are no negatives and take no gradient.
-    logits_image_to_text = inverse_temperature * image_embeds @ all_texts.T
-    logits_text_to_image = inverse_temperature * text_embeds @ all_images.T
-    total = (
-        _masked_cross_entropies(logits_image_to_text, labels, local_valid, column_valid).sum()
-        + _masked_cross_entropies(logits_text_to_image, labels, local_valid, column_valid).sum()
-    )
+    local_ids = column_ids = None
+    if image_ids is not None:  # gathered beside the embeddings: rows of one image on two processes are related too
+        local_ids = image_ids.to(image_embeds.device)
+        column_ids = _gather_ids(local_ids, rows, group).flatten()
+    total = _clip_sum(
+        image_embeds, text_embeds, all_images, all_texts, inverse_temperature, labels, local_valid, column_valid,
+        local_ids, column_ids, hard_negatives, hard_negative_valid,
+    )  # fmt: skip
     # Normalise by the global number of pairs, times the world size that DDP's averaging divides by again. When no
     # process holds a pair, `total` is an empty sum: 0 over 1 keeps the loss finite (and still in the graph, so every
     # process runs the gather's backward) where 0 over 0 would be NaN; with a pair anywhere the clamp does nothing.
-    global_pairs = column_valid.sum().clamp(min=1)
-    return total / 2 / global_pairs * world_size
+    return total / 2 / column_valid.sum().clamp(min=1) * world_size
 
 
 def contrastive_loss(
@@ -327,22 +317,17 @@ def sigmoid_loss(
             that are wrong for row `i`'s image: each adds a negative pair `(i, h)` to the sum (still divided by `n`).
         hard_negative_valid (`torch.Tensor` of shape `(batch, k)`, *optional*): `False` for empty slots.
     """
-    if image_ids is not None or hard_negatives is not None:
-        return _sigmoid_loss_with_relations(
-            image_embeds,
-            text_embeds,
-            inverse_temperature,
-            logit_bias,
-            valid,
-            image_ids,
-            hard_negatives,
-            hard_negative_valid,
+    weight = None if valid is None else valid.to(image_embeds.dtype)
+    positives = None if image_ids is None else image_ids[:, None] == image_ids[None, :]
+    total = _sigmoid_pair_sum(
+        image_embeds, text_embeds, inverse_temperature, logit_bias, 0, weight, weight, positives=positives
+    )
+    if hard_negatives is not None:
+        total = total + _sigmoid_hard_negative_sum(
+            image_embeds, hard_negatives, inverse_temperature, logit_bias, hard_negative_valid, weight
         )
-    if valid is None:
-        return _sigmoid_pair_sum(image_embeds, text_embeds, inverse_temperature, logit_bias) / image_embeds.shape[0]
-    weight = valid.to(image_embeds.dtype)
-    total = _sigmoid_pair_sum(image_embeds, text_embeds, inverse_temperature, logit_bias, 0, weight, weight)
-    return total / valid.sum().clamp(min=1)
+    pairs = image_embeds.shape[0] if valid is None else valid.sum().clamp(min=1)
+    return total / pairs
 
 
 class _RingShift:
@@ -537,27 +522,13 @@ def distributed_sigmoid_loss(
     A process with no pair (every sample of its batch unusable) contributes 0 and still takes part in every exchange,
     forward and backward; when no process has a pair, the loss is 0 rather than NaN, with zero gradients.
     """
-    if image_ids is not None or hard_negatives is not None:
-        return _distributed_sigmoid_loss_with_relations(
-            image_embeds,
-            text_embeds,
-            inverse_temperature,
-            logit_bias,
-            pad_to,
-            group,
-            ring,
-            valid,
-            image_ids,
-            hard_negatives,
-            hard_negative_valid,
-        )
     world_size = dist.get_world_size(group)
     rank = dist.get_rank(group)
     local = image_embeds.shape[0]
     rows, _, all_valid = _padding_and_validity(image_embeds, pad_to, valid, group)
     block_weights = all_valid.to(image_embeds.dtype)
     text_block = _pad_rows(text_embeds, rows)
-
+    block_ids = None if image_ids is None else _gather_ids(image_ids.to(image_embeds.device), rows, group)
     if ring:
         device = image_embeds.device
         total = _RingSigmoidPairSum.apply(
@@ -567,6 +538,7 @@ def distributed_sigmoid_loss(
             torch.as_tensor(logit_bias, device=device),
             block_weights,
             group,
+            block_ids,
         )
     else:
         all_texts = gather_with_gradient(text_block, group)
@@ -578,11 +550,18 @@ def distributed_sigmoid_loss(
             rank * rows,
             block_weights.flatten(),
             block_weights[rank, :local],
+            positives=None if block_ids is None else block_ids[rank, :local, None] == block_ids.flatten()[None, :],
         )
-    # Normalise by the global number of pairs, times the world size that DDP's averaging divides by again; clamped so
-    # that a global batch without pairs gives 0, not 0 / 0.
-    global_pairs = block_weights.sum().clamp(min=1)
-    return total / global_pairs * world_size
+    if hard_negatives is not None:
+        total = total + _sigmoid_hard_negative_sum(
+            image_embeds,
+            hard_negatives,
+            inverse_temperature,
+            logit_bias,
+            hard_negative_valid,
+            block_weights[rank, :local],
+        )
+    return total / block_weights.sum().clamp(min=1) * world_size
 
 
 def sigmoid_contrastive_loss(
@@ -673,16 +652,24 @@ def _clip_sum(
     labels: torch.Tensor,
     local_valid: torch.Tensor,
     column_valid: torch.Tensor,
-    local_ids: torch.Tensor,
-    column_ids: torch.Tensor,
+    local_ids: torch.Tensor | None,
+    column_ids: torch.Tensor | None,
     hard_negatives: torch.Tensor | None,
     hard_negative_valid: torch.Tensor | None,
 ) -> torch.Tensor:
-    """The sum over this process's valid rows of both cross-entropies, with rows of one image masked from each other's
-    negatives and each image's hard negatives among its candidate texts."""
-    candidates = _candidates(local_ids, column_ids, labels, column_valid)
+    """The sum over this process's valid rows of both cross-entropies: every valid column a candidate, except, with
+    image ids, the other rows of the row's own image; with hard negatives, each image's among its candidate texts."""
     logits_image_to_text = inverse_temperature * image_embeds @ all_texts.T
     logits_text_to_image = inverse_temperature * text_embeds @ all_images.T
+    if local_ids is None and hard_negatives is None:  # one set of candidate columns for every row
+        return (
+            _masked_cross_entropies(logits_image_to_text, labels, local_valid, column_valid).sum()
+            + _masked_cross_entropies(logits_text_to_image, labels, local_valid, column_valid).sum()
+        )
+    if local_ids is None:  # every row its own image: its column position is an id no other row has
+        local_ids = labels
+        column_ids = torch.arange(column_valid.shape[0], device=labels.device)
+    candidates = _candidates(local_ids, column_ids, labels, column_valid)
     text_candidates = candidates
     if hard_negatives is not None:
         hard_logits = inverse_temperature * torch.einsum("bd,bkd->bk", image_embeds, hard_negatives)
@@ -692,82 +679,6 @@ def _clip_sum(
         _cross_entropies_over(logits_image_to_text, labels, local_valid, text_candidates).sum()
         + _cross_entropies_over(logits_text_to_image, labels, local_valid, candidates).sum()
     )
-
-
-def _clip_loss_with_relations(
-    image_embeds: torch.Tensor,
-    text_embeds: torch.Tensor,
-    inverse_temperature: torch.Tensor,
-    valid: torch.Tensor | None,
-    image_ids: torch.Tensor | None,
-    hard_negatives: torch.Tensor | None,
-    hard_negative_valid: torch.Tensor | None,
-) -> torch.Tensor:
-    """[`clip_loss`] with image ids and/or hard negatives."""
-    rows = image_embeds.shape[0]
-    device = image_embeds.device
-    labels = torch.arange(rows, device=device)
-    row_valid = torch.ones(rows, dtype=torch.bool, device=device) if valid is None else valid.to(device)
-    ids = labels if image_ids is None else image_ids.to(device)
-    total = _clip_sum(
-        image_embeds,
-        text_embeds,
-        image_embeds,
-        text_embeds,
-        inverse_temperature,
-        labels,
-        row_valid,
-        row_valid,
-        ids,
-        ids,
-        hard_negatives,
-        hard_negative_valid,
-    )
-    pairs = rows if valid is None else row_valid.sum().clamp(min=1)
-    return total / 2 / pairs
-
-
-def _distributed_clip_loss_with_relations(
-    image_embeds: torch.Tensor,
-    text_embeds: torch.Tensor,
-    inverse_temperature: torch.Tensor,
-    pad_to: int | None,
-    valid: torch.Tensor | None,
-    group,
-    image_ids: torch.Tensor | None,
-    hard_negatives: torch.Tensor | None,
-    hard_negative_valid: torch.Tensor | None,
-) -> torch.Tensor:
-    """[`distributed_clip_loss`] with image ids and/or hard negatives."""
-    world_size = dist.get_world_size(group)
-    rank = dist.get_rank(group)
-    local = image_embeds.shape[0]
-    rows, local_valid, all_valid = _padding_and_validity(image_embeds, pad_to, valid, group)
-    column_valid = all_valid.flatten()
-    all_images = gather_with_gradient(_pad_rows(image_embeds, rows), group)
-    all_texts = gather_with_gradient(_pad_rows(text_embeds, rows), group)
-    labels = rank * rows + torch.arange(local, device=image_embeds.device)
-    if image_ids is None:  # every row its own image: its global position is an id no other row has
-        local_ids, column_ids = labels, torch.arange(world_size * rows, device=image_embeds.device)
-    else:
-        local_ids = image_ids.to(image_embeds.device)
-        column_ids = _gather_ids(local_ids, rows, group).flatten()
-    total = _clip_sum(
-        image_embeds,
-        text_embeds,
-        all_images,
-        all_texts,
-        inverse_temperature,
-        labels,
-        local_valid,
-        column_valid,
-        local_ids,
-        column_ids,
-        hard_negatives,
-        hard_negative_valid,
-    )
-    # As in `distributed_clip_loss`: the global number of pairs, times the world size DDP divides by again.
-    return total / 2 / column_valid.sum().clamp(min=1) * world_size
 
 
 def _sigmoid_hard_negative_sum(
@@ -785,86 +696,6 @@ def _sigmoid_hard_negative_sum(
     if row_weight is not None:
         losses = losses * row_weight[:, None]
     return losses.sum()
-
-
-def _sigmoid_loss_with_relations(
-    image_embeds: torch.Tensor,
-    text_embeds: torch.Tensor,
-    inverse_temperature: torch.Tensor,
-    logit_bias: torch.Tensor,
-    valid: torch.Tensor | None,
-    image_ids: torch.Tensor | None,
-    hard_negatives: torch.Tensor | None,
-    hard_negative_valid: torch.Tensor | None,
-) -> torch.Tensor:
-    """[`sigmoid_loss`] with image ids and/or hard negatives."""
-    weight = None if valid is None else valid.to(image_embeds.dtype)
-    positives = None if image_ids is None else image_ids[:, None] == image_ids[None, :]
-    total = _sigmoid_pair_sum(
-        image_embeds, text_embeds, inverse_temperature, logit_bias, 0, weight, weight, positives=positives
-    )
-    if hard_negatives is not None:
-        total = total + _sigmoid_hard_negative_sum(
-            image_embeds, hard_negatives, inverse_temperature, logit_bias, hard_negative_valid, weight
-        )
-    pairs = image_embeds.shape[0] if valid is None else valid.sum().clamp(min=1)
-    return total / pairs
-
-
-def _distributed_sigmoid_loss_with_relations(
-    image_embeds: torch.Tensor,
-    text_embeds: torch.Tensor,
-    inverse_temperature: torch.Tensor,
-    logit_bias: torch.Tensor,
-    pad_to: int | None,
-    group,
-    ring: bool,
-    valid: torch.Tensor | None,
-    image_ids: torch.Tensor | None,
-    hard_negatives: torch.Tensor | None,
-    hard_negative_valid: torch.Tensor | None,
-) -> torch.Tensor:
-    """[`distributed_sigmoid_loss`] with image ids and/or hard negatives."""
-    world_size = dist.get_world_size(group)
-    rank = dist.get_rank(group)
-    local = image_embeds.shape[0]
-    rows, _, all_valid = _padding_and_validity(image_embeds, pad_to, valid, group)
-    block_weights = all_valid.to(image_embeds.dtype)
-    text_block = _pad_rows(text_embeds, rows)
-    block_ids = None if image_ids is None else _gather_ids(image_ids.to(image_embeds.device), rows, group)
-    if ring:
-        device = image_embeds.device
-        total = _RingSigmoidPairSum.apply(
-            image_embeds,
-            text_block,
-            torch.as_tensor(inverse_temperature, device=device),
-            torch.as_tensor(logit_bias, device=device),
-            block_weights,
-            group,
-            block_ids,
-        )
-    else:
-        all_texts = gather_with_gradient(text_block, group)
-        total = _sigmoid_pair_sum(
-            image_embeds,
-            all_texts,
-            inverse_temperature,
-            logit_bias,
-            rank * rows,
-            block_weights.flatten(),
-            block_weights[rank, :local],
-            positives=None if block_ids is None else block_ids[rank, :local, None] == block_ids.flatten()[None, :],
-        )
-    if hard_negatives is not None:
-        total = total + _sigmoid_hard_negative_sum(
-            image_embeds,
-            hard_negatives,
-            inverse_temperature,
-            logit_bias,
-            hard_negative_valid,
-            block_weights[rank, :local],
-        )
-    return total / block_weights.sum().clamp(min=1) * world_size
 
 
 # --------------------------------------------------------------------------------------------------------------
