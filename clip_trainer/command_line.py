@@ -138,10 +138,25 @@ def _class_options(path: Path, class_name: str, group: str) -> list[Option]:
     return options
 
 
+def missing_install_message(interpreter: str = sys.executable, venv: Path | None = None) -> str:
+    """What to do when this Python has no transformers: most often the clip-trainer environment exists (`make demo`
+    made `.venv` beside `run_clip.py`) and the command was run with another Python."""
+    venv = venv if venv is not None else Path(__file__).resolve().parents[1] / ".venv"
+    if (venv / "bin" / "python").exists() and not Path(interpreter).absolute().is_relative_to(venv):
+        return (
+            f"this Python ({interpreter}) has no transformers; clip-trainer is installed in {venv}: run "
+            f"`source {venv}/bin/activate` first, or use `{venv}/bin/python` (see README, Install)."
+        )
+    return (
+        f"this Python ({interpreter}) has no transformers: install clip-trainer into it, "
+        '`pip install torch==2.13.0 -e ".[lora,onnx]"` in the clone, or run `make demo` there (see README, Install).'
+    )
+
+
 def _transformers_training_args_path() -> Path:
     spec = importlib.util.find_spec("transformers")  # finds the package without importing it
     if spec is None or not spec.submodule_search_locations:
-        raise ConfigError("transformers is not installed: pip install -e . (see README, Install).")
+        raise ConfigError(missing_install_message())
     return Path(next(iter(spec.submodule_search_locations))) / "training_args.py"
 
 

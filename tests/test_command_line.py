@@ -78,3 +78,25 @@ def test_the_options_read_from_source_are_the_argument_classes_fields():
     options = {option.name: option for option in option_table()}
     assert options["loss_type"].choices == ("auto", "softmax", "sigmoid")
     assert options["learning_rate"].help and options["do_eval"].is_bool
+
+
+def test_a_python_without_transformers_is_told_which_environment_to_use(tmp_path):
+    """`python run_clip.py ...` with a Python that lacks the install (here the interpreter without its site-packages)
+    answers in one line, before any import fails with a traceback."""
+    result = subprocess.run([sys.executable, "-S", str(REPO / "run_clip.py"), "configs/demo.json", "--max_steps", "3"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                            env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"run_clip.py: error: this Python ({sys.executable}) has no transformers")
+
+
+def test_the_message_names_the_project_environment_when_there_is_one(tmp_path):
+    from clip_trainer.command_line import missing_install_message
+
+    venv = tmp_path / ".venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text("")
+    message = missing_install_message("/usr/bin/python3", venv)
+    assert f"source {venv}/bin/activate" in message and f"{venv}/bin/python" in message
+    assert "pip install" in missing_install_message(str(venv / "bin" / "python"), venv)
+    assert "pip install" in missing_install_message("/usr/bin/python3", tmp_path / "none")
