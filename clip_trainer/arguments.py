@@ -1033,11 +1033,21 @@ class CLIPTrainingArguments(TrainingArguments):
             "inputs), so that a fine-tune is pulled towards what it knew. Needs `model_name_or_path`."
         },
     )
+    teacher_embeddings: str | None = field(
+        default=None,
+        metadata={
+            "help": "Distil from a teacher's embeddings stored by a preparation run (`--prepare_only true "
+            "--teacher_model_name_or_path TEACHER` writes teacher_embeddings.safetensors beside the prepared data): "
+            "the folder or the file. No teacher model is loaded or run; each image is the teacher's view of it "
+            "unaugmented. Train from that run's folder (`dataset_name`), with the same `image_id_column`."
+        },
+    )
     distillation_weight: float | None = field(
         default=None,
         metadata={
             "help": "What the distillation KL divergence is multiplied by before it is added to the contrastive loss. "
-            "Empty: 1 with a teacher. Needs `teacher_model_name_or_path` or `distill_from_pretrained`.",
+            "Empty: 1 with a teacher. Needs `teacher_model_name_or_path`, `teacher_embeddings` or "
+            "`distill_from_pretrained`.",
             "bounds": Bounds(0, low_open=True, hint="empty: 1 with a teacher"),
         },
     )
@@ -1151,7 +1161,9 @@ class CLIPTrainingArguments(TrainingArguments):
         # Every field's type, choices and bounds, the parent's too, before transformers reads any of them.
         check_field_values(self)
         if self.teacher_model_name_or_path is not None and not self.teacher_model_name_or_path.strip():
-            self.teacher_model_name_or_path = None  # an empty value on the command line unsets a config file's
+            self.teacher_model_name_or_path = None
+        if self.teacher_embeddings is not None and not self.teacher_embeddings.strip():
+            self.teacher_embeddings = None  # an empty value on the command line unsets a config file's
         self._check_steps()
         self._check_fine_tuning_options()
         # `TrainingArguments` accepts only its own optimizer and scheduler names; ours are swapped out for a

@@ -261,9 +261,16 @@ def _column_lists(dataset: Dataset, columns: list[str]) -> dict[str, list[list[s
 
 def _image_keys(dataset: Dataset, data_args: DataArguments, batch_size: int = 10_000) -> list[str]:
     """Each row's [`image_key`], reading the image column in batches (a column of image bytes is never held whole)."""
+    import datasets
+
     columns = [data_args.image_column] + ([data_args.image_id_column] if data_args.image_id_column else [])
+    table = dataset.select_columns(columns)
+    feature = table.features.get(data_args.image_column)
+    if isinstance(feature, datasets.Image) and feature.decode:
+        # Keys of the encoded files: decoding every image only to tell them apart would read the whole set.
+        table = table.cast_column(data_args.image_column, datasets.Image(decode=False))
     keys = []
-    for batch in dataset.select_columns(columns).with_format(None).iter(batch_size=batch_size):
+    for batch in table.with_format(None).iter(batch_size=batch_size):
         for index in range(len(batch[data_args.image_column])):
             row = {column: batch[column][index] for column in columns}
             keys.append(image_key(row, data_args.image_column, data_args.image_id_column))

@@ -87,6 +87,8 @@ class ImageTextCollator:
         teacher: a [`TeacherProcessing`] for distillation: the batch also holds the teacher's inputs of the same rows,
             under `teacher_`-prefixed keys (`teacher_pixel_values` uint8 at the teacher's size, `teacher_input_ids`,
             `teacher_attention_mask`). An augmented image reaches the teacher with the same crop and colours.
+        teacher_embeddings: a [`StoredTeacherEmbeddings`] of the training data (written by a preparation run): the
+            batch holds each row's stored teacher embeddings, `teacher_image_embeds` and `teacher_text_embeds`.
     """
 
     tokenizer: PreTrainedTokenizerBase
@@ -102,6 +104,7 @@ class ImageTextCollator:
     hard_negative_column: str | None = None
     row_image_ids: bool = True
     teacher: TeacherProcessing | None = None
+    teacher_embeddings: Any = None
 
     @classmethod
     def from_processor(cls, processor: Any, **kwargs: Any) -> ImageTextCollator:
@@ -164,9 +167,12 @@ class ImageTextCollator:
             batch["hard_negative_index"] = hard_negative_index
         if rows and IMAGE_ID_COLUMN in rows[0]:
             batch["image_ids"] = torch.tensor([row[IMAGE_ID_COLUMN] for row in rows], dtype=torch.long)
-        elif rows and self.row_image_ids:
+        elif rows and (self.row_image_ids or self.teacher_embeddings is not None):
             ids = [training_image_id(row, self.image_column, self.image_id_column) for row in rows]
-            batch["image_ids"] = torch.tensor(ids, dtype=torch.long)
+            if self.row_image_ids:
+                batch["image_ids"] = torch.tensor(ids, dtype=torch.long)
+            if self.teacher_embeddings is not None:
+                batch.update(self.teacher_embeddings.lookup(ids, captions, valid))
         if rows and LABEL_COLUMN in rows[0]:
             batch["class_labels"] = torch.tensor([row[LABEL_COLUMN] for row in rows], dtype=torch.long)
         if self.teacher is not None:

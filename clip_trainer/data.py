@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -21,11 +22,18 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, IterableDataset
 from transformers.utils import logging
 
 from .arguments import ConfigError, DataArguments
-from .captions import caption_list, expand_evaluation_captions, prepare_training_captions, sample_stream_captions
+from .captions import (
+    caption_list,
+    expand_evaluation_captions,
+    image_key,
+    prepare_training_captions,
+    sample_stream_captions,
+)
 from .hub import NETWORK_ERRORS
 from .images import BadSampleError, decode_base64_image, is_url, load_image, looks_like_base64_image
 from .rows import find_bad_rows
@@ -517,16 +525,41 @@ def _finish_validation(validation: Dataset | IterableDataset, data_args: DataArg
 
 
 def _held_out_split(train: Dataset, data_args: DataArguments, seed: int) -> tuple[Dataset, Dataset]:
+    """`validation_split_percentage` of the training data held out, by image: rows of one image (several captions,
+    the same `image_id_column` value, file or bytes) all land on one side, or the model would be scored on images it
+    trained on. Data with one row per image is split by `datasets` exactly as before."""
+    from .captions import _image_keys
+
     fraction = data_args.validation_split_percentage / 100
-    try:
-        split = train.train_test_split(test_size=fraction, seed=seed)
-    except ValueError as error:
+    keys = _image_keys(train, data_args)
+    distinct = list(dict.fromkeys(keys))
+    if len(distinct) == len(keys):
+        try:
+            split = train.train_test_split(test_size=fraction, seed=seed)
+        except ValueError as error:
+            raise ConfigError(
+                f"Cannot hold out {data_args.validation_split_percentage:g}% of {len(train):,} training pair(s) for "
+                f"validation ({error}). Give a `validation_file`, or set `validation_split_percentage` to 0 to train "
+                "on everything without evaluation."
+            ) from None
+        return split["train"], split["test"]
+    # `train_test_split` splits rows and has no grouping (`datasets` lacks one): whole images are drawn here.
+    held_out_images = math.ceil(fraction * len(distinct))
+    if not 0 < held_out_images < len(distinct):
         raise ConfigError(
-            f"Cannot hold out {data_args.validation_split_percentage:g}% of {len(train):,} training pair(s) for "
-            f"validation ({error}). Give a `validation_file`, or set `validation_split_percentage` to 0 to train "
-            "on everything without evaluation."
-        ) from None
-    return split["train"], split["test"]
+            f"Cannot hold out {data_args.validation_split_percentage:g}% of {len(distinct):,} training image(s) for "
+            "validation (rows of one image stay together, so each side needs at least one image). Give a "
+            "`validation_file`, or set `validation_split_percentage` to 0 to train on everything without evaluation."
+        )
+    order = np.random.default_rng(seed).permutation(len(distinct))
+    held_out = {distinct[index] for index in order[:held_out_images].tolist()}
+    test_rows = [row for row, key in enumerate(keys) if key in held_out]
+    train_rows = [row for row, key in enumerate(keys) if key not in held_out]
+    logger.info(
+        f"Held out {held_out_images:,} of {len(distinct):,} images ({len(test_rows):,} of {len(keys):,} rows) for "
+        "validation; every row of an image is on one side."
+    )
+    return train.select(train_rows), train.select(test_rows)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -534,32 +567,22 @@ def _held_out_split(train: Dataset, data_args: DataArguments, seed: int) -> tupl
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _stream_key(value: Any) -> str:
-    """A cheap identity of a streamed row's image (its path, or a digest of its bytes): the stream is filtered with
-    it at every row, so it never reads a file."""
-    if isinstance(value, dict):
-        if value.get("path") and not value.get("bytes"):
-            return str(value["path"])
-        value = value.get("bytes")
-    if isinstance(value, bytes | bytearray):
-        return hashlib.blake2b(value, digest_size=16).hexdigest()
-    return str(value)
-
-
 class _NotHeldOut:
-    """Filter predicate: drops the pairs held out for validation (a picklable class, for DataLoader workers).
+    """Filter predicate: drops the rows whose image is held out for validation (a picklable class, for DataLoader
+    workers).
 
-    A pair is recognised by its image and caption, not by its position: positions are not stable once `accelerate`
-    shards the stream, and a duplicate of a validation pair must not be trained on either.
+    A row is recognised by its image ([`image_key`]: its `image_id_column` value, path or bytes, read without decoding),
+    not by its position: positions are not stable once `accelerate` shards the stream, and another caption of a
+    validation image, or a duplicate of a validation pair, must not be trained on either.
     """
 
-    def __init__(self, keys: set[tuple[str, str]], image_column: str, caption_column: str) -> None:
+    def __init__(self, keys: set[str], image_column: str, image_id_column: str | None) -> None:
         self.keys = keys
         self.image_column = image_column
-        self.caption_column = caption_column
+        self.image_id_column = image_id_column
 
     def __call__(self, row: dict[str, Any]) -> bool:
-        return (_stream_key(row[self.image_column]), str(row[self.caption_column])) not in self.keys
+        return image_key(row, self.image_column, self.image_id_column) not in self.keys
 
 
 def _source_files(data_args: DataArguments) -> list[str]:
@@ -615,8 +638,8 @@ def _finish_training_stream(
                 "`validation_file` or a smaller `max_eval_samples`, or train without `streaming`."
             )
         validation: Dataset | None = Dataset.from_list(head, features=train.features)
-        keys = {(_stream_key(row[data_args.image_column]), str(row[data_args.caption_column])) for row in head}
-        train = train.filter(_NotHeldOut(keys, data_args.image_column, data_args.caption_column))
+        keys = {image_key(row, data_args.image_column, data_args.image_id_column) for row in head}
+        train = train.filter(_NotHeldOut(keys, data_args.image_column, data_args.image_id_column))
         logger.info(f"Held out the first {len(head):,} pairs of the stream for validation.")
     else:
         validation = None

@@ -275,8 +275,13 @@ class DistillationLoss:
 
     @classmethod
     def from_arguments(cls, args: CLIPTrainingArguments) -> DistillationLoss | None:
-        """The term `args` asks for (`teacher_model_name_or_path` or `distill_from_pretrained`), else `None`."""
-        if args.teacher_model_name_or_path is None and not args.distill_from_pretrained:
+        """The term `args` asks for (`teacher_model_name_or_path`, `teacher_embeddings` or `distill_from_pretrained`),
+        else `None`."""
+        if (
+            args.teacher_model_name_or_path is None
+            and args.teacher_embeddings is None
+            and not args.distill_from_pretrained
+        ):
             return None
         weight = 1.0 if args.distillation_weight is None else args.distillation_weight
         return cls(weight, args.distillation_temperature, args.gather_negatives)

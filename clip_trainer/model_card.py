@@ -360,6 +360,8 @@ class CLIPModelCardData:
         dataset_description: the training data in words, for data that is not on the Hub (or a link that is).
         num_train_pairs, num_eval_pairs: image-caption pairs trained and evaluated on (the trainer counts its
             datasets when they are not given).
+        num_train_images, num_eval_images: the images among them, when images have several captions (a training
+            set that draws one caption per image and epoch has `num_train_images` rows).
         eval_origin: where the evaluation pairs came from: `held_out` (split off the training data before training,
             never trained on), `validation_file` (a separate file) or `validation_split` (the data's own split);
             `None` (unknown) claims neither. [`evaluation_origin`] finds it for a run.
@@ -392,6 +394,8 @@ class CLIPModelCardData:
     dataset_description: str | None = None
     num_train_pairs: int | None = None
     num_eval_pairs: int | None = None
+    num_train_images: int | None = None
+    num_eval_images: int | None = None
     eval_origin: str | None = None
     eval_source: str | None = None
     held_out_percentage: float | None = None
@@ -553,10 +557,13 @@ def complete_card_data(card_data: CLIPModelCardData, trainer: CLIPContrastiveTra
         "batch_size": args.train_batch_size * args.world_size * args.gradient_accumulation_steps,
         "lora": adapter_settings(os.path.join(args.output_dir, ADAPTER_DIRNAME)),
     }
-    if hasattr(trainer.train_dataset, "__len__"):
-        filled["num_train_pairs"] = len(trainer.train_dataset)
+    from .data import IMAGE_ID_COLUMN
+
+    filled.update(_training_counts(trainer))
     if trainer.eval_dataset is not None and not isinstance(trainer.eval_dataset, dict):
         filled["num_eval_pairs"] = len(trainer.eval_dataset)
+        if IMAGE_ID_COLUMN in (trainer.eval_dataset.column_names or []):
+            filled["num_eval_images"] = len(set(trainer.eval_dataset[IMAGE_ID_COLUMN]))
     last = getattr(trainer, "_last_evaluation", None) or {}
     labels = last.get("class_labels")
     if last.get("classifier") is not None and labels is not None:
@@ -569,6 +576,20 @@ def complete_card_data(card_data: CLIPModelCardData, trainer: CLIPContrastiveTra
         filled["majority_class"] = str(last["class_names"][int(counts.argmax())])
     given = {field.name: getattr(card_data, field.name) for field in dataclasses.fields(card_data)}
     return dataclasses.replace(card_data, **{name: value for name, value in filled.items() if given.get(name) is None})
+
+
+def _training_counts(trainer: Any) -> dict[str, int]:
+    """The training set's pairs, and its images when it draws one of several captions per image and epoch."""
+    from .captions import CaptionSampledDataset, caption_list
+
+    dataset = trainer.train_dataset
+    if not hasattr(dataset, "__len__"):
+        return {}
+    if not isinstance(dataset, CaptionSampledDataset):
+        return {"num_train_pairs": len(dataset)}
+    table = dataset.dataset.select_columns(dataset.fields).with_format(None)
+    pairs = sum(len(caption_list(value)) for column in dataset.fields for value in table[column])
+    return {"num_train_pairs": pairs, "num_train_images": len(dataset)}
 
 
 def _hub_id(name: str | None) -> str | None:
@@ -699,7 +720,11 @@ def _epochs(value: float) -> str:
 def _data_sentences(card: CLIPModelCardData) -> str:
     """What the model trained and was evaluated on, counted: one sentence each."""
     sentences = []
-    if card.num_train_pairs is not None:
+    if card.num_train_images is not None and card.num_train_images != card.num_train_pairs:
+        trained = (
+            f"It was trained on {_count(card.num_train_images)} images with {_count(card.num_train_pairs)} captions"
+        )
+    elif card.num_train_pairs is not None:
         trained = f"It was trained on {_count(card.num_train_pairs)} image-caption pairs"
     else:
         trained = "It was trained on a stream of image-caption pairs"
@@ -707,9 +732,13 @@ def _data_sentences(card: CLIPModelCardData) -> str:
         trained += f" for {_count(card.training_steps)} optimizer steps of {_count(card.batch_size)} pairs"
         if card.epochs and card.num_train_pairs is not None:
             trained += f" ({_epochs(card.epochs)})"
+    if card.num_train_images is not None and card.num_train_images != card.num_train_pairs:
+        trained += ", one caption drawn per image each epoch"
     sentences.append(trained + ".")
     if card.num_eval_pairs:
         evaluated = f"It was evaluated on {_count(card.num_eval_pairs)} pairs"
+        if card.num_eval_images is not None and card.num_eval_images != card.num_eval_pairs:
+            evaluated += f" of {_count(card.num_eval_images)} images"
         if card.eval_origin == "held_out":
             share = f" ({card.held_out_percentage:g}% of it)" if card.held_out_percentage else ""
             evaluated += f" held out of the training data{share} before training: it never trained on them"

@@ -4,6 +4,7 @@ document and publish."""
 from __future__ import annotations
 
 import logging as std_logging
+import os
 import sys
 from pathlib import Path
 
@@ -93,6 +94,27 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             output_lock.release()
 
 
+def _store_teacher_embeddings(teacher: str, data_args, training_args, model_args, config) -> None:
+    """A preparation run with a teacher: its embeddings of the prepared training split, written beside it (read back
+    by a training run's `teacher_embeddings`)."""
+    from datasets import load_from_disk
+
+    from .distillation import Teacher, store_teacher_embeddings
+
+    model = Teacher.from_pretrained(
+        teacher,
+        cache_dir=model_args.cache_dir,
+        attn_implementation=model_args.attn_implementation,
+        max_seq_length=data_args.max_seq_length,
+    ).to(training_args.device)
+    train = load_from_disk(os.path.join(training_args.output_dir, "train"))
+    store = store_teacher_embeddings(
+        train, data_args, model, teacher, batch_size=training_args.per_device_eval_batch_size
+    )
+    path = store.save(training_args.output_dir)
+    logger.info(f"Teacher embeddings written to {path}; train with --teacher_embeddings {training_args.output_dir}.")
+
+
 def _run(model_args, data_args, training_args, config, training: bool, resume_checkpoint: str | None, argv):
     # A preparation run writes both splits, whatever the later runs do with them.
     evaluate = training_args.do_eval or training_args.eval_strategy != IntervalStrategy.NO or data_args.prepare_only
@@ -115,6 +137,11 @@ def _run(model_args, data_args, training_args, config, training: bool, resume_ch
     if data_args.prepare_only:
         if training_args.should_save:
             save_prepared_data(data, data_args, training_args.output_dir)
+            teacher = training_args.teacher_model_name_or_path or (
+                model_args.model_name_or_path if training_args.distill_from_pretrained else None
+            )
+            if teacher is not None and data.train is not None:
+                _store_teacher_embeddings(teacher, data_args, training_args, model_args, config)
             logger.info(
                 f"Prepared data written to {training_args.output_dir}; train with --dataset_name pointing at it."
             )
@@ -145,8 +172,6 @@ def _run(model_args, data_args, training_args, config, training: bool, resume_ch
         base_model=model_args.model_name_or_path,
         dataset_id=data.source.hub_id,
         dataset_description=data_description(data.source),
-        num_train_pairs=len(data.train) if hasattr(data.train, "__len__") else None,
-        num_eval_pairs=len(data.validation) if data.validation is not None else None,
         hyperparameters=given_settings(sys.argv[1:] if argv is None else argv, data_args, model_args, training_args),
         **evaluation_origin(data_args, data.validation, training=training_args.do_train),
     )

@@ -27,7 +27,7 @@ from .callbacks import (
     StopOnSignalCallback,
 )
 from .collator import TEACHER_PREFIX, ImageTextCollator
-from .distillation import Teacher
+from .distillation import StoredTeacher, StoredTeacherEmbeddings, Teacher
 from .evaluation import (
     DEFAULT_ZEROSHOT_TEMPLATES,
     RetrievalEvaluator,
@@ -225,6 +225,8 @@ class CLIPContrastiveTrainer(Trainer):
         self.teacher: Teacher | None = None
         if args.teacher_model_name_or_path is not None:
             self.teacher = Teacher.from_pretrained(args.teacher_model_name_or_path)
+        elif args.teacher_embeddings is not None:  # stored by a preparation run: no teacher model runs
+            self.teacher = StoredTeacher(StoredTeacherEmbeddings.load(args.teacher_embeddings))
         elif pretrained_copy is not None:
             self.teacher = Teacher(pretrained_copy, self.image_preprocessor)
         if self.teacher is not None:
@@ -232,6 +234,11 @@ class CLIPContrastiveTrainer(Trainer):
         # The data settings the collator reads (columns, caption length, pixel limit, draft decoding, augmentation):
         # a library user gets exactly what `run_clip.py` builds from the same `DataArguments`.
         self.data_args = data_args if data_args is not None else DataArguments()
+        if isinstance(self.teacher, StoredTeacher):
+            from datasets import Dataset
+
+            if isinstance(train_dataset, Dataset):  # a stream is checked row by row, by the collator
+                self.teacher.store.check_covers(train_dataset, self.data_args)
         train_dataset = self._with_caption_sampling(train_dataset, args)
         positions = model.config.text_config.max_position_embeddings
         if data_collator is None:
@@ -250,6 +257,7 @@ class CLIPContrastiveTrainer(Trainer):
                 image_id_column=self.data_args.image_id_column,
                 hard_negative_column=self.data_args.hard_negative_column,
                 teacher=self.teacher.processing if self.teacher is not None else None,
+                teacher_embeddings=self.teacher.store if isinstance(self.teacher, StoredTeacher) else None,
             )
         elif (
             self.teacher is not None
@@ -258,6 +266,9 @@ class CLIPContrastiveTrainer(Trainer):
         ):
             if data_collator.teacher is None:  # a collator of the caller's: it makes the teacher's inputs too
                 data_collator = dataclasses.replace(data_collator, teacher=self.teacher.processing)
+        elif isinstance(self.teacher, StoredTeacher) and isinstance(data_collator, ImageTextCollator):
+            if data_collator.teacher_embeddings is None:  # a collator of the caller's: it looks them up too
+                data_collator = dataclasses.replace(data_collator, teacher_embeddings=self.teacher.store)
         # Zero-shot prompts are tokenized as the collator tokenizes captions (SigLIP: padded to its one length).
         self.text_padding = getattr(data_collator, "padding", self.family.text_padding)
         self.max_seq_length = getattr(data_collator, "max_seq_length", positions)
@@ -361,6 +372,10 @@ class CLIPContrastiveTrainer(Trainer):
             # Nor do they need the teacher's inputs: distillation is a training term (`eval_loss` is the contrastive
             # loss alone, comparable with runs without a teacher).
             self.eval_data_collator = dataclasses.replace(self.eval_data_collator, teacher=None)
+        if dataclasses.is_dataclass(self.eval_data_collator) and getattr(
+            self.eval_data_collator, "teacher_embeddings", None
+        ):
+            self.eval_data_collator = dataclasses.replace(self.eval_data_collator, teacher_embeddings=None)
         self._eval_loaders: dict[str | None, DataLoader] = {}
         # One evaluator per evaluation set, by metric prefix (`eval`, `eval_{name}`): the evaluation loop gathers the
         # embeddings (with the loss) and hands them to the evaluator of the set, which computes its metrics.

@@ -300,23 +300,37 @@ def _check_distillation(
 ) -> None:
     """A teacher (`teacher_model_name_or_path` or `distill_from_pretrained`) against the other settings; the teacher's
     config is read (not its weights), so that a wrong path or family stops the run before any data is read."""
-    has_teacher = args.teacher_model_name_or_path is not None or args.distill_from_pretrained
+    teachers = [
+        key
+        for key in ("teacher_model_name_or_path", "teacher_embeddings", "distill_from_pretrained")
+        if getattr(args, key) not in (None, False)
+    ]
+    preparing = data_args.prepare_only
     for key in ("distillation_weight", "distillation_temperature"):
-        if getattr(args, key) is not None and not has_teacher:
+        if getattr(args, key) is not None and (not teachers or preparing):
             raise ConfigError(
                 f"`{key}` is set, but there is no teacher to distil from; set `teacher_model_name_or_path` (or "
-                f"`distill_from_pretrained`), or drop `{key}`."
+                f"`teacher_embeddings`, `distill_from_pretrained`), or drop `{key}`."
+                if not teachers
+                else f"`{key}` is a training setting and this is a preparation run; give it to the run that trains."
             )
-    if not has_teacher:
+    if not teachers:
         return
-    if args.teacher_model_name_or_path is not None and args.distill_from_pretrained:
+    if len(teachers) > 1:
+        raise ConfigError(f"{' and '.join(f'`{key}`' for key in teachers)} each name a teacher; keep one of them.")
+    if preparing and args.teacher_embeddings is not None:
         raise ConfigError(
-            "Both `teacher_model_name_or_path` and `distill_from_pretrained` name a teacher; keep one of them."
+            "`teacher_embeddings` is read by a training run; a preparation run writes them with "
+            "`teacher_model_name_or_path` (or `distill_from_pretrained` with `model_name_or_path`)."
         )
-    if args.fsdp or args.deepspeed:
+    if preparing and args.distill_from_pretrained and (model_args is None or model_args.model_name_or_path is None):
+        raise ConfigError(
+            "A preparation run with `distill_from_pretrained` embeds the data with `model_name_or_path`; give it."
+        )
+    if (args.fsdp or args.deepspeed) and args.teacher_embeddings is None:
         raise ConfigError(
             "A distillation teacher is held whole on every process and is not sharded by FSDP or DeepSpeed; drop "
-            "`fsdp`/`deepspeed`, or the teacher."
+            "`fsdp`/`deepspeed`, or the teacher (or store its embeddings with a preparation run: `teacher_embeddings`)."
         )
     command = model_args is not None  # a trainer built in Python has no model arguments
     if command and args.distill_from_pretrained and model_args.model_name_or_path is None:
@@ -324,7 +338,7 @@ def _check_distillation(
             "`distill_from_pretrained` keeps a fine-tune near its pretrained weights, but this model is trained from "
             "scratch (no `model_name_or_path`); drop it, or give a teacher with `teacher_model_name_or_path`."
         )
-    if command and not args.do_train:
+    if command and not args.do_train and not preparing:
         raise ConfigError("A distillation teacher teaches during training; add --do_train, or drop the teacher.")
     if args.teacher_model_name_or_path is None:
         return

@@ -519,11 +519,12 @@ def test_the_documented_commands_run(tmp_path, monkeypatch):
              "false", "--eval_on_start", "false", "--report_to", "none", "--dataloader_num_workers", "0",
              "--dataloader_persistent_workers", "false"]  # fmt: skip
     commands = documented_commands()
-    assert len(commands) == 3 and any("--teacher_model_name_or_path" in c for c in commands)
+    assert len(commands) == 5 and any("--teacher_embeddings" in c for c in commands)
     for command in commands:
-        run.main([*command, *short])
-    for folder in ("outputs/demo", "outputs/demo-half-distilled", "outputs/demo-kept"):
+        run.main([*command, *short] if "--prepare_only" not in command else command)
+    for folder in ("outputs/demo", "outputs/demo-half-distilled", "outputs/demo-kept", "outputs/demo-half-stored"):
         assert (tmp_path / folder / "model.safetensors").is_file()
+    assert (tmp_path / "outputs/emoji-with-teacher/teacher_embeddings.safetensors").is_file()
     half = json.loads((tmp_path / "outputs/demo-half-distilled/config.json").read_text())
     assert half["vision_config"]["hidden_size"] == 64
 

@@ -12,8 +12,9 @@ from conftest import write_shapes_csv
 from test_webdataset import write_tar_shards
 
 from clip_trainer.arguments import ConfigError, DataArguments
+from clip_trainer.captions import image_key
 from clip_trainer.command_line import parse_arguments
-from clip_trainer.data import _stream_key, load_image_text_data
+from clip_trainer.data import load_image_text_data
 from clip_trainer.run import main
 
 
@@ -43,7 +44,7 @@ def test_a_streamed_mixture_draws_sources_in_proportion_to_the_weights(two_sourc
     data = load_image_text_data(data_args, seed=0, evaluate=False)
     rows = list(data.train.take(800))
     assert_binomial(sum(map(from_a, rows)), len(rows), 0.75)
-    assert len({(_stream_key(row["image"]), row["caption"]) for row in rows}) == 48  # every pair of both comes round
+    assert len({(image_key(row, "image"), row["caption"]) for row in rows}) == 48  # every pair of both comes round
     logged = " ".join(record.getMessage() for record in caplog.records)
     assert "Mixing 2 training sources" in logged and "75.0%" in logged and "`all_exhausted`" in logged
 
@@ -54,8 +55,8 @@ def test_a_loaded_mixture_keeps_the_weights_leaves_no_pair_out_and_holds_out_eac
     train = list(data.train)
     # all_exhausted: the mixture ends once both sources have been read through, the smaller draw repeated.
     assert_binomial(sum(map(from_a, train)), len(train), 0.2)
-    pairs = {(_stream_key(row["image"]), row["caption"]) for row in train}
-    held_out = {(_stream_key(row["image"]), row["caption"]) for row in data.validation}
+    pairs = {(image_key(row, "image"), row["caption"]) for row in train}
+    held_out = {(image_key(row, "image"), row["caption"]) for row in data.validation}
     assert len(pairs) + len(held_out) == 48 and not pairs & held_out
     assert len(held_out) == 2 * 4  # 15% of each source's 24 pairs, before mixing
     first = load_image_text_data(

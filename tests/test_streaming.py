@@ -16,7 +16,8 @@ from torch.utils.data import DataLoader
 from transformers import CLIPModel
 
 from clip_trainer.arguments import DataArguments
-from clip_trainer.data import _stream_key, load_image_text_data
+from clip_trainer.captions import image_key
+from clip_trainer.data import load_image_text_data
 from clip_trainer.run import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,7 +58,7 @@ def load_streaming_data(data_args: DataArguments, seed: int):
 
 
 def pair_key(row: dict) -> tuple[str, str]:
-    return _stream_key(row["image"]), row["caption"]
+    return image_key(row, "image"), row["caption"]
 
 
 def test_streaming_run_trains_evaluates_and_saves(base_args, tmp_path):
