@@ -55,8 +55,10 @@ def from_prepared(argv: list[str], prepared: Path) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("accumulation", [[], ["--per_device_train_batch_size", "12", "--gradient_accumulation_steps",
+                                              "2"]], ids=["one batch", "cached accumulation"])  # fmt: skip
 def test_stored_embeddings_train_as_the_teacher_itself(tiny_clip_dir, teacher_dir, one_batch_csv, tmp_path,
-                                                       monkeypatch):  # fmt: skip
+                                                       monkeypatch, accumulation):  # fmt: skip
     monkeypatch.chdir(tmp_path)
     prepared = prepare(one_batch_csv, tmp_path / "prepared", "--teacher_model_name_or_path", str(teacher_dir))
     store = StoredTeacherEmbeddings.load(str(prepared))
@@ -66,7 +68,7 @@ def test_stored_embeddings_train_as_the_teacher_itself(tiny_clip_dir, teacher_di
 
     out = tmp_path / "out"
     argv = from_prepared(distill_args(tiny_clip_dir, one_batch_csv, out), prepared)
-    run.main([*argv, "--teacher_embeddings", str(prepared), "--distillation_weight", "0.7"])
+    run.main([*argv, "--teacher_embeddings", str(prepared), "--distillation_weight", "0.7", *accumulation])
 
     student_image, student_text, student_scale = float64_embeddings(tiny_clip_dir, one_batch_csv)
     teacher_image, teacher_text, teacher_scale = float64_embeddings(teacher_dir, one_batch_csv)
@@ -82,7 +84,7 @@ def test_stored_embeddings_train_as_the_teacher_itself(tiny_clip_dir, teacher_di
     # The run with the teacher model itself logs the same two steps.
     online = tmp_path / "online"
     run.main([*distill_args(tiny_clip_dir, one_batch_csv, online), "--teacher_model_name_or_path", str(teacher_dir),
-              "--distillation_weight", "0.7"])  # fmt: skip
+              "--distillation_weight", "0.7", *accumulation])  # fmt: skip
     for stored_step, online_step in zip(training_logs(out), training_logs(online), strict=True):
         assert stored_step["loss"] == pytest.approx(online_step["loss"], rel=1e-5)
         assert stored_step["distillation_kl"] == pytest.approx(online_step["distillation_kl"], rel=1e-4)
