@@ -211,6 +211,27 @@ def test_retrieval_run_matches_an_independent_computation(tiny_clip_dir, tmp_pat
 
 
 @pytest.mark.slow
+def test_a_training_run_scores_its_final_model_beside_the_validation_split(base_args, tmp_path, monkeypatch):
+    from clip_trainer import run
+
+    dataset = tmp_path / "wds_shapes"
+    classification_set(dataset, corrupt=False)
+    monkeypatch.chdir(tmp_path)
+
+    results = run.main([*base_args, "--do_train", "--do_eval", "--clip_benchmark_dataset", str(dataset)])
+
+    output = Path(base_args[base_args.index("--output_dir") + 1])
+    record = json.loads((output / "clip_benchmark_results.json").read_text())
+    assert record["pretrained"] == str(output) and record["task"] == "zeroshot_classification"
+    saved = json.loads((output / "eval_results.json").read_text())
+    # The validation split's metrics and the benchmark's, in one file; the benchmark scored the trained weights.
+    assert "eval_t2i_recall@1" in saved and saved["eval_clip_benchmark_samples"] == 12
+    assert saved["eval_clip_benchmark_zeroshot_top1"] == results["eval_clip_benchmark_zeroshot_top1"]
+    usable = [(data, label) for data, label in classification_set(tmp_path / "again", corrupt=False)]
+    assert record["metrics"] == pytest.approx(reference_classification(output, usable), abs=1e-12)
+
+
+@pytest.mark.slow
 def test_a_class_index_out_of_range_names_the_shard_the_sample_and_the_fix(
     tiny_clip_dir, tmp_path, monkeypatch, capsys
 ):
