@@ -581,9 +581,54 @@ class DataArguments:
         default=0.0,
         metadata={"help": "With `augment`: the probability of turning a training image gray.", "bounds": Bounds(0, 1)},
     )
+    # --- CLIP_benchmark datasets ----------------------------------------------------------------------------------
+    clip_benchmark_dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "A dataset in CLIP_benchmark's WebDataset layout to evaluate the final model on, as CLIP_benchmark "
+            "scores it: a folder with `{split}/0.tar ...` (and `nshards.txt`), `classnames.txt` and "
+            "`zeroshot_classification_templates.txt` (or `dataset_type.txt` saying retrieval). Its metrics go to "
+            "eval_results.json as `eval_clip_benchmark_{metric}` and to `clip_benchmark_output` in CLIP_benchmark's "
+            "results JSON. `clip-trainer eval` needs no other data with it."
+        },
+    )
+    clip_benchmark_split: str = field(
+        default="test", metadata={"help": "The split folder of `clip_benchmark_dataset` (CLIP_benchmark's --split)."}
+    )
+    clip_benchmark_task: str = field(
+        default="auto",
+        metadata={
+            "help": "The task of `clip_benchmark_dataset`; auto: zeroshot_retrieval when its dataset_type.txt says "
+            "retrieval, else zeroshot_classification (CLIP_benchmark's rule).",
+            "choices": ["auto", "zeroshot_classification", "zeroshot_retrieval"],
+        },
+    )
+    clip_benchmark_recall_k: list[int] = field(
+        default_factory=lambda: [5],
+        metadata={
+            "help": "The k of a retrieval set's `image_retrieval_recall@k` and `text_retrieval_recall@k` in the "
+            "results JSON (CLIP_benchmark's --recall_k; its default and published tables: 5). eval_results.json "
+            "has recall@1, 5 and 10 as well.",
+            "bounds": Bounds(1),
+        },
+    )
+    clip_benchmark_output: str | None = field(
+        default=None,
+        metadata={
+            "help": "Where to write CLIP_benchmark's results JSON (dataset, model, pretrained, task, metrics, "
+            "language). Empty: clip_benchmark_results.json in `output_dir`."
+        },
+    )
 
     def __post_init__(self) -> None:
         check_field_values(self)
+        for key in ("clip_benchmark_dataset", "clip_benchmark_output"):
+            if getattr(self, key) == "":  # an empty value on the command line unsets a config file's
+                setattr(self, key, None)
+        if not self.clip_benchmark_recall_k:
+            raise ConfigError(
+                "`clip_benchmark_recall_k` is empty; give at least one k, e.g. --clip_benchmark_recall_k 5."
+            )
         self._check_augmentation()
         self.extra_eval_sets = _parse_extra_eval_sets(self.extra_eval_sets)
         if self.validation_split_name is not None and not self.validation_split_name.strip():

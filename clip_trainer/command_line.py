@@ -315,6 +315,7 @@ CONFIG_RELATIVE_PATH_KEYS = (
     "train_file",
     "validation_file",
     "train_mixture",
+    "clip_benchmark_dataset",
     "resume_from_checkpoint",
     "deepspeed",
     "fsdp_config",

@@ -260,6 +260,8 @@ def build_zeroshot_classifier(
     encode_text: Callable[[list[str]], torch.Tensor],
     class_names: Sequence[str],
     templates: Sequence[str] = DEFAULT_ZEROSHOT_TEMPLATES,
+    *,
+    placeholder: str = "{}",
 ) -> torch.Tensor:
     """
     Builds zero-shot classifier weights by prompt ensembling, as in the CLIP paper.
@@ -275,6 +277,9 @@ def build_zeroshot_classifier(
             The `C` class names, in label order.
         templates (`Sequence[str]`, *optional*, defaults to `DEFAULT_ZEROSHOT_TEMPLATES`):
             Prompt templates, each with one `{}` placeholder for the class name.
+        placeholder (`str`, *optional*, defaults to `"{}"`):
+            How the templates mark the class name: `"{}"` (filled with `template.format(name)`) or `"{c}"`
+            (`template.format(c=name)`, CLIP_benchmark's and open_clip's templates).
 
     Returns:
         `torch.Tensor` of shape `(C, D)`: one unit-norm row per class, float32 (float64 if `encode_text` returns
@@ -284,15 +289,20 @@ def build_zeroshot_classifier(
         raise ValueError("`class_names` is empty; zero-shot classification needs at least one class.")
     if len(templates) == 0:
         raise ValueError("`templates` is empty; pass at least one template such as 'a photo of a {}.'.")
+    if placeholder not in ("{}", "{c}"):
+        raise ValueError(f"`placeholder` must be '{{}}' or '{{c}}', got {placeholder!r}.")
     for template in templates:
         # Without a placeholder every class would get the same prompt and the classifier would silently be chance.
-        if "{}" not in template:
-            raise ValueError(f"Template {template!r} has no '{{}}' placeholder for the class name.")
+        if placeholder not in template:
+            raise ValueError(f"Template {template!r} has no {placeholder!r} placeholder for the class name.")
 
     weights = []
     with torch.no_grad():
         for name in class_names:
-            prompts = [template.format(name) for template in templates]
+            if placeholder == "{}":
+                prompts = [template.format(name) for template in templates]
+            else:
+                prompts = [template.format(c=name) for template in templates]
             embeds = encode_text(prompts)
             if not isinstance(embeds, torch.Tensor) or embeds.ndim != 2 or embeds.shape[0] != len(prompts):
                 shape = tuple(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__

@@ -16,8 +16,16 @@ from transformers.utils import logging
 from .arguments import CLIPTrainingArguments
 from .callbacks import NonFiniteTrainingError, TrainingInterrupted
 from .checkpoints import claim_output_dir, describe_save_error, is_save_failure, resolve_resume_checkpoint
+from .clip_benchmark import (
+    DEFAULT_OUTPUT_FILENAME,
+    ClipBenchmarkSet,
+    clip_benchmark_record,
+    evaluate_clip_benchmark,
+    read_clip_benchmark_set,
+    write_clip_benchmark_record,
+)
 from .command_line import parse_arguments
-from .data import ImageTextData, load_extra_eval_sets, load_image_text_data, save_prepared_data
+from .data import DataSource, ImageTextData, load_extra_eval_sets, load_image_text_data, save_prepared_data
 from .errors import ConfigError, PublishError, SaveError
 from .hub import NETWORK_ERRORS, check_hub_access
 from .model_card import CLIPModelCardData
@@ -126,14 +134,31 @@ def _run(model_args, data_args, training_args, config, training: bool, resume_ch
         set_seed(training_args.seed)
 
     # --- data -----------------------------------------------------------------------------------------------------
-    with training_args.main_process_first(desc="loading the data"):
-        data = load_image_text_data(
-            data_args,
-            seed=training_args.seed,
-            cache_dir=model_args.cache_dir,
-            train=training_args.do_train,
-            evaluate=evaluate,
+    benchmark = None
+    if data_args.clip_benchmark_dataset is not None and not data_args.prepare_only:
+        # Its small files are read now, so that a mistake in them stops the run before the data and the model load.
+        benchmark = read_clip_benchmark_set(
+            data_args.clip_benchmark_dataset, data_args.clip_benchmark_split, data_args.clip_benchmark_task
         )
+    pair_sources = ("dataset_name", "train_file", "validation_file", "train_mixture")
+    if benchmark is not None and all(getattr(data_args, key) is None for key in pair_sources):
+        # An evaluation on the CLIP_benchmark set alone (the argument checks allow no training without pairs).
+        data = ImageTextData(
+            train=None,
+            validation=None,
+            source=DataSource("local", benchmark.name, f"the CLIP_benchmark dataset `{benchmark.name}`"),
+        )
+        evaluate = training_args.do_eval = training_args.eval_on_start = training_args.load_best_model_at_end = False
+        training_args.eval_strategy = IntervalStrategy.NO
+    else:
+        with training_args.main_process_first(desc="loading the data"):
+            data = load_image_text_data(
+                data_args,
+                seed=training_args.seed,
+                cache_dir=model_args.cache_dir,
+                train=training_args.do_train,
+                evaluate=evaluate,
+            )
     if data_args.prepare_only:
         if training_args.should_save:
             save_prepared_data(data, data_args, training_args.output_dir)
@@ -191,7 +216,13 @@ def _run(model_args, data_args, training_args, config, training: bool, resume_ch
             raise
         raise ConfigError(f"Cannot create the Hub repository {training_args.hub_model_id!r}: {error}") from None
     try:
-        return run_stages(trainer, data, resume_checkpoint)
+        return run_stages(
+            trainer,
+            data,
+            resume_checkpoint,
+            benchmark=benchmark,
+            pretrained=_weights_origin(model_args, training_args),
+        )
     except Exception as error:
         # Checkpoints, the final model, the card: a full or read-only disk is one line that says what was kept.
         if is_save_failure(error):
@@ -199,13 +230,28 @@ def _run(model_args, data_args, training_args, config, training: bool, resume_ch
         raise
 
 
+def _weights_origin(model_args, training_args: CLIPTrainingArguments) -> str:
+    """Where the evaluated weights come from, for CLIP_benchmark's `pretrained`: the run's output folder when it
+    trains, else the model it was given."""
+    if training_args.do_train:
+        return training_args.output_dir
+    if model_args.model_name_or_path is not None:
+        return model_args.model_name_or_path
+    return f"{model_args.vision_model_name_or_path} + {model_args.text_model_name_or_path}"
+
+
 def run_stages(
-    trainer: CLIPContrastiveTrainer, data: ImageTextData, resume_checkpoint: str | None
+    trainer: CLIPContrastiveTrainer,
+    data: ImageTextData,
+    resume_checkpoint: str | None,
+    benchmark: ClipBenchmarkSet | None = None,
+    pretrained: str = "",
 ) -> dict[str, float]:
-    """Train, evaluate, then save (the model, its ONNX graphs, the card, the push: the trainer's final save), each as
-    configured."""
+    """Train, evaluate (the validation split, then `benchmark`), then save (the model, its ONNX graphs, the card, the
+    push: the trainer's final save), each as configured."""
     args = trainer.args
     results: dict[str, float] = {}
+    eval_metrics: dict[str, float] = {}
     if args.do_train:
         # The LoRA merge and WiSE-FT are part of the trainer's `train`.
         train_result = trainer.train(resume_from_checkpoint=resume_checkpoint)
@@ -239,14 +285,56 @@ def run_stages(
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
         results.update(metrics)
-        if not args.do_train and args.should_save:
-            # An evaluation-only run leaves the processor beside its results: the folder documents what was measured.
-            trainer.processing_class.save_pretrained(args.output_dir)
+        eval_metrics = metrics
+    if benchmark is not None:
+        try:
+            metrics = clip_benchmark_stage(trainer, benchmark, pretrained)
+        except BaseException:
+            if args.do_train:
+                trainer.save_model()
+            raise
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", {**eval_metrics, **metrics})
+        results.update(metrics)
+    if not args.do_train and (args.do_eval or benchmark is not None) and args.should_save:
+        # An evaluation-only run leaves the processor beside its results: the folder documents what was measured.
+        trainer.processing_class.save_pretrained(args.output_dir)
     if args.do_train:
         # model.safetensors, config and processor; onnx/ with `export_onnx`; README.md, training_curves.png and
         # retrieval_examples.png; the upload with `push_to_hub`.
         trainer.save_model()
     return results
+
+
+def clip_benchmark_stage(trainer: CLIPContrastiveTrainer, benchmark: ClipBenchmarkSet, pretrained: str) -> dict:
+    """Scores the trainer's model on a CLIP_benchmark set as the run evaluates (its batch size, workers, caption
+    length and padding, precision) and writes CLIP_benchmark's results JSON; returns the `eval_clip_benchmark_*`
+    metrics.
+
+    Every process computes the same (the set is read whole by each): no gather, and a sharded model (ZeRO-3, FSDP)
+    takes part in every forward; the main process writes."""
+    args, data_args = trainer.args, trainer.data_args
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    logger.info(f"Evaluating on the CLIP_benchmark set {benchmark.root} ({benchmark.split} split, {benchmark.task}).")
+    result = evaluate_clip_benchmark(
+        trainer.model,
+        trainer.processing_class,
+        benchmark,
+        batch_size=args.eval_batch_size,
+        num_workers=args.dataloader_num_workers,
+        max_seq_length=trainer.max_seq_length,
+        text_padding=trainer.text_padding,
+        context=trainer.compute_loss_context_manager,
+        max_image_pixels=data_args.max_image_pixels,
+        on_bad_rows=data_args.on_bad_rows,
+        recall_ks=data_args.clip_benchmark_recall_k,
+        chunk_size=args.retrieval_chunk_size,
+    )
+    if args.should_save:
+        path = data_args.clip_benchmark_output or os.path.join(args.output_dir, DEFAULT_OUTPUT_FILENAME)
+        write_clip_benchmark_record(clip_benchmark_record(result, benchmark, type(model).__name__, pretrained), path)
+        logger.info(f"CLIP_benchmark results written to {path}.")
+    return result.run_metrics()
 
 
 def cli(argv: list[str] | None = None, prog: str = "run_clip.py") -> int:

@@ -53,10 +53,16 @@ def check_arguments(
             "No training data given: set `dataset_name` (a Hub id, a prepared folder, or `emoji`) or `train_file`; "
             "or pass only --do_eval to evaluate a model."
         )
-    if not training_args.do_train and training_args.do_eval and not (has_data_source or data_args.validation_file):
+    evaluation_data = has_data_source or data_args.validation_file or data_args.clip_benchmark_dataset
+    if not training_args.do_train and training_args.do_eval and not evaluation_data:
         raise ConfigError(
             "--do_eval needs evaluation data: set `validation_file`, or `dataset_name` (a Hub dataset with a "
-            "validation or test split, or a prepared folder)."
+            "validation or test split, or a prepared folder), or `clip_benchmark_dataset`."
+        )
+    if data_args.clip_benchmark_dataset is not None and "clip_benchmark" in (data_args.extra_eval_sets or {}):
+        raise ConfigError(
+            "The extra evaluation set `clip_benchmark` would report under the keys of `clip_benchmark_dataset` "
+            "(eval_clip_benchmark_*); rename that set."
         )
     from_scratch = model_args.model_name_or_path is None and model_args.vision_model_name_or_path is None
     if from_scratch and model_args.has_model and not training_args.do_train:
