@@ -42,6 +42,7 @@ _EXPORTS = {
     "RetrievalEvaluator": ".evaluation",
     "CLIPContrastiveTrainer": ".trainer",
     "CLIPModelCardData": ".model_card",
+    "extend_text_positions": ".positions",
 }
 
 __all__ = [
@@ -69,6 +70,7 @@ __all__ = [
     "contrastive_loss",
     "distillation_loss",
     "distributed_clip_loss",
+    "extend_text_positions",
     "load_image_text_data",
     "parse_arguments",
     "sigmoid_contrastive_loss",
@@ -105,6 +107,7 @@ if TYPE_CHECKING:
         build_loss,
     )
     from .model_card import CLIPModelCardData
+    from .positions import extend_text_positions
     from .preprocessing import ImagePreprocessor
     from .trainer import CLIPContrastiveTrainer
     from .validation import check_arguments

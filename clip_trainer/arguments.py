@@ -456,8 +456,10 @@ class DataArguments:
     max_seq_length: int | None = field(
         default=None,
         metadata={
-            "help": "Longest caption in tokens; longer ones are truncated. Default and upper bound: the text model's "
-            "positions.",
+            "help": "Longest caption in tokens; longer ones are truncated. Default: the text model's positions. Above "
+            "them, the positions are extended when the model is loaded (a pretrained tower's learned table by "
+            "Long-CLIP's stretching: the first 20 kept, the rest interpolated), and the saved config and tokenizer "
+            "say the new length.",
             "bounds": Bounds(2, hint="a start and an end token"),
         },
     )

@@ -230,14 +230,29 @@ def load_processor(
     return family.processor_class(image_processor=image_processor, tokenizer=tokenizer)
 
 
-def load_model(model_args: ModelArguments, config: PretrainedConfig, tokenizer=None) -> nn.Module:
+def load_model(
+    model_args: ModelArguments, config: PretrainedConfig, tokenizer=None, max_seq_length: int | None = None
+) -> nn.Module:
     """The model: pretrained weights from `model_name_or_path`, two pretrained towers joined by new projections, or
     a new model built from `config`.
 
     For a model built from scratch the text config takes the tokenizer's vocabulary size and special-token ids (CLIP
     pools the text at `eos_token_id`, which must therefore match the tokenizer), and a SigLIP model starts at
     `t = 10, b = -10`. Seed the run before calling this: new weights are drawn from torch's generator.
+
+    A `max_seq_length` above the text positions lengthens them: a pretrained text tower by Long-CLIP's stretching of
+    its position table ([`extend_text_positions`]), a new one by being built with that many positions; the text
+    config and the tokenizer's `model_max_length` say the new length.
     """
+    model = _load_model(model_args, config, tokenizer, max_seq_length)
+    if max_seq_length is not None:
+        from .positions import extend_text_positions
+
+        extend_text_positions(model, max_seq_length, tokenizer)
+    return model
+
+
+def _load_model(model_args, config, tokenizer, max_seq_length: int | None) -> nn.Module:
     family = model_family(config)
     common = {
         "cache_dir": model_args.cache_dir,
@@ -264,6 +279,11 @@ def load_model(model_args: ModelArguments, config: PretrainedConfig, tokenizer=N
 
         for key, value in text_config_token_ids(tokenizer).items():
             setattr(config.text_config, key, value)
+    if max_seq_length is not None and max_seq_length > config.text_config.max_position_embeddings:
+        # New weights have nothing to preserve: the tower is built at the longer length and learns every position.
+        config.text_config.max_position_embeddings = max_seq_length
+        if tokenizer is not None:
+            tokenizer.model_max_length = max_seq_length
     model = family.model_class._from_config(config, attn_implementation=model_args.attn_implementation)
     if family.loss == "sigmoid":
         with torch.no_grad():

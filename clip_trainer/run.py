@@ -186,7 +186,8 @@ def _run(model_args, data_args, training_args, config, training: bool, resume_ch
         # A new tokenizer for a new model, trained on the training captions (a stream's first 100,000).
         captions = data.training_captions(data_args.caption_column)
     processor = load_processor(model_args, config, captions)
-    model = load_model(model_args, config, processor.tokenizer)
+    # A `max_seq_length` above the text positions lengthens them here, once, before the trainer sees the model.
+    model = load_model(model_args, config, processor.tokenizer, max_seq_length=data_args.max_seq_length)
 
     # --- trainer --------------------------------------------------------------------------------------------------
     from .model_card import data_description, evaluation_origin, given_settings

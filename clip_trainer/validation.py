@@ -100,15 +100,7 @@ def check_training_arguments(
     """
     if text_positions is None and config is not None:
         text_positions = getattr(getattr(config, "text_config", None), "max_position_embeddings", None)
-    if (
-        text_positions is not None
-        and data_args.max_seq_length is not None
-        and data_args.max_seq_length > text_positions
-    ):
-        raise ConfigError(
-            f"`max_seq_length` is {data_args.max_seq_length} but the text model has {text_positions} positions; set "
-            f"it to {text_positions} or less."
-        )
+    _check_caption_length(data_args, model_args, config, text_positions)
     if training_args.early_stopping_patience is not None and training_args.eval_strategy == IntervalStrategy.NO:
         raise ConfigError(
             "`early_stopping_patience` stops on evaluations, but `eval_strategy` is no; set it to epoch or steps."
@@ -135,6 +127,29 @@ def check_training_arguments(
             raise ConfigError(
                 f"`export_onnx` needs {', '.join(missing)}: pip install 'clip-trainer[onnx]', or drop --export_onnx."
             )
+
+
+def _check_caption_length(
+    data_args: DataArguments, model_args: ModelArguments | None, config: Any, text_positions: int | None
+) -> None:
+    """A `max_seq_length` above the text positions: the command lengthens them when it loads the model (a new tower
+    is built longer; a pretrained one is stretched, if its positions are a learned table), so it asks whether it can;
+    a trainer is given its model as it is, so the model must have been lengthened already."""
+    length = data_args.max_seq_length
+    if text_positions is None or length is None or length <= text_positions:
+        return
+    if model_args is None:
+        raise ConfigError(
+            f"`max_seq_length` is {length} but the text model has {text_positions} positions; set it to "
+            f"{text_positions} or less, or lengthen the model's positions first with "
+            f"`clip_trainer.extend_text_positions(model, {length}, processor.tokenizer)` (run_clip.py does it when "
+            "it loads the model)."
+        )
+    from_scratch = model_args.model_name_or_path is None and model_args.vision_model_name_or_path is None
+    if config is not None and not from_scratch:
+        from .positions import check_positions_extendable
+
+        check_positions_extendable(config, length)
 
 
 def _check_negatives(args: CLIPTrainingArguments) -> None:
