@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from clip_trainer import CLIPTrainingArguments, DataArguments, run
 from clip_trainer.errors import ConfigError
@@ -48,3 +49,28 @@ def test_command_with_the_fsdp_config_on_the_cpu_stops_before_the_data(base_args
     with pytest.raises(ConfigError, match="this run is on the CPU"):
         run.main([str(FSDP_CONFIG), *base_args])
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_final_save_of_a_sharded_fsdp_run_is_a_full_model(base_args, tiny_clip_dir, tmp_path):
+    """With sharded checkpoints, transformers' final save would write shards again; clip-trainer gathers the full
+    state dict for the final folder. FSDP itself cannot run on the CPU (accelerate falls back to DDP), so the plugin is
+    set on a trainer of one process, where `get_state_dict` returns the whole model as FSDP2's full gather does."""
+    from types import SimpleNamespace
+
+    from conftest import build_trainer
+    from transformers import CLIPModel
+
+    csv = Path(base_args[base_args.index("--train_file") + 1])
+    trainer = build_trainer(tmp_path, tiny_clip_dir, csv)
+    trainer.is_fsdp_enabled = True
+    trainer.accelerator.state.fsdp_plugin = SimpleNamespace(state_dict_type="StateDictType.SHARDED_STATE_DICT")
+    try:
+        with torch.no_grad():
+            trainer.model.logit_scale.fill_(1.25)  # a change that the saved folder must hold
+        trainer.save_model()
+    finally:
+        trainer.accelerator.state.fsdp_plugin = None
+    saved = CLIPModel.from_pretrained(tmp_path / "out")
+    assert saved.logit_scale.item() == pytest.approx(1.25)
+    assert not any(path.name.startswith("pytorch_model_fsdp") for path in (tmp_path / "out").iterdir())
