@@ -10,6 +10,11 @@ For each effective batch size (default 64, 128, 256, 512) and each mode, one tra
   independent  plain gradient accumulation: each micro-batch's own loss (negatives from its micro-batch only),
                activations of one micro-batch, one forward per micro-batch.
 
+With `--checkpointing on` (or `both`: each configuration with and without), the towers' encoder layers keep no
+activations in the forward and recompute them in the backward (transformers' activation checkpointing, what the
+Trainer's `gradient_checkpointing` turns on): the activations of a step shrink to the layers' inputs, at the cost of
+a third (or, in the cached mode, a second extra) forward.
+
 Peak memory is `torch.cuda.max_memory_allocated` on a GPU. On the CPU, torch's allocations are invisible to
 `tracemalloc`, so it is the rise of the process's maximum resident set size (`getrusage`) from after the model, its
 gradients and the inputs exist (before the warm-up step) to the end of the timed steps: the step's own working
@@ -22,6 +27,7 @@ Usage:
     python benchmarks/accumulation_memory.py                       # tiny model, CPU: about a minute on 2 cores
     python benchmarks/accumulation_memory.py --preset vit-b-32     # ViT-B/32 architecture, random weights (GPU)
     python benchmarks/accumulation_memory.py --batch-sizes 256,1024 --micro-batch 64 --modes plain,cached
+    python benchmarks/accumulation_memory.py --batch-sizes 256 --modes plain,cached --checkpointing both
 
 The last line printed is one JSON object with every figure.
 """
@@ -69,7 +75,7 @@ PRESETS: dict[str, dict] = {
 MODES = ("plain", "cached", "independent")
 
 
-def build_model(preset: str, device: torch.device) -> CLIPModel:
+def build_model(preset: str, device: torch.device, checkpointing: bool = False) -> CLIPModel:
     spec = PRESETS[preset]
     text = {
         **spec["text_config"],
@@ -80,6 +86,8 @@ def build_model(preset: str, device: torch.device) -> CLIPModel:
     config = CLIPConfig(text_config=text, vision_config=spec["vision_config"], projection_dim=spec["projection_dim"])
     torch.manual_seed(0)
     model = CLIPModel._from_config(config, attn_implementation="sdpa").to(device)
+    if checkpointing:  # as `Trainer.train` turns it on for `gradient_checkpointing` (non-reentrant checkpoints)
+        model.activation_checkpointing_enable()
     model.train()
     return model
 
@@ -139,7 +147,7 @@ def max_rss_bytes() -> int:
 def worker(options: argparse.Namespace) -> dict:
     """Runs one configuration in this (fresh) process and returns its figures."""
     device = torch.device(options.device)
-    model = build_model(options.preset, device)
+    model = build_model(options.preset, device, options.checkpointing == "on")
     micro = min(options.micro_batch, options.batch_size)
     sizes = [micro] * (options.batch_size // micro) + (
         [options.batch_size % micro] if options.batch_size % micro else []
@@ -175,6 +183,7 @@ def worker(options: argparse.Namespace) -> dict:
         "batch_size": options.batch_size,
         "micro_batch": micro if options.mode != "plain" else options.batch_size,
         "negatives_per_pair": options.batch_size - 1 if options.mode != "independent" else micro - 1,
+        "checkpointing": options.checkpointing == "on",
         "peak_memory_mib": round(peak / 2**20, 1),
         "samples_per_second": round(options.batch_size / statistics.median(step_times), 1),
         "device": torch.cuda.get_device_name(device) if cuda else "cpu",
@@ -182,31 +191,32 @@ def worker(options: argparse.Namespace) -> dict:
     }
 
 
-def run_isolated(options: argparse.Namespace, mode: str, batch_size: int) -> dict:
+def run_isolated(options: argparse.Namespace, mode: str, batch_size: int, checkpointing: bool = False) -> dict:
     """`worker` in a fresh interpreter: the CPU's max-RSS high-water mark cannot be reset inside one process."""
     command = [
         sys.executable, __file__, "--worker", "--preset", options.preset, "--mode", mode,
         "--batch-size", str(batch_size), "--micro-batch", str(options.micro_batch), "--steps", str(options.steps),
-        "--device", options.device,
+        "--device", options.device, "--checkpointing", "on" if checkpointing else "off",
     ] + (["--bf16"] if options.bf16 else [])  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         failure = "out of memory" if "out of memory" in result.stderr.lower() else result.stderr.strip()[-300:]
-        return {"mode": mode, "batch_size": batch_size, "error": failure}
+        return {"mode": mode, "batch_size": batch_size, "checkpointing": checkpointing, "error": failure}
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def print_table(rows: list[dict]) -> None:
-    header = f"{'batch':>6} {'mode':<12} {'micro':>6} {'negatives':>10} {'peak MiB':>10} {'samples/s':>10}"
+    header = f"{'batch':>6} {'mode':<12} {'ckpt':<5} {'micro':>6} {'negatives':>10} {'peak MiB':>10} {'samples/s':>10}"
     print(header)
     print("-" * len(header))
     for row in rows:
+        checkpointing = "on" if row.get("checkpointing") else "off"
         if "error" in row:
-            print(f"{row['batch_size']:>6} {row['mode']:<12} {'':>6} {'':>10} {row['error'][:40]:>22}")
+            print(f"{row['batch_size']:>6} {row['mode']:<12} {checkpointing:<5} {'':>6} {row['error'][:40]:>33}")
             continue
         print(
-            f"{row['batch_size']:>6} {row['mode']:<12} {row['micro_batch']:>6} {row['negatives_per_pair']:>10} "
-            f"{row['peak_memory_mib']:>10.1f} {row['samples_per_second']:>10.1f}"
+            f"{row['batch_size']:>6} {row['mode']:<12} {checkpointing:<5} {row['micro_batch']:>6} "
+            f"{row['negatives_per_pair']:>10} {row['peak_memory_mib']:>10.1f} {row['samples_per_second']:>10.1f}"
         )
 
 
@@ -219,6 +229,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="Timed steps after one warm-up step.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the towers (loss stays float32).")
+    parser.add_argument(
+        "--checkpointing",
+        choices=("off", "on", "both"),
+        default="off",
+        help="Activation checkpointing of the encoder layers (the Trainer's `gradient_checkpointing`); `both` runs "
+        "every configuration without and with it.",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--batch-size", type=int, help=argparse.SUPPRESS)
@@ -230,8 +247,9 @@ def main() -> None:
     rows = []
     for batch_size in (int(size) for size in options.batch_sizes.split(",")):
         for mode in options.modes.split(","):
-            rows.append(run_isolated(options, mode, batch_size))
-            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # progress
+            for checkpointing in {"off": [False], "on": [True], "both": [False, True]}[options.checkpointing]:
+                rows.append(run_isolated(options, mode, batch_size, checkpointing))
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # progress
     device = next((row["device"] for row in rows if "device" in row), options.device)
     memory = "torch.cuda.max_memory_allocated" if options.device.startswith("cuda") else "max RSS rise"
     print(f"preset {options.preset}, micro-batch {options.micro_batch}, device {device}, peak memory: {memory}")

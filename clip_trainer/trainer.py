@@ -882,6 +882,13 @@ class CLIPContrastiveTrainer(Trainer):
             if self.args.should_save:
                 merged_copy(self.model).save_pretrained(output_dir)
                 self.processing_class.save_pretrained(output_dir)
+        elif self._saves_sharded_state_dict():
+            # transformers' final save of a SHARDED_STATE_DICT run writes each process's shard again, which
+            # `from_pretrained` cannot read: the final folder gets the full state dict, gathered from every process
+            # (each takes part in the gather; the main process writes it).
+            state_dict = self.accelerator.get_state_dict(self.model)
+            if self.args.should_save:
+                self._save(output_dir, state_dict=state_dict)
         else:
             super().save_model(output_dir, _internal_call=True)
         if not self.args.should_save:
@@ -894,6 +901,11 @@ class CLIPContrastiveTrainer(Trainer):
             self.push_to_hub(commit_message="Upload model trained with clip-trainer", revision=self.args.hub_revision)
         else:
             self.create_model_card()
+
+    def _saves_sharded_state_dict(self) -> bool:
+        """Whether the run's checkpoints are FSDP's sharded state dicts (`fsdp_config` `state_dict_type`)."""
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        return bool(self.is_fsdp_enabled and plugin is not None and "SHARDED" in str(plugin.state_dict_type))
 
     def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True, **kwargs):
         """`Trainer.push_to_hub`; a failed upload is one line that says where the model is and how to upload it."""

@@ -116,6 +116,7 @@ def check_training_arguments(
     )
     _check_model_family(data_args, training_args, config)
     _check_fine_tuning(model_args, training_args, config)
+    _check_sharding(training_args)
     _check_captions(data_args)
     _check_distillation(data_args, training_args, model_args, config)
     _check_report_to(training_args.report_to)
@@ -296,6 +297,35 @@ def _check_fine_tuning(model_args: ModelArguments | None, args: CLIPTrainingArgu
                 f"`{key}` is {wanted}, but the {tower} tower has {depth} layers; set it to {depth} or less (or leave it "
                 "empty to train every layer)."
             )
+
+
+def _check_sharding(args: CLIPTrainingArguments) -> None:
+    """Activation checkpointing, FSDP and DeepSpeed against the features that need whole weights or a fixed graph."""
+    checkpointing = getattr(args, "activation_checkpointing", None) or args.gradient_checkpointing
+    kwargs = getattr(args, "activation_checkpointing_kwargs", None) or args.gradient_checkpointing_kwargs or {}
+    reentrant = checkpointing and isinstance(kwargs, dict) and bool(kwargs.get("use_reentrant", False))
+    locks = [
+        key
+        for key in ("freeze_vision_model", "freeze_text_model", "vision_trainable_layers", "text_trainable_layers")
+        if getattr(args, key) not in (None, False)
+    ]
+    if args.ddp_find_unused_parameters:
+        locks.append("ddp_find_unused_parameters")
+    if args.fsdp and args.device.type == "cpu":
+        # accelerate turns FSDP on for GPUs (and other accelerators) only: on the CPU it keeps the plugin unused and
+        # wraps the model in DDP, so the run would train whole copies while the user believes them sharded.
+        raise ConfigError(
+            "`fsdp` is set, but this run is on the CPU, where accelerate does not shard (it would train whole copies "
+            "with DDP); drop `fsdp` and `fsdp_config` to train on the CPU, or run on GPUs."
+        )
+    if reentrant and args.world_size > 1 and not (args.fsdp or args.deepspeed) and locks:
+        # DDP looks for the parameters a step leaves unused (frozen, locked) after the backward, and a reentrant
+        # checkpoint runs its part of the backward apart, where DDP marks its parameters ready a second time.
+        raise ConfigError(
+            f"`gradient_checkpointing_kwargs` asks for reentrant checkpoints (`use_reentrant: true`), which DDP cannot "
+            f"combine with the parameters `{locks[0]}` leaves without gradients; drop `use_reentrant` (the default "
+            "non-reentrant checkpoints give the same gradients)."
+        )
 
 
 def _check_captions(data_args: DataArguments) -> None:
