@@ -6,7 +6,8 @@ name) for zero-shot classification, or `dataset_type.txt` saying `retrieval` for
 
 - `OUTPUT/emoji_groups/`: each held-out image (`.png`) with its emoji group as class index (`.cls`), the demo's nine
   group names and its three templates;
-- `OUTPUT/emoji_captions/`: each held-out image with its caption (`.txt`), for retrieval.
+- `OUTPUT/emoji_captions/`: each distinct held-out image with its captions (`.txt`, one a line: some emoji share a
+  picture), for retrieval, as clip-trainer's own retrieval evaluation groups them.
 
 The held-out pairs are those `configs/demo.json` evaluates on (`validation_split_percentage` 15, `seed` 42), so
 CLIP_benchmark's numbers can be set beside `outputs/demo/eval_results.json`:
@@ -21,6 +22,8 @@ import io
 import logging
 import tarfile
 from pathlib import Path
+
+import datasets
 
 from clip_trainer import DataArguments, load_image_text_data
 
@@ -66,6 +69,7 @@ def main(argv: list[str] | None = None) -> None:
         dataset_name="emoji", label_column="label", validation_split_percentage=args.validation_split_percentage
     )
     validation = load_image_text_data(data_args, seed=args.seed, evaluate=True).validation
+    validation = validation.cast_column("image", datasets.Image())  # clip-trainer keeps the bytes undecoded
     classnames = validation.features["label"].names
     images = [png_bytes(image) for image in validation["image"]]
     output = Path(args.output)
@@ -77,10 +81,19 @@ def main(argv: list[str] | None = None) -> None:
     (groups / "zeroshot_classification_templates.txt").write_text("\n".join(TEMPLATES) + "\n")
 
     captions = output / "emoji_captions"
+    by_image: dict[int, list[int]] = {}
+    for row, image_id in enumerate(validation["_image_id"]):
+        by_image.setdefault(image_id, []).append(row)
     texts = validation["caption"]
-    write_shard(captions, [{"png": png, "txt": text.encode()} for png, text in zip(images, texts, strict=True)])
+    samples = [
+        {"png": images[rows[0]], "txt": "\n".join(texts[row] for row in rows).encode()} for rows in by_image.values()
+    ]
+    write_shard(captions, samples)
     (captions / "dataset_type.txt").write_text("retrieval\n")
-    logger.info(f"Wrote {len(images)} held-out pairs ({len(classnames)} classes) to {groups} and {captions}.")
+    logger.info(
+        f"Wrote {len(images)} held-out pairs ({len(classnames)} classes) to {groups}, and their {len(samples)} distinct "
+        f"images to {captions}."
+    )
 
 
 if __name__ == "__main__":

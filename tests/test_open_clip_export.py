@@ -290,3 +290,33 @@ def test_mlp_ratio_gives_open_clips_mlp_width_back():
     # open_clip sizes its MLPs as int(width * mlp_ratio).
     assert int(1664 * model_cfg["vision_cfg"]["mlp_ratio"]) == 8192
     assert int(1280 * model_cfg["text_cfg"]["mlp_ratio"]) == 5120
+
+
+def test_a_preprocessing_open_clip_cannot_follow_stops_the_trainer_before_training(
+    tiny_clip_dir, shapes_csv, tmp_path
+):
+    from conftest import build_trainer
+
+    folder = shutil.copytree(tiny_clip_dir, tmp_path / "model")
+    processor = AutoProcessor.from_pretrained(folder, backend="pil")
+    processor.image_processor.size = {"shortest_edge": 40}  # resize to 40, then crop 32: no open_clip form
+    processor.save_pretrained(folder)
+    with pytest.raises(
+        ConfigError, match=r"^`save_open_clip` cannot be honoured: .*shortest_edge.*Drop --save_open_clip"
+    ):
+        build_trainer(tmp_path, folder, shapes_csv, save_open_clip=True)
+
+
+@pytest.mark.slow
+def test_a_run_writes_the_trained_weights_without_open_clip(base_args, tiny_clip_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run.main([*base_args, "--output_dir", "out", "--save_open_clip", "true", "--num_train_epochs", "1"])
+    weights = load_file(tmp_path / "out" / OPEN_CLIP_WEIGHTS_NAME)
+    trained, initial = CLIPModel.from_pretrained(tmp_path / "out"), CLIPModel.from_pretrained(tiny_clip_dir)
+    assert torch.equal(weights["visual.proj"], trained.visual_projection.weight.detach().T)
+    assert torch.equal(
+        weights["token_embedding.weight"], trained.text_model.embeddings.token_embedding.weight.detach()
+    )
+    assert not torch.equal(weights["visual.proj"], initial.visual_projection.weight.detach().T)
+    config = json.loads((tmp_path / "out" / OPEN_CLIP_CONFIG_NAME).read_text())
+    assert config["model_cfg"]["text_cfg"]["hf_tokenizer_name"] == "out"

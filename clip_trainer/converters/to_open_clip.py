@@ -16,8 +16,10 @@ The text side uses open_clip's `HFTokenizer` (`hf_tokenizer_name` in `text_cfg`)
 the folder itself, so any tokenizer the model was trained with (OpenAI's BPE or a byte-level BPE trained on captions)
 gives the same ids. What is not identical, by necessity (as for the import):
 
-- **Caption cleaning.** open_clip runs `ftfy.fix_text`, `html.unescape` and collapses whitespace before the tokenizer
-  sees a caption; captions with HTML entities (`&amp;`) or mojibake are tokenized differently.
+- **Caption cleaning.** open_clip runs `ftfy.fix_text` (which also straightens curly quotes: `o’clock` becomes
+  `o'clock`), `html.unescape` and collapses runs of whitespace before the tokenizer sees a caption. Captions with
+  typographic quotes, HTML entities (`&amp;`) or mojibake are tokenized differently; so are runs of spaces with a
+  byte-level BPE (clip-trainer's own tokenizer), while CLIP's BPE collapses them itself.
 - **Image preprocessing.** open_clip resizes with torchvision; its centre crop sits at `round((size - crop) / 2)`,
   transformers' at `(size - crop) // 2`: one pixel apart when `size - crop` is 3 modulo 4.
 """
