@@ -923,9 +923,7 @@ class CLIPContrastiveTrainer(Trainer):
     def save_open_clip(self, folder: str) -> dict:
         """open_clip's files for the model (`open_clip_config.json`, `open_clip_model.safetensors`) in `folder`, beside
         its tokenizer; loaded back and compared with the model when open_clip is installed."""
-        import importlib.util
-
-        from .converters.to_open_clip import check_open_clip_files, save_open_clip
+        from .converters.to_open_clip import check_if_open_clip_imports, save_open_clip
         from .errors import OpenCLIPConversionError, PublishError
 
         model = merged_copy(self.model) if is_lora_model(self.model) else self.model
@@ -933,12 +931,13 @@ class CLIPContrastiveTrainer(Trainer):
         hub_id = self.args.hub_model_id if self.args.push_to_hub else None
         try:
             paths = save_open_clip(model, self.processing_class, folder, hf_tokenizer_name=hub_id)
-            if importlib.util.find_spec("open_clip") is not None:
-                paths["max_abs_diff"] = check_open_clip_files(folder, model)
-        except (ConfigError, OpenCLIPConversionError, ImportError) as error:
+            differences = check_if_open_clip_imports(folder, model)
+        except (ConfigError, OpenCLIPConversionError) as error:
             raise PublishError(
                 f"Writing the open_clip files failed: {error} The trained model is saved in {self.args.output_dir}."
             ) from None
+        if differences is not None:
+            paths["max_abs_diff"] = differences
         logger.info(f"open_clip files in {folder}: {paths}.")
         return paths
 
