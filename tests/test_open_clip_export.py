@@ -308,15 +308,22 @@ def test_a_preprocessing_open_clip_cannot_follow_stops_the_trainer_before_traini
 
 
 @pytest.mark.slow
-def test_a_run_writes_the_trained_weights_without_open_clip(base_args, tiny_clip_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_a_run_writes_the_trained_weights_without_open_clip(base_args, tiny_clip_dir, tmp_path, monkeypatch, lora):
     monkeypatch.chdir(tmp_path)
-    run.main([*base_args, "--output_dir", "out", "--save_open_clip", "true", "--num_train_epochs", "1"])
+    extra = ["--lora_rank", "4", "--lora_alpha", "8", "--learning_rate", "1e-2"] if lora else []
+    run.main([*base_args, "--output_dir", "out", "--save_open_clip", "true", "--num_train_epochs", "1", *extra])
     weights = load_file(tmp_path / "out" / OPEN_CLIP_WEIGHTS_NAME)
     trained, initial = CLIPModel.from_pretrained(tmp_path / "out"), CLIPModel.from_pretrained(tiny_clip_dir)
+    # The saved model's weights (merged, after LoRA), not the starting ones.
+    attention = "vision_model.encoder.layers.1.self_attn"
+    for model, same in ((trained, True), (initial, False)):
+        state = model.state_dict()
+        in_proj = torch.cat([state[f"{attention}.{name}_proj.weight"] for name in "qkv"])
+        assert torch.equal(weights["visual.transformer.resblocks.1.attn.in_proj_weight"], in_proj) is same
     assert torch.equal(weights["visual.proj"], trained.visual_projection.weight.detach().T)
     assert torch.equal(
         weights["token_embedding.weight"], trained.text_model.embeddings.token_embedding.weight.detach()
     )
-    assert not torch.equal(weights["visual.proj"], initial.visual_projection.weight.detach().T)
     config = json.loads((tmp_path / "out" / OPEN_CLIP_CONFIG_NAME).read_text())
     assert config["model_cfg"]["text_cfg"]["hf_tokenizer_name"] == "out"
