@@ -1054,6 +1054,14 @@ class CLIPTrainingArguments(TrainingArguments):
             "text_model.onnx, checked with ONNX Runtime against PyTorch). Needs the `onnx` extra."
         },
     )
+    save_open_clip: bool = field(
+        default=False,
+        metadata={
+            "help": "At the end of a training run, also write open_clip_config.json and open_clip_model.safetensors "
+            'into output_dir, so that open_clip.create_model_and_transforms("local-dir:OUTPUT_DIR") loads the model '
+            "with its tokenizer and preprocessing. CLIP models only; writing needs no open_clip."
+        },
+    )
     max_nonfinite_steps: int = field(
         default=5,
         metadata={

@@ -1,8 +1,9 @@
-"""The `clip-trainer` command: `clip-trainer train|eval|export-onnx|import-open-clip [options]`.
+"""The `clip-trainer` command: `clip-trainer train|eval|export-onnx|import-open-clip|export-open-clip [options]`.
 
 `train` is `run_clip.py`; `eval` is `run_clip.py --do_eval` (evaluate `model_name_or_path` and write
-`eval_results.json`); `export-onnx` and `import-open-clip` are the command lines of [`clip_trainer.converters.to_onnx`] and
-[`clip_trainer.converters.from_open_clip`]. `clip-trainer COMMAND --help` prints each command's options.
+`eval_results.json`); `export-onnx`, `import-open-clip` and `export-open-clip` are the command lines of
+[`clip_trainer.converters.to_onnx`], [`clip_trainer.converters.from_open_clip`] and
+[`clip_trainer.converters.to_open_clip`]. `clip-trainer COMMAND --help` prints each command's options.
 """
 
 from __future__ import annotations
@@ -53,11 +54,18 @@ def _import_open_clip(argv: list[str]) -> int:
     return main(argv, prog=f"{PROG} import-open-clip")
 
 
+def _export_open_clip(argv: list[str]) -> int:
+    from .converters.to_open_clip import main
+
+    return main(argv, prog=f"{PROG} export-open-clip")
+
+
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "train": (_train, "train or fine-tune a CLIP model (run_clip.py's options; --help lists them)"),
     "eval": (_eval, "evaluate model_name_or_path only: train's options with --do_eval"),
     "export-onnx": (_export_onnx, "export a model folder to vision_model.onnx and text_model.onnx, checked"),
     "import-open-clip": (_import_open_clip, "convert an open_clip ViT checkpoint into a CLIPModel folder"),
+    "export-open-clip": (_export_open_clip, "write open_clip files beside a CLIP model folder, for local-dir: loads"),
 }
 
 

@@ -204,6 +204,14 @@ class CLIPContrastiveTrainer(Trainer):
             self.image_preprocessor = ImagePreprocessor.from_image_processor(image_processor)
         except UnsupportedImageProcessorError as error:
             raise ConfigError(str(error)) from None
+        if args.save_open_clip and getattr(model.config, "model_type", None) == "clip":
+            from .converters.to_open_clip import open_clip_preprocess_config
+
+            # Known now rather than after the run: a preprocessing that open_clip's preprocess_cfg cannot express.
+            try:
+                open_clip_preprocess_config(image_processor, model.config.vision_config.image_size)
+            except ConfigError as error:
+                raise ConfigError(f"`save_open_clip` cannot be honoured: {error} Drop --save_open_clip.") from None
         # --- the settings against each other and against the model (as the command checks them) -----------------
         from .data import LABEL_COLUMN
         from .validation import check_training_arguments
@@ -864,6 +872,7 @@ class CLIPContrastiveTrainer(Trainer):
         - a LoRA model not merged yet: the plain model with the adapters merged (loadable by `from_pretrained` and
           `pipeline(...)`) and the adapter in `output_dir/adapter/`;
         - `export_onnx`: `output_dir/onnx/` with the two towers' graphs, checked against the model;
+        - `save_open_clip`: `open_clip_config.json` and `open_clip_model.safetensors` beside the model's files;
         - the model card (`README.md`, with the curves and the retrieval gallery) from the evaluations so far.
 
         Checkpoints (`_internal_call`) keep the Trainer's saves (adapter-only for LoRA, which resuming and
@@ -895,6 +904,8 @@ class CLIPContrastiveTrainer(Trainer):
             return
         if self.args.export_onnx:
             self.export_onnx(os.path.join(output_dir, "onnx"))
+        if self.args.save_open_clip:
+            self.save_open_clip(output_dir)
         if output_dir != self.args.output_dir:
             return
         if self.args.push_to_hub:  # as `Trainer.save_model` does; the push writes the card first
@@ -935,6 +946,27 @@ class CLIPContrastiveTrainer(Trainer):
             ) from None
         logger.info(f"ONNX graphs in {folder}, checked: {export['max_abs_diff']}.")
         return export
+
+    def save_open_clip(self, folder: str) -> dict:
+        """open_clip's files for the model (`open_clip_config.json`, `open_clip_model.safetensors`) in `folder`, beside
+        its tokenizer; loaded back and compared with the model when open_clip is installed."""
+        from .converters.to_open_clip import check_if_open_clip_imports, save_open_clip
+        from .errors import OpenCLIPConversionError, PublishError
+
+        model = merged_copy(self.model) if is_lora_model(self.model) else self.model
+        # The Hub repository that will hold the tokenizer, for open_clip's `hf-hub:` loads of the pushed model.
+        hub_id = self.args.hub_model_id if self.args.push_to_hub else None
+        try:
+            paths = save_open_clip(model, self.processing_class, folder, hf_tokenizer_name=hub_id)
+            differences = check_if_open_clip_imports(folder, model)
+        except (ConfigError, OpenCLIPConversionError) as error:
+            raise PublishError(
+                f"Writing the open_clip files failed: {error} The trained model is saved in {self.args.output_dir}."
+            ) from None
+        if differences is not None:
+            paths["max_abs_diff"] = differences
+        logger.info(f"open_clip files in {folder}: {paths}.")
+        return paths
 
     def merge_lora(self) -> None:
         """Saves the adapter into `output_dir/adapter/` and goes on with the plain merged model: what is evaluated,

@@ -88,7 +88,7 @@ def check_training_arguments(
 ) -> None:
     """The checks the command and the trainer share: the settings against each other and against the model's config
     (caption length, early stopping, the metric that chooses the best model, the family's limits, WiSE-FT and partial
-    locking, reporting, ONNX export). [`CLIPContrastiveTrainer`] runs them at construction.
+    locking, reporting, ONNX and open_clip export). [`CLIPContrastiveTrainer`] runs them at construction.
 
     Args:
         model_args: the command's model arguments, for what depends on where the model comes from (WiSE-FT needs a
@@ -120,6 +120,12 @@ def check_training_arguments(
     _check_captions(data_args)
     _check_distillation(data_args, training_args, model_args, config)
     _check_report_to(training_args.report_to)
+    if training_args.save_open_clip and config is not None:
+        from .converters.to_open_clip import open_clip_export_problem
+
+        problem = open_clip_export_problem(config)
+        if problem:
+            raise ConfigError(f"`save_open_clip` cannot be honoured: {problem}. Drop --save_open_clip.")
     if training_args.export_onnx:
         import importlib.util
 

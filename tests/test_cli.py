@@ -31,7 +31,7 @@ def test_each_command_has_help(command, usage, option, capsys):
 def test_top_level_help_lists_every_command(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("usage: clip-trainer {train,eval,export-onnx,import-open-clip}")
+    assert out.startswith("usage: clip-trainer {train,eval,export-onnx,import-open-clip,export-open-clip}")
     assert all(f"  {name} " in out for name in COMMANDS)
 
 
@@ -40,7 +40,7 @@ def test_unknown_command_is_a_one_line_error(capsys):
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err == (
-        "clip-trainer: error: unknown command 'trian'; choose from train, eval, export-onnx, import-open-clip.\n"
+        "clip-trainer: error: unknown command 'trian'; choose from train, eval, export-onnx, import-open-clip, export-open-clip.\n"
     )
 
 

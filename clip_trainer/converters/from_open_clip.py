@@ -44,6 +44,7 @@ from transformers.utils import logging
 
 from ..checkpoints import check_writable_folder
 from ..errors import ConfigError, OpenCLIPConversionError
+from .open_clip_weights import clip_weight_pairs, open_clip_to_clip
 
 logger = logging.get_logger(__name__)
 
@@ -479,54 +480,17 @@ def _model_problems_and_config(
     return [], config
 
 
-def _encoder_state_dict(prefix: str, blocks: Sequence[nn.Module]) -> dict[str, torch.Tensor]:
-    state = {}
-    for index, block in enumerate(blocks):
-        layer = f"{prefix}.encoder.layers.{index}"
-        # open_clip keeps q, k and v stacked in one in-projection (nn.MultiheadAttention's layout).
-        for name, weight, bias in zip(
-            ("q_proj", "k_proj", "v_proj"), block.attn.in_proj_weight.chunk(3), block.attn.in_proj_bias.chunk(3)
-        ):
-            state[f"{layer}.self_attn.{name}.weight"] = weight
-            state[f"{layer}.self_attn.{name}.bias"] = bias
-        for target, source in (
-            ("self_attn.out_proj", block.attn.out_proj),
-            ("layer_norm1", block.ln_1),
-            ("layer_norm2", block.ln_2),
-            ("mlp.fc1", block.mlp.c_fc),
-            ("mlp.fc2", block.mlp.c_proj),
-        ):
-            state[f"{layer}.{target}.weight"] = source.weight
-            state[f"{layer}.{target}.bias"] = source.bias
-    return state
-
-
-def _norm_state(target: str, norm: nn.LayerNorm) -> dict[str, torch.Tensor]:
-    return {f"{target}.weight": norm.weight, f"{target}.bias": norm.bias}
-
-
 def _clip_state_dict(model: nn.Module, open_clip) -> dict[str, torch.Tensor]:
-    """open_clip's weights under `CLIPModel`'s names; every tensor is a float32 copy."""
-    visual = model.visual
+    """open_clip's weights under `CLIPModel`'s names (the table in `open_clip_weights`); every tensor is a float32
+    copy."""
     parts = _text_parts(model, open_clip, [])
-    projection = parts["projection"]
-    state = {
-        "vision_model.embeddings.patch_embedding.weight": visual.conv1.weight,
-        "vision_model.embeddings.class_embedding": visual.class_embedding,
-        "vision_model.embeddings.position_embedding.weight": visual.positional_embedding,
-        **_norm_state("vision_model.pre_layrnorm", visual.ln_pre),
-        **_encoder_state_dict("vision_model", visual.transformer.resblocks),
-        # open_clip applies ln_post to every token, then takes the class token; per-token norms commute with that.
-        **_norm_state("vision_model.post_layernorm", visual.ln_post),
-        # open_clip multiplies `x @ proj`; nn.Linear computes `x @ weight.T`.
-        "visual_projection.weight": visual.proj.T,
-        "text_model.embeddings.token_embedding.weight": parts["token_embedding"].weight,
-        "text_model.embeddings.position_embedding.weight": parts["positional_embedding"],
-        **_encoder_state_dict("text_model", parts["transformer"].resblocks),
-        **_norm_state("text_model.final_layer_norm", parts["ln_final"]),
-        "text_projection.weight": projection.weight if isinstance(projection, nn.Linear) else projection.T,
-        "logit_scale": model.logit_scale.reshape(()),
-    }
+    pairs = clip_weight_pairs(
+        len(model.visual.transformer.resblocks),
+        len(parts["transformer"].resblocks),
+        text_prefix="text." if isinstance(model, open_clip.CustomTextCLIP) else "",
+        linear_text_projection=isinstance(parts["projection"], nn.Linear),
+    )
+    state = open_clip_to_clip(model.state_dict(), pairs)
     return {key: value.detach().to(torch.float32).contiguous().clone() for key, value in state.items()}
 
 
