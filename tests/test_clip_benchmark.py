@@ -251,29 +251,33 @@ def test_a_class_index_out_of_range_names_the_shard_the_sample_and_the_fix(
 
 
 @pytest.mark.slow
-def test_the_demo_export_script_writes_a_set_the_command_evaluates(tiny_clip_dir, tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location(
-        "export_clip_benchmark", ROOT / "scripts" / "export_clip_benchmark.py"
-    )
+def test_the_demo_script_writes_the_held_out_pairs_in_a_set_the_command_evaluates(tiny_clip_dir, tmp_path,
+                                                                                  monkeypatch):  # fmt: skip
+    """scripts/clip_benchmark_data.py writes the demo's held-out pairs: as many samples as the demo evaluates, 9
+    classes, the demo's prompts; the retrieval set one sample per distinct image; the command scores both."""
+    from clip_trainer import DataArguments, load_image_text_data
+
+    spec = importlib.util.spec_from_file_location("clip_benchmark_data", ROOT / "scripts" / "clip_benchmark_data.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     monkeypatch.chdir(tmp_path)
-    assert script.main(["--output", "wds_emoji", "--limit", "12", "--shard_size", "5"]) == 0
-    assert script.main(["--output", "emoji_captions", "--limit", "7", "--task", "retrieval"]) == 0
+    script.main(["--output", "bench"])
+    held_out = load_image_text_data(
+        DataArguments(dataset_name="emoji", label_column="label", validation_split_percentage=15), seed=42
+    ).validation
 
-    found = read_clip_benchmark_set("wds_emoji")
-    assert [Path(shard).name for shard in found.shards] == ["0.tar", "1.tar", "2.tar"]
-    assert len(found.class_names) == 9 and found.templates == ["{c}", "an emoji of {c}", "a {c} emoji"]
-    with tarfile.open(found.shards[0]) as tar:
-        assert tar.getnames()[:2] == ["s0000000.webp", "s0000000.cls"]
-    assert read_clip_benchmark_set("emoji_captions").task == "zeroshot_retrieval"
-    assert cli.main(eval_command(tiny_clip_dir, Path("wds_emoji"))) == 0
-    record = json.loads((tmp_path / "out" / "clip_benchmark_results.json").read_text())
-    assert record["dataset"] == "wds/emoji"
-    # 9 classes, 12 emoji: the fractions are multiples of 1/12.
-    assert record["metrics"]["acc1"] * 12 == pytest.approx(round(record["metrics"]["acc1"] * 12))
+    groups = read_clip_benchmark_set("bench/emoji_groups")
+    assert len(groups.class_names) == 9 and groups.templates == ["{c}", "an emoji of {c}", "a {c} emoji"]
+    assert read_clip_benchmark_set("bench/emoji_captions").task == "zeroshot_retrieval"
+    with tarfile.open(groups.shards[0]) as tar:
+        assert len([name for name in tar.getnames() if name.endswith(".cls")]) == len(held_out)
+    assert cli.main(eval_command(tiny_clip_dir, Path("bench/emoji_groups"))) == 0
     results = json.loads((tmp_path / "out" / "eval_results.json").read_text())
-    assert results["eval_clip_benchmark_samples"] == 12 and results["eval_clip_benchmark_skipped_samples"] == 0
+    assert results["eval_clip_benchmark_samples"] == len(held_out)
+    assert results["eval_clip_benchmark_skipped_samples"] == 0
+    assert cli.main([*eval_command(tiny_clip_dir, Path("bench/emoji_captions")), "--output_dir", "out2"]) == 0
+    captions = json.loads((tmp_path / "out2" / "eval_results.json").read_text())
+    assert captions["eval_clip_benchmark_samples"] == len(set(held_out["_image_id"]))
 
 
 # --------------------------------------------------------------------------------------------------------------
