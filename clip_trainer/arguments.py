@@ -252,22 +252,25 @@ def _of(bounds: Bounds | None) -> str:
 class ModelArguments:
     """Which model to train, and how to change it before training.
 
-    The family follows the model's config: `CLIPModel`, `SiglipModel`, `Siglip2Model`, or a
-    `VisionTextDualEncoderModel` (saved, or built from `vision_model_name_or_path` + `text_model_name_or_path`).
+    The family follows the model's config: `CLIPModel`, `MetaClip2Model`, `ChineseCLIPModel`, `AltCLIPModel`,
+    `SiglipModel`, `Siglip2Model`, or a `VisionTextDualEncoderModel` (saved, or built from
+    `vision_model_name_or_path` + `text_model_name_or_path`).
     """
 
     model_name_or_path: str | None = field(
         default=None,
         metadata={
-            "help": "Hub id or local folder of a pretrained CLIP, SigLIP, SigLIP 2 or vision-text dual encoder model "
-            "(e.g. openai/clip-vit-base-patch32, google/siglip-base-patch16-224). Leave empty to build a new model "
+            "help": "Hub id or local folder of a pretrained CLIP, MetaCLIP 2, Chinese-CLIP, AltCLIP, SigLIP, SigLIP 2 "
+            "or vision-text dual encoder model (e.g. openai/clip-vit-base-patch32, google/siglip-base-patch16-224, "
+            "OFA-Sys/chinese-clip-vit-base-patch16). Leave empty to build a new model "
             "from `config_name`, or a dual encoder from `vision_model_name_or_path` and `text_model_name_or_path`."
         },
     )
     config_name: str | None = field(
         default=None,
         metadata={
-            "help": "A model config (CLIPConfig, SiglipConfig, Siglip2Config; Hub id, folder or config.json path). "
+            "help": "A model config (CLIPConfig, MetaClip2Config, ChineseCLIPConfig, AltCLIPConfig, SiglipConfig, "
+            "Siglip2Config; Hub id, folder or config.json path). "
             "With `model_name_or_path` it replaces the model's config; without it a model is built from scratch "
             "with random weights."
         },
@@ -1193,7 +1196,8 @@ class CLIPTrainingArguments(TrainingArguments):
         default_factory=lambda: list(DEFAULT_LORA_TARGET_MODULES),
         metadata={
             "help": "Modules that get adapters, matched by the end of their name (peft's rule); default: the "
-            "attention projections of both towers."
+            "attention projections of both towers (and, for BERT-style text towers such as Chinese-CLIP's and "
+            "AltCLIP's, their `query`, `key`, `value` and `attention.output.dense`)."
         },
     )
 

@@ -19,7 +19,7 @@ from typing import Any
 from torch import nn
 from transformers.utils import logging
 
-from .arguments import CLIPTrainingArguments, ConfigError
+from .arguments import DEFAULT_LORA_TARGET_MODULES, CLIPTrainingArguments, ConfigError
 
 logger = logging.get_logger(__name__)
 
@@ -43,24 +43,41 @@ def is_lora_model(model: nn.Module) -> bool:
 
 
 def apply_lora(model: nn.Module, args: CLIPTrainingArguments) -> nn.Module:
-    """`model` wrapped by peft with LoRA adapters on `args.lora_target_modules` of rank `args.lora_rank`.
+    """`model` wrapped by peft with LoRA adapters on `args.lora_target_modules` of rank `args.lora_rank`; the default
+    targets are the attention projections of both towers, by the names the model's family gives them.
 
     Only the adapters train: every weight of the model, `logit_scale` included, is frozen. The temperature of a
     pretrained CLIP usually sits at its clamp (100) already, and keeping it fixed makes the adapter a complete
     description of the fine-tune (checkpoints hold the adapter only).
     """
+    from .modeling import TOWERS, model_family, tower_modules
+
     peft = _peft()
+    targets = list(args.lora_target_modules)
+    if tuple(targets) == DEFAULT_LORA_TARGET_MODULES:
+        # The default means "the attention projections of both towers", which BERT-style text towers (Chinese-CLIP's,
+        # AltCLIP's) name `query`, `key`, `value`: the family knows its names.
+        targets = list(model_family(model.config).lora_targets)
     config = peft.LoraConfig(
         r=args.lora_rank,
         lora_alpha=args.lora_alpha if args.lora_alpha is not None else args.lora_rank,
         lora_dropout=args.lora_dropout,
-        target_modules=list(args.lora_target_modules),
+        target_modules=targets,
         bias="none",
     )
     try:
         wrapped = peft.get_peft_model(model, config)
     except ValueError as error:  # no module matches `target_modules`
-        raise ConfigError(f"`lora_target_modules` {list(args.lora_target_modules)}: {error}") from None
+        raise ConfigError(f"`lora_target_modules` {targets}: {error}") from None
+    for tower in TOWERS:
+        adapted = any(
+            "lora_" in name for module in tower_modules(model, tower) for name, _ in module.named_parameters()
+        )
+        if not adapted:
+            logger.warning(
+                f"`lora_target_modules` {targets} match no module of the {tower} tower of this "
+                f"{type(model).__name__}: the {tower} tower stays as it is."
+            )
     trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
     total = sum(p.numel() for p in wrapped.parameters())
     logger.info(

@@ -540,6 +540,7 @@ def complete_card_data(card_data: CLIPModelCardData, trainer: CLIPContrastiveTra
     model is (Hub id or output folder), pair counts, the zero-shot evaluation's templates and classes, text length,
     architecture, steps and batch size, and the LoRA adapter's settings."""
     from .lora import ADAPTER_DIRNAME, adapter_settings
+    from .modeling import max_text_positions
 
     args = trainer.args
     filled: dict[str, Any] = {
@@ -549,7 +550,7 @@ def complete_card_data(card_data: CLIPModelCardData, trainer: CLIPContrastiveTra
         # `Trainer.init_hf_repo` resolves the full id (`user/name`) when it pushes.
         "repo_id": getattr(trainer, "hub_model_id", None) or args.hub_model_id,
         "output_dir": args.output_dir,
-        "text_positions": trainer.model.config.text_config.max_position_embeddings,
+        "text_positions": max_text_positions(trainer.model.config),
         "max_text_length": trainer.max_seq_length,
         "architecture": model_architecture(trainer.model, getattr(trainer.processing_class, "tokenizer", None)),
         "training_steps": trainer.state.global_step or None,

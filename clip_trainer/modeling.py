@@ -1,9 +1,11 @@
 """Building the model and its processor (tokenizer + image processor) from the model arguments.
 
-Four families, told apart by the config's `model_type`: CLIP (`CLIPModel`), SigLIP (`SiglipModel`), SigLIP 2
-(`Siglip2Model`) and vision-text dual encoders (`VisionTextDualEncoderModel`, any vision encoder joined to any text
-encoder). Only what the model arguments name is loaded, and a checkpoint of another kind is refused by name before
-any weights are read.
+The families, told apart by the config's `model_type`: CLIP (`CLIPModel`), MetaCLIP 2 (`MetaClip2Model`),
+Chinese-CLIP (`ChineseCLIPModel`), AltCLIP (`AltCLIPModel`), SigLIP (`SiglipModel`), SigLIP 2 (`Siglip2Model`) and
+vision-text dual encoders (`VisionTextDualEncoderModel`, any vision encoder joined to any text encoder). What differs
+between them lives in one registry, [`FAMILIES`], which the rest of the package reads: classes, loss, caption padding,
+tower layout (freezing, partial locking, layer-wise rates), LoRA targets, ONNX export. Only what the model arguments
+name is loaded, and a checkpoint of another kind is refused by name before any weights are read.
 """
 
 from __future__ import annotations
@@ -11,19 +13,24 @@ from __future__ import annotations
 import copy
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch import nn
 from transformers import (
+    AltCLIPModel,
+    AltCLIPProcessor,
     AutoConfig,
     AutoImageProcessor,
     AutoTokenizer,
+    ChineseCLIPModel,
+    ChineseCLIPProcessor,
     CLIPImageProcessorPil,
     CLIPModel,
     CLIPProcessor,
+    MetaClip2Model,
     PretrainedConfig,
     Siglip2Model,
     Siglip2Processor,
@@ -35,11 +42,114 @@ from transformers import (
 )
 from transformers.utils import logging
 
-from .arguments import ConfigError, ModelArguments
+from .arguments import DEFAULT_LORA_TARGET_MODULES, ConfigError, ModelArguments
 
 logger = logging.get_logger(__name__)
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+
+
+class TowerParts(NamedTuple):
+    """One tower of a dual encoder, bottom to top, as partial locking and layer-wise learning rates see it.
+
+    Attributes:
+        embeddings: what comes before the first encoder layer (patch/token and position embeddings, and the vision
+            tower's pre-norm).
+        layers: the encoder layers, bottom first.
+        final_norm: the norm after the last layer; `None` for a post-norm tower (BERT's), which has none.
+        projection: the modules that project into the joint embedding space, bottom first (AltCLIP's text tower has
+            two: its own `transformation` and the model's `text_projection`).
+    """
+
+    embeddings: tuple[nn.Module, ...]
+    layers: nn.ModuleList
+    final_norm: nn.Module | None
+    projection: tuple[nn.Module, ...]
+
+
+def _clip_vision_tower(model: nn.Module) -> TowerParts:
+    # CLIP's ViT, which MetaCLIP 2, Chinese-CLIP and AltCLIP share.
+    vision = model.vision_model
+    return TowerParts(
+        (vision.embeddings, vision.pre_layrnorm),
+        vision.encoder.layers,
+        vision.post_layernorm,
+        (model.visual_projection,),
+    )
+
+
+def _clip_text_tower(model: nn.Module) -> TowerParts:
+    text = model.text_model
+    return TowerParts((text.embeddings,), text.encoder.layers, text.final_layer_norm, (model.text_projection,))
+
+
+def _siglip_vision_tower(model: nn.Module) -> TowerParts:
+    # SigLIP's projection is its tower's `head` (the vision tower's attention-pooling head).
+    vision = model.vision_model
+    return TowerParts((vision.embeddings,), vision.encoder.layers, vision.post_layernorm, (vision.head,))
+
+
+def _siglip_text_tower(model: nn.Module) -> TowerParts:
+    text = model.text_model
+    return TowerParts((text.embeddings,), text.encoder.layers, text.final_layer_norm, (text.head,))
+
+
+def _bert_text_tower(model: nn.Module) -> TowerParts:
+    # Chinese-CLIP's BERT: post-norm layers (no final norm), pooled at [CLS] without BERT's pooler.
+    text = model.text_model
+    return TowerParts((text.embeddings,), text.encoder.layer, None, (model.text_projection,))
+
+
+def _xlm_roberta_text_tower(model: nn.Module) -> TowerParts:
+    # AltCLIP's XLM-R, followed inside the tower by a LayerNorm (`pre_LN`) and a linear `transformation`.
+    text = model.text_model
+    return TowerParts(
+        (text.roberta.embeddings,),
+        text.roberta.encoder.layers,
+        text.pre_LN,
+        (text.transformation, model.text_projection),
+    )
+
+
+def _position_embeddings(config: PretrainedConfig) -> int:
+    return config.text_config.max_position_embeddings
+
+
+def _positions_after_padding(config: PretrainedConfig) -> int:
+    # RoBERTa numbers the tokens from `pad_token_id + 1` (fairseq's convention), so that many positions are never read.
+    return config.text_config.max_position_embeddings - config.text_config.pad_token_id - 1
+
+
+def _clip_image_processor(config: PretrainedConfig):
+    side = config.vision_config.image_size
+    return CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+
+
+def _chinese_clip_image_processor(config: PretrainedConfig):
+    from transformers import ChineseCLIPImageProcessorPil
+
+    side = config.vision_config.image_size
+    return ChineseCLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+
+
+def _siglip_image_processor(config: PretrainedConfig):
+    from transformers import SiglipImageProcessorPil
+
+    side = config.vision_config.image_size
+    return SiglipImageProcessorPil(size={"height": side, "width": side})
+
+
+def _siglip2_image_processor(config: PretrainedConfig):
+    from transformers import Siglip2ImageProcessorPil
+
+    vision = config.vision_config
+    return Siglip2ImageProcessorPil(patch_size=vision.patch_size, max_num_patches=vision.num_patches)
+
+
+# LoRA's default targets, the attention projections of both towers, by the names the towers give them: CLIP's ViT
+# and text transformer (`DEFAULT_LORA_TARGET_MODULES`), and BERT-style text towers (`query`, `key`, `value` and the
+# attention's output `dense`; a bare `dense` would also match the MLP's).
+_BERT_ATTENTION = ("query", "key", "value", "attention.output.dense")
 
 
 @dataclass(frozen=True)
@@ -54,6 +164,14 @@ class ModelFamily:
             `max_length` for SigLIP's, which pools at the last position and so must always see captions padded to
             the one length it was trained with.
         docs: the transformers documentation page of the family.
+        vision_tower / text_tower: the parts of each tower ([`TowerParts`]) from the model, for partial locking and
+            layer-wise learning rates; `None` where the towers can be any model (a dual encoder).
+        lora_targets: the module names `lora_target_modules` means by default: the attention projections of both
+            towers.
+        fixed_image_size: whether every image goes in at one size (not SigLIP 2's NaFlex), as augmentation's crops
+            and the ONNX graphs need.
+        text_positions: the longest caption the text tower reads, in tokens, from the model config.
+        new_image_processor: the image processor of a model built from scratch, sized for its config.
     """
 
     name: str
@@ -62,12 +180,39 @@ class ModelFamily:
     loss: str
     text_padding: str
     docs: str
+    vision_tower: Callable[[nn.Module], TowerParts] | None = _clip_vision_tower
+    text_tower: Callable[[nn.Module], TowerParts] | None = _clip_text_tower
+    lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGET_MODULES
+    fixed_image_size: bool = True
+    text_positions: Callable[[PretrainedConfig], int] = _position_embeddings
+    new_image_processor: Callable[[PretrainedConfig], object] = _clip_image_processor
 
 
 FAMILIES = {
     "clip": ModelFamily("CLIP", CLIPModel, CLIPProcessor, "softmax", "longest", "clip"),
-    "siglip": ModelFamily("SigLIP", SiglipModel, SiglipProcessor, "sigmoid", "max_length", "siglip"),
-    "siglip2": ModelFamily("SigLIP 2", Siglip2Model, Siglip2Processor, "sigmoid", "max_length", "siglip2"),
+    "siglip": ModelFamily(
+        "SigLIP",
+        SiglipModel,
+        SiglipProcessor,
+        "sigmoid",
+        "max_length",
+        "siglip",
+        vision_tower=_siglip_vision_tower,
+        text_tower=_siglip_text_tower,
+        new_image_processor=_siglip_image_processor,
+    ),
+    "siglip2": ModelFamily(
+        "SigLIP 2",
+        Siglip2Model,
+        Siglip2Processor,
+        "sigmoid",
+        "max_length",
+        "siglip2",
+        vision_tower=_siglip_vision_tower,
+        text_tower=_siglip_text_tower,
+        fixed_image_size=False,
+        new_image_processor=_siglip2_image_processor,
+    ),
     "vision-text-dual-encoder": ModelFamily(
         "vision-text dual encoder",
         VisionTextDualEncoderModel,
@@ -75,6 +220,33 @@ FAMILIES = {
         "softmax",
         "longest",
         "vision-text-dual-encoder",
+        vision_tower=None,
+        text_tower=None,
+    ),
+    # MetaCLIP 2 is CLIP's architecture with a multilingual (XLM-V) tokenizer; transformers pairs it with
+    # CLIPProcessor.
+    "metaclip_2": ModelFamily("MetaCLIP 2", MetaClip2Model, CLIPProcessor, "softmax", "longest", "metaclip_2"),
+    "chinese_clip": ModelFamily(
+        "Chinese-CLIP",
+        ChineseCLIPModel,
+        ChineseCLIPProcessor,
+        "softmax",
+        "longest",
+        "chinese_clip",
+        text_tower=_bert_text_tower,
+        lora_targets=(*DEFAULT_LORA_TARGET_MODULES, *_BERT_ATTENTION),
+        new_image_processor=_chinese_clip_image_processor,
+    ),
+    "altclip": ModelFamily(
+        "AltCLIP",
+        AltCLIPModel,
+        AltCLIPProcessor,
+        "softmax",
+        "longest",
+        "altclip",
+        text_tower=_xlm_roberta_text_tower,
+        lora_targets=(*DEFAULT_LORA_TARGET_MODULES, *_BERT_ATTENTION),
+        text_positions=_positions_after_padding,
     ),
 }
 # SigLIP's recommended start for a model trained from scratch (Zhai et al. 2023): t = 10, b = -10, so that the
@@ -89,7 +261,7 @@ def model_family(config: PretrainedConfig) -> ModelFamily:
     if family is None:
         raise ConfigError(
             f"This is a {config.model_type!r} model ({type(config).__name__}); clip-trainer trains "
-            f"{', '.join(repr(name) for name in FAMILIES)} models. Give a CLIP or SigLIP checkpoint, a config to "
+            f"{', '.join(repr(name) for name in FAMILIES)} models. Give a checkpoint of one of them, a config to "
             "train one from scratch, or two towers (`vision_model_name_or_path`, `text_model_name_or_path`)."
         )
     return family
@@ -156,6 +328,8 @@ def load_model_config(model_args: ModelArguments) -> PretrainedConfig:
             # says it (and so that towers that read it, BERT's among them, apply it).
             tower.attention_dropout = model_args.dropout
             tower.dropout = model_args.dropout
+            if hasattr(tower, "attention_probs_dropout_prob"):  # BERT's and XLM-R's name for attention dropout
+                tower.attention_probs_dropout_prob = model_args.dropout
     return config
 
 
@@ -175,22 +349,10 @@ def _check_weights(source: str | None, key: str) -> None:
 
 
 def max_text_positions(config: PretrainedConfig) -> int:
-    return config.text_config.max_position_embeddings
-
-
-def _new_image_processor(config: PretrainedConfig):
-    """An image processor sized for a model built from scratch, as the family's pretrained checkpoints have."""
-    vision = config.vision_config
-    if config.model_type == "siglip":
-        from transformers import SiglipImageProcessorPil
-
-        return SiglipImageProcessorPil(size={"height": vision.image_size, "width": vision.image_size})
-    if config.model_type == "siglip2":
-        from transformers import Siglip2ImageProcessorPil
-
-        return Siglip2ImageProcessorPil(patch_size=vision.patch_size, max_num_patches=vision.num_patches)
-    side = vision.image_size
-    return CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    """The longest caption the model's text tower reads, in tokens (AltCLIP's XLM-R reads 2 fewer than it has
+    position embeddings)."""
+    family = FAMILIES.get(config.model_type)
+    return family.text_positions(config) if family is not None else _position_embeddings(config)
 
 
 def load_processor(
@@ -226,7 +388,7 @@ def load_processor(
         # The PIL backend: the torchvision one would make torchvision a hard dependency.
         image_processor = AutoImageProcessor.from_pretrained(processor_source, backend="pil", **common)
     else:
-        image_processor = _new_image_processor(config)
+        image_processor = family.new_image_processor(config)
     return family.processor_class(image_processor=image_processor, tokenizer=tokenizer)
 
 
@@ -292,30 +454,12 @@ def _load_model(model_args, config, tokenizer, max_seq_length: int | None) -> nn
     return model
 
 
-class TowerParts(NamedTuple):
-    """One tower of a dual encoder, bottom to top, as partial locking and layer-wise learning rates see it.
-
-    Attributes:
-        embeddings: what comes before the first encoder layer (patch/token and position embeddings, and the vision
-            tower's pre-norm).
-        layers: the encoder layers, bottom first.
-        final_norm: the norm after the last layer.
-        projection: the projection into the joint embedding space.
-    """
-
-    embeddings: tuple[nn.Module, ...]
-    layers: nn.ModuleList
-    final_norm: nn.Module
-    projection: nn.Module
-
-
 TOWERS = ("vision", "text")
 
 
 def tower_layers(model: nn.Module, tower: str) -> TowerParts:
-    """The parts of `model`'s `vision` or `text` tower, for CLIP and SigLIP models (or a wrapper that forwards
-    attributes to one, such as a peft `PeftModel`). SigLIP's projection is its tower's `head` (the vision tower's
-    attention-pooling head).
+    """The parts of `model`'s `vision` or `text` tower, for every family whose towers are known (or a wrapper that
+    forwards attributes to one, such as a peft `PeftModel`).
 
     Raises:
         `ValueError`: for an unknown tower, or a family whose towers are arbitrary models (a dual encoder).
@@ -323,25 +467,13 @@ def tower_layers(model: nn.Module, tower: str) -> TowerParts:
     if tower not in TOWERS:
         raise ValueError(f"`tower` is {tower!r}; it must be one of {', '.join(TOWERS)}.")
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if isinstance(base, CLIPModel):
-        if tower == "vision":
-            vision = base.vision_model
-            return TowerParts(
-                (vision.embeddings, vision.pre_layrnorm),
-                vision.encoder.layers,
-                vision.post_layernorm,
-                base.visual_projection,
-            )
-        text = base.text_model
-        return TowerParts((text.embeddings,), text.encoder.layers, text.final_layer_norm, base.text_projection)
-    if isinstance(base, SiglipModel | Siglip2Model):
-        if tower == "vision":
-            vision = base.vision_model
-            return TowerParts((vision.embeddings,), vision.encoder.layers, vision.post_layernorm, vision.head)
-        text = base.text_model
-        return TowerParts((text.embeddings,), text.encoder.layers, text.final_layer_norm, text.head)
-    raise ValueError(
-        f"Partial locking and layer-wise learning rates know the towers of CLIP and SigLIP models, not of "
-        f"{type(base).__name__} (whose towers can be any model); unset `vision_trainable_layers`, "
-        "`text_trainable_layers` and `layerwise_lr_decay` for this model."
-    )
+    family = FAMILIES.get(getattr(getattr(base, "config", None), "model_type", None))
+    parts = None if family is None else {"vision": family.vision_tower, "text": family.text_tower}[tower]
+    if parts is None:
+        known = ", ".join(f.name for f in FAMILIES.values() if f.vision_tower is not None and f.text_tower is not None)
+        raise ValueError(
+            f"Partial locking and layer-wise learning rates know the towers of {known} models, not of "
+            f"{type(base).__name__} (whose towers can be any model); unset `vision_trainable_layers`, "
+            "`text_trainable_layers` and `layerwise_lr_decay` for this model."
+        )
+    return parts(base)

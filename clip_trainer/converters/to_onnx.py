@@ -35,13 +35,14 @@ from transformers.utils import logging
 from ..arguments import describe_load_error
 from ..checkpoints import check_writable_folder
 from ..errors import ConfigError, ONNXExportError
+from ..modeling import FAMILIES, max_text_positions
 
 logger = logging.get_logger(__name__)
 
 __all__ = ["ONNXExportError", "VISION_MODEL_FILENAME", "TEXT_MODEL_FILENAME", "export_onnx", "main"]
 
 # Families whose towers take `pixel_values` of one size and `input_ids` + `attention_mask`.
-EXPORTABLE_MODEL_TYPES = ("clip", "siglip", "vision-text-dual-encoder")
+EXPORTABLE_MODEL_TYPES = tuple(model_type for model_type, family in FAMILIES.items() if family.fixed_image_size)
 VISION_MODEL_FILENAME = "vision_model.onnx"
 TEXT_MODEL_FILENAME = "text_model.onnx"
 INSTALL_HINT = 'pip install "clip-trainer[onnx]"'
@@ -99,11 +100,13 @@ def _text_inputs(model: CLIPModel, batch_size: int, length: int, seed: int) -> d
     eos = config.eos_token_id
     input_ids = torch.randint(0, config.vocab_size, (batch_size, length), generator=generator)
     # A random id equal to eos would move the pooled position; keep eos only where a caption ends.
-    input_ids[input_ids == eos] = (eos + 1) % config.vocab_size
+    if eos is not None:  # towers that pool at the first token (BERT's) have none
+        input_ids[input_ids == eos] = (eos + 1) % config.vocab_size
     attention_mask = torch.ones_like(input_ids)
     for row in range(batch_size):
         end = length - 1 if row % 2 == 0 else max(1, length // 2)
-        input_ids[row, end] = eos
+        if eos is not None:
+            input_ids[row, end] = eos
         if end + 1 < length:
             input_ids[row, end + 1 :] = config.pad_token_id if config.pad_token_id is not None else eos
             attention_mask[row, end + 1 :] = 0
@@ -175,7 +178,7 @@ def check_onnx(
     text = onnxruntime.InferenceSession(
         os.path.join(output_dir, TEXT_MODEL_FILENAME), providers=["CPUExecutionProvider"]
     )
-    positions = model.config.text_config.max_position_embeddings
+    positions = max_text_positions(model.config)
     worst = {"image_embeds": 0.0, "text_embeds": 0.0}
     failures = []
     with torch.no_grad():
@@ -208,8 +211,9 @@ def export_onnx(
     processor=None,
 ) -> dict:
     """
-    Exports a CLIP model (or a SigLIP model, or a vision-text dual encoder) to `vision_model.onnx` and `text_model.onnx` (see the module docstring for their inputs and
-    outputs), copies its config and processor files beside them, and checks both graphs with ONNX Runtime.
+    Exports a CLIP model (or a model of another family with fixed-size images, `EXPORTABLE_MODEL_TYPES`) to
+    `vision_model.onnx` and `text_model.onnx` (see the module docstring for their inputs and outputs), copies its
+    config and processor files beside them, and checks both graphs with ONNX Runtime.
 
     Args:
         model_dir_or_model (`str`, `os.PathLike` or [`CLIPModel`]):
@@ -263,7 +267,7 @@ def export_onnx(
     try:
         vision_path = os.path.join(output_dir, VISION_MODEL_FILENAME)
         text_path = os.path.join(output_dir, TEXT_MODEL_FILENAME)
-        positions = model.config.text_config.max_position_embeddings
+        positions = max_text_positions(model.config)
         batch = torch.export.Dim("batch_size")
         text_batch = torch.export.Dim("text_batch_size")
         sequence = torch.export.Dim("sequence_length", max=positions)
