@@ -41,7 +41,12 @@ CAPTIONS = [
     "café crème: naïve yellow triangle",
     " ".join(["green"] * 80),
 ]
-SHAPES = [("red", "circle", "white"), ("blue", "square", "black"), ("yellow", "triangle", "white"), ("green", "circle", "black")]
+SHAPES = [
+    ("red", "circle", "white"),
+    ("blue", "square", "black"),
+    ("yellow", "triangle", "white"),
+    ("green", "circle", "black"),
+]
 
 
 def run_with_export(folder: Path, csv: Path, config) -> Path:
@@ -144,7 +149,9 @@ def test_a_run_folder_carries_what_each_consumer_reads(tiny_siglip_run):
     assert read("modules.json") == [
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.base.modules.transformer.Transformer"}
     ]
-    assert read("sentence_bert_config.json")["processing_kwargs"] == {"text": {"padding": "max_length", "max_length": 24}}
+    assert read("sentence_bert_config.json")["processing_kwargs"] == {
+        "text": {"padding": "max_length", "max_length": 24}
+    }
     assert read("sentence_bert_config.json")["modality_config"]["image"]["method"] == "get_image_features"
     # transformers 5 still reads the rewritten tokenizer as the tokenizers library does (prefix space included).
     tokenizer = AutoTokenizer.from_pretrained(tiny_siglip_run)
@@ -203,7 +210,9 @@ def test_transformers_pipeline_scores_labels_as_the_model(runs, image_files, fam
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["clip", "siglip"])
 def test_sentence_transformers_embeds_as_the_trainer_without_arguments(runs, image_files, family):
-    pytest.importorskip("sentence_transformers", reason='sentence-transformers is not installed: pip install -e ".[dev]"')
+    pytest.importorskip(
+        "sentence_transformers", reason='sentence-transformers is not installed: pip install -e ".[dev]"'
+    )
     from PIL import Image
     from sentence_transformers import SentenceTransformer
 
@@ -213,7 +222,9 @@ def test_sentence_transformers_embeds_as_the_trainer_without_arguments(runs, ima
     got = {
         "input_ids": model.preprocess(CAPTIONS)["input_ids"],
         "text_embeds": model.encode(CAPTIONS, convert_to_tensor=True),
-        "image_embeds": model.encode([Image.open(path).convert("RGB") for path in image_files], convert_to_tensor=True),
+        "image_embeds": model.encode(
+            [Image.open(path).convert("RGB") for path in image_files], convert_to_tensor=True
+        ),
     }
     assert_same_embeddings(got, expected, atol=1e-5)
     assert model.similarity_fn_name == "cosine"
@@ -295,4 +306,3 @@ def test_transformers_js_loads_the_output_folder(runs, image_files, family, tmp_
     got = _run_json([node, str(TESTS / "js" / "embed.mjs")], request, tmp_path, cwd=TESTS / "js")
     assert torch.allclose(torch.tensor(got["pixel_values"]), expected["pixel_values"], atol=1e-5)
     assert_same_embeddings(got, expected, atol=1e-4)
-

@@ -30,6 +30,16 @@ const vision_model = await VisionModel.from_pretrained(name, { dtype: 'fp32' });
 // SigLIP's text tower pools at the last position: captions are padded to the length it was trained with.
 const padding = siglip ? 'max_length' : true;
 const text_inputs = tokenizer(request.texts, { padding, truncation: true, max_length: request.max_length });
+// transformers.js truncates after adding the special tokens, so a caption longer than `max_length` loses its end
+// token, where CLIP pools (and SigLIP's last position); transformers keeps it. Put it back in the last position:
+// the ids are then those of transformers' truncation.
+const [rows, length] = text_inputs.input_ids.dims;
+for (let row = 0; row < rows; ++row) {
+    const last = row * length + length - 1;
+    if (text_inputs.attention_mask.data[last] === 1n) {
+        text_inputs.input_ids.data[last] = BigInt(tokenizer.eos_token_id);
+    }
+}
 const { text_embeds } = await text_model(text_inputs);
 const images = await Promise.all(request.images.map((file) => RawImage.read(file)));
 const image_inputs = await processor(images);
