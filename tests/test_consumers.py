@@ -9,6 +9,7 @@ make its environment, when it is absent.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -32,6 +33,24 @@ TRANSFORMERS4_PYTHON = os.environ.get(
     "CLIP_TRAINER_TRANSFORMERS4_PYTHON", str(REPOSITORY / ".venv-transformers4" / "bin" / "python")
 )
 TRANSFORMERS_JS = TESTS / "js" / "node_modules" / "@huggingface" / "transformers"
+NODE = shutil.which("node")
+# Checked before the runs are trained, so that a missing environment costs nothing.
+needs_transformers4 = pytest.mark.skipif(
+    not os.access(TRANSFORMERS4_PYTHON, os.X_OK),
+    reason=f"no transformers 4 environment at {TRANSFORMERS4_PYTHON}: python3 -m venv .venv-transformers4 && "
+    '.venv-transformers4/bin/pip install torch==2.13.0 "transformers>=4.57,<5" pillow (as .ci/run does)',
+)
+needs_transformers_js = pytest.mark.skipif(
+    NODE is None or not TRANSFORMERS_JS.is_dir(),
+    reason="transformers.js is not installed: cd tests/js && npm ci (with node; as .ci/run does)",
+)
+needs_sentence_transformers = pytest.mark.skipif(
+    importlib.util.find_spec("sentence_transformers") is None,
+    reason='sentence-transformers is not installed: pip install -e ".[dev]"',
+)
+needs_onnxruntime = pytest.mark.skipif(
+    importlib.util.find_spec("onnxruntime") is None, reason='onnxruntime is not installed: pip install -e ".[onnx]"'
+)
 
 # The first word is where transformers 4.x's tokenizer would differ (its prefix space); then case, accents, a caption
 # longer than every model's caption length (truncation keeps the end token), and one word.
@@ -208,33 +227,33 @@ def test_transformers_pipeline_scores_labels_as_the_model(runs, image_files, fam
 
 
 @pytest.mark.slow
+@needs_sentence_transformers
 @pytest.mark.parametrize("family", ["clip", "siglip"])
 def test_sentence_transformers_embeds_as_the_trainer_without_arguments(runs, image_files, family):
-    pytest.importorskip(
-        "sentence_transformers", reason='sentence-transformers is not installed: pip install -e ".[dev]"'
-    )
     from PIL import Image
     from sentence_transformers import SentenceTransformer
 
     folder = runs[family]
-    expected = trainer_embeddings(folder, image_files)
     model = SentenceTransformer(str(folder), device="cpu")
-    got = {
-        "input_ids": model.preprocess(CAPTIONS)["input_ids"],
-        "text_embeds": model.encode(CAPTIONS, convert_to_tensor=True),
-        "image_embeds": model.encode(
-            [Image.open(path).convert("RGB") for path in image_files], convert_to_tensor=True
-        ),
-    }
-    assert_same_embeddings(got, expected, atol=1e-5)
+    # Short captions, where SigLIP's padding to its one length matters, then with one longer than that (truncated).
+    for captions in (CAPTIONS[:3], CAPTIONS):
+        images = image_files[: len(captions)]
+        expected = trainer_embeddings(folder, images, captions)
+        got = {
+            "input_ids": model.preprocess(captions)["input_ids"],
+            "text_embeds": model.encode(captions, convert_to_tensor=True),
+            "image_embeds": model.encode([Image.open(path).convert("RGB") for path in images], convert_to_tensor=True),
+        }
+        assert_same_embeddings(got, expected, atol=1e-5)
     assert model.similarity_fn_name == "cosine"
 
 
 @pytest.mark.slow
+@needs_onnxruntime
 @pytest.mark.parametrize("family", ["clip", "siglip"])
 def test_onnxruntime_serves_the_onnx_folder_alone(runs, image_files, family):
-    onnxruntime = pytest.importorskip("onnxruntime", reason='onnxruntime is not installed: pip install -e ".[onnx]"')
     import numpy as np
+    import onnxruntime
     from PIL import Image
 
     folder = runs[family] / "onnx"
@@ -265,13 +284,9 @@ def _run_json(command: list[str], request: dict, tmp_path: Path, cwd: Path | Non
 
 
 @pytest.mark.slow
+@needs_transformers4
 @pytest.mark.parametrize("family", ["clip", "siglip"])
 def test_transformers4_loads_the_same_tokenizer_and_embeddings(runs, image_files, family, tmp_path):
-    if not os.access(TRANSFORMERS4_PYTHON, os.X_OK):
-        pytest.skip(
-            f"no transformers 4 environment at {TRANSFORMERS4_PYTHON}: python3 -m venv .venv-transformers4 && "
-            '.venv-transformers4/bin/pip install torch==2.13.0 "transformers>=4.57,<5" pillow (as .ci/run does)'
-        )
     folder = runs[family]
     expected = trainer_embeddings(folder, image_files)
     request = {
@@ -289,11 +304,9 @@ def test_transformers4_loads_the_same_tokenizer_and_embeddings(runs, image_files
 
 
 @pytest.mark.slow
+@needs_transformers_js
 @pytest.mark.parametrize("family", ["clip", "siglip"])
 def test_transformers_js_loads_the_output_folder(runs, image_files, family, tmp_path):
-    node = shutil.which("node")
-    if node is None or not TRANSFORMERS_JS.is_dir():
-        pytest.skip("transformers.js is not installed: npm ci --prefix tests/js (node 18 or later; as .ci/run does)")
     folder = runs[family]
     expected = trainer_embeddings(folder, image_files)
     request = {
@@ -303,6 +316,6 @@ def test_transformers_js_loads_the_output_folder(runs, image_files, family, tmp_
         "texts": CAPTIONS,
         "images": image_files,
     }
-    got = _run_json([node, str(TESTS / "js" / "embed.mjs")], request, tmp_path, cwd=TESTS / "js")
+    got = _run_json([NODE, str(TESTS / "js" / "embed.mjs")], request, tmp_path, cwd=TESTS / "js")
     assert torch.allclose(torch.tensor(got["pixel_values"]), expected["pixel_values"], atol=1e-5)
     assert_same_embeddings(got, expected, atol=1e-4)
