@@ -27,6 +27,7 @@ from .callbacks import (
     StopOnSignalCallback,
 )
 from .collator import TEACHER_PREFIX, ImageTextCollator
+from .consumers import write_consumer_files
 from .distillation import StoredTeacher, StoredTeacherEmbeddings, Teacher
 from .evaluation import (
     DEFAULT_ZEROSHOT_TEMPLATES,
@@ -871,6 +872,8 @@ class CLIPContrastiveTrainer(Trainer):
 
         - a LoRA model not merged yet: the plain model with the adapters merged (loadable by `from_pretrained` and
           `pipeline(...)`) and the adapter in `output_dir/adapter/`;
+        - the files other libraries read (transformers.js, transformers 4.x, sentence-transformers; see
+          `consumers.write_consumer_files`);
         - `export_onnx`: `output_dir/onnx/` with the two towers' graphs, checked against the model;
         - `save_open_clip`: `open_clip_config.json` and `open_clip_model.safetensors` beside the model's files;
         - the model card (`README.md`, with the curves and the retrieval gallery) from the evaluations so far.
@@ -902,6 +905,9 @@ class CLIPContrastiveTrainer(Trainer):
             super().save_model(output_dir, _internal_call=True)
         if not self.args.should_save:
             return
+        # What transformers.js, transformers 4.x and sentence-transformers read besides `save_pretrained`'s files
+        # (see consumers.py); sentence-transformers tokenizes captions as this run did (SigLIP: one padded length).
+        write_consumer_files(output_dir, text_padding=self.text_padding, max_length=self.max_seq_length)
         if self.args.export_onnx:
             self.export_onnx(os.path.join(output_dir, "onnx"))
         if self.args.save_open_clip:

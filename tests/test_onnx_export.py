@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -43,7 +45,12 @@ def test_writes_one_graph_per_tower_with_the_serving_files(exported):
     assert {"vision_model.onnx", "text_model.onnx", "config.json", "tokenizer.json", "tokenizer_config.json"} <= set(
         names
     )
-    assert "processor_config.json" in names or "preprocessor_config.json" in names
+    # transformers.js reads the image processor from preprocessor_config.json only, and transformers 4.x knows no
+    # `TokenizersBackend` (see clip_trainer/consumers.py; tests/test_consumers.py loads the folders with both).
+    assert "preprocessor_config.json" in names
+    assert (
+        json.loads((output_dir / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
+    )
     assert not any(name.endswith((".safetensors", ".bin")) for name in names)
     assert result["vision_model"] == str(output_dir / "vision_model.onnx")
     assert sorted(result["files"]) == sorted(str(output_dir / name) for name in names)

@@ -12,7 +12,10 @@ the other:
 The embeddings are those of `CLIPModel.get_image_features` / `get_text_features`: projected, not L2-normalised.
 Batch size is dynamic in both graphs and sequence length in the text graph (up to the model's positions); the image
 size is fixed by the model's position embeddings. The config and the processor files are copied beside the graphs, so
-the folder is all a server needs.
+the folder is all a server needs; with `preprocessor_config.json` and a tokenizer class that transformers 4.x knows
+(`consumers.write_consumer_files`), transformers.js loads the graphs too (`CLIPTextModelWithProjection` /
+`SiglipTextModel` read `text_model.onnx`, the vision classes `vision_model.onnx`, from the `onnx/` folder of a
+training run's `output_dir`).
 
 Graphs are written by PyTorch's own exporter, `torch.onnx.export(..., dynamo=True)` (torch.export-based, the default
 since torch 2.9; it needs `onnxscript`). With torch 2.13 and transformers 5.24 it exports CLIP with the default SDPA
@@ -34,6 +37,7 @@ from transformers.utils import logging
 
 from ..arguments import describe_load_error
 from ..checkpoints import check_writable_folder
+from ..consumers import write_consumer_files
 from ..errors import ConfigError, ONNXExportError
 from ..modeling import FAMILIES, max_text_positions
 
@@ -299,6 +303,9 @@ def export_onnx(
                 before = set(os.listdir(output_dir))
                 processor.save_pretrained(output_dir)
                 files += [os.path.join(output_dir, name) for name in sorted(set(os.listdir(output_dir)) - before)]
+        # transformers.js reads `preprocessor_config.json` and transformers 4.x a tokenizer class it knows; both
+        # are written from the processor files just saved or copied (see consumers.py).
+        files += [path for path in write_consumer_files(output_dir) if path not in files]
         opsets = onnx.load(vision_path, load_external_data=False).opset_import
         result = {
             "vision_model": vision_path,
