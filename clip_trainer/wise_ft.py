@@ -316,6 +316,12 @@ def interpolate_saved_models(
             continue
         processor.save_pretrained(output_dir)
         processor_from = source
+        # The files transformers.js, transformers 4.x and sentence-transformers read, as a run's output folder has.
+        from .consumers import write_consumer_files
+        from .modeling import max_text_positions, model_family
+
+        length = min(max_text_positions(tuned.config), getattr(processor.tokenizer, "model_max_length", 10**6))
+        write_consumer_files(output_dir, text_padding=model_family(tuned.config).text_padding, max_length=length)
         break
     else:
         logger.warning("Neither model has a processor; only the weights and config were saved.")

@@ -101,6 +101,9 @@ def test_the_command_saves_the_interpolated_model_with_its_processor(tiny_clip_d
     assert (tmp_path / "mixed" / "tokenizer.json").is_file() and (
         tmp_path / "mixed" / "processor_config.json"
     ).is_file()
+    # What other libraries read, as in a run's output folder: transformers.js's image settings, sentence-transformers'.
+    assert (tmp_path / "mixed" / "preprocessor_config.json").is_file()
+    assert (tmp_path / "mixed" / "modules.json").is_file()
     assert wise_ft_main(["--pretrained", str(tiny_clip_dir), "--fine_tuned", str(tmp_path / "tuned"), "--alpha",
                          "2", "--output_dir", str(tmp_path / "bad")]) == 2  # fmt: skip
     assert "`--alpha` is 2.0; it must be in [0, 1]" in capsys.readouterr().err
