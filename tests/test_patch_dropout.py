@@ -5,6 +5,10 @@ a run trains, saves a plain model and reports what an independent computation of
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -127,6 +131,12 @@ def test_the_draw_follows_the_seed_step_process_and_draw_and_replays():
     assert torch.equal(one, first) and not torch.equal(one, two)  # each draw of a step is another
     dropout.set_state(state)
     assert torch.equal(dropout.kept_indices(4, PATCHES, 8, torch.device("cpu")), one)  # replayed
+    # A run resumed at step 1 draws what the run that went through step 0 drew at step 1.
+    clock = {"step": 0}
+    going = PatchDropout(0.5, seed=42, step=lambda: clock["step"])
+    going.kept_indices(4, PATCHES, 8, torch.device("cpu"))
+    clock["step"] = 1
+    assert torch.equal(going.kept_indices(4, PATCHES, 8, torch.device("cpu")), draw(step=1))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -385,3 +395,19 @@ def test_patch_dropout_trains_beside_other_options(settings, tmp_path, tiny_clip
     with torch.no_grad():
         after, before = (m.get_image_features(pixel_values=pixels).pooler_output for m in (trainer.model, start))
     assert not torch.allclose(after, before)
+
+
+@pytest.mark.slow
+def test_the_throughput_benchmark_times_each_patch_dropout():
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    command = [sys.executable, str(script), "--preset", "tiny", "--steps", "2", "--warmup", "1", "--batch-size", "8",
+               "--repeats", "1", "--patch-dropout", "0,0.5"]  # fmt: skip
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, check=False)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    summary = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert summary["patch_dropout"] == [0.0, 0.5] and summary["speedup"]["0.0"] == 1.0
+    assert all(value > 0 for value in summary["samples_per_second"].values())
+    # The image tower runs on 32 + 1 of its 64 + 1 tokens, the text tower on all of its own: fewer FLOPs, not half.
+    share = summary["flops_per_sample"]["0.5"] / summary["flops_per_sample"]["0.0"]
+    assert 0.5 < share < 0.9
