@@ -115,6 +115,29 @@ def test_the_tower_on_the_kept_tokens_is_the_tower_run_on_that_subset(family):
     assert not torch.allclose(pooled, vision(pixel_values=pixels).pooler_output)  # all patches: another output
 
 
+@pytest.mark.parametrize("tower", ["vit", "clip_vision_model", "siglip_vision_model"])
+def test_a_dual_encoders_vit_tower_keeps_its_class_token_and_half_its_patches(tower):
+    from transformers import BertConfig, CLIPVisionConfig, SiglipVisionConfig, ViTConfig, VisionTextDualEncoderModel
+
+    vision = {"vit": ViTConfig, "clip_vision_model": CLIPVisionConfig, "siglip_vision_model": SiglipVisionConfig}
+    config = VisionTextDualEncoderConfig.from_vision_text_configs(
+        vision[tower](**TINY_VISION), BertConfig(vocab_size=50, **TINY_TEXT), projection_dim=16
+    )
+    torch.manual_seed(0)
+    model = VisionTextDualEncoderModel(config).train()
+    dropout = PatchDropout(0.5, seed=0).attach(model)
+    prefix = 0 if tower == "siglip_vision_model" else 1
+    assert dropout.prefix_tokens == prefix and dropout.num_patches == PATCHES
+    pixels = torch.randn(2, 3, 32, 32)
+    embeddings = next(m for m in model.vision_model.modules() if type(m).__name__.endswith("VisionEmbeddings")
+                      or type(m).__name__ == "ViTEmbeddings")  # fmt: skip
+    assert embeddings(pixels).shape[1] == prefix + 8
+    trained = model.get_image_features(pixel_values=pixels).pooler_output
+    model.eval()
+    assert embeddings(pixels).shape[1] == prefix + PATCHES
+    assert trained.shape == model.get_image_features(pixel_values=pixels).pooler_output.shape == (2, 16)
+
+
 def test_the_draw_follows_the_seed_step_process_and_draw_and_replays():
     def draw(**settings) -> torch.Tensor:
         step = settings.pop("step", 0)
