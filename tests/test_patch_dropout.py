@@ -117,7 +117,7 @@ def test_the_tower_on_the_kept_tokens_is_the_tower_run_on_that_subset(family):
 
 @pytest.mark.parametrize("tower", ["vit", "clip_vision_model", "siglip_vision_model"])
 def test_a_dual_encoders_vit_tower_keeps_its_class_token_and_half_its_patches(tower):
-    from transformers import BertConfig, CLIPVisionConfig, SiglipVisionConfig, ViTConfig, VisionTextDualEncoderModel
+    from transformers import BertConfig, CLIPVisionConfig, SiglipVisionConfig, VisionTextDualEncoderModel, ViTConfig
 
     vision = {"vit": ViTConfig, "clip_vision_model": CLIPVisionConfig, "siglip_vision_model": SiglipVisionConfig}
     config = VisionTextDualEncoderConfig.from_vision_text_configs(
