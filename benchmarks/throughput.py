@@ -27,8 +27,12 @@ the same device (bf16 8192^3 on CUDA, fp32 1024^3 on the CPU).
 Every caption is long enough to fill the text context, so every variant runs the same number of text tokens as
 open_clip's fixed 77-token context (and torch.compile sees one shape).
 
+With `--patch-dropout 0,0.5,0.75` only (a) runs, once per value of `--patch_dropout` (alternating, as the variants
+do), and the speed-up over the first value is printed; FLOPs per pair are counted with the patches dropped.
+
 Usage:
     python benchmarks/throughput.py --preset tiny                    # CPU: 1-2 minutes on 2 cores
+    python benchmarks/throughput.py --preset tiny --patch-dropout 0,0.5,0.75
     python benchmarks/throughput.py --preset vit-b-32                # one GPU: ViT-B/32, batch 256, ~4 minutes
     python benchmarks/throughput.py --preset vit-b-32 --only a,c --steps 100 --source-size 640x480
 
@@ -475,8 +479,9 @@ def trainer_result(trainer: DataWaitMixin, timer: StepTimer, setup: Setup) -> di
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def run_clip_trainer(setup: Setup) -> dict[str, float]:
-    """(a): clip-trainer's own path, from the prepared folder on disk to the optimizer step."""
+def run_clip_trainer(setup: Setup, patch_dropout: float = 0.0) -> dict[str, float]:
+    """(a): clip-trainer's own path, from the prepared folder on disk to the optimizer step; with `patch_dropout`,
+    each training image keeps that share fewer of its patches (`--patch_dropout`)."""
     data = load_image_text_data(DataArguments(dataset_name=str(setup.data_dir)), seed=0)
     collator = ImageTextCollator.from_processor(
         setup.processor,
@@ -484,7 +489,10 @@ def run_clip_trainer(setup: Setup) -> dict[str, float]:
         **({"jpeg_draft": True} if setup.jpeg_draft else {}),
     )
     args = CLIPTrainingArguments(
-        output_dir=str(setup.work_dir / "a"), **setup.common_arguments(), **sync_free_arguments()
+        output_dir=str(setup.work_dir / "a"),
+        **setup.common_arguments(),
+        **sync_free_arguments(),
+        **({"patch_dropout": patch_dropout} if patch_dropout else {}),
     )
     timer = StepTimer(setup.warmup, setup.steps, setup.device)
     trainer = TimedCLIPContrastiveTrainer(
@@ -619,6 +627,13 @@ def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--cpu", action="store_true", help="Run on the CPU even when CUDA is available.")
     parser.add_argument(
+        "--patch-dropout",
+        "--patch_dropout",
+        default=None,
+        help="Comma-separated `patch_dropout` values, e.g. 0,0.5,0.75: runs (a) alone at each, speed-ups against the "
+        "first.",
+    )
+    parser.add_argument(
         "--caption-words", type=int, default=None, help="Words per caption (default: enough to fill the context)."
     )
     options = parser.parse_args(argv)
@@ -629,6 +644,14 @@ def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
         options.repeats = 1 if torch.cuda.is_available() and not options.cpu else 3
     if options.jpeg_draft and "jpeg_draft" not in {f.name for f in dataclasses.fields(ImageTextCollator)}:
         parser.error("--jpeg-draft needs an ImageTextCollator with a `jpeg_draft` field.")
+    options.patch_dropouts = None
+    if options.patch_dropout is not None:
+        try:
+            options.patch_dropouts = [float(value) for value in options.patch_dropout.split(",") if value.strip()]
+        except ValueError:
+            parser.error(f"--patch-dropout takes comma-separated numbers in [0, 1); got {options.patch_dropout!r}.")
+        if not options.patch_dropouts or not all(0 <= value < 1 for value in options.patch_dropouts):
+            parser.error(f"--patch-dropout takes comma-separated numbers in [0, 1); got {options.patch_dropout!r}.")
     options.variants = [v.strip() for v in options.only.split(",") if v.strip()]
     unknown = [v for v in options.variants if v not in VARIANTS]
     if unknown or not options.variants:
@@ -674,6 +697,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{peak / 1e12:.2f} TFLOP/s ({'bf16' if setup.cuda else 'fp32'})",
             flush=True,
         )
+
+        if options.patch_dropouts is not None:
+            return patch_dropout_sweep(options, setup, peak)
 
         results: dict[str, dict[str, float]] = {}
         runs: dict[str, list[float]] = {variant: [] for variant in options.variants}
@@ -755,6 +781,79 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # its share also holds the wait for the previous step to finish.
         "data_wait_share": {v: results[v]["data_wait_share"] if v in results else None for v in ("a", "b")},
         "settings": {"shared": setup.common_arguments(), "a_only": sync_free_arguments()},
+    }
+    print(json.dumps(summary))
+    return summary
+
+
+def patch_dropout_sweep(options: argparse.Namespace, setup: Setup, peak: float) -> dict[str, Any]:
+    """(a) at each `--patch-dropout` value, alternating over the repeats; each value's best run, and its speed-up over
+    the first value."""
+    from clip_trainer.patch_dropout import PatchDropout
+
+    values = options.patch_dropouts
+    flops: dict[float, float] = {}
+    for value in values:
+        # Counted in training mode with the patches dropped: the FLOPs the trainer runs at this value.
+        model = setup.build_model().to(setup.device).train()
+        if value:
+            PatchDropout(value).attach(model)
+        batch = device_batch(setup, min(4, setup.batch_size))
+        flops[value] = training_flops_per_sample(model, batch, train_batch_size=setup.batch_size)
+        del model
+        release()
+    runs: dict[float, list[float]] = {value: [] for value in values}
+    best: dict[float, dict[str, float]] = {}
+    for repeat in range(options.repeats):
+        for value in values:
+            started = time.perf_counter()
+            result = run_clip_trainer(setup, patch_dropout=value)
+            release()
+            result["mfu"] = mfu(result["samples_per_second"], flops[value], peak)
+            runs[value].append(result["samples_per_second"])
+            if value not in best or result["samples_per_second"] > best[value]["samples_per_second"]:
+                best[value] = result
+            print(
+                f"(a) patch_dropout {value:g}: {result['samples_per_second']:.1f} samples/s "
+                f"({result['samples_per_second_from_median']:.1f} from the median step), {flops[value] / 1e9:.3f} "
+                f"GFLOP per pair, data wait {result['data_wait_share']:.1%} "
+                f"[run {repeat + 1}/{options.repeats}, {time.perf_counter() - started:.0f} s]",
+                flush=True,
+            )
+    base = values[0]
+    speedup = {value: best[value]["samples_per_second"] / best[base]["samples_per_second"] for value in values}
+    # On a loaded machine the best runs can come from different bursts of load: the medians' ratio is printed too.
+    medians = {value: statistics.median(runs[value]) for value in values}
+    median_speedup = {value: medians[value] / medians[base] for value in values}
+    print(f"speed-up over patch_dropout {base:g}, best run of each / median of the runs:")
+    for value in values:
+        print(
+            f"  {value:g}: {best[value]['samples_per_second']:.1f} samples/s, x{speedup[value]:.2f} / "
+            f"{medians[value]:.1f} samples/s, x{median_speedup[value]:.2f}"
+        )
+    summary = {
+        "preset": setup.preset_name,
+        "device": device_name(setup.device),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "batch_size": setup.batch_size,
+        "steps": setup.steps,
+        "warmup": setup.warmup,
+        "workers": setup.workers,
+        "precision": "bf16" if setup.cuda else "fp32",
+        "compile": setup.compile,
+        "repeats": options.repeats,
+        "timing": "pairs / wall time of the timed steps, data waits included; best of the repeats",
+        "patch_dropout": values,
+        "samples_per_second": {str(value): best[value]["samples_per_second"] for value in values},
+        "samples_per_second_runs": {str(value): runs[value] for value in values},
+        "speedup": {str(value): speedup[value] for value in values},
+        "samples_per_second_median": {str(value): medians[value] for value in values},
+        "speedup_median": {str(value): median_speedup[value] for value in values},
+        "flops_per_sample": {str(value): flops[value] for value in values},
+        "mfu": {str(value): best[value]["mfu"] for value in values},
+        "data_wait_share": {str(value): best[value]["data_wait_share"] for value in values},
     }
     print(json.dumps(summary))
     return summary

@@ -1216,6 +1216,26 @@ class CLIPTrainingArguments(TrainingArguments):
         },
     )
 
+    # --- Patch dropout (FLIP) ----------------------------------------------------------------------------------------
+    patch_dropout: float = field(
+        default=0.0,
+        metadata={
+            "help": "Patch dropout (FLIP): while training, each image keeps a random max(1, int(patches x (1 - p))) "
+            "of its patch tokens (and its class token), so the image tower runs on fewer tokens; evaluation and "
+            "export see every patch. Drawn per image from the run's seed, other patches on every step and process. "
+            "CLIP and SigLIP models and dual encoders with a CLIP, SigLIP or ViT image tower. 0: off.",
+            "bounds": Bounds(0, 1, high_open=True, hint="FLIP trains with 0.5"),
+        },
+    )
+    patch_dropout_off_after_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "With `patch_dropout`: from this optimizer step on, train with every patch (FLIP's last, unmasked "
+            "phase). Empty: patch dropout for the whole run.",
+            "bounds": Bounds(0),
+        },
+    )
+
     def __post_init__(self) -> None:
         # Every field's type, choices and bounds, the parent's too, before transformers reads any of them.
         check_field_values(self)
@@ -1256,6 +1276,11 @@ class CLIPTrainingArguments(TrainingArguments):
             self.optim = extra_optim
         if extra_scheduler:
             self.lr_scheduler_type = extra_scheduler
+        if self.patch_dropout_off_after_steps is not None and not self.patch_dropout:
+            raise ConfigError(
+                "`patch_dropout_off_after_steps` is set but `patch_dropout` is 0; set `patch_dropout` (e.g. 0.5), or "
+                "remove `patch_dropout_off_after_steps`."
+            )
         if self.unfreeze_after_steps is not None and not (self.freeze_vision_model or self.freeze_text_model):
             raise ConfigError(
                 "`unfreeze_after_steps` is set but no tower is frozen; set `freeze_vision_model` or "

@@ -16,6 +16,7 @@ contrastive loss over the batch's embeddings (CLIP's softmax loss, SigLIP's sigm
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,17 +37,24 @@ class RandomState:
 
     cpu: torch.Tensor
     cuda: list[torch.Tensor] | None
+    sources: list[tuple[Any, Any]] = dataclasses.field(default_factory=list)
 
     @classmethod
-    def capture(cls) -> RandomState:
+    def capture(cls, sources: list[Any] | None = None) -> RandomState:
+        """The global generators' states, and those of `sources`: other random draws of the forward (patch dropout's),
+        anything with `get_state()` / `set_state(state)`, as a `torch.Generator` has."""
         # Devices that were never touched have no state worth keeping, and querying them would initialise CUDA.
         cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-        return cls(cpu=torch.get_rng_state(), cuda=cuda)
+        return cls(
+            cpu=torch.get_rng_state(), cuda=cuda, sources=[(source, source.get_state()) for source in sources or ()]
+        )
 
     def restore(self) -> None:
         torch.set_rng_state(self.cpu)
         if self.cuda is not None:
             torch.cuda.set_rng_state_all(self.cuda)
+        for source, state in self.sources:
+            source.set_state(state)
 
 
 class GradientCache:
@@ -73,6 +81,9 @@ class GradientCache:
         constants (`Callable[[dict], dict[str, Tensor]]`, *optional*): per micro-batch, more tensors the loss takes
             that carry no gradient (a teacher's embeddings, for distillation): computed in the first pass, concatenated
             over the accumulated batch like the embeddings, and passed to `loss` as keyword arguments.
+        random_sources (`list`, *optional*): random draws of the forward besides torch's global generators, each with
+            `get_state()` / `set_state(state)` (the trainer's [`PatchDropout`]): replayed in the second pass as dropout
+            is, so that both passes of a micro-batch keep the same patches.
 
     [`CLIPContrastiveTrainer`] creates one when `gradient_accumulation_steps > 1` and `accumulation_mode="cached"`,
     hands it each step's micro-batches through [`start_step`] and forwards the Trainer's per-micro-batch
@@ -94,6 +105,7 @@ class GradientCache:
         micro_batch_size: int,
         accumulation_steps: int,
         constants: Callable[[dict[str, Any]], dict[str, torch.Tensor]] | None = None,
+        random_sources: list[Any] | None = None,
     ) -> None:
         self.embed = embed
         self.loss_scalars = loss_scalars
@@ -102,6 +114,7 @@ class GradientCache:
         self.pad_to = micro_batch_size * accumulation_steps
         self.relations = accepted_keywords(loss, RELATION_KEYWORDS)
         self.constants = constants
+        self.random_sources = list(random_sources or [])
         self._batches: list[dict[str, Any]] = []
         self._random_states: list[RandomState] = []
         self._image_grads: list[torch.Tensor] | None = None
@@ -160,7 +173,7 @@ class GradientCache:
         constant_chunks: list[dict[str, torch.Tensor]] = []
         with torch.no_grad():
             for batch in self._batches:
-                self._random_states.append(RandomState.capture())
+                self._random_states.append(RandomState.capture(self.random_sources))
                 image_embeds, text_embeds, *hard = self.embed(batch)
                 image_chunks.append(image_embeds)
                 text_chunks.append(text_embeds)

@@ -312,6 +312,13 @@ class CLIPContrastiveTrainer(Trainer):
         for callback in self.contrastive_loss.callbacks():  # CLIP's clamp of the inverse temperature
             self.add_callback(callback)
         self._loss_relations = self._check_loss_relations()
+        # Patch dropout (FLIP): a hook on the image tower's embeddings while training, off in evaluation; its draws
+        # are keyed to the optimizer step, so that a resumed run keeps the patches the uninterrupted one kept.
+        from .patch_dropout import attach_patch_dropout
+
+        self.patch_dropout = attach_patch_dropout(self.model, self.args)
+        if self.patch_dropout is not None:
+            self.patch_dropout.step = lambda: self.state.global_step
         # Added after the Trainer's reporters, so that their `on_train_end` runs before these raise (when they stopped
         # the run). The signal callback goes first: it restores the process's handlers before it raises.
         self.add_callback(StopOnSignalCallback())
@@ -328,6 +335,8 @@ class CLIPContrastiveTrainer(Trainer):
                 backward=self._backward,
                 micro_batch_size=self.args.per_device_train_batch_size,
                 accumulation_steps=self.args.gradient_accumulation_steps,
+                # The second forward of a micro-batch keeps the patches its first kept.
+                random_sources=[self.patch_dropout] if self.patch_dropout is not None else None,
             )
         if self.gradient_cache is not None and self.teacher is not None:
             # The teacher's embeddings are constants of the accumulated batch, embedded with each micro-batch.
@@ -437,6 +446,8 @@ class CLIPContrastiveTrainer(Trainer):
                 )
                 self._finish_training()
                 return TrainOutput(state.global_step, train_loss, {"train_loss": train_loss})
+        if self.patch_dropout is not None and not self.patch_dropout.attached:  # a second `train()`
+            self.patch_dropout.attach(self.model)
         if self.stream_position is None or not resume_from_checkpoint:
             output = super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
         else:
@@ -449,7 +460,10 @@ class CLIPContrastiveTrainer(Trainer):
         """What follows the last step, before anything is saved: with `ema_decay`, the moving average goes into the
         model when `metric_for_best_model` is an `eval_ema_*` metric; a LoRA model goes on merged (its adapter saved in
         `output_dir/adapter`), so that what is evaluated, interpolated and saved is what `from_pretrained` loads;
-        then WiSE-FT (`wise_ft_alphas`, `wise_ft_alpha`) chooses and loads its interpolation of the weights chosen."""
+        then WiSE-FT (`wise_ft_alphas`, `wise_ft_alpha`) chooses and loads its interpolation of the weights chosen.
+        Patch dropout's hook comes off first: the model evaluated, exported and saved is the plain model."""
+        if self.patch_dropout is not None:
+            self.patch_dropout.detach()
         if self.ema_callback is not None:
             best = self.state.best_model_checkpoint if self.args.load_best_model_at_end else None
             self.ema_callback.choose_saved_weights(
@@ -825,7 +839,12 @@ class CLIPContrastiveTrainer(Trainer):
             )
         vision, text = self._tower_weights
         patch = model.config.vision_config.patch_size
-        image_tokens = (pixels.shape[-2] // patch) * (pixels.shape[-1] // patch) + 1  # patches and the class token
+        patches = (pixels.shape[-2] // patch) * (pixels.shape[-1] // patch)
+        if self.patch_dropout is not None and self.patch_dropout.attached and self.patch_dropout.active():
+            from .patch_dropout import kept_patches
+
+            patches = kept_patches(patches, self.patch_dropout.probability)
+        image_tokens = patches + 1  # the (kept) patches and the class token
         # Images and texts counted apart: a batch's hard negatives are texts without an image.
         return 6 * (pixels.shape[0] * vision * image_tokens + input_ids.shape[0] * text * input_ids.shape[1])
 

@@ -115,6 +115,7 @@ def check_training_arguments(
         hard_negatives=data_args.hard_negative_column is not None,
     )
     _check_model_family(data_args, training_args, config)
+    _check_patch_dropout(training_args, config)
     _check_fine_tuning(model_args, training_args, config)
     _check_sharding(training_args)
     _check_captions(data_args)
@@ -262,6 +263,17 @@ def _check_model_family(data_args: DataArguments, args: CLIPTrainingArguments, c
             f"patches per image) do not fit; only {', '.join(EXPORTABLE_MODEL_TYPES)} models export. Drop "
             "--export_onnx."
         )
+
+
+def _check_patch_dropout(args: CLIPTrainingArguments, config: Any) -> None:
+    """Patch dropout thins the tokens of a ViT image tower: CLIP's, SigLIP's or a ViT in a dual encoder."""
+    if not args.patch_dropout or config is None:
+        return
+    from .patch_dropout import patch_dropout_problem
+
+    problem = patch_dropout_problem(config)
+    if problem is not None:
+        raise ConfigError(problem)
 
 
 def _check_fine_tuning(model_args: ModelArguments | None, args: CLIPTrainingArguments, config: Any) -> None:
