@@ -282,6 +282,7 @@ def test_incomplete_checkpoints_are_found_and_passed_over(finished_run, tmp_path
     assert latest_complete_checkpoint(str(tmp_path / "nowhere")) is None
 
 
+@pytest.mark.slow  # a run in its own process, killed and resumed: CI's slow tier
 def test_resume_after_sigkill_ends_where_an_uninterrupted_run_ends(base_args, tmp_path, caplog, capsys):
     # The uninterrupted reference.
     reference = tmp_path / "reference"
