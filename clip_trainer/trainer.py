@@ -44,6 +44,7 @@ from .modeling import TOWERS, model_family, tower_layers
 from .plots import save_training_plots
 from .preprocessing import ImagePreprocessor, UnsupportedImageProcessorError
 from .stream import check_shard_split, enable_stream_resume
+from .threads import check_thread_policy
 from .trainable import TrainableParameters, TrainableParametersCallback, layerwise_lr_scales
 
 logger = logging.get_logger(__name__)
@@ -267,6 +268,9 @@ class CLIPContrastiveTrainer(Trainer):
             # model: DDP's search for unused ones is then wasted work, and it warns about it on every process.
             # (A SigLIP model trained with the softmax loss keeps its `logit_bias` out of the loss, and frozen.)
             args.ddp_find_unused_parameters = not self.trainable_parameters.is_default
+        if args.device.type == "cpu":
+            # A script that imported torch before clip_trainer is told how to get the thread policy (threads.py).
+            check_thread_policy()
         if args.dataloader_pin_memory and args.device.type == "cpu":
             # Pinned memory only speeds copies to an accelerator; on the CPU torch warns once per DataLoader.
             args.dataloader_pin_memory = False
