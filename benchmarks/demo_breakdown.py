@@ -56,17 +56,30 @@ PARTS["python and imports"] = time.time() - START
 _phase = {"name": "before training"}
 
 
+_stack: list[list] = []  # [part, time spent in nested timed parts] of the parts being timed
+
+
 @contextmanager
-def timed(part: str):
+def timed(part: str | None):
+    """Adds the wall time of the block to `part`, less the time of the timed parts nested in it (a checkpoint's
+    model save is counted once, under checkpoints). `None` times nothing."""
+    if part is None:
+        yield
+        return
     began = time.time()
+    _stack.append([part, 0.0])
     try:
         yield
     finally:
-        PARTS[part] += time.time() - began
+        _, nested = _stack.pop()
+        elapsed = time.time() - began
+        PARTS[part] += elapsed - nested
+        if _stack:
+            _stack[-1][1] += elapsed
 
 
 def wrap(owner, name: str, part) -> None:
-    """Times `owner.name` under `part` (a name, or a function of the call's arguments that returns one)."""
+    """Times `owner.name` under `part` (a name, or a function of the call's arguments that returns one or `None`)."""
     original = getattr(owner, name)
 
     def timed_call(*args, **kwargs):
@@ -76,24 +89,25 @@ def wrap(owner, name: str, part) -> None:
     setattr(owner, name, timed_call)
 
 
-def _evaluation_part(*args, **kwargs) -> str:
-    return {"before training": "final evaluation", "training": "evaluations during training"}.get(
-        _phase["name"], "evaluations during training"
-    )
+def _evaluation_part(self, *args, **kwargs) -> str:
+    if _phase["name"] != "training":
+        return "final evaluation"
+    return "step-0 evaluation" if self.state.global_step == 0 else "evaluations during training"
+
+
+def _final_save(self, output_dir=None, _internal_call: bool = False) -> str | None:
+    return None if _internal_call else "final save: weights"
 
 
 def _train(original):
     def train(self, *args, **kwargs):
         _phase["name"] = "training"
-        began = time.time()
-        inside = {key: PARTS[key] for key in PARTS}
         try:
-            return original(self, *args, **kwargs)
+            # The training loop's own time: `train()` less the timed parts inside it.
+            with timed("training loop"):
+                return original(self, *args, **kwargs)
         finally:
             _phase["name"] = "after training"
-            spent = time.time() - began
-            nested = sum(PARTS[key] - inside.get(key, 0.0) for key in list(PARTS))
-            PARTS["training loop"] += spent - nested
 
     return train
 
@@ -112,7 +126,7 @@ def main(argv: list[str]) -> dict[str, float]:
     wrap(cls, "evaluate", _evaluation_part)
     wrap(Trainer, "_save_checkpoint", "checkpoints during training")
     wrap(Trainer, "_load_best_model", "loading the best model")
-    wrap(Trainer, "save_model", "final save: weights")
+    wrap(cls, "save_model", _final_save)
     wrap(cls, "export_onnx", "final save: ONNX")
     wrap(trainer_module, "save_training_plots", "final save: training curves")
     wrap(cls, "save_retrieval_examples", "final save: retrieval gallery")
