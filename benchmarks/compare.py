@@ -230,6 +230,7 @@ def prepare_round(seed: int, folder: Path, max_train_samples: int | None) -> dic
     splits = {"train": data.train, "validation": data.validation}
     if max_train_samples is not None:
         splits["train"] = splits["train"].select(range(min(max_train_samples, len(splits["train"]))))
+    # (Written after the `max_train_samples` cut, so a cut split may hold a few more pairs than rows.)
     rows: dict[str, list[tuple[str, str]]] = {}
     for name, split in splits.items():
         raw = split.cast_column("image", ImageFeature(decode=False))
@@ -237,7 +238,10 @@ def prepare_round(seed: int, folder: Path, max_train_samples: int | None) -> dic
         for index, example in enumerate(raw):
             path = images / f"{name}-{index:05d}.png"
             path.write_bytes(example["image"]["bytes"])
-            rows[name].append((str(path), example["caption"]))
+            # The loader joins rows that show the same image into one row of several captions (5 of the demo's
+            # training rows); every arm gets them back as one pair per caption, as the parquet has them.
+            captions = example["caption"] if isinstance(example["caption"], list) else [example["caption"]]
+            rows[name].extend((str(path), caption) for caption in captions)
     files = {}
     for name, pairs in rows.items():
         # JSON lines for the stock recipe and clip-trainer, a tab-separated file for open_clip's CsvDataset.
@@ -287,8 +291,9 @@ def arm_command(arm: str, args: argparse.Namespace, prepared: dict, seed: int, o
         "--eval_strategy", "no",
         "--logging_steps", "25",
         "--report_to", "none",
-        "--output_dir", str(out),
-        "--overwrite_output_dir", "true",
+        # A folder that does not exist yet: the stock script reads `overwrite_output_dir`, gone from transformers 5's
+        # TrainingArguments, only when its output folder exists.
+        "--output_dir", str(out / "model"),
     ]  # fmt: skip
     if arm == "clip-trainer":
         # The demo's model, tokenizer size and split (given as the files every arm reads), without augmentation,
@@ -305,6 +310,7 @@ def arm_command(arm: str, args: argparse.Namespace, prepared: dict, seed: int, o
             "--eval_on_start", "false",
             "--load_best_model_at_end", "false",
             *common_hf,
+            "--overwrite_output_dir", "true",
         ]  # fmt: skip
     if arm == "stock":
         return [
@@ -339,7 +345,9 @@ def arm_command(arm: str, args: argparse.Namespace, prepared: dict, seed: int, o
             "--device", "cpu",
             "--workers", "1",
             "--seed", str(seed),
-            "--aug-cfg", "scale=(1.0,1.0)", "ratio=(1.0,1.0)",  # the whole 64 px picture, as the other arms see it
+            # The whole picture, as the other arms see it: a random crop of all of a square image's area is all of it
+            # (torchvision's RandomResizedCrop falls back to the whole image when the drawn shape does not fit).
+            "--aug-cfg", "scale=(1.0,1.0)",
             "--zeroshot-frequency", "0",
             "--val-frequency", "0",
             "--save-frequency", str(args.epochs),
@@ -364,10 +372,15 @@ def run_measured(command: list[str], log: Path, env: dict[str, str]) -> tuple[in
     return process.returncode, wall, usage.ru_maxrss / 1024
 
 
-def training_seconds(arm: str, out: Path) -> float:
+def training_figures(arm: str, out: Path, train_pairs: int, epochs: int) -> tuple[float, float]:
+    """The training steps' seconds and samples/s of a finished run. The Trainer's own figures for the two Trainer
+    arms (`train_runtime`, and `train_samples_per_second`: rows times epochs over it); for open_clip, which drops
+    the last partial batch of an epoch, the pairs of its full batches over the time inside `train_one_epoch`."""
     if arm == "open_clip":
-        return json.loads((out / "timing.json").read_text())["train_seconds"]
-    return json.loads((out / "train_results.json").read_text())["train_runtime"]
+        seconds = json.loads((out / "timing.json").read_text())["train_seconds"]
+        return seconds, (train_pairs // BATCH_SIZE) * BATCH_SIZE * epochs / seconds
+    results = json.loads((out / "model" / "train_results.json").read_text())
+    return results["train_runtime"], results["train_samples_per_second"]
 
 
 def arm_embeddings(arm: str, args: argparse.Namespace, prepared: dict, folder: Path, out: Path, env: dict):
@@ -377,7 +390,7 @@ def arm_embeddings(arm: str, args: argparse.Namespace, prepared: dict, folder: P
     pixels = folder / "validation_pixels.npy"
     captions = folder / "validation_captions.json"
     if arm != "open_clip":
-        return embed_hf_model(out, torch.from_numpy(np.load(pixels)), json.loads(captions.read_text()))
+        return embed_hf_model(out / "model", torch.from_numpy(np.load(pixels)), json.loads(captions.read_text()))
     settings = {
         "model_config": str(prepared["open_clip_config"]),
         "model_name": OPEN_CLIP_MODEL,
@@ -485,11 +498,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     print(f"{arm} (seed {seed}) failed with status {returncode}:\n{tail}", file=sys.stderr)
                     runs.append(run)
                     continue
-                seconds = training_seconds(arm, out)
-                steps_per_epoch = prepared["train_pairs"] // BATCH_SIZE if arm == "open_clip" else None
-                # open_clip drops the last partial batch; the Trainer trains on it.
-                pairs = steps_per_epoch * BATCH_SIZE if steps_per_epoch is not None else prepared["train_pairs"]
-                run["samples_per_second"] = round(pairs * args.epochs / seconds, 1)
+                seconds, samples_per_second = training_figures(arm, out, prepared["train_pairs"], args.epochs)
+                run["samples_per_second"] = round(samples_per_second, 1)
                 run["train_seconds"] = round(seconds, 2)
                 image_embeds, text_embeds = arm_embeddings(arm, args, prepared, folder, out, env)
                 run.update(
