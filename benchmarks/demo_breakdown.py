@@ -9,7 +9,7 @@ checkpoints and best-model load: the training steps and what the Trainer does ar
 epoch, logging).
 
 Usage (the demo as `make demo` runs it, without TensorBoard):
-    python benchmarks/demo_breakdown.py configs/demo.json --report_to none --output_dir /tmp/demo \
+    python benchmarks/demo_breakdown.py configs/demo.json --report_to none --output_dir outputs/demo-breakdown \
         --overwrite_output_dir true
 
 The last line printed is one JSON object: seconds per part, and `wall` (process start to the end of `main`).
