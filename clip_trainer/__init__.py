@@ -11,9 +11,17 @@ before torch is imported.
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import TYPE_CHECKING, Any
 
+from .threads import set_openmp_environment
 from .version import __version__
+
+# The CPU thread policy (clip_trainer/threads.py), set before torch loads OpenMP, which reads it only then: importing
+# clip_trainer is the first thing `run_clip.py` and the `clip-trainer` command do, and what a script does before
+# importing torch gets it too. An `OMP_WAIT_POLICY` or `GOMP_SPINCOUNT` already set wins.
+if "torch" not in sys.modules:
+    set_openmp_environment()
 
 _EXPORTS = {
     "ARGUMENT_CLASSES": ".arguments",

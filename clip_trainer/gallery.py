@@ -19,17 +19,20 @@ import random
 import textwrap
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from PIL import Image
 from transformers.utils import logging
 
 from .evaluation import _group_rows
 from .images import BadSampleError, load_image
+from .plots import _matplotlib
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 logger = logging.get_logger(__name__)
 
@@ -305,6 +308,7 @@ def draw_retrieval_gallery(
         zeroshot = select_zeroshot_rows(image_embeds, class_labels, classifier, image_ids, num_zeroshot, top_k, seed)
     num_zeroshot_rows = len(zeroshot.images) if zeroshot else 0
     width, height = gallery_size(len(retrieval.queries), top_k, num_zeroshot_rows)
+    Figure, FigureCanvasAgg = _matplotlib()
     figure = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
     FigureCanvasAgg(figure)
     columns = top_k + 2

@@ -11,8 +11,6 @@ import math
 import os
 from collections.abc import Iterable
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from transformers.utils import logging
 
 from .metrics import METRICS, METRICS_BY_NAME, MetricInfo, split_metric_key
@@ -28,6 +26,15 @@ WISE_FT_PLOT_NAME = "wise_ft.png"
 _SUMMARY_KEYS = ("train_runtime", "train_loss", "train_samples_per_second", "train_steps_per_second", "total_flos")
 
 Series = tuple[list[float], list[float]]
+
+
+def _matplotlib():
+    """matplotlib's `Figure` and Agg canvas, imported when a figure is drawn: importing matplotlib takes a few tenths
+    of a second that a run (and `import clip_trainer.trainer`) should not pay before it draws anything."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    return Figure, FigureCanvasAgg
 
 
 def _as_number(value: object) -> float | None:
@@ -160,6 +167,7 @@ def save_training_plots(log_history: list[dict], output_dir: str) -> list[str]:
 
     columns = 1 if len(panels) == 1 else 2
     rows = math.ceil(len(panels) / columns)
+    Figure, FigureCanvasAgg = _matplotlib()
     figure = Figure(figsize=(6.0 * columns, 3.6 * rows), layout="constrained")
     FigureCanvasAgg(figure)
     for position, (title, ylabel, curves) in enumerate(panels, start=1):
@@ -205,6 +213,7 @@ def save_wise_ft_plot(result, output_dir: str) -> str | None:
     """
     if not result.reference_sets or not result.rows:
         return None
+    Figure, FigureCanvasAgg = _matplotlib()
     figure = Figure(figsize=(5.5, 4.2), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.add_subplot(1, 1, 1)

@@ -45,6 +45,7 @@ from .modeling import TOWERS, model_family, tower_layers
 from .plots import save_training_plots
 from .preprocessing import ImagePreprocessor, UnsupportedImageProcessorError
 from .stream import check_shard_split, enable_stream_resume
+from .threads import check_thread_policy
 from .trainable import TrainableParameters, TrainableParametersCallback, layerwise_lr_scales
 
 logger = logging.get_logger(__name__)
@@ -287,6 +288,9 @@ class CLIPContrastiveTrainer(Trainer):
             # model: DDP's search for unused ones is then wasted work, and it warns about it on every process.
             # (A SigLIP model trained with the softmax loss keeps its `logit_bias` out of the loss, and frozen.)
             args.ddp_find_unused_parameters = not self.trainable_parameters.is_default
+        if args.device.type == "cpu":
+            # A script that imported torch before clip_trainer is told how to get the thread policy (threads.py).
+            check_thread_policy()
         if args.dataloader_pin_memory and args.device.type == "cpu":
             # Pinned memory only speeds copies to an accelerator; on the CPU torch warns once per DataLoader.
             args.dataloader_pin_memory = False
@@ -395,6 +399,9 @@ class CLIPContrastiveTrainer(Trainer):
         ):
             self.eval_data_collator = dataclasses.replace(self.eval_data_collator, teacher_embeddings=None)
         self._eval_loaders: dict[str | None, DataLoader] = {}
+        # The collated batches of each evaluation set, kept after its first evaluation (CPU runs, see
+        # `EvaluationBatches`): later evaluations of the same set skip decoding and the workers' start.
+        self._eval_batches: dict[str | None, EvaluationBatches] = {}
         # One evaluator per evaluation set, by metric prefix (`eval`, `eval_{name}`): the evaluation loop gathers the
         # embeddings (with the loss) and hands them to the evaluator of the set, which computes its metrics.
         self.evaluators: dict[str, RetrievalEvaluator] = {}
@@ -1122,6 +1129,11 @@ class CLIPContrastiveTrainer(Trainer):
         reusable = self.args.dataloader_persistent_workers and (name is not None or eval_dataset is None)
         if reusable and name in self._eval_loaders:
             return self._eval_loaders[name]
+        # A set of the trainer's own (the validation split, an extra set by name) is the same rows every evaluation.
+        own_set = name is not None or eval_dataset is None or eval_dataset is self.eval_dataset
+        kept = self._eval_batches.get(name) if own_set else None
+        if kept is not None and kept.complete and kept.dataset is self._own_eval_dataset(name):
+            return kept
         if name is not None:
             named = {**(self.eval_dataset if isinstance(self.eval_dataset, dict) else {}), **self.extra_eval_datasets}
             if name not in named:
@@ -1147,7 +1159,18 @@ class CLIPContrastiveTrainer(Trainer):
         loader = self.accelerator.prepare(loader)
         if reusable:
             self._eval_loaders[name] = loader
+        if own_set and self.args.device.type == "cpu" and self.args.world_size == 1:
+            # On the CPU, decoding the same images again at every evaluation takes the cores the model needs; on an
+            # accelerator the workers decode while it computes, and keeping batches would hold its memory.
+            loader = self._eval_batches[name] = EvaluationBatches(loader, dataset, EVALUATION_BATCHES_MAX_BYTES)
         return loader
+
+    def _own_eval_dataset(self, name: str | None):
+        """The dataset of the validation split (`None`) or of a named evaluation set, as the trainer holds it now."""
+        if name is None:
+            return self.eval_dataset
+        named = {**(self.eval_dataset if isinstance(self.eval_dataset, dict) else {}), **self.extra_eval_datasets}
+        return named.get(name)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Computes the batch's loss and keeps its embeddings (gathered from every process) for retrieval."""
@@ -1293,6 +1316,62 @@ class CLIPContrastiveTrainer(Trainer):
             context=self.compute_loss_context_manager,
         )
         return encode(texts)
+
+
+# The most memory the kept evaluation batches of one set may take (uint8 pixels, token ids): the bundled demo's
+# validation split takes 7 MiB, 10,000 images at 224 px 1.5 GiB (not kept).
+EVALUATION_BATCHES_MAX_BYTES = 512 * 2**20
+
+
+class EvaluationBatches:
+    """
+    An evaluation DataLoader whose batches are kept after its first full pass and replayed afterwards.
+
+    An evaluation set is the same rows, decoded and collated the same way, at every evaluation (its collator does not
+    augment), so the batches of the first pass are the batches of every later one. The DataLoader classes have no
+    such cache (`persistent_workers` keeps the workers, which still decode every image again). Batches are kept only
+    while they total at most `max_bytes`; each is handed out as a shallow copy, since the evaluation step replaces
+    the pixels of its inputs with normalised ones.
+    """
+
+    def __init__(self, loader, dataset, max_bytes: int) -> None:
+        self.loader, self.dataset, self.max_bytes = loader, dataset, max_bytes
+        self.batch_size = getattr(loader, "batch_size", None)
+        self.batches: list = []
+        self.complete = False
+
+    def __len__(self) -> int:
+        return len(self.batches) if self.complete else len(self.loader)
+
+    def __iter__(self):
+        if self.complete:
+            # Told to accelerate's gradient state as the prepared loader tells it (`DataLoaderShard.__iter__`): which
+            # loader is active, and its last batch. Without it `gather_for_metrics` reads the state the training
+            # loader left, and cuts the batches to that loader's remainder.
+            state = self.loader if hasattr(self.loader, "begin") and hasattr(self.loader, "end") else None
+            if state is not None:
+                state.begin()
+            try:
+                for index, batch in enumerate(self.batches):
+                    if state is not None and index == len(self.batches) - 1:
+                        state.end_of_dataloader = True
+                    yield dict(batch)
+            finally:
+                if state is not None:
+                    state.end()
+            return
+        kept: list | None = []
+        size = 0
+        for batch in self.loader:
+            if kept is not None:
+                size += sum(value.nbytes for value in batch.values() if isinstance(value, torch.Tensor))
+                if size <= self.max_bytes:
+                    kept.append(batch)
+                else:
+                    kept = None
+            yield dict(batch)
+        if kept is not None:  # a full pass (an interrupted one keeps nothing)
+            self.batches, self.complete = kept, True
 
 
 def _evaluation_at(log_history: list[dict], first: bool) -> dict[str, float] | None:
