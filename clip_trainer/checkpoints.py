@@ -224,29 +224,45 @@ class OutputDirLock:
     """An exclusive `flock` on `output_dir/_clip-trainer.lock`, held until [`release`] or the process ends.
 
     The kernel drops the lock when the process dies, however it dies, so a crashed run never leaves a stale lock
-    behind; the file itself stays and is harmless. It records the holder's pid for the message a second run shows.
+    behind (its file stays, harmless, and the next run takes it over). A run that ends removes the file, so that a
+    finished folder holds only what the run wrote for its users (`hf upload` of the folder would upload the file).
+    It records the holder's pid for the message a second run shows.
     """
 
     def __init__(self, output_dir: str) -> None:
         self.path = os.path.join(output_dir, LOCK_FILE_NAME)
-        self._handle = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held for the run's lifetime
-        try:
-            fcntl.flock(self._handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self._handle.seek(0)
-            holder = self._handle.read().strip() or "another process"
+        # A run that ends removes the file after it took the lock: a process that opened the file just before then
+        # holds a lock on a file no longer in the folder, so it opens the file again until the two are one.
+        for _ in range(100):
+            self._handle = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held for the run's lifetime
+            try:
+                fcntl.flock(self._handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                self._handle.seek(0)
+                holder = self._handle.read().strip() or "another process"
+                self._handle.close()
+                raise ConfigError(
+                    f"Another run ({holder}) is writing into {output_dir!r}; wait for it to finish, or choose another "
+                    "`output_dir`."
+                ) from None
+            if self._is_the_file_in_the_folder():
+                break
             self._handle.close()
-            raise ConfigError(
-                f"Another run ({holder}) is writing into {output_dir!r}; wait for it to finish, or choose another "
-                "`output_dir`."
-            ) from None
         self._handle.seek(0)
         self._handle.truncate()
         self._handle.write(f"pid {os.getpid()}")
         self._handle.flush()
 
+    def _is_the_file_in_the_folder(self) -> bool:
+        try:
+            return os.path.samestat(os.fstat(self._handle.fileno()), os.stat(self.path))
+        except FileNotFoundError:
+            return False
+
     def release(self) -> None:
         if not self._handle.closed:
+            if self._is_the_file_in_the_folder():
+                os.remove(self.path)  # still locked: whoever opens it now finds it gone (see `__init__`)
             fcntl.flock(self._handle, fcntl.LOCK_UN)
             self._handle.close()
 

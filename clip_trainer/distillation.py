@@ -294,6 +294,10 @@ class StoredTeacherEmbeddings:
             path,
             metadata={"teacher": self.teacher, "inverse_temperature": repr(self.inverse_temperature)},
         )
+        # safetensors writes through a private temporary file (mode 0600); give it the mode of the folder's others.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(path, 0o666 & ~umask)
         return path
 
     @classmethod

@@ -441,9 +441,11 @@ def _load_model(model_args, config, tokenizer, max_seq_length: int | None) -> nn
 
         for key, value in text_config_token_ids(tokenizer).items():
             setattr(config.text_config, key, value)
-    if max_seq_length is not None and max_seq_length > config.text_config.max_position_embeddings:
-        # New weights have nothing to preserve: the tower is built at the longer length and learns every position.
-        config.text_config.max_position_embeddings = max_seq_length
+    if max_seq_length is not None and max_seq_length > max_text_positions(config):
+        # New weights have nothing to preserve: the tower is built at the longer length and learns every position
+        # (with the rows a tower never reads, as AltCLIP's RoBERTa numbers its tokens after the padding id).
+        unread = config.text_config.max_position_embeddings - max_text_positions(config)
+        config.text_config.max_position_embeddings = max_seq_length + unread
         if tokenizer is not None:
             tokenizer.model_max_length = max_seq_length
     model = family.model_class._from_config(config, attn_implementation=model_args.attn_implementation)

@@ -127,9 +127,12 @@ def find_position_table(model: nn.Module, length: int, config: PretrainedConfig 
         )
         other = "or train a new model with more positions (`config_name`, whose text config sets them)"
     if problem is not None:
+        from .modeling import max_text_positions
+
+        usable = max_text_positions(config)  # AltCLIP's RoBERTa reads fewer tokens than its table has rows
         raise ConfigError(
-            f"`max_seq_length` is {length}, above the text model's {positions} positions, which would extend them, "
-            f"but {what} {problem}; set it to {positions} or less (longer captions are truncated), {other}."
+            f"`max_seq_length` is {length}, above the text model's {usable} positions, which would extend them, "
+            f"but {what} {problem}; set it to {usable} or less (longer captions are truncated), {other}."
         )
     return found[0]
 
@@ -142,7 +145,9 @@ def check_positions_extendable(config: PretrainedConfig, length: int) -> None:
     Raises:
         [`ConfigError`]: naming the family and the fix, as [`find_position_table`].
     """
-    if length <= config.text_config.max_position_embeddings:
+    from .modeling import max_text_positions
+
+    if length <= max_text_positions(config):
         return
     # `from_config` writes the attention implementation into the config it is given; keep the caller's intact.
     config = copy.deepcopy(config)
@@ -150,7 +155,7 @@ def check_positions_extendable(config: PretrainedConfig, length: int) -> None:
         with torch.device("meta"):
             model = AutoModel.from_config(config)
     except Exception as error:  # a tower transformers cannot build from its config alone (remote code, ...)
-        positions = config.text_config.max_position_embeddings
+        positions = max_text_positions(config)
         raise ConfigError(
             f"`max_seq_length` is {length}, above the text model's {positions} positions, and {_describe(config)} "
             f"could not be inspected for a position table to extend ({type(error).__name__}: {error}); set it to "
@@ -212,9 +217,24 @@ def extend_text_positions(model: nn.Module, length: int, tokenizer: PreTrainedTo
     }.values():
         config.max_position_embeddings = length
     if tokenizer is not None:
-        tokenizer.model_max_length = length
+        _set_tokenizer_length(tokenizer, length)
     logger.info(
         f"Extended the text positions from {rows} to {length} (Long-CLIP: the first {LONG_CLIP_KEPT_POSITIONS} kept, "
         "the rest stretched); fine-tune on long captions so that the stretched positions are learned."
     )
     return True
+
+
+def _set_tokenizer_length(tokenizer: PreTrainedTokenizerBase, length: int) -> None:
+    """The tokenizer's longest caption becomes `length` everywhere it is kept: `model_max_length`, and a fast
+    tokenizer's own truncation, which transformers 5 reads back as a `max_length` that the processor then truncates at
+    (a tokenizer saved with truncation at the old length would keep cutting long captions there)."""
+    tokenizer.model_max_length = length
+    backend = getattr(tokenizer, "_tokenizer", None)
+    truncation = getattr(backend, "truncation", None)
+    if truncation:
+        backend.enable_truncation(
+            length, stride=truncation.get("stride", 0), strategy=truncation.get("strategy", "longest_first")
+        )
+    if "max_length" in getattr(tokenizer, "init_kwargs", {}):
+        tokenizer.init_kwargs["max_length"] = length

@@ -98,8 +98,10 @@ def check_training_arguments(
         extra_sets: the extra evaluation sets' names and whether each has class labels; by default, those of
             `data_args.extra_eval_sets`.
     """
-    if text_positions is None and config is not None:
-        text_positions = getattr(getattr(config, "text_config", None), "max_position_embeddings", None)
+    if text_positions is None and getattr(config, "text_config", None) is not None:
+        from .modeling import max_text_positions
+
+        text_positions = max_text_positions(config)  # what the tower reads (AltCLIP: fewer than its table's rows)
     _check_caption_length(data_args, model_args, config, text_positions)
     if training_args.early_stopping_patience is not None and training_args.eval_strategy == IntervalStrategy.NO:
         raise ConfigError(

@@ -153,7 +153,27 @@ def test_the_lock_is_held_while_training_and_is_not_uploaded(base_args, tmp_path
     assert seen == ["held", "held"]
     files = fake_hub.files("user/lock-test")
     assert "model.safetensors" in files and LOCK_FILE_NAME not in files
-    OutputDirLock(str(tmp_path / "out")).release()  # released at the end of the run
+    # Released at the end of the run, its file removed: the finished folder holds only what the run wrote for users.
+    assert not (tmp_path / "out" / LOCK_FILE_NAME).exists()
+    OutputDirLock(str(tmp_path / "out")).release()
+    assert not (tmp_path / "out" / LOCK_FILE_NAME).exists()
+
+
+def test_a_released_lock_leaves_no_file_and_the_next_run_locks_a_new_one(tmp_path):
+    """The holder removes the file when it ends; a handle opened on the old file before then does not stand in the
+    way, the next run writes its pid into a new file, and a third is refused."""
+    from clip_trainer.checkpoints import OutputDirLock
+    from clip_trainer.errors import ConfigError
+
+    first = OutputDirLock(str(tmp_path))
+    stale = open(tmp_path / LOCK_FILE_NAME)  # noqa: SIM115 - opened "just before" the release
+    first.release()
+    second = OutputDirLock(str(tmp_path))
+    assert (tmp_path / LOCK_FILE_NAME).read_text() == f"pid {os.getpid()}"
+    with pytest.raises(ConfigError, match="Another run"):
+        OutputDirLock(str(tmp_path))
+    second.release()
+    stale.close()
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -11,9 +11,13 @@ import pytest
 import torch
 from conftest import COLORS, SHAPES, TINY_TEXT, TINY_VISION, draw_shape
 from transformers import (
+    AutoProcessor,
+    AutoTokenizer,
     BertConfig,
     CLIPConfig,
+    CLIPImageProcessorPil,
     CLIPModel,
+    CLIPProcessor,
     CLIPVisionConfig,
     CLIPVisionModel,
     ModernBertConfig,
@@ -328,3 +332,24 @@ def test_a_run_with_extended_positions_resumes_from_its_checkpoint(long_run, mon
     state = json.loads(Path("resumed/checkpoint-3/trainer_state.json").read_text())
     assert state["global_step"] == 3
     assert json.loads(Path("resumed/config.json").read_text())["text_config"]["max_position_embeddings"] == 120
+
+
+def test_a_saved_tokenizer_and_processor_truncate_at_the_new_length(tmp_path):
+    """A tokenizer that clip-trainer trained (its own truncation at 32 tokens, which transformers 5 saves again as
+    `max_length` once reloaded) truncates at the extended length after a save and reload, through `AutoProcessor`
+    too, which reads that `max_length`."""
+    captions = [f"{color} {shape} on a plain background" for color in COLORS for shape in SHAPES]
+    tokenizer = train_caption_tokenizer(captions * 3, vocab_size=300, model_max_length=32)
+    tokenizer(captions, truncation=True, max_length=32)  # as a run's collator does: the backend keeps truncating at 32
+    tokenizer.save_pretrained(tmp_path / "short")
+    reloaded = AutoTokenizer.from_pretrained(tmp_path / "short")  # now with `max_length` 32 among its settings
+    model = CLIPModel(CLIPConfig(text_config={**TINY_TEXT, "max_position_embeddings": 32,
+                                              **text_config_token_ids(reloaded)},
+                                 vision_config=TINY_VISION))  # fmt: skip
+    extend_text_positions(model, 60, reloaded)
+    processor = CLIPProcessor(image_processor=CLIPImageProcessorPil(), tokenizer=reloaded)
+    processor.save_pretrained(tmp_path / "long")
+    long_caption_text = " ".join(captions[:12])
+    for loaded in (AutoTokenizer.from_pretrained(tmp_path / "long"), AutoProcessor.from_pretrained(tmp_path / "long")):
+        ids = loaded(text=[long_caption_text], truncation=True)["input_ids"][0]
+        assert len(ids) == 60

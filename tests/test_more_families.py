@@ -38,6 +38,7 @@ from transformers import (
 )
 
 from clip_trainer.arguments import CLIPTrainingArguments, ModelArguments
+from clip_trainer.errors import ConfigError
 from clip_trainer.modeling import load_model, load_model_config, load_processor, max_text_positions, model_family
 from clip_trainer.run import main
 from clip_trainer.trainable import TrainableParameters, layerwise_lr_scales
@@ -419,3 +420,36 @@ def test_a_family_built_from_scratch_by_the_command(family, tmp_path, monkeypatc
     assert processor.tokenizer.model_max_length == (16 if family == "altclip" else 18)
     if family == "chinese_clip":
         assert type(processor.image_processor) is ChineseCLIPImageProcessorPil
+
+
+def test_altclip_positions_are_the_tokens_it_reads(family_dirs, tmp_path, monkeypatch):
+    """AltCLIP's RoBERTa reads 2 fewer tokens than its table has rows: a `max_seq_length` above those tokens is
+    refused with the number it can take (16), not the table's rows (18), which would crash at the first step."""
+    user_folder(tmp_path, monkeypatch, family_dirs["altclip"])
+    for length in ("17", "18"):
+        with pytest.raises(ConfigError, match="above the text model's 16 positions.*set it to 16 or less") as error:
+            main(run_args("--max_steps", "1", "--eval_strategy", "no", "--max_seq_length", length))
+        assert "\n" not in str(error.value)
+
+
+@pytest.mark.slow
+def test_altclip_built_from_scratch_reads_captions_of_max_seq_length(tmp_path, monkeypatch):
+    """A new AltCLIP with `--max_seq_length 24` (its config has 18 rows): built with 24 + pad id + 1 rows, it trains
+    on captions of 24 tokens (an index error at the first step when it had only 24 rows)."""
+    monkeypatch.chdir(tmp_path)
+    csv = write_shapes_csv(tmp_path / "data", repeats=1)
+    lines = csv.read_text().splitlines()
+    long = [",".join([path, caption + " " + " ".join([caption] * 6), label])
+            for path, caption, label in (line.split(",") for line in lines[1:])]  # fmt: skip
+    csv.write_text("\n".join([lines[0], *long]) + "\n")
+    text = {**TINY_TEXT, "max_position_embeddings": 18, "project_dim": 16}
+    Path("tiny.json").write_text(AltCLIPConfig(text_config=text, vision_config=TINY_VISION).to_json_string())
+    arguments = run_args("--max_steps", "2", "--eval_strategy", "no", "--max_seq_length", "24")
+    index = arguments.index("--model_name_or_path")
+    main([*arguments[:index], *arguments[index + 2 :], "--config_name", "tiny.json", "--tokenizer_vocab_size", "300"])
+    model = AutoModel.from_pretrained("out")
+    text_config = model.config.text_config
+    assert text_config.max_position_embeddings == 24 + text_config.pad_token_id + 1
+    processor = AutoProcessor.from_pretrained("out")
+    assert processor.tokenizer.model_max_length == 24
+    assert len(processor.tokenizer([long[0].split(",")[1]], truncation=True)["input_ids"][0]) == 24

@@ -172,9 +172,10 @@ def test_the_check_fails_files_that_do_not_reproduce_the_model(open_clip, tiny_c
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def test_written_files_hold_open_clips_config_and_weight_names(tiny_clip_dir, tmp_path):
+def test_written_files_hold_open_clips_config_and_weight_names(tiny_clip_dir, tmp_path, capsys):
     folder = shutil.copytree(tiny_clip_dir, tmp_path / "model")
     assert cli(["export-open-clip", str(folder), "--no_check", "--hf_tokenizer_name", "me/tiny-clip"]) == 0
+    assert "(not checked: --no_check)" in capsys.readouterr().out  # the command says when nothing was compared
     written = json.loads((folder / OPEN_CLIP_CONFIG_NAME).read_text())
     assert set(written) == {"model_cfg", "preprocess_cfg"}
     model_cfg = written["model_cfg"]

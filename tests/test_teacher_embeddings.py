@@ -6,6 +6,7 @@ file, and settings that name two teachers stop in one line."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -159,7 +160,10 @@ def test_the_stored_file_round_trips(tmp_path):
     store = StoredTeacherEmbeddings(
         torch.tensor([5, 9]), torch.randn(2, 4), torch.tensor([1, 2, 3]), torch.randn(3, 4), 12.5, "teacher"
     )
-    loaded = StoredTeacherEmbeddings.load(store.save(str(tmp_path)))
+    path = store.save(str(tmp_path))
+    (tmp_path / "other").write_text("x")
+    assert os.stat(path).st_mode & 0o777 == os.stat(tmp_path / "other").st_mode & 0o777  # as readable as the others
+    loaded = StoredTeacherEmbeddings.load(path)
     assert loaded.teacher == "teacher" and loaded.inverse_temperature == 12.5
     assert torch.equal(loaded.image_embeds, store.image_embeds) and torch.equal(loaded.text_embeds, store.text_embeds)
     assert json.loads(json.dumps(loaded.num_images)) == 2 and loaded.has_image(9) and not loaded.has_image(4)

@@ -455,9 +455,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     except OpenCLIPConversionError as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 1
-    checked = (
-        f", checked with open_clip: max abs difference {result['max_abs_diff']}" if "max_abs_diff" in result else ""
-    )
+    if "max_abs_diff" in result:
+        checked = f", checked with open_clip: max abs difference {result['max_abs_diff']}"
+    elif args.no_check:
+        checked = " (not checked: --no_check)"
+    else:
+        checked = " (not checked: open_clip does not import here; install the open-clip extra to compare)"
     print(f"Wrote {result['config']} and {result['weights']}{checked}.")
     return 0
 
