@@ -14,8 +14,10 @@ run on a quiet 2-core CPU, 7 runs:
 
     python benchmarks/distillation.py [--seeds 42 43 44] [--teacher DIR] [--work_dir DIR] [--arms alone distilled]
 
-Finished runs in `--work_dir` are reused, so another distillation setting can be tried against stored runs of the
-student alone (`--arms distilled` in a work folder that links to them).
+Finished runs in `--work_dir` are reused, so another distillation setting (`--distillation_weight`,
+`--distillation_temperature`) can be tried against the stored teacher and runs of the student alone by running the
+script again with the same `--work_dir`: a setting other than the default writes its distilled runs to folders named
+by it (`student-with-teacher-w4-t0.1-42`), so settings never reuse each other's runs.
 """
 
 from __future__ import annotations
@@ -45,8 +47,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44], help="Training seeds of the students.")
     parser.add_argument("--teacher", default=None, help="A demo model trained on the same split (default: train one).")
-    parser.add_argument("--distillation_weight", default="1.0")
-    parser.add_argument("--distillation_temperature", default=None)
+    parser.add_argument("--distillation_weight", default="1.0", help="The distilled arm's `distillation_weight`.")
+    parser.add_argument(
+        "--distillation_temperature",
+        default=None,
+        help="The distilled arm's `distillation_temperature` (default: none).",
+    )
     parser.add_argument("--work_dir", default=None, help="Where to write data and models (default: a temp folder).")
     parser.add_argument(
         "--arms", nargs="+", choices=["alone", "distilled"], default=["alone", "distilled"], help="The arms to train."
@@ -68,12 +74,16 @@ def main(argv: list[str] | None = None) -> dict:
     if args.distillation_temperature is not None:
         distil += ["--distillation_temperature", args.distillation_temperature]
 
-    arms = {"student alone": [], "student + teacher": distil}
-    arms = {name: flags for name, flags in arms.items() if ("alone" if not flags else "distilled") in args.arms}
+    # A setting other than the default gets its own folders (and the default keeps the names it always had), so that
+    # settings tried in one work folder share the teacher and the student-alone runs but never each other's runs.
+    setting = "" if args.distillation_weight == "1.0" else f"-w{args.distillation_weight}"
+    setting += "" if args.distillation_temperature is None else f"-t{args.distillation_temperature}"
+    arms = {"student alone": ([], ""), "student + teacher": (distil, setting)}
+    arms = {name: arm for name, arm in arms.items() if ("alone" if not arm[0] else "distilled") in args.arms}
     scores: dict[str, list[float]] = {name: [] for name in arms}
     for seed in args.seeds:
-        for name, flags in arms.items():
-            out = work_dir / f"{name.replace(' ', '-').replace('+', 'with')}-{seed}"
+        for name, (flags, suffix) in arms.items():
+            out = work_dir / f"{name.replace(' ', '-').replace('+', 'with')}{suffix}-{seed}"
             if not (out / "eval_results.json").is_file():
                 run([DEMO, *on_data, "--config_name", HALF_WIDTH, "--seed", str(seed), "--output_dir", str(out),
                      *flags, *COMMON])  # fmt: skip
