@@ -127,9 +127,9 @@ def find_position_table(model: nn.Module, length: int, config: PretrainedConfig 
         )
         other = "or train a new model with more positions (`config_name`, whose text config sets them)"
     if problem is not None:
-        from .modeling import max_text_positions
-
-        usable = max_text_positions(config)  # AltCLIP's RoBERTa reads fewer tokens than its table has rows
+        # A RoBERTa-style table (AltCLIP's) numbers tokens after the padding id: it reads that many fewer tokens.
+        padding = found[0].embedding.padding_idx if len(found) == 1 else None
+        usable = positions - padding - 1 if padding is not None else positions
         raise ConfigError(
             f"`max_seq_length` is {length}, above the text model's {usable} positions, which would extend them, "
             f"but {what} {problem}; set it to {usable} or less (longer captions are truncated), {other}."
@@ -137,7 +137,7 @@ def find_position_table(model: nn.Module, length: int, config: PretrainedConfig 
     return found[0]
 
 
-def check_positions_extendable(config: PretrainedConfig, length: int) -> None:
+def check_positions_extendable(config: PretrainedConfig, length: int, readable_positions: int | None = None) -> None:
     """
     Whether `extend_text_positions` can lengthen the text tower of a model of `config` to `length` positions, checked
     on the config alone (the model is built on the meta device: no weights, no memory), before any data is read.
@@ -145,9 +145,8 @@ def check_positions_extendable(config: PretrainedConfig, length: int) -> None:
     Raises:
         [`ConfigError`]: naming the family and the fix, as [`find_position_table`].
     """
-    from .modeling import max_text_positions
-
-    if length <= max_text_positions(config):
+    readable = readable_positions if readable_positions is not None else config.text_config.max_position_embeddings
+    if length <= readable:
         return
     # `from_config` writes the attention implementation into the config it is given; keep the caller's intact.
     config = copy.deepcopy(config)
@@ -155,7 +154,7 @@ def check_positions_extendable(config: PretrainedConfig, length: int) -> None:
         with torch.device("meta"):
             model = AutoModel.from_config(config)
     except Exception as error:  # a tower transformers cannot build from its config alone (remote code, ...)
-        positions = max_text_positions(config)
+        positions = readable
         raise ConfigError(
             f"`max_seq_length` is {length}, above the text model's {positions} positions, and {_describe(config)} "
             f"could not be inspected for a position table to extend ({type(error).__name__}: {error}); set it to "

@@ -159,7 +159,7 @@ def _check_caption_length(
     if config is not None and not from_scratch:
         from .positions import check_positions_extendable
 
-        check_positions_extendable(config, length)
+        check_positions_extendable(config, length, readable_positions=text_positions)
 
 
 def _check_negatives(args: CLIPTrainingArguments) -> None:
