@@ -659,6 +659,23 @@ def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
     return options
 
 
+def run_settings(setup: Setup) -> dict[str, object]:
+    """What every summary of this benchmark records about the run: preset, device, versions, date and settings."""
+    return {
+        "preset": setup.preset_name,
+        "device": device_name(setup.device),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "batch_size": setup.batch_size,
+        "steps": setup.steps,
+        "warmup": setup.warmup,
+        "workers": setup.workers,
+        "precision": "bf16" if setup.cuda else "fp32",
+        "compile": setup.compile,
+    }
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -749,17 +766,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {v: results[v][key] if v in results else None for v in VARIANTS}
 
     summary = {
-        "preset": setup.preset_name,
-        "device": device_name(setup.device),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "batch_size": setup.batch_size,
-        "steps": setup.steps,
-        "warmup": setup.warmup,
-        "workers": setup.workers,
-        "precision": "bf16" if setup.cuda else "fp32",
-        "compile": setup.compile,
+        **run_settings(setup),
         "torch_threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "source_images": f"JPEG {setup.preset.source_size[0]}x{setup.preset.source_size[1]}",
@@ -832,17 +839,7 @@ def patch_dropout_sweep(options: argparse.Namespace, setup: Setup, peak: float) 
             f"{medians[value]:.1f} samples/s, x{median_speedup[value]:.2f}"
         )
     summary = {
-        "preset": setup.preset_name,
-        "device": device_name(setup.device),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "batch_size": setup.batch_size,
-        "steps": setup.steps,
-        "warmup": setup.warmup,
-        "workers": setup.workers,
-        "precision": "bf16" if setup.cuda else "fp32",
-        "compile": setup.compile,
+        **run_settings(setup),
         "repeats": options.repeats,
         "timing": "pairs / wall time of the timed steps, data waits included; best of the repeats",
         "patch_dropout": values,
