@@ -473,16 +473,35 @@ def test_a_streamed_run_distils(tiny_clip_dir, teacher_dir, one_batch_csv, tmp_p
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_distil_over_the_global_batch(tiny_clip_dir, teacher_dir, one_batch_csv, tmp_path):
+@pytest.mark.parametrize("teacher", ["live", "stored"])
+def test_torchrun_two_processes_distil_over_the_global_batch(tiny_clip_dir, teacher_dir, one_batch_csv, tmp_path,
+                                                             teacher):  # fmt: skip
     """2 processes of 12 pairs each: the first logged loss and KL divergence are those of all 24 pairs at once (the
-    distributions are over the gathered global batch), with cached accumulation on top."""
+    distributions are over the gathered global batch), with cached accumulation on top; the same with the teacher's
+    embeddings stored by a preparation run and looked up by each process's collator."""
     from test_distributed_run import torchrun
 
     out = tmp_path / "out"
     argv = distill_args(tiny_clip_dir, one_batch_csv, out)
     argv[argv.index("--per_device_train_batch_size") + 1] = "6"
+    if teacher == "live":
+        argv += ["--teacher_model_name_or_path", str(teacher_dir)]
+    else:
+        prepared = tmp_path / "prepared"
+        run.main(["--train_file", str(one_batch_csv), "--validation_split_percentage", "0", "--prepare_only", "true",
+                  "--output_dir", str(prepared), "--report_to", "none", "--use_cpu", "true",
+                  "--teacher_model_name_or_path", str(teacher_dir)])  # fmt: skip
+        index = argv.index("--train_file")
+        argv = [
+            *argv[:index],
+            "--dataset_name",
+            str(prepared),
+            *argv[index + 2 :],
+            "--teacher_embeddings",
+            str(prepared),
+        ]
     result = torchrun([*argv, "--gradient_accumulation_steps", "2", "--ddp_backend", "gloo",
-                       "--teacher_model_name_or_path", str(teacher_dir), "--distillation_weight", "0.5"])  # fmt: skip
+                       "--distillation_weight", "0.5"])  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
     image, text, scale = float64_embeddings(tiny_clip_dir, one_batch_csv)
     teacher_image, teacher_text, teacher_scale = float64_embeddings(teacher_dir, one_batch_csv)
