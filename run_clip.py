@@ -3,7 +3,11 @@
 
 import sys
 
+from clip_trainer.command_line import rerun_in_project_environment
 from clip_trainer.threads import set_openmp_environment
+
+# Run by a Python without the install (the system's `python3`) in a clone where `make` made `.venv`: run with it.
+rerun_in_project_environment(sys.argv)
 
 # The CPU thread policy (clip_trainer/threads.py), before torch loads OpenMP; a policy the user set wins.
 set_openmp_environment()

@@ -37,8 +37,11 @@ import tempfile
 import time
 from pathlib import Path
 
-# Spinning OpenMP threads collapse when DataLoader workers want the cores (see benchmarks/throughput.py).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from clip_trainer.threads import set_openmp_environment
+
+# The project's CPU thread policy (clip_trainer/threads.py), before torch loads OpenMP: the benchmark measures what a run
+# gets.
+set_openmp_environment()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -57,9 +57,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-# OpenMP threads that spin while they wait collapse (10-25x slower matmuls, measured on a 2-core machine) as soon as
-# anything else wants a core: here the DataLoader workers, or another process. Set before torch loads OpenMP.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from clip_trainer.threads import set_openmp_environment
+
+# The project's CPU thread policy (clip_trainer/threads.py), before torch loads OpenMP: the benchmark measures what a run
+# gets.
+set_openmp_environment()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -445,10 +445,15 @@ def evaluate_clip_benchmark(
             split without a usable sample.
     """
     import torch
-    import torch.nn.functional as F
     from torch.utils.data import DataLoader
 
-    from .evaluation import build_zeroshot_classifier, retrieval_metrics, text_encoder, zeroshot_accuracy
+    from .evaluation import (
+        build_zeroshot_classifier,
+        normalized_features,
+        retrieval_metrics,
+        text_encoder,
+        zeroshot_accuracy,
+    )
     from .modeling import max_text_positions, model_family
     from .preprocessing import ImagePreprocessor
 
@@ -504,9 +509,7 @@ def evaluate_clip_benchmark(
                     inputs["pixel_values"], inputs.get("pixel_attention_mask")
                 )
                 with context():
-                    features = model.get_image_features(**inputs)
-                features = getattr(features, "pooler_output", features)
-                image_chunks.append(F.normalize(features.float(), dim=-1).cpu())
+                    image_chunks.append(normalized_features(model.get_image_features(**inputs)).cpu())
     finally:
         model.train(was_training)
 

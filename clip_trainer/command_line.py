@@ -153,6 +153,30 @@ def missing_install_message(interpreter: str = sys.executable, venv: Path | None
     )
 
 
+# Set in the environment of a command run again by [`rerun_in_project_environment`], so that it happens once.
+RERUN_MARK = "CLIP_TRAINER_RERUN_IN_PROJECT_ENVIRONMENT"
+
+
+def rerun_in_project_environment(argv: list[str], venv: Path | None = None) -> None:
+    """`python run_clip.py ...` run by a Python without transformers, in a clone where `make` made `.venv`: the same
+    command again with that environment's Python (one line on stderr says so), as if it had been activated. Returns
+    when there is nothing to do: the install is here, there is no project environment, or this is the second run.
+    """
+    if importlib.util.find_spec("transformers") is not None or os.environ.get(RERUN_MARK):
+        return
+    venv = venv if venv is not None else Path(__file__).resolve().parents[1] / ".venv"
+    python = venv / "bin" / "python"
+    if not python.exists() or Path(sys.executable).absolute().is_relative_to(venv):
+        return
+    print(
+        f"{Path(argv[0]).name}: this Python ({sys.executable}) has no transformers; running with the project's "
+        f"environment, {python}.",
+        file=sys.stderr,
+        flush=True,
+    )
+    os.execve(python, [str(python), *argv], {**os.environ, RERUN_MARK: "1"})
+
+
 def _transformers_training_args_path() -> Path:
     spec = importlib.util.find_spec("transformers")  # finds the package without importing it
     if spec is None or not spec.submodule_search_locations:

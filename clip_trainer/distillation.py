@@ -254,11 +254,11 @@ class StoredTeacherEmbeddings:
         from .rows import BadSampleError, check_caption
 
         fields = [column for column in caption_fields(data_args) if column in dataset.column_names]
-        captions = dataset.select_columns(fields).with_format(None)
-        for row, key in enumerate(_image_keys(dataset, data_args)):
+        rows = dataset.select_columns(fields).with_format(None)  # iterated in order, not read row by row by index
+        for row, (key, values) in enumerate(zip(_image_keys(dataset, data_args), rows, strict=True)):
             texts = []
             for column in fields:
-                for caption in caption_list(captions[row][column]):
+                for caption in caption_list(values[column]):
                     try:
                         texts.append(check_caption(caption))
                     except BadSampleError:

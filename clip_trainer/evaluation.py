@@ -492,6 +492,13 @@ def hard_negative_accuracy(
     return int((wins & present).sum()) / int(present.sum())
 
 
+def normalized_features(features: Any) -> torch.Tensor:
+    """`get_image_features` / `get_text_features` output as unit float32 vectors (transformers 5 returns a model output
+    whose `pooler_output` is the projected embedding; older models return the tensor itself)."""
+    features = getattr(features, "pooler_output", features)
+    return F.normalize(features.float(), dim=-1)
+
+
 def text_encoder(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -532,9 +539,7 @@ def text_encoder(
                     return_tensors="pt",
                 ).to(target)
                 with context():
-                    features = model.get_text_features(**tokens)
-                features = getattr(features, "pooler_output", features)
-                chunks.append(F.normalize(features.float(), dim=-1).cpu())
+                    chunks.append(normalized_features(model.get_text_features(**tokens)).cpu())
         finally:
             model.train(was_training)
         return torch.cat(chunks)

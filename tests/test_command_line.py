@@ -85,9 +85,34 @@ def test_a_python_without_transformers_is_told_which_environment_to_use(tmp_path
     answers in one line, before any import fails with a traceback."""
     result = subprocess.run([sys.executable, "-S", str(REPO / "run_clip.py"), "configs/demo.json", "--max_steps", "3"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=60,
-                            env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})  # fmt: skip
+                            env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin",
+                                 "CLIP_TRAINER_RERUN_IN_PROJECT_ENVIRONMENT": "1"})  # fmt: skip
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.startswith(f"run_clip.py: error: this Python ({sys.executable}) has no transformers")
+
+
+def test_another_python_runs_the_command_with_the_projects_environment(tmp_path):
+    """From another working folder, with a Python that has no transformers, in a clone whose `.venv` is made: the
+    command runs again with that environment's Python (one line says so), where the install is."""
+    venv = tmp_path / "clone" / ".venv"
+    (venv / "bin").mkdir(parents=True)
+    # The project environment: a Python with the install (this one), under the folder's name.
+    (venv / "bin" / "python").write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
+    (venv / "bin" / "python").chmod(0o755)
+    script = (
+        "import sys; from pathlib import Path; from clip_trainer.command_line import rerun_in_project_environment;"
+        f"rerun_in_project_environment(sys.argv, Path({str(venv)!r}));"
+        "import transformers; print('installed here:', transformers.__name__)"
+    )
+    (tmp_path / "command.py").write_text(script)
+    work = tmp_path / "work"
+    work.mkdir()
+    result = subprocess.run([sys.executable, "-S", str(tmp_path / "command.py"), "--flag"], cwd=work,
+                            capture_output=True, text=True, timeout=120,
+                            env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert f"running with the project's environment, {venv}/bin/python" in result.stderr
+    assert result.stdout.strip() == "installed here: transformers"
 
 
 def test_the_message_names_the_project_environment_when_there_is_one(tmp_path):
