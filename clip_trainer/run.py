@@ -338,6 +338,13 @@ def clip_benchmark_stage(trainer: CLIPContrastiveTrainer, benchmark: ClipBenchma
     return result.run_metrics()
 
 
+def _close_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def cli(argv: list[str] | None = None, prog: str = "run_clip.py") -> int:
     """`run_clip.py`'s entry point: a mistake or a fault prints one message, never a traceback.
 
@@ -346,6 +353,11 @@ def cli(argv: list[str] | None = None, prog: str = "run_clip.py") -> int:
     """
     try:
         main(argv)
+        # The command owns its process: under torchrun it leaves the process group as it found it (none). A process
+        # that exits with gloo's threads still running can abort in their destructors ("terminate called without an
+        # active exception") after its work is done. Only after a run that ended well: a failed one may have a
+        # collective in flight that a teardown would wait on.
+        _close_process_group()
     except ConfigError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2

@@ -581,6 +581,9 @@ def _gather_worker(rank: int, world_size: int, port: int, output_path: str) -> N
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         torch.save(results, output_path)
+    # Destroys the process group: a process that exits with gloo's threads running can abort in their destructors
+    # after its work is done.
+    accelerator.end_training()
 
 
 def _free_port() -> int:
