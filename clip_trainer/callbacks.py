@@ -54,6 +54,8 @@ def all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
     overflow on its own as a 2-norm of large finite values can, and is NaN or inf exactly when an element is), then
     one reduction. The caller decides when to read it.
     """
+    # An empty tensor is finite; `_foreach_norm` has no max-norm of one (FSDP2 leaves some processes an empty shard).
+    tensors = [tensor for tensor in tensors if tensor.numel() > 0]
     if not tensors:
         return torch.tensor(True)
     by_device: dict[torch.device, list[torch.Tensor]] = {}

@@ -39,8 +39,10 @@ ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 # The moving average of the weights (`ema_decay`), written with the checkpoint's weights (before the optimizer state and
 # `trainer_state.json`) by `CLIPContrastiveTrainer.save_model`.
 EMA_WEIGHTS_NAME = "ema.safetensors"
-# Written with `torch.save`, a zip archive: one cut short has no central directory at its end.
-TRAINING_STATE_FILES = ("optimizer.pt", "scheduler.pt")
+# An FSDP run's checkpoint (accelerate's names): with `SHARDED_STATE_DICT`, the model's and the optimizer's shards in
+# two `torch.distributed.checkpoint` folders; with `FULL_STATE_DICT`, two `torch.save` files.
+FSDP_SHARDED_FOLDERS = ("pytorch_model_fsdp_0", "optimizer_0")
+FSDP_FULL_FILES = ("pytorch_model_fsdp.bin", "optimizer.bin")
 
 
 def _safetensors_problem(path: str) -> str | None:
@@ -80,31 +82,36 @@ def _torch_file_problem(path: str) -> str | None:
     return None
 
 
-def checkpoint_problems(folder: str) -> list[str]:
-    """Why a Trainer checkpoint folder cannot be resumed from; an empty list when it is complete.
+def _distributed_checkpoint_problem(path: str) -> str | None:
+    """What is wrong with a `torch.distributed.checkpoint` folder: its `.metadata` (written last, once every process
+    has written its shard) must load, and every file it points into must hold the bytes it says."""
+    from torch.distributed.checkpoint import FileSystemReader
 
-    `Trainer._save_checkpoint` (transformers 5.24) writes straight into `checkpoint-N`, not into a temporary folder
-    renamed at the end: the weights, config and processor, then `optimizer.pt`, `scheduler.pt` and `scaler.pt`,
-    `rng_state.pth` (`rng_state_<rank>.pth` with several processes), and `trainer_state.json` last. A process killed on
-    the way leaves a folder under the final name with some of these missing or cut short. Every file a resume loads is
-    checked cheaply: the safetensors headers (single file, or index and every shard, and `ema.safetensors` when there
-    is one), the zip directory of each `torch.save` file, and that `trainer_state.json` parses.
-
-    The layout checked is the Trainer's for one process or DDP; DeepSpeed and FSDP checkpoints store the model and
-    optimizer differently and are reported as incomplete.
-    """
-    problems = []
-    state_path = os.path.join(folder, TRAINER_STATE_NAME)
+    name = os.path.basename(path)
+    if not os.path.isdir(path):
+        return f"{name}/ is missing"
     try:
-        with open(state_path, encoding="utf-8") as handle:
-            state = json.load(handle)
-        if not isinstance(state, dict) or "global_step" not in state:
-            problems.append(f"{TRAINER_STATE_NAME} has no global_step")
+        metadata = FileSystemReader(path).read_metadata()
     except FileNotFoundError:
-        problems.append(f"{TRAINER_STATE_NAME} is missing")
-    except (OSError, ValueError) as error:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
-        problems.append(f"{TRAINER_STATE_NAME} is unreadable ({error})")
+        return f"{name}/.metadata is missing"
+    except Exception as error:  # an unpickling error of a file cut short can be of many types
+        return f"{name}/.metadata is unreadable ({error!r})"
+    for storage in (metadata.storage_data or {}).values():
+        file = os.path.join(path, storage.relative_path)
+        if not os.path.isfile(file) or os.path.getsize(file) < storage.offset + storage.length:
+            return f"{name}/{storage.relative_path} is missing or cut short"
+    return None
 
+
+def _model_and_optimizer_problems(folder: str) -> list[str]:
+    """The weights and the optimizer state, in whichever layout the run saved them."""
+    if os.path.isdir(os.path.join(folder, FSDP_SHARDED_FOLDERS[0])):
+        return [
+            p for name in FSDP_SHARDED_FOLDERS if (p := _distributed_checkpoint_problem(os.path.join(folder, name)))
+        ]
+    if os.path.isfile(os.path.join(folder, FSDP_FULL_FILES[0])):
+        return [p for name in FSDP_FULL_FILES if (p := _torch_file_problem(os.path.join(folder, name)))]
+    problems = []
     index_path = os.path.join(folder, SAFE_WEIGHTS_INDEX_NAME)
     if os.path.isfile(index_path):
         try:
@@ -129,6 +136,39 @@ def checkpoint_problems(folder: str) -> list[str]:
         problem = _safetensors_problem(os.path.join(folder, SAFE_WEIGHTS_NAME))
         if problem:
             problems.append(problem)
+    problem = _torch_file_problem(os.path.join(folder, "optimizer.pt"))
+    if problem:
+        problems.append(problem)
+    return problems
+
+
+def checkpoint_problems(folder: str) -> list[str]:
+    """Why a Trainer checkpoint folder cannot be resumed from; an empty list when it is complete.
+
+    `Trainer._save_checkpoint` (transformers 5.24) writes straight into `checkpoint-N`, not into a temporary folder
+    renamed at the end: the weights, config and processor, then `optimizer.pt`, `scheduler.pt` and `scaler.pt`,
+    `rng_state.pth` (`rng_state_<rank>.pth` with several processes), and `trainer_state.json` last. A process killed on
+    the way leaves a folder under the final name with some of these missing or cut short. Every file a resume loads is
+    checked cheaply: the safetensors headers (single file, or index and every shard, and `ema.safetensors` when there
+    is one), the zip directory of each `torch.save` file, and that `trainer_state.json` parses.
+
+    The layouts checked are the Trainer's for one process or DDP, LoRA's, and FSDP's (sharded: each
+    `torch.distributed.checkpoint` folder's metadata and the bytes it points to; full: the two `torch.save` files).
+    DeepSpeed checkpoints store the model and optimizer differently and are reported as incomplete.
+    """
+    problems = []
+    state_path = os.path.join(folder, TRAINER_STATE_NAME)
+    try:
+        with open(state_path, encoding="utf-8") as handle:
+            state = json.load(handle)
+        if not isinstance(state, dict) or "global_step" not in state:
+            problems.append(f"{TRAINER_STATE_NAME} has no global_step")
+    except FileNotFoundError:
+        problems.append(f"{TRAINER_STATE_NAME} is missing")
+    except (OSError, ValueError) as error:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+        problems.append(f"{TRAINER_STATE_NAME} is unreadable ({error})")
+
+    problems.extend(_model_and_optimizer_problems(folder))
 
     if os.path.exists(os.path.join(folder, EMA_WEIGHTS_NAME)):
         # A run with `ema_decay` writes it with the weights, under a temporary name renamed when complete, before
@@ -137,7 +177,9 @@ def checkpoint_problems(folder: str) -> list[str]:
         problem = _safetensors_problem(os.path.join(folder, EMA_WEIGHTS_NAME))
         if problem:
             problems.append(problem)
-    problems.extend(p for name in TRAINING_STATE_FILES if (p := _torch_file_problem(os.path.join(folder, name))))
+    problem = _torch_file_problem(os.path.join(folder, "scheduler.pt"))
+    if problem:
+        problems.append(problem)
     if os.path.exists(os.path.join(folder, "scaler.pt")):  # only written in fp16
         problem = _torch_file_problem(os.path.join(folder, "scaler.pt"))
         if problem:

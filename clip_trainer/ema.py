@@ -63,7 +63,7 @@ def ema_parameter_names(model: nn.Module, policy=None) -> list[str]:
     return [
         name
         for name, parameter in model.named_parameters()
-        if parameter.requires_grad and (policy is None or any(policy.trains(parameter, step) for step in steps))
+        if parameter.requires_grad and (policy is None or any(policy.trains(name, step) for step in steps))
     ]
 
 

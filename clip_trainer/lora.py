@@ -92,6 +92,16 @@ def merged_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).merge_and_unload()
 
 
+def merged_from_state_dict(model: nn.Module, state_dict: dict) -> nn.Module:
+    """The plain merged model of the `PeftModel` `model` whose weights are whole only in `state_dict` (gathered from
+    the processes FSDP shards it across): a fresh model of the same architecture and adapters, loaded with them, then
+    peft's `merge_and_unload`."""
+    base = model.get_base_model()
+    fresh = _peft().get_peft_model(type(base)(base.config), model.peft_config[model.active_adapter])
+    fresh.load_state_dict(state_dict)
+    return fresh.merge_and_unload()
+
+
 def adapter_settings(adapter_dir: str) -> dict[str, Any] | None:
     """The LoRA settings saved in `adapter_dir` (rank `r`, `lora_alpha`, `lora_dropout`, `target_modules`) and the
     adapter's size (`num_parameters`), or `None` when it holds no adapter."""

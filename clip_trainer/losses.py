@@ -36,6 +36,12 @@ def inverse_temperature(model: nn.Module) -> torch.Tensor:
     return model.logit_scale.exp().reshape(())
 
 
+def _whole(parameter: torch.Tensor) -> torch.Tensor:
+    """A parameter read outside the model's forward: under FSDP2 it is sharded there (a `DTensor`), and gathering it
+    is a collective, so every process must read it (logging and evaluation do)."""
+    return parameter.full_tensor() if hasattr(parameter, "full_tensor") else parameter
+
+
 class ContrastiveLoss:
     """A contrastive loss over a batch of image and text embeddings, and what the trainer needs to know about it.
 
@@ -111,7 +117,7 @@ class ContrastiveLoss:
     def logged_values(self, model: nn.Module) -> dict[str, float]:
         """The loss's parameters as the training logs and evaluations report them (read from the device: call at
         logging time only)."""
-        value = inverse_temperature(model).item()
+        value = _whole(model.logit_scale).exp().item()
         return {"inverse_temperature": value, "temperature": 1.0 / value}
 
     def __repr__(self) -> str:
@@ -233,7 +239,7 @@ class SigmoidContrastiveLoss(ContrastiveLoss):
 
     @torch.no_grad()
     def logged_values(self, model: nn.Module) -> dict[str, float]:
-        return {**super().logged_values(model), "logit_bias": model.logit_bias.item()}
+        return {**super().logged_values(model), "logit_bias": _whole(model.logit_bias).item()}
 
 
 def build_loss(model: nn.Module, family: ModelFamily, args: CLIPTrainingArguments) -> ContrastiveLoss:

@@ -30,14 +30,17 @@ from .modeling import TOWERS, tower_layers, tower_modules
 logger = logging.get_logger(__name__)
 
 
-def _ids(modules) -> set[int]:
-    return {id(parameter) for module in modules for parameter in module.parameters()}
+def _names(model: nn.Module, modules) -> set[str]:
+    """The names (in `model.named_parameters()`) of the parameters of `modules`, submodules of `model`."""
+    name_of = {id(parameter): name for name, parameter in model.named_parameters()}
+    return {name_of[id(parameter)] for module in modules for parameter in module.parameters()}
 
 
 class TrainableParameters:
     """The trainable-parameter policy of a run, computed once from the model and the training arguments.
 
-    Parameters are known by identity, not by name, so wrappers (peft, DDP) do not matter.
+    Parameters are known by their names in the model the trainer holds (DDP's `module.` set aside): FSDP2 replaces
+    every parameter object with a sharded one when the Trainer prepares the model, and keeps the names.
 
     Args:
         model: the model as the trainer holds it (a peft `PeftModel` for LoRA).
@@ -58,13 +61,15 @@ class TrainableParameters:
         self.trainable_layers = dict(trainable_layers or {})
         self.unfreeze_after_steps = unfreeze_after_steps
         # LoRA: what peft left trainable (the adapters) is all that may ever train.
-        self.allowed = {id(p) for p in base.parameters() if p.requires_grad} if is_lora_model(base) else None
-        self.frozen = _ids(module for tower in self.frozen_towers for module in tower_modules(base, tower))
-        self.locked: set[int] = set()
+        self.allowed = (
+            {name for name, p in base.named_parameters() if p.requires_grad} if is_lora_model(base) else None
+        )
+        self.frozen = _names(base, (module for tower in self.frozen_towers for module in tower_modules(base, tower)))
+        self.locked: set[str] = set()
         for tower, layers in self.trainable_layers.items():
             parts = tower_layers(base, tower)
             lower = list(parts.layers)[: max(len(parts.layers) - layers, 0)]
-            self.locked |= _ids((*parts.embeddings, *lower))
+            self.locked |= _names(base, (*parts.embeddings, *lower))
 
     @classmethod
     def from_arguments(cls, model: nn.Module, args) -> TrainableParameters:
@@ -86,20 +91,19 @@ class TrainableParameters:
     def towers_frozen_at(self, step: int) -> bool:
         return bool(self.frozen_towers) and (self.unfreeze_after_steps is None or step < self.unfreeze_after_steps)
 
-    def trains(self, parameter: nn.Parameter, step: int) -> bool:
-        """Whether `parameter` trains at optimizer step `step`."""
-        key = id(parameter)
-        if self.allowed is not None and key not in self.allowed:
+    def trains(self, name: str, step: int) -> bool:
+        """Whether the parameter `name` trains at optimizer step `step`."""
+        if self.allowed is not None and name not in self.allowed:
             return False
-        if key in self.locked:
+        if name in self.locked:
             return False
-        return not (key in self.frozen and self.towers_frozen_at(step))
+        return not (name in self.frozen and self.towers_frozen_at(step))
 
     def apply(self, model: nn.Module, step: int) -> tuple[int, int]:
         """Sets `requires_grad` of every parameter of `model` for step `step`; returns (trainable, total) counts."""
         trainable = total = 0
-        for parameter in getattr(model, "module", model).parameters():
-            parameter.requires_grad_(self.trains(parameter, step))
+        for name, parameter in getattr(model, "module", model).named_parameters():
+            parameter.requires_grad_(self.trains(name, step))
             total += parameter.numel()
             trainable += parameter.numel() if parameter.requires_grad else 0
         return trainable, total

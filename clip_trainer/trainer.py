@@ -37,7 +37,7 @@ from .evaluation import (
     hard_negative_scores,
     text_encoder,
 )
-from .lora import ADAPTER_DIRNAME, apply_lora, is_lora_model, merged_copy
+from .lora import ADAPTER_DIRNAME, apply_lora, is_lora_model, merged_copy, merged_from_state_dict
 from .losses import ContrastiveLoss, DistillationLoss, build_loss, inverse_temperature
 from .metrics import EMA_PREFIX, ema_metric_name
 from .model_card import CLIPModelCardData, non_default_training_arguments, write_model_card
@@ -310,6 +310,8 @@ class CLIPContrastiveTrainer(Trainer):
                 # TensorBoard's folder is chosen at `on_train_begin`; an evaluation-only run never gets there and its
                 # writer would default to ./runs in the working folder. Events go into output_dir/runs either way.
                 callback.logging_dir = os.path.join(args.output_dir, default_logdir())
+        # FSDP2 shards what the Trainer prepares; two things in these models stop its wrapping (see the function).
+        self._fsdp_scalar_parameters = _prepare_for_fsdp2(self.model) if self.is_fsdp_enabled else []
         # --- loss -----------------------------------------------------------------------------------------------------
         # The loss is ours: the model is never asked for one.
         self.model_accepts_loss_kwargs = False
@@ -915,18 +917,21 @@ class CLIPContrastiveTrainer(Trainer):
                 self.ema_callback.save(output_dir)
             return
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if is_lora_model(self.model):
+        if is_lora_model(self.model) and self.is_fsdp_enabled:
+            # Sharded weights are whole only once gathered: the adapter and the merged model come from the full
+            # state dict, merged into a fresh copy on the main process.
+            state_dict = self._gathered_state_dict()
+            if self.args.should_save:
+                self._save(os.path.join(output_dir, ADAPTER_DIRNAME), state_dict=state_dict)
+                merged_from_state_dict(self.model, state_dict).save_pretrained(output_dir)
+                self.processing_class.save_pretrained(output_dir)
+        elif is_lora_model(self.model):
             super().save_model(os.path.join(output_dir, ADAPTER_DIRNAME), _internal_call=True)
             if self.args.should_save:
                 merged_copy(self.model).save_pretrained(output_dir)
                 self.processing_class.save_pretrained(output_dir)
         elif self._saves_sharded_state_dict():
-            # transformers' final save of a SHARDED_STATE_DICT run writes each process's shard again, which
-            # `from_pretrained` cannot read: the final folder gets the full state dict, gathered from every process
-            # (each takes part in the gather; the main process writes it).
-            state_dict = self.accelerator.get_state_dict(self.model)
-            if self.args.should_save:
-                self._save(output_dir, state_dict=state_dict)
+            self._save_gathered(output_dir)
         else:
             super().save_model(output_dir, _internal_call=True)
         if not self.args.should_save:
@@ -944,6 +949,24 @@ class CLIPContrastiveTrainer(Trainer):
             self.push_to_hub(commit_message="Upload model trained with clip-trainer", revision=self.args.hub_revision)
         else:
             self.create_model_card()
+
+    def _gathered_state_dict(self) -> dict[str, torch.Tensor]:
+        """The full state dict of a model FSDP shards, gathered from every process (each must call this; the main
+        process gets the tensors), with the shapes the model's config builds."""
+        state_dict = self.accelerator.get_state_dict(self.model)
+        # Named as in the model prepared (a LoRA model's merge drops peft's `base_model.model.` prefix).
+        for key, value in state_dict.items():
+            if any(name == key or name.endswith(f".{key}") for name in self._fsdp_scalar_parameters):
+                state_dict[key] = value.reshape(())
+        return state_dict
+
+    def _save_gathered(self, output_dir: str) -> None:
+        """The final save of a SHARDED_STATE_DICT run. transformers' writes nothing there (its FSDP branch saves only
+        full state dicts), and a sharded folder is not one `from_pretrained` reads: the folder gets the full state
+        dict (the main process writes it). For a LoRA model, peft's `save_pretrained` keeps the adapter's weights."""
+        state_dict = self._gathered_state_dict()
+        if self.args.should_save:
+            self._save(output_dir, state_dict=state_dict)
 
     def _saves_sharded_state_dict(self) -> bool:
         """Whether the run's checkpoints are FSDP's sharded state dicts (`fsdp_config` `state_dict_type`)."""
@@ -1005,6 +1028,12 @@ class CLIPContrastiveTrainer(Trainer):
         interpolated (WiSE-FT) and saved afterwards is then exactly the model `from_pretrained` loads. A no-op for a
         model without LoRA."""
         if not is_lora_model(self.model):
+            return
+        if self.is_fsdp_enabled:
+            # A sharded model cannot be merged in place: the merged model's own weights would stay sharded outside
+            # FSDP's units. It goes on with its adapters, which compute the same, and the final save merges a whole
+            # copy (and writes the adapter).
+            logger.info("LoRA under FSDP: the adapters stay unmerged until the final save merges a gathered copy.")
             return
         super().save_model(os.path.join(self.args.output_dir, ADAPTER_DIRNAME), _internal_call=True)
         merged = self.model.merge_and_unload()
@@ -1411,3 +1440,25 @@ def _row_relations(
         relations["hard_negatives"] = hard_negatives
         relations["hard_negative_valid"] = hard_negative_valid
     return relations
+
+
+def _prepare_for_fsdp2(model: torch.nn.Module) -> list[str]:
+    """Makes a model wrappable by accelerate's FSDP2 (1.16, torch 2.13); returns the names of the parameters it
+    reshaped, which the final save turns back.
+
+    - `fully_shard` refuses 0-dimensional parameters, and CLIP keeps `logit_scale` as one: each becomes shape `(1,)`
+      in place (the same parameter object, so the optimizer groups and the towers' locks still hold it). The model's
+      forward broadcasts it as before, and the loss reads it as a scalar whatever its shape.
+    - accelerate puts `model.get_input_embeddings()` in a sharding unit of its own (for a language model's embedding
+      and head). A two-tower model has two input embeddings, one per tower: CLIP raises `NotImplementedError` there,
+      and SigLIP answers with its text tower's token embedding, whose parent module (`SiglipTextEmbeddings`, one of
+      its `_no_split_modules`) accelerate has sharded already, and sharding it again fails. This model answers
+      "none", which leaves each tower's embeddings in its tower's units.
+    """
+    reshaped = []
+    for name, parameter in model.named_parameters():
+        if parameter.dim() == 0:
+            parameter.data = parameter.data.reshape(1)
+            reshaped.append(name)
+    model.get_input_embeddings = lambda: None
+    return reshaped

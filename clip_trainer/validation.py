@@ -7,13 +7,16 @@ one line that names the key and the fix.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers.trainer_utils import IntervalStrategy
 
 from .arguments import CLIPTrainingArguments, DataArguments, ModelArguments
 from .config_files import did_you_mean
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def check_arguments(
@@ -319,6 +322,13 @@ def _check_fine_tuning(model_args: ModelArguments | None, args: CLIPTrainingArgu
             )
 
 
+def accelerate_shards_on(device: torch.device) -> bool:
+    """Whether accelerate's FSDP shards a model on `device`. accelerate (1.16) turns FSDP on for GPUs and other
+    accelerators only: on the CPU it keeps the plugin unused and wraps the model in DDP, so the run would train whole
+    copies while the user believes them sharded. (The tests' CPU launcher teaches accelerate to shard there too.)"""
+    return device.type != "cpu"
+
+
 def _check_sharding(args: CLIPTrainingArguments) -> None:
     """Activation checkpointing, FSDP and DeepSpeed against the features that need whole weights or a fixed graph."""
     checkpointing = getattr(args, "activation_checkpointing", None) or args.gradient_checkpointing
@@ -331,9 +341,14 @@ def _check_sharding(args: CLIPTrainingArguments) -> None:
     ]
     if args.ddp_find_unused_parameters:
         locks.append("ddp_find_unused_parameters")
-    if args.fsdp and args.device.type == "cpu":
-        # accelerate turns FSDP on for GPUs (and other accelerators) only: on the CPU it keeps the plugin unused and
-        # wraps the model in DDP, so the run would train whole copies while the user believes them sharded.
+    exports = [key for key in ("export_onnx", "save_open_clip") if getattr(args, key, False)]
+    if exports and (args.fsdp or args.deepspeed):
+        command = "export-onnx" if exports[0] == "export_onnx" else "export-open-clip"
+        raise ConfigError(
+            f"`{exports[0]}` exports the model from one process, but FSDP and DeepSpeed shard it across processes; "
+            f"drop it, and export the saved folder afterwards: `clip-trainer {command} {args.output_dir}`."
+        )
+    if args.fsdp and not accelerate_shards_on(args.device):
         raise ConfigError(
             "`fsdp` is set, but this run is on the CPU, where accelerate does not shard (it would train whole copies "
             "with DDP); drop `fsdp` and `fsdp_config` to train on the CPU, or run on GPUs."

@@ -1,19 +1,31 @@
-"""FSDP and DeepSpeed through the Trainer's options: what clip-trainer refuses up front, in one line.
+"""FSDP through the Trainer's options, run on the CPU.
 
-accelerate turns FSDP on for GPUs (and other accelerators) only: on the CPU it leaves the FSDP plugin unused and wraps
-the model in DDP, so a CPU run with `fsdp` would train whole copies of the model while its user believes it sharded.
-clip-trainer refuses it before any data is read. (FSDP itself runs on the CPU with gloo, but not through accelerate.)
+accelerate (1.16) turns FSDP on for GPUs and other accelerators only: on the CPU it leaves the FSDP plugin unused and
+wraps the model in DDP, so a CPU run with `fsdp` would train whole copies of the model while its user believes it
+sharded. clip-trainer refuses that run before any data is read. `torch.distributed.fsdp.fully_shard` itself runs on the
+CPU with gloo, so the slow tests below launch `tests/fsdp_on_cpu.py` under `torchrun`: `run_clip.py` with accelerate
+taught to take the plugin on the CPU too. Everything else (accelerate's FSDP2 wrapping, the sharded checkpoints, the
+gathered final save) is what a GPU run goes through; each FSDP run is checked against the same run under DDP, step
+by step, and in the weights it saves.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import set_option
 
 from clip_trainer import CLIPTrainingArguments, DataArguments, run
+from clip_trainer.callbacks import all_finite
+from clip_trainer.checkpoints import checkpoint_problems
 from clip_trainer.errors import ConfigError
 from clip_trainer.validation import check_training_arguments
 
@@ -74,3 +86,213 @@ def test_final_save_of_a_sharded_fsdp_run_is_a_full_model(base_args, tiny_clip_d
     saved = CLIPModel.from_pretrained(tmp_path / "out")
     assert saved.logit_scale.item() == pytest.approx(1.25)
     assert not any(path.name.startswith("pytorch_model_fsdp") for path in (tmp_path / "out").iterdir())
+
+
+def test_an_export_under_fsdp_is_refused_with_the_command_that_exports_afterwards(base_args, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(
+        ConfigError, match=r"`export_onnx` exports the model from one process.*clip-trainer export-onnx"
+    ):
+        run.main([str(FSDP_CONFIG), *base_args, "--export_onnx", "true"])
+    with pytest.raises(ConfigError, match=r"`save_open_clip`.*clip-trainer export-open-clip"):
+        run.main([str(FSDP_CONFIG), *base_args, "--save_open_clip", "true"])
+
+
+def test_a_model_prepared_for_fsdp2_computes_what_it_did():
+    """`fully_shard` refuses CLIP's 0-dimensional `logit_scale`: it becomes `(1,)` in place (the same parameter, so the
+    optimizer groups and the towers' locks still hold it), and the model's logits do not change."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from clip_trainer.trainer import _prepare_for_fsdp2
+
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=8),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=16, patch_size=8),
+        projection_dim=8,
+    )  # fmt: skip
+    model = CLIPModel(config).eval()
+    inputs = dict(input_ids=torch.randint(0, 50, (3, 8)), pixel_values=torch.randn(2, 3, 16, 16))
+    before = model(**inputs).logits_per_image
+    scale = model.logit_scale
+    assert _prepare_for_fsdp2(model) == ["logit_scale"]
+    assert model.logit_scale is scale and scale.shape == (1,) and scale.requires_grad
+    assert model.get_input_embeddings() is None  # each tower's embeddings stay in its tower's sharding units
+    assert torch.equal(model(**inputs).logits_per_image, before)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Two processes under torchrun: FSDP against DDP
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _torchrun(script: Path, args: list[str]) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script), *args,
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-5000:]}"
+    return result
+
+
+def _fsdp(args: list[str]) -> None:
+    _torchrun(REPO / "tests" / "fsdp_on_cpu.py", [str(FSDP_CONFIG), *args])
+
+
+def _ddp(args: list[str]) -> None:
+    _torchrun(REPO / "run_clip.py", args)
+
+
+def _logged(out: Path, key: str) -> list[float]:
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    return [entry[key] for entry in history if key in entry]
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(path)
+
+
+def _assert_same_weights(path: Path, reference: Path, atol: float) -> None:
+    weights, expected = _weights(path), _weights(reference)
+    assert weights.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert weights[name].shape == tensor.shape, name  # `logit_scale` back to a scalar
+        torch.testing.assert_close(weights[name], tensor, atol=atol, rtol=0, msg=name)
+
+
+def _two_process_args(base_args: list[str], out: Path, *extra: str) -> list[str]:
+    args = set_option(base_args, "output_dir", str(out))
+    for name, value in (("per_device_train_batch_size", "4"), ("max_steps", "4"), ("logging_steps", "1")):
+        args = set_option(args, name, value)
+    return [*args, "--ddp_backend", "gloo", *extra]
+
+
+# What each case adds to a 4-step run of two processes with 4 pairs each.
+FSDP_CASES = {
+    # Cached accumulation, partial locking, evaluation gathered across processes, sharded checkpoints.
+    "accumulated_locked_evaluated": [
+        "--gradient_accumulation_steps", "2", "--vision_trainable_layers", "1",
+        "--validation_split_percentage", "25", "--eval_strategy", "steps", "--eval_steps", "2",
+        "--save_strategy", "steps", "--save_steps", "2",
+    ],
+    # A frozen tower unfrozen mid-run, activation checkpointing, layer-wise learning rates.
+    "unfrozen_checkpointed_layerwise": [
+        "--freeze_vision_model", "true", "--unfreeze_after_steps", "2", "--gradient_checkpointing", "true",
+        "--layerwise_lr_decay", "0.8",
+    ],
+    # LoRA: evaluated with its adapters, saved merged (from the gathered weights) and as an adapter.
+    "lora": ["--lora_rank", "4", "--validation_split_percentage", "25"],
+}  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [*FSDP_CASES, "siglip"])
+def test_fsdp_trains_evaluates_and_saves_as_ddp_does(case, base_args, tiny_siglip_run, tmp_path):
+    from transformers import AutoModel
+
+    extra = FSDP_CASES.get(case, [])
+    if case == "siglip":  # the sigmoid loss, with its learned `logit_bias`
+        base_args = set_option(base_args, "model_name_or_path", str(tiny_siglip_run))
+    _fsdp(_two_process_args(base_args, tmp_path / "fsdp", *extra))
+    _ddp(_two_process_args(base_args, tmp_path / "ddp", *extra))
+
+    fsdp, ddp = tmp_path / "fsdp", tmp_path / "ddp"
+    assert _logged(fsdp, "loss") == pytest.approx(_logged(ddp, "loss"), rel=1e-4)
+    assert len(_logged(fsdp, "loss")) == 4
+    for key in ("eval_loss", "eval_t2i_recall@1", "eval_i2t_recall@5"):
+        assert _logged(fsdp, key) == pytest.approx(_logged(ddp, key), rel=1e-4, abs=1e-6), key
+    _assert_same_weights(fsdp / "model.safetensors", ddp / "model.safetensors", atol=1e-5)
+    AutoModel.from_pretrained(fsdp)  # a folder `from_pretrained` loads, not shards
+    if case == "lora":
+        _assert_same_weights(fsdp / "adapter" / "adapter_model.safetensors",
+                             ddp / "adapter" / "adapter_model.safetensors", atol=1e-5)  # fmt: skip
+    if "--save_steps" in extra:
+        for step in (2, 4):
+            checkpoint = fsdp / f"checkpoint-{step}"
+            assert (checkpoint / "pytorch_model_fsdp_0" / ".metadata").is_file()  # sharded, one shard per process
+            assert checkpoint_problems(str(checkpoint)) == []
+
+
+@pytest.mark.slow
+def test_fsdp_resumes_from_a_sharded_checkpoint_where_the_uninterrupted_run_ends(base_args, tmp_path):
+    extra = ["--save_strategy", "steps", "--save_steps", "2", "--gradient_accumulation_steps", "2"]
+    _fsdp(_two_process_args(base_args, tmp_path / "whole", *extra))
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(tmp_path / "whole" / "checkpoint-2", resumed / "checkpoint-2")
+    _fsdp(_two_process_args(base_args, resumed, *extra, "--resume_from_checkpoint", "true"))
+    assert _logged(resumed, "loss")[-2:] == pytest.approx(_logged(tmp_path / "whole", "loss")[-2:], rel=1e-5)
+    _assert_same_weights(resumed / "model.safetensors", tmp_path / "whole" / "model.safetensors", atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The pieces FSDP changes: sharded checkpoints, empty gradient shards, replaced parameter objects
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _sharded_checkpoint(folder: Path) -> Path:
+    """A checkpoint folder in the layout an FSDP run with SHARDED_STATE_DICT writes (one process's worth)."""
+    import torch.distributed.checkpoint as dcp
+
+    folder.mkdir()
+    dcp.save(
+        {"weight": torch.arange(4000.0), "bias": torch.ones(3)}, checkpoint_id=str(folder / "pytorch_model_fsdp_0")
+    )
+    dcp.save({"state": {"weight": torch.zeros(4000)}}, checkpoint_id=str(folder / "optimizer_0"))
+    torch.save({"last_epoch": 2}, folder / "scheduler.pt")
+    torch.save({"python": 0}, folder / "rng_state_0.pth")
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": 2}))
+    return folder
+
+
+def test_a_sharded_checkpoint_is_complete_until_a_shard_is_cut_short_or_its_metadata_is_missing(tmp_path):
+    checkpoint = _sharded_checkpoint(tmp_path / "checkpoint-2")
+    assert checkpoint_problems(str(checkpoint)) == []
+
+    shard = next((checkpoint / "pytorch_model_fsdp_0").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])  # a process killed while writing its shard
+    assert checkpoint_problems(str(checkpoint)) == [f"pytorch_model_fsdp_0/{shard.name} is missing or cut short"]
+
+    (checkpoint / "optimizer_0" / ".metadata").unlink()  # written last: the save never finished
+    assert "optimizer_0/.metadata is missing" in checkpoint_problems(str(checkpoint))
+
+
+def test_an_empty_gradient_shard_is_finite():
+    """FSDP2 leaves a process an empty shard of a parameter with fewer elements than processes (`logit_scale`)."""
+    assert all_finite([torch.ones(3), torch.empty(0)]).item()
+    assert not all_finite([torch.tensor([1.0, float("nan")]), torch.empty(0)]).item()
+    assert all_finite([torch.empty(0)]).item()
+
+
+def test_the_trainable_parameter_policy_holds_for_the_parameters_fsdp2_puts_in_place(tiny_clip_dir):
+    """FSDP2 replaces every parameter object with a sharded one and keeps the names: the policy (partial locking,
+    frozen towers) must apply to the new objects as to the old."""
+    from transformers import CLIPModel
+
+    from clip_trainer.trainable import TrainableParameters
+
+    model = CLIPModel.from_pretrained(tiny_clip_dir)
+    policy = TrainableParameters(model, frozen_towers=["text"], unfreeze_after_steps=3, trainable_layers={"vision": 1})
+    for module in model.modules():  # what `fully_shard` does: new parameter objects under the same names
+        for name, parameter in list(module.named_parameters(recurse=False)):
+            setattr(module, name, torch.nn.Parameter(parameter.detach().clone()))
+    policy.apply(model, step=0)
+    trains = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    assert "vision_model.encoder.layers.1.mlp.fc1.weight" in trains  # the top layer of the locked tower trains
+    assert "vision_model.encoder.layers.0.mlp.fc1.weight" not in trains  # the layers below it do not
+    assert not any(name.startswith("text_model.") for name in trains)  # the frozen tower
+    policy.apply(model, step=3)
+    trains = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    assert "text_model.encoder.layers.0.mlp.fc1.weight" in trains  # unfrozen at its step
