@@ -145,8 +145,8 @@ def _torchrun(script: Path, args: list[str]) -> subprocess.CompletedProcess:
     return result
 
 
-def _fsdp(args: list[str]) -> None:
-    _torchrun(REPO / "tests" / "fsdp_on_cpu.py", [str(FSDP_CONFIG), *args])
+def _fsdp(args: list[str], config: Path = FSDP_CONFIG) -> None:
+    _torchrun(REPO / "tests" / "fsdp_on_cpu.py", [str(config), *args])
 
 
 def _ddp(args: list[str]) -> None:
@@ -187,7 +187,8 @@ FSDP_CASES = {
         "--validation_split_percentage", "25", "--eval_strategy", "steps", "--eval_steps", "2",
         "--save_strategy", "steps", "--save_steps", "2",
     ],
-    # A frozen tower unfrozen mid-run, activation checkpointing, layer-wise learning rates.
+    # A frozen tower unfrozen mid-run, activation checkpointing, layer-wise learning rates; the weights loaded by
+    # the main process only and sent to the other (`cpu_ram_efficient_loading`).
     "unfrozen_checkpointed_layerwise": [
         "--freeze_vision_model", "true", "--unfreeze_after_steps", "2", "--gradient_checkpointing", "true",
         "--layerwise_lr_decay", "0.8",
@@ -205,7 +206,13 @@ def test_fsdp_trains_evaluates_and_saves_as_ddp_does(case, base_args, tiny_sigli
     extra = FSDP_CASES.get(case, [])
     if case == "siglip":  # the sigmoid loss, with its learned `logit_bias`
         base_args = set_option(base_args, "model_name_or_path", str(tiny_siglip_run))
-    _fsdp(_two_process_args(base_args, tmp_path / "fsdp", *extra))
+    config = FSDP_CONFIG
+    if case == "unfrozen_checkpointed_layerwise":
+        settings = json.loads(FSDP_CONFIG.read_text())
+        settings["fsdp_config"]["cpu_ram_efficient_loading"] = True
+        config = tmp_path / "fsdp-loaded-once.json"
+        config.write_text(json.dumps(settings))
+    _fsdp(_two_process_args(base_args, tmp_path / "fsdp", *extra), config)
     _ddp(_two_process_args(base_args, tmp_path / "ddp", *extra))
 
     fsdp, ddp = tmp_path / "fsdp", tmp_path / "ddp"
