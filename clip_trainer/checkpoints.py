@@ -43,6 +43,9 @@ EMA_WEIGHTS_NAME = "ema.safetensors"
 # two `torch.distributed.checkpoint` folders; with `FULL_STATE_DICT`, two `torch.save` files.
 FSDP_SHARDED_FOLDERS = ("pytorch_model_fsdp_0", "optimizer_0")
 FSDP_FULL_FILES = ("pytorch_model_fsdp.bin", "optimizer.bin")
+# A DeepSpeed run's checkpoint: `latest` names the engine's folder (`global_stepN`), which holds the model's states and
+# one file of optimizer states per process.
+DEEPSPEED_LATEST = "latest"
 
 
 def _safetensors_problem(path: str) -> str | None:
@@ -103,8 +106,29 @@ def _distributed_checkpoint_problem(path: str) -> str | None:
     return None
 
 
+def _deepspeed_problems(folder: str) -> list[str]:
+    """What is wrong with the DeepSpeed engine's part of a checkpoint: the folder `latest` names, its model states,
+    and one optimizer-state file per process (as many as the checkpoint's `rng_state_<rank>.pth`)."""
+    with open(os.path.join(folder, DEEPSPEED_LATEST), encoding="utf-8") as handle:
+        tag = handle.read().strip()
+    engine = os.path.join(folder, tag)
+    if not tag or not os.path.isdir(engine):
+        return [f"{DEEPSPEED_LATEST} names {tag!r}, which is missing"]
+    problems = [
+        p for name in ("mp_rank_00_model_states.pt",) if (p := _torch_file_problem(os.path.join(engine, name)))
+    ]
+    optimizer_files = sorted(name for name in os.listdir(engine) if name.endswith("_optim_states.pt"))
+    processes = len([name for name in os.listdir(folder) if re.fullmatch(r"rng_state(_\d+)?\.pth", name)])
+    if len(optimizer_files) < processes:
+        problems.append(f"{tag}/ holds the optimizer states of {len(optimizer_files)} of {processes} processes")
+    problems.extend(f"{tag}/{p}" for name in optimizer_files if (p := _torch_file_problem(os.path.join(engine, name))))
+    return problems
+
+
 def _model_and_optimizer_problems(folder: str) -> list[str]:
     """The weights and the optimizer state, in whichever layout the run saved them."""
+    if os.path.isfile(os.path.join(folder, DEEPSPEED_LATEST)):
+        return _deepspeed_problems(folder)
     if os.path.isdir(os.path.join(folder, FSDP_SHARDED_FOLDERS[0])):
         return [
             p for name in FSDP_SHARDED_FOLDERS if (p := _distributed_checkpoint_problem(os.path.join(folder, name)))
@@ -152,9 +176,9 @@ def checkpoint_problems(folder: str) -> list[str]:
     checked cheaply: the safetensors headers (single file, or index and every shard, and `ema.safetensors` when there
     is one), the zip directory of each `torch.save` file, and that `trainer_state.json` parses.
 
-    The layouts checked are the Trainer's for one process or DDP, LoRA's, and FSDP's (sharded: each
-    `torch.distributed.checkpoint` folder's metadata and the bytes it points to; full: the two `torch.save` files).
-    DeepSpeed checkpoints store the model and optimizer differently and are reported as incomplete.
+    The layouts checked are the Trainer's for one process or DDP, LoRA's, FSDP's (sharded: each
+    `torch.distributed.checkpoint` folder's metadata and the bytes it points to; full: the two `torch.save` files),
+    and DeepSpeed's (the engine's folder that `latest` names, with every process's optimizer states).
     """
     problems = []
     state_path = os.path.join(folder, TRAINER_STATE_NAME)

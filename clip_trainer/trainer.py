@@ -310,8 +310,10 @@ class CLIPContrastiveTrainer(Trainer):
                 # TensorBoard's folder is chosen at `on_train_begin`; an evaluation-only run never gets there and its
                 # writer would default to ./runs in the working folder. Events go into output_dir/runs either way.
                 callback.logging_dir = os.path.join(args.output_dir, default_logdir())
-        # FSDP2 shards what the Trainer prepares; two things in these models stop its wrapping (see the function).
-        self._fsdp_scalar_parameters = _prepare_for_fsdp2(self.model) if self.is_fsdp_enabled else []
+        # FSDP2 and DeepSpeed shard what the Trainer prepares; what in these models stops them (see the function).
+        self._scalar_parameters = []
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            self._scalar_parameters = _prepare_for_sharding(self.model, fsdp=self.is_fsdp_enabled)
         # --- loss -----------------------------------------------------------------------------------------------------
         # The loss is ours: the model is never asked for one.
         self.model_accepts_loss_kwargs = False
@@ -546,12 +548,21 @@ class CLIPContrastiveTrainer(Trainer):
         model = self.model
         no_decay = no_weight_decay_parameter_names(model)
         named = list(model.named_parameters())
+        if self.is_deepspeed_enabled:
+            # DeepSpeed's ZeRO optimizer takes the parameters that train when it starts and no others, fails on a
+            # group left without any, and would apply weight decay to a locked parameter it holds (its gradient is
+            # zeros there, not missing). It gets those the policy trains at step 0 (a tower unfrozen later is refused
+            # with DeepSpeed).
+            self.trainable_parameters.apply(model, step=0)
+            named = [(name, parameter) for name, parameter in named if parameter.requires_grad]
         groups = [
             {"params": [p for n, p in named if n not in no_decay], "weight_decay": self.args.weight_decay},
             {"params": [p for n, p in named if n in no_decay], "weight_decay": 0.0},
         ]
         if self.args.layerwise_lr_decay is not None:
             groups = self._layerwise_groups(groups)
+        elif self.is_deepspeed_enabled:
+            groups = [group for group in groups if group["params"]]
         if self.args.optim == "adam":
             optimizer_cls = torch.optim.Adam
             optimizer_kwargs = {
@@ -917,9 +928,9 @@ class CLIPContrastiveTrainer(Trainer):
                 self.ema_callback.save(output_dir)
             return
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if is_lora_model(self.model) and self.is_fsdp_enabled:
-            # Sharded weights are whole only once gathered: the adapter and the merged model come from the full
-            # state dict, merged into a fresh copy on the main process.
+        if is_lora_model(self.model) and (self.is_fsdp_enabled or self.is_deepspeed_enabled):
+            # Sharded weights are whole only once gathered (and DeepSpeed's engine holds the model): the adapter and
+            # the merged model come from the full state dict, merged into a fresh copy on the main process.
             state_dict = self._gathered_state_dict()
             if self.args.should_save:
                 self._save(os.path.join(output_dir, ADAPTER_DIRNAME), state_dict=state_dict)
@@ -951,14 +962,23 @@ class CLIPContrastiveTrainer(Trainer):
             self.create_model_card()
 
     def _gathered_state_dict(self) -> dict[str, torch.Tensor]:
-        """The full state dict of a model FSDP shards, gathered from every process (each must call this; the main
-        process gets the tensors), with the shapes the model's config builds."""
-        state_dict = self.accelerator.get_state_dict(self.model)
-        # Named as in the model prepared (a LoRA model's merge drops peft's `base_model.model.` prefix).
+        """The full state dict of a model FSDP or DeepSpeed shards, gathered from every process (each must call this;
+        the main process gets the tensors), with the shapes the model's config builds."""
+        return self._with_scalars_restored(self.accelerator.get_state_dict(self.model))
+
+    def _with_scalars_restored(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`state_dict` with the parameters `_prepare_for_sharding` reshaped back to scalars, as the config builds
+        them. Named as in the model prepared (a LoRA model's merge drops peft's `base_model.model.` prefix)."""
         for key, value in state_dict.items():
-            if any(name == key or name.endswith(f".{key}") for name in self._fsdp_scalar_parameters):
+            if value.dim() == 1 and any(name == key or name.endswith(f".{key}") for name in self._scalar_parameters):
                 state_dict[key] = value.reshape(())
         return state_dict
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        # Under DeepSpeed, transformers' own saves pass the state dict gathered from the engine.
+        if state_dict is not None and self._scalar_parameters:
+            state_dict = self._with_scalars_restored(state_dict)
+        super()._save(output_dir, state_dict=state_dict)
 
     def _save_gathered(self, output_dir: str) -> None:
         """The final save of a SHARDED_STATE_DICT run. transformers' writes nothing there (its FSDP branch saves only
@@ -1029,11 +1049,11 @@ class CLIPContrastiveTrainer(Trainer):
         model without LoRA."""
         if not is_lora_model(self.model):
             return
-        if self.is_fsdp_enabled:
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
             # A sharded model cannot be merged in place: the merged model's own weights would stay sharded outside
-            # FSDP's units. It goes on with its adapters, which compute the same, and the final save merges a whole
-            # copy (and writes the adapter).
-            logger.info("LoRA under FSDP: the adapters stay unmerged until the final save merges a gathered copy.")
+            # FSDP's units, and DeepSpeed's engine holds (and saves) the model it was given. It goes on with its
+            # adapters, which compute the same, and the final save merges a whole copy (and writes the adapter).
+            logger.info("LoRA under FSDP or DeepSpeed: the adapters stay unmerged until the final save merges a copy.")
             return
         super().save_model(os.path.join(self.args.output_dir, ADAPTER_DIRNAME), _internal_call=True)
         merged = self.model.merge_and_unload()
@@ -1442,23 +1462,25 @@ def _row_relations(
     return relations
 
 
-def _prepare_for_fsdp2(model: torch.nn.Module) -> list[str]:
-    """Makes a model wrappable by accelerate's FSDP2 (1.16, torch 2.13); returns the names of the parameters it
-    reshaped, which the final save turns back.
+def _prepare_for_sharding(model: torch.nn.Module, fsdp: bool) -> list[str]:
+    """Makes a model wrappable by accelerate's FSDP2 and DeepSpeed (accelerate 1.16, torch 2.13, DeepSpeed 0.19);
+    returns the names of the parameters it reshaped, which the saves turn back.
 
-    - `fully_shard` refuses 0-dimensional parameters, and CLIP keeps `logit_scale` as one: each becomes shape `(1,)`
-      in place (the same parameter object, so the optimizer groups and the towers' locks still hold it). The model's
-      forward broadcasts it as before, and the loss reads it as a scalar whatever its shape.
-    - accelerate puts `model.get_input_embeddings()` in a sharding unit of its own (for a language model's embedding
-      and head). A two-tower model has two input embeddings, one per tower: CLIP raises `NotImplementedError` there,
-      and SigLIP answers with its text tower's token embedding, whose parent module (`SiglipTextEmbeddings`, one of
-      its `_no_split_modules`) accelerate has sharded already, and sharding it again fails. This model answers
-      "none", which leaves each tower's embeddings in its tower's units.
+    - `fully_shard` refuses 0-dimensional parameters, and DeepSpeed's broadcast of the weights cannot view one as
+      bytes; CLIP keeps `logit_scale` as one. Each becomes shape `(1,)` in place (the same parameter object, so the
+      optimizer groups and the towers' locks still hold it). The model's forward broadcasts it as before, and the
+      loss reads it as a scalar whatever its shape.
+    - FSDP: accelerate puts `model.get_input_embeddings()` in a sharding unit of its own (for a language model's
+      embedding and head). A two-tower model has two input embeddings, one per tower: CLIP raises
+      `NotImplementedError` there, and SigLIP answers with its text tower's token embedding, whose parent module
+      (`SiglipTextEmbeddings`, one of its `_no_split_modules`) accelerate has sharded already, and sharding it again
+      fails. This model answers "none", which leaves each tower's embeddings in its tower's units.
     """
     reshaped = []
     for name, parameter in model.named_parameters():
         if parameter.dim() == 0:
             parameter.data = parameter.data.reshape(1)
             reshaped.append(name)
-    model.get_input_embeddings = lambda: None
+    if fsdp:
+        model.get_input_embeddings = lambda: None
     return reshaped

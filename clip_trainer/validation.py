@@ -323,9 +323,10 @@ def _check_fine_tuning(model_args: ModelArguments | None, args: CLIPTrainingArgu
 
 
 def accelerate_shards_on(device: torch.device) -> bool:
-    """Whether accelerate's FSDP shards a model on `device`. accelerate (1.16) turns FSDP on for GPUs and other
-    accelerators only: on the CPU it keeps the plugin unused and wraps the model in DDP, so the run would train whole
-    copies while the user believes them sharded. (The tests' CPU launcher teaches accelerate to shard there too.)"""
+    """Whether accelerate's FSDP and DeepSpeed shard a model on `device`. accelerate (1.16) turns FSDP on for GPUs
+    and other accelerators only: on the CPU it keeps the plugin unused and wraps the model in DDP, so the run would
+    train whole copies while the user believes them sharded. DeepSpeed it leaves out with `use_cpu`, and without it
+    counts one process where there are several. (The tests' CPU launchers teach accelerate both.)"""
     return device.type != "cpu"
 
 
@@ -352,6 +353,27 @@ def _check_sharding(args: CLIPTrainingArguments) -> None:
         raise ConfigError(
             "`fsdp` is set, but this run is on the CPU, where accelerate does not shard (it would train whole copies "
             "with DDP); drop `fsdp` and `fsdp_config` to train on the CPU, or run on GPUs."
+        )
+    if args.deepspeed and not accelerate_shards_on(args.device):
+        raise ConfigError(
+            "`deepspeed` is set, but this run is on the CPU, where accelerate does not run DeepSpeed (it would train "
+            "whole copies, or count one process of several); drop `deepspeed` to train on the CPU, or run on GPUs."
+        )
+    if args.deepspeed and args.unfreeze_after_steps is not None:
+        raise ConfigError(
+            "`unfreeze_after_steps` unfreezes a tower mid-run, but DeepSpeed takes the parameters that train when it "
+            "starts and no others; drop `unfreeze_after_steps` (the tower stays frozen for the run), or train with "
+            "DDP or FSDP."
+        )
+    deepspeed_config = getattr(args, "hf_deepspeed_config", None)
+    if deepspeed_config is not None and deepspeed_config.is_zero3():
+        # transformers builds a ZeRO-3 model inside `deepspeed.zero.Init`, which partitions each parameter as it is
+        # made and cannot broadcast a 0-dimensional one (CLIP's `logit_scale`); parameters read outside the forward
+        # (the temperature, the towers' locks) would also need gathering. Untested, so refused.
+        raise ConfigError(
+            "The DeepSpeed config asks for ZeRO stage 3, which clip-trainer does not support (CLIP's scalar "
+            "`logit_scale` cannot be partitioned as the model is built); use ZeRO stage 2, or FSDP to shard the "
+            "weights too (configs/fsdp.json)."
         )
     if reentrant and args.world_size > 1 and not (args.fsdp or args.deepspeed) and locks:
         # DDP looks for the parameters a step leaves unused (frozen, locked) after the backward, and a reentrant

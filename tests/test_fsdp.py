@@ -103,7 +103,7 @@ def test_a_model_prepared_for_fsdp2_computes_what_it_did():
     optimizer groups and the towers' locks still hold it), and the model's logits do not change."""
     from transformers import CLIPConfig, CLIPModel
 
-    from clip_trainer.trainer import _prepare_for_fsdp2
+    from clip_trainer.trainer import _prepare_for_sharding
 
     torch.manual_seed(0)
     config = CLIPConfig(
@@ -117,7 +117,7 @@ def test_a_model_prepared_for_fsdp2_computes_what_it_did():
     inputs = dict(input_ids=torch.randint(0, 50, (3, 8)), pixel_values=torch.randn(2, 3, 16, 16))
     before = model(**inputs).logits_per_image
     scale = model.logit_scale
-    assert _prepare_for_fsdp2(model) == ["logit_scale"]
+    assert _prepare_for_sharding(model, fsdp=True) == ["logit_scale"]
     assert model.logit_scale is scale and scale.shape == (1,) and scale.requires_grad
     assert model.get_input_embeddings() is None  # each tower's embeddings stay in its tower's sharding units
     assert torch.equal(model(**inputs).logits_per_image, before)
