@@ -11,17 +11,20 @@ the weights it saves.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import socket
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import set_option
+from conftest import drop_option
+from sharded_runs import (
+    assert_resumes_where_the_whole_run_ends,
+    assert_same_weights,
+    logged,
+    torchrun,
+    two_process_args,
+)
 
 from clip_trainer import CLIPTrainingArguments, DataArguments
 from clip_trainer.checkpoints import checkpoint_problems
@@ -53,54 +56,15 @@ def test_deepspeed_on_the_cpu_a_tower_unfrozen_later_and_zero3_are_refused(tmp_p
         check_training_arguments(DataArguments(), args)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _torchrun(python: Path, script: Path, args: list[str]) -> None:
-    command = [
-        str(python), "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script), *args,
-    ]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    env["DS_ACCELERATOR"] = "cpu"
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-5000:]}"
-
-
 def _deepspeed(args: list[str]) -> None:
     if not DEEPSPEED_PYTHON.exists():
         pytest.skip("no .venv-deepspeed (made by .ci/run: torch==2.13.0, clip-trainer's [dev,lora,deepspeed] extras)")
-    _torchrun(DEEPSPEED_PYTHON, REPO / "tests" / "deepspeed_on_cpu.py", [*args, "--deepspeed", str(ZERO2_CONFIG)])
+    args = [*drop_option(args, "use_cpu"), "--deepspeed", str(ZERO2_CONFIG)]  # DeepSpeed's run finds the CPU itself
+    torchrun(DEEPSPEED_PYTHON, REPO / "tests" / "deepspeed_on_cpu.py", args, DS_ACCELERATOR="cpu")
 
 
 def _ddp(args: list[str]) -> None:
-    _torchrun(Path(sys.executable), REPO / "run_clip.py", [*args, "--use_cpu", "true"])
-
-
-def _logged(out: Path, key: str) -> list[float]:
-    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
-    return [entry[key] for entry in history if key in entry]
-
-
-def _assert_same_weights(path: Path, reference: Path, atol: float) -> None:
-    from safetensors.torch import load_file
-
-    weights, expected = load_file(path), load_file(reference)
-    assert weights.keys() == expected.keys()
-    for name, tensor in expected.items():
-        assert weights[name].shape == tensor.shape, name  # `logit_scale` back to a scalar
-        torch.testing.assert_close(weights[name], tensor, atol=atol, rtol=0, msg=name)
-
-
-def _two_process_args(base_args: list[str], out: Path, *extra: str) -> list[str]:
-    args = set_option(base_args, "output_dir", str(out))
-    for name, value in (("per_device_train_batch_size", "4"), ("max_steps", "4"), ("logging_steps", "1")):
-        args = set_option(args, name, value)
-    args = [arg for arg in args if arg not in ("--use_cpu", "true")]  # DeepSpeed's run finds the CPU itself
-    return [*args, "--ddp_backend", "gloo", *extra]
+    torchrun(sys.executable, REPO / "run_clip.py", args)
 
 
 DEEPSPEED_CASES = {
@@ -123,17 +87,17 @@ def test_deepspeed_zero2_trains_evaluates_and_saves_as_ddp_does(case, base_args,
 
     extra = DEEPSPEED_CASES[case]
     deepspeed, ddp = tmp_path / "deepspeed", tmp_path / "ddp"
-    _deepspeed(_two_process_args(base_args, deepspeed, *extra))
-    _ddp(_two_process_args(base_args, ddp, *extra))
+    _deepspeed(two_process_args(base_args, deepspeed, *extra))
+    _ddp(two_process_args(base_args, ddp, *extra))
 
-    assert len(_logged(deepspeed, "loss")) == 4
-    assert _logged(deepspeed, "loss") == pytest.approx(_logged(ddp, "loss"), rel=1e-4)
+    assert len(logged(deepspeed, "loss")) == 4
+    assert logged(deepspeed, "loss") == pytest.approx(logged(ddp, "loss"), rel=1e-4)
     for key in ("eval_loss", "eval_t2i_recall@1", "eval_i2t_recall@5"):
-        assert _logged(deepspeed, key) == pytest.approx(_logged(ddp, key), rel=1e-4, abs=1e-6), key
-    _assert_same_weights(deepspeed / "model.safetensors", ddp / "model.safetensors", atol=1e-5)
+        assert logged(deepspeed, key) == pytest.approx(logged(ddp, key), rel=1e-4, abs=1e-6), key
+    assert_same_weights(deepspeed / "model.safetensors", ddp / "model.safetensors", atol=1e-5)
     AutoModel.from_pretrained(deepspeed)
     if case == "lora":
-        _assert_same_weights(deepspeed / "adapter" / "adapter_model.safetensors",
+        assert_same_weights(deepspeed / "adapter" / "adapter_model.safetensors",
                              ddp / "adapter" / "adapter_model.safetensors", atol=1e-5)  # fmt: skip
     if "--save_steps" in extra:
         for step in (2, 4):
@@ -144,14 +108,7 @@ def test_deepspeed_zero2_trains_evaluates_and_saves_as_ddp_does(case, base_args,
 
 @pytest.mark.slow
 def test_deepspeed_resumes_from_its_checkpoint_where_the_uninterrupted_run_ends(base_args, tmp_path):
-    extra = ["--save_strategy", "steps", "--save_steps", "2", "--gradient_accumulation_steps", "2"]
-    _deepspeed(_two_process_args(base_args, tmp_path / "whole", *extra))
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    shutil.copytree(tmp_path / "whole" / "checkpoint-2", resumed / "checkpoint-2")
-    _deepspeed(_two_process_args(base_args, resumed, *extra, "--resume_from_checkpoint", "true"))
-    assert _logged(resumed, "loss")[-2:] == pytest.approx(_logged(tmp_path / "whole", "loss")[-2:], rel=1e-5)
-    _assert_same_weights(resumed / "model.safetensors", tmp_path / "whole" / "model.safetensors", atol=1e-6)
+    assert_resumes_where_the_whole_run_ends(_deepspeed, base_args, tmp_path)
 
 
 def test_an_engine_checkpoint_missing_a_process_optimizer_states_is_incomplete(tmp_path):

@@ -12,16 +12,19 @@ by step, and in the weights it saves.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import set_option
+from sharded_runs import (
+    assert_resumes_where_the_whole_run_ends,
+    assert_same_weights,
+    logged,
+    torchrun,
+    two_process_args,
+)
 
 from clip_trainer import CLIPTrainingArguments, DataArguments, run
 from clip_trainer.callbacks import all_finite
@@ -128,55 +131,12 @@ def test_a_model_prepared_for_fsdp2_computes_what_it_did():
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _torchrun(script: Path, args: list[str]) -> subprocess.CompletedProcess:
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script), *args,
-    ]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-5000:]}"
-    return result
-
-
 def _fsdp(args: list[str], config: Path = FSDP_CONFIG) -> None:
-    _torchrun(REPO / "tests" / "fsdp_on_cpu.py", [str(config), *args])
+    torchrun(sys.executable, REPO / "tests" / "fsdp_on_cpu.py", [str(config), *args])
 
 
 def _ddp(args: list[str]) -> None:
-    _torchrun(REPO / "run_clip.py", args)
-
-
-def _logged(out: Path, key: str) -> list[float]:
-    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
-    return [entry[key] for entry in history if key in entry]
-
-
-def _weights(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(path)
-
-
-def _assert_same_weights(path: Path, reference: Path, atol: float) -> None:
-    weights, expected = _weights(path), _weights(reference)
-    assert weights.keys() == expected.keys()
-    for name, tensor in expected.items():
-        assert weights[name].shape == tensor.shape, name  # `logit_scale` back to a scalar
-        torch.testing.assert_close(weights[name], tensor, atol=atol, rtol=0, msg=name)
-
-
-def _two_process_args(base_args: list[str], out: Path, *extra: str) -> list[str]:
-    args = set_option(base_args, "output_dir", str(out))
-    for name, value in (("per_device_train_batch_size", "4"), ("max_steps", "4"), ("logging_steps", "1")):
-        args = set_option(args, name, value)
-    return [*args, "--ddp_backend", "gloo", *extra]
+    torchrun(sys.executable, REPO / "run_clip.py", args)
 
 
 # What each case adds to a 4-step run of two processes with 4 pairs each.
@@ -212,18 +172,18 @@ def test_fsdp_trains_evaluates_and_saves_as_ddp_does(case, base_args, tiny_sigli
         settings["fsdp_config"]["cpu_ram_efficient_loading"] = True
         config = tmp_path / "fsdp-loaded-once.json"
         config.write_text(json.dumps(settings))
-    _fsdp(_two_process_args(base_args, tmp_path / "fsdp", *extra), config)
-    _ddp(_two_process_args(base_args, tmp_path / "ddp", *extra))
+    _fsdp(two_process_args(base_args, tmp_path / "fsdp", *extra), config)
+    _ddp(two_process_args(base_args, tmp_path / "ddp", *extra))
 
     fsdp, ddp = tmp_path / "fsdp", tmp_path / "ddp"
-    assert _logged(fsdp, "loss") == pytest.approx(_logged(ddp, "loss"), rel=1e-4)
-    assert len(_logged(fsdp, "loss")) == 4
+    assert logged(fsdp, "loss") == pytest.approx(logged(ddp, "loss"), rel=1e-4)
+    assert len(logged(fsdp, "loss")) == 4
     for key in ("eval_loss", "eval_t2i_recall@1", "eval_i2t_recall@5"):
-        assert _logged(fsdp, key) == pytest.approx(_logged(ddp, key), rel=1e-4, abs=1e-6), key
-    _assert_same_weights(fsdp / "model.safetensors", ddp / "model.safetensors", atol=1e-5)
+        assert logged(fsdp, key) == pytest.approx(logged(ddp, key), rel=1e-4, abs=1e-6), key
+    assert_same_weights(fsdp / "model.safetensors", ddp / "model.safetensors", atol=1e-5)
     AutoModel.from_pretrained(fsdp)  # a folder `from_pretrained` loads, not shards
     if case == "lora":
-        _assert_same_weights(fsdp / "adapter" / "adapter_model.safetensors",
+        assert_same_weights(fsdp / "adapter" / "adapter_model.safetensors",
                              ddp / "adapter" / "adapter_model.safetensors", atol=1e-5)  # fmt: skip
     if "--save_steps" in extra:
         for step in (2, 4):
@@ -234,14 +194,7 @@ def test_fsdp_trains_evaluates_and_saves_as_ddp_does(case, base_args, tiny_sigli
 
 @pytest.mark.slow
 def test_fsdp_resumes_from_a_sharded_checkpoint_where_the_uninterrupted_run_ends(base_args, tmp_path):
-    extra = ["--save_strategy", "steps", "--save_steps", "2", "--gradient_accumulation_steps", "2"]
-    _fsdp(_two_process_args(base_args, tmp_path / "whole", *extra))
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    shutil.copytree(tmp_path / "whole" / "checkpoint-2", resumed / "checkpoint-2")
-    _fsdp(_two_process_args(base_args, resumed, *extra, "--resume_from_checkpoint", "true"))
-    assert _logged(resumed, "loss")[-2:] == pytest.approx(_logged(tmp_path / "whole", "loss")[-2:], rel=1e-5)
-    _assert_same_weights(resumed / "model.safetensors", tmp_path / "whole" / "model.safetensors", atol=1e-6)
+    assert_resumes_where_the_whole_run_ends(_fsdp, base_args, tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
