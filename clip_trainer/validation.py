@@ -368,8 +368,8 @@ def _check_sharding(args: CLIPTrainingArguments) -> None:
     deepspeed_config = getattr(args, "hf_deepspeed_config", None)
     if deepspeed_config is not None and deepspeed_config.is_zero3():
         # transformers builds a ZeRO-3 model inside `deepspeed.zero.Init`, which partitions each parameter as it is
-        # made and cannot broadcast a 0-dimensional one (CLIP's `logit_scale`); parameters read outside the forward
-        # (the temperature, the towers' locks) would also need gathering. Untested, so refused.
+        # made and cannot broadcast a 0-dimensional one (CLIP's `logit_scale`). Built whole instead (tried), the run
+        # then stops at the loss: ZeRO-3 releases the temperature after the forward, and the loss reads it there.
         raise ConfigError(
             "The DeepSpeed config asks for ZeRO stage 3, which clip-trainer does not support (CLIP's scalar "
             "`logit_scale` cannot be partitioned as the model is built); use ZeRO stage 2, or FSDP to shard the "
