@@ -148,7 +148,11 @@ def _check_path_cheaply(path: str, base_dir: str | None, cache: dict[str, str | 
     except FileNotFoundError:
         reason = None if decode_base64_image(path) else f"image file not found: {resolved}"
     except OSError as error:
-        reason = f"cannot access image file ({error.strerror or type(error).__name__}): {resolved}"
+        # A base64 image long enough is no file name ("File name too long"): decoded, as the image loader does.
+        if decode_base64_image(path):
+            reason = None
+        else:
+            reason = f"cannot access image file ({error.strerror or type(error).__name__}): {resolved}"
     else:
         if stat.S_ISDIR(info.st_mode):
             reason = f"image path is a directory: {resolved}"

@@ -14,8 +14,10 @@ import json
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pytest
 from conftest import draw_shape, set_option, shape_rows, write_shapes_csv
+from PIL import Image
 
 from clip_trainer import run
 from clip_trainer.arguments import DataArguments
@@ -93,6 +95,25 @@ def test_json_lines_with_image_dicts_and_base64_images(base_args, tmp_path):
     data = load_image_text_data(DataArguments(train_file=str(path)), seed=0)
     assert len(data.train) + len(data.validation) == 24  # no row lost as "file not found"
     main([*set_option(base_args, "train_file", str(path)), "--max_steps", "2"])
+
+
+def test_json_lines_with_photo_sized_bare_base64_images_keep_every_row(base_args, tmp_path):
+    """A base64 string longer than a file name may be ("File name too long" from the system, not "not found") is an
+    image all the same: every row is kept, up front and in training."""
+    generator = np.random.default_rng(0)
+    lines = []
+    for *_, caption in shape_rows():
+        noise = generator.integers(0, 256, (64, 64, 3), dtype=np.uint8)  # incompressible: about 16,000 characters
+        buffer = io.BytesIO()
+        Image.fromarray(noise).save(buffer, format="PNG")
+        lines.append({"image": base64.b64encode(buffer.getvalue()).decode(), "caption": caption})
+    assert min(len(line["image"]) for line in lines) > 4096  # longer than any path the system takes
+    path = tmp_path / "photos.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    data = load_image_text_data(DataArguments(train_file=str(path)), seed=0)
+    assert len(data.train) + len(data.validation) == len(lines)
+    main([*set_option(base_args, "train_file", str(path)), "--max_steps", "2"])
+    assert json.loads((tmp_path / "out" / "trainer_state.json").read_text())["global_step"] == 2
 
 
 def test_parquet_with_relative_image_paths_resolves_them_beside_the_file(tmp_path, monkeypatch):
