@@ -18,6 +18,7 @@ import enum
 import functools
 import json
 import math
+import os
 import re
 import types
 import typing
@@ -871,6 +872,16 @@ def _check_metric_keys_are_distinct(names: list[str]) -> None:
             owner[key] = name
 
 
+def _launched_without_an_accelerator() -> bool:
+    """Whether this process is one of several a launcher started (`torchrun` sets `LOCAL_RANK`) on a machine with no
+    accelerator torch can use."""
+    if int(os.environ.get("LOCAL_RANK", -1)) == -1:
+        return False
+    import torch
+
+    return not torch.accelerator.is_available()
+
+
 @dataclass
 class CLIPTrainingArguments(TrainingArguments):
     """`transformers.TrainingArguments` with CLIP's defaults and clip-trainer's own options."""
@@ -1266,6 +1277,11 @@ class CLIPTrainingArguments(TrainingArguments):
             # transformers assumes "greater is better" for anything not ending in "loss"; a rank is lower-better.
             metric = self.metric_for_best_model
             self.greater_is_better = not (metric.endswith("loss") or metric.endswith("median_rank"))
+        if not self.use_cpu and not self.deepspeed and _launched_without_an_accelerator():
+            # `torchrun` on a machine without an accelerator: accelerate counts the processes (and picks gloo) only
+            # for a CPU run. Without `use_cpu` each process would take itself for the only one: both would claim the
+            # output folder, save, and stop at the first gather.
+            self.use_cpu = True
         default_accelerator_config = self.accelerator_config is None
         super().__post_init__()
         if default_accelerator_config and self.dataloader_pin_memory:

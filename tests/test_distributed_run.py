@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import drop_option, write_shapes_csv
+import torch
+from conftest import drop_option, set_option, write_shapes_csv
 from test_streaming import write_parquet_shards
 from transformers import CLIPModel
 
@@ -67,6 +68,24 @@ def test_torchrun_two_processes_train_and_save(base_args, tmp_path):
     assert output.count("***** train metrics *****") == 1 and output.count("***** eval metrics *****") == 1
     assert output.count("training pairs: ") == 1
     assert "find_unused_parameters=True was specified" not in output
+
+
+@pytest.mark.slow
+def test_torchrun_on_a_machine_without_an_accelerator_needs_no_cpu_flags(base_args, tmp_path):
+    """`torchrun --nproc_per_node 2 run_clip.py ...` as the docs give it, without `--use_cpu` or `--ddp_backend`:
+    the two processes know each other (one folder lock, one save, half the steps of one process)."""
+    import math
+
+    if torch.accelerator.is_available():
+        pytest.skip("the machine has an accelerator")
+    out = tmp_path / "out"
+    args = drop_option(set_option(base_args, "num_train_epochs", "1"), "use_cpu")
+    result = torchrun([*args, "--per_device_train_batch_size", "4", "--logging_steps", "1"])
+    assert result.returncode == 0, f"stdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-4000:]}"
+    pairs = json.loads((out / "all_results.json").read_text())["train_samples"]
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == math.ceil(pairs / (2 * 4))
+    assert "parallel_mode != ParallelMode.DISTRIBUTED" not in result.stderr
+    CLIPModel.from_pretrained(out)
 
 
 @pytest.mark.slow
