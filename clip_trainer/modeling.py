@@ -322,6 +322,17 @@ def load_model_config(model_args: ModelArguments) -> PretrainedConfig:
         except ConfigError as error:
             raise ConfigError(f"`{key}` {source!r}: {error}") from None
         _check_weights(model_args.model_name_or_path, "model_name_or_path")
+        if model_args.config_name and model_args.model_name_or_path:
+            saved = _auto_config(model_args.model_name_or_path, "model_name_or_path", model_args)
+            differences = _architecture_differences(config, saved)
+            if differences:
+                # transformers would stop while loading the weights, with a traceback of size mismatches.
+                raise ConfigError(
+                    f"`config_name` {model_args.config_name!r} describes another model than the weights in "
+                    f"`model_name_or_path` {model_args.model_name_or_path!r} ({'; '.join(differences[:3])}). Drop "
+                    '`config_name` to use the saved model\'s own configuration (`--config_name ""` on the command '
+                    "line unsets a config file's, as for evaluating a model the demo trained)."
+                )
     if model_args.dropout is not None:
         for tower in (config.text_config, config.vision_config):
             # CLIP's and SigLIP's layers read only `attention_dropout`; `dropout` is set too so the saved config
@@ -331,6 +342,29 @@ def load_model_config(model_args: ModelArguments) -> PretrainedConfig:
             if hasattr(tower, "attention_probs_dropout_prob"):  # BERT's and XLM-R's name for attention dropout
                 tower.attention_probs_dropout_prob = model_args.dropout
     return config
+
+
+# The settings that decide the shapes of a model's weights: a config that differs in one cannot load the weights.
+_ARCHITECTURE_KEYS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "max_position_embeddings", "image_size", "patch_size", "num_channels", "projection_dim",
+)  # fmt: skip
+
+
+def _architecture_differences(config: PretrainedConfig, saved: PretrainedConfig) -> list[str]:
+    """Where `config` and `saved` disagree on the shapes of the weights, as `text vocab_size 4096 vs 2048` lines."""
+    differences = []
+    if config.model_type != saved.model_type:
+        differences.append(f"model_type {config.model_type} vs {saved.model_type}")
+    for part in ("", "text_config", "vision_config"):
+        mine, theirs = (getattr(c, part, None) if part else c for c in (config, saved))
+        if mine is None or theirs is None:
+            continue
+        for key in _ARCHITECTURE_KEYS:
+            if hasattr(mine, key) and hasattr(theirs, key) and getattr(mine, key) != getattr(theirs, key):
+                where = f"{part.removesuffix('_config')} " if part else ""
+                differences.append(f"{where}{key} {getattr(mine, key)} vs {getattr(theirs, key)}")
+    return differences
 
 
 def _check_weights(source: str | None, key: str) -> None:

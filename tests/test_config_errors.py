@@ -324,3 +324,25 @@ def test_what_siglip_models_allow(tmp_path):
     training_args.loss_type = "softmax"  # a SigLIP model trained with CLIP's loss reports no logit_bias
     with pytest.raises(ConfigError, match="reported only with the sigmoid loss"):
         check_arguments(model_args, data_args, training_args, 64, config=config)
+
+
+def test_evaluating_a_model_trained_from_a_config_file_that_names_a_config(tiny_siglip_run, shapes_csv, tmp_path,
+                                                                           monkeypatch):  # fmt: skip
+    """As the demo's configs do: `config_name` for a new model, and a tokenizer trained for it (300 tokens, not the
+    config's 32,000). Evaluating the saved model with the same file names both: one line that says to drop
+    `config_name`, and with `--config_name ""` the evaluation runs."""
+    from clip_trainer import run
+    from clip_trainer.errors import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    settings = {"config_name": str(tiny_siglip_run.parent / "siglip.json"), "tokenizer_vocab_size": 300,
+                "report_to": "none", "dataloader_num_workers": 0, "use_cpu": True}  # fmt: skip
+    (tmp_path / "run.json").write_text(json.dumps(settings))
+    argv = ["run.json", "--do_eval", "--model_name_or_path", str(tiny_siglip_run),
+            "--validation_file", str(shapes_csv), "--output_dir", "eval"]  # fmt: skip
+    with pytest.raises(ConfigError, match=r"`config_name` .* describes another model than the weights .* \(text "
+                                          r"vocab_size 32000 vs 300\).*`--config_name \"\"`"):  # fmt: skip
+        run.main(argv)
+    assert not (tmp_path / "eval").exists()
+    metrics = run.main([*argv, "--config_name", ""])
+    assert 0 <= metrics["eval_t2i_recall@1"] <= 1
