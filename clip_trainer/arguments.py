@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import enum
 import functools
+import importlib.util
 import json
 import math
 import os
@@ -1277,6 +1278,13 @@ class CLIPTrainingArguments(TrainingArguments):
             # transformers assumes "greater is better" for anything not ending in "loss"; a rank is lower-better.
             metric = self.metric_for_best_model
             self.greater_is_better = not (metric.endswith("loss") or metric.endswith("median_rank"))
+        if self.deepspeed and importlib.util.find_spec("deepspeed") is None:
+            # transformers would stop in its own checks with a traceback of a missing distribution.
+            raise ConfigError(
+                f"`deepspeed` is set ({self.deepspeed}), but DeepSpeed is not installed in this environment; install "
+                'it with clip-trainer\'s extra (`pip install torch==2.13.0 -e ".[deepspeed]"`, or your CUDA torch '
+                "first), or drop `deepspeed`."
+            )
         if not self.use_cpu and not self.deepspeed and _launched_without_an_accelerator():
             # `torchrun` on a machine without an accelerator: accelerate counts the processes (and picks gloo) only
             # for a CPU run. Without `use_cpu` each process would take itself for the only one: both would claim the

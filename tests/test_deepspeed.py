@@ -128,3 +128,18 @@ def test_an_engine_checkpoint_missing_a_process_optimizer_states_is_incomplete(t
     assert checkpoint_problems(str(checkpoint)) == ["global_step2/ holds the optimizer states of 1 of 2 processes"]
     (checkpoint / "latest").write_text("global_step9")
     assert checkpoint_problems(str(checkpoint)) == ["latest names 'global_step9', which is missing"]
+
+
+def test_deepspeed_asked_for_where_it_is_not_installed_is_one_line(base_args, tmp_path, monkeypatch):
+    import importlib.util
+
+    from clip_trainer import run
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else find_spec(name, *a)
+    )
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"`deepspeed` is set .*DeepSpeed is not installed.*\.\[deepspeed\]"):
+        run.main([*base_args, "--deepspeed", str(ZERO2_CONFIG)])
+    assert not (tmp_path / "out").exists()
