@@ -223,8 +223,13 @@ def help_text(prog: str) -> str:
     parser = argparse.ArgumentParser(
         prog=prog,
         usage=f"{prog} [CONFIG.json ...] [--option value ...]",
-        description="Train or fine-tune a CLIP-style model. Config files (JSON objects of option names and values) "
-        "apply left to right, then the flags. Every option is also a config-file key.",
+        description=(
+            "Evaluate a CLIP-style model (`model_name_or_path`) on evaluation data, with the training command's options."
+            if prog.endswith(" eval")
+            else "Train or fine-tune a CLIP-style model."
+        )
+        + " Config files (JSON objects of option names and values) apply left to right, then the flags. Every option "
+        "is also a config-file key.",
         add_help=False,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

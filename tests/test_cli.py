@@ -68,3 +68,10 @@ def test_console_script_points_at_main():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     module, _, function = scripts["clip-trainer"].partition(":")
     assert getattr(importlib.import_module(module), function) is main
+
+
+def test_eval_help_says_it_evaluates(capsys):
+    assert main(["eval", "--help"]) == 0
+    assert "Evaluate a CLIP-style model" in capsys.readouterr().out
+    assert main(["train", "--help"]) == 0
+    assert "Train or fine-tune a CLIP-style model" in capsys.readouterr().out
