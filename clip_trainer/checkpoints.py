@@ -318,6 +318,14 @@ class OutputDirLock:
         self._handle.truncate()
         self._handle.write(f"pid {os.getpid()}")
         self._handle.flush()
+        # A forked child (a DataLoader worker) shares the lock through its copy of the descriptor, and would hold it
+        # past a killed run until it noticed and exited itself; each child closes its copy at once, so the lock ends
+        # with the run's own process. (The lock stays: it goes only when every copy is closed.)
+        os.register_at_fork(after_in_child=self._close_in_child)
+
+    def _close_in_child(self) -> None:
+        if not self._handle.closed:
+            self._handle.close()
 
     def _is_the_file_in_the_folder(self) -> bool:
         try:

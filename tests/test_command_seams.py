@@ -345,3 +345,35 @@ def test_prepare_only_needs_no_model_and_its_folder_trains(tiny_clip_dir, shapes
     err = capsys.readouterr().err
     assert status == 2 and "Traceback" not in err and "Drop --streaming to prepare the data" in err
     assert not (tmp_path / "p2").exists()
+
+
+@pytest.mark.slow  # a Python that imports transformers: about 6 s here
+def test_the_forked_workers_of_a_killed_run_do_not_keep_its_folder_locked(tmp_path):
+    """A run killed with SIGKILL leaves its DataLoader workers behind for a few seconds; the folder is free at once
+    all the same (a requeued run resumes instead of being told that the dead run still writes there)."""
+    from clip_trainer.checkpoints import OutputDirLock
+    from clip_trainer.errors import ConfigError
+
+    script = (
+        "import os, sys, time\n"
+        "from clip_trainer.checkpoints import OutputDirLock\n"
+        f"lock = OutputDirLock({str(tmp_path)!r})\n"
+        "child = os.fork()\n"
+        "if child == 0:\n"
+        "    time.sleep(60)\n"  # a worker that has not noticed yet that its parent is gone
+        "    os._exit(0)\n"
+        "print(child, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    run = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    worker = int(run.stdout.readline())
+    try:
+        with pytest.raises(ConfigError, match="Another run"):
+            OutputDirLock(str(tmp_path))
+        run.kill()
+        run.wait()
+        os.kill(worker, 0)  # the worker still lives
+        OutputDirLock(str(tmp_path)).release()
+    finally:
+        run.kill()
+        os.kill(worker, signal.SIGKILL)
