@@ -722,8 +722,16 @@ def load_image_text_data(
     if hold_out and isinstance(train_split, Dataset):
         if len(train_split) == 0:
             raise ConfigError("The training data has no rows (a header only?); it needs one row per pair.")
+        rows = len(train_split)
         train_split, validation = _held_out_split(train_split, data_args, seed)
         hold_out = False
+        if not train:
+            # An evaluation alone scores the held-out share only: said, or a user takes it for the whole data.
+            logger.warning(
+                f"Evaluating {len(validation):,} of the data's {rows:,} rows: the held-out "
+                f"{data_args.validation_split_percentage:g}% (`validation_split_percentage`), the split a training run "
+                "with the same seed holds out. Give the data as `validation_file` to score all of it."
+            )
 
     if not train:
         train_split = None

@@ -197,3 +197,14 @@ def test_on_bad_rows_error_stops_before_training_with_the_same_report(base_args,
     assert [int(row) for row in re.findall(r"row (\d+):", message)] == sorted(index[k] for k in UP_FRONT_BAD)[:3]
     assert "set `on_bad_rows` to `skip`" in message
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_an_evaluation_of_training_data_says_it_scores_the_held_out_share(tiny_clip_dir, shapes_csv, tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="clip_trainer")
+    metrics = run.main(["--model_name_or_path", str(tiny_clip_dir), "--train_file", str(shapes_csv), "--do_eval",
+                        "--output_dir", str(tmp_path / "eval"), "--report_to", "none", "--use_cpu", "true",
+                        "--dataloader_num_workers", "0"])  # fmt: skip
+    said = [m for m in messages(caplog, "clip_trainer.data") if m.startswith("Evaluating ")]
+    assert said == [f"Evaluating {metrics['eval_samples']} of the data's 72 rows: the held-out 15% "
+                    "(`validation_split_percentage`), the split a training run with the same seed holds out. Give "
+                    "the data as `validation_file` to score all of it."]  # fmt: skip
