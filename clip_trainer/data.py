@@ -799,20 +799,21 @@ def load_extra_eval_sets(
 
 
 class _EmbedImageBytes:
-    """Batched map: each image replaced by its file's encoded bytes, and flagged when it does not decode."""
+    """Batched map: each image replaced by its file's encoded bytes, and why not (`_problem`) when it does not
+    decode."""
 
     def __init__(self, image_column: str, max_pixels: int | None) -> None:
         self.image_column = image_column
         self.max_pixels = max_pixels
 
     def __call__(self, batch: dict) -> dict:
-        images, usable = [], []
+        images, problems = [], []
         for value in batch[self.image_column]:
             try:
                 load_image(value, max_pixels=self.max_pixels)  # only what decodes as an image is copied
-            except BadSampleError:
+            except BadSampleError as error:
                 images.append({"bytes": None, "path": None})
-                usable.append(False)
+                problems.append(str(error))  # names the file where there is one
                 continue
             if isinstance(value, dict) and value.get("bytes"):
                 data = value["bytes"]
@@ -820,8 +821,8 @@ class _EmbedImageBytes:
                 path = value["path"] if isinstance(value, dict) else value
                 data = decode_base64_image(path) if not os.path.exists(path) else Path(path).read_bytes()
             images.append({"bytes": data, "path": None})
-            usable.append(True)
-        return {self.image_column: images, "_usable": usable}
+            problems.append("")
+        return {self.image_column: images, "_problem": problems}
 
 
 def save_prepared_data(data: ImageTextData, data_args: DataArguments, output_dir: str) -> str:
@@ -839,7 +840,7 @@ def save_prepared_data(data: ImageTextData, data_args: DataArguments, output_dir
         dataset = dataset.remove_columns([c for c in (IMAGE_ID_COLUMN, LABEL_COLUMN) if c in dataset.column_names])
         features = dataset.features.copy()
         features[data_args.image_column] = datasets.Image(decode=False)
-        features["_usable"] = datasets.Value("bool")
+        features["_problem"] = datasets.Value("string")
         embedded = dataset.map(
             _EmbedImageBytes(data_args.image_column, data_args.max_image_pixels),
             batched=True,
@@ -847,9 +848,15 @@ def save_prepared_data(data: ImageTextData, data_args: DataArguments, output_dir
             num_proc=data_args.preprocessing_num_workers,
             desc=f"Embedding {name} image bytes",
         )
-        usable = embedded["_usable"]
-        if not all(usable):
-            logger.warning(f"{name} data: left out {usable.count(False):,} row(s) whose image does not decode.")
-        splits[name] = embedded.filter(lambda flag: flag, input_columns="_usable").remove_columns("_usable")
+        problems = [(row, problem) for row, problem in enumerate(embedded["_problem"]) if problem]
+        if problems:
+            shown = "; ".join(f"row {row}: {problem}" for row, problem in problems[:5])
+            more = f"; and {len(problems) - 5:,} more" if len(problems) > 5 else ""
+            logger.warning(
+                f"{name} data: left out {len(problems):,} row(s) whose image does not decode ({shown}{more})."
+            )
+        splits[name] = embedded.filter(lambda problem: not problem, input_columns="_problem").remove_columns(
+            "_problem"
+        )
     DatasetDict(splits).save_to_disk(output_dir)
     return output_dir

@@ -11,6 +11,7 @@ import base64
 import csv
 import io
 import json
+import logging
 from pathlib import Path
 
 import datasets
@@ -200,7 +201,7 @@ def test_evaluation_covers_the_whole_set_with_drop_last(base_args, tmp_path):
             assert dropped[key] == kept[key], key
 
 
-def test_prepare_only_copies_only_images(base_args, tmp_path):
+def test_prepare_only_copies_only_images(base_args, tmp_path, caplog):
     folder = tmp_path / "data"
     train = write_shapes_csv(folder, repeats=1)
     secret = tmp_path / "secret.txt"
@@ -208,10 +209,14 @@ def test_prepare_only_copies_only_images(base_args, tmp_path):
     with train.open("a", newline="") as handle:
         csv.writer(handle).writerow(["../secret.txt", "a blue circle on white", "circle"])  # readable, no image
     out = tmp_path / "prepared"
+    caplog.set_level(logging.WARNING, logger="clip_trainer")
     main([*set_option(set_option(base_args, "train_file", str(train)), "output_dir", str(out)), "--prepare_only"])
     prepared = datasets.load_from_disk(str(out))
     total = sum(len(split) for split in prepared.values())
     assert total == 24
+    # The row left out is named with its file.
+    said = [r.getMessage() for r in caplog.records if "whose image does not decode" in r.getMessage()]
+    assert len(said) == 1 and "left out 1 row(s)" in said[0] and "data/../secret.txt" in said[0]
     for split in prepared.values():
         assert all(
             b"hunter2" not in (value["bytes"] or b"")
