@@ -730,7 +730,10 @@ class RetrievalEvaluator:
                 "retrieval needs at least 2: fix or replace those files."
             )
         encode = text_encoder(model, tokenizer, padding=family.text_padding, max_length=max_length, device=device)
-        return self.compute_metrics(embeddings, encode_text=encode)
+        metrics = self.compute_metrics(embeddings, encode_text=encode)
+        if usable < len(valid):  # the metrics are over the usable pairs; how many were not, beside them
+            metrics[f"{self.metric_key_prefix}_unusable_pairs"] = len(valid) - usable
+        return metrics
 
     def compute_metrics(
         self,

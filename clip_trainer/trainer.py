@@ -1273,6 +1273,10 @@ class CLIPContrastiveTrainer(Trainer):
                 }
             for key, value in self.contrastive_loss.logged_values(self.model).items():
                 output.metrics[f"{metric_key_prefix}_{key}"] = value
+        if valid is not None and usable < len(valid):
+            # The metrics are over the usable pairs: how many were not (their images did not decode, say) is said
+            # beside them, or `eval_samples` (every row) reads as their count.
+            output.metrics[f"{metric_key_prefix}_unusable_pairs"] = len(valid) - usable
         return output
 
     def _new_evaluator(self, dataset, name: str | None) -> RetrievalEvaluator:

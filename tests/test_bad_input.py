@@ -208,3 +208,18 @@ def test_an_evaluation_of_training_data_says_it_scores_the_held_out_share(tiny_c
     assert said == [f"Evaluating {metrics['eval_samples']} of the data's 72 rows: the held-out 15% "
                     "(`validation_split_percentage`), the split a training run with the same seed holds out. Give "
                     "the data as `validation_file` to score all of it."]  # fmt: skip
+
+
+def test_an_evaluation_counts_the_pairs_it_could_not_score(tiny_clip_dir, tmp_path):
+    folder = tmp_path / "val"
+    csv_path = write_shapes_csv(folder, repeats=1)
+    rows = list(csv.reader(csv_path.open()))
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    rows[3][0] = "broken.png"
+    with csv_path.open("w", newline="") as handle:
+        csv.writer(handle).writerows(rows)
+    metrics = run.main(["--model_name_or_path", str(tiny_clip_dir), "--validation_file", str(csv_path), "--do_eval",
+                        "--output_dir", str(tmp_path / "eval"), "--report_to", "none", "--use_cpu", "true",
+                        "--dataloader_num_workers", "0"])  # fmt: skip
+    assert metrics["eval_samples"] == 24 and metrics["eval_unusable_pairs"] == 1
+    assert json.loads((tmp_path / "eval" / "eval_results.json").read_text())["eval_unusable_pairs"] == 1
