@@ -433,11 +433,13 @@ def _drop_bad_rows(dataset: Dataset, split: str, data_args: DataArguments) -> Da
     return dataset.select(report.good_indices())
 
 
-def _finish_training_split(train: Dataset, data_args: DataArguments) -> Dataset:
+def _finish_training_split(train: Dataset, data_args: DataArguments, checked: bool = False) -> Dataset:
     _check_columns(train.column_names, "train", data_args)
     if len(train) == 0:
         raise ConfigError("The training data has no rows (a header only?); it needs one row per image-caption pair.")
-    train = _drop_bad_rows(_captions_as_text(train, data_args.caption_column), "train", data_args)
+    train = _captions_as_text(train, data_args.caption_column)
+    if not checked:
+        train = _drop_bad_rows(train, "train", data_args)
     if data_args.max_train_samples is not None:
         train = train.select(range(min(data_args.max_train_samples, len(train))))
     if len(train) == 0:
@@ -502,13 +504,17 @@ def add_class_labels(dataset: Dataset, label_column: str) -> Dataset:
     return dataset.add_column(LABEL_COLUMN, labels, feature=ClassLabel(names=names))
 
 
-def _finish_validation(validation: Dataset | IterableDataset, data_args: DataArguments, split: str) -> Dataset:
-    """The one validation finisher: materialised, checked, cut, with image ids and class labels."""
+def _finish_validation(
+    validation: Dataset | IterableDataset, data_args: DataArguments, split: str, checked: bool = False
+) -> Dataset:
+    """The one validation finisher: materialised, checked (unless `checked`), cut, with image ids and class labels."""
     if isinstance(validation, IterableDataset):
         rows = list(validation.take(data_args.max_eval_samples) if data_args.max_eval_samples else validation)
         validation = Dataset.from_list(rows, features=validation.features)
     _check_columns(validation.column_names, split, data_args)
-    validation = _drop_bad_rows(_captions_as_text(validation, data_args.caption_column), split, data_args)
+    validation = _captions_as_text(validation, data_args.caption_column)
+    if not checked:
+        validation = _drop_bad_rows(validation, split, data_args)
     if data_args.max_eval_samples is not None:
         validation = validation.select(range(min(data_args.max_eval_samples, len(validation))))
     # Every caption of an image is scored: a row of several captions becomes one row per caption (one image id).
@@ -719,12 +725,20 @@ def load_image_text_data(
                 "evaluate; give a `validation_file`, or a percentage of the data to hold out."
             )
         logger.warning("No validation data (`validation_split_percentage` is 0): the run trains on every pair.")
+    checked = False
     if hold_out and isinstance(train_split, Dataset):
         if len(train_split) == 0:
             raise ConfigError("The training data has no rows (a header only?); it needs one row per pair.")
+        # Bad rows are found before the split, so that the report numbers them as the data does (row 0: the first
+        # data row read), not by their place in one side of a shuffled split.
+        _check_columns(train_split.column_names, "train", data_args)
         rows = len(train_split)
+        train_split = _drop_bad_rows(_captions_as_text(train_split, data_args.caption_column), "train", data_args)
+        if len(train_split) == 0:
+            raise ConfigError("No training pairs are left after removing bad rows; check the data (summary above).")
         train_split, validation = _held_out_split(train_split, data_args, seed)
         hold_out = False
+        checked = True
         if not train:
             # An evaluation alone scores the held-out share only: said, or a user takes it for the whole data.
             logger.warning(
@@ -736,7 +750,7 @@ def load_image_text_data(
     if not train:
         train_split = None
     elif isinstance(train_split, Dataset):
-        train_split = _finish_training_split(train_split, data_args)
+        train_split = _finish_training_split(train_split, data_args, checked=checked)
         if not data_args.prepare_only:
             # Several captions per image: rows of one image merged, one caption drawn per epoch (`caption_sampling`).
             # A prepared folder keeps the rows as they are; the run that trains from it merges them.
@@ -748,7 +762,7 @@ def load_image_text_data(
         train_split, held_out = _finish_training_stream(train_split, hold_out, data_args, seed)
         validation = held_out if hold_out else validation
     if validation is not None:
-        validation = _finish_validation(validation, data_args, "validation")
+        validation = _finish_validation(validation, data_args, "validation", checked=checked)
     sizes = [f"training pairs: {len(train_split):,}"] if isinstance(train_split, Dataset) else []
     sizes.append(f"validation pairs: {len(validation):,}" if validation is not None else "no validation pairs")
     logger.info("; ".join(sizes))

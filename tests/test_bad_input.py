@@ -223,3 +223,24 @@ def test_an_evaluation_counts_the_pairs_it_could_not_score(tiny_clip_dir, tmp_pa
                         "--dataloader_num_workers", "0"])  # fmt: skip
     assert metrics["eval_samples"] == 24 and metrics["eval_unusable_pairs"] == 1
     assert json.loads((tmp_path / "eval" / "eval_results.json").read_text())["eval_unusable_pairs"] == 1
+
+
+def test_bad_rows_of_data_split_for_validation_are_numbered_as_in_the_file(base_args, tmp_path, caplog):
+    """With part of the training file held out, the up-front report numbers each bad row as the file does (row 0 is
+    the first data row), and every bad row is in the one report, whichever side of the split it would have fallen."""
+    folder = tmp_path / "data"
+    csv_path = write_shapes_csv(folder, repeats=1)
+    rows = list(csv.reader(csv_path.open()))
+    rows[1 + 3][1] = ""  # data row 3: an empty caption
+    rows[1 + 23][0] = "images/missing.png"  # the last data row: a file that is not there
+    with csv_path.open("w", newline="") as handle:
+        csv.writer(handle).writerows(rows)
+    caplog.set_level(logging.WARNING, logger="clip_trainer")
+    args = [*base_args[: base_args.index("--train_file") + 1], str(csv_path),
+            *base_args[base_args.index("--train_file") + 2 :], "--validation_split_percentage", "25",
+            "--max_steps", "1", "--eval_strategy", "steps", "--eval_steps", "1"]  # fmt: skip
+    run.main(args)
+    reports = [m for m in messages(caplog, "clip_trainer.data") if "skipped" in m and "rows" in m]
+    assert len(reports) == 1 and reports[0].startswith("train data: skipped 2 of 24 rows")
+    assert [int(row) for row in re.findall(r"row (\d+):", reports[0])] == [3, 23]
+    assert "images/missing.png" in reports[0]
