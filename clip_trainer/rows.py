@@ -284,7 +284,10 @@ def find_bad_rows(
             raise KeyError(f"Column {name!r} is not in the dataset; available columns: {dataset.column_names}.")
     report = BadRowReport(num_rows=len(dataset))
     stat_cache: dict[str, str | None] = {}
-    columns = list(dict.fromkeys([image_column, caption_column]))
+    # WebDataset samples are named by their key and shard (`datasets`' `__key__` / `__url__`): a row number alone
+    # does not find a sample among many shards.
+    sample_columns = [name for name in ("__key__", "__url__") if name in dataset.column_names]
+    columns = list(dict.fromkeys([image_column, caption_column, *sample_columns]))
     # The "arrow" format skips feature decoding (no PIL images are built) and respects any `select`/`shuffle`
     # indices mapping, which reading `dataset.data` directly would not.
     batches = dataset.select_columns(columns).with_format("arrow").iter(batch_size=batch_size)
@@ -314,6 +317,10 @@ def find_bad_rows(
             index = offset + position
             report.bad_indices.append(index)
             if len(report.reasons) < max_reports:
+                if sample_columns:
+                    key, url = (batch.column(n)[position].as_py() if n in sample_columns else None for n in
+                                ("__key__", "__url__"))  # fmt: skip
+                    reason += f" (sample {key}" + (f" of {url})" if url else ")")
                 report.reasons[index] = reason
             kind = _reason_kind(reason)
             report.reason_counts[kind] = report.reason_counts.get(kind, 0) + 1

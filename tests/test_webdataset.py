@@ -372,3 +372,22 @@ def test_torchrun_two_processes_two_workers_read_every_sample_once_per_pass(base
     # 6 steps of 4 pairs per process, dealt to 2 workers: 12 per worker, two passes of its one 6-sample shard (the
     # workers may have read ahead of the last step).
     assert check_passes(streams, keys) == {reader: 6 for reader in streams} and len(streams) == 4
+
+
+def test_a_bad_sample_is_named_by_its_key_and_shard(tmp_path, caplog):
+    """Row numbers alone do not find a sample among many shards: the up-front report names its key and its tar."""
+    import logging
+
+    folder = tmp_path / "wds"
+    write_tar_shards(folder, shards=2, per_shard=12, members=("txt",))
+    with tarfile.open(folder / "00002.tar", "w") as tar:  # a third shard whose second sample has an empty caption
+        for index, caption in enumerate(["a red circle on white", "   ", "a blue square on black"]):
+            buffer = io.BytesIO()
+            draw_shape("red", "circle", "white", size=40 + index).save(buffer, format="PNG")
+            _add_member(tar, f"bad_{index}.png", buffer.getvalue())
+            _add_member(tar, f"bad_{index}.txt", caption.encode())
+    caplog.set_level(logging.WARNING, logger="clip_trainer")
+    load_image_text_data(DataArguments(train_file=str(folder / "{00000..00002}.tar"), caption_column="txt"), seed=0,
+                         evaluate=False)  # fmt: skip
+    report = next(r.getMessage() for r in caplog.records if "skipped 1 of 27 rows" in r.getMessage())
+    assert "empty caption" in report and "(sample bad_1 of " in report and "00002.tar)" in report
