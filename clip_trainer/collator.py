@@ -138,7 +138,9 @@ class ImageTextCollator:
                 pixels.append(image_pixels)
             except BadSampleError as error:
                 # Rows are checked for cheap faults before training; what is left (a corrupt file) is rare.
-                logger.warning(f"Leaving out a sample that cannot be used ({error.reason}).")
+                # A tar sample (a stream's, which no up-front check sees) is named by its key and shard.
+                sample = f" sample {row['__key__']} of {row.get('__url__')}" if row.get("__key__") else ""
+                logger.warning(f"Leaving out a{sample or ' sample'} that cannot be used ({error.reason}).")
                 pixels.append(self.image_preprocessor.placeholder())
                 if self.teacher is not None:  # both views are appended only once both are made
                     teacher_pixels.append(self.teacher.image_preprocessor.placeholder())

@@ -80,6 +80,19 @@ def test_unusable_rows_are_flagged_placeholders(tiny_clip_dir, tmp_path):
     assert all_bad["pixel_values"].shape == (1, 3, 32, 32) and all_bad["valid"].tolist() == [False]
 
 
+def test_a_bad_tar_sample_is_named_by_its_key_and_shard(tiny_clip_dir, caplog):
+    """A stream's samples reach no up-front check: the collator's warning names the sample, not only the fault."""
+    import logging
+
+    collator, _ = make_collator(tiny_clip_dir)
+    caplog.set_level(logging.WARNING, logger="clip_trainer")
+    collator([{"image": draw_shape("red", "circle"), "caption": "a", "__key__": "s0_000", "__url__": "a/00000.tar"},
+              {"image": {"bytes": b"junk", "path": None}, "caption": "b", "__key__": "s0_001",
+               "__url__": "a/00000.tar"}])  # fmt: skip
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Leaving out")]
+    assert said == [said[0]] and said[0].startswith("Leaving out a sample s0_001 of a/00000.tar that cannot be used")
+
+
 def test_evaluation_rows_carry_ids_labels_and_placeholders(tiny_clip_dir):
     collator, _ = make_collator(tiny_clip_dir)
     rows = [
