@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import weakref
 import zipfile
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -286,6 +287,22 @@ def _checkpoint_folders(output_dir: str) -> list[str]:
     return sorted(name for name in os.listdir(output_dir) if _CHECKPOINT_NAME.match(name))
 
 
+# The locks this process holds. A forked child (a DataLoader worker) shares each through its copy of the descriptor,
+# and would hold it past a killed run until it noticed and exited itself; each child closes its copies at once, so a
+# lock ends with the run's own process. (The parent's lock stays: it goes only when every copy is closed.)
+_HELD_LOCKS: weakref.WeakSet[OutputDirLock] = weakref.WeakSet()
+
+
+def _close_held_locks_in_child() -> None:
+    for lock in list(_HELD_LOCKS):
+        if not lock._handle.closed:
+            lock._handle.close()
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_locks_in_child)
+
+
 class OutputDirLock:
     """An exclusive `flock` on `output_dir/_clip-trainer.lock`, held until [`release`] or the process ends.
 
@@ -318,14 +335,7 @@ class OutputDirLock:
         self._handle.truncate()
         self._handle.write(f"pid {os.getpid()}")
         self._handle.flush()
-        # A forked child (a DataLoader worker) shares the lock through its copy of the descriptor, and would hold it
-        # past a killed run until it noticed and exited itself; each child closes its copy at once, so the lock ends
-        # with the run's own process. (The lock stays: it goes only when every copy is closed.)
-        os.register_at_fork(after_in_child=self._close_in_child)
-
-    def _close_in_child(self) -> None:
-        if not self._handle.closed:
-            self._handle.close()
+        _HELD_LOCKS.add(self)
 
     def _is_the_file_in_the_folder(self) -> bool:
         try:
@@ -339,6 +349,7 @@ class OutputDirLock:
                 os.remove(self.path)  # still locked: whoever opens it now finds it gone (see `__init__`)
             fcntl.flock(self._handle, fcntl.LOCK_UN)
             self._handle.close()
+        _HELD_LOCKS.discard(self)
 
 
 def check_writable_folder(folder: str, key: str = "output_dir") -> None:

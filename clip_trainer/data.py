@@ -433,17 +433,23 @@ def _drop_bad_rows(dataset: Dataset, split: str, data_args: DataArguments) -> Da
     return dataset.select(report.good_indices())
 
 
-def _finish_training_split(train: Dataset, data_args: DataArguments, checked: bool = False) -> Dataset:
+def _usable_training_rows(train: Dataset, data_args: DataArguments) -> Dataset:
+    """The training rows with their columns checked, captions as text and bad rows dropped (and reported)."""
     _check_columns(train.column_names, "train", data_args)
     if len(train) == 0:
         raise ConfigError("The training data has no rows (a header only?); it needs one row per image-caption pair.")
-    train = _captions_as_text(train, data_args.caption_column)
-    if not checked:
-        train = _drop_bad_rows(train, "train", data_args)
-    if data_args.max_train_samples is not None:
-        train = train.select(range(min(data_args.max_train_samples, len(train))))
+    train = _drop_bad_rows(_captions_as_text(train, data_args.caption_column), "train", data_args)
     if len(train) == 0:
         raise ConfigError("No training pairs are left after removing bad rows; check the data (summary above).")
+    return train
+
+
+def _finish_training_split(train: Dataset, data_args: DataArguments, checked: bool = False) -> Dataset:
+    """The training split: its usable rows (found already when `checked`), cut to `max_train_samples`."""
+    if not checked:
+        train = _usable_training_rows(train, data_args)
+    if data_args.max_train_samples is not None:
+        train = train.select(range(min(data_args.max_train_samples, len(train))))
     return train
 
 
@@ -512,9 +518,8 @@ def _finish_validation(
         rows = list(validation.take(data_args.max_eval_samples) if data_args.max_eval_samples else validation)
         validation = Dataset.from_list(rows, features=validation.features)
     _check_columns(validation.column_names, split, data_args)
-    validation = _captions_as_text(validation, data_args.caption_column)
     if not checked:
-        validation = _drop_bad_rows(validation, split, data_args)
+        validation = _drop_bad_rows(_captions_as_text(validation, data_args.caption_column), split, data_args)
     if data_args.max_eval_samples is not None:
         validation = validation.select(range(min(data_args.max_eval_samples, len(validation))))
     # Every caption of an image is scored: a row of several captions becomes one row per caption (one image id).
@@ -727,15 +732,10 @@ def load_image_text_data(
         logger.warning("No validation data (`validation_split_percentage` is 0): the run trains on every pair.")
     checked = False
     if hold_out and isinstance(train_split, Dataset):
-        if len(train_split) == 0:
-            raise ConfigError("The training data has no rows (a header only?); it needs one row per pair.")
         # Bad rows are found before the split, so that the report numbers them as the data does (row 0: the first
         # data row read), not by their place in one side of a shuffled split.
-        _check_columns(train_split.column_names, "train", data_args)
         rows = len(train_split)
-        train_split = _drop_bad_rows(_captions_as_text(train_split, data_args.caption_column), "train", data_args)
-        if len(train_split) == 0:
-            raise ConfigError("No training pairs are left after removing bad rows; check the data (summary above).")
+        train_split = _usable_training_rows(train_split, data_args)
         train_split, validation = _held_out_split(train_split, data_args, seed)
         hold_out = False
         checked = True

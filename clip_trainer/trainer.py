@@ -983,8 +983,9 @@ class CLIPContrastiveTrainer(Trainer):
     def _save_gathered(self, output_dir: str) -> None:
         """The final save of a SHARDED_STATE_DICT run. transformers' writes nothing there (its FSDP branch saves only
         full state dicts), and a sharded folder is not one `from_pretrained` reads: the folder gets the full state
-        dict (the main process writes it). For a LoRA model, peft's `save_pretrained` keeps the adapter's weights."""
-        state_dict = self._gathered_state_dict()
+        dict (the main process writes it; `_save` gives the scalars back their shapes). For a LoRA model, peft's
+        `save_pretrained` keeps the adapter's weights."""
+        state_dict = self.accelerator.get_state_dict(self.model)
         if self.args.should_save:
             self._save(output_dir, state_dict=state_dict)
 
