@@ -342,6 +342,10 @@ def _close_process_group() -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        # Every process reaches the end first: the main one may still be writing the card and the files when the
+        # others return, and a process that tears its connections down while a peer's are open can abort in gloo's
+        # threads (seen once in CI, on the process that finished first).
+        dist.barrier()
         dist.destroy_process_group()
 
 
