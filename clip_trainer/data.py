@@ -249,6 +249,14 @@ def _load_mixture(
                 f"`train_mixture` source {source!r} has no `train` split; its splits are: {', '.join(splits)}."
             )
         train = splits["train"]
+        pair_columns = {data_args.image_column, data_args.caption_column}
+        if isinstance(train, Dataset) and pair_columns <= set(train.column_names):
+            # Checked source by source, before the split and the mixing: the report names the source and numbers
+            # the rows as its file does (the mixture's order says nothing to whoever fixes the file).
+            where = f"`train_mixture` source {source!r}"
+            train = _drop_bad_rows(_captions_as_text(train, data_args.caption_column), where, data_args)
+            if len(train) == 0:
+                raise ConfigError(f"{where} has no pairs left after removing bad rows; check it (summary above).")
         validation = next((splits[name] for name in VALIDATION_SPLIT_NAMES if name in splits), None)
         if isinstance(train, Dataset) and hold_out and validation is None and data_args.validation_file is None:
             train, validation = _held_out_split(train, data_args, seed)
@@ -330,13 +338,47 @@ def _load_data_files(
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
 
+def _first_non_utf8(path: str, block_size: int = 1 << 20) -> tuple[str, int, int] | None:
+    """The first byte of a local file that is not UTF-8: (the decoder's reason, its offset from the start of the
+    file, its line, counted from 1), or `None` when the whole file decodes (or cannot be opened)."""
+    offset, line, carried = 0, 1, b""
+    try:
+        with open(path, "rb") as file:
+            while True:
+                block = file.read(block_size)
+                data = carried + block
+                if not data:
+                    return None
+                try:
+                    data.decode("utf-8")
+                    decoded, carried = len(data), b""
+                except UnicodeDecodeError as error:
+                    if not (block and error.reason == "unexpected end of data"):
+                        return error.reason, offset + error.start, line + data.count(b"\n", 0, error.start)
+                    decoded, carried = error.start, data[error.start :]  # a character cut by the block's end
+                line += data.count(b"\n", 0, decoded)
+                offset += decoded
+    except OSError:
+        return None
+
+
 def _file_error(key: str, files: list[str], error: Exception) -> ConfigError:
     """A data file `datasets` could not read, said in one line with the fix."""
     cause: BaseException | None = error
     while cause is not None:
         if isinstance(cause, UnicodeDecodeError):
+            # The decoder's offset counts from the start of the block pandas or pyarrow was decoding, not of the
+            # file (nor does it say which of several files): find the first bad byte by reading the files ourselves.
+            for name in files:
+                position = _first_non_utf8(name)
+                if position is not None:
+                    reason, byte, line = position
+                    return ConfigError(
+                        f"`{key}` {name!r} is not UTF-8 text ({reason} at byte {byte:,}, line {line:,}); save it as "
+                        "UTF-8 (e.g. `iconv -f latin1 -t utf-8 in.csv > out.csv`)."
+                    )
             return ConfigError(
-                f"`{key}` {files[0]!r} is not UTF-8 text ({cause.reason} at byte {cause.start}); save it as UTF-8 "
+                f"`{key}` {files[0]!r} is not UTF-8 text ({cause.reason}); save it as UTF-8 "
                 "(e.g. `iconv -f latin1 -t utf-8 in.csv > out.csv`)."
             )
         if type(cause).__name__ == "EmptyDataError" or "corresponds to no data" in str(cause):
@@ -423,10 +465,12 @@ def _captions_as_text(dataset: Dataset, caption_column: str) -> Dataset:
 
 
 def _drop_bad_rows(dataset: Dataset, split: str, data_args: DataArguments) -> Dataset:
+    """`dataset` without its bad rows, reported in one line headed by `split` (`"train"`, or a source named in
+    backquotes)."""
     report = find_bad_rows(dataset, data_args.image_column, data_args.caption_column, base_dir=None)
     if not report.bad_indices:
         return dataset
-    message = f"{split} data: " + report.summary(len(dataset))
+    message = (split if split.startswith("`") else f"{split} data") + ": " + report.summary(len(dataset))
     if data_args.on_bad_rows == "error":
         raise ConfigError(message + " Fix or remove these rows, or set `on_bad_rows` to `skip`.")
     logger.warning(message)
@@ -750,7 +794,8 @@ def load_image_text_data(
     if not train:
         train_split = None
     elif isinstance(train_split, Dataset):
-        train_split = _finish_training_split(train_split, data_args, checked=checked)
+        # A mixture's sources were checked one by one before they were mixed.
+        train_split = _finish_training_split(train_split, data_args, checked=checked or bool(data_args.train_mixture))
         if not data_args.prepare_only:
             # Several captions per image: rows of one image merged, one caption drawn per epoch (`caption_sampling`).
             # A prepared folder keeps the rows as they are; the run that trains from it merges them.

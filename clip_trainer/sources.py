@@ -391,11 +391,18 @@ def shard_problem(path: str) -> tuple[str, bool] | None:
     return None
 
 
-def count_shard_samples(path: str) -> tuple[int, bool]:
+def count_shard_samples(path: str, truncated: bool = False) -> tuple[int, bool]:
     """The whole samples of a tar shard, and whether a sample is cut short at its end, from the tar headers alone
-    (the members' data is seeked over, not read)."""
+    (the members' data is seeked over, not read).
+
+    A shard cut inside a member loses the sample of that member. One cut between two members (`truncated`: the
+    shard has no end-of-archive blocks, see [`shard_problem`]) may leave its last sample without the members after
+    the cut, its caption say: that sample counts as cut when it has fewer kinds of members than the shard's first.
+    """
     size = os.path.getsize(path)
     samples, last_key, cut = 0, None, False
+    first_members: set[str] | None = None  # the member kinds (extensions) of the shard's first sample
+    members: set[str] = set()  # those of the sample being read
     with tarfile.open(path, mode="r:") as tar:
         while True:
             try:
@@ -405,13 +412,20 @@ def count_shard_samples(path: str) -> tuple[int, bool]:
                 break
             if member is None:
                 break
-            key, _ = _member_key(member.name) if member.isreg() else (None, "")
+            key, extension = _member_key(member.name) if member.isreg() else (None, "")
             if member.offset_data + member.size > size:
                 cut = True
-                samples -= key == last_key  # the sample this member belongs to is incomplete
+                if key == last_key:  # the sample this member belongs to is incomplete
+                    samples, members = samples - 1, set()
                 break
             if key is not None and key != last_key:
-                samples, last_key = samples + 1, key
+                if last_key is not None and first_members is None:
+                    first_members = members
+                samples, last_key, members = samples + 1, key, set()
+            if key is not None:
+                members.add(extension)
+    if (cut or truncated) and first_members is not None and members and members < first_members:
+        samples, cut = samples - 1, True
     return max(0, samples), cut
 
 
@@ -582,7 +596,7 @@ def check_shards(files: list[str], key: str, on_bad_rows: str) -> tuple[list[str
     if sum(os.path.getsize(path) for path in readable) <= SHARD_COUNT_BYTES:
         sizes = []
         for path in readable:
-            samples, cut = count_shard_samples(path)
+            samples, cut = count_shard_samples(path, truncated=path in report.truncated)
             sizes.append(samples)
             report.skipped_samples += cut
     if report.unreadable or report.truncated:

@@ -185,7 +185,7 @@ def check_shard_split(stream: IterableDataset, world_size: int, num_workers: int
             f"The training stream has {shards} shard(s) for {world_size} processes: every process reads all of it and "
             "keeps every n-th batch. Give at least as many shards (files) as processes to read each one once."
         )
-    elif sizes is not None and len(sizes) == shards and readers > 1:
+    elif sizes is not None and len(sizes) == shards and readers > 1 and min(sizes) < max(sizes):
         excess, fewest = uneven_shard_excess(sizes, readers)
         if excess >= UNEVEN_SHARDS_FACTOR:
             total = sum(sizes)
@@ -199,11 +199,17 @@ def check_shard_split(stream: IterableDataset, world_size: int, num_workers: int
                 f"them ({layout})."
             )
     elif shards % readers:
+        # Equal (or unknown) sizes: only the count is uneven. With known sizes, say how much more often.
+        how_often = ""
+        if sizes is not None and len(sizes) == shards:
+            excess, _ = uneven_shard_excess(sizes, readers)
+            if 1.0 < excess < float("inf"):
+                how_often = f" (up to {excess:.1f}x as often as the rest)"
         logger.warning(
-            f"The training stream's {shards} shards do not divide evenly among {world_size} process(es) x "
-            f"{max(1, num_workers)} DataLoader worker(s): every sample is still read once per pass of its worker, but "
-            f"workers with fewer shards start their next pass sooner, so their samples come round more often. A "
-            f"multiple of {readers} equal-sized shards samples uniformly ({layout})."
+            f"The training stream's {shards} shards do not divide evenly among {readers} readers ({world_size} "
+            f"process(es) x {max(1, num_workers)} DataLoader worker(s)): every sample is still read once per pass of "
+            f"its reader, but readers with fewer shards start their next pass sooner, so their samples come round "
+            f"more often{how_often}. A multiple of {readers} equal-sized shards samples uniformly ({layout})."
         )
 
 

@@ -121,6 +121,31 @@ def test_the_counts_are_there_for_the_runs_summary(bad_shards, streaming):
     assert list(report.truncated) == ["shards/00001.tar"]
 
 
+def test_a_shard_cut_between_the_members_of_a_sample_counts_that_sample_as_left_out(
+    base_args, tmp_path, monkeypatch, caplog
+):
+    """A download cut after the image of `s1_003` and before its caption: the tar headers end cleanly there, so only
+    the missing end-of-archive blocks and the sample's missing members tell. The run's report counts the sample as
+    left out before training, and the run trains on every other sample of the shard."""
+    monkeypatch.chdir(tmp_path)
+    keys = write_tar_shards(tmp_path / "shards", shards=2, per_shard=6)
+    path = tmp_path / "shards" / "00001.tar"
+    with tarfile.open(path) as tar:
+        caption = next(m for m in tar.getmembers() if m.name == "s1_003.txt")
+    path.write_bytes(path.read_bytes()[: caption.offset])  # up to the caption's header: whole members only
+    caplog.set_level(logging.WARNING, logger="clip_trainer")
+    argv = list(base_args)
+    argv[argv.index("--train_file") + 1] = "shards/*.tar"
+    argv[argv.index("--output_dir") + 1] = "out"
+    results, trained = recorded_run(
+        monkeypatch, [*argv, "--validation_split_percentage", "0", "--num_train_epochs", "1"]
+    )
+    assert "read 1 truncated shard(s) up to the cut, leaving out 1 incomplete sample(s)" in logged(caplog)
+    assert (results["truncated_shards"], results["skipped_shard_samples"]) == (1, 1)
+    expected = [key for key in keys if key.startswith("s0_") or key in ("s1_000", "s1_001", "s1_002")]
+    assert sorted(trained) == sorted(expected)
+
+
 @pytest.mark.parametrize("streaming", ["true", "false"], ids=["streamed", "loaded"])
 @pytest.mark.parametrize(
     "kind, reason",

@@ -229,6 +229,14 @@ CASES = [
          ("Cannot hold out 15% of 1 training pair", "validation_split_percentage` to 0"), "data"),
     Case("a latin-1 CSV", lambda a, t, m: set_option(a, "train_file", csv_file(t, "image,caption\na.png,caf\u00e9 cr\u00e8me\n", "latin-1")),
          ("is not UTF-8", "save it as UTF-8"), "data"),
+    # Deep in a file, pandas decodes in blocks: the byte and line are the file's own (the bad row is line 20,002;
+    # before it, a 14-byte header, 20,000 rows of 30 bytes, then the 9 bytes of "a.png,caf").
+    Case("a latin-1 byte deep in a CSV",
+         lambda a, t, m: set_option(a, "train_file", csv_file(
+             t, "image,caption\n" + "".join(f"a.png,caption number {i:08d}\n" for i in range(20_000))
+             + "a.png,caf\u00e9\n", "latin-1", name="big.csv")),
+         ("big.csv' is not UTF-8 text (invalid continuation byte at byte 600,023, line 20,002)", "save it as UTF-8"),
+         "data"),
     Case("a validation set with one pair",
          lambda a, t, m: [*a, "--eval_strategy", "epoch", "--validation_file",
                           csv_file(t, f"image,caption\nnone.png,a cat\n{an_image(a)},a red circle\n", name="val.csv")],
@@ -346,3 +354,20 @@ def test_evaluating_a_model_trained_from_a_config_file_that_names_a_config(tiny_
     assert not (tmp_path / "eval").exists()
     metrics = run.main([*argv, "--config_name", ""])
     assert 0 <= metrics["eval_t2i_recall@1"] <= 1
+
+
+@pytest.mark.parametrize("block_size", [1, 2, 3, 7, 1 << 20])
+def test_the_first_non_utf8_byte_is_found_whatever_the_reading_blocks(tmp_path, block_size):
+    """Valid two- and three-byte characters cut by a block's end are not errors; the bad byte's offset and line
+    are the file's."""
+    from clip_trainer.data import _first_non_utf8
+
+    good = "image,caption\nb.png,café crème\nc.png,€ and ü\n".encode()
+    path = tmp_path / "mixed.csv"
+    path.write_bytes(good)
+    assert _first_non_utf8(str(path), block_size) is None
+    path.write_bytes(good + b"d.png,na\xefve\n")
+    reason, byte, line = _first_non_utf8(str(path), block_size)
+    assert (byte, line) == (len(good) + len(b"d.png,na"), 4) and reason == "invalid continuation byte"
+    path.write_bytes(good + b"e.png,cut \xe2\x82")  # a character cut by the end of the file
+    assert _first_non_utf8(str(path), block_size)[1:] == (len(good) + len(b"e.png,cut "), 4)

@@ -185,3 +185,37 @@ def test_mixture_sources_in_a_config_file_are_read_against_its_folder_and_train(
     main([str(config)])
     state = json.loads((elsewhere / "out" / "trainer_state.json").read_text())
     assert state["global_step"] == 3
+
+
+def test_bad_rows_of_a_mixture_are_named_by_source_and_numbered_as_in_its_file(
+    two_sources, base_args, tmp_path, monkeypatch, caplog
+):
+    """Rows 3 (a missing image) and 5 (no caption) of the CSV source: reported against that source, numbered
+    as its file is, before the hold-out and the mixing; the run trains on the rest, and the same rows without the
+    mixture are reported the same way."""
+    tars, csv_path = two_sources
+    lines = open(csv_path).read().splitlines()
+    header, rows = lines[0], lines[1:]
+    rows[3] = "images/no_such_picture.png,a red circle,circle"
+    image = rows[5].split(",")[0]
+    rows[5] = f"{image},,circle"
+    bad = tmp_path / "b" / "with_bad_rows.csv"
+    bad.write_text("\n".join([header, *rows]) + "\n")
+    monkeypatch.chdir(tmp_path)
+    argv = [*base_args, "--train_mixture", json.dumps({tars: 1, str(bad): 1}), "--max_steps", "2",
+            "--output_dir", "out", "--eval_strategy", "no", "--save_strategy", "no"]  # fmt: skip
+    argv[argv.index("--train_file") : argv.index("--train_file") + 2] = []
+    caplog.set_level("WARNING", logger="clip_trainer")
+    main(argv)
+    reports = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(reports) == 1, reports
+    [report] = reports
+    assert report.startswith(f"`train_mixture` source {str(bad)!r}: skipped 2 of 24 rows")
+    assert "row 3: image file not found" in report and "row 5: missing caption" in report
+    assert json.loads((tmp_path / "out" / "trainer_state.json").read_text())["global_step"] == 2
+
+    # The same file alone gives the same row numbers.
+    caplog.clear()
+    load_image_text_data(DataArguments(train_file=str(bad)), seed=0, evaluate=False)
+    [alone] = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert "row 3: image file not found" in alone and "row 5: missing caption" in alone

@@ -315,6 +315,26 @@ def test_uneven_shards_are_reported_with_how_uneven_and_how_to_lay_them_out(
     assert f"up to {share / (len(set(small)) / 206):.1f}x as often" in message
 
 
+def test_equal_shards_that_do_not_divide_among_the_readers_are_not_called_uneven(
+    base_args, tmp_path, monkeypatch, caplog
+):
+    """3 shards of 5 samples for 2 DataLoader workers: the sizes are equal, the count is what is uneven."""
+    monkeypatch.chdir(tmp_path)
+    write_tar_shards(tmp_path / "shards", shards=3, per_shard=0, sizes=[5, 5, 5])
+    caplog.set_level(logging.WARNING, logger="clip_trainer")
+    argv = _train_args(base_args, "shards/*.tar")
+    argv[argv.index("--output_dir") + 1] = "out"
+    main([*argv, "--streaming", "true", "--max_steps", "1", "--validation_split_percentage", "0",
+          "--shuffle_buffer_size", "8"])  # fmt: skip
+    messages = [r.getMessage() for r in caplog.records]
+    assert not [m for m in messages if "shards are uneven" in m]
+    [message] = [m for m in messages if "do not divide evenly" in m]
+    # One worker reads 2 shards, the other 1 (10 and 5 samples, each giving half of the batches): the single
+    # shard's samples come round (15 / 2) / 5 = 1.5 times as often as with an even split.
+    assert "3 shards do not divide evenly among 2 readers (1 process(es) x 2 DataLoader worker(s))" in message
+    assert "(up to 1.5x as often as the rest)" in message and "A multiple of 2 equal-sized shards" in message
+
+
 RECORDING_CLI = """
 import os, sys
 import torch
