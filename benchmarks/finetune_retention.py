@@ -81,6 +81,10 @@ RECIPES = {
     "vision locked + distillation from the pretrained (weight 0.5)": [
         "--freeze_vision_model", "true", "--distill_from_pretrained", "true", "--distillation_weight", "0.5",
     ],
+    # A smaller step: the fine-tune stays nearer the pretrained weights while it trains (the plain recipe's rate is
+    # 5e-4).
+    "plain (lr 1e-4)": ["--learning_rate", "1e-4"],
+    "plain (lr 2e-4)": ["--learning_rate", "2e-4"],
 }  # fmt: skip
 # WiSE-FT is measured on the plain, the vision-locked, the EMA and the distilled fine-tunes (`a = 1` is the fine-tune
 # itself).
@@ -93,6 +97,8 @@ WISE_FT_RECIPES = (
     "plain + distillation from the pretrained (weight 0.25)",
     "plain + distillation from the pretrained (weight 0.5)",
     "vision locked + distillation from the pretrained (weight 0.5)",
+    "plain (lr 1e-4)",
+    "plain (lr 2e-4)",
 )
 WISE_FT_ALPHAS = ("0.25", "0.5", "0.6", "0.75", "0.9")
 
