@@ -399,6 +399,25 @@ def claim_output_dir(output_dir: str, resuming: bool = False, overwrite: bool = 
     return lock
 
 
+# The files that make a folder a saved model (transformers' `save_pretrained`).
+_MODEL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+def check_evaluation_output_dir(output_dir: str) -> None:
+    """Refuses an evaluation-only run whose `output_dir` holds a saved model: the run writes its results and the
+    evaluated model's processor (tokenizer, image settings) there, which would replace that model's own files (or,
+    for the model's own folder, replace its training run's results with another evaluation's while its card keeps
+    the old ones)."""
+    has_config = os.path.isfile(os.path.join(output_dir, "config.json"))
+    if not has_config or not any(os.path.isfile(os.path.join(output_dir, name)) for name in _MODEL_WEIGHTS):
+        return
+    raise ConfigError(
+        f"`output_dir` {output_dir!r} holds a saved model, and an evaluation writes its results and the evaluated "
+        f"model's tokenizer and processor files there, replacing that model's own and its training run's results. "
+        f"Give the evaluation its own folder (--output_dir {os.path.normpath(output_dir)}-eval, say)."
+    )
+
+
 # Errors of the file system that a save can meet hours into a run.
 _DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EIO}
 # What the writers that raise no `OSError` say when the disk refuses a write: torch.save's zip writer

@@ -15,7 +15,13 @@ from transformers.utils import logging
 
 from .arguments import CLIPTrainingArguments
 from .callbacks import NonFiniteTrainingError, TrainingInterrupted
-from .checkpoints import claim_output_dir, describe_save_error, is_save_failure, resolve_resume_checkpoint
+from .checkpoints import (
+    check_evaluation_output_dir,
+    claim_output_dir,
+    describe_save_error,
+    is_save_failure,
+    resolve_resume_checkpoint,
+)
 from .clip_benchmark import (
     DEFAULT_OUTPUT_FILENAME,
     ClipBenchmarkSet,
@@ -85,6 +91,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if training:
         resume_checkpoint = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     output_lock = None
+    if training_args.should_save and not training and not data_args.prepare_only:
+        check_evaluation_output_dir(training_args.output_dir)
     if training_args.should_save:
         # Checked before any data is read, whatever the run writes (a model, evaluation results, prepared data), and
         # held until the run ends: a second run into the same folder stops here instead of deleting or resuming this

@@ -44,3 +44,32 @@ def test_saved_model_works_in_the_zero_shot_pipeline(base_args, tmp_path):
     )
     assert {p["label"] for p in predictions} == {"a red circle", "a blue square"}
     assert abs(sum(p["score"] for p in predictions) - 1) < 1e-4
+
+
+def test_an_evaluation_does_not_write_into_a_models_folder(base_args, tmp_path, tiny_clip_dir, monkeypatch):
+    """The folder of a saved model as an evaluation's `output_dir` (another model's, or the evaluated model's own):
+    refused before anything is read or written, since the run would replace its tokenizer, processor and results."""
+    import shutil
+
+    import pytest
+
+    from clip_trainer.arguments import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    trained = tmp_path / "trained"
+    shutil.copytree(tiny_clip_dir, trained)
+    before = {path.name: path.stat().st_mtime_ns for path in trained.iterdir()}
+    argv = list(base_args)
+    argv[argv.index("--output_dir") + 1] = "trained"
+    for model in (str(tiny_clip_dir), "trained"):
+        argv[argv.index("--model_name_or_path") + 1] = model
+        with pytest.raises(
+            ConfigError, match=r"`output_dir` 'trained' holds a saved model.*--output_dir trained-eval"
+        ):
+            main([*argv, "--do_eval"])
+    assert {path.name: path.stat().st_mtime_ns for path in trained.iterdir()} == before
+
+    # Its own folder beside it: evaluated.
+    argv[argv.index("--output_dir") + 1] = "trained-eval"
+    results = main([*argv, "--do_eval"])
+    assert (tmp_path / "trained-eval" / "eval_results.json").is_file() and "eval_t2i_recall@1" in results
