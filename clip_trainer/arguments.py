@@ -967,8 +967,9 @@ class CLIPTrainingArguments(TrainingArguments):
     overwrite_output_dir: bool = field(
         default=False,
         metadata={
-            "help": "Train into an `output_dir` that holds another run's checkpoints (they are deleted first). "
-            "Without it such a run stops and says how to resume or where else to write."
+            "help": "Train into an `output_dir` that holds another run's checkpoints (they are deleted first) or a "
+            "saved model (replaced by this run's). Without it such a run stops and says how to resume or where else "
+            "to write."
         },
     )
     freeze_vision_model: bool = field(

@@ -384,6 +384,15 @@ def claim_output_dir(output_dir: str, resuming: bool = False, overwrite: bool = 
     """
     check_writable_folder(output_dir)
     lock = OutputDirLock(output_dir)
+    checkpoints_found = training and bool(_checkpoint_folders(output_dir))
+    if training and not resuming and not overwrite and not checkpoints_found and holds_saved_model(output_dir):
+        # No checkpoint to resume from, but a finished model (a run with `save_strategy no`, a WiSE-FT or exported
+        # folder, the model this run starts from): the final save would replace it without a word.
+        lock.release()
+        raise ConfigError(
+            f"`output_dir` {output_dir!r} holds a saved model, which this run's final save would replace. Choose "
+            "another --output_dir, or pass --overwrite_output_dir true to replace it."
+        )
     existing = _checkpoint_folders(output_dir) if training else []
     if existing and not resuming:
         if not overwrite:
@@ -403,13 +412,18 @@ def claim_output_dir(output_dir: str, resuming: bool = False, overwrite: bool = 
 _MODEL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
+def holds_saved_model(folder: str) -> bool:
+    """Whether `folder` holds a model saved with `save_pretrained` (a config and weights)."""
+    has_config = os.path.isfile(os.path.join(folder, "config.json"))
+    return has_config and any(os.path.isfile(os.path.join(folder, name)) for name in _MODEL_WEIGHTS)
+
+
 def check_evaluation_output_dir(output_dir: str) -> None:
     """Refuses an evaluation-only run whose `output_dir` holds a saved model: the run writes its results and the
     evaluated model's processor (tokenizer, image settings) there, which would replace that model's own files (or,
     for the model's own folder, replace its training run's results with another evaluation's while its card keeps
     the old ones)."""
-    has_config = os.path.isfile(os.path.join(output_dir, "config.json"))
-    if not has_config or not any(os.path.isfile(os.path.join(output_dir, name)) for name in _MODEL_WEIGHTS):
+    if not holds_saved_model(output_dir):
         return
     raise ConfigError(
         f"`output_dir` {output_dir!r} holds a saved model, and an evaluation writes its results and the evaluated "

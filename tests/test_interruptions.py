@@ -105,6 +105,38 @@ def test_a_second_run_does_not_write_over_the_first_runs_checkpoints(base_args, 
     assert sorted(path.name for path in out.glob("checkpoint-*")) == ["checkpoint-4"]
 
 
+def test_a_training_run_does_not_replace_a_saved_model_without_being_asked(
+    base_args, tmp_path, tiny_clip_dir, monkeypatch, capsys
+):
+    """A folder with a finished model and no checkpoint (a run with `save_strategy no`; the model a run starts
+    from): a training run into it stops with one line and the model stays; `--overwrite_output_dir true` replaces it."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    argv = list(base_args)
+    argv[argv.index("--output_dir") + 1] = "out"
+    no_checkpoints = [*argv, "--max_steps", "2", "--save_strategy", "no"]
+    run.main(no_checkpoints)
+    weights = (tmp_path / "out" / "model.safetensors").read_bytes()
+    assert run.cli(no_checkpoints) == 2
+    message = capsys.readouterr().err
+    assert "`output_dir` 'out' holds a saved model, which this run's final save would replace" in message
+    assert "--overwrite_output_dir true" in message
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == weights
+
+    # Training into the folder of the model it starts from: the same stop, the model kept.
+    shutil.copytree(tiny_clip_dir, tmp_path / "start")
+    start = (tmp_path / "start" / "model.safetensors").read_bytes()
+    from_start = [*no_checkpoints, "--model_name_or_path", "start", "--output_dir", "start"]
+    assert run.cli(from_start) == 2
+    assert "`output_dir` 'start' holds a saved model" in capsys.readouterr().err
+    assert (tmp_path / "start" / "model.safetensors").read_bytes() == start
+
+    # Asked for: replaced.
+    run.main([*no_checkpoints, "--overwrite_output_dir", "true", "--seed", "7"])
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() != weights
+
+
 def test_two_runs_cannot_write_into_one_folder_at_once(base_args, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
