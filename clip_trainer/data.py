@@ -328,6 +328,10 @@ def _load_data_files(
             # Text columns stay text: pandas would read a column of numbers ("12", "007") as integers.
             text_columns = [data_args.image_column, data_args.caption_column, data_args.label_column]
             kwargs["converters"] = {column: str for column in text_columns + [data_args.image_id_column] if column}
+            # Nor would a caption or label "NA", "None", "null" or "nan" be text to pandas, which reads them as
+            # missing values by default: only an empty field is missing.
+            kwargs["keep_default_na"] = False
+            kwargs["na_values"] = [""]
         try:
             dataset = datasets.load_dataset(
                 builder, data_files={"data": files}, split="data", cache_dir=cache_dir, streaming=streaming, **kwargs

@@ -149,6 +149,33 @@ def test_numeric_captions_are_text(base_args, tmp_path):
     assert "01000" in captions and all(isinstance(caption, str) for caption in captions)
 
 
+def test_words_pandas_takes_for_missing_values_are_captions_and_labels(base_args, tmp_path, monkeypatch, caplog):
+    """ "NA", "None", "null", "nan", "N/A": captions and labels as written (a user's caption, a class named "None");
+    an empty field is still a missing caption. Through the command, from another working folder."""
+    folder = tmp_path / "data"
+    source = write_shapes_csv(folder, repeats=1)
+    rows = list(csv.reader(source.open()))
+    words = ["NA", "None", "null", "nan", "N/A", "NULL"]
+    for row, word in zip(rows[1:], words):
+        row[1] = word
+    rows[7][2] = "None"  # a class named "None"
+    rows[8][1] = ""  # missing
+    with source.open("w", newline="") as handle:
+        csv.writer(handle).writerows(rows)
+    monkeypatch.chdir(tmp_path / "data" / "images")
+    argv = list(base_args)
+    argv[argv.index("--train_file") + 1] = "../pairs.csv"
+    caplog.set_level("WARNING", logger="clip_trainer")
+    results = main([*argv, "--max_steps", "1", "--validation_split_percentage", "0"])
+    assert results["train_samples"] == len(rows) - 2  # the header and the one empty caption
+    [report] = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert "skipped 1 of 24 rows" in report and "row 7: missing caption" in report
+    data = load_image_text_data(DataArguments(train_file="../pairs.csv", label_column="shape"), seed=0)
+    captions = set(data.train["caption"]) | set(data.validation["caption"])
+    labels = set(data.train["shape"]) | set(data.validation["shape"])
+    assert set(words) <= captions and "None" in labels
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Splits and evaluation sets
 # --------------------------------------------------------------------------------------------------------------
