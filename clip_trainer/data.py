@@ -12,10 +12,12 @@ Images are never decoded here: they stay file paths or encoded bytes, and the co
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import hashlib
 import math
 import os
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -366,6 +368,25 @@ def _first_non_utf8(path: str, block_size: int = 1 << 20) -> tuple[str, int, int
         return None
 
 
+# pandas' message for a row with more fields than the header ("C error: Expected 2 fields in line 3, saw 3").
+_FIELD_COUNT = re.compile(r"Expected (\d+) fields in line (\d+), saw (\d+)")
+
+
+def _first_overlong_row(files: list[str]) -> tuple[str, int, int, int] | None:
+    """The first row of the CSV `files` with more fields than its header: (file, header fields, line, fields)."""
+    for name in files:
+        try:
+            with open(name, newline="", encoding="utf-8") as handle:
+                reader = csv.reader(handle)
+                header = next(reader, [])
+                for row in reader:
+                    if len(row) > len(header):
+                        return name, len(header), reader.line_num, len(row)
+        except (OSError, UnicodeDecodeError, csv.Error):
+            continue
+    return None
+
+
 def _file_error(key: str, files: list[str], error: Exception) -> ConfigError:
     """A data file `datasets` could not read, said in one line with the fix."""
     cause: BaseException | None = error
@@ -384,6 +405,18 @@ def _file_error(key: str, files: list[str], error: Exception) -> ConfigError:
             return ConfigError(
                 f"`{key}` {files[0]!r} is not UTF-8 text ({cause.reason}); save it as UTF-8 "
                 "(e.g. `iconv -f latin1 -t utf-8 in.csv > out.csv`)."
+            )
+        fields = _FIELD_COUNT.search(str(cause)) if type(cause).__name__ == "ParserError" else None
+        if fields is not None:
+            # pandas does not say which file of several; find the row again with the `csv` module.
+            file, (expected, line, found) = files[0], fields.groups()
+            overlong = _first_overlong_row(files)
+            if overlong is not None:
+                file, expected, line, found = overlong
+            return ConfigError(
+                f"`{key}` {file!r}: line {line} has {found} fields where the header has {expected}; a caption with "
+                "a comma must be quoted (\"a red, round sign\"), as CSV writers such as pandas' `to_csv` or Python's "
+                "`csv` module do."
             )
         if type(cause).__name__ == "EmptyDataError" or "corresponds to no data" in str(cause):
             return ConfigError(

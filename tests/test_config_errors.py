@@ -39,6 +39,12 @@ def csv_file(tmp: Path, text: str, encoding: str = "utf-8", name: str = "pairs.c
     return str(path)
 
 
+def two_csvs_the_second_with_an_unquoted_comma(tmp: Path) -> str:
+    csv_file(tmp, "image,caption\na.png,one\n", name="p1.csv")
+    csv_file(tmp, "image,caption\na.png,one\nb.png,two\nc.png,red, round\n", name="p2.csv")
+    return str(tmp / "p*.csv")
+
+
 def an_image(argv: list[str]) -> str:
     """An image file of the base command line's training data, by absolute path."""
     return str(Path(argv[argv.index("--train_file") + 1]).parent / "images" / "red_circle_white_0.png")
@@ -237,6 +243,10 @@ CASES = [
              + "a.png,caf\u00e9\n", "latin-1", name="big.csv")),
          ("big.csv' is not UTF-8 text (invalid continuation byte at byte 600,023, line 20,002)", "save it as UTF-8"),
          "data"),
+    # An unquoted comma in a caption, in the second file of a glob: the file and line are named, and the fix.
+    Case("a caption with an unquoted comma",
+         lambda a, t, m: set_option(a, "train_file", two_csvs_the_second_with_an_unquoted_comma(t)),
+         ("`train_file`", "p2.csv': line 4 has 3 fields where the header has 2", "must be quoted"), "data"),
     Case("a validation set with one pair",
          lambda a, t, m: [*a, "--eval_strategy", "epoch", "--validation_file",
                           csv_file(t, f"image,caption\nnone.png,a cat\n{an_image(a)},a red circle\n", name="val.csv")],
