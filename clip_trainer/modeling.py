@@ -11,6 +11,7 @@ name is loaded, and a checkpoint of another kind is refused by name before any w
 from __future__ import annotations
 
 import copy
+import difflib
 import math
 import os
 from collections.abc import Callable, Iterable
@@ -274,9 +275,26 @@ def tower_modules(model: nn.Module, tower: str) -> list[nn.Module]:
     return [getattr(model, name) for name in names if getattr(model, name, None) is not None]
 
 
+def _not_on_this_machine(source: str, key: str) -> str:
+    """`source`, a path that does not exist, said with what its folder holds instead (a mistyped folder name)."""
+    folder, name = os.path.split(os.path.normpath(os.path.expanduser(source)))
+    where = f"`{key}` {source!r} is not on this machine (no {os.path.abspath(os.path.expanduser(source))})"
+    if folder and os.path.isdir(folder):
+        entries = sorted(entry for entry in os.listdir(folder) if not entry.startswith("."))
+        close = difflib.get_close_matches(name, entries, n=3, cutoff=0.5)
+        if close:
+            where += f"; did you mean {' or '.join(repr(os.path.join(folder, entry)) for entry in close)}?"
+    return where
+
+
 def _auto_config(source: str, key: str, model_args: ModelArguments) -> PretrainedConfig:
     if os.path.isdir(source) and not os.path.isfile(os.path.join(source, "config.json")):
         raise ConfigError(f"`{key}` {source!r} is a folder without a config.json, so it is not a saved model.")
+    written_as_path = source.startswith((".", "/", "~")) or source.count("/") > 1 or source.endswith(".json")
+    if not os.path.exists(source) and written_as_path:
+        # A Hub id is `name` or `owner/name`: anything else is a path, and looking it up on the Hub would only
+        # answer with a network error.
+        raise ConfigError(_not_on_this_machine(source, key) + ".")
     try:
         return AutoConfig.from_pretrained(
             source,
@@ -286,6 +304,12 @@ def _auto_config(source: str, key: str, model_args: ModelArguments) -> Pretraine
         )
     except (OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        folder = os.path.dirname(os.path.normpath(source))
+        if folder and os.path.isdir(folder) and not os.path.exists(source):
+            # `out/cvs` beside a local `out/`: most likely a mistyped folder rather than a Hub id.
+            raise ConfigError(
+                f"{_not_on_this_machine(source, key)}, and loading it as a Hub id failed: {first_line}"
+            ) from None
         raise ConfigError(f"Cannot load a model config from `{key}` = {source!r}: {first_line}") from None
 
 

@@ -219,6 +219,15 @@ CASES = [
     Case("output_dir cannot be created", lambda a, t, m: set_option(a, "output_dir", str(Path(csv_file(t, "x", name="f")) / "out")),
          ("Cannot write into `output_dir`", "choose another folder")),
     # --- data files ----------------------------------------------------------------------------------------------
+    # A mistyped model folder: not sent to the Hub when it is written as a path; beside a folder of that name, the
+    # near names are offered.
+    Case("a model path that does not exist",
+         lambda a, t, m: set_option(a, "model_name_or_path", "../outputs/dem"),
+         ("`model_name_or_path` '../outputs/dem' is not on this machine (no ",)),
+    Case("a mistyped model folder",
+         lambda a, t, m: (t / "out" / "csv").mkdir(parents=True) or set_option(a, "model_name_or_path", "out/cvs"),
+         ("`model_name_or_path` 'out/cvs' is not on this machine", "did you mean 'out/csv'?",
+          "loading it as a Hub id failed")),
     Case("missing train file", lambda a, t, m: set_option(a, "train_file", str(t / "missing.csv")),
          ("`train_file`", "does not exist")),
     Case("no training data", lambda a, t, m: drop_option(a, "train_file"),
