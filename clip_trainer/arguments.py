@@ -472,7 +472,12 @@ class DataArguments:
         default=None, metadata={"help": "Use only this many training pairs.", "bounds": Bounds(1)}
     )
     max_eval_samples: int | None = field(
-        default=None, metadata={"help": "Use only this many validation pairs.", "bounds": Bounds(1)}
+        default=None,
+        metadata={
+            "help": "Use only this many validation pairs, drawn at random with the run's seed (not the first rows "
+            "of the file, which may be one class or source); a stream holds out its first pairs.",
+            "bounds": Bounds(1),
+        },
     )
     on_bad_rows: str = field(
         default="skip",

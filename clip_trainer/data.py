@@ -592,7 +592,7 @@ def add_class_labels(dataset: Dataset, label_column: str) -> Dataset:
 
 
 def _finish_validation(
-    validation: Dataset | IterableDataset, data_args: DataArguments, split: str, checked: bool = False
+    validation: Dataset | IterableDataset, data_args: DataArguments, split: str, checked: bool = False, seed: int = 0
 ) -> Dataset:
     """The one validation finisher: materialised, checked (unless `checked`), cut, with image ids and class labels."""
     if isinstance(validation, IterableDataset):
@@ -601,8 +601,11 @@ def _finish_validation(
     _check_columns(validation.column_names, split, data_args)
     if not checked:
         validation = _drop_bad_rows(_captions_as_text(validation, data_args.caption_column), split, data_args)
-    if data_args.max_eval_samples is not None:
-        validation = validation.select(range(min(data_args.max_eval_samples, len(validation))))
+    if data_args.max_eval_samples is not None and data_args.max_eval_samples < len(validation):
+        # Drawn with the run's seed, in the file's order: the first rows of a file sorted by class or source would
+        # score one corner of the data (`datasets`' `select(range(n))`, what the stock recipe does).
+        drawn = np.random.default_rng(seed).choice(len(validation), data_args.max_eval_samples, replace=False)
+        validation = validation.select(np.sort(drawn))
     # Every caption of an image is scored: a row of several captions becomes one row per caption (one image id).
     validation = expand_evaluation_captions(validation, data_args)
     if len(validation) < 2:
@@ -844,7 +847,7 @@ def load_image_text_data(
         train_split, held_out = _finish_training_stream(train_split, hold_out, data_args, seed)
         validation = held_out if hold_out else validation
     if validation is not None:
-        validation = _finish_validation(validation, data_args, "validation", checked=checked)
+        validation = _finish_validation(validation, data_args, "validation", checked=checked, seed=seed)
     sizes = [f"training pairs: {len(train_split):,}"] if isinstance(train_split, Dataset) else []
     sizes.append(f"validation pairs: {len(validation):,}" if validation is not None else "no validation pairs")
     logger.info("; ".join(sizes))

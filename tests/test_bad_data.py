@@ -261,3 +261,27 @@ def test_empty_captions_are_rows_to_skip_not_errors(tmp_path, bad):
         csv.writer(handle).writerows(rows)
     data = load_image_text_data(DataArguments(train_file=str(source)), seed=0, evaluate=False)
     assert len(data.train) == 23
+
+
+def test_max_eval_samples_draws_from_the_whole_validation_file(base_args, tmp_path, monkeypatch):
+    """A validation file sorted by class: `max_eval_samples` scores rows drawn with the run's seed across the file
+    (the rows an independent draw with that seed picks), not its first rows, which are one or two classes."""
+    import numpy as np
+
+    folder = tmp_path / "data"
+    source = write_shapes_csv(folder, repeats=2)
+    header, *rows = list(csv.reader(source.open()))
+    rows.sort(key=lambda row: row[2])  # by shape
+    sorted_csv = folder / "by_shape.csv"
+    with sorted_csv.open("w", newline="") as handle:
+        csv.writer(handle).writerows([header, *rows])
+    monkeypatch.chdir(folder)
+    argv = [*base_args, "--do_eval", "--validation_file", "by_shape.csv", "--max_eval_samples", "12", "--seed", "5"]
+    results = main(argv)
+    assert results["eval_samples"] == 12
+    data = load_image_text_data(
+        DataArguments(validation_file="by_shape.csv", max_eval_samples=12), seed=5, train=False
+    )
+    expected = [rows[index] for index in sorted(np.random.default_rng(5).choice(len(rows), 12, replace=False))]
+    assert [Path(path).name for path in data.validation["image"]] == [Path(row[0]).name for row in expected]
+    assert len({row[2] for row in expected}) == 3  # every shape, where the first 12 rows hold one
