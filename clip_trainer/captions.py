@@ -157,7 +157,7 @@ def image_identities(
             keys.append(key)
     # Two files can only be the same picture if they have the same size, and a size is one `stat` (which the row
     # check has done already) where a digest reads the whole file: only files whose size another file (or stored
-    # image) also has are read and hashed. The rest keep their path, which is as unique as their content.
+    # image) also has are read and hashed. A file of a size no other image has is a copy of none: its path will do.
     sizes = Counter([*file_sizes.values(), *content_sizes.values()])
     files = {}
     for path, size in file_sizes.items():
