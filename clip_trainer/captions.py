@@ -2,8 +2,8 @@
 
 **Several captions per image.** A caption column may hold a list of captions (COCO and Flickr have five per image; a
 CSV cell may hold them as JSON text, `["a cat", "a cat on a mat"]`), and several rows may show one image (the same
-`image_id_column` value, the same file path or the same image bytes). `caption_sampling` says what training makes of
-them:
+`image_id_column` value, else the same picture: the same bytes, under one file name or two; see
+[`image_identities`]). `caption_sampling` says what training makes of them:
 
 - `uniform` (the default): the rows of one image become one training row holding all its captions, and each epoch
   draws one of them, uniformly, with a seed made of the run's seed, the epoch and the image, so that a run repeats
@@ -30,6 +30,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import stat
+from collections import Counter
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +40,7 @@ import numpy as np
 import torch
 from transformers.utils import logging
 
+from .images import decode_base64_image
 from .rows import caption_list, check_caption, check_caption_list  # noqa: F401 - read here too
 
 if TYPE_CHECKING:
@@ -56,26 +60,128 @@ _ID_MASK = (1 << 63) - 1
 
 
 def image_key(row: dict[str, Any], image_column: str, image_id_column: str | None = None) -> str:
-    """What makes two training rows the same image, without reading a file: the `image_id_column` value when there is
-    one, else the image's file path, else a digest of its bytes.
+    """The image of one training row as the collator, a stream and the stored teacher embeddings see it, without
+    reading a file: the `image_id_column` value when there is one, else a digest of the image's bytes, else its file
+    path.
 
-    (Evaluation compares the bytes of files, so that one picture under two names is one image; training would have to
-    read every file before the first step for that, so two copies of a picture count as one only under one name or
-    one `image_id_column` value.)
+    A loaded training set is split and merged by [`image_identities`] instead, which also finds one picture stored
+    under two file names (it compares the bytes of files of equal size); with `caption_sampling` `uniform` or a
+    mapping, the rows it finds to be one image become one training row. A stream is read row by row and compares
+    names only.
     """
     if image_id_column is not None and row.get(image_id_column) is not None:
         return "id:" + str(row[image_id_column])
-    value = row.get(image_column)
-    if isinstance(value, dict):
-        if value.get("bytes"):
-            value = value["bytes"]
-        else:
-            value = value.get("path")
+    value = _stored_image(row.get(image_column))
     if isinstance(value, bytes | bytearray | memoryview):
-        return "bytes:" + hashlib.blake2b(bytes(value), digest_size=16).hexdigest()
+        return _content_key(value)
     if hasattr(value, "tobytes"):  # a decoded PIL image
         return "pixels:" + hashlib.blake2b(value.tobytes(), digest_size=16).hexdigest()
     return "path:" + str(value)
+
+
+def _stored_image(value: Any) -> Any:
+    """An image value as stored: `datasets`' `{"bytes", "path"}` form reduced to its bytes, else to its path."""
+    if isinstance(value, dict):
+        return value.get("bytes") or value.get("path")
+    return value
+
+
+def _content_key(data: bytes | bytearray | memoryview) -> str:
+    """The key of an image's encoded bytes (the same for the same bytes, wherever they are stored)."""
+    return "bytes:" + hashlib.blake2b(bytes(data), digest_size=16).hexdigest()
+
+
+def _file_content_key(path: str) -> str | None:
+    """[`_content_key`] of a file's bytes, read in blocks; `None` when the file cannot be read."""
+    try:
+        with open(path, "rb") as handle:
+            digest = hashlib.file_digest(handle, lambda: hashlib.blake2b(digest_size=16))
+    except OSError:
+        return None
+    return "bytes:" + digest.hexdigest()
+
+
+def image_identities(
+    dataset: Dataset, image_column: str, image_id_column: str | None = None, batch_size: int = 10_000
+) -> list[str]:
+    """Each row's image, the one notion of "the same image" of the held-out split, the merging of an image's captions
+    in training and the image ids of retrieval: its `image_id_column` value when it has one, else its picture, so
+    that the same bytes are the same image whatever their file name (or whether they are a file, `datasets` image
+    bytes or base64 text).
+
+    Images stay encoded: a column of `datasets.Image` is read as its stored bytes or path, in batches (a column of
+    image bytes is never held whole). A file that cannot be read keeps its path as identity (the collator reports it
+    unusable later).
+
+    Args:
+        dataset (`datasets.Dataset`): the rows.
+        image_column (`str`): the column of images (paths, bytes, `{"bytes", "path"}` dicts or base64 text).
+        image_id_column (`str`, *optional*): a column naming each row's image; its value wins where it is not None.
+        batch_size (`int`): rows read at a time.
+
+    Returns:
+        `list[str]`: one key per row, equal for rows of one image.
+    """
+    import datasets
+
+    columns = [image_column] + ([image_id_column] if image_id_column else [])
+    table = dataset.select_columns(columns)
+    feature = table.features.get(image_column)
+    if isinstance(feature, datasets.Image) and feature.decode:
+        # Keys of the encoded files: decoding every image only to tell them apart would read the whole set.
+        table = table.cast_column(image_column, datasets.Image(decode=False))
+    keys: list[str] = []
+    file_sizes: dict[str, int] = {}  # each readable file named, once however many rows name it
+    content_sizes: dict[str, int] = {}  # each distinct content held in the data (bytes, base64), by its key
+    named: dict[str, str] = {}  # a string that is no file: its content key (base64) or its path key
+    for batch in table.with_format(None).iter(batch_size=batch_size):
+        ids = batch[image_id_column] if image_id_column else None
+        for index, value in enumerate(batch[image_column]):
+            if ids is not None and ids[index] is not None:
+                keys.append("id:" + str(ids[index]))
+                continue
+            value = _stored_image(value)
+            if isinstance(value, bytes | bytearray | memoryview):
+                key = _content_key(value)
+                content_sizes[key] = len(value)
+            elif isinstance(value, str) and value in file_sizes:
+                key = "file:" + value  # decided below, once every file's size is known
+            elif isinstance(value, str) and value in named:
+                key = named[value]
+            elif isinstance(value, str):
+                key = _name_key(value, file_sizes, content_sizes)
+                if not key.startswith("file:"):
+                    named[value] = key
+            else:
+                key = image_key({image_column: value}, image_column)  # a decoded image, or None
+            keys.append(key)
+    # Two files can only be the same picture if they have the same size, and a size is one `stat` (which the row
+    # check has done already) where a digest reads the whole file: only files whose size another file (or stored
+    # image) also has are read and hashed. A file of a size no other image has is a copy of none: its path will do.
+    sizes = Counter([*file_sizes.values(), *content_sizes.values()])
+    files = {}
+    for path, size in file_sizes.items():
+        files["file:" + path] = (_file_content_key(path) if sizes[size] > 1 else None) or "path:" + path
+    return [files.get(key, key) for key in keys]
+
+
+def _name_key(value: str, file_sizes: dict[str, int], content_sizes: dict[str, int]) -> str:
+    """For [`image_identities`]: a string naming a regular file is recorded with its size (its key, `file:` and the
+    path, is replaced once every size is known); base64 text is keyed by its bytes; anything else (a missing file, a
+    URL) keeps its name."""
+    try:
+        info = os.stat(value)
+    except (OSError, ValueError):  # no such file, or base64 text too long (or odd) for a file name
+        info = None
+    if info is not None and stat.S_ISREG(info.st_mode):
+        file_sizes[value] = info.st_size
+        return "file:" + value
+    data = decode_base64_image(value) if info is None else None
+    if data:
+        key = _content_key(data)
+        content_sizes[key] = len(data)
+        return key
+    return "path:" + value
 
 
 def key_to_id(key: str) -> int:
@@ -260,7 +366,8 @@ def _column_lists(dataset: Dataset, columns: list[str]) -> dict[str, list[list[s
 
 
 def _image_keys(dataset: Dataset, data_args: DataArguments, batch_size: int = 10_000) -> list[str]:
-    """Each row's [`image_key`], reading the image column in batches (a column of image bytes is never held whole)."""
+    """Each row's [`image_key`] (the training image id's key, as the stored teacher embeddings are keyed), reading the
+    image column in batches (a column of image bytes is never held whole)."""
     import datasets
 
     columns = [data_args.image_column] + ([data_args.image_id_column] if data_args.image_id_column else [])
@@ -340,7 +447,10 @@ def prepare_training_captions(dataset: Dataset, data_args: DataArguments, merge_
         )
         return _replace_column(spread, caption_column, flat, string)
 
-    keys = _image_keys(dataset, data_args) if merge_rows else [str(index) for index in range(len(dataset))]
+    if merge_rows:  # the same picture under two file names is one image (see `image_identities`)
+        keys = image_identities(dataset, data_args.image_column, data_args.image_id_column)
+    else:
+        keys = [str(index) for index in range(len(dataset))]
     groups: dict[str, list[int]] = {}
     for index, key in enumerate(keys):
         groups.setdefault(key, []).append(index)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import hashlib
 import math
 import os
 import re
@@ -32,6 +31,7 @@ from .arguments import ConfigError, DataArguments
 from .captions import (
     caption_list,
     expand_evaluation_captions,
+    image_identities,
     image_key,
     prepare_training_captions,
     sample_stream_captions,
@@ -534,34 +534,10 @@ def _finish_training_split(train: Dataset, data_args: DataArguments, checked: bo
     return train
 
 
-def _image_identity(value: Any) -> str:
-    """What makes two rows the same image: a digest of the image's bytes, read from its file when it has one.
-
-    Identical pictures under different file names are one image for retrieval, as the same path twice is; a file
-    that cannot be read keeps its path as identity (the collator will flag it unusable anyway).
-    """
-    data = None
-    if isinstance(value, dict):
-        data = value.get("bytes")
-        value = value.get("path") if not data else None
-    if isinstance(value, str):
-        data = decode_base64_image(value) if not os.path.exists(value) else None
-        if data is None:
-            try:
-                data = Path(value).read_bytes()
-            except OSError:
-                return value
-    if isinstance(data, str):
-        data = data.encode()
-    if isinstance(data, bytes | bytearray | memoryview):
-        return hashlib.blake2b(bytes(data), digest_size=16).hexdigest()
-    return str(value)
-
-
 def add_image_ids(dataset: Dataset, image_column: str, image_id_column: str | None) -> Dataset:
-    """Adds `_image_id`: rows showing the same image get the same integer, so retrieval scores them as one image."""
-    source = image_id_column or image_column
-    keys = [str(v) if image_id_column else _image_identity(v) for v in dataset.with_format(None)[source]]
+    """Adds `_image_id`: rows showing the same image ([`image_identities`]: the same `image_id_column` value, else the
+    same picture whatever its file name) get the same integer, so retrieval scores them as one image."""
+    keys = image_identities(dataset, image_column, image_id_column)
     ids: dict[str, int] = {}
     return dataset.add_column(IMAGE_ID_COLUMN, [ids.setdefault(key, len(ids)) for key in keys])
 
@@ -621,12 +597,11 @@ def _finish_validation(
 
 def _held_out_split(train: Dataset, data_args: DataArguments, seed: int) -> tuple[Dataset, Dataset]:
     """`validation_split_percentage` of the training data held out, by image: rows of one image (several captions,
-    the same `image_id_column` value, file or bytes) all land on one side, or the model would be scored on images it
-    trained on. Data with one row per image is split by `datasets` exactly as before."""
-    from .captions import _image_keys
-
+    the same `image_id_column` value, the same picture under one file name or two: [`image_identities`], as retrieval
+    counts images) all land on one side, or the model would be scored on images it trained on. Data with one row per
+    image is split by `datasets` exactly as before."""
     fraction = data_args.validation_split_percentage / 100
-    keys = _image_keys(train, data_args)
+    keys = image_identities(train, data_args.image_column, data_args.image_id_column)
     distinct = list(dict.fromkeys(keys))
     if len(distinct) == len(keys):
         try:

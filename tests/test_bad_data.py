@@ -47,7 +47,8 @@ def test_a_batch_of_only_unusable_samples_does_not_stop_the_run(base_args, tmp_p
     train = write_shapes_csv(folder, repeats=1)
     rows = list(csv.reader(train.open()))
     for index in range(6):  # the first batch (no shuffling below) is all corrupt
-        (folder / f"images/corrupt_{index}.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+        # Six different files: six copies of the same bytes would be one image (its rows merged into one).
+        (folder / f"images/corrupt_{index}.png").write_bytes(b"\x89PNG\r\n\x1a\n not really %d" % index)
         rows.insert(1, [f"images/corrupt_{index}.png", f"corrupt {index}", "circle"])
     with train.open("w", newline="") as handle:
         csv.writer(handle).writerows(rows)

@@ -117,6 +117,10 @@ def test_a_glob_of_csvs_in_several_folders_resolves_each_against_its_own(tmp_pat
     # Each folder has its own images/ with the same file names but other pictures (drawn at other sizes).
     for index, name in enumerate(("a", "b")):
         write_shapes_csv(tmp_path / "data" / name, repeats=1 + index, name="pairs.csv")
+    for color, shape, background, _ in shape_rows():  # b's first 24 would be a's pictures (one image each)
+        draw_shape(color, shape, background, size=36).save(
+            tmp_path / f"data/a/images/{color}_{shape}_{background}_0.png"
+        )
     monkeypatch.chdir(tmp_path)  # a relative glob, as a user types it
     data_args = DataArguments(
         train_file="data/*/pairs.csv",
