@@ -214,10 +214,13 @@ def _check_metric_for_best_model(
         m.name
         for m in METRICS
         if not m.needs_labels
+        and m.greater_is_better is not None
         and (sigmoid_loss is not False or not m.sigmoid_only)
         and (hard_negatives or not m.needs_hard_negatives)
     }
-    labelled_only = {m.name for m in METRICS if m.needs_labels}
+    labelled_only = {m.name for m in METRICS if m.needs_labels and m.greater_is_better is not None}
+    # Reported, but with no direction in which a model is better (the temperature, the majority baseline).
+    directionless = {m.name for m in METRICS if m.greater_is_better is None}
     known = per_set | (labelled_only if has_labels else set())
     zeroshot_without_labels = labelled_only - known
     if args.ema_decay is not None:  # the EMA's evaluation of the validation split: `eval_ema_{metric}`
@@ -230,20 +233,24 @@ def _check_metric_for_best_model(
             zeroshot_without_labels.update(f"{set_name}_{key}" for key in labelled_only)
     if name in known:
         return
+    problem = "which evaluation never computes"
     if ema_metric_name(name) is not None and args.ema_decay is None:
         hint = " The `eval_ema_*` metrics are the moving average's: set `ema_decay` (e.g. 0.999) to report them."
     elif name in zeroshot_without_labels:
         hint = " Zero-shot metrics need `label_column` (in the set's entry, for an extra evaluation set)."
     elif any(m.needs_hard_negatives and (name == m.name or name.endswith(f"_{m.name}")) for m in METRICS):
         hint = " Hard-negative accuracy needs `hard_negative_column` (and evaluation data that has it)."
-    elif sigmoid_only := [
-        m.name for m in METRICS if m.sigmoid_only and (name == m.name or name.endswith(f"_{m.name}"))
-    ]:
+    elif sigmoid_loss is False and (
+        sigmoid_only := [m.name for m in METRICS if m.sigmoid_only and (name == m.name or name.endswith(f"_{m.name}"))]
+    ):
         hint = f" `{sigmoid_only[0]}` is reported only with the sigmoid loss (`loss_type` sigmoid, or a SigLIP model)."
+    elif any(name == key or name.endswith(f"_{key}") for key in directionless):
+        problem = "which has no better direction"
+        hint = " It is reported, but no value of it is better than another, so it cannot choose a checkpoint."
     else:
         hint = did_you_mean(name, sorted(known), prefix="eval_")
     raise ConfigError(
-        f"`metric_for_best_model` is {metric!r}, which evaluation never computes.{hint} Choose one of: "
+        f"`metric_for_best_model` is {metric!r}, {problem}.{hint} Choose one of: "
         + ", ".join(f"eval_{key}" for key in sorted(known))
         + "."
     )

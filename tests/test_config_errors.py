@@ -203,6 +203,9 @@ CASES = [
     Case("best model with mismatched strategies",
          lambda a, t, m: [*a, "--load_best_model_at_end", "true", "--eval_strategy", "epoch", "--save_strategy", "steps"],
          ("load_best_model_at_end",)),
+    Case("a metric with no direction", lambda a, t, m: [*a, "--metric_for_best_model", "eval_temperature"],
+         ("`metric_for_best_model` is 'eval_temperature', which has no better direction", "cannot choose a checkpoint",
+          "Choose one of: ", "eval_mean_recall")),
     Case("logit_bias without the sigmoid loss", lambda a, t, m: [*a, "--metric_for_best_model", "eval_logit_bias"],
          ("`metric_for_best_model` is 'eval_logit_bias'", "reported only with the sigmoid loss")),
     Case("augmentation for SigLIP 2", lambda a, t, m: [*with_siglip2(a, t), "--augment", "true"],
@@ -339,15 +342,19 @@ def test_siglip2_mistakes_stop_before_the_output_folder_is_made(flags, phrase, b
 
 
 def test_what_siglip_models_allow(tmp_path):
-    """SigLIP (fixed-size images) augments and exports; its evaluations report `logit_bias`, a metric to select by."""
+    """SigLIP (fixed-size images) augments and exports; its evaluations report `logit_bias`, which has no better
+    direction, so it cannot select a checkpoint (and without the sigmoid loss it is not reported at all)."""
     from transformers import SiglipConfig
 
     config = SiglipConfig(text_config={**TINY_TEXT, "max_position_embeddings": 64}, vision_config=TINY_VISION)
     model_args, data_args, training_args = parse_arguments(
         ["--config_name", "x", "--dataset_name", "emoji", "--report_to", "none", "--augment", "true",
-         "--export_onnx", "true", "--eval_strategy", "epoch", "--metric_for_best_model", "eval_logit_bias"]
+         "--export_onnx", "true", "--eval_strategy", "epoch", "--metric_for_best_model", "eval_mean_recall"]
     )  # fmt: skip
     check_arguments(model_args, data_args, training_args, 64, config=config)
+    training_args.metric_for_best_model = "eval_logit_bias"
+    with pytest.raises(ConfigError, match="'eval_logit_bias', which has no better direction"):
+        check_arguments(model_args, data_args, training_args, 64, config=config)
     training_args.loss_type = "softmax"  # a SigLIP model trained with CLIP's loss reports no logit_bias
     with pytest.raises(ConfigError, match="reported only with the sigmoid loss"):
         check_arguments(model_args, data_args, training_args, 64, config=config)
