@@ -719,8 +719,8 @@ class RetrievalEvaluator:
         # Whether `compute_metrics` keeps the embeddings it scored (the trainer keeps them on its main process only).
         self.keep_embeddings = True
         self.last_embeddings: dict[str, Any] | None = None
-        # The caption column, read once when the metrics first need the caption texts (see `_row_captions`).
-        self._captions: list[Any] | None = None
+        # The dataset's caption column, read once when the metrics first need the caption texts (`_row_captions`).
+        self._captions: tuple[Any, list[Any]] | None = None
 
     @property
     def metric_key_prefix(self) -> str:
@@ -874,23 +874,25 @@ class RetrievalEvaluator:
     def _row_captions(self, rows: torch.Tensor | None) -> list[Hashable] | None:
         """The caption text of each of the dataset's `rows` as the collator tokenized it (stripped), or `None` when
         the rows or the set's caption column are unknown (then every row keeps its own text embedding)."""
+        from datasets import Dataset, IterableDataset
+
         from .errors import BadSampleError
         from .rows import check_caption
 
-        if rows is None:
-            return None
+        dataset = self.dataset
+        if rows is None or isinstance(dataset, IterableDataset | torch.utils.data.IterableDataset):
+            return None  # a stream's rows cannot be read again by position
         rows = rows.tolist()
-        columns = getattr(self.dataset, "column_names", None)
-        if columns is not None:
-            if self.caption_column not in columns:
+        if isinstance(dataset, Dataset):
+            if self.caption_column not in dataset.column_names:
                 return None
-            if self._captions is None:
+            if self._captions is None or self._captions[0] is not dataset:
                 # The column read at once from Arrow: reading the dataset row by row would decode every image.
-                table = self.dataset.select_columns([self.caption_column]).with_format(None)
-                self._captions = table.to_dict()[self.caption_column]
-            values = [self._captions[row] for row in rows]
-        elif hasattr(self.dataset, "__getitem__"):  # a map-style torch dataset of row dicts
-            values = [self.dataset[row].get(self.caption_column) for row in rows]
+                table = dataset.select_columns([self.caption_column]).with_format(None)
+                self._captions = (dataset, table.to_dict()[self.caption_column])
+            values = [self._captions[1][row] for row in rows]
+        elif hasattr(dataset, "__getitem__"):  # a map-style torch dataset of row dicts, as the collator reads them
+            values = [dataset[row].get(self.caption_column) for row in rows]
         else:
             return None
         keys: list[Hashable] = []
