@@ -451,6 +451,7 @@ def evaluate_clip_benchmark(
         build_zeroshot_classifier,
         normalized_features,
         retrieval_metrics,
+        share_embeddings,
         text_encoder,
         zeroshot_accuracy,
     )
@@ -537,7 +538,9 @@ def evaluate_clip_benchmark(
             "mean_per_class_recall": metrics["zeroshot_balanced_accuracy"],
         }
         return ClipBenchmarkResult(metrics, benchmark_metrics, samples, skipped_count)
-    texts = encode(captions)
+    # Captions are encoded in chunks padded to their longest, so equal captions of two samples can differ by a float
+    # rounding and the tie rule would decide between them at random: equal captions get one embedding.
+    texts = share_embeddings(encode(captions), captions)
     rows = torch.tensor(caption_images)
     ks = sorted({*RECALL_KS, *recall_ks})
     # One row per caption with its image; each sample is its own image (`image_ids`), even two of the same bytes.

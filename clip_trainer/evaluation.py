@@ -14,6 +14,10 @@ Conventions shared by all metrics:
   same way (it is never "strictly lower"), so a diverged model cannot report a good score. We chose the pessimistic
   convention because the optimistic one rewards collapse: a model mapping every input to the same vector would get
   a perfect recall@1, whereas here it gets the worst possible rank.
+- **Equal inputs score alike.** [`RetrievalEvaluator`] gives every row with the same caption text one text embedding
+  and every row of one image one image embedding ([`share_embeddings`]), so that a caption shared by several images
+  ties with itself whatever batches its rows were embedded in, and the metrics do not depend on the batch size.
+- **Zero-shot accuracy counts images**: each labelled image once, however many captions it has ([`zeroshot_rows`]).
 - **Median rank** is the median of the per-query ranks; for an even number of queries it is the mean of the two
   middle ranks (as `numpy.median`), so it can be a half-integer.
 - Embeddings are L2-normalised here whatever the caller did; half-precision inputs are upcast to float32, float64
@@ -73,9 +77,11 @@ __all__ = [
     "metric_info",
     "render_metric_table",
     "retrieval_metrics",
+    "share_embeddings",
     "split_metric_key",
     "text_encoder",
     "zeroshot_accuracy",
+    "zeroshot_rows",
 ]
 
 DEFAULT_ZEROSHOT_TEMPLATES: tuple[str, ...] = (
@@ -122,14 +128,16 @@ def _median(values: torch.Tensor) -> float:
     return float((values[middle - 1] + values[middle]) / 2)
 
 
-def _group_rows(image_ids: Sequence[Hashable] | torch.Tensor | None, num_rows: int) -> tuple[list[int], list[int]]:
+def _group_rows(
+    image_ids: Sequence[Hashable] | torch.Tensor | None, num_rows: int, name: str = "image_ids"
+) -> tuple[list[int], list[int]]:
     """Returns, for each row, the index of its unique image, and for each unique image, the first row showing it."""
     if image_ids is None:
         return list(range(num_rows)), list(range(num_rows))
     # Tensors and numpy arrays hash per element only after conversion to python scalars.
     ids = image_ids.tolist() if hasattr(image_ids, "tolist") else list(image_ids)
     if len(ids) != num_rows:
-        raise ValueError(f"`image_ids` has {len(ids)} entries but the embeddings have {num_rows} rows.")
+        raise ValueError(f"`{name}` has {len(ids)} entries but the embeddings have {num_rows} rows.")
     group_of_id: dict[Hashable, int] = {}
     row_to_group, first_rows = [], []
     for row, image_id in enumerate(ids):
@@ -139,6 +147,67 @@ def _group_rows(image_ids: Sequence[Hashable] | torch.Tensor | None, num_rows: i
             first_rows.append(row)
         row_to_group.append(group)
     return row_to_group, first_rows
+
+
+def share_embeddings(embeds: torch.Tensor, keys: Sequence[Hashable] | torch.Tensor) -> torch.Tensor:
+    """
+    Gives every row the embedding of the first row with an equal key: one embedding per distinct caption text (keys
+    are the captions) or per image (keys are image ids).
+
+    Why: a caption's embedding depends slightly (about 1e-7) on the batch it was computed in, since captions are
+    padded to the batch's longest and the float sums change with the shape; an image's can change with the batch size.
+    Two rows with the same caption for different images would then score a little differently, and the rule that ties
+    count against the positive would decide at random, so that the metrics would change with the evaluation batch size.
+    With one embedding per caption text and per image, equal inputs score exactly alike, and the metrics depend on the
+    model and the data only.
+
+    Args:
+        embeds (`torch.Tensor` of shape `(N, D)`): one embedding per row.
+        keys (`Sequence[Hashable]` or `torch.Tensor` of shape `(N,)`): what makes two rows the same input.
+
+    Returns:
+        `torch.Tensor` of shape `(N, D)`: `embeds` with each row replaced by the first row of its key.
+    """
+    row_to_group, first_rows = _group_rows(keys, embeds.shape[0], "keys")
+    first_row_of_each = torch.tensor(first_rows, dtype=torch.long)[torch.tensor(row_to_group, dtype=torch.long)]
+    return embeds[first_row_of_each.to(embeds.device)]
+
+
+def zeroshot_rows(
+    labels: torch.Tensor, image_ids: Sequence[Hashable] | torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    The rows zero-shot accuracy scores: one per labelled image, so that an image with five captions counts once.
+
+    Each image (rows with equal `image_ids`; every row its own image without them) is scored once, on its first
+    labelled row, with that row's class. Rows of one image with different classes are a mistake in the data: a
+    warning says how many images have them, and the first labelled row's class is used.
+
+    Args:
+        labels (`torch.Tensor` of shape `(N,)`): each row's class, -1 for a row without one.
+        image_ids (`Sequence[Hashable]` or `torch.Tensor` of shape `(N,)`, *optional*): each row's image.
+
+    Returns:
+        `tuple[torch.Tensor, torch.Tensor]`: the row of each labelled image and its class (`int64`, on the CPU).
+    """
+    labels = torch.as_tensor(labels).long().cpu()
+    row_to_group, _ = _group_rows(image_ids, labels.numel())
+    chosen: dict[int, tuple[int, int]] = {}
+    conflicts: set[int] = set()
+    for row, (group, label) in enumerate(zip(row_to_group, labels.tolist())):
+        if label < 0:
+            continue
+        first = chosen.setdefault(group, (row, label))
+        if first[1] != label:
+            conflicts.add(group)
+    if conflicts:
+        logger.warning_once(
+            f"{len(conflicts)} image(s) of the evaluation set have rows with different classes; zero-shot accuracy "
+            "scores each image once, with the class of its first labelled row: give every row of an image one label."
+        )
+    rows = torch.tensor([row for row, _ in chosen.values()], dtype=torch.long)
+    classes = torch.tensor([label for _, label in chosen.values()], dtype=torch.long)
+    return rows, classes
 
 
 def retrieval_metrics(
@@ -650,6 +719,8 @@ class RetrievalEvaluator:
         # Whether `compute_metrics` keeps the embeddings it scored (the trainer keeps them on its main process only).
         self.keep_embeddings = True
         self.last_embeddings: dict[str, Any] | None = None
+        # The dataset's caption column, read once when the metrics first need the caption texts (`_row_captions`).
+        self._captions: tuple[Any, list[Any]] | None = None
 
     @property
     def metric_key_prefix(self) -> str:
@@ -755,17 +826,20 @@ class RetrievalEvaluator:
         Returns:
             `dict[str, float]`: `{prefix}_{metric}` for each retrieval metric, and the zero-shot ones when the set has
             class names and at least one labelled row.
+
+        Rows of one image (equal `image_ids`) are scored with one image embedding, and rows with the same caption text
+        (read from the set's caption column at `rows`) with one text embedding (see [`share_embeddings`]), so that the
+        metrics do not depend on how the rows were batched. Zero-shot accuracy scores each labelled image once (see
+        [`zeroshot_rows`]).
         """
         prefix = metric_key_prefix or self.metric_key_prefix
-        images = embeddings["image_embeds"]
-        metrics = retrieval_metrics(
-            images, embeddings["text_embeds"], embeddings.get("image_ids"), ks=RECALL_KS, chunk_size=self.chunk_size
-        )
+        embeddings = self._shared_embeddings(embeddings)
+        images, texts = embeddings["image_embeds"], embeddings["text_embeds"]
+        image_ids = embeddings.get("image_ids")
+        metrics = retrieval_metrics(images, texts, image_ids, ks=RECALL_KS, chunk_size=self.chunk_size)
         best, present = embeddings.get("hard_negative_best"), embeddings.get("hard_negative_present")
         if best is not None and present is not None and bool(present.any()):
-            metrics["hard_negative_accuracy"] = hard_negative_accuracy(
-                images, embeddings["text_embeds"], best, present
-            )
+            metrics["hard_negative_accuracy"] = hard_negative_accuracy(images, texts, best, present)
         labels = embeddings.get("class_labels")
         classifier = None
         if self.class_names and labels is not None and bool((labels >= 0).any()):
@@ -774,13 +848,57 @@ class RetrievalEvaluator:
                     "This set has class labels, and zero-shot accuracy needs the model's text embeddings: pass "
                     "`encode_text` (see `clip_trainer.evaluation.text_encoder`)."
                 )
-            labelled = labels >= 0
             classifier = build_zeroshot_classifier(encode_text, self.class_names, self.zeroshot_templates)
+            # Each labelled image once, however many captions (rows) it has.
+            rows, classes = zeroshot_rows(labels, image_ids)
             metrics.update(
                 zeroshot_accuracy(
-                    images[labelled], labels[labelled], classifier, ks=ZEROSHOT_KS, chunk_size=self.chunk_size
+                    images[rows.to(images.device)], classes, classifier, ks=ZEROSHOT_KS, chunk_size=self.chunk_size
                 )
             )
         if self.keep_embeddings:
+            # The embeddings scored, each image's and each caption text's one embedding.
             self.last_embeddings = {**embeddings, **({"classifier": classifier} if classifier is not None else {})}
         return {f"{prefix}_{key}": value for key, value in metrics.items()}
+
+    def _shared_embeddings(self, embeddings: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`embeddings` with one image embedding per image id and one text embedding per caption text."""
+        shared = dict(embeddings)
+        if embeddings.get("image_ids") is not None:
+            shared["image_embeds"] = share_embeddings(embeddings["image_embeds"], embeddings["image_ids"])
+        captions = self._row_captions(embeddings.get("rows"))
+        if captions is not None:
+            shared["text_embeds"] = share_embeddings(embeddings["text_embeds"], captions)
+        return shared
+
+    def _row_captions(self, rows: torch.Tensor | None) -> list[Hashable] | None:
+        """The caption text of each of the dataset's `rows` as the collator tokenized it (stripped), or `None` when
+        the rows or the set's caption column are unknown (then every row keeps its own text embedding)."""
+        from datasets import Dataset, IterableDataset
+
+        from .errors import BadSampleError
+        from .rows import check_caption
+
+        dataset = self.dataset
+        if rows is None or isinstance(dataset, IterableDataset | torch.utils.data.IterableDataset):
+            return None  # a stream's rows cannot be read again by position
+        rows = rows.tolist()
+        if isinstance(dataset, Dataset):
+            if self.caption_column not in dataset.column_names:
+                return None
+            if self._captions is None or self._captions[0] is not dataset:
+                # The column read at once from Arrow: reading the dataset row by row would decode every image.
+                table = dataset.select_columns([self.caption_column]).with_format(None)
+                self._captions = (dataset, table.to_dict()[self.caption_column])
+            values = [self._captions[1][row] for row in rows]
+        elif hasattr(dataset, "__getitem__"):  # a map-style torch dataset of row dicts, as the collator reads them
+            values = [dataset[row].get(self.caption_column) for row in rows]
+        else:
+            return None
+        keys: list[Hashable] = []
+        for row, value in zip(rows, values):
+            try:
+                keys.append(check_caption(value))
+            except BadSampleError:  # not a usable caption (its row was left out): a key no caption text equals
+                keys.append(("row", row))
+        return keys

@@ -568,7 +568,10 @@ def complete_card_data(card_data: CLIPModelCardData, trainer: CLIPContrastiveTra
     last = getattr(trainer, "_last_evaluation", None) or {}
     labels = last.get("class_labels")
     if last.get("classifier") is not None and labels is not None:
-        labels = labels[labels >= 0]
+        from .evaluation import zeroshot_rows
+
+        # One label per image, as zero-shot accuracy counts them (an image with five captions is one image).
+        _, labels = zeroshot_rows(labels, last.get("image_ids"))
         counts = labels.bincount(minlength=len(last["class_names"]))
         filled["zeroshot_templates"] = list(trainer.zeroshot_templates)
         filled["num_classes"] = len(last["class_names"])
