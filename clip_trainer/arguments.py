@@ -973,7 +973,8 @@ class CLIPTrainingArguments(TrainingArguments):
         default=False,
         metadata={
             "help": "Train into an `output_dir` that holds another run's checkpoints (they are deleted first) or a "
-            "saved model (replaced by this run's). Without it such a run stops and says how to resume or where else "
+            "saved model (replaced by this run's); evaluate into a folder that holds a saved model (its tokenizer, "
+            "processor and results are replaced). Without it such a run stops and says how to resume or where else "
             "to write."
         },
     )

@@ -428,7 +428,8 @@ def check_evaluation_output_dir(output_dir: str) -> None:
     raise ConfigError(
         f"`output_dir` {output_dir!r} holds a saved model, and an evaluation writes its results and the evaluated "
         f"model's tokenizer and processor files there, replacing that model's own and its training run's results. "
-        f"Give the evaluation its own folder (--output_dir {os.path.normpath(output_dir)}-eval, say)."
+        f"Give the evaluation its own folder (--output_dir {os.path.normpath(output_dir)}-eval, say), or pass "
+        "--overwrite_output_dir true to write there anyway."
     )
 
 

@@ -330,10 +330,12 @@ def _load_data_files(
             # Text columns stay text: pandas would read a column of numbers ("12", "007") as integers.
             text_columns = [data_args.image_column, data_args.caption_column, data_args.label_column]
             kwargs["converters"] = {column: str for column in text_columns + [data_args.image_id_column] if column}
-            # Nor would a caption or label "NA", "None", "null" or "nan" be text to pandas, which reads them as
-            # missing values by default: only an empty field is missing.
+            # pandas reads "NA", "None", "null", "nan" (and more) as missing values in every column. A caption or an
+            # image path is text as written: only an empty field is missing. An image id, a class label or a hard
+            # negative written "NA" is what R and spreadsheets write for a missing value: missing, as pandas reads it.
             kwargs["keep_default_na"] = False
-            kwargs["na_values"] = [""]
+            missing_words = {column: PANDAS_NA_WORDS for column in _columns_with_missing_words(data_args)}
+            kwargs["na_values"] = {column: [""] for column in _all_csv_columns(files)} | missing_words
         try:
             dataset = datasets.load_dataset(
                 builder, data_files={"data": files}, split="data", cache_dir=cache_dir, streaming=streaming, **kwargs
@@ -366,6 +368,30 @@ def _first_non_utf8(path: str, block_size: int = 1 << 20) -> tuple[str, int, int
                 offset += decoded
     except OSError:
         return None
+
+
+# pandas' default missing-value words (`read_csv`'s `na_values` documentation).
+PANDAS_NA_WORDS = ["", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>",
+                   "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"]  # fmt: skip
+
+
+def _columns_with_missing_words(data_args: DataArguments) -> list[str]:
+    """The CSV columns whose "NA", "None", ... are missing values: image ids, class labels, hard negatives."""
+    columns = [data_args.image_id_column, data_args.label_column, data_args.hard_negative_column]
+    return [column for column in columns if column]
+
+
+def _all_csv_columns(files: list[str]) -> list[str]:
+    """The header fields of CSV `files` (the union; a file that cannot be read adds none)."""
+    columns: list[str] = []
+    for name in files:
+        try:
+            with open(name, newline="", encoding="utf-8") as handle:
+                header = next(csv.reader(handle), [])
+        except (OSError, UnicodeDecodeError, csv.Error):
+            continue
+        columns.extend(column for column in header if column not in columns)
+    return columns
 
 
 # pandas' message for a row with more fields than the header ("C error: Expected 2 fields in line 3, saw 3").

@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         resume_checkpoint = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     output_lock = None
     if training_args.should_save and not training and not data_args.prepare_only:
-        check_evaluation_output_dir(training_args.output_dir)
+        if not training_args.overwrite_output_dir:
+            check_evaluation_output_dir(training_args.output_dir)
     if training_args.should_save:
         # Checked before any data is read, whatever the run writes (a model, evaluation results, prepared data), and
         # held until the run ends: a second run into the same folder stops here instead of deleting or resuming this

@@ -397,11 +397,12 @@ def count_shard_samples(path: str, truncated: bool = False) -> tuple[int, bool]:
 
     A shard cut inside a member loses the sample of that member. One cut between two members (`truncated`: the
     shard has no end-of-archive blocks, see [`shard_problem`]) may leave its last sample without the members after
-    the cut, its caption say: that sample counts as cut when it has fewer kinds of members than the shard's first.
+    the cut, its caption say: that sample counts as cut when it lacks a kind of member that every earlier sample has
+    (optional members, a `.json` on some samples only, do not count).
     """
     size = os.path.getsize(path)
     samples, last_key, cut = 0, None, False
-    first_members: set[str] | None = None  # the member kinds (extensions) of the shard's first sample
+    common_members: set[str] | None = None  # the member kinds (extensions) every finished sample has
     members: set[str] = set()  # those of the sample being read
     with tarfile.open(path, mode="r:") as tar:
         while True:
@@ -419,12 +420,12 @@ def count_shard_samples(path: str, truncated: bool = False) -> tuple[int, bool]:
                     samples, members = samples - 1, set()
                 break
             if key is not None and key != last_key:
-                if last_key is not None and first_members is None:
-                    first_members = members
+                if last_key is not None:
+                    common_members = members if common_members is None else common_members & members
                 samples, last_key, members = samples + 1, key, set()
             if key is not None:
                 members.add(extension)
-    if (cut or truncated) and first_members is not None and members and members < first_members:
+    if (cut or truncated) and common_members is not None and members and not common_members <= members:
         samples, cut = samples - 1, True
     return max(0, samples), cut
 

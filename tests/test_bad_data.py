@@ -150,16 +150,19 @@ def test_numeric_captions_are_text(base_args, tmp_path):
     assert "01000" in captions and all(isinstance(caption, str) for caption in captions)
 
 
-def test_words_pandas_takes_for_missing_values_are_captions_and_labels(base_args, tmp_path, monkeypatch, caplog):
-    """ "NA", "None", "null", "nan", "N/A": captions and labels as written (a user's caption, a class named "None");
-    an empty field is still a missing caption. Through the command, from another working folder."""
+def test_words_pandas_takes_for_missing_values_are_captions_but_missing_labels_and_ids(
+    base_args, tmp_path, monkeypatch, caplog
+):
+    """ "NA", "None", "null", "nan", "N/A": captions as written (an empty field is still a missing caption); in the
+    label and image id columns they are missing values, as R and spreadsheets write them (an id "NA" on six rows
+    must not make their six pictures one image). Through the command, from another working folder."""
     folder = tmp_path / "data"
     source = write_shapes_csv(folder, repeats=1)
     rows = list(csv.reader(source.open()))
     words = ["NA", "None", "null", "nan", "N/A", "NULL"]
     for row, word in zip(rows[1:], words):
         row[1] = word
-    rows[7][2] = "None"  # a class named "None"
+    rows[7][2] = "NA"  # a missing label
     rows[8][1] = ""  # missing
     with source.open("w", newline="") as handle:
         csv.writer(handle).writerows(rows)
@@ -174,7 +177,16 @@ def test_words_pandas_takes_for_missing_values_are_captions_and_labels(base_args
     data = load_image_text_data(DataArguments(train_file="../pairs.csv", label_column="shape"), seed=0)
     captions = set(data.train["caption"]) | set(data.validation["caption"])
     labels = set(data.train["shape"]) | set(data.validation["shape"])
-    assert set(words) <= captions and "None" in labels
+    assert set(words) <= captions and "NA" not in labels and None in labels
+
+    # Image ids written "NA" on the first six rows (six different pictures): missing, so each row is its own image.
+    rows[8][1] = "a caption"
+    with source.open("w", newline="") as handle:
+        csv.writer(handle).writerows([[*row, "image_id" if index == 0 else ("NA" if index <= 6 else f"id{index}")]
+                                      for index, row in enumerate(rows)])  # fmt: skip
+    ids = DataArguments(train_file="../pairs.csv", image_id_column="image_id", validation_split_percentage=0)
+    train = load_image_text_data(ids, seed=0, evaluate=False).train
+    assert len(train) == len(rows) - 1  # no rows merged
 
 
 # --------------------------------------------------------------------------------------------------------------

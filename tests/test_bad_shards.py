@@ -189,3 +189,29 @@ def test_a_shard_cut_on_a_header_boundary_is_read_to_the_cut(tmp_path, caplog):
     assert sorted(data.train["__key__"]) == sorted(keys[:10])  # shard 0, and samples 0-3 of shard 1
     assert f"shard {str(path)!r} of `train_file` cannot be read after 4 sample(s)" in logged(caplog)
     assert "invalid tar header" in logged(caplog)
+
+
+def test_optional_members_do_not_make_a_whole_last_sample_count_as_cut(tmp_path):
+    """A shard without its end-of-archive blocks whose first sample has an extra `.json`: a last sample with the
+    members every earlier sample has is whole; one without its caption is cut."""
+    import io
+
+    from clip_trainer.sources import count_shard_samples
+
+    def shard(samples: list[tuple[str, ...]]) -> Path:
+        path = tmp_path / "cut.tar"
+        with tarfile.open(path, "w") as tar:
+            for index, members in enumerate(samples):
+                for extension in members:
+                    info = tarfile.TarInfo(f"{index:03d}.{extension}")
+                    info.size = 3
+                    tar.addfile(info, io.BytesIO(b"abc"))
+        data = path.read_bytes()
+        last_block_end = -(-len(data.rstrip(b"\0")) // 512) * 512  # the end of the last member's data
+        path.write_bytes(data[:last_block_end])  # without the end-of-archive blocks
+        return path
+
+    whole = shard([("jpg", "txt", "json"), ("jpg", "txt"), ("jpg", "txt")])
+    assert count_shard_samples(str(whole), truncated=True) == (3, False)
+    cut = shard([("jpg", "txt", "json"), ("jpg", "txt"), ("jpg",)])
+    assert count_shard_samples(str(cut), truncated=True) == (2, True)

@@ -397,3 +397,15 @@ def test_the_first_non_utf8_byte_is_found_whatever_the_reading_blocks(tmp_path, 
     assert (byte, line) == (len(good) + len(b"d.png,na"), 4) and reason == "invalid continuation byte"
     path.write_bytes(good + b"e.png,cut \xe2\x82")  # a character cut by the end of the file
     assert _first_non_utf8(str(path), block_size)[1:] == (len(good) + len(b"e.png,cut "), 4)
+
+
+def test_a_model_path_with_an_unexpanded_tilde_says_so(base_args, tmp_path, monkeypatch, capsys):
+    """`~/models/clip` from a config file (no shell expands it): the message gives the full path, which exists."""
+    (tmp_path / "home" / "models" / "clip").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    status = run.cli(set_option(base_args, "model_name_or_path", "~/models/clip"))
+    error = capsys.readouterr().err
+    assert status == 2
+    assert "'~/models/clip' starts with `~`, which nothing expands here; give the full path, " in error
+    assert repr(str(tmp_path / "home" / "models" / "clip")) in error

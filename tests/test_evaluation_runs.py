@@ -73,3 +73,8 @@ def test_an_evaluation_does_not_write_into_a_models_folder(base_args, tmp_path, 
     argv[argv.index("--output_dir") + 1] = "trained-eval"
     results = main([*argv, "--do_eval"])
     assert (tmp_path / "trained-eval" / "eval_results.json").is_file() and "eval_t2i_recall@1" in results
+
+    # Asked for: into the model's own folder.
+    argv[argv.index("--output_dir") + 1] = "trained"
+    main([*argv, "--do_eval", "--overwrite_output_dir", "true"])
+    assert (trained / "eval_results.json").is_file()
