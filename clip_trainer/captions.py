@@ -27,6 +27,7 @@ candidates.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -92,7 +93,19 @@ def _content_key(data: bytes | bytearray | memoryview) -> str:
 
 
 def _file_content_key(path: str) -> str | None:
-    """[`_content_key`] of a file's bytes, read in blocks; `None` when the file cannot be read."""
+    """[`_content_key`] of a file's bytes, read in blocks; `None` when the file cannot be read.
+
+    A run asks for the same files up to three times (the held-out split, the merging of captions, the validation's
+    image ids): a file is read once for as long as its size and modification time stay the same."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return _file_digest(path, info.st_size, info.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=1 << 20)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str | None:
     try:
         with open(path, "rb") as handle:
             digest = hashlib.file_digest(handle, lambda: hashlib.blake2b(digest_size=16))
@@ -122,39 +135,29 @@ def image_identities(
     Returns:
         `list[str]`: one key per row, equal for rows of one image.
     """
-    import datasets
-
-    columns = [image_column] + ([image_id_column] if image_id_column else [])
-    table = dataset.select_columns(columns)
-    feature = table.features.get(image_column)
-    if isinstance(feature, datasets.Image) and feature.decode:
-        # Keys of the encoded files: decoding every image only to tell them apart would read the whole set.
-        table = table.cast_column(image_column, datasets.Image(decode=False))
     keys: list[str] = []
     file_sizes: dict[str, int] = {}  # each readable file named, once however many rows name it
     content_sizes: dict[str, int] = {}  # each distinct content held in the data (bytes, base64), by its key
     named: dict[str, str] = {}  # a string that is no file: its content key (base64) or its path key
-    for batch in table.with_format(None).iter(batch_size=batch_size):
-        ids = batch[image_id_column] if image_id_column else None
-        for index, value in enumerate(batch[image_column]):
-            if ids is not None and ids[index] is not None:
-                keys.append("id:" + str(ids[index]))
-                continue
-            value = _stored_image(value)
-            if isinstance(value, bytes | bytearray | memoryview):
-                key = _content_key(value)
-                content_sizes[key] = len(value)
-            elif isinstance(value, str) and value in file_sizes:
-                key = "file:" + value  # decided below, once every file's size is known
-            elif isinstance(value, str) and value in named:
-                key = named[value]
-            elif isinstance(value, str):
-                key = _name_key(value, file_sizes, content_sizes)
-                if not key.startswith("file:"):
-                    named[value] = key
-            else:
-                key = image_key({image_column: value}, image_column)  # a decoded image, or None
-            keys.append(key)
+    for value, image_id in _encoded_images(dataset, image_column, image_id_column, batch_size):
+        if image_id is not None:
+            keys.append("id:" + str(image_id))
+            continue
+        value = _stored_image(value)
+        if isinstance(value, bytes | bytearray | memoryview):
+            key = _content_key(value)
+            content_sizes[key] = len(value)
+        elif isinstance(value, str) and value in file_sizes:
+            key = "file:" + value  # decided below, once every file's size is known
+        elif isinstance(value, str) and value in named:
+            key = named[value]
+        elif isinstance(value, str):
+            key = _name_key(value, file_sizes, content_sizes)
+            if not key.startswith("file:"):
+                named[value] = key
+        else:
+            key = image_key({image_column: value}, image_column)  # a decoded image, or None
+        keys.append(key)
     # Two files can only be the same picture if they have the same size, and a size is one `stat` (which the row
     # check has done already) where a digest reads the whole file: only files whose size another file (or stored
     # image) also has are read and hashed. A file of a size no other image has is a copy of none: its path will do.
@@ -365,23 +368,29 @@ def _column_lists(dataset: Dataset, columns: list[str]) -> dict[str, list[list[s
     return {column: [caption_list(value) for value in table[column]] for column in table.column_names}
 
 
-def _image_keys(dataset: Dataset, data_args: DataArguments, batch_size: int = 10_000) -> list[str]:
-    """Each row's [`image_key`] (the training image id's key, as the stored teacher embeddings are keyed), reading the
-    image column in batches (a column of image bytes is never held whole)."""
+def _encoded_images(
+    dataset: Dataset, image_column: str, image_id_column: str | None, batch_size: int
+) -> Iterator[tuple[Any, Any]]:
+    """Each row's image as stored (a path, bytes, a `{"bytes", "path"}` dict; never decoded: decoding every image
+    only to tell them apart would read the whole set) and its `image_id_column` value (`None` without one), read in
+    batches so that a column of image bytes is never held whole."""
     import datasets
 
-    columns = [data_args.image_column] + ([data_args.image_id_column] if data_args.image_id_column else [])
+    columns = [image_column] + ([image_id_column] if image_id_column else [])
     table = dataset.select_columns(columns)
-    feature = table.features.get(data_args.image_column)
+    feature = table.features.get(image_column)
     if isinstance(feature, datasets.Image) and feature.decode:
-        # Keys of the encoded files: decoding every image only to tell them apart would read the whole set.
-        table = table.cast_column(data_args.image_column, datasets.Image(decode=False))
-    keys = []
+        table = table.cast_column(image_column, datasets.Image(decode=False))
     for batch in table.with_format(None).iter(batch_size=batch_size):
-        for index in range(len(batch[data_args.image_column])):
-            row = {column: batch[column][index] for column in columns}
-            keys.append(image_key(row, data_args.image_column, data_args.image_id_column))
-    return keys
+        ids = batch[image_id_column] if image_id_column else [None] * len(batch[image_column])
+        yield from zip(batch[image_column], ids)
+
+
+def _image_keys(dataset: Dataset, data_args: DataArguments, batch_size: int = 10_000) -> list[str]:
+    """Each row's [`image_key`] (the training image id's key, as the stored teacher embeddings are keyed)."""
+    image_column, id_column = data_args.image_column, data_args.image_id_column
+    rows = _encoded_images(dataset, image_column, id_column, batch_size)
+    return [image_key({image_column: image, id_column: image_id}, image_column, id_column) for image, image_id in rows]
 
 
 def _holds_single_captions(dataset: Dataset, column: str) -> bool:

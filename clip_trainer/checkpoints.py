@@ -371,28 +371,25 @@ def check_writable_folder(folder: str, key: str = "output_dir") -> None:
         raise ConfigError(f"Cannot write into `{key}` {folder!r}: {reason}; choose another folder.") from None
 
 
-def claim_output_dir(output_dir: str, resuming: bool = False, overwrite: bool = False, training: bool = True):
+def claim_output_dir(
+    output_dir: str, resuming: bool = False, overwrite: bool = False, training: bool = True, evaluating: bool = False
+):
     """Checks that a run may write into `output_dir`, and locks it against a concurrent run.
 
     - `output_dir` must be a folder this process can create and write (not a file, not on a read-only file system);
     - for a training run, if it holds another run's checkpoints, the run resumes from them (`resuming`), or deletes
       them first (`overwrite`, i.e. `--overwrite_output_dir`), or stops and says so: the Trainer would otherwise mix
-      the two runs' checkpoints and then rotate the older run's away without a word.
+      the two runs' checkpoints and then rotate the older run's away without a word;
+    - a training run without checkpoints to resume, and an evaluation-only run (`evaluating`), stop when the folder
+      holds a saved model, unless `overwrite`: the final save would replace it, and an evaluation would replace its
+      tokenizer, processor files and results (for the evaluated model's own folder, its training run's results,
+      while its card keeps the old ones).
 
     Call it on the main process only. Returns the lock: the caller keeps it for the whole run (the lock is released
     when the object is garbage-collected or released, and in any case when the process ends).
     """
     check_writable_folder(output_dir)
     lock = OutputDirLock(output_dir)
-    checkpoints_found = training and bool(_checkpoint_folders(output_dir))
-    if training and not resuming and not overwrite and not checkpoints_found and holds_saved_model(output_dir):
-        # No checkpoint to resume from, but a finished model (a run with `save_strategy no`, a WiSE-FT or exported
-        # folder, the model this run starts from): the final save would replace it without a word.
-        lock.release()
-        raise ConfigError(
-            f"`output_dir` {output_dir!r} holds a saved model, which this run's final save would replace. Choose "
-            "another --output_dir, or pass --overwrite_output_dir true to replace it."
-        )
     existing = _checkpoint_folders(output_dir) if training else []
     if existing and not resuming:
         if not overwrite:
@@ -405,6 +402,19 @@ def claim_output_dir(output_dir: str, resuming: bool = False, overwrite: bool = 
         for name in existing:
             shutil.rmtree(os.path.join(output_dir, name))
         logger.warning(f"`overwrite_output_dir`: deleted {len(existing)} checkpoint(s) of an earlier run.")
+    elif ((training and not resuming) or evaluating) and not overwrite and _holds_saved_model(output_dir):
+        lock.release()
+        replaced = (
+            "which this run's final save would replace"
+            if training
+            else "and an evaluation writes its results and the evaluated model's tokenizer and processor files there, "
+            "replacing that model's own and its training run's results"
+        )
+        instead = "another --output_dir" if training else f"--output_dir {os.path.normpath(output_dir)}-eval, say"
+        raise ConfigError(
+            f"`output_dir` {output_dir!r} holds a saved model, {replaced}. Choose {instead}, or pass "
+            "--overwrite_output_dir true to write there anyway."
+        )
     return lock
 
 
@@ -412,25 +422,10 @@ def claim_output_dir(output_dir: str, resuming: bool = False, overwrite: bool = 
 _MODEL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
-def holds_saved_model(folder: str) -> bool:
+def _holds_saved_model(folder: str) -> bool:
     """Whether `folder` holds a model saved with `save_pretrained` (a config and weights)."""
     has_config = os.path.isfile(os.path.join(folder, "config.json"))
     return has_config and any(os.path.isfile(os.path.join(folder, name)) for name in _MODEL_WEIGHTS)
-
-
-def check_evaluation_output_dir(output_dir: str) -> None:
-    """Refuses an evaluation-only run whose `output_dir` holds a saved model: the run writes its results and the
-    evaluated model's processor (tokenizer, image settings) there, which would replace that model's own files (or,
-    for the model's own folder, replace its training run's results with another evaluation's while its card keeps
-    the old ones)."""
-    if not holds_saved_model(output_dir):
-        return
-    raise ConfigError(
-        f"`output_dir` {output_dir!r} holds a saved model, and an evaluation writes its results and the evaluated "
-        f"model's tokenizer and processor files there, replacing that model's own and its training run's results. "
-        f"Give the evaluation its own folder (--output_dir {os.path.normpath(output_dir)}-eval, say), or pass "
-        "--overwrite_output_dir true to write there anyway."
-    )
 
 
 # Errors of the file system that a save can meet hours into a run.

@@ -18,6 +18,7 @@ import math
 import os
 import re
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -381,15 +382,23 @@ def _columns_with_missing_words(data_args: DataArguments) -> list[str]:
     return [column for column in columns if column]
 
 
+def _csv_records(path: str) -> Iterator[tuple[int, list[str]]]:
+    """(line, fields) of each record of a CSV file, read with Python's `csv` module; nothing more from a file that
+    cannot be read as UTF-8 CSV."""
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.reader(handle)
+            for fields in reader:
+                yield reader.line_num, fields
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return
+
+
 def _all_csv_columns(files: list[str]) -> list[str]:
     """The header fields of CSV `files` (the union; a file that cannot be read adds none)."""
     columns: list[str] = []
     for name in files:
-        try:
-            with open(name, newline="", encoding="utf-8") as handle:
-                header = next(csv.reader(handle), [])
-        except (OSError, UnicodeDecodeError, csv.Error):
-            continue
+        _, header = next(_csv_records(name), (0, []))
         columns.extend(column for column in header if column not in columns)
     return columns
 
@@ -401,15 +410,11 @@ _FIELD_COUNT = re.compile(r"Expected (\d+) fields in line (\d+), saw (\d+)")
 def _first_overlong_row(files: list[str]) -> tuple[str, int, int, int] | None:
     """The first row of the CSV `files` with more fields than its header: (file, header fields, line, fields)."""
     for name in files:
-        try:
-            with open(name, newline="", encoding="utf-8") as handle:
-                reader = csv.reader(handle)
-                header = next(reader, [])
-                for row in reader:
-                    if len(row) > len(header):
-                        return name, len(header), reader.line_num, len(row)
-        except (OSError, UnicodeDecodeError, csv.Error):
-            continue
+        records = _csv_records(name)
+        _, header = next(records, (0, []))
+        for line, fields in records:
+            if len(fields) > len(header):
+                return name, len(header), line, len(fields)
     return None
 
 
@@ -527,13 +532,12 @@ def _captions_as_text(dataset: Dataset, caption_column: str) -> Dataset:
     return dataset
 
 
-def _drop_bad_rows(dataset: Dataset, split: str, data_args: DataArguments) -> Dataset:
-    """`dataset` without its bad rows, reported in one line headed by `split` (`"train"`, or a source named in
-    backquotes)."""
+def _drop_bad_rows(dataset: Dataset, heading: str, data_args: DataArguments) -> Dataset:
+    """`dataset` without its bad rows, reported in one line that starts with `heading` ("train data", a source)."""
     report = find_bad_rows(dataset, data_args.image_column, data_args.caption_column, base_dir=None)
     if not report.bad_indices:
         return dataset
-    message = (split if split.startswith("`") else f"{split} data") + ": " + report.summary(len(dataset))
+    message = f"{heading}: " + report.summary(len(dataset))
     if data_args.on_bad_rows == "error":
         raise ConfigError(message + " Fix or remove these rows, or set `on_bad_rows` to `skip`.")
     logger.warning(message)
@@ -545,7 +549,7 @@ def _usable_training_rows(train: Dataset, data_args: DataArguments) -> Dataset:
     _check_columns(train.column_names, "train", data_args)
     if len(train) == 0:
         raise ConfigError("The training data has no rows (a header only?); it needs one row per image-caption pair.")
-    train = _drop_bad_rows(_captions_as_text(train, data_args.caption_column), "train", data_args)
+    train = _drop_bad_rows(_captions_as_text(train, data_args.caption_column), "train data", data_args)
     if len(train) == 0:
         raise ConfigError("No training pairs are left after removing bad rows; check the data (summary above).")
     return train
@@ -602,7 +606,9 @@ def _finish_validation(
         validation = Dataset.from_list(rows, features=validation.features)
     _check_columns(validation.column_names, split, data_args)
     if not checked:
-        validation = _drop_bad_rows(_captions_as_text(validation, data_args.caption_column), split, data_args)
+        validation = _drop_bad_rows(
+            _captions_as_text(validation, data_args.caption_column), f"{split} data", data_args
+        )
     if data_args.max_eval_samples is not None and data_args.max_eval_samples < len(validation):
         # Drawn with the run's seed, in the file's order: the first rows of a file sorted by class or source would
         # score one corner of the data (`datasets`' `select(range(n))`, what the stock recipe does).

@@ -277,12 +277,13 @@ def tower_modules(model: nn.Module, tower: str) -> list[nn.Module]:
 
 def _not_on_this_machine(source: str, key: str) -> str:
     """`source`, a path that does not exist, said with what its folder holds instead (a mistyped folder name)."""
-    expanded = os.path.abspath(os.path.expanduser(source))
-    if expanded != os.path.abspath(source) and os.path.exists(expanded):
+    local = os.path.normpath(os.path.expanduser(source))
+    if local != os.path.normpath(source) and os.path.exists(local):
         # `~` reaches here unexpanded from a config file or `--option=~/...`: no shell expanded it.
-        return f"`{key}` {source!r} starts with `~`, which nothing expands here; give the full path, {expanded!r}"
-    folder, name = os.path.split(os.path.normpath(os.path.expanduser(source)))
-    where = f"`{key}` {source!r} is not on this machine (no {expanded})"
+        full = os.path.abspath(local)
+        return f"`{key}` {source!r} starts with `~`, which nothing expands here; give the full path, {full!r}"
+    folder, name = os.path.split(local)
+    where = f"`{key}` {source!r} is not on this machine (no {os.path.abspath(local)})"
     if folder and os.path.isdir(folder):
         entries = sorted(entry for entry in os.listdir(folder) if not entry.startswith("."))
         close = difflib.get_close_matches(name, entries, n=3, cutoff=0.5)

@@ -15,13 +15,7 @@ from transformers.utils import logging
 
 from .arguments import CLIPTrainingArguments
 from .callbacks import NonFiniteTrainingError, TrainingInterrupted
-from .checkpoints import (
-    check_evaluation_output_dir,
-    claim_output_dir,
-    describe_save_error,
-    is_save_failure,
-    resolve_resume_checkpoint,
-)
+from .checkpoints import claim_output_dir, describe_save_error, is_save_failure, resolve_resume_checkpoint
 from .clip_benchmark import (
     DEFAULT_OUTPUT_FILENAME,
     ClipBenchmarkSet,
@@ -91,9 +85,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if training:
         resume_checkpoint = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     output_lock = None
-    if training_args.should_save and not training and not data_args.prepare_only:
-        if not training_args.overwrite_output_dir:
-            check_evaluation_output_dir(training_args.output_dir)
     if training_args.should_save:
         # Checked before any data is read, whatever the run writes (a model, evaluation results, prepared data), and
         # held until the run ends: a second run into the same folder stops here instead of deleting or resuming this
@@ -103,6 +94,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             resuming=resume_checkpoint is not None,
             overwrite=training_args.overwrite_output_dir,
             training=training,
+            evaluating=not training and not data_args.prepare_only,
         )
     try:
         return _run(model_args, data_args, training_args, config, training, resume_checkpoint, argv)

@@ -190,6 +190,11 @@ def _uses_sigmoid_loss(args: CLIPTrainingArguments, config: Any) -> bool | None:
     return None if family is None else family.loss == "sigmoid"
 
 
+def _names(name: str, metric: str) -> bool:
+    """Whether the metric key `name` (without `eval_`) is `metric`, of the validation split or of a named set."""
+    return name == metric or name.endswith(f"_{metric}")
+
+
 def _check_metric_for_best_model(
     args: CLIPTrainingArguments,
     has_labels: bool,
@@ -238,13 +243,13 @@ def _check_metric_for_best_model(
         hint = " The `eval_ema_*` metrics are the moving average's: set `ema_decay` (e.g. 0.999) to report them."
     elif name in zeroshot_without_labels:
         hint = " Zero-shot metrics need `label_column` (in the set's entry, for an extra evaluation set)."
-    elif any(m.needs_hard_negatives and (name == m.name or name.endswith(f"_{m.name}")) for m in METRICS):
+    elif any(m.needs_hard_negatives and _names(name, m.name) for m in METRICS):
         hint = " Hard-negative accuracy needs `hard_negative_column` (and evaluation data that has it)."
     elif sigmoid_loss is False and (
-        sigmoid_only := [m.name for m in METRICS if m.sigmoid_only and (name == m.name or name.endswith(f"_{m.name}"))]
+        sigmoid_only := [m.name for m in METRICS if m.sigmoid_only and _names(name, m.name)]
     ):
         hint = f" `{sigmoid_only[0]}` is reported only with the sigmoid loss (`loss_type` sigmoid, or a SigLIP model)."
-    elif any(name == key or name.endswith(f"_{key}") for key in directionless):
+    elif any(_names(name, key) for key in directionless):
         problem = "which has no better direction"
         hint = " It is reported, but no value of it is better than another, so it cannot choose a checkpoint."
     else:
