@@ -17,6 +17,11 @@ transformers 5 loads a saved model folder as it is; three other common consumers
   `sentence_bert_config.json` give sentence-transformers the model's own padding and length (its
   `processing_kwargs`), so `SentenceTransformer(folder).encode(...)` needs no arguments. These two files are what
   `SentenceTransformer.save` itself writes for such a model.
+- **every tokenizer reader** takes the longest caption from `tokenizer_config.json`'s `model_max_length`. A run with
+  `--max_seq_length` shorter than the tokenizer's trains on captions cut at that length, and the fast tokenizer saves
+  that truncation (and SigLIP's padding) in `tokenizer.json`, but `save_pretrained` keeps the tokenizer's own
+  `model_max_length`: a SigLIP model trained at 32 positions was evaluated at 64 by whatever read the folder next
+  (clip-trainer's own evaluation included) and scored lower. The config says the length the model was trained at.
 
 Each file is written from the files `save_pretrained` has just written, never from a library's objects, so the same
 function serves a training run's output folder and an ONNX export folder.
@@ -120,6 +125,18 @@ def _sentence_transformers_config(folder: str, text_padding: str, max_length: in
     ]
 
 
+def _tokenizer_length(folder: str, max_length: int) -> str | None:
+    """Sets `tokenizer_config.json`'s `model_max_length` to the caption length the model was trained at."""
+    path = os.path.join(folder, TOKENIZER_CONFIG)
+    if not os.path.isfile(path):
+        return None
+    config = _read_json(path)
+    if config.get("model_max_length") == max_length:
+        return None
+    config["model_max_length"] = max_length
+    return _write_json(path, config)
+
+
 def write_consumer_files(
     folder: str | os.PathLike, *, text_padding: str | None = None, max_length: int | None = None
 ) -> list[str]:
@@ -136,13 +153,16 @@ def write_consumer_files(
             writes sentence-transformers' `modules.json`, `sentence_bert_config.json` and
             `config_sentence_transformers.json` (leave it unset for a folder without PyTorch weights).
         max_length (`int`, *optional*):
-            The longest caption in tokens, as the model was trained (SigLIP's one padded length).
+            The longest caption in tokens, as the model was trained (SigLIP's one padded length); becomes
+            `tokenizer_config.json`'s `model_max_length`.
 
     Returns:
         `list[str]`: the files written or rewritten.
     """
     folder = str(folder)
     written = [_image_processor_config(folder), _portable_tokenizer_config(folder)]
+    if max_length is not None:
+        written.append(_tokenizer_length(folder, max_length))
     if text_padding is not None and max_length is not None:
         written += _sentence_transformers_config(folder, text_padding, max_length)
     written = [path for path in written if path is not None]

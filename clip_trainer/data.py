@@ -621,10 +621,32 @@ def _finish_validation(
             f"The {split} data has {len(validation)} usable pair(s); retrieval needs at least 2 (one to find, one to "
             "rank it against). Give more validation pairs (`validation_file`, `validation_split_percentage`)."
         )
+    _check_two_images_decode(validation, data_args, split)
     validation = add_image_ids(validation, data_args.image_column, data_args.image_id_column)
     if data_args.label_column is not None:
         validation = add_class_labels(validation, data_args.label_column)
     return validation
+
+
+def _check_two_images_decode(validation: Dataset, data_args: DataArguments, split: str) -> None:
+    """Decodes validation images until two do: a set whose files are all corrupt (or not images) is refused before
+    training, not found at the first evaluation, an epoch later (or never, when the run selects by `eval_loss`,
+    which is then NaN). The up-front row checks see missing and empty files only; usually two images are decoded."""
+    table = validation.select_columns([data_args.image_column]).with_format(None)
+    decoded, first_fault = 0, None
+    for row, value in enumerate(table[data_args.image_column]):
+        try:
+            load_image(value, max_pixels=data_args.max_image_pixels)
+        except BadSampleError as error:
+            first_fault = first_fault or f"row {row}: {error.reason}"
+            continue
+        decoded += 1
+        if decoded == 2:
+            return
+    raise ConfigError(
+        f"The {split} data has {len(validation)} pair(s), and {decoded} of their images decode (first fault: "
+        f"{first_fault}); retrieval needs at least 2: fix or replace those files."
+    )
 
 
 def _held_out_split(train: Dataset, data_args: DataArguments, seed: int) -> tuple[Dataset, Dataset]:

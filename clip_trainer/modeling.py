@@ -10,6 +10,7 @@ name is loaded, and a checkpoint of another kind is refused by name before any w
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import math
@@ -418,6 +419,35 @@ def max_text_positions(config: PretrainedConfig) -> int:
     return family.text_positions(config) if family is not None else _position_embeddings(config)
 
 
+# The files a saved tokenizer or image processor leaves in a folder (any one of them).
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "spiece.model", "sentencepiece.bpe.model",
+    "tokenizer.model",
+)  # fmt: skip
+IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+
+
+@contextlib.contextmanager
+def _missing_in_folder(source: str, what: str, files: tuple[str, ...], option: str):
+    """A local model folder without a tokenizer or image processor (a folder `CLIPModel.save_pretrained` wrote, with
+    no processor saved beside it): one line naming the folder and the option that supplies one. transformers either
+    raises a traceback or, for a tokenizer, builds an empty one from the model's config (a vocabulary of 2 tokens
+    that reads every caption as unknown words) and trains on it without a word."""
+    missing = ConfigError(
+        f"{source} has no {what} (none of {', '.join(files)}; only `save_pretrained` of the model was written "
+        f"there?): give {option} with a folder or Hub id that has the {what} the model was trained with (for "
+        "example the model it was fine-tuned from), or save the processor into the folder."
+    )
+    if os.path.isdir(source) and not any(os.path.isfile(os.path.join(source, name)) for name in files):
+        raise missing
+    try:
+        yield
+    except OSError as error:
+        if not os.path.isdir(source):
+            raise
+        raise missing from error
+
+
 def load_processor(
     model_args: ModelArguments, config: PretrainedConfig, training_captions: Iterable[str] | None = None
 ):
@@ -431,7 +461,8 @@ def load_processor(
     common = {"cache_dir": model_args.cache_dir, "trust_remote_code": model_args.trust_remote_code}
     tokenizer_source = model_args.tokenizer_name or model_args.model_name_or_path or model_args.text_model_name_or_path
     if tokenizer_source is not None:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, **common)
+        with _missing_in_folder(tokenizer_source, "tokenizer", TOKENIZER_FILES, "--tokenizer_name"):
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, **common)
     else:
         if training_captions is None:
             raise ConfigError("A model built from scratch needs `tokenizer_name` or training captions to train one.")
@@ -449,7 +480,10 @@ def load_processor(
     )
     if processor_source is not None:
         # The PIL backend: the torchvision one would make torchvision a hard dependency.
-        image_processor = AutoImageProcessor.from_pretrained(processor_source, backend="pil", **common)
+        with _missing_in_folder(
+            processor_source, "image processor", IMAGE_PROCESSOR_FILES, "--image_processor_name"
+        ):
+            image_processor = AutoImageProcessor.from_pretrained(processor_source, backend="pil", **common)
     else:
         image_processor = family.new_image_processor(config)
     return family.processor_class(image_processor=image_processor, tokenizer=tokenizer)

@@ -134,6 +134,13 @@ def _run(model_args, data_args, training_args, config, training: bool, resume_ch
     else:
         set_seed(training_args.seed)
 
+    # The processor of a given model or tokenizer needs no data: loaded first, a folder without one stops the run
+    # before the data loads. A new tokenizer is trained on the training captions, below.
+    needs_captions = model_args.tokenizer_name is None and model_args.model_name_or_path is None
+    processor = None
+    if not needs_captions and not data_args.prepare_only:
+        processor = load_processor(model_args, config)
+
     # --- data -----------------------------------------------------------------------------------------------------
     benchmark = None
     if data_args.clip_benchmark_dataset is not None and not data_args.prepare_only:
@@ -182,11 +189,9 @@ def _run(model_args, data_args, training_args, config, training: bool, resume_ch
             )
 
     # --- processor and model --------------------------------------------------------------------------------------
-    captions = None
-    if model_args.tokenizer_name is None and model_args.model_name_or_path is None:
+    if processor is None:
         # A new tokenizer for a new model, trained on the training captions (a stream's first 100,000).
-        captions = data.training_captions(data_args.caption_column)
-    processor = load_processor(model_args, config, captions)
+        processor = load_processor(model_args, config, data.training_captions(data_args.caption_column))
     # A `max_seq_length` above the text positions lengthens them here, once, before the trainer sees the model.
     model = load_model(model_args, config, processor.tokenizer, max_seq_length=data_args.max_seq_length)
 

@@ -377,6 +377,8 @@ class CLIPContrastiveTrainer(Trainer):
         self.zeroshot_templates = list(self.args.zeroshot_templates or DEFAULT_ZEROSHOT_TEMPLATES)
         # Device tensors once training runs (see `training_step`); read at logging steps only.
         self._skipped_samples: int | torch.Tensor = 0
+        self._repeated_rows = 0  # rows accelerate repeated to fill an uneven epoch's last round, masked; not skipped
+        self._eval_loss_parts: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._samples_since_log = 0
         self._flops_since_log = 0
         self._tower_weights: tuple[int, int] | None = None
@@ -792,11 +794,42 @@ class CLIPContrastiveTrainer(Trainer):
         return constants
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
-        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        batch_samples, num_items_in_batch = super().get_batch_samples(
+            self._repeated_rows_masked(epoch_iterator), num_batches, device
+        )
         if self.gradient_cache is not None:
             # The cached accumulation needs every micro-batch of the optimizer step before the first backward.
             self.gradient_cache.start_step(batch_samples)
         return batch_samples, num_items_in_batch
+
+    def _repeated_rows_masked(self, batches):
+        """The training batches, with the rows accelerate repeats at the end of an uneven epoch flagged unusable.
+
+        Under several processes an epoch whose length is not a multiple of `processes x per_device_train_batch_size`
+        ends with a round of batches that accelerate fills up (its `even_batches`, so that every process takes part in
+        the last step) with rows from the start of the epoch. Trained, those rows would be trained twice and be extra
+        negatives: the last step's loss and gradients were not one process's. The real rows of that round are the
+        first `remainder` of the gathered batch (each process's rows in process order, the filled rows after them),
+        which is how `gather_for_metrics` drops the same rows in an evaluation; the others are masked like unusable
+        samples, so the step is the one process's last batch exactly. (accelerate offers `even_batches=False`
+        instead, but then processes can take different numbers of steps and the gathering collectives no longer
+        match.)
+        """
+        for batch in batches:
+            self._repeated_rows += self._mask_repeated_rows(batch, self.args.per_device_train_batch_size)
+            yield batch
+
+    def _mask_repeated_rows(self, batch, batch_size: int) -> int:
+        """Flags unusable, in the last round of batches of an uneven epoch or evaluation under several processes, the
+        rows accelerate repeated from its start (see [`_repeated_rows_masked`]); returns how many it flagged."""
+        state = self.accelerator.gradient_state
+        valid = batch.get("valid") if isinstance(batch, dict) else None
+        if self.args.world_size <= 1 or valid is None or not state.end_of_dataloader or state.remainder <= 0:
+            return 0
+        first = self.args.process_index * batch_size
+        real = (torch.arange(valid.shape[0]) + first) < state.remainder
+        batch["valid"] = valid & real.to(valid.device)
+        return int((~real).sum())
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self._last_log_time is None:
@@ -891,7 +924,7 @@ class CLIPContrastiveTrainer(Trainer):
             self._flops_since_log = 0
             self._last_log_time, self._samples_since_log = now, 0
             self._finite_loss_sum = self._finite_loss_count = None
-            skipped = int(self._skipped_samples)
+            skipped = int(self._skipped_samples) - self._repeated_rows
             if skipped:
                 logs["skipped_samples"] = skipped
             if self.nonfinite_guard.skipped_steps:
@@ -1020,6 +1053,9 @@ class CLIPContrastiveTrainer(Trainer):
             raise PublishError(
                 f"ONNX export failed: {error}. The trained model is saved in {self.args.output_dir}."
             ) from None
+        # The processor's tokenizer still says its own `model_max_length`: the graphs' folder, as the model's, says
+        # the caption length the model was trained at (see consumers.py).
+        write_consumer_files(folder, max_length=self.max_seq_length)
         logger.info(f"ONNX graphs in {folder}, checked: {export['max_abs_diff']}.")
         return export
 
@@ -1224,8 +1260,17 @@ class CLIPContrastiveTrainer(Trainer):
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Computes the batch's loss and keeps its embeddings (gathered from every process) for retrieval."""
+        # The rows accelerate repeats to even out the last round are neither pairs nor negatives of this loss.
+        self._mask_repeated_rows(inputs, self.args.per_device_eval_batch_size)
         with torch.no_grad(), self.compute_loss_context_manager():
             loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+        if self._eval_loss_parts is not None and "valid" in inputs:
+            # The batch's pairs over every process; this process's share of the loss times them, over the world size,
+            # summed over the processes, is the batch's loss times its pairs (see `distributed_clip_loss`).
+            pairs = inputs["valid"].sum().float()
+            if self.args.world_size > 1:
+                pairs = self.accelerator.reduce(pairs, reduction="sum")
+            self._eval_loss_parts.append((loss.detach().float() * pairs / self.args.world_size, pairs))
         if self._eval_buffer is not None:
             collected = {**outputs}
             for key in ("image_ids", "class_labels", "valid"):
@@ -1241,13 +1286,25 @@ class CLIPContrastiveTrainer(Trainer):
         self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
     ):
         self._eval_buffer = defaultdict(list)
+        self._eval_loss_parts = []
         try:
             output = super().evaluation_loop(
                 dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
             )
             collected = {key: torch.cat(values) for key, values in self._eval_buffer.items()}
+            loss_parts = self._eval_loss_parts
         finally:
-            self._eval_buffer = None
+            self._eval_buffer = self._eval_loss_parts = None
+        if loss_parts:
+            # The loss per usable pair over the whole set, every batch weighted by its pairs. The Trainer's own mean
+            # weights each process's share by its batch's rows, which under several processes changed with how the
+            # last batch was split and with the rows repeated to even it out, and counted unusable rows.
+            total = torch.stack([part for part, _ in loss_parts]).sum()
+            if self.args.world_size > 1:
+                total = self.accelerator.reduce(total, reduction="sum")
+            pairs = torch.stack([count for _, count in loss_parts]).sum()
+            if float(pairs) > 0 and math.isfinite(float(total)):  # else the Trainer's, which filters NaN batches
+                output.metrics[f"{metric_key_prefix}_loss"] = float(total / pairs)
         valid = collected.pop("valid", None)
         rows = torch.arange(len(valid)) if valid is not None else None
         if valid is not None:

@@ -4,8 +4,9 @@ CLIP_benchmark reads a local WebDataset with `--dataset wds/NAME --dataset_root 
 `DIR/test/0.tar`, plus `classnames.txt` and `zeroshot_classification_templates.txt` (`{c}` stands for the class
 name) for zero-shot classification, or `dataset_type.txt` saying `retrieval` for image-text retrieval. This writes
 
-- `OUTPUT/emoji_groups/`: each held-out image (`.png`) with its emoji group as class index (`.cls`), the demo's nine
-  group names and its three templates;
+- `OUTPUT/emoji_groups/`: each distinct held-out image (`.png`) once, with its emoji group as class index (`.cls`),
+  the demo's nine group names and its three templates (an image that several held-out emoji share is one sample with
+  the class of its first row, as clip-trainer's own zero-shot evaluation counts it);
 - `OUTPUT/emoji_captions/`: each distinct held-out image with its captions (`.txt`, one a line: some emoji share a
   picture), for retrieval, as clip-trainer's own retrieval evaluation groups them.
 
@@ -24,8 +25,10 @@ import tarfile
 from pathlib import Path
 
 import datasets
+import torch
 
 from clip_trainer import DataArguments, load_image_text_data
+from clip_trainer.evaluation import zeroshot_rows
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +78,11 @@ def main(argv: list[str] | None = None) -> None:
     output = Path(args.output)
 
     groups = output / "emoji_groups"
-    labels = validation["label"]
-    write_shard(groups, [{"png": png, "cls": str(label).encode()} for png, label in zip(images, labels, strict=True)])
+    # One sample per image, chosen by the rule of clip-trainer's zero-shot accuracy, so that both score the same images.
+    rows, labels = zeroshot_rows(torch.tensor(validation["label"]), validation["_image_id"])
+    write_shard(
+        groups, [{"png": images[row], "cls": str(label).encode()} for row, label in zip(rows.tolist(), labels.tolist())]
+    )
     (groups / "classnames.txt").write_text("\n".join(classnames) + "\n")
     (groups / "zeroshot_classification_templates.txt").write_text("\n".join(TEMPLATES) + "\n")
 
@@ -91,8 +97,8 @@ def main(argv: list[str] | None = None) -> None:
     write_shard(captions, samples)
     (captions / "dataset_type.txt").write_text("retrieval\n")
     logger.info(
-        f"Wrote {len(images)} held-out pairs ({len(classnames)} classes) to {groups}, and their {len(samples)} distinct "
-        f"images to {captions}."
+        f"Wrote the {len(rows)} distinct images of the {len(images)} held-out pairs to {groups} ({len(classnames)} "
+        f"classes) and, with their captions, to {captions}."
     )
 
 

@@ -253,8 +253,9 @@ def test_a_class_index_out_of_range_names_the_shard_the_sample_and_the_fix(
 @pytest.mark.slow
 def test_the_demo_script_writes_the_held_out_pairs_in_a_set_the_command_evaluates(tiny_clip_dir, tmp_path,
                                                                                   monkeypatch):  # fmt: skip
-    """scripts/clip_benchmark_data.py writes the demo's held-out pairs: as many samples as the demo evaluates, 9
-    classes, the demo's prompts; the retrieval set one sample per distinct image; the command scores both."""
+    """scripts/clip_benchmark_data.py writes the demo's held-out pairs: one zero-shot sample per distinct image, 9
+    classes, the demo's prompts, scored by the command exactly as the demo's own evaluation of its held-out split
+    scores them; the retrieval set one sample per distinct image."""
     from clip_trainer import DataArguments, load_image_text_data
 
     spec = importlib.util.spec_from_file_location("clip_benchmark_data", ROOT / "scripts" / "clip_benchmark_data.py")
@@ -269,12 +270,23 @@ def test_the_demo_script_writes_the_held_out_pairs_in_a_set_the_command_evaluate
     groups = read_clip_benchmark_set("bench/emoji_groups")
     assert len(groups.class_names) == 9 and groups.templates == ["{c}", "an emoji of {c}", "a {c} emoji"]
     assert read_clip_benchmark_set("bench/emoji_captions").task == "zeroshot_retrieval"
+    images = len(set(held_out["_image_id"]))
+    assert images < len(held_out)  # some held-out emoji share a picture: each picture is one sample
     with tarfile.open(groups.shards[0]) as tar:
-        assert len([name for name in tar.getnames() if name.endswith(".cls")]) == len(held_out)
+        assert len([name for name in tar.getnames() if name.endswith(".cls")]) == images
     assert cli.main(eval_command(tiny_clip_dir, Path("bench/emoji_groups"))) == 0
     results = json.loads((tmp_path / "out" / "eval_results.json").read_text())
-    assert results["eval_clip_benchmark_samples"] == len(held_out)
+    assert results["eval_clip_benchmark_samples"] == images
     assert results["eval_clip_benchmark_skipped_samples"] == 0
+    # The demo's own evaluation of the same held-out split, with the same prompts: the same zero-shot figures.
+    own = ["eval", "--model_name_or_path", str(tiny_clip_dir), "--dataset_name", "emoji", "--label_column", "label",
+           "--validation_split_percentage", "15", "--seed", "42", "--zeroshot_templates", "{}", "an emoji of {}",
+           "a {} emoji", "--output_dir", "own", "--per_device_eval_batch_size", "64", "--dataloader_num_workers", "0",
+           "--report_to", "none", "--use_cpu", "true"]  # fmt: skip
+    assert cli.main(own) == 0
+    demo = json.loads((tmp_path / "own" / "eval_results.json").read_text())
+    for name in ("top1", "top5", "balanced_accuracy"):
+        assert results[f"eval_clip_benchmark_zeroshot_{name}"] == pytest.approx(demo[f"eval_zeroshot_{name}"], abs=1e-9)
     assert cli.main([*eval_command(tiny_clip_dir, Path("bench/emoji_captions")), "--output_dir", "out2"]) == 0
     captions = json.loads((tmp_path / "out2" / "eval_results.json").read_text())
     assert captions["eval_clip_benchmark_samples"] == len(set(held_out["_image_id"]))

@@ -45,6 +45,13 @@ def two_csvs_the_second_with_an_unquoted_comma(tmp: Path) -> str:
     return str(tmp / "p*.csv")
 
 
+def not_images_csv(tmp: Path) -> str:
+    """A validation CSV whose three `.png` files hold text."""
+    for index in range(3):
+        (tmp / f"v{index}.png").write_text(f"not an image {index}")
+    return csv_file(tmp, "image,caption\nv0.png,a cat\nv1.png,a dog\nv2.png,a cow\n", name="val.csv")
+
+
 def an_image(argv: list[str]) -> str:
     """An image file of the base command line's training data, by absolute path."""
     return str(Path(argv[argv.index("--train_file") + 1]).parent / "images" / "red_circle_white_0.png")
@@ -58,6 +65,15 @@ def not_clip_folder(tmp: Path) -> str:
         folder
     )
     (folder / "preprocessor_config.json").write_text(json.dumps({"image_processor_type": "CLIPImageProcessor"}))
+    return str(folder)
+
+
+def weights_only_folder(tmp: Path, tiny_clip_dir: Path, *extra: str) -> str:
+    """What `CLIPModel.save_pretrained` alone writes (config and weights, no processor), plus `extra` files."""
+    folder = tmp / "weights-only"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors", *extra):
+        (folder / name).write_bytes((tiny_clip_dir / name).read_bytes())
     return str(folder)
 
 
@@ -189,6 +205,14 @@ CASES = [
          ("without a config.json",)),
     Case("a config-only folder as the model", lambda a, t, m: set_option(a, "model_name_or_path", config_only_folder(t, m)),
          ("has no model.safetensors", "`config_name`"), "data"),
+    # transformers 5 builds an empty tokenizer (2 tokens) from such a folder and would train on it without a word.
+    Case("a model folder without its tokenizer",
+         lambda a, t, m: set_option(a, "model_name_or_path", weights_only_folder(t, m, "processor_config.json")),
+         ("weights-only has no tokenizer", "give --tokenizer_name", "save the processor into the folder")),
+    Case("a model folder without its image processor",
+         lambda a, t, m: set_option(a, "model_name_or_path", weights_only_folder(t, m, "tokenizer.json",
+                                                                               "tokenizer_config.json")),
+         ("weights-only has no image processor", "give --image_processor_name")),
     Case("max_seq_length beyond the text model", lambda a, t, m: [*a, "--max_seq_length", "100"],
          ("`max_seq_length` is 100", "set it to 16 or less")),
     Case("both towers frozen", lambda a, t, m: [*a, "--freeze_vision_model", "true", "--freeze_text_model", "true"],
@@ -263,6 +287,10 @@ CASES = [
          lambda a, t, m: [*a, "--eval_strategy", "epoch", "--validation_file",
                           csv_file(t, f"image,caption\nnone.png,a cat\n{an_image(a)},a red circle\n", name="val.csv")],
          ("1 usable pair(s)", "at least 2"), "data"),
+    # Files that exist but are no images pass the up-front row checks; found before training, not an epoch in.
+    Case("a validation set whose images do not decode",
+         lambda a, t, m: [*a, "--eval_strategy", "epoch", "--validation_file", not_images_csv(t)],
+         ("3 pair(s), and 0 of their images decode", "row 0: not an image", "fix or replace those files"), "data"),
     Case("early stopping without evaluation", lambda a, t, m: [*a, "--early_stopping_patience", "2"],
          ("`early_stopping_patience` stops on evaluations", "`eval_strategy` is no")),
     Case("early stopping without validation data",

@@ -319,3 +319,33 @@ def test_transformers_js_loads_the_output_folder(runs, image_files, family, tmp_
     got = _run_json([NODE, str(TESTS / "js" / "embed.mjs")], request, tmp_path, cwd=TESTS / "js")
     assert torch.allclose(torch.tensor(got["pixel_values"]), expected["pixel_values"], atol=1e-5)
     assert_same_embeddings(got, expected, atol=1e-4)
+
+
+@pytest.mark.slow  # two runs and an ONNX export, about 20 s on 2 cores
+@needs_onnxruntime
+def test_a_shorter_caption_length_is_the_saved_models_length(tmp_path, monkeypatch):
+    """A SigLIP run with `--max_seq_length` shorter than the tokenizer's: the saved folder (and its ONNX folder) says
+    the length the model was trained at, so an evaluation of the folder without the flag pads captions as training
+    did and reproduces the run's own numbers (it padded to the tokenizer's length and scored lower)."""
+    from transformers import AutoTokenizer, SiglipConfig
+
+    from clip_trainer import run
+
+    monkeypatch.chdir(tmp_path)
+    csv = write_shapes_csv(tmp_path, repeats=2)
+    config = SiglipConfig(text_config={**TINY_TEXT, "max_position_embeddings": 24}, vision_config=TINY_VISION)
+    (tmp_path / "siglip.json").write_text(config.to_json_string())
+    common = ["--train_file", str(csv), "--validation_split_percentage", "30", "--per_device_eval_batch_size", "5",
+              "--report_to", "none", "--dataloader_num_workers", "0", "--use_cpu", "true"]  # fmt: skip
+    trained = run.main([*common, "--config_name", "siglip.json", "--tokenizer_vocab_size", "300",
+                        "--max_seq_length", "6", "--output_dir", "out", "--max_steps", "4",
+                        "--per_device_train_batch_size", "8", "--eval_strategy", "no", "--save_strategy", "no",
+                        "--do_train", "--do_eval", "--export_onnx", "true"])  # fmt: skip
+    for folder in ("out", "out/onnx"):
+        assert json.loads((tmp_path / folder / "tokenizer_config.json").read_text())["model_max_length"] == 6
+    tokenizer = AutoTokenizer.from_pretrained("out")
+    assert len(tokenizer(["a red circle"], padding="max_length")["input_ids"][0]) == 6
+    assert len(tokenizer([" ".join(["red"] * 30)], truncation=True)["input_ids"][0]) == 6
+    evaluated = run.main([*common, "--model_name_or_path", "out", "--output_dir", "eval", "--do_eval"])
+    recalls = [key for key in trained if "recall" in key]
+    assert recalls and {key: evaluated[key] for key in recalls} == {key: trained[key] for key in recalls}

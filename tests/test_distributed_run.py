@@ -120,3 +120,53 @@ def test_torchrun_two_processes_evaluate_without_training_data(base_args, tmp_pa
     for key, value in single.items():
         if "recall" in key or "rank" in key:
             assert two[key] == pytest.approx(value, abs=1e-6), key
+
+
+@pytest.mark.slow
+def test_an_uneven_last_batch_trains_as_in_one_process(base_args, tmp_path):
+    """22 pairs at an effective batch of 8: one process takes 8, 8 and 6; two processes of 4 take the same rows, and
+    in the last round accelerate fills the second process's batch with 2 rows from the start of the epoch. Those are
+    masked, so every step's loss and the trained weights equal the one process's."""
+    import torch
+    from safetensors.torch import load_file
+
+    from clip_trainer.run import main
+
+    common = [*drop_option(drop_option(base_args, "num_train_epochs"), "logging_steps"), "--num_train_epochs", "1",
+              "--max_train_samples", "22", "--logging_steps", "1", "--lr_scheduler_type", "constant"]  # fmt: skip
+    one = tmp_path / "one"
+    main([*set_option(common, "output_dir", str(one)), "--per_device_train_batch_size", "8"])
+    two = tmp_path / "two"
+    result = torchrun([*set_option(common, "output_dir", str(two)), "--per_device_train_batch_size", "4",
+                       "--ddp_backend", "gloo"])  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    def losses(folder: Path) -> list[float]:
+        history = json.loads((folder / "trainer_state.json").read_text())["log_history"]
+        return [entry["loss"] for entry in history if "loss" in entry]
+
+    assert len(losses(one)) == 3
+    assert losses(two) == pytest.approx(losses(one), rel=1e-5)
+    weights_one, weights_two = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+    for name, tensor in weights_one.items():
+        torch.testing.assert_close(weights_two[name], tensor, atol=1e-5, rtol=1e-4, msg=name)
+    assert "skipped_samples" not in (two / "trainer_state.json").read_text()  # the filled rows are not data faults
+
+
+@pytest.mark.slow
+def test_two_processes_evaluate_to_the_same_loss_as_one(base_args, tmp_path):
+    """24 validation pairs at a global evaluation batch of 10 (one process of 10, two of 5): batches of 10, 10 and 4,
+    and in the last round accelerate repeats 6 rows to give both processes a full batch. `eval_loss` is the one
+    process's: the repeated rows are masked and each batch weighs by its pairs."""
+    from clip_trainer.run import main
+
+    main([*base_args, "--max_steps", "10", "--output_dir", str(tmp_path / "trained")])
+    validation = write_shapes_csv(tmp_path / "val", repeats=1)
+    common = ["--model_name_or_path", str(tmp_path / "trained"), "--validation_file", str(validation), "--do_eval",
+              "--report_to", "none", "--dataloader_num_workers", "0", "--use_cpu", "true"]  # fmt: skip
+    result = torchrun([*common, "--per_device_eval_batch_size", "5", "--output_dir", str(tmp_path / "two"),
+                       "--ddp_backend", "gloo"])  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    single = main([*common, "--per_device_eval_batch_size", "10", "--output_dir", str(tmp_path / "one")])
+    two = json.loads((tmp_path / "two" / "eval_results.json").read_text())
+    assert two["eval_loss"] == pytest.approx(single["eval_loss"], rel=1e-5)

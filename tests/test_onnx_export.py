@@ -24,9 +24,27 @@ from clip_trainer.converters.to_onnx import ONNXExportError, check_onnx, export_
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_clip_dir, tmp_path_factory):
+def exported_with_warnings(tiny_clip_dir, tmp_path_factory):
+    import warnings
+
     output_dir = tmp_path_factory.mktemp("onnx")
-    return output_dir, export_onnx(tiny_clip_dir, output_dir)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = export_onnx(tiny_clip_dir, output_dir)
+    return output_dir, result, [str(warning.message) for warning in caught]
+
+
+@pytest.fixture(scope="module")
+def exported(exported_with_warnings):
+    output_dir, result, _ = exported_with_warnings
+    return output_dir, result
+
+
+def test_the_export_does_not_warn_that_the_model_trains(exported_with_warnings):
+    """torch's exporter warns of a module in training mode; the graphs embed with the model in evaluation mode, and a
+    warning saying otherwise made users doubt correct graphs."""
+    *_, messages = exported_with_warnings
+    assert not [message for message in messages if "training mode" in message]
 
 
 def graph_signature(path) -> dict[str, list]:

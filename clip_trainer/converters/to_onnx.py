@@ -69,6 +69,7 @@ class _ImageEmbedder(nn.Module):
     def __init__(self, model: CLIPModel):
         super().__init__()
         self.model = model
+        self.eval()  # a new module trains; torch's exporter would warn that the graph is exported in training mode
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model.get_image_features(pixel_values=pixel_values).pooler_output
@@ -78,6 +79,7 @@ class _TextEmbedder(nn.Module):
     def __init__(self, model: CLIPModel):
         super().__init__()
         self.model = model
+        self.eval()  # a new module trains; torch's exporter would warn that the graph is exported in training mode
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
