@@ -480,9 +480,7 @@ def load_processor(
     )
     if processor_source is not None:
         # The PIL backend: the torchvision one would make torchvision a hard dependency.
-        with _missing_in_folder(
-            processor_source, "image processor", IMAGE_PROCESSOR_FILES, "--image_processor_name"
-        ):
+        with _missing_in_folder(processor_source, "image processor", IMAGE_PROCESSOR_FILES, "--image_processor_name"):
             image_processor = AutoImageProcessor.from_pretrained(processor_source, backend="pil", **common)
     else:
         image_processor = family.new_image_processor(config)

@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> None:
     # One sample per image, chosen by the rule of clip-trainer's zero-shot accuracy, so that both score the same images.
     rows, labels = zeroshot_rows(torch.tensor(validation["label"]), validation["_image_id"])
     write_shard(
-        groups, [{"png": images[row], "cls": str(label).encode()} for row, label in zip(rows.tolist(), labels.tolist())]
+        groups,
+        [{"png": images[row], "cls": str(label).encode()} for row, label in zip(rows.tolist(), labels.tolist())],
     )
     (groups / "classnames.txt").write_text("\n".join(classnames) + "\n")
     (groups / "zeroshot_classification_templates.txt").write_text("\n".join(TEMPLATES) + "\n")

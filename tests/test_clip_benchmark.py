@@ -286,7 +286,9 @@ def test_the_demo_script_writes_the_held_out_pairs_in_a_set_the_command_evaluate
     assert cli.main(own) == 0
     demo = json.loads((tmp_path / "own" / "eval_results.json").read_text())
     for name in ("top1", "top5", "balanced_accuracy"):
-        assert results[f"eval_clip_benchmark_zeroshot_{name}"] == pytest.approx(demo[f"eval_zeroshot_{name}"], abs=1e-9)
+        assert results[f"eval_clip_benchmark_zeroshot_{name}"] == pytest.approx(
+            demo[f"eval_zeroshot_{name}"], abs=1e-9
+        )
     assert cli.main([*eval_command(tiny_clip_dir, Path("bench/emoji_captions")), "--output_dir", "out2"]) == 0
     captions = json.loads((tmp_path / "out2" / "eval_results.json").read_text())
     assert captions["eval_clip_benchmark_samples"] == len(set(held_out["_image_id"]))
