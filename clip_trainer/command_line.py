@@ -24,8 +24,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config_files import did_you_mean, read_config_file, refuse_repeated_keys
-from .errors import ConfigError
+from .config_files import read_config_file, refuse_repeated_keys, unknown_option_hint
+from .errors import ConfigError, InvalidValueError
 
 if TYPE_CHECKING:
     from .arguments import CLIPTrainingArguments, DataArguments, ModelArguments
@@ -271,12 +271,12 @@ def check_command_line(argv: list[str], prog: str = "run_clip.py") -> bool:
     for path in config_files:
         for key in read_config_file(path):
             if key not in names:
-                raise ConfigError(f"Unknown key `{key}` in {path}.{did_you_mean(key, names)}")
+                raise ConfigError(f"Unknown key `{key}` in {path}{unknown_option_hint(key, names, as_flag=False)}")
     for arg in rest:
         if arg.startswith("--") and len(arg) > 2:
             name = arg[2:].split("=", 1)[0]
             if name not in flags:
-                raise ConfigError(f"Unknown option `--{name}`.{did_you_mean(name, names)}")
+                raise ConfigError(f"Unknown option `--{name}`{unknown_option_hint(name, names, as_flag=True)}")
     return False
 
 
@@ -406,7 +406,7 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, Data
         [`ConfigError`]: for an unknown key or flag (naming the closest valid one), a missing or malformed config
             file, or a value that fails validation.
     """
-    from .arguments import ARGUMENT_CLASSES, InvalidValueError
+    from .arguments import ARGUMENT_CLASSES
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -421,19 +421,26 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, Data
         config_dir = Path(path).resolve().parent
         for key, value in read_config_file(path).items():
             if key not in valid_keys:
-                raise ConfigError(f"Unknown key `{key}` in {path}.{did_you_mean(key, valid_keys)}")
+                raise ConfigError(
+                    f"Unknown key `{key}` in {path}{unknown_option_hint(key, valid_keys, as_flag=False)}"
+                )
             merged[key] = _resolve_config_value(key, value, config_dir)
             set_in[key] = path
+    actions: dict[str, argparse.Action] = {}
+    for action in parser._actions:
+        actions.setdefault(action.dest, action)  # a boolean's own flag, not its `--no_` twin (no type) added after it
+    for key in merged:
+        if not _given_as_flag(key, argv):  # a flag wins, whatever the file holds
+            merged[key] = _config_value(actions[key], key, merged[key], set_in[key])
     # Values from files become the parser's defaults, so that flags on the command line win.
     parser.set_defaults(**merged)
     namespace, remaining = parser.parse_known_args(argv)
     if remaining:
         flag = next((arg for arg in remaining if arg.startswith("-")), remaining[0])
         name = flag.lstrip("-").split("=")[0]
-        hint = did_you_mean(name, valid_keys)
-        raise ConfigError(
-            f"Unknown option `{flag}`.{hint}" if flag.startswith("-") else f"Unexpected argument `{flag}`."
-        )
+        if not flag.startswith("-"):
+            raise ConfigError(f"Unexpected argument `{flag}`.")
+        raise ConfigError(f"Unknown option `{flag}`{unknown_option_hint(name, valid_keys, as_flag=True)}")
     # A run that names none of do_train/do_eval/do_predict trains (and evaluates when eval_strategy asks for it).
     # Decided on the raw options: TrainingArguments turns do_eval on by itself whenever eval_strategy is not "no".
     stages = ("do_train", "do_eval", "do_predict")
@@ -455,6 +462,44 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, Data
         # TrainingArguments validates with ValueError; its messages name the fields.
         raise ConfigError(str(error)) from None
     return tuple(outputs)  # type: ignore[return-value]
+
+
+# What a value must be, by the type `HfArgumentParser` gave the option's flag (one value, a list's values).
+_EXPECTED = {
+    int: ("a whole number", "whole numbers"),
+    float: ("a number", "numbers"),
+    "string_to_bool": ("true or false", "booleans"),
+}
+
+
+def _whole(value: Any) -> Any:
+    """A float that is a whole number as that int: JSON has one number type, and configs write `1e6` for 1000000."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _config_value(action: argparse.Action, key: str, value: Any, path: str) -> Any:
+    """A config file's `value` of `key`, read as its flag reads text: a whole-number float for an integer option
+    becomes an int, and a string is converted by the flag's type (`"10"` for an integer, `"false"` for a boolean, as
+    on the command line). argparse would convert such a string itself, but its error names the flag, not the file.
+    Any other JSON value is kept for the argument classes' checks, which name the file (a number is not a boolean).
+    """
+    if action.type is int:
+        value = [_whole(item) for item in value] if isinstance(value, list) else _whole(value)
+    if not isinstance(value, str) or action.type in (None, str):
+        return value
+    try:
+        return action.type(value)
+    except (ValueError, TypeError, argparse.ArgumentTypeError):
+        expected = _EXPECTED.get(action.type) or _EXPECTED.get(getattr(action.type, "__name__", ""))
+        if expected is None:
+            what = f"what `--{key}` takes on the command line"
+        elif action.nargs in ("+", "*"):
+            what = f"a JSON list of {expected[1]}"
+        else:
+            what = expected[0]
+        raise InvalidValueError(key, f"`{key}` is {value!r} in {path}; it must be {what}.") from None
 
 
 def _given_as_flag(key: str, argv: list[str]) -> bool:

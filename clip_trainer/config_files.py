@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,147 @@ def did_you_mean(name: str, choices: list[str] | tuple[str, ...], prefix: str = 
     """`" Did you mean `x`?"` for the closest of `choices` to `name`, or `""` when none is close."""
     match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
     return f" Did you mean `{prefix}{match[0]}`?" if match else ""
+
+
+# Option names of the tools clip-trainer users come from, for the message about an unknown flag or key: difflib
+# alone points at the nearest spelling, which can be the opposite tower (`freeze_image_encoder` -> freeze_text_model)
+# or an unrelated option (`batch_size` -> auto_find_batch_size, `precision` -> hub_revision). Keys are the names as
+# written in a config file or as a flag with hyphens made underscores; each value is (whose name it is, what to use).
+# In the text, `<option value>` is rendered as a flag (`--option value`) or as a config-file entry (`"option": value`)
+# to match what the user wrote, and `<@ value>` is the user's own name with that value. A test checks that every
+# option named here exists.
+KNOWN_FOREIGN_NAMES: dict[str, tuple[str, str]] = {
+    # open_clip (`python -m open_clip_train.main`)
+    "train_data": ("open_clip's", "use <train_file>"),
+    "val_data": ("open_clip's", "use <validation_file>"),
+    "csv_img_key": ("open_clip's", "use <image_column>"),
+    "csv_caption_key": ("open_clip's", "use <caption_column>"),
+    "model": (
+        "open_clip's and the seed project's",
+        "use <model_name_or_path> (a transformers model's Hub id or folder, e.g. openai/clip-vit-base-patch32), or "
+        "<config_name> to train from scratch",
+    ),
+    "pretrained": (
+        "open_clip's",
+        "use <model_name_or_path> (a transformers model; `clip-trainer import-open-clip` converts an "
+        "open_clip checkpoint into one)",
+    ),
+    "epochs": ("open_clip's", "use <num_train_epochs>"),
+    "lr": ("open_clip's and Lightning's", "use <learning_rate>"),
+    "wd": ("open_clip's", "use <weight_decay>"),
+    "beta1": ("open_clip's", "use <adam_beta1>"),
+    "beta2": ("open_clip's", "use <adam_beta2>"),
+    "eps": ("open_clip's", "use <adam_epsilon>"),
+    "warmup": ("open_clip's", "use <warmup_steps>"),
+    "lr_scheduler": ("open_clip's", "use <lr_scheduler_type>"),
+    "grad_clip_norm": ("open_clip's", "use <max_grad_norm>"),
+    "batch_size": ("open_clip's and Lightning's", "use <per_device_train_batch_size> (per device, as there)"),
+    "accum_freq": (
+        "open_clip's",
+        "use <gradient_accumulation_steps> (which, like open_clip, contrasts the whole accumulated batch)",
+    ),
+    "precision": (
+        "open_clip's and Lightning's",
+        "<@ bf16> (amp_bf16, bf16-mixed) is <bf16 true>, <@ fp16> (amp, 16-mixed) is <fp16 true>, and 32-bit is the "
+        "default",
+    ),
+    "grad_checkpointing": ("open_clip's", "use <gradient_checkpointing true>"),
+    "force_patch_dropout": ("open_clip's", "use <patch_dropout> (e.g. 0.5)"),
+    "lock_image": ("open_clip's", "use <freeze_vision_model true>"),
+    "lock_text": ("open_clip's", "use <freeze_text_model true>"),
+    "lock_image_unlocked_groups": (
+        "open_clip's",
+        "use <vision_trainable_layers> without <freeze_vision_model> (N groups there are N - 1 layers here: "
+        "open_clip counts the projection as a group)",
+    ),
+    "lock_text_unlocked_layers": ("open_clip's", "use <text_trainable_layers> without <freeze_text_model>"),
+    "siglip": ("open_clip's", "use <loss_type sigmoid>"),
+    "distill_model": ("open_clip's", "use <teacher_model_name_or_path>"),
+    "workers": ("open_clip's", "use <dataloader_num_workers>"),
+    "logs": ("open_clip's", "use <output_dir>"),
+    "name": ("open_clip's", "use <run_name>"),
+    "resume": ("open_clip's", "use <resume_from_checkpoint>"),
+    "save_frequency": ("open_clip's", "use <save_strategy epoch>"),
+    "val_frequency": ("open_clip's", "use <eval_strategy epoch>"),
+    "torchcompile": ("open_clip's", "use <torch_compile true>"),
+    # PyTorch Lightning's Trainer, and the Lightning + Hydra seed project (docs/coming-from-lightning-hydra.md)
+    "max_epochs": ("Lightning's", "use <num_train_epochs>"),
+    "accumulate_grad_batches": ("Lightning's", "use <gradient_accumulation_steps>"),
+    "gradient_clip_val": ("Lightning's", "use <max_grad_norm>"),
+    "default_root_dir": ("Lightning's", "use <output_dir>"),
+    "log_every_n_steps": ("Lightning's", "use <logging_steps>"),
+    "check_val_every_n_epoch": ("Lightning's", "use <eval_strategy epoch>"),
+    "val_check_interval": ("Lightning's", "use <eval_strategy steps> with <eval_steps>"),
+    "ckpt_path": ("Lightning's", "use <resume_from_checkpoint>"),
+    "num_workers": ("Lightning's", "use <dataloader_num_workers>"),
+    "accelerator": ("Lightning's", "the device is found by itself; use <use_cpu true> for the CPU"),
+    "patience": ("Lightning's", "use <early_stopping_patience>"),
+    "min_delta": ("Lightning's", "use <early_stopping_threshold>"),
+    "early_stopping": ("the seed project's", "use <early_stopping_patience> (with <early_stopping_threshold>)"),
+    "dataset": ("the seed project's", "use <dataset_name> (a Hub id or a local folder) or <train_file>"),
+    "optimizer": ("the seed project's", "use <optim> (adam: Adam, adamw_torch_fused: AdamW)"),
+    "scheduler": ("the seed project's", "use <lr_scheduler_type> (cosine_lr: cosine, steplr: step, none: constant)"),
+    "betas": ("the seed project's", "use <adam_beta1> and <adam_beta2>"),
+    "freeze_image_encoder": ("the seed project's", "use <freeze_vision_model true>"),
+    "freeze_text_encoder": ("the seed project's", "use <freeze_text_model true>"),
+    "data_dir": (
+        "Lightning's and transformers' run_clip.py's",
+        "use <dataset_name> (a folder of images with metadata.csv, or a prepared folder) or <train_file> (a CSV, "
+        "JSON Lines or Parquet file)",
+    ),
+}
+
+# Words other tools use for what clip-trainer's option names call otherwise (`image` is `vision`, an encoder is a
+# model), tried before difflib so that `freeze_image_model` finds freeze_vision_model, not the nearer spelling
+# freeze_text_model.
+_SYNONYMS = (("image", "vision"), ("encoder", "model"), ("tower", "model"))
+
+
+def _spell(option: str, value: str | None, as_flag: bool) -> str:
+    if as_flag:
+        return f"`--{option}{f' {value}' if value is not None else ''}`"
+    if value is None:
+        return f"`{option}`"
+    try:
+        json.loads(value)  # true, false, a number: as it is in JSON
+        written = value
+    except json.JSONDecodeError:
+        written = json.dumps(value)
+    return f'`"{option}": {written}`'
+
+
+def unknown_option_hint(name: str, options: list[str] | tuple[str, ...], as_flag: bool) -> str:
+    """The end of the message about an unknown flag (`as_flag`) or config-file key `name`: what to use instead.
+
+    A name another tool uses (open_clip, Lightning, transformers' run_clip.py; see `KNOWN_FOREIGN_NAMES`) gets that
+    tool's mapping; otherwise the closest of `options`, after the other tools' words for clip-trainer's (`image` for
+    `vision`) are translated. Starts with the punctuation that ends the message's first part (`.` or ` (`).
+    """
+    typed = name.lstrip("-")
+    # Hyphens as flags allow them; a Hydra-style dotted key (`trainer.max_epochs`) by its last part.
+    normalized = typed.replace("-", "_").lower().rsplit(".", 1)[-1]
+    known = KNOWN_FOREIGN_NAMES.get(normalized)
+    if known is not None:
+        tools, text = known
+
+        def render(match: re.Match) -> str:
+            option, value = match.group(1), match.group(2)
+            return _spell(typed if option == "@" else option, value, as_flag)
+
+        return f" ({tools} name): {re.sub(r'<([@a-z0-9_]+)(?: ([^>]+))?>', render, text)}."
+    translated = normalized
+    for theirs, ours in _SYNONYMS:
+        translated = translated.replace(theirs, ours)
+    if translated in options:
+        return f". Did you mean `{translated}`?"
+    # The closer of the two spellings' matches: the translation helps `freeze_image_modle`, but must not take
+    # `image_colum` (image_column) away to a `vision_*` option.
+    matches = [
+        (difflib.SequenceMatcher(None, spelling, match).ratio(), match)
+        for spelling in {normalized, translated}
+        for match in difflib.get_close_matches(spelling, list(options), n=1, cutoff=0.6)
+    ]
+    return f". Did you mean `{max(matches)[1]}`?" if matches else "."
 
 
 REPEATED_KEY_FIXES = {

@@ -48,6 +48,13 @@ def check_arguments(
             "is read as it trains and has no end to write. Drop --streaming to prepare the data (and stream the "
             "prepared folder later with --dataset_name FOLDER --streaming true), or drop --prepare_only."
         )
+    if training_args.remove_unused_columns:
+        # The Trainer would keep only the model's inputs; the command's collator builds them from the raw image and
+        # caption columns, so every sample would arrive without its caption and the run would train on nothing.
+        raise ConfigError(
+            "`remove_unused_columns` is true, but the collator reads the raw image and caption columns, which the "
+            "Trainer would drop; leave it false (remove --remove_unused_columns)."
+        )
     has_data_source = (
         data_args.dataset_name is not None or data_args.train_file is not None or data_args.train_mixture is not None
     )
@@ -321,6 +328,15 @@ def _check_fine_tuning(model_args: ModelArguments | None, args: CLIPTrainingArgu
             "`ema_decay` averages the whole trainable weights on every process, but FSDP and DeepSpeed shard them "
             "across processes; drop `ema_decay`, or train with DDP (torchrun without FSDP or DeepSpeed)."
         )
+    for tower in ("vision", "text"):
+        layers = getattr(args, f"{tower}_trainable_layers")
+        if getattr(args, f"freeze_{tower}_model") and layers is not None and args.unfreeze_after_steps is None:
+            # A frozen tower unfreezes to its top layers only: without `unfreeze_after_steps` none of them ever trains.
+            raise ConfigError(
+                f"`freeze_{tower}_model` fixes the whole {tower} tower for the run, so `{tower}_trainable_layers` "
+                f"({layers}) would train nothing; drop one of them, or set `unfreeze_after_steps` to train the top "
+                f"{layers} layer(s) after it."
+            )
     if config is None:
         return
     for tower in ("vision", "text"):

@@ -164,7 +164,7 @@ CASES = [
          lambda a, t, m: [*drop_option(a, "train_file"), "--train_mixture", '{"X": 1, "X": 3}'],
          ("`train_mixture` has the key 'X' twice", "weights added up")),
     Case("a bool as an unknown string", lambda a, t, m: [config_file(t, {"freeze_text_model": "sometimes"}), *a],
-         ("--freeze_text_model", "sometimes")),
+         ("`freeze_text_model` is 'sometimes' in", "config.json; it must be true or false")),
     # --- numbers a JSON file gets wrong --------------------------------------------------------------------------
     Case("eval batch size 0", lambda a, t, m: set_option(a, "per_device_eval_batch_size", "0"),
          ("`per_device_eval_batch_size` is 0", "at least 1")),

@@ -1,0 +1,244 @@
+"""The command line for users coming from transformers' run_clip.py, open_clip and Lightning + Hydra: the options that
+look right to them but cannot work are refused up front, their tools' names point at clip-trainer's options, and a
+config file's values are read as its JSON means them."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from conftest import drop_option
+
+from clip_trainer import run
+from clip_trainer.cli import run_command
+from clip_trainer.command_line import option_table, parse_arguments
+from clip_trainer.config_files import KNOWN_FOREIGN_NAMES
+
+
+@pytest.fixture
+def user_folder(tmp_path, monkeypatch) -> Path:
+    folder = tmp_path / "user"
+    folder.mkdir()
+    monkeypatch.chdir(folder)  # a user's working folder, not the repository
+    return folder
+
+
+@pytest.fixture
+def stops_before_the_data(monkeypatch):
+    """Fails the test if the run reaches its data: every mistake here is known from the arguments alone."""
+
+    def load_data(*args, **kwargs):
+        raise AssertionError("the mistake should have stopped the run before the data was read")
+
+    monkeypatch.setattr(run, "load_image_text_data", load_data)
+
+
+def error_line(status: int, stderr: str, prog: str = "run_clip.py") -> str:
+    """The one error line of a command that stopped on a mistake (status 2, no traceback)."""
+    assert status == 2, stderr[-2000:]
+    assert "Traceback" not in stderr
+    lines = [line for line in stderr.splitlines() if line.startswith(f"{prog}: error:")]
+    assert len(lines) == 1, stderr[-2000:]
+    return lines[0]
+
+
+def write_config(folder: Path, values: dict, name: str = "run.json") -> str:
+    (folder / name).write_text(json.dumps(values))
+    return name
+
+
+# --- remove_unused_columns -----------------------------------------------------------------------------------------
+
+
+def test_remove_unused_columns_true_is_refused_before_the_data(base_args, user_folder, stops_before_the_data, capsys):
+    # transformers' default, passed from habit: the Trainer would drop the caption column and train on nothing.
+    line = error_line(run.cli([*base_args, "--remove_unused_columns", "true"]), capsys.readouterr().err)
+    assert "`remove_unused_columns` is true" in line and "collator reads the raw image and caption columns" in line
+    assert "leave it false" in line
+    # The same from a config file.
+    config = write_config(user_folder, {"remove_unused_columns": True})
+    line = error_line(run.cli([config, *base_args]), capsys.readouterr().err)
+    assert "`remove_unused_columns` is true" in line
+
+
+def test_remove_unused_columns_false_is_accepted(base_args, user_folder, tiny_clip_dir):
+    from clip_trainer.modeling import load_model_config
+    from clip_trainer.validation import check_arguments
+
+    model_args, data_args, training_args = parse_arguments([*base_args, "--remove_unused_columns", "false"])
+    assert training_args.remove_unused_columns is False
+    check_arguments(model_args, data_args, training_args, None, config=load_model_config(model_args))
+
+
+# --- other tools' option names -------------------------------------------------------------------------------------
+
+# (what the user typed, what the message must say, an option the message must not offer)
+FOREIGN_FLAGS = [
+    ("--freeze_image_encoder", "`--freeze_vision_model true`", "freeze_text_model"),
+    ("--freeze_text_encoder", "`--freeze_text_model true`", "freeze_vision_model"),
+    ("--freeze_image_model", "Did you mean `freeze_vision_model`?", "freeze_text_model"),
+    ("--batch_size", "`--per_device_train_batch_size`", "auto_find_batch_size"),
+    ("--batch-size", "`--per_device_train_batch_size`", "auto_find_batch_size"),
+    ("--max_epochs", "`--num_train_epochs`", "max_steps"),
+    ("--epochs", "`--num_train_epochs`", None),
+    ("--precision", "`--precision bf16` (amp_bf16, bf16-mixed) is `--bf16 true`", "hub_revision"),
+    ("--data_dir", "`--dataset_name`", "data_seed"),
+    ("--lock-image", "`--freeze_vision_model true`", None),
+    ("--lock-text", "`--freeze_text_model true`", None),
+    ("--lr", "`--learning_rate`", None),
+    ("--wd", "`--weight_decay`", None),
+    ("--warmup", "`--warmup_steps`", None),
+    ("--force-patch-dropout", "`--patch_dropout`", None),
+    ("--train-data", "`--train_file`", None),
+    ("--csv-img-key", "`--image_column`", None),
+    ("--csv-caption-key", "`--caption_column`", None),
+    ("--grad-checkpointing", "`--gradient_checkpointing true`", None),
+    ("--accum-freq", "`--gradient_accumulation_steps`", None),
+    ("--model", "`--model_name_or_path`", None),
+    ("--pretrained", "`--model_name_or_path`", None),
+    ("--accumulate_grad_batches", "`--gradient_accumulation_steps`", None),
+    ("--gradient_clip_val", "`--max_grad_norm`", None),
+]
+
+
+@pytest.mark.parametrize(("flag", "expected", "wrong"), FOREIGN_FLAGS, ids=[flag for flag, _, _ in FOREIGN_FLAGS])
+def test_other_tools_flags_point_at_the_right_option(flag, expected, wrong, base_args, user_folder, capsys):
+    # The fast first pass (run_clip.py, clip-trainer train) and the full parse (run.main) say the same.
+    fast = error_line(run_command([*base_args, flag, "1"]), capsys.readouterr().err)
+    full = error_line(run.cli([*base_args, flag, "1"]), capsys.readouterr().err)
+    for line in (fast, full):
+        assert f"Unknown option `{flag}`" in line and expected in line, line
+        assert wrong is None or wrong not in line, line
+
+
+def test_other_tools_config_keys_point_at_the_right_option(base_args, user_folder, capsys):
+    cases = {
+        "freeze_image_encoder": '`"freeze_vision_model": true`',
+        "max_epochs": "`num_train_epochs`",
+        "batch_size": "`per_device_train_batch_size`",
+        "lr": "`learning_rate`",
+        "precision": '`"precision": "bf16"` (amp_bf16, bf16-mixed) is `"bf16": true`',
+        "lock-image": '`"freeze_vision_model": true`',
+        "trainer.max_epochs": "`num_train_epochs`",  # a Hydra key, flattened
+    }
+    for key, expected in cases.items():
+        config = write_config(user_folder, {key: 1})
+        for command in (run_command, run.cli):
+            line = error_line(command([config, *base_args]), capsys.readouterr().err)
+            assert f"Unknown key `{key}` in run.json" in line and expected in line, line
+            assert "--" not in line.split("in run.json", 1)[1], line  # a config file's key is named as a key
+
+
+def test_difflib_stays_the_fallback_and_image_means_vision(base_args, user_folder, capsys):
+    cases = {
+        "--learning_rat": "Did you mean `learning_rate`?",
+        "--num-train-epoch": "Did you mean `num_train_epochs`?",  # hyphens read as underscores
+        "--freeze_image_modle": "Did you mean `freeze_vision_model`?",
+        "--image_trainable_layers": "Did you mean `vision_trainable_layers`?",
+        "--image_colum": "Did you mean `image_column`?",  # the translation does not take it to a vision option
+    }
+    for flag, expected in cases.items():
+        line = error_line(run_command([*base_args, flag, "1"]), capsys.readouterr().err)
+        assert expected in line, line
+    line = error_line(run_command([*base_args, "--zzzz", "1"]), capsys.readouterr().err)
+    assert line.endswith("Unknown option `--zzzz`.")
+
+
+def test_every_option_the_table_names_exists():
+    names = {option.name for option in option_table()}
+    named = set()
+    for tools, text in KNOWN_FOREIGN_NAMES.values():
+        assert tools.endswith("'s") and "\n" not in text
+        named |= {name for name in re.findall(r"<([a-z0-9_@]+)", text) if name != "@"}
+    assert named and named <= names, sorted(named - names)
+    # A name of another tool that is also one of clip-trainer's would never be looked up.
+    assert not set(KNOWN_FOREIGN_NAMES) & names
+
+
+# --- config-file value types ---------------------------------------------------------------------------------------
+
+
+def test_a_whole_number_written_as_a_float_is_an_integer(base_args, user_folder):
+    config = write_config(user_folder, {"max_steps": 1e6, "clip_benchmark_recall_k": [1.0, 5.0], "seed": 3.0})
+    _, data_args, training_args = parse_arguments([config, *base_args[:-2]])  # base_args ends with --seed 1
+    assert training_args.max_steps == 1_000_000 and type(training_args.max_steps) is int
+    assert training_args.seed == 3 and type(training_args.seed) is int
+    assert data_args.clip_benchmark_recall_k == [1, 5] and all(
+        type(k) is int for k in data_args.clip_benchmark_recall_k
+    )
+    # A fraction is still refused, naming the file.
+    config = write_config(user_folder, {"max_steps": 2.5})
+    with pytest.raises(Exception, match=r"`max_steps` is 2.5; it must be a whole number.*It is set in run.json"):
+        parse_arguments([config, *base_args])
+
+
+def test_a_value_that_is_not_the_options_type_names_the_file_and_key(
+    base_args, user_folder, stops_before_the_data, capsys
+):
+    cases = {
+        ("num_train_epochs", "one"): "`num_train_epochs` is 'one' in run.json; it must be a number.",
+        ("max_steps", "ten"): "`max_steps` is 'ten' in run.json; it must be a whole number.",
+        ("freeze_vision_model", "sometimes"): "`freeze_vision_model` is 'sometimes' in run.json; it must be true or false.",
+        # A boolean whose default is true, which has a `--no_` flag too.
+        ("dataloader_pin_memory", "sometimes"): "`dataloader_pin_memory` is 'sometimes' in run.json; it must be true or false.",
+        ("wise_ft_alphas", "half"): "`wise_ft_alphas` is 'half' in run.json; it must be a JSON list of numbers.",
+    }  # fmt: skip
+    for (key, value), expected in cases.items():
+        config = write_config(user_folder, {key: value})
+        flags = drop_option(base_args, key) if f"--{key}" in base_args else base_args  # a flag would win
+        line = error_line(run.cli([config, *flags]), capsys.readouterr().err)
+        assert expected in line, line
+        assert "argument --" not in line, line  # argparse's wording, which names no file
+    # A flag over the file's value wins, as for every other mistake in a file.
+    config = write_config(user_folder, {"num_train_epochs": "one"})
+    assert parse_arguments([config, *base_args])[2].num_train_epochs == 2
+
+
+def test_booleans_in_a_config_file_are_json_booleans_or_the_command_lines_words(base_args, user_folder):
+    # The rule: a value of the option's JSON type, or a string read as the same text on the command line. A number is
+    # neither, for a boolean (whereas 1e6 is a number, as an integer option wants).
+    for value, expected in ((True, True), ("yes", True), ("true", True), ("1", True), (False, False), ("no", False)):
+        config = write_config(user_folder, {"freeze_vision_model": value})
+        assert parse_arguments([config, *base_args])[2].freeze_vision_model is expected, value
+        assert (
+            parse_arguments([*base_args, "--freeze_vision_model", json.dumps(value).strip('"').lower()])[
+                2
+            ].freeze_vision_model
+            is expected
+        )
+    for value in (1, 0):
+        config = write_config(user_folder, {"freeze_vision_model": value})
+        with pytest.raises(Exception, match=rf"`freeze_vision_model` is {value}; it must be true or false.*run.json"):
+            parse_arguments([config, *base_args])
+
+
+@pytest.mark.slow
+def test_a_run_configured_with_whole_floats_trains_that_many_steps(base_args, user_folder):
+    config = write_config(user_folder, {"max_steps": 3.0, "per_device_train_batch_size": 4.0, "logging_steps": 1.0})
+    run.main([config, *drop_option(drop_option(base_args, "per_device_train_batch_size"), "logging_steps")])
+    state = json.loads((Path(base_args[base_args.index("--output_dir") + 1]) / "trainer_state.json").read_text())
+    assert state["global_step"] == 3 and state["train_batch_size"] == 4
+    assert [entry["step"] for entry in state["log_history"] if "loss" in entry] == [1, 2, 3]
+    assert state["epoch"] == pytest.approx(3 * 4 / 72)  # 3 batches of 4 of the 72 training pairs
+
+
+# --- a frozen tower and its trainable layers -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tower", ["vision", "text"])
+def test_a_frozen_tower_with_trainable_layers_is_refused(tower, base_args, user_folder, stops_before_the_data, capsys):
+    flags = [f"--freeze_{tower}_model", "true", f"--{tower}_trainable_layers", "1"]
+    line = error_line(run.cli([*base_args, *flags]), capsys.readouterr().err)
+    assert f"`freeze_{tower}_model` fixes the whole {tower} tower for the run" in line
+    assert f"`{tower}_trainable_layers` (1) would train nothing" in line and "unfreeze_after_steps" in line
+
+
+def test_a_frozen_tower_that_unfreezes_to_its_top_layers_is_accepted(base_args, user_folder):
+    from clip_trainer.modeling import load_model_config
+    from clip_trainer.validation import check_arguments
+
+    flags = ["--freeze_vision_model", "true", "--vision_trainable_layers", "1", "--unfreeze_after_steps", "2"]
+    model_args, data_args, training_args = parse_arguments([*base_args, *flags])
+    check_arguments(model_args, data_args, training_args, None, config=load_model_config(model_args))
