@@ -183,6 +183,14 @@ _TYPE_NAMES = {bool: "true or false", int: "a whole number", float: "a number", 
 _LIST_TYPE_NAMES = {bool: "booleans", int: "whole numbers", float: "numbers", str: "strings"}
 
 
+def unset_empty_text_options(instance: Any) -> None:
+    """An empty value of an optional text option (`--label_column ""` on the command line) unsets what a config file
+    set: the option becomes None, as if neither had named it."""
+    for name, scalar, optional, is_list, _, _ in _field_specs(type(instance)):
+        if scalar is str and optional and not is_list and getattr(instance, name) == "":
+            setattr(instance, name, None)
+
+
 def check_field_values(instance: Any) -> None:
     """Checks every init field of an argument dataclass against its annotation's type, its `choices` and its
     `bounds`, whatever set it (a flag, a config file, Python).
@@ -633,10 +641,8 @@ class DataArguments:
     )
 
     def __post_init__(self) -> None:
+        unset_empty_text_options(self)
         check_field_values(self)
-        for key in ("clip_benchmark_dataset", "clip_benchmark_output"):
-            if getattr(self, key) == "":  # an empty value on the command line unsets a config file's
-                setattr(self, key, None)
         if not self.clip_benchmark_recall_k:
             raise ConfigError(
                 "`clip_benchmark_recall_k` is empty; give at least one k, e.g. --clip_benchmark_recall_k 5."

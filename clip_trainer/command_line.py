@@ -439,12 +439,18 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, Data
         flag = next((arg for arg in remaining if arg.startswith("-")), remaining[0])
         name = flag.lstrip("-").split("=")[0]
         if not flag.startswith("-"):
+            if flag.endswith(".json"):
+                raise ConfigError(
+                    f"Unexpected argument `{flag}`: config files come first, before every flag (`run_clip.py "
+                    f"{flag} ... --option value`); a flag's value is the one word after it."
+                )
             raise ConfigError(f"Unexpected argument `{flag}`.")
         raise ConfigError(f"Unknown option `{flag}`{unknown_option_hint(name, valid_keys, as_flag=True)}")
-    # A run that names none of do_train/do_eval/do_predict trains (and evaluates when eval_strategy asks for it).
-    # Decided on the raw options: TrainingArguments turns do_eval on by itself whenever eval_strategy is not "no".
-    stages = ("do_train", "do_eval", "do_predict")
-    if not any(stage in merged or f"--{stage}" in argv for stage in stages):
+    # A run that turns on none of do_train/do_eval/do_predict trains (and evaluates when eval_strategy asks for it):
+    # `--do_eval false` alone means "train, without the final evaluation", not "evaluate". Decided on the raw
+    # options: TrainingArguments turns do_eval on by itself whenever eval_strategy is not "no".
+    named = [stage for stage in ("do_train", "do_eval", "do_predict") if stage in merged or f"--{stage}" in argv]
+    if "do_train" not in named and not any(getattr(namespace, stage) for stage in named):
         namespace.do_train = True
     outputs = []
     try:

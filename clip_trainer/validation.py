@@ -7,6 +7,7 @@ one line that names the key and the fix.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 from transformers.trainer_utils import IntervalStrategy
@@ -350,6 +351,10 @@ def _check_fine_tuning(model_args: ModelArguments | None, args: CLIPTrainingArgu
             )
 
 
+def _launcher_asks_for_fsdp() -> bool:
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").strip().lower() in ("1", "true", "yes", "on")
+
+
 def accelerate_shards_on(device: torch.device) -> bool:
     """Whether accelerate's FSDP and DeepSpeed shard a model on `device`. accelerate (1.16) turns FSDP on for GPUs
     and other accelerators only: on the CPU it keeps the plugin unused and wraps the model in DDP, so the run would
@@ -381,6 +386,21 @@ def _check_sharding(args: CLIPTrainingArguments) -> None:
         raise ConfigError(
             "`fsdp` is set, but this run is on the CPU, where accelerate does not shard (it would train whole copies "
             "with DDP); drop `fsdp` and `fsdp_config` to train on the CPU, or run on GPUs."
+        )
+    if _launcher_asks_for_fsdp() and not args.fsdp and not accelerate_shards_on(args.device):
+        # `accelerate launch --use_fsdp` says so through the environment only: accelerate builds its plugin from it,
+        # then stops every process at the model's preparation with a traceback, after the data is loaded.
+        raise ConfigError(
+            "`accelerate launch --use_fsdp` (ACCELERATE_USE_FSDP) asks for FSDP, but this run is on the CPU, where "
+            "accelerate does not shard; launch without --use_fsdp (`torchrun --nproc_per_node N run_clip.py ...`, "
+            "or `accelerate launch --multi_gpu --num_processes N`) to train on the CPU, or run on GPUs."
+        )
+    accelerator_config = getattr(args, "accelerator_config", None)
+    if getattr(accelerator_config, "even_batches", True) is False:
+        raise ConfigError(
+            "`accelerator_config` sets even_batches false: processes would then take different numbers of batches "
+            "and the gathers of the contrastive loss would not match. Leave it true: clip-trainer masks the rows "
+            "accelerate repeats to even out the last batch, so they are neither trained twice nor negatives."
         )
     if args.deepspeed and not accelerate_shards_on(args.device):
         raise ConfigError(

@@ -76,6 +76,13 @@ def test_eval_only_when_only_do_eval_is_given(tmp_path, data_file):
     assert training_args.do_eval is True and training_args.do_train is False
 
 
+def test_a_stage_turned_off_alone_still_trains(tmp_path, data_file):
+    """`--do_eval false` means "train without the final evaluation", not "evaluate"; `--do_train false` is obeyed."""
+    common = ["--config_name", "x", "--train_file", data_file, "--output_dir", str(tmp_path)]
+    assert parse_arguments([*common, "--do_eval", "false"])[2].do_train is True
+    assert parse_arguments([*common, "--do_train", "false", "--do_eval"])[2].do_train is False
+
+
 def test_better_transformer_maps_to_sdpa_with_a_warning(tmp_path, data_file):
     with pytest.warns(FutureWarning, match="BetterTransformer"):
         model_args, _, _ = parse_arguments(

@@ -291,6 +291,10 @@ CASES = [
     Case("a validation set whose images do not decode",
          lambda a, t, m: [*a, "--eval_strategy", "epoch", "--validation_file", not_images_csv(t)],
          ("3 pair(s), and 0 of their images decode", "row 0: not an image", "fix or replace those files"), "data"),
+    Case("a config file after a flag", lambda a, t, m: [*a, config_file(t, {"max_steps": 1})],
+         ("config.json`: config files come first, before every flag",)),
+    Case("even batches off", lambda a, t, m: [*a, "--accelerator_config", '{"even_batches": false}'],
+         ("sets even_batches false", "Leave it true")),
     Case("early stopping without evaluation", lambda a, t, m: [*a, "--early_stopping_patience", "2"],
          ("`early_stopping_patience` stops on evaluations", "`eval_strategy` is no")),
     Case("early stopping without validation data",
@@ -437,3 +441,23 @@ def test_a_model_path_with_an_unexpanded_tilde_says_so(base_args, tmp_path, monk
     assert status == 2
     assert "'~/models/clip' starts with `~`, which nothing expands here; give the full path, " in error
     assert repr(str(tmp_path / "home" / "models" / "clip")) in error
+
+
+def test_fsdp_asked_by_accelerate_launch_on_the_cpu_is_refused(base_args, tmp_path, monkeypatch, capsys, guarded):
+    """`accelerate launch --use_fsdp` tells the run through ACCELERATE_USE_FSDP only; on the CPU accelerate cannot
+    shard and stopped every process with a traceback once the data was loaded."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.chdir(tmp_path)
+    assert run.cli(base_args) == 2
+    error = capsys.readouterr().err
+    assert "`accelerate launch --use_fsdp` (ACCELERATE_USE_FSDP) asks for FSDP" in error and "torchrun" in error
+    assert guarded == []
+
+
+def test_an_empty_value_unsets_a_config_files_text_option(base_args, tmp_path, monkeypatch):
+    """`--label_column ""` unsets a config file's label column (as `--dataset_name ""` does its dataset): the run
+    evaluates the data, which has no such column, without zero-shot metrics."""
+    monkeypatch.chdir(tmp_path)
+    config = config_file(tmp_path, {"label_column": "species", "image_id_column": "photo"})
+    results = run.main([config, *base_args, "--label_column", "", "--image_id_column", "", "--do_eval"])
+    assert "eval_t2i_recall@1" in results and "eval_zeroshot_top1" not in results

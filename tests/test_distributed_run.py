@@ -170,3 +170,28 @@ def test_two_processes_evaluate_to_the_same_loss_as_one(base_args, tmp_path):
     single = main([*common, "--per_device_eval_batch_size", "10", "--output_dir", str(tmp_path / "one")])
     two = json.loads((tmp_path / "two" / "eval_results.json").read_text())
     assert two["eval_loss"] == pytest.approx(single["eval_loss"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_accelerate_launch_multi_gpu_starts_cpu_processes_that_train_as_torchrun(base_args, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on a machine without GPUs, as the docs give it: two CPU
+    processes that know each other (it launches them as torchrun does), training to the losses of a torchrun run."""
+    common = [*drop_option(base_args, "logging_steps"), "--max_steps", "3", "--logging_steps", "1",
+              "--per_device_train_batch_size", "4"]  # fmt: skip
+    launched = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+         "--main_process_port", str(_free_port()), str(REPO / "run_clip.py"),
+         *set_option(common, "output_dir", str(tmp_path / "accelerate"))],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""},
+    )  # fmt: skip
+    check_run(launched, tmp_path / "accelerate", steps=3)
+    result = torchrun([*set_option(common, "output_dir", str(tmp_path / "torchrun")), "--ddp_backend", "gloo"])
+    check_run(result, tmp_path / "torchrun", steps=3)
+
+    def losses(folder: Path) -> list[float]:
+        history = json.loads((folder / "trainer_state.json").read_text())["log_history"]
+        return [entry["loss"] for entry in history if "loss" in entry]
+
+    assert losses(tmp_path / "accelerate") == pytest.approx(losses(tmp_path / "torchrun"), rel=1e-5)
