@@ -362,6 +362,8 @@ class CLIPModelCardData:
             datasets when they are not given).
         num_train_images, num_eval_images: the images among them, when images have several captions (a training
             set that draws one caption per image and epoch has `num_train_images` rows).
+        num_eval_unusable_pairs: evaluation pairs that could not be used (an image that did not decode), which the
+            metrics leave out; the trainer reads it from its last evaluation.
         eval_origin: where the evaluation pairs came from: `held_out` (split off the training data before training,
             never trained on), `validation_file` (a separate file) or `validation_split` (the data's own split);
             `None` (unknown) claims neither. [`evaluation_origin`] finds it for a run.
@@ -396,6 +398,7 @@ class CLIPModelCardData:
     num_eval_pairs: int | None = None
     num_train_images: int | None = None
     num_eval_images: int | None = None
+    num_eval_unusable_pairs: int | None = None
     eval_origin: str | None = None
     eval_source: str | None = None
     held_out_percentage: float | None = None
@@ -565,6 +568,9 @@ def complete_card_data(card_data: CLIPModelCardData, trainer: CLIPContrastiveTra
         filled["num_eval_pairs"] = len(trainer.eval_dataset)
         if IMAGE_ID_COLUMN in (trainer.eval_dataset.column_names or []):
             filled["num_eval_images"] = len(set(trainer.eval_dataset[IMAGE_ID_COLUMN]))
+        evaluations = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+        if evaluations and evaluations[-1].get("eval_unusable_pairs"):
+            filled["num_eval_unusable_pairs"] = int(evaluations[-1]["eval_unusable_pairs"])
     last = getattr(trainer, "_last_evaluation", None) or {}
     labels = last.get("class_labels")
     if last.get("classifier") is not None and labels is not None:
@@ -751,6 +757,12 @@ def _data_sentences(card: CLIPModelCardData) -> str:
         elif card.eval_origin == "validation_split":
             name = f"`{card.eval_source}` " if card.eval_source else ""
             evaluated += f" of the data's own {name}validation split"
+        if card.num_eval_unusable_pairs:
+            usable = card.num_eval_pairs - card.num_eval_unusable_pairs
+            evaluated += (
+                f"; {_count(card.num_eval_unusable_pairs)} of them could not be used (their images did not decode), "
+                f"and the metrics are over the other {_count(usable)}"
+            )
         sentences.append(evaluated + ".")
     return " ".join(sentences)
 
@@ -941,6 +953,7 @@ def write_model_card(
         data_sentences=_data_sentences(card_data),
         zeroshot_sentences=_zeroshot_sentences(card_data, after),
         num_eval_pairs=card_data.num_eval_pairs,
+        num_eval_unusable_pairs=card_data.num_eval_unusable_pairs,
         held_out=card_data.eval_origin == "held_out",
         evaluation_columns=columns,
         evaluation_rows=rows,

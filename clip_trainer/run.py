@@ -268,6 +268,11 @@ def run_stages(
         else:  # a stream: the samples drawn, every optimizer step a full batch on every process
             batch = args.train_batch_size * args.gradient_accumulation_steps * args.world_size
             metrics["train_samples"] = trainer.state.global_step * batch
+        # Samples left out as unusable (a corrupt image counts each time it is drawn), over every process: what the
+        # warnings named during the run, in its summary.
+        skipped = trainer.skipped_training_samples()
+        if skipped:
+            metrics["skipped_samples"] = skipped
         report = data.shard_report
         if report is not None and report.summary():
             # What was left out of a web-scale run goes in its summary, not only in a warning hours earlier.

@@ -802,6 +802,14 @@ class CLIPContrastiveTrainer(Trainer):
             self.gradient_cache.start_step(batch_samples)
         return batch_samples, num_items_in_batch
 
+    def skipped_training_samples(self) -> int:
+        """The training samples left out as unusable so far (a corrupt image counts each time it is drawn), summed over
+        every process: call it on every process. The rows repeated to even out a last batch are not counted."""
+        local = torch.as_tensor(self._skipped_samples, device=self.args.device).long() - self._repeated_rows
+        if self.args.world_size > 1:
+            local = self.accelerator.reduce(local, reduction="sum")
+        return int(local)
+
     def _repeated_rows_masked(self, batches):
         """The training batches, with the rows accelerate repeats at the end of an uneven epoch flagged unusable.
 

@@ -58,6 +58,26 @@ def test_a_batch_of_only_unusable_samples_does_not_stop_the_run(base_args, tmp_p
     logged = [entry for entry in history(out) if "loss" in entry]
     assert [entry["step"] for entry in logged] == [1, 2, 3, 4]
     assert logged[0]["skipped_samples"] == 6
+    # The run's summary says so too: 6 of the 30 rows, drawn in order, 24 pairs a pass (steps 1 and 5 draw them).
+    assert json.loads((out / "train_results.json").read_text())["skipped_samples"] == 6
+
+
+def test_the_card_and_summary_count_unusable_evaluation_pairs(base_args, tmp_path):
+    """A validation image that does not decode is left out of the metrics; the model card says how many were, and
+    over how many pairs the metrics are."""
+    folder = tmp_path / "val"
+    validation = write_shapes_csv(folder, repeats=1)
+    rows = list(csv.reader(validation.open()))
+    (folder / "images/corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    rows.append(["images/corrupt.png", "a broken picture", "circle"])
+    with validation.open("w", newline="") as handle:
+        csv.writer(handle).writerows(rows)
+    out = tmp_path / "out"
+    results = main([*base_args, "--max_steps", "1", "--validation_file", str(validation), "--do_train", "--do_eval"])
+    assert results["eval_unusable_pairs"] == 1 and results["eval_samples"] == 25
+    card = (out / "README.md").read_text()
+    assert "the 25 evaluation pairs (1 of them unusable, left out of the metrics" in card
+    assert "1 of them could not be used (their images did not decode), and the metrics are over the other 24" in card
 
 
 def test_an_image_limit_that_refuses_everything_stops_with_one_line(base_args, capsys):

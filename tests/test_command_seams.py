@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import signal
 import subprocess
@@ -274,19 +273,20 @@ def _corrupt_set(folder: Path) -> Path:
 
 
 def test_an_evaluation_set_without_a_usable_image(base_args, tmp_path, capsys):
+    """An extra evaluation set whose files are all corrupt: one line naming the set, the first bad row and the fix,
+    before anything trains (it used to be found at the first evaluation, a NaN loss and no metrics)."""
     broken = _corrupt_set(tmp_path / "broken")
     argv = [*base_args, "--max_steps", "2", "--eval_strategy", "steps", "--eval_steps", "2",
             "--extra_eval_sets", json.dumps({"ref": str(broken)}), "--on_bad_rows", "skip"]  # fmt: skip
-    # Driving the choice of the best model: one line at the first evaluation, no KeyError.
-    status = run.cli([*argv, "--metric_for_best_model", "eval_ref_t2i_recall@1", "--load_best_model_at_end", "true",
-                      "--save_strategy", "steps", "--save_steps", "2"])  # fmt: skip
-    err = capsys.readouterr().err
-    assert status == 2 and "Traceback" not in err and "KeyError" not in err
-    assert "evaluation set 'ref' has 0 usable pair(s) of 4" in err and "metric_for_best_model" in err
-    # Otherwise: a warning, the validation split's metrics, and no loss of 0 for the empty set.
-    results = run.main(set_option(argv, "output_dir", str(tmp_path / "out2")))
-    assert "eval_t2i_recall@1" in results and "eval_ref_t2i_recall@1" not in results
-    assert math.isnan(results["eval_ref_loss"])
+    for extra in ([], ["--metric_for_best_model", "eval_ref_t2i_recall@1", "--load_best_model_at_end", "true",
+                       "--save_strategy", "steps", "--save_steps", "2"]):  # fmt: skip
+        out = tmp_path / f"out{len(extra)}"
+        status = run.cli([*set_option(argv, "output_dir", str(out)), *extra])
+        err = capsys.readouterr().err
+        assert status == 2 and "Traceback" not in err and "KeyError" not in err
+        assert "`extra_eval_sets` entry 'ref': The validation data has 4 pair(s), and 0 of their images decode" in err
+        assert "row 0: not an image" in err and "fix or replace those files" in err
+        assert not (out / "trainer_state.json").exists()  # nothing trained
 
 
 # --------------------------------------------------------------------------------------------------------------
