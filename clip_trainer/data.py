@@ -25,6 +25,8 @@ from typing import Any
 
 import datasets
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from datasets import ClassLabel, Dataset, DatasetDict, IterableDataset
 from transformers.utils import logging
 
@@ -371,21 +373,28 @@ def _holds_image_bytes(dataset: Dataset, image_column: str, sample: int = 100) -
     return any(isinstance(value, str) and looks_like_base64_image(value) for value in head[image_column])
 
 
-def _source_rows(key: str, files: list[str], num_rows: int) -> list[str]:
+def _source_rows(key: str, files: list[str], num_rows: int) -> pa.Array:
     """Each row's name for messages: `row 42 of /data/train.parquet` (the row numbers of the bad-row report, which
     count from 0 at the first data row read); of several files, the file and its own row when the Parquet metadata
-    says how many rows each holds (`datasets` does not record which file a row came from)."""
+    says how many rows each holds (`datasets` does not record which file a row came from). Built in Arrow: a Python
+    list of millions of names would cost far more memory than the column."""
     if len(files) == 1:
-        name = os.path.abspath(files[0])
-        return [f"row {index} of {name}" for index in range(num_rows)]
+        return _numbered("row ", 0, num_rows, f" of {os.path.abspath(files[0])}")
     counts = _parquet_row_counts(files)
     if counts is None or sum(counts) != num_rows:
-        return [f"row {index} of `{key}`" for index in range(num_rows)]
-    names = []
+        return _numbered("row ", 0, num_rows, f" of `{key}`")
+    parts, offset = [], 0
     for file, count in zip(files, counts):
-        offset = len(names)
-        names.extend(f"row {offset + row} ({os.path.abspath(file)}, its row {row})" for row in range(count))
-    return names
+        head = _numbered("row ", offset, count, f" ({os.path.abspath(file)}, its row ")
+        parts.append(pc.binary_join_element_wise(head, _numbered("", 0, count, ")"), ""))
+        offset += count
+    return pa.concat_arrays(parts)
+
+
+def _numbered(prefix: str, start: int, count: int, suffix: str) -> pa.Array:
+    """`prefix` + each number from `start` (`count` of them) + `suffix`, as an Arrow string array."""
+    numbers = pa.array(np.arange(start, start + count, dtype=np.int64)).cast(pa.string())
+    return pc.binary_join_element_wise(prefix, numbers, suffix, "")
 
 
 def _parquet_row_counts(files: list[str]) -> list[int] | None:

@@ -236,6 +236,21 @@ def test_undecodable_image_bytes_are_named_by_their_row_and_file(tmp_path, monke
         assert reason in left_out[0]
 
 
+def test_rows_of_image_bytes_in_several_parquet_files_are_named_by_file_and_row(tmp_path, monkeypatch):
+    import pandas as pd
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "parts").mkdir()
+    for part, indices in enumerate((range(3), range(3, 7))):
+        rows = [{"image": {"bytes": _png(index), "path": None}, "caption": _captions(index)[0]} for index in indices]
+        pd.DataFrame(rows).to_parquet(f"parts/train-{part}.parquet")
+    data = load_image_text_data(DataArguments(train_file="parts/train-*.parquet"), seed=0, evaluate=False)
+    first, second = tmp_path / "parts/train-0.parquet", tmp_path / "parts/train-1.parquet"
+    assert data.train["_source_row"] == [f"row {i} ({first}, its row {i})" for i in range(3)] + [
+        f"row {3 + i} ({second}, its row {i})" for i in range(4)
+    ]
+
+
 @pytest.mark.slow
 def test_a_streamed_blank_caption_is_called_empty_and_named_by_its_image(tmp_path, monkeypatch, caplog):
     monkeypatch.chdir(tmp_path)
