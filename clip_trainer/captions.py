@@ -524,7 +524,8 @@ class _StreamCaptions:
         if self.spread:
             out: dict[str, list] = {column: [] for column in batch}
             for position in range(size):
-                captions = caption_list(batch[self.caption_column][position]) or [None]
+                value = batch[self.caption_column][position]
+                captions = caption_list(value) or [_no_caption({self.caption_column: value}, [self.caption_column])]
                 for caption in captions:
                     for column in batch:
                         value = batch[column][position]
@@ -535,8 +536,18 @@ class _StreamCaptions:
             row = {column: batch[column][position] for column in batch}
             captions = [caption_list(row.get(column)) for column in self.fields]
             image = training_image_id(row, self.image_column, self.image_id_column)
-            chosen.append(choose_caption(captions, self.weights, self.seed, indices[position], image))
+            caption = choose_caption(captions, self.weights, self.seed, indices[position], image)
+            chosen.append(_no_caption(row, self.fields) if caption is None else caption)
         return {**batch, self.caption_column: chosen}
+
+
+def _no_caption(row: dict[str, Any], fields: list[str]) -> str | None:
+    """What a stream row without a usable caption keeps for the collator to report: its blank text as it is (an
+    empty caption), else `None` (missing); a list of blanks (or its JSON text) is an empty caption."""
+    value = row.get(fields[0])
+    if isinstance(value, str):
+        return "" if value.strip().startswith("[") else value
+    return "" if isinstance(value, list | tuple) and value else None
 
 
 def sample_stream_captions(stream: IterableDataset, data_args: DataArguments, seed: int) -> IterableDataset:

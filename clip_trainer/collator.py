@@ -16,8 +16,8 @@ from transformers.utils import logging
 
 from .augmentation import ImageAugmentation
 from .captions import caption_list, training_image_id
-from .data import IMAGE_ID_COLUMN, LABEL_COLUMN
-from .images import BadSampleError, load_image
+from .data import IMAGE_ID_COLUMN, LABEL_COLUMN, SOURCE_ROW_COLUMN
+from .images import BadSampleError, load_image, looks_like_base64_image
 from .preprocessing import ImagePreprocessor
 from .rows import check_caption
 
@@ -45,6 +45,25 @@ class TeacherProcessing:
     image_preprocessor: ImagePreprocessor
     max_seq_length: int
     padding: str = "longest"
+
+
+def _sample_name(row: dict[str, Any]) -> str:
+    """A row, as a message names it: a tar sample by its key and shard, a row whose image is embedded bytes by its
+    row in its file (see `SOURCE_ROW_COLUMN`); any other is named by its image file, in the reason."""
+    if row.get("__key__"):
+        return f"a sample {row['__key__']} of {row.get('__url__')}"
+    if row.get(SOURCE_ROW_COLUMN):
+        return str(row[SOURCE_ROW_COLUMN])
+    return "a sample"
+
+
+def _image_file(value: Any) -> str:
+    """` (image /data/cat.jpg)` for a row whose image is a file; empty for embedded bytes (named otherwise)."""
+    if isinstance(value, dict) and not value.get("bytes"):
+        value = value.get("path")
+    if isinstance(value, str) and value and len(value) <= 1024 and not looks_like_base64_image(value):
+        return f" (image {value})"
+    return ""
 
 
 @dataclass
@@ -125,8 +144,10 @@ class ImageTextCollator:
         teacher_pixels = []
         draft = self._draft_size() if self.jpeg_draft else None
         for row in rows:
+            caption_read = False
             try:
                 caption = check_caption(row.get(self.caption_column))
+                caption_read = True
                 image = load_image(row.get(self.image_column), max_pixels=self.max_image_pixels, draft_size=draft)
                 random_state = torch.get_rng_state() if self.teacher is not None else None
                 if self.augmentation is not None:
@@ -137,10 +158,11 @@ class ImageTextCollator:
                     teacher_pixels.append(self._teacher_pixels(image, random_state))
                 pixels.append(image_pixels)
             except BadSampleError as error:
-                # Rows are checked for cheap faults before training; what is left (a corrupt file) is rare.
-                # A tar sample (a stream's, which no up-front check sees) is named by its key and shard.
-                sample = f" sample {row['__key__']} of {row.get('__url__')}" if row.get("__key__") else ""
-                logger.warning(f"Leaving out a{sample or ' sample'} that cannot be used ({error.reason}).")
+                # Rows are checked for cheap faults before training; what is left (a corrupt file, a stream's row,
+                # which no up-front check sees) is rare. A caption's fault names the row's image file, as the
+                # up-front check does; an image's fault names its file already.
+                reason = error.reason if caption_read else error.reason + _image_file(row.get(self.image_column))
+                logger.warning(f"Leaving out {_sample_name(row)} that cannot be used ({reason}).")
                 pixels.append(self.image_preprocessor.placeholder())
                 if self.teacher is not None:  # both views are appended only once both are made
                     teacher_pixels.append(self.teacher.image_preprocessor.placeholder())

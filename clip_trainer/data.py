@@ -25,6 +25,8 @@ from typing import Any
 
 import datasets
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from datasets import ClassLabel, Dataset, DatasetDict, IterableDataset
 from transformers.utils import logging
 
@@ -62,7 +64,12 @@ logger = logging.get_logger(__name__)
 
 IMAGE_ID_COLUMN = "_image_id"
 LABEL_COLUMN = "_label"
-FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+# Where a row whose image is embedded bytes came from ("row 42 of /data/train.parquet"): a row of a file of paths is
+# named by its image's path, a tar sample by its key and shard, and a picture held as bytes by nothing else.
+SOURCE_ROW_COLUMN = "_source_row"
+FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+# The field separator of each kind of delimited text file (pandas' `sep`, Python's `csv` `delimiter`).
+SEPARATORS = {".csv": ",", ".tsv": "\t"}
 VALIDATION_SPLIT_NAMES = ("validation", "valid", "val")
 # Pairs held out of a stream for validation when the source has no validation split and `max_eval_samples` is unset.
 DEFAULT_STREAMING_EVAL_SAMPLES = 1000
@@ -328,6 +335,9 @@ def _load_data_files(
         builder = FILE_BUILDERS[Path(files[0]).suffix.lower()]
         kwargs: dict[str, Any] = {}
         if builder == "csv":
+            for file in files:
+                check_csv_header(key, file)
+            kwargs["sep"] = SEPARATORS[Path(files[0]).suffix.lower()]
             # Text columns stay text: pandas would read a column of numbers ("12", "007") as integers.
             text_columns = [data_args.image_column, data_args.caption_column, data_args.label_column]
             kwargs["converters"] = {column: str for column in text_columns + [data_args.image_id_column] if column}
@@ -344,7 +354,59 @@ def _load_data_files(
         except Exception as error:
             raise _file_error(key, files, error) from None
         parts.append(_with_lazy_images(dataset, data_args.image_column, folder))
-    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    loaded = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    if isinstance(loaded, Dataset) and _holds_image_bytes(loaded, data_args.image_column):
+        loaded = loaded.add_column(SOURCE_ROW_COLUMN, _source_rows(key, [f for files in by_folder.values() for f in files],
+                                                                   len(loaded)))  # fmt: skip
+    return loaded
+
+
+def _holds_image_bytes(dataset: Dataset, image_column: str, sample: int = 100) -> bool:
+    """Whether a loaded data file's images are embedded (Parquet image bytes, base64 or `data:` URIs in JSON Lines)
+    rather than paths, judged from the first `sample` rows without decoding any."""
+    if image_column not in dataset.column_names or len(dataset) == 0:
+        return False
+    feature = dataset.features[image_column]
+    if not isinstance(feature, datasets.Value) or feature.dtype not in ("string", "large_string"):
+        return True  # image structs ({"bytes", "path"}), binary columns, JSON of mixed kinds
+    head = dataset.select_columns([image_column]).select(range(min(sample, len(dataset)))).with_format(None)
+    return any(isinstance(value, str) and looks_like_base64_image(value) for value in head[image_column])
+
+
+def _source_rows(key: str, files: list[str], num_rows: int) -> pa.Array:
+    """Each row's name for messages: `row 42 of /data/train.parquet` (the row numbers of the bad-row report, which
+    count from 0 at the first data row read); of several files, the file and its own row when the Parquet metadata
+    says how many rows each holds (`datasets` does not record which file a row came from). Built in Arrow: a Python
+    list of millions of names would cost far more memory than the column."""
+    if len(files) == 1:
+        return _numbered("row ", 0, num_rows, f" of {os.path.abspath(files[0])}")
+    counts = _parquet_row_counts(files)
+    if counts is None or sum(counts) != num_rows:
+        return _numbered("row ", 0, num_rows, f" of `{key}`")
+    parts, offset = [], 0
+    for file, count in zip(files, counts):
+        head = _numbered("row ", offset, count, f" ({os.path.abspath(file)}, its row ")
+        parts.append(pc.binary_join_element_wise(head, _numbered("", 0, count, ")"), ""))
+        offset += count
+    return pa.concat_arrays(parts)
+
+
+def _numbered(prefix: str, start: int, count: int, suffix: str) -> pa.Array:
+    """`prefix` + each number from `start` (`count` of them) + `suffix`, as an Arrow string array."""
+    numbers = pa.array(np.arange(start, start + count, dtype=np.int64)).cast(pa.string())
+    return pc.binary_join_element_wise(prefix, numbers, suffix, "")
+
+
+def _parquet_row_counts(files: list[str]) -> list[int] | None:
+    """Each Parquet file's row count, from its footer; `None` when any file is not Parquet or cannot be read."""
+    import pyarrow.parquet as pq
+
+    if not all(file.lower().endswith(".parquet") for file in files):
+        return None
+    try:
+        return [pq.ParquetFile(file).metadata.num_rows for file in files]
+    except (OSError, ValueError):
+        return None
 
 
 def _first_non_utf8(path: str, block_size: int = 1 << 20) -> tuple[str, int, int] | None:
@@ -383,15 +445,49 @@ def _columns_with_missing_words(data_args: DataArguments) -> list[str]:
 
 
 def _csv_records(path: str) -> Iterator[tuple[int, list[str]]]:
-    """(line, fields) of each record of a CSV file, read with Python's `csv` module; nothing more from a file that
-    cannot be read as UTF-8 CSV."""
+    """(line, fields) of each record of a CSV file (a `.tsv` one split at tabs), read with Python's `csv` module;
+    nothing more from a file that cannot be read as UTF-8 CSV."""
     try:
         with open(path, newline="", encoding="utf-8") as handle:
-            reader = csv.reader(handle)
+            reader = csv.reader(handle, delimiter=SEPARATORS.get(Path(path).suffix.lower(), ","))
             for fields in reader:
                 yield reader.line_num, fields
     except (OSError, UnicodeDecodeError, csv.Error):
         return
+
+
+# Other separators a delimited text file may have been written with, and how a message calls the file then.
+_SEPARATOR_NAMES = {"\t": "tab", ";": "semicolon", ",": "comma", "|": "pipe"}
+
+
+def check_csv_header(key: str, path: str) -> None:
+    """Raises a one-line [`ConfigError`] for a CSV (or TSV) header that pandas would read wrongly without a word: one
+    column whose name holds another separator (a tab-separated file named `.csv`: its columns would be
+    `image\tcaption`), or two columns of one name (pandas renames the second `caption.1`, and the run would train on
+    the first without saying so)."""
+    _, header = next(_csv_records(path), (0, []))
+    suffix = Path(path).suffix.lower()
+    separator = SEPARATORS.get(suffix, ",")
+    if len(header) == 1:
+        found = [other for other in _SEPARATOR_NAMES if other != separator and other in header[0]]
+        if found:
+            name = _SEPARATOR_NAMES[found[0]]
+            fix = {
+                "tab": "name it .tsv (read as tab-separated) or save it with commas",
+                "comma": "name it .csv or save it with tabs",
+            }.get(name, "save it with commas (e.g. pandas: `pd.read_csv(path, sep=';').to_csv(out, index=False)`)")
+            raise ConfigError(
+                f"`{key}` {path!r} looks {name}-separated: its header {header[0]!r} is one column with {name}s in it, "
+                f"where a {suffix} file separates its fields with {_SEPARATOR_NAMES[separator]}s; {fix}."
+            )
+    seen: dict[str, int] = {}
+    for position, column in enumerate(header, start=1):
+        if column in seen:
+            raise ConfigError(
+                f"`{key}` {path!r} has two columns named {column!r} (columns {seen[column]} and {position} of its "
+                f"header; pandas would read the second as '{column}.1'); rename or remove one."
+            )
+        seen[column] = position
 
 
 def _all_csv_columns(files: list[str]) -> list[str]:
@@ -516,11 +612,20 @@ def _check_columns(columns: list[str], split: str, data_args: DataArguments) -> 
     columns_to_check = list(wanted.items())
     if split == "train" and isinstance(data_args.caption_sampling, dict):
         columns_to_check += [("caption_sampling", column) for column in data_args.caption_sampling]
+    shown = [column for column in columns if column != SOURCE_ROW_COLUMN]
     for key, column in columns_to_check:
         if column is not None and column not in columns:
+            spaced = [name for name in shown if name.strip() == column.strip() and name != column]
+            if spaced:
+                # A header written `image, caption` (a space after the comma) names the column " caption".
+                raise ConfigError(
+                    f"`{key}` is {column!r}, but the {split} data has no such column: its column {spaced[0]!r} has "
+                    "spaces around its name (a header written `image, caption`, with a space after the comma?). "
+                    f"Remove the spaces from the header, or set `{key}` to {spaced[0]!r}."
+                )
             raise ConfigError(
                 f"`{key}` is {column!r}, but the {split} data has no such column. Its columns are: "
-                f"{', '.join(columns)}. Set `{key}` to one of them."
+                f"{', '.join(shown)}. Set `{key}` to one of them."
             )
 
 
@@ -914,6 +1019,8 @@ def load_extra_eval_sets(
         kept = [set_args.image_column, set_args.caption_column, IMAGE_ID_COLUMN]
         if data_args.hard_negative_column in dataset.column_names:  # scored for hard-negative accuracy too
             kept.append(data_args.hard_negative_column)
+        if SOURCE_ROW_COLUMN in dataset.column_names:  # names a row whose image bytes do not decode
+            kept.append(SOURCE_ROW_COLUMN)
         dataset = dataset.select_columns(kept + [LABEL_COLUMN] * (LABEL_COLUMN in dataset.column_names))
         renames = {set_args.image_column: data_args.image_column, set_args.caption_column: data_args.caption_column}
         sets[name] = dataset.rename_columns({old: new for old, new in renames.items() if old != new})
@@ -965,7 +1072,9 @@ def save_prepared_data(data: ImageTextData, data_args: DataArguments, output_dir
     for name, dataset in (("train", data.train), ("validation", data.validation)):
         if dataset is None:
             continue
-        dataset = dataset.remove_columns([c for c in (IMAGE_ID_COLUMN, LABEL_COLUMN) if c in dataset.column_names])
+        # The row names of the source files go too: the prepared folder is a source of its own.
+        dropped = (IMAGE_ID_COLUMN, LABEL_COLUMN, SOURCE_ROW_COLUMN)
+        dataset = dataset.remove_columns([c for c in dropped if c in dataset.column_names])
         features = dataset.features.copy()
         features[data_args.image_column] = datasets.Image(decode=False)
         features["_problem"] = datasets.Value("string")

@@ -79,6 +79,11 @@ def decode_base64_image(text: str) -> bytes | None:
         return None
 
 
+def _names_an_image(path: str, base_dir: str | None) -> bool:
+    """Whether a path value leads to an image: an existing file, a URL (refused, with its own reason), or base64."""
+    return os.path.exists(_resolve_path(path, base_dir)) or is_url(path) or decode_base64_image(path) is not None
+
+
 def _url_error(url: str) -> BadSampleError:
     return BadSampleError(
         f"image is a URL, and URLs are not fetched: {url[:100]} (download the images first, e.g. with img2dataset, "
@@ -100,6 +105,10 @@ def _split_source(
             data = decode_base64_image(data) or data.encode()
         if data:
             return data, None
+        if path and data is not None and not _names_an_image(path, base_dir):
+            # Empty bytes whose name is no file here (a tar member's name, a name left from the machine that built
+            # the data): the bytes are what is wrong, not a missing file.
+            raise BadSampleError(f"empty image (0 bytes): {path}")
         if path:
             value = path
         elif data is not None:

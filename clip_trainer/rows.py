@@ -179,7 +179,11 @@ def _check_image_cheaply(
     if num_bytes:
         return None
     if path:
-        return _check_path_cheaply(path, base_dir, cache)
+        reason = _check_path_cheaply(path, base_dir, cache)
+        if num_bytes == 0 and reason is not None and reason.startswith("image file not found"):
+            # Empty bytes whose name is no file here (a tar member's name): the bytes are what is wrong.
+            return f"empty image (0 bytes): {path}"
+        return reason
     if num_bytes is not None:
         return "empty image bytes"
     return "image is missing (no bytes and no path)"

@@ -28,6 +28,7 @@ import dataclasses
 import functools
 import glob
 import hashlib
+import json
 import math
 import os
 import re
@@ -56,7 +57,8 @@ logger = logging.get_logger(__name__)
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")
 WEBDATASET_KEY_COLUMNS = ("__key__", "__url__")
 METADATA_FILENAMES = ("metadata.csv", "metadata.jsonl", "metadata.parquet")
-DATA_FILE_SUFFIXES = (".csv", ".json", ".jsonl", ".parquet", ".tar")
+# `.tsv` is CSV with tabs between the fields (open_clip's default separator).
+DATA_FILE_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet", ".tar")
 MIXTURE_STOPPING_STRATEGIES = ("all_exhausted", "first_exhausted")
 # The heaviest weight of a mixture over its lightest, at most. Beyond it the light source is never drawn in practice,
 # and a loaded `all_exhausted` mixture (which draws until every source is read through) grows past memory.
@@ -178,7 +180,8 @@ def check_data_file_pattern(key: str, pattern: str) -> None:
     if suffix not in DATA_FILE_SUFFIXES:
         raise ConfigError(
             f"`{key}` is {pattern!r}; it must be a .csv, .json, .jsonl or .parquet file, or .tar WebDataset shards "
-            "(a glob such as data/train-*.parquet or a brace range such as shards/{00000..00099}.tar)."
+            "(a glob such as data/train-*.parquet or a brace range such as shards/{00000..00099}.tar); a .tsv file is "
+            "read as tab-separated CSV."
         )
     files, missing = expand_pattern(pattern, key)
     if has_pattern(pattern):
@@ -209,7 +212,7 @@ class DataPath:
     Attributes:
         key: the option that named it, for messages.
         path: the path as given.
-        kind: `bundled` (clip-trainer's demo data), `files` (a .csv/.json/.jsonl/.parquet file, glob or brace range),
+        kind: `bundled` (clip-trainer's demo data), `files` (a .csv/.tsv/.json/.jsonl/.parquet file, glob or brace range),
             `shards` (WebDataset .tar files: one, a glob or a brace range), `prepared` (a folder written by
             `save_to_disk`), `image_folder` (images with a metadata file or `.txt` captions), `data_folder` (a folder
             of data files or shards, split by `datasets`' file-name rules) or `hub` (a Hub dataset id).
@@ -265,7 +268,7 @@ def resolve_data_path(key: str, path: str) -> DataPath:
             return DataPath(key, path, "image_folder", folder_kind)
         if not any(name.lower().endswith(DATA_FILE_SUFFIXES) for _, _, names in os.walk(local) for name in names):
             raise ConfigError(
-                f"`{key}` is {path!r}, a folder without data: no .csv, .json, .jsonl, .parquet or .tar file, no "
+                f"`{key}` is {path!r}, a folder without data: no .csv, .tsv, .json, .jsonl, .parquet or .tar file, no "
                 "images with a metadata file or .txt captions, and no prepared dataset in it."
             )
         return DataPath(key, path, "data_folder")
@@ -511,8 +514,16 @@ class _SampleColumns:
     any_image: bool
     # Column -> (member, json key or None).
     lookups: dict[str, tuple[str, str | None]]
+    # The column whose values are captions (made text, or lists of text: see [`caption_value`]), and whether its
+    # rows hold lists (the first samples held one somewhere).
+    caption_column: str | None = None
+    caption_lists: bool = False
 
-    def row(self, key: str, members: dict[str, bytes], shard: str) -> dict[str, Any]:
+    def row(
+        self, key: str, members: dict[str, bytes], shard: str, problems: list[str] | None = None
+    ) -> dict[str, Any]:
+        """The row of one sample. A caption value that is no caption is `None` in the row, and what it was is
+        appended to `problems` (when given) for the reader to report."""
         name = next((name for name in self.image_members if name in members), None)
         if name is None and self.any_image:
             name = next((name for name in members if _is_image_member(name)), None)
@@ -526,12 +537,76 @@ class _SampleColumns:
             value = decoded[member]
             if json_key is not None:
                 value = value.get(json_key) if isinstance(value, dict) else None
+            if column == self.caption_column:
+                try:
+                    value = caption_value(value, self.caption_lists)
+                except CaptionValueError as error:
+                    if problems is not None:
+                        problems.append(f"{_member_name(key, member, json_key)} {error}")
+                    value = None
             row[column] = value
         row["__key__"], row["__url__"] = key, shard
         return row
 
 
+class CaptionValueError(ValueError):
+    """A caption member (or json key) that holds neither text nor a list of texts; its message says what it holds."""
+
+
+def _member_name(key: str, member: str, json_key: str | None) -> str:
+    """`k0003.json` key `'captions'`: where a sample's value is, for messages."""
+    return f"{key}.{member}" + (f" key {json_key!r}" if json_key is not None else "")
+
+
+def _number_text(value: int | float) -> str | None:
+    # As `check_caption` writes a number: 12, not 12.0 (a float that is a whole number came from JSON's 12.0).
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
+def caption_value(value: Any, as_list: bool) -> str | list[str | None] | None:
+    """A WebDataset caption as a row holds it: text (a number is text, as in a JSON Lines file), or with `as_list` a
+    list of texts (one caption becomes a list of one), the rows a JSON Lines file of the same captions gives.
+
+    A list met in a column of single captions becomes its JSON text, which every reader of captions takes as the
+    list it is (as a CSV cell holds one, see `clip_trainer.captions`).
+
+    Raises:
+        [`CaptionValueError`]: for a value that is neither: a JSON object, a boolean, a list holding anything but
+            text (a caption key that names the wrong thing).
+    """
+    if value is None:
+        return None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        value = _number_text(value)
+    if isinstance(value, str):
+        return [value] if as_list else value
+    if isinstance(value, list | tuple):
+        items = []
+        for item in value:
+            if isinstance(item, int | float) and not isinstance(item, bool):
+                item = _number_text(item)
+            if item is not None and not isinstance(item, str):
+                raise CaptionValueError(_not_a_caption(value))
+            items.append(item)
+        return items if as_list else json.dumps(items, ensure_ascii=False)
+    raise CaptionValueError(_not_a_caption(value))
+
+
+def _not_a_caption(value: Any) -> str:
+    kind = {dict: "a JSON object", bool: "a boolean"}.get(type(value), f"a {type(value).__name__}")
+    if isinstance(value, list | tuple):
+        kind = "a list that holds " + ", ".join(
+            sorted({type(item).__name__ for item in value if item is not None and not isinstance(item, str)})
+        )
+    shown = repr(value)
+    shown = shown if len(shown) <= 80 else shown[:77] + "..."
+    return f"holds {kind} ({shown}), not a caption: a caption must be a string or a list of strings"
+
+
 _REPORTED_CUTS: set[str] = set()
+_REPORTED_CAPTIONS: set[tuple[str, str]] = set()
 
 
 class _ShardReader:
@@ -553,9 +628,26 @@ class _ShardReader:
         for shard in shards:
             try:
                 for key, members in _tar_samples(shard):
-                    yield self.columns.row(key, members, shard)
+                    problems: list[str] = []
+                    row = self.columns.row(key, members, shard, problems)
+                    if problems:
+                        self._report_caption(shard, problems[0])
+                    yield row
             except ShardCutError as cut:
                 self._report(shard, cut)
+
+    def _report_caption(self, shard: str, problem: str) -> None:
+        """A sample whose caption is no caption: its row has none, so it is left out (and counted) like any row
+        without a caption; said here, where what the value was is known."""
+        message = f"`{self.key}` shard {shard!r}: {problem}"
+        if self.on_bad_rows == "error":
+            raise ConfigError(
+                f"{message}. Point `caption_column` at the captions (a txt member or json.<key>), fix the sample, or "
+                "set `on_bad_rows` to `skip`."
+            )
+        if (shard, "caption") not in _REPORTED_CAPTIONS:  # once per shard and process, as a cut is
+            _REPORTED_CAPTIONS.add((shard, "caption"))
+            logger.warning(message + "; its sample is left out (later ones in this shard are counted, not named).")
 
     def _report(self, shard: str, cut: ShardCutError) -> None:
         message = (
@@ -605,13 +697,21 @@ def check_shards(files: list[str], key: str, on_bad_rows: str) -> tuple[list[str
     return readable, report, sizes
 
 
-def _sample_features(samples: list[dict[str, Any]]) -> datasets.Features:
+def _sample_features(samples: list[dict[str, Any]], where: str) -> datasets.Features:
     """The members' features, inferred from decoded samples as `datasets`' webdataset builder infers them."""
     from datasets.features.features import cast_to_python_objects
 
     plain = [{name: value for name, value in sample.items() if not _is_image_member(name)} for sample in samples]
     tables = [pa.Table.from_pylist(cast_to_python_objects([row], only_1d_for_numpy=True)) for row in plain]
-    features = datasets.Features.from_arrow_schema(pa.concat_tables(tables, promote_options="default").schema)
+    try:
+        features = datasets.Features.from_arrow_schema(pa.concat_tables(tables, promote_options="default").schema)
+    except (pa.ArrowTypeError, pa.ArrowInvalid) as error:
+        # Arrow's words: "Unable to merge: Field json has incompatible types: struct<c: int64> vs struct<c: string>".
+        reason = str(error).split("\n")[0]
+        raise ConfigError(
+            f"{where}: its first samples hold values of different kinds in one member ({reason}); every sample needs "
+            "the same members, and its json the same keys with the same kind of value."
+        ) from None
     for sample in samples:
         for name in sample:
             if _is_image_member(name):
@@ -619,30 +719,113 @@ def _sample_features(samples: list[dict[str, Any]]) -> datasets.Features:
     return features
 
 
+def _is_text_list(feature: Any) -> bool:
+    """Whether a feature is a list of captions (text, numbers as text, or nothing yet)."""
+    if not isinstance(feature, datasets.List | datasets.LargeList | datasets.Sequence):
+        return False
+    inner = feature.feature
+    return isinstance(inner, datasets.Value) and (inner.dtype in ("string", "large_string", "null") or
+                                                  pa.types.is_integer(inner.pa_type) or
+                                                  pa.types.is_floating(inner.pa_type))  # fmt: skip
+
+
+def _caption_feature(feature: Any, column: str, where: str) -> datasets.Value | datasets.List:
+    """The row feature of the caption column: a list of texts for a member (or json key) that holds lists, as a
+    JSON Lines file of lists gives, else text."""
+    if _is_text_list(feature):
+        return datasets.List(datasets.Value("string"))
+    if isinstance(feature, datasets.Value):
+        return datasets.Value("string")
+    raise ConfigError(
+        f"`caption_column` is {column!r}, but the samples of {where} hold {feature} there, neither text nor a list of "
+        "texts; point `caption_column` at the captions (a txt member or json.<key>)."
+    )
+
+
 def _row_columns(
-    data_args: DataArguments, features: datasets.Features, where: str
+    data_args: DataArguments,
+    features: dict[str, Any],
+    where: str,
+    lookups: dict[str, tuple[str, str | None]] | None = None,
 ) -> tuple[dict[str, tuple[str, str | None]], datasets.Features]:
-    """Where each of the run's columns (caption, and label and image id when named) is found in a sample's members,
-    and the features of the rows made from them (the image kept encoded, the caption as text)."""
+    """Where each of the run's columns (caption, and label and image id when named) is found in a sample's members
+    (unless given as `lookups`), and the features of the rows made from them (the image kept encoded, the caption as
+    text or a list of texts)."""
+    if lookups is None:
+        lookups = _lookups(data_args, features, where)
+    row_features = datasets.Features({data_args.image_column: datasets.Image(decode=False)})
+    for column, (member, key) in lookups.items():
+        feature = features[member] if key is None else features[member][key]
+        if column == data_args.caption_column:
+            feature = _caption_feature(feature, column, where)
+        row_features[column] = feature
+    return lookups, row_features
+
+
+def _lookups(data_args: DataArguments, features: dict[str, Any], where: str) -> dict[str, tuple[str, str | None]]:
+    """Column -> (member, json key or None), for the caption column and the label and image id columns when named."""
     lookups = {data_args.caption_column: _member_lookup(data_args.caption_column, features, "caption_column", where)}
     for kind in ("label_column", "image_id_column"):
         column = getattr(data_args, kind)
         if column is not None:
             lookups[column] = _member_lookup(column, features, kind, where)
-    row_features = datasets.Features({data_args.image_column: datasets.Image(decode=False)})
-    for column, (member, key) in lookups.items():
-        feature = features[member] if key is None else features[member][key]
-        row_features[column] = datasets.Value("string") if column == data_args.caption_column else feature
-    return lookups, row_features
+    return lookups
+
+
+def _member_shapes(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """The members of decoded samples, each json member as its keys (the union over the samples): what
+    [`_member_lookup`] reads, before the values' features are known."""
+    shapes: dict[str, Any] = {}
+    for sample in samples:
+        for name, value in sample.items():
+            if isinstance(value, dict):
+                shapes.setdefault(name, {}).update(dict.fromkeys(value))
+            else:
+                shapes.setdefault(name, None)
+    return shapes
+
+
+def _captions_of_samples(
+    samples: list[tuple[str, dict[str, Any]]], lookup: tuple[str, str | None], shard: str, key: str
+) -> tuple[list[dict[str, Any]], bool]:
+    """The first samples with their caption made what rows hold ([`caption_value`]), and whether captions come as
+    lists. A caption that is no caption is a one-line [`ConfigError`] naming the sample, its shard and its member:
+    in the first samples it means that `caption_column` names the wrong thing."""
+    member, json_key = lookup
+
+    def where(sample: dict[str, Any]) -> tuple[dict[str, Any] | None, Any]:
+        value = sample.get(member)
+        if json_key is None:
+            return None, value
+        return (value, value.get(json_key)) if isinstance(value, dict) else (None, None)
+
+    as_list = any(isinstance(where(sample)[1], list | tuple) for _, sample in samples)
+    made = []
+    for name, sample in samples:
+        holder, value = where(sample)
+        try:
+            value = caption_value(value, as_list)
+        except CaptionValueError as error:
+            raise ConfigError(
+                f"`{key}` shard {shard!r}: {_member_name(name, member, json_key)} {error}. Point `caption_column` at "
+                "the captions (a txt member or json.<key>), or fix the samples."
+            ) from None
+        if json_key is None:
+            made.append({**sample, member: value})
+        else:
+            made.append({**sample, member: {**holder, json_key: value}} if holder is not None else sample)
+    return made, as_list
 
 
 def _sample_columns(
-    samples: list[dict[str, Any]], data_args: DataArguments, where: str
+    samples: list[tuple[str, dict[str, Any]]], data_args: DataArguments, shard: str, key: str
 ) -> tuple[_SampleColumns, datasets.Features]:
-    """The image and lookup rules of the module docstring, from the first samples' members, and the row features."""
-    features = _sample_features(samples)
-    members = list(features)
-    images = [name for name in members if isinstance(features[name], datasets.Image)]
+    """The image and lookup rules of the module docstring, from the first samples (`(sample key, members)`, of
+    `shard`) and their members, and the row features."""
+    where = f"`{key}` {shard!r}"
+    shapes = _member_shapes([sample for _, sample in samples])
+    members = list(shapes)
+    images = [name for name in members if _is_image_member(name)]
     if not images:
         raise ConfigError(
             f"{where}: its samples have no image member (jpg, jpeg, png or webp); their members are: "
@@ -653,26 +836,30 @@ def _sample_columns(
     else:  # whichever image the sample has, in this order, in whichever shard
         rest = sorted(name for name in images if name not in IMAGE_MEMBERS)
         image_members, any_image = [*IMAGE_MEMBERS, *rest], True
-    lookups, row_features = _row_columns(data_args, features, where)
+    lookups = _lookups(data_args, shapes, where)
+    caption_column = data_args.caption_column
+    made, as_list = _captions_of_samples(samples, lookups[caption_column], shard, key)
+    _, row_features = _row_columns(data_args, _sample_features(made, where), where, lookups)
     for column in WEBDATASET_KEY_COLUMNS:
         row_features[column] = datasets.Value("string")
-    return _SampleColumns(data_args.image_column, image_members, any_image, lookups), row_features
+    columns = _SampleColumns(data_args.image_column, image_members, any_image, lookups, caption_column, as_list)
+    return columns, row_features
 
 
-def _first_samples(shards: list[str], limit: int) -> list[dict[str, Any]]:
-    """The first `limit` samples (members decoded) of the first shard that has any."""
+def _first_samples(shards: list[str], limit: int) -> tuple[str, list[tuple[str, dict[str, Any]]]]:
+    """The first `limit` samples (`(sample key, members decoded)`) of the first shard that has any, and that shard."""
     for shard in shards:
         samples = []
         try:
-            for _, members in _tar_samples(shard):
-                samples.append({name: _decode_member(name, data) for name, data in members.items()})
+            for name, members in _tar_samples(shard):
+                samples.append((name, {member: _decode_member(member, data) for member, data in members.items()}))
                 if len(samples) == limit:
                     break
         except ShardCutError:
             pass
         if samples:
-            return samples
-    return []
+            return shard, samples
+    return shards[0], []
 
 
 def load_webdataset(
@@ -700,18 +887,18 @@ def load_webdataset(
                 "format (e.g. 000001.jpg + 000001.txt)."
             )
         raise ConfigError(f"None of the {len(files):,} shards of `{key}` can be read: {found.summary()}.")
-    samples = _first_samples(readable, _SAMPLES_FOR_FEATURES)
+    first, samples = _first_samples(readable, _SAMPLES_FOR_FEATURES)
     if not samples:
         raise ConfigError(
             f"`{key}` {readable[0]!r} holds no sample (an empty tar?); each shard needs image-caption pairs."
         )
-    others = [{name for name in sample if not _is_image_member(name)} for sample in samples]
+    others = [{name for name in sample if not _is_image_member(name)} for _, sample in samples]
     if any(members != others[0] for members in others):
         raise ConfigError(
-            f"`{key}` {readable[0]!r} is not in WebDataset format: its first samples do not all have the same "
+            f"`{key}` {first!r} is not in WebDataset format: its first samples do not all have the same "
             "members. Every sample needs the same extensions, e.g. 000001.jpg + 000001.txt (+ 000001.json)."
         )
-    columns, features = _sample_columns(samples, data_args, f"`{key}` {readable[0]!r}")
+    columns, features = _sample_columns(samples, data_args, first, key)
     reader = _ShardReader(columns, key, data_args.on_bad_rows)
     if streaming:
         stream = IterableDataset.from_generator(reader, features=features, gen_kwargs={"shards": readable})
@@ -719,7 +906,7 @@ def load_webdataset(
         return stream
     stamps = [(path, str(Path(path).resolve()), os.path.getsize(path), os.stat(path).st_mtime_ns) for path in readable]
     fingerprint = hashlib.sha256(
-        repr(("clip-trainer webdataset 1", stamps, dataclasses.asdict(columns), data_args.on_bad_rows)).encode()
+        repr(("clip-trainer webdataset 2", stamps, dataclasses.asdict(columns), data_args.on_bad_rows)).encode()
     ).hexdigest()[:32]
     try:
         return Dataset.from_generator(
@@ -763,10 +950,25 @@ class _WebDatasetRows:
     """Batched map: each sample's image member (the first it has) and looked-up columns under the run's names.
     A class, not a closure, so that DataLoader workers can pickle the streams it is mapped over."""
 
-    def __init__(self, image_column: str, image_members: list[str], lookups: dict[str, tuple[str, str | None]]):
+    def __init__(
+        self,
+        image_column: str,
+        image_members: list[str],
+        lookups: dict[str, tuple[str, str | None]],
+        caption_column: str | None = None,
+        caption_lists: bool = False,
+    ):
         self.image_column = image_column
         self.image_members = image_members
         self.lookups = lookups
+        self.caption_column = caption_column
+        self.caption_lists = caption_lists
+
+    def _caption(self, value: Any) -> Any:
+        try:
+            return caption_value(value, self.caption_lists)
+        except CaptionValueError:  # no caption: its row is reported and left out like any without one
+            return None
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         size = len(batch[WEBDATASET_KEY_COLUMNS[0]])
@@ -777,6 +979,8 @@ class _WebDatasetRows:
         for column, (member, key) in self.lookups.items():
             values = batch[member]
             out[column] = [(v or {}).get(key) if key is not None else v for v in values]
+            if column == self.caption_column:
+                out[column] = [self._caption(value) for value in out[column]]
         return out
 
 
@@ -801,7 +1005,8 @@ def webdataset_columns(
         new_features[column] = features[column]
     for name in images:
         dataset = dataset.cast_column(name, datasets.Image(decode=False))
-    rows = _WebDatasetRows(data_args.image_column, images, lookups)
+    caption_lists = isinstance(new_features[data_args.caption_column], datasets.List)
+    rows = _WebDatasetRows(data_args.image_column, images, lookups, data_args.caption_column, caption_lists)
     kwargs: dict[str, Any] = {"batched": True, "remove_columns": members, "features": new_features}
     if isinstance(dataset, Dataset):
         kwargs["desc"] = "Mapping WebDataset members to columns"
@@ -1007,7 +1212,24 @@ def mixed_columns(
             )
     dataset = dataset.select_columns(columns)
     features = datasets.Features({columns[0]: datasets.Image(decode=False), columns[1]: datasets.Value("string")})
+    if dataset.features is not None and _is_text_list(dataset.features[columns[1]]):
+        # Arrow casts no list to text, and every source of a mixture needs the same features: a list of captions
+        # becomes its JSON text, which the captions' readers take as the list (as a CSV cell holds one).
+        kwargs: dict[str, Any] = {"batched": True, "features": dataset.features.copy()}
+        kwargs["features"][columns[1]] = datasets.Value("string")
+        dataset = dataset.map(_ListsAsJson(columns[1]), **kwargs)
     return dataset.cast(features)
+
+
+class _ListsAsJson:
+    """Batched map: a column of caption lists as their JSON text (picklable, for DataLoader workers)."""
+
+    def __init__(self, column: str) -> None:
+        self.column = column
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        values = batch[self.column]
+        return {self.column: [None if v is None else json.dumps(list(v), ensure_ascii=False) for v in values]}
 
 
 def log_mixture(mixture: dict[str, float], sizes: list[int | None], strategy: str, streaming: bool) -> None:
