@@ -413,7 +413,7 @@ class DataArguments:
     train_file: str | None = field(
         default=None,
         metadata={
-            "help": "csv, json/jsonl or parquet file of training pairs, or a glob of such shards "
+            "help": "csv (or tab-separated tsv), json/jsonl or parquet file of training pairs, or a glob of such shards "
             "(data/train-*.parquet); image paths are relative to the file's folder."
         },
     )
@@ -720,7 +720,7 @@ class DataArguments:
             path = options.pop("path", None)
             split = options.pop("split", None)
             if path is not None:
-                is_file = Path(str(path)).suffix.lower() in {".csv", ".json", ".jsonl", ".parquet"}
+                is_file = Path(str(path)).suffix.lower() in {".csv", ".tsv", ".json", ".jsonl", ".parquet"}
                 options["validation_file" if is_file else "dataset_name"] = path
             try:
                 built[name] = DataArguments(

@@ -158,18 +158,24 @@ def source_of(stream: Any) -> StreamSource | None:
 UNEVEN_SHARDS_FACTOR = 1.1
 
 
-def uneven_shard_excess(samples: list[int], readers: int) -> tuple[float, int]:
+def uneven_shard_excess(samples: list[int], readers: int) -> tuple[float, int, int]:
     """How much more often, at worst, a sample comes round than with equal shards when `readers` (processes x
-    DataLoader workers) each read their own shards and give an equal share of the batches, and the fewest samples a
-    reader can be dealt: the sum of the `len(samples) // readers` smallest shards (each reader gets at least that
-    many shards). 1.0: uniform."""
+    DataLoader workers) each read their own shards and give an equal share of the batches; the fewest samples a
+    reader can be dealt (the sum of the `len(samples) // readers` smallest shards: each reader gets at least that
+    many) and the most (the sum of the `ceil(len(samples) / readers)` largest). 1.0: uniform. A sample of the reader
+    with the fewest comes round `most / fewest` times as often as one of the reader with the most."""
     per_reader = len(samples) // readers
     if readers <= 1 or per_reader == 0:
-        return 1.0, sum(samples)
+        return 1.0, sum(samples), sum(samples)
     fewest = sum(sorted(samples)[:per_reader])
+    most = sum(sorted(samples, reverse=True)[: -(-len(samples) // readers)])
     if fewest == 0:
-        return float("inf"), 0
-    return sum(samples) / (readers * fewest), fewest
+        return float("inf"), 0, most
+    return sum(samples) / (readers * fewest), fewest, most
+
+
+def _times(most: int, fewest: int) -> str:
+    return f"{most / fewest:.2f}x" if fewest else "infinitely"
 
 
 def check_shard_split(stream: IterableDataset, world_size: int, num_workers: int) -> None:
@@ -186,7 +192,7 @@ def check_shard_split(stream: IterableDataset, world_size: int, num_workers: int
             "keeps every n-th batch. Give at least as many shards (files) as processes to read each one once."
         )
     elif sizes is not None and len(sizes) == shards and readers > 1 and min(sizes) < max(sizes):
-        excess, fewest = uneven_shard_excess(sizes, readers)
+        excess, fewest, most = uneven_shard_excess(sizes, readers)
         if excess >= UNEVEN_SHARDS_FACTOR:
             total = sum(sizes)
             logger.warning(
@@ -194,17 +200,20 @@ def check_shard_split(stream: IterableDataset, world_size: int, num_workers: int
                 f"{total:,} in all) for {readers} readers ({world_size} process(es) x {max(1, num_workers)} "
                 f"DataLoader worker(s)), each reading its own shards and giving an equal share of the batches: a "
                 f"reader dealt the smallest shards starts its next pass sooner, so their samples can come round up "
-                f"to {excess:.1f}x as often as the rest (at worst {fewest:,} samples make {1 / readers:.0%} of the "
-                f"draws instead of {fewest / total:.1%}). Write shards of equal size, a multiple of {readers} of "
-                f"them ({layout})."
+                f"to {excess:.2f}x as often as with an even split, {_times(most, fewest)} as often as those of the "
+                f"reader with the most (at worst {fewest:,} samples make {1 / readers:.0%} of the draws instead of "
+                f"{fewest / total:.1%}). Write shards of equal size, a multiple of {readers} of them ({layout})."
             )
     elif shards % readers:
         # Equal (or unknown) sizes: only the count is uneven. With known sizes, say how much more often.
         how_often = ""
         if sizes is not None and len(sizes) == shards:
-            excess, _ = uneven_shard_excess(sizes, readers)
+            excess, fewest, most = uneven_shard_excess(sizes, readers)
             if 1.0 < excess < float("inf"):
-                how_often = f" (up to {excess:.1f}x as often as the rest)"
+                how_often = (
+                    f" (up to {excess:.2f}x as often as with an even split, {_times(most, fewest)} as often as those "
+                    "of the reader with the most)"
+                )
         logger.warning(
             f"The training stream's {shards} shards do not divide evenly among {readers} readers ({world_size} "
             f"process(es) x {max(1, num_workers)} DataLoader worker(s)): every sample is still read once per pass of "

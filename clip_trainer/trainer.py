@@ -371,7 +371,8 @@ class CLIPContrastiveTrainer(Trainer):
         # A stream's position is saved with every checkpoint, so that a resumed run continues at the same sample.
         self.stream_position = None
         if isinstance(train_dataset, IterableDataset):
-            check_shard_split(train_dataset, self.args.world_size, self.args.dataloader_num_workers)
+            if self.args.process_index == 0:  # the same shards and sizes on every process: said once
+                check_shard_split(train_dataset, self.args.world_size, self.args.dataloader_num_workers)
             self.stream_position = enable_stream_resume(self)
         # --- metrics --------------------------------------------------------------------------------------------------
         self.zeroshot_templates = list(self.args.zeroshot_templates or DEFAULT_ZEROSHOT_TEMPLATES)

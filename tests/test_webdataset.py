@@ -299,7 +299,10 @@ def test_uneven_shards_are_reported_with_how_uneven_and_how_to_lay_them_out(
     [message] = warnings
     assert "(1 to 200 samples, 206 in all) for 2 readers (1 process(es) x 2 DataLoader worker(s))" in message
     # The fewest samples a worker can be dealt: its 2 shards the smallest, 1 + 2; they make half of the draws.
-    assert "up to 34.3x as often" in message and "at worst 3 samples make 50% of the draws instead of 1.5%" in message
+    assert (
+        "up to 34.33x as often as with an even split, 67.67x as often" in message
+        and "at worst 3 samples make 50% of the draws instead of 1.5%" in message
+    )
     assert 'a multiple of 2 of them (see "Laying out shards" in docs/data.md)' in message
     docs = (Path(__file__).resolve().parents[1] / "docs" / "data.md").read_text()
     assert "## Laying out shards" in docs
@@ -312,7 +315,9 @@ def test_uneven_shards_are_reported_with_how_uneven_and_how_to_lay_them_out(
     small = min(streams.values(), key=lambda keys: len(set(keys)))
     share = len(small) / sum(len(keys) for keys in streams.values())
     assert (len(set(small)), share) == (3, 0.5)
-    assert f"up to {share / (len(set(small)) / 206):.1f}x as often" in message
+    assert f"up to {share / (len(set(small)) / 206):.2f}x as often as with an even split" in message
+    # The other worker holds the other 203 samples: each of the 3 comes round 203 / 3 times as often as one of them.
+    assert f"{(206 - len(set(small))) / len(set(small)):.2f}x as often as those of the reader with the most" in message
 
 
 def test_equal_shards_that_do_not_divide_among_the_readers_are_not_called_uneven(
@@ -330,9 +335,13 @@ def test_equal_shards_that_do_not_divide_among_the_readers_are_not_called_uneven
     assert not [m for m in messages if "shards are uneven" in m]
     [message] = [m for m in messages if "do not divide evenly" in m]
     # One worker reads 2 shards, the other 1 (10 and 5 samples, each giving half of the batches): the single
-    # shard's samples come round (15 / 2) / 5 = 1.5 times as often as with an even split.
+    # shard's samples come round (15 / 2) / 5 = 1.5 times as often as with an even split, and 10 / 5 = 2 times as
+    # often as the other worker's.
     assert "3 shards do not divide evenly among 2 readers (1 process(es) x 2 DataLoader worker(s))" in message
-    assert "(up to 1.5x as often as the rest)" in message and "A multiple of 2 equal-sized shards" in message
+    assert (
+        "(up to 1.50x as often as with an even split, 2.00x as often as those of the reader with the most)" in message
+    )
+    assert "A multiple of 2 equal-sized shards" in message
 
 
 RECORDING_CLI = """
