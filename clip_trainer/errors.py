@@ -75,3 +75,7 @@ class ShardCutError(Exception):
     def __init__(self, samples: int, error: Exception) -> None:
         super().__init__(f"{type(error).__name__}: {error}")
         self.samples = samples
+
+
+class CaptionValueError(ValueError):
+    """A caption member (or json key) that holds neither text nor a list of texts; its message says what it holds."""

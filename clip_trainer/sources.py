@@ -43,7 +43,7 @@ import pyarrow as pa
 from datasets import Dataset, IterableDataset
 from transformers.utils import logging
 
-from .errors import ConfigError, ShardCutError
+from .errors import CaptionValueError, ConfigError, ShardCutError
 from .stream import StreamSource, record_source
 
 # The data settings these readers use (`image_column`, `caption_column`, `label_column`, `image_id_column`,
@@ -547,10 +547,6 @@ class _SampleColumns:
             row[column] = value
         row["__key__"], row["__url__"] = key, shard
         return row
-
-
-class CaptionValueError(ValueError):
-    """A caption member (or json key) that holds neither text nor a list of texts; its message says what it holds."""
 
 
 def _member_name(key: str, member: str, json_key: str | None) -> str:
