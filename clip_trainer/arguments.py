@@ -477,13 +477,19 @@ class DataArguments:
         },
     )
     max_train_samples: int | None = field(
-        default=None, metadata={"help": "Use only this many training pairs.", "bounds": Bounds(1)}
+        default=None,
+        metadata={
+            "help": "Use only the first this many rows of the training data (a row whose caption column holds a "
+            "list is one image with all its captions; one row per caption counts each).",
+            "bounds": Bounds(1),
+        },
     )
     max_eval_samples: int | None = field(
         default=None,
         metadata={
-            "help": "Use only this many validation pairs, drawn at random with the run's seed (not the first rows "
-            "of the file, which may be one class or source); a stream holds out its first pairs.",
+            "help": "Use only this many rows of the validation data, drawn at random with the run's seed (not the "
+            "first rows of the file, which may be one class or source; a row whose caption column holds a list is "
+            "one image, evaluated with all its captions); a stream holds out its first rows.",
             "bounds": Bounds(1),
         },
     )

@@ -139,9 +139,16 @@ def image_identities(
     file_sizes: dict[str, int] = {}  # each readable file named, once however many rows name it
     content_sizes: dict[str, int] = {}  # each distinct content held in the data (bytes, base64), by its key
     named: dict[str, str] = {}  # a string that is no file: its content key (base64) or its path key
+    id_files: dict[str, str] = {}  # each image id's first file, to find ids that name several files
+    shared_ids: list[tuple[str, str, str]] = []
     for value, image_id in _encoded_images(dataset, image_column, image_id_column, batch_size):
         if image_id is not None:
             keys.append("id:" + str(image_id))
+            stored = _stored_image(value)
+            if isinstance(stored, str):  # files by name only: comparing stored bytes would read every image
+                first = id_files.setdefault(str(image_id), stored)
+                if first != stored and len(shared_ids) < 1_000:
+                    shared_ids.append((str(image_id), first, stored))
             continue
         value = _stored_image(value)
         if isinstance(value, bytes | bytearray | memoryview):
@@ -161,6 +168,15 @@ def image_identities(
     # Two files can only be the same picture if they have the same size, and a size is one `stat` (which the row
     # check has done already) where a digest reads the whole file: only files whose size another file (or stored
     # image) also has are read and hashed. A file of a size no other image has is a copy of none: its path will do.
+    if shared_ids:
+        ids = {image_id for image_id, _, _ in shared_ids}
+        image_id, first, other = shared_ids[0]
+        logger.warning_once(
+            f"{len(ids):,}{'+' if len(shared_ids) == 1_000 else ''} image id(s) of `image_id_column` "
+            f"{image_id_column!r} name more than one file (first: id {image_id!r} names {first} and {other}); the rows "
+            "of one id are trained and scored as one image, the first row's picture with every row's caption. Give "
+            'each picture an id of its own (ids are compared as text: 10 and "10" are one id).'
+        )
     sizes = Counter([*file_sizes.values(), *content_sizes.values()])
     files = {}
     for path, size in file_sizes.items():

@@ -623,6 +623,12 @@ def _check_columns(columns: list[str], split: str, data_args: DataArguments) -> 
                     "spaces around its name (a header written `image, caption`, with a space after the comma?). "
                     f"Remove the spaces from the header, or set `{key}` to {spaced[0]!r}."
                 )
+            if key == "caption_sampling":  # a key of the mapping, not the option's whole value
+                raise ConfigError(
+                    f"`caption_sampling` weighs a column {column!r}, but the {split} data has no such column. Its "
+                    f"columns are: {', '.join(shown)}. Use them as the mapping's keys, e.g. "
+                    f'{{"{data_args.caption_column}": 1}}.'
+                )
             raise ConfigError(
                 f"`{key}` is {column!r}, but the {split} data has no such column. Its columns are: "
                 f"{', '.join(shown)}. Set `{key}` to one of them."
@@ -657,7 +663,37 @@ def _usable_training_rows(train: Dataset, data_args: DataArguments) -> Dataset:
     train = _drop_bad_rows(_captions_as_text(train, data_args.caption_column), "train data", data_args)
     if len(train) == 0:
         raise ConfigError("No training pairs are left after removing bad rows; check the data (summary above).")
+    _report_hard_negatives(train, data_args.hard_negative_column, "training")
     return train
+
+
+def _report_hard_negatives(dataset: Dataset, column: str | None, split: str) -> None:
+    """Says what of `hard_negative_column` cannot be used: a negative that is no text (an object, a nested list, a
+    boolean) is left out, and a split without any usable negative trains (or scores) without them; both used to
+    happen without a word. Empty and missing negatives are a row without hard negatives, as documented."""
+    if column is None or column not in dataset.column_names:
+        return
+    values = dataset.select_columns([column]).with_format(None)[column]
+    rows_with_negatives, not_text, first = 0, 0, None
+    for row, value in enumerate(values):
+        items = value if isinstance(value, list | tuple) else [value]
+        usable = caption_list(value)
+        rows_with_negatives += bool(usable)
+        odd = [item for item in items if not (item is None or isinstance(item, str | int | float))]
+        odd += [item for item in items if isinstance(item, bool)]
+        if odd:
+            not_text += len(odd)
+            first = first or f"row {row}: {odd[0]!r}"
+    if not_text:
+        logger.warning(
+            f"{not_text:,} hard negative(s) of `hard_negative_column` {column!r} in the {split} data are not text "
+            f"and were left out (first: {first}); give each row a caption or a list of captions."
+        )
+    if rows_with_negatives == 0:
+        logger.warning(
+            f"`hard_negative_column` {column!r} holds no usable hard negative in the {split} data ({len(values):,} "
+            "rows: empty, missing or not text): the run goes on without hard negatives there."
+        )
 
 
 def _finish_training_split(train: Dataset, data_args: DataArguments, checked: bool = False) -> Dataset:
@@ -727,6 +763,7 @@ def _finish_validation(
             "rank it against). Give more validation pairs (`validation_file`, `validation_split_percentage`)."
         )
     _check_two_images_decode(validation, data_args, split)
+    _report_hard_negatives(validation, data_args.hard_negative_column, split)
     validation = add_image_ids(validation, data_args.image_column, data_args.image_id_column)
     if data_args.label_column is not None:
         validation = add_class_labels(validation, data_args.label_column)
