@@ -466,10 +466,12 @@ def load_processor(
     else:
         if training_captions is None:
             raise ConfigError("A model built from scratch needs `tokenizer_name` or training captions to train one.")
-        from .tokenization import train_caption_tokenizer
+        from .tokenization import train_caption_tokenizer, train_siglip2_caption_tokenizer
 
         logger.info("No tokenizer given: training one on the training captions.")
-        tokenizer = train_caption_tokenizer(
+        # transformers loads a SigLIP 2 folder's tokenizer as `Siglip2Tokenizer` whatever it was saved as.
+        train = train_siglip2_caption_tokenizer if config.model_type == "siglip2" else train_caption_tokenizer
+        tokenizer = train(
             training_captions,
             vocab_size=model_args.tokenizer_vocab_size,
             model_max_length=max_text_positions(config),

@@ -14,6 +14,7 @@ id far away from 2, so a model configured with `text_config_token_ids` always ta
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -100,6 +101,64 @@ def train_caption_tokenizer(
         clean_up_tokenization_spaces=False,
     )
     logger.info(f"Trained a caption tokenizer with {len(wrapped)} tokens (asked for at most {vocab_size}).")
+    return wrapped
+
+
+# SigLIP 2's special tokens, at the ids of `Siglip2Tokenizer`'s own empty vocabulary, then the 256 byte tokens its
+# byte fallback spells unseen characters with.
+SIGLIP2_SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>")
+SIGLIP2_BYTE_TOKENS = tuple(f"<0x{byte:02X}>" for byte in range(256))
+
+
+def train_siglip2_caption_tokenizer(
+    captions: Iterable[str], vocab_size: int = 4096, model_max_length: int = 64
+) -> PreTrainedTokenizerBase:
+    """
+    Train a caption tokenizer for a SigLIP 2 model built from scratch: a BPE in the form of SigLIP 2's own (Gemma's,
+    lowercased: spaces written `▁`, unseen characters spelled by their bytes, no special tokens around a caption).
+
+    Why not [`train_caption_tokenizer`]'s byte-level BPE: transformers loads the tokenizer of every `siglip2` folder
+    as `Siglip2Tokenizer`, whatever `tokenizer_config.json` names, and that class rebuilds its pipeline from the
+    vocabulary and merges alone. A byte-level tokenizer came back without its pre-tokenizer and without the unknown
+    token it asks for, and could not encode a caption: the saved model loaded, its tokenizer did not. This tokenizer
+    is built as that class builds it, so the folder loads with `AutoTokenizer`, `AutoProcessor` and `pipeline(...)`
+    and tokenizes exactly as training did.
+
+    Args:
+        captions (`Iterable[str]`): the texts to learn merges from (consumed once).
+        vocab_size (`int`, *optional*, defaults to 4096): the whole vocabulary's size at most, special and byte
+            tokens included.
+        model_max_length (`int`, *optional*, defaults to 64): the longest caption; SigLIP pads every caption to it.
+
+    Returns:
+        `Siglip2Tokenizer`: pad, eos, bos, unk and mask at ids 0-4, then the byte tokens and the merges.
+    """
+    from transformers.models.siglip2.tokenization_siglip2 import Siglip2Tokenizer
+
+    specials = [*SIGLIP2_SPECIAL_TOKENS, *SIGLIP2_BYTE_TOKENS]
+    if vocab_size < len(specials) + 1:
+        raise ValueError(f"`vocab_size` is {vocab_size} but SigLIP 2's tokenizer needs more than {len(specials)}.")
+    pad, eos, bos, unk, mask = SIGLIP2_SPECIAL_TOKENS
+    tokenizer = Tokenizer(models.BPE(unk_token=unk, byte_fallback=True, fuse_unk=True))
+    # As `Siglip2Tokenizer.__init__` sets them (its lowercasing included).
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Lowercase(), normalizers.Replace(" ", "▁")])
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="merged_with_previous", invert=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
+    tokenizer.train_from_iterator(captions, trainer=trainer)
+    model = json.loads(tokenizer.to_str())["model"]
+    merges = [tuple(merge) if isinstance(merge, list) else tuple(merge.split(" ")) for merge in model["merges"]]
+    wrapped = Siglip2Tokenizer(
+        vocab=model["vocab"],
+        merges=merges,
+        unk_token=unk,
+        bos_token=bos,
+        eos_token=eos,
+        pad_token=pad,
+        mask_token=mask,
+        model_max_length=model_max_length,
+        padding_side="right",
+    )
+    logger.info(f"Trained a SigLIP 2 caption tokenizer with {len(wrapped)} tokens (asked for at most {vocab_size}).")
     return wrapped
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_TEXT, TINY_VISION, draw_shape, shape_rows
+from conftest import TINY_TEXT, TINY_VISION, draw_shape, drop_option, set_option, shape_rows
 from safetensors.torch import load_file
 from transformers import (
     AutoModel,
@@ -139,14 +139,28 @@ def test_siglip_sigmoid_loss_equals_the_models_own(base_args, siglip_config, tmp
     assert ours.item() == pytest.approx(theirs.item(), rel=1e-5)
 
 
+@pytest.mark.slow  # two runs, about 6 s
 def test_siglip2_naflex_trains_and_reloads(base_args, siglip2_config, tmp_path):
     out = tmp_path / "out"
     main([*scratch_args(base_args, siglip2_config), "--max_steps", "3", "--eval_strategy", "steps",
           "--eval_steps", "3", "--do_train", "true", "--do_eval", "true"])  # fmt: skip
-    from transformers import Siglip2Model
+    from transformers import AutoTokenizer, Siglip2Model
 
     assert isinstance(AutoModel.from_pretrained(out), Siglip2Model)
-    assert "eval_t2i_recall@1" in json.loads((out / "eval_results.json").read_text())
+    trained = json.loads((out / "eval_results.json").read_text())
+    assert "eval_t2i_recall@1" in trained
+    # transformers loads a SigLIP 2 folder's tokenizer as `Siglip2Tokenizer` whatever it was saved as: the caption
+    # tokenizer trained for it is one, and encodes (a byte-level one could not encode a caption once reloaded).
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert type(tokenizer).__name__ == "Siglip2Tokenizer"
+    ids = tokenizer("a red circle on white, café")["input_ids"]
+    assert ids and tokenizer.unk_token_id not in ids
+    # The folder evaluated on its own scores as the run did: the same tokens for the same captions.
+    argv = drop_option(scratch_args(base_args, siglip2_config), "config_name")
+    again = main([*set_option(argv, "output_dir", str(tmp_path / "again")), "--model_name_or_path", str(out),
+                  "--do_eval"])  # fmt: skip
+    for key in ("eval_t2i_recall@1", "eval_i2t_recall@5", "eval_loss"):
+        assert again[key] == pytest.approx(trained[key], abs=1e-6), key
 
 
 @pytest.fixture(scope="module")
