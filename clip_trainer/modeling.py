@@ -471,11 +471,14 @@ def load_processor(
         logger.info("No tokenizer given: training one on the training captions.")
         # transformers loads a SigLIP 2 folder's tokenizer as `Siglip2Tokenizer` whatever it was saved as.
         train = train_siglip2_caption_tokenizer if config.model_type == "siglip2" else train_caption_tokenizer
-        tokenizer = train(
-            training_captions,
-            vocab_size=model_args.tokenizer_vocab_size,
-            model_max_length=max_text_positions(config),
-        )
+        try:
+            tokenizer = train(
+                training_captions,
+                vocab_size=model_args.tokenizer_vocab_size,
+                model_max_length=max_text_positions(config),
+            )
+        except ValueError as error:  # a vocabulary too small for the family's special and byte tokens
+            raise ConfigError(f"`tokenizer_vocab_size`: {error} Give a larger one.") from None
 
     processor_source = (
         model_args.image_processor_name or model_args.model_name_or_path or model_args.vision_model_name_or_path
