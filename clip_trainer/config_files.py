@@ -64,7 +64,7 @@ KNOWN_FOREIGN_NAMES: dict[str, tuple[str, str]] = {
         "<@ bf16> (amp_bf16, bf16-mixed) is <bf16 true>, <@ fp16> (amp, 16-mixed) is <fp16 true>, and 32-bit is the "
         "default",
     ),
-    "grad_checkpointing": ("open_clip's", "use <gradient_checkpointing true>"),
+    "grad_checkpointing": ("open_clip's", "use <activation_checkpointing true>"),
     "force_patch_dropout": ("open_clip's", "use <patch_dropout> (e.g. 0.5)"),
     "lock_image": ("open_clip's", "use <freeze_vision_model true>"),
     "lock_text": ("open_clip's", "use <freeze_text_model true>"),

@@ -94,7 +94,7 @@ FOREIGN_FLAGS = [
     ("--train-data", "`--train_file`", None),
     ("--csv-img-key", "`--image_column`", None),
     ("--csv-caption-key", "`--caption_column`", None),
-    ("--grad-checkpointing", "`--gradient_checkpointing true`", None),
+    ("--grad-checkpointing", "`--activation_checkpointing true`", None),
     ("--accum-freq", "`--gradient_accumulation_steps`", None),
     ("--model", "`--model_name_or_path`", None),
     ("--pretrained", "`--model_name_or_path`", None),
