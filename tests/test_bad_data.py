@@ -62,6 +62,7 @@ def test_a_batch_of_only_unusable_samples_does_not_stop_the_run(base_args, tmp_p
     assert json.loads((out / "train_results.json").read_text())["skipped_samples"] == 6
 
 
+@pytest.mark.slow  # a training run with a final save, about 3 s
 def test_the_card_and_summary_count_unusable_evaluation_pairs(base_args, tmp_path):
     """A validation image that does not decode is left out of the metrics; the model card says how many were, and
     over how many pairs the metrics are."""

@@ -125,6 +125,7 @@ def test_wise_ft_needs_a_pretrained_model_and_evaluation(shapes_csv, tiny_clip_d
         main(["--model_name_or_path", "m", "--train_file", str(shapes_csv), "--wise_ft_alphas", "0.5", "-0.1"])
 
 
+@pytest.mark.slow  # a subprocess, about 5 s
 def test_the_command_prints_a_short_summary(tiny_clip_dir, tmp_path):
     """`python -m clip_trainer.wise_ft` in its own process, stdin closed: the command's two lines, no library INFO."""
     _, fine_tuned = two_models(tiny_clip_dir)
