@@ -114,6 +114,10 @@ def _file_digest(path: str, size: int, mtime_ns: int) -> str | None:
     return "bytes:" + digest.hexdigest()
 
 
+# (image id column, id, first file, other file): what a warning has named already, so that it is said once a run.
+_WARNED_SHARED_IDS: set[tuple[str | None, str, str, str]] = set()
+
+
 def image_identities(
     dataset: Dataset, image_column: str, image_id_column: str | None = None, batch_size: int = 10_000
 ) -> list[str]:
@@ -168,10 +172,12 @@ def image_identities(
     # Two files can only be the same picture if they have the same size, and a size is one `stat` (which the row
     # check has done already) where a digest reads the whole file: only files whose size another file (or stored
     # image) also has are read and hashed. A file of a size no other image has is a copy of none: its path will do.
-    if shared_ids:
+    new_ids = [shared for shared in shared_ids if (image_id_column, *shared) not in _WARNED_SHARED_IDS]
+    _WARNED_SHARED_IDS.update((image_id_column, *shared) for shared in shared_ids)
+    if new_ids:  # once: the held-out split and each split ask again, about parts of the same rows
         ids = {image_id for image_id, _, _ in shared_ids}
         image_id, first, other = shared_ids[0]
-        logger.warning_once(
+        logger.warning(
             f"{len(ids):,}{'+' if len(shared_ids) == 1_000 else ''} image id(s) of `image_id_column` "
             f"{image_id_column!r} name more than one file (first: id {image_id!r} names {first} and {other}); the rows "
             "of one id are trained and scored as one image, the first row's picture with every row's caption. Give "

@@ -467,6 +467,10 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, Data
     except (ValueError, TypeError) as error:
         # TrainingArguments validates with ValueError; its messages name the fields.
         raise ConfigError(str(error)) from None
+    if "do_eval" in named and namespace.do_eval is False:
+        # TrainingArguments turns do_eval on whenever eval_strategy is not "no"; said false, there is no final
+        # evaluation (the evaluations `eval_strategy` asks for during training still run).
+        outputs[-1].do_eval = False
     return tuple(outputs)  # type: ignore[return-value]
 
 

@@ -663,7 +663,7 @@ def _usable_training_rows(train: Dataset, data_args: DataArguments) -> Dataset:
     train = _drop_bad_rows(_captions_as_text(train, data_args.caption_column), "train data", data_args)
     if len(train) == 0:
         raise ConfigError("No training pairs are left after removing bad rows; check the data (summary above).")
-    _report_hard_negatives(train, data_args.hard_negative_column, "training")
+    _report_hard_negatives(train, data_args.hard_negative_column, "train")
     return train
 
 

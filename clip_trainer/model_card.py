@@ -362,6 +362,8 @@ class CLIPModelCardData:
             datasets when they are not given).
         num_train_images, num_eval_images: the images among them, when images have several captions (a training
             set that draws one caption per image and epoch has `num_train_images` rows).
+        num_train_skipped: training samples left out as unusable (an image that did not decode, counted each time
+            it was drawn); the trainer fills it from the run's count.
         num_eval_unusable_pairs: evaluation pairs that could not be used (an image that did not decode), which the
             metrics leave out; the trainer reads it from its last evaluation.
         eval_origin: where the evaluation pairs came from: `held_out` (split off the training data before training,
@@ -399,6 +401,7 @@ class CLIPModelCardData:
     num_train_images: int | None = None
     num_eval_images: int | None = None
     num_eval_unusable_pairs: int | None = None
+    num_train_skipped: int | None = None
     eval_origin: str | None = None
     eval_source: str | None = None
     held_out_percentage: float | None = None
@@ -571,6 +574,8 @@ def complete_card_data(card_data: CLIPModelCardData, trainer: CLIPContrastiveTra
         evaluations = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
         if evaluations and evaluations[-1].get("eval_unusable_pairs"):
             filled["num_eval_unusable_pairs"] = int(evaluations[-1]["eval_unusable_pairs"])
+    if getattr(trainer, "skipped_samples_total", None):
+        filled["num_train_skipped"] = trainer.skipped_samples_total
     last = getattr(trainer, "_last_evaluation", None) or {}
     labels = last.get("class_labels")
     if last.get("classifier") is not None and labels is not None:
@@ -744,6 +749,11 @@ def _data_sentences(card: CLIPModelCardData) -> str:
             trained += f" ({_epochs(card.epochs)})"
     if card.num_train_images is not None and card.num_train_images != card.num_train_pairs:
         trained += ", one caption drawn per image each epoch"
+    if card.num_train_skipped:
+        trained += (
+            f"; {_count(card.num_train_skipped)} of the samples drawn were left out as unusable (an image that did "
+            "not decode, counted each time it was drawn)"
+        )
     sentences.append(trained + ".")
     if card.num_eval_pairs:
         evaluated = f"It was evaluated on {_count(card.num_eval_pairs)} pairs"

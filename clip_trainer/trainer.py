@@ -379,6 +379,7 @@ class CLIPContrastiveTrainer(Trainer):
         # Device tensors once training runs (see `training_step`); read at logging steps only.
         self._skipped_samples: int | torch.Tensor = 0
         self._repeated_rows = 0  # rows accelerate repeated to fill an uneven epoch's last round, masked; not skipped
+        self.skipped_samples_total: int | None = None
         self._eval_loss_parts: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._samples_since_log = 0
         self._flops_since_log = 0
@@ -809,7 +810,8 @@ class CLIPContrastiveTrainer(Trainer):
         local = torch.as_tensor(self._skipped_samples, device=self.args.device).long() - self._repeated_rows
         if self.args.world_size > 1:
             local = self.accelerator.reduce(local, reduction="sum")
-        return int(local)
+        self.skipped_samples_total = int(local)  # for the model card, which the main process writes alone
+        return self.skipped_samples_total
 
     def _repeated_rows_masked(self, batches):
         """The training batches, with the rows accelerate repeats at the end of an uneven epoch flagged unusable.

@@ -80,6 +80,9 @@ def test_a_stage_turned_off_alone_still_trains(tmp_path, data_file):
     """`--do_eval false` means "train without the final evaluation", not "evaluate"; `--do_train false` is obeyed."""
     common = ["--config_name", "x", "--train_file", data_file, "--output_dir", str(tmp_path)]
     assert parse_arguments([*common, "--do_eval", "false"])[2].do_train is True
+    # With evaluations during training, `--do_eval false` still means no final evaluation.
+    training_args = parse_arguments([*common, "--eval_strategy", "epoch", "--do_eval", "false"])[2]
+    assert training_args.do_train is True and training_args.do_eval is False
     assert parse_arguments([*common, "--do_train", "false", "--do_eval"])[2].do_train is False
 
 

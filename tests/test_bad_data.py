@@ -58,8 +58,9 @@ def test_a_batch_of_only_unusable_samples_does_not_stop_the_run(base_args, tmp_p
     logged = [entry for entry in history(out) if "loss" in entry]
     assert [entry["step"] for entry in logged] == [1, 2, 3, 4]
     assert logged[0]["skipped_samples"] == 6
-    # The run's summary says so too: 6 of the 30 rows, drawn in order, 24 pairs a pass (steps 1 and 5 draw them).
+    # The run's summary and the model card say so too.
     assert json.loads((out / "train_results.json").read_text())["skipped_samples"] == 6
+    assert "; 6 of the samples drawn were left out as unusable" in (out / "README.md").read_text()
 
 
 @pytest.mark.slow  # a training run with a final save, about 3 s

@@ -37,7 +37,8 @@ def test_an_image_id_that_names_two_files_is_said(base_args, tmp_path, caplog):
     data = write_jsonl(tmp_path, [{"caption": f"shape number {i}", "photo": str(i // 2)} for i in range(12)])
     caplog.set_level(logging.WARNING, logger="clip_trainer")
     main([*set_option(base_args, "train_file", data), "--image_id_column", "photo", "--max_steps", "1",
-          "--validation_split_percentage", "0"])  # fmt: skip
+          "--validation_split_percentage", "34", "--do_train", "--do_eval"])  # fmt: skip
+    # Said once, though the held-out split and both splits look at the ids again.
     [message] = [m for m in _warnings(caplog) if "name more than one file" in m]
     assert message.startswith("6 image id(s) of `image_id_column` 'photo' name more than one file (first: id '0'")
     assert "images/0.png and " in message and "images/1.png" in message
@@ -53,7 +54,7 @@ def test_hard_negatives_that_are_not_text_or_none_usable_are_said(base_args, tmp
             "--validation_split_percentage", "0"]  # fmt: skip
     main(argv)
     [message] = [m for m in _warnings(caplog) if "are not text" in m]
-    assert message.startswith("2 hard negative(s) of `hard_negative_column` 'negatives' in the training data")
+    assert message.startswith("2 hard negative(s) of `hard_negative_column` 'negatives' in the train data")
     assert "(first: row 2: {'x': 1})" in message
     assert not [m for m in _warnings(caplog) if "holds no usable hard negative" in m]  # row 2 keeps one
 
@@ -62,7 +63,7 @@ def test_hard_negatives_that_are_not_text_or_none_usable_are_said(base_args, tmp
     data = write_jsonl(tmp_path / "none", [{"caption": f"shape {i}", "negatives": [" "]} for i in range(9)])
     main([*set_option(set_option(argv, "train_file", data), "output_dir", str(tmp_path / "out2"))])
     [message] = [m for m in _warnings(caplog) if "holds no usable hard negative" in m]
-    assert "in the training data (9 rows: empty, missing or not text)" in message
+    assert "in the train data (9 rows: empty, missing or not text)" in message
 
 
 def test_an_unknown_column_in_the_caption_sampling_mapping_names_the_key(base_args, tmp_path):
