@@ -335,8 +335,7 @@ def _load_data_files(
         builder = FILE_BUILDERS[Path(files[0]).suffix.lower()]
         kwargs: dict[str, Any] = {}
         if builder == "csv":
-            for file in files:
-                check_csv_header(key, file)
+            headers = [check_csv_header(key, file) for file in files]
             kwargs["sep"] = SEPARATORS[Path(files[0]).suffix.lower()]
             # Text columns stay text: pandas would read a column of numbers ("12", "007") as integers.
             text_columns = [data_args.image_column, data_args.caption_column, data_args.label_column]
@@ -346,7 +345,8 @@ def _load_data_files(
             # negative written "NA" is what R and spreadsheets write for a missing value: missing, as pandas reads it.
             kwargs["keep_default_na"] = False
             missing_words = {column: PANDAS_NA_WORDS for column in _columns_with_missing_words(data_args)}
-            kwargs["na_values"] = {column: [""] for column in _all_csv_columns(files)} | missing_words
+            all_columns = dict.fromkeys(column for header in headers for column in header)  # their union, in order
+            kwargs["na_values"] = {column: [""] for column in all_columns} | missing_words
         try:
             dataset = datasets.load_dataset(
                 builder, data_files={"data": files}, split="data", cache_dir=cache_dir, streaming=streaming, **kwargs
@@ -460,11 +460,11 @@ def _csv_records(path: str) -> Iterator[tuple[int, list[str]]]:
 _SEPARATOR_NAMES = {"\t": "tab", ";": "semicolon", ",": "comma", "|": "pipe"}
 
 
-def check_csv_header(key: str, path: str) -> None:
-    """Raises a one-line [`ConfigError`] for a CSV (or TSV) header that pandas would read wrongly without a word: one
-    column whose name holds another separator (a tab-separated file named `.csv`: its columns would be
-    `image\tcaption`), or two columns of one name (pandas renames the second `caption.1`, and the run would train on
-    the first without saying so)."""
+def check_csv_header(key: str, path: str) -> list[str]:
+    """A CSV (or TSV) file's header fields (none for a file that cannot be read as UTF-8 CSV), or a one-line
+    [`ConfigError`] for a header that pandas would read wrongly without a word: one column whose name holds another
+    separator (a tab-separated file named `.csv`: its columns would be `image\tcaption`), or two columns of one name
+    (pandas renames the second `caption.1`, and the run would train on the first without saying so)."""
     _, header = next(_csv_records(path), (0, []))
     suffix = Path(path).suffix.lower()
     separator = SEPARATORS.get(suffix, ",")
@@ -488,15 +488,7 @@ def check_csv_header(key: str, path: str) -> None:
                 f"header; pandas would read the second as '{column}.1'); rename or remove one."
             )
         seen[column] = position
-
-
-def _all_csv_columns(files: list[str]) -> list[str]:
-    """The header fields of CSV `files` (the union; a file that cannot be read adds none)."""
-    columns: list[str] = []
-    for name in files:
-        _, header = next(_csv_records(name), (0, []))
-        columns.extend(column for column in header if column not in columns)
-    return columns
+    return header
 
 
 # pandas' message for a row with more fields than the header ("C error: Expected 2 fields in line 3, saw 3").
@@ -775,8 +767,10 @@ def _check_two_images_decode(validation: Dataset, data_args: DataArguments, spli
     training, not found at the first evaluation, an epoch later (or never, when the run selects by `eval_loss`,
     which is then NaN). The up-front row checks see missing and empty files only; usually two images are decoded."""
     table = validation.select_columns([data_args.image_column]).with_format(None)
+    # Read a few rows at a time: reading the column whole would hold every image's bytes of an embedded-image set.
+    values = (value for batch in table.iter(batch_size=16) for value in batch[data_args.image_column])
     decoded, first_fault = 0, None
-    for row, value in enumerate(table[data_args.image_column]):
+    for row, value in enumerate(values):
         try:
             load_image(value, max_pixels=data_args.max_image_pixels)
         except BadSampleError as error:

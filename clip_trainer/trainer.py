@@ -1276,12 +1276,9 @@ class CLIPContrastiveTrainer(Trainer):
         with torch.no_grad(), self.compute_loss_context_manager():
             loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
         if self._eval_loss_parts is not None and "valid" in inputs:
-            # The batch's pairs over every process; this process's share of the loss times them, over the world size,
-            # summed over the processes, is the batch's loss times its pairs (see `distributed_clip_loss`).
-            pairs = inputs["valid"].sum().float()
-            if self.args.world_size > 1:
-                pairs = self.accelerator.reduce(pairs, reduction="sum")
-            self._eval_loss_parts.append((loss.detach().float() * pairs / self.args.world_size, pairs))
+            # This process's share of the batch's loss and its usable pairs, kept on the device; summed over the
+            # processes once the set is done (see `evaluation_loop`).
+            self._eval_loss_parts.append((loss.detach().float(), inputs["valid"].sum().float()))
         if self._eval_buffer is not None:
             collected = {**outputs}
             for key in ("image_ids", "class_labels", "valid"):
@@ -1309,13 +1306,19 @@ class CLIPContrastiveTrainer(Trainer):
         if loss_parts:
             # The loss per usable pair over the whole set, every batch weighted by its pairs. The Trainer's own mean
             # weights each process's share by its batch's rows, which under several processes changed with how the
-            # last batch was split and with the rows repeated to even it out, and counted unusable rows.
-            total = torch.stack([part for part, _ in loss_parts]).sum()
+            # last batch was split and with the rows repeated to even it out, and counted unusable rows. A batch's
+            # pairs are summed over the processes; each process's share of the loss times them, over the world size,
+            # summed over the processes, is the batch's loss times its pairs (see `distributed_clip_loss`). One
+            # reduction per set, not per batch.
+            shares = torch.stack([share for share, _ in loss_parts])
+            pairs = torch.stack([count for _, count in loss_parts])
+            if self.args.world_size > 1:
+                pairs = self.accelerator.reduce(pairs, reduction="sum")
+            total = (shares * pairs).sum() / self.args.world_size
             if self.args.world_size > 1:
                 total = self.accelerator.reduce(total, reduction="sum")
-            pairs = torch.stack([count for _, count in loss_parts]).sum()
-            if float(pairs) > 0 and math.isfinite(float(total)):  # else the Trainer's, which filters NaN batches
-                output.metrics[f"{metric_key_prefix}_loss"] = float(total / pairs)
+            if float(pairs.sum()) > 0 and math.isfinite(float(total)):  # else the Trainer's, which filters NaN batches
+                output.metrics[f"{metric_key_prefix}_loss"] = float(total / pairs.sum())
         valid = collected.pop("valid", None)
         rows = torch.arange(len(valid)) if valid is not None else None
         if valid is not None:
