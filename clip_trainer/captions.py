@@ -67,8 +67,8 @@ def image_key(row: dict[str, Any], image_column: str, image_id_column: str | Non
 
     A loaded training set is split and merged by [`image_identities`] instead, which also finds one picture stored
     under two file names (it compares the bytes of files of equal size); with `caption_sampling` `uniform` or a
-    mapping, the rows it finds to be one image become one training row. A stream is read row by row and compares
-    names only.
+    mapping, the rows it finds to be one image become one training row. A stream's held-out rows are recognised in
+    the same way by [`HeldOutImages`].
     """
     if image_id_column is not None and row.get(image_id_column) is not None:
         return "id:" + str(row[image_id_column])
@@ -112,6 +112,46 @@ def _file_digest(path: str, size: int, mtime_ns: int) -> str | None:
     except OSError:
         return None
     return "bytes:" + digest.hexdigest()
+
+
+class HeldOutImages:
+    """The images of a stream's held-out rows, and a filter predicate that keeps the training rows showing none of them
+    (a picklable class, for DataLoader workers).
+
+    A row is recognised by its image, as [`image_identities`] recognises it: its `image_id_column` value when it has
+    one, else its picture, whatever its file name or whether it is a file or embedded bytes. A stream is read row by
+    row, so each training row is compared as it comes: a file is read and hashed only when its size is one of the
+    held-out pictures' (a `stat`, where a digest reads the whole file); a file of another size is none of them.
+    """
+
+    def __init__(self, rows: list[dict[str, Any]], image_column: str, image_id_column: str | None) -> None:
+        self.image_column = image_column
+        self.image_id_column = image_id_column
+        self.keys = {image_key(row, image_column, image_id_column) for row in rows}
+        self.sizes: set[int] = set()
+        for row in rows:
+            if image_id_column is not None and row.get(image_id_column) is not None:
+                continue  # an id is the image, whatever picture it shows
+            value = _stored_image(row.get(image_column))
+            if isinstance(value, bytes | bytearray | memoryview):
+                self.sizes.add(len(value))
+            elif isinstance(value, str) and (content := _file_content_key(value)) is not None:
+                self.keys.add(content)
+                self.sizes.add(os.stat(value).st_size)
+
+    def __call__(self, row: dict[str, Any]) -> bool:
+        """`True` for a row whose image is none of the held-out ones."""
+        key = image_key(row, self.image_column, self.image_id_column)
+        if key in self.keys:
+            return False
+        if key.startswith("path:"):
+            try:
+                size = os.stat(key[len("path:") :]).st_size
+            except (OSError, ValueError):  # no such file (the collator names it), or base64 text
+                return True
+            if size in self.sizes:
+                return _file_content_key(key[len("path:") :]) not in self.keys
+        return True
 
 
 # (image id column, id, first file, other file): what a warning has named already, so that it is said once a run.

@@ -24,7 +24,7 @@ from .rows import check_caption
 logger = logging.get_logger(__name__)
 
 # Batch entries that describe the rows and are not model inputs.
-ROW_INFO_KEYS = ("image_ids", "class_labels", "valid", "hard_negative_index")
+ROW_INFO_KEYS = ("image_ids", "class_labels", "valid", "hard_negative_index", "hard_negative_is_caption")
 # The batch entries that are a teacher's inputs (`teacher_pixel_values`, `teacher_input_ids`, ...), for distillation.
 TEACHER_PREFIX = "teacher_"
 
@@ -66,6 +66,18 @@ def _image_file(value: Any) -> str:
     return ""
 
 
+def _same_tokens_as_caption(text: Any, hard_negative_index: torch.Tensor) -> torch.Tensor:
+    """`(B, K)`: whether each hard-negative slot holds the tokens of its row's caption (the batch's captions are the
+    first `B` rows of `text`, its hard negatives the rest, padded alike)."""
+    rows = hard_negative_index.shape[0]
+    tokens = text["input_ids"]
+    if "attention_mask" in text:  # padding positions are not the text, whatever token fills them
+        tokens = tokens.masked_fill(text["attention_mask"] == 0, -1)
+    negatives = tokens[rows:][hard_negative_index.clamp(min=0)]  # (B, K, L); empty slots read row 0 and are cleared
+    same = (negatives == tokens[:rows].unsqueeze(1)).all(dim=-1)
+    return same & (hard_negative_index >= 0)
+
+
 @dataclass
 class ImageTextCollator:
     """Turns rows `{image_column: path | bytes | dict | PIL image, caption_column: str}` into model inputs.
@@ -80,7 +92,9 @@ class ImageTextCollator:
     batch's captions: `input_ids` then has `B + H` rows, and `hard_negative_index` (`(B, K)`, `K` the most hard
     negatives of a row) gives the row of `input_ids[B:]` of each row's hard negatives, -1 for an empty slot. It is
     there (possibly with `K = 0`) for every batch of data that has the column, so that every process of a
-    distributed run passes the same inputs to the loss.
+    distributed run passes the same inputs to the loss. `hard_negative_is_caption` (`(B, K)`) flags the hard
+    negatives whose tokens are the row's caption's: the model cannot tell them apart, and `hard_negative_accuracy`
+    scores them as the tie they are, whatever the float noise of the batches they were embedded in.
 
     A row whose image cannot be decoded or whose caption is empty never stops the run: it stays in the batch as a
     blank placeholder flagged `valid=False`, which the loss and the metrics leave out. Keeping it (rather than dropping
@@ -189,6 +203,7 @@ class ImageTextCollator:
             batch["attention_mask"] = text["attention_mask"]
         if hard_negative_index is not None:
             batch["hard_negative_index"] = hard_negative_index
+            batch["hard_negative_is_caption"] = _same_tokens_as_caption(text, hard_negative_index)
         if rows and IMAGE_ID_COLUMN in rows[0]:
             batch["image_ids"] = torch.tensor([row[IMAGE_ID_COLUMN] for row in rows], dtype=torch.long)
         elif rows and (self.row_image_ids or self.teacher_embeddings is not None):

@@ -32,10 +32,10 @@ from transformers.utils import logging
 
 from .arguments import ConfigError, DataArguments
 from .captions import (
+    HeldOutImages,
     caption_list,
     expand_evaluation_captions,
     image_identities,
-    image_key,
     prepare_training_captions,
     sample_stream_captions,
 )
@@ -827,24 +827,6 @@ def _held_out_split(train: Dataset, data_args: DataArguments, seed: int) -> tupl
 # --------------------------------------------------------------------------------------------------------------
 
 
-class _NotHeldOut:
-    """Filter predicate: drops the rows whose image is held out for validation (a picklable class, for DataLoader
-    workers).
-
-    A row is recognised by its image ([`image_key`]: its `image_id_column` value, path or bytes, read without decoding),
-    not by its position: positions are not stable once `accelerate` shards the stream, and another caption of a
-    validation image, or a duplicate of a validation pair, must not be trained on either.
-    """
-
-    def __init__(self, keys: set[str], image_column: str, image_id_column: str | None) -> None:
-        self.keys = keys
-        self.image_column = image_column
-        self.image_id_column = image_id_column
-
-    def __call__(self, row: dict[str, Any]) -> bool:
-        return image_key(row, self.image_column, self.image_id_column) not in self.keys
-
-
 def _source_files(data_args: DataArguments) -> list[str]:
     """The files (or the names) a training source reads, in order: the shards of `train_file`, every file under a
     local `dataset_name` folder, each source of a mixture; a Hub id or `emoji` stands for itself."""
@@ -898,8 +880,8 @@ def _finish_training_stream(
                 "`validation_file` or a smaller `max_eval_samples`, or train without `streaming`."
             )
         validation: Dataset | None = Dataset.from_list(head, features=train.features)
-        keys = {image_key(row, data_args.image_column, data_args.image_id_column) for row in head}
-        train = train.filter(_NotHeldOut(keys, data_args.image_column, data_args.image_id_column))
+        # Every row of a held-out image is left out of training: another caption of it, or a copy of its picture.
+        train = train.filter(HeldOutImages(head, data_args.image_column, data_args.image_id_column))
         logger.info(f"Held out the first {len(head):,} pairs of the stream for validation.")
     else:
         validation = None

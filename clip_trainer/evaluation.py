@@ -522,16 +522,25 @@ def embed_batch_with_hard_negatives(
 
 
 def hard_negative_scores(
-    image_embeds: torch.Tensor, hard_negatives: torch.Tensor, hard_negative_valid: torch.Tensor
+    image_embeds: torch.Tensor,
+    hard_negatives: torch.Tensor,
+    hard_negative_valid: torch.Tensor,
+    hard_negative_is_caption: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """
     Per row, the cosine similarity of its image to its best-scoring hard negative (`hard_negative_best`, -inf for a row
     without any) and whether it has any (`hard_negative_present`): what [`hard_negative_accuracy`] needs, as two
     `(batch,)` tensors that gather across processes whatever each row's number of hard negatives.
+
+    A hard negative with the tokens of the row's own caption (`hard_negative_is_caption`, from the collator) scores
+    +inf: it ties with the caption, and a tie counts against it. Scored from its embedding, it would win or lose by
+    the ~1e-7 its batch's padding and shape change, and the metric would change with the evaluation batch size.
     """
     images = F.normalize(image_embeds.float(), dim=-1)
     scores = torch.einsum("bd,bkd->bk", images, F.normalize(hard_negatives.float(), dim=-1))
     scores = scores.masked_fill(~hard_negative_valid, float("-inf"))
+    if hard_negative_is_caption is not None:
+        scores = scores.masked_fill(hard_negative_is_caption.to(scores.device) & hard_negative_valid, float("inf"))
     best = scores.amax(dim=1) if scores.shape[1] else scores.new_full((scores.shape[0],), float("-inf"))
     return {"hard_negative_best": best, "hard_negative_present": hard_negative_valid.any(dim=1)}
 
@@ -782,7 +791,10 @@ class RetrievalEvaluator:
                     collected["image_embeds"].append(image_embeds.cpu())
                     collected["text_embeds"].append(text_embeds.cpu())
                     if hard is not None:
-                        for key, value in hard_negative_scores(image_embeds, hard, hard_valid).items():
+                        scores = hard_negative_scores(
+                            image_embeds, hard, hard_valid, batch.get("hard_negative_is_caption")
+                        )
+                        for key, value in scores.items():
                             collected[key].append(value.cpu())
                     for key in ("image_ids", "class_labels", "valid"):
                         if key in batch:

@@ -680,7 +680,11 @@ class CLIPContrastiveTrainer(Trainer):
         if return_outputs:
             outputs = {"image_embeds": image_embeds, "text_embeds": text_embeds}
             if hard_negatives is not None:  # for `eval_hard_negative_accuracy`: one score per row, gathered
-                outputs.update(hard_negative_scores(image_embeds, hard_negatives, hard_negative_valid))
+                outputs.update(
+                    hard_negative_scores(
+                        image_embeds, hard_negatives, hard_negative_valid, inputs.get("hard_negative_is_caption")
+                    )
+                )
             return loss, outputs
         return loss
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import FAST_TRAINING
+from PIL import Image
 from test_multi_caption import write_multi_caption_csv
 from transformers import AutoModel, AutoProcessor
 
@@ -132,3 +133,93 @@ def test_a_loss_without_hard_negatives_is_refused_and_one_without_ids_still_trai
     assert trainer._loss_relations == set()
     trainer.args.max_steps = 1
     trainer.train()  # called as it always was: no image ids passed
+
+
+def test_the_collator_flags_hard_negatives_with_the_captions_tokens(tiny_clip_dir):
+    from clip_trainer.collator import ImageTextCollator
+
+    processor = AutoProcessor.from_pretrained(tiny_clip_dir, backend="pil")
+    collator = ImageTextCollator.from_processor(processor, max_seq_length=16, hard_negative_column="negatives")
+    picture = Image.new("RGB", (8, 8))
+    rows = [
+        {"image": picture, "caption": "a red square", "negatives": ["a blue square", "a red square"]},
+        {"image": picture, "caption": "a long caption about a green circle", "negatives": "a red square"},
+        {"image": picture, "caption": "a cat", "negatives": []},
+    ]
+    batch = collator(rows)
+    # Row 1's negative is row 0's caption, not its own; row 0's second slot is its own caption; empty slots are not.
+    assert batch["hard_negative_is_caption"].tolist() == [[False, True], [False, False], [False, False]]
+
+
+@pytest.mark.slow
+def test_a_hard_negative_with_the_captions_tokens_ties_at_every_evaluation_batch_size(
+    tmp_path, tiny_clip_dir, monkeypatch
+):
+    """A hard negative whose tokens are its row's caption's (the same text, or text the tokenizer reads alike) is a
+    tie, and a tie counts against the caption; scored from its own embedding it won or lost by float noise that
+    changes with the batch it was embedded in, so the metric changed with `per_device_eval_batch_size`."""
+    import csv
+    import json
+
+    from clip_trainer.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    source = write_multi_caption_csv(tmp_path / "data", rows=12)
+    rows = list(csv.DictReader(source.open()))
+    with open("eval.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["image", "caption", "negatives"])
+        writer.writeheader()
+        for number, row in enumerate(rows):
+            caption = json.loads(row["caption"])[0]
+            negatives = json.loads(row["negatives"])
+            if number % 3 == 0:  # the caption itself among the hard negatives
+                negatives = [*negatives, caption]
+            writer.writerow(
+                {
+                    "image": str(tmp_path / "data" / row["image"]),
+                    "caption": caption,
+                    "negatives": json.dumps(negatives),
+                }
+            )
+
+    # Independently, in float64: a row wins when its caption scores strictly above every hard negative that is not
+    # its caption; a row whose negatives hold its caption cannot win.
+    model = AutoModel.from_pretrained(tiny_clip_dir).eval()
+    processor = AutoProcessor.from_pretrained(tiny_clip_dir, backend="pil")
+    wins = []
+    with torch.no_grad():
+        for row in csv.DictReader(open("eval.csv")):
+            negatives = json.loads(row["negatives"])
+            if row["caption"] in negatives:
+                wins.append(False)
+                continue
+            pixels = processor.image_processor(load_image(row["image"]), return_tensors="pt").pixel_values
+            image = _features(model.get_image_features(pixel_values=pixels))
+            tokens = processor.tokenizer([row["caption"], *negatives], padding=True, return_tensors="pt")
+            scores = (image @ _features(model.get_text_features(**tokens)).T)[0]
+            wins.append(bool(scores[0] > scores[1:].max()))
+    expected = sum(wins) / len(wins)
+    assert 0 < sum(wins) < 8  # four rows tie; some of the others win
+
+    for batch_size in (1, 3, 5, 12):
+        output = tmp_path / f"batch-{batch_size}"
+        argv = [
+            "eval",
+            "--model_name_or_path",
+            str(tiny_clip_dir),
+            "--validation_file",
+            "eval.csv",
+            "--hard_negative_column",
+            "negatives",
+            "--per_device_eval_batch_size",
+            str(batch_size),
+            "--output_dir",
+            str(output),
+            "--report_to",
+            "none",
+            "--use_cpu",
+            "true",
+        ]
+        assert main(argv) == 0
+        results = json.loads((output / "eval_results.json").read_text())
+        assert results["eval_hard_negative_accuracy"] == pytest.approx(expected, abs=1e-12), batch_size

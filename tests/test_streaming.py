@@ -4,8 +4,11 @@ read disjoint data."""
 
 from __future__ import annotations
 
+import csv
+import hashlib
 import io
 import json
+import shutil
 from pathlib import Path
 
 import datasets
@@ -166,3 +169,27 @@ def test_two_processes_split_a_single_shard_by_examples(tmp_path):
     for step in range(4):
         assert ranks[0][4 * step : 4 * step + 4] == stream[8 * step : 8 * step + 4]
         assert ranks[1][4 * step : 4 * step + 4] == stream[8 * step + 4 : 8 * step + 8]
+
+
+def test_a_copy_of_a_held_out_picture_under_another_name_is_not_trained_on(tmp_path, monkeypatch):
+    """The stream's held-out rows are recognised by their pictures, as a loaded set's are: a training row naming a
+    copy of a held-out image under another file name (or another caption of it) is left out of training too."""
+    monkeypatch.chdir(tmp_path)
+    write_shapes_csv(tmp_path, repeats=1, name="pairs.csv")  # 24 shapes, one file each
+    rows = list(csv.DictReader(open("pairs.csv")))
+    Path("copies").mkdir()
+    with open("stream.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["image", "caption", "shape"])
+        writer.writeheader()
+        writer.writerows(rows)
+        for number, row in enumerate(rows):  # every picture again, under another name, with another caption
+            copy = Path("copies") / f"copy-{number}.png"
+            shutil.copyfile(row["image"], copy)
+            writer.writerow({**row, "image": str(copy), "caption": f"the same picture: {row['caption']}"})
+    data = load_streaming_data(streaming_args(train_file="stream.csv", max_eval_samples=6), seed=0)
+    held_out = {hashlib.sha256(Path(row["image"]).read_bytes()).hexdigest() for row in data.validation}
+    assert len(held_out) == 6
+    trained = {hashlib.sha256(Path(row["image"]).read_bytes()).hexdigest(): row for row in data.train.take(300)}
+    # Independently, by the files' bytes: none of the 6 held-out pictures is trained on, the other 18 are.
+    assert not held_out & set(trained)
+    assert len(trained) == 18
