@@ -1200,7 +1200,8 @@ class CLIPTrainingArguments(TrainingArguments):
         metadata={
             "help": "WiSE-FT's rule: among the evaluated a, save the one with the best in-domain (validation) metric "
             "whose metric on every `extra_eval_sets` set stays at least this share of the pretrained model's (a=0). "
-            "The metric is `metric_for_best_model` without its set prefix when greater is better, else mean_recall.",
+            "The metric is `metric_for_best_model` without its set prefix when greater is better, else mean_recall. "
+            "Needs `wise_ft_alphas` (or `wise_ft_alpha`).",
             "bounds": Bounds(0, 1, hint="e.g. 0.9"),
         },
     )
@@ -1216,19 +1217,25 @@ class CLIPTrainingArguments(TrainingArguments):
     lora_alpha: float | None = field(
         default=None,
         metadata={
-            "help": "LoRA's scale numerator: the update is (lora_alpha / lora_rank) x B A. Empty: lora_rank.",
+            "help": "LoRA's scale numerator: the update is (lora_alpha / lora_rank) x B A. Empty: lora_rank. Needs "
+            "`lora_rank`.",
             "bounds": Bounds(0, low_open=True, hint="empty: `lora_rank`"),
         },
     )
     lora_dropout: float = field(
-        default=0.0, metadata={"help": "Dropout on the LoRA adapters' input.", "bounds": Bounds(0, 1, high_open=True)}
+        default=0.0,
+        metadata={
+            "help": "Dropout on the LoRA adapters' input. Needs `lora_rank`.",
+            "bounds": Bounds(0, 1, high_open=True),
+        },
     )
     lora_target_modules: list[str] = field(
         default_factory=lambda: list(DEFAULT_LORA_TARGET_MODULES),
         metadata={
             "help": "Modules that get adapters, matched by the end of their name (peft's rule); default: the "
             "attention projections of both towers (and, for BERT-style text towers such as Chinese-CLIP's and "
-            "AltCLIP's, their `query`, `key`, `value` and `attention.output.dense`)."
+            "AltCLIP's, their `query`, `key`, `value` and `attention.output.dense`), not the modules inside a "
+            "torch MultiheadAttention (SigLIP's pooling head), which never calls them. Needs `lora_rank`."
         },
     )
 
@@ -1343,7 +1350,30 @@ class CLIPTrainingArguments(TrainingArguments):
     def _check_fine_tuning_options(self) -> None:
         """LoRA against partial locking, and its package: what can be checked without the model (the values'
         types and ranges are checked by `check_field_values`)."""
+        if self.wise_ft_alphas is None and self.wise_ft_alpha is None:
+            default = type(self).__dataclass_fields__["wise_ft_min_retention"].default
+            if self.wise_ft_min_retention != default:
+                raise ConfigError(
+                    f"`wise_ft_min_retention` is {self.wise_ft_min_retention:g}, but nothing is interpolated: it "
+                    "chooses among `wise_ft_alphas`; add them (e.g. --wise_ft_alphas 0.25 0.5 0.75), or drop it."
+                )
         if self.lora_rank is None:
+            # A LoRA setting without `lora_rank` would be ignored, and the run would fine-tune every weight.
+            given = [
+                f"`{key}`"
+                for key, default in (
+                    ("lora_alpha", None),
+                    ("lora_dropout", 0.0),
+                    ("lora_target_modules", list(DEFAULT_LORA_TARGET_MODULES)),
+                )
+                if (list(value) if isinstance(value := getattr(self, key), tuple) else value) != default
+            ]
+            if given:
+                raise ConfigError(
+                    f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} set, but `lora_rank` is not, so "
+                    "there would be no adapters and every weight would train; add --lora_rank (e.g. 8), or drop "
+                    f"{'it' if len(given) == 1 else 'them'}."
+                )
             return
         if not is_peft_installed():
             raise ConfigError(

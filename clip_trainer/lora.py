@@ -63,6 +63,7 @@ def apply_lora(model: nn.Module, args: CLIPTrainingArguments) -> nn.Module:
         lora_alpha=args.lora_alpha if args.lora_alpha is not None else args.lora_rank,
         lora_dropout=args.lora_dropout,
         target_modules=targets,
+        exclude_modules=_inside_torch_attention(model) or None,
         bias="none",
     )
     try:
@@ -84,6 +85,18 @@ def apply_lora(model: nn.Module, args: CLIPTrainingArguments) -> nn.Module:
         f"LoRA rank {args.lora_rank}: training {trainable:,} of {total:,} parameters ({trainable / total:.2%})."
     )
     return wrapped
+
+
+def _inside_torch_attention(model: nn.Module) -> list[str]:
+    """The modules inside a `torch.nn.MultiheadAttention` (SigLIP's attention-pooling head): the attention reads their
+    weights itself and never calls them, so an adapter there gets no gradient and trains nothing. peft would adapt its
+    `out_proj` as it adapts the encoders' (the names end alike), and count it as trained."""
+    return [
+        f"{name}.{child}" if name else child
+        for name, module in model.named_modules()
+        if isinstance(module, nn.MultiheadAttention)
+        for child, _ in module.named_children()
+    ]
 
 
 def merged_copy(model: nn.Module) -> nn.Module:

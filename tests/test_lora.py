@@ -76,6 +76,25 @@ def test_lora_with_locks_is_refused(base_args):
         main([*base_args, "--lora_rank", "4", "--freeze_vision_model", "true"])
 
 
+@pytest.mark.parametrize(
+    "given, named",
+    [
+        (["--lora_alpha", "16"], "`lora_alpha` is set"),
+        (["--lora_dropout", "0.1"], "`lora_dropout` is set"),
+        (["--lora_target_modules", "q_proj", "v_proj"], "`lora_target_modules` is set"),
+        (["--lora_alpha", "16", "--lora_dropout", "0.1"], "`lora_alpha` and `lora_dropout` are set"),
+        (["--wise_ft_min_retention", "0.95"], "`wise_ft_min_retention` is 0.95, but nothing is interpolated"),
+    ],
+)
+def test_a_lora_or_wise_ft_setting_without_its_feature_is_refused_before_anything_trains(
+    base_args, given, named, tmp_path
+):
+    """They were ignored without a word: a full fine-tune ran where the user meant LoRA, or no WiSE-FT table."""
+    with pytest.raises(ConfigError, match=named):
+        main([*base_args, *given])
+    assert not (tmp_path / "out").exists()
+
+
 def _front_matter(text: str) -> dict:
     import yaml
 
@@ -132,3 +151,24 @@ def test_a_pushed_lora_run_names_its_hub_repository(base_args, tmp_path, fake_hu
     assert 'PeftModel.from_pretrained(base, "user/clip-lora", subfolder="adapter")' in adapter_card
     assert "the Hub repository `user/clip-lora`" in adapter_card
     assert str(tmp_path) not in card and str(tmp_path) not in adapter_card
+
+
+@needs_peft
+def test_every_siglip_adapter_trains_and_none_sits_in_the_pooling_heads_torch_attention(
+    tiny_siglip_run, shapes_csv, tmp_path, monkeypatch
+):
+    """SigLIP's attention-pooling head is a `torch.nn.MultiheadAttention`, which reads its `out_proj` weight itself:
+    an adapter there never got a gradient, stayed zero, and was counted as trained. The default targets now adapt
+    the encoders' attention projections only, and every adapter saved has trained."""
+    from safetensors.torch import load_file
+
+    monkeypatch.chdir(tmp_path)
+    main(["--model_name_or_path", str(tiny_siglip_run), "--train_file", str(shapes_csv), "--output_dir", "lora",
+          "--lora_rank", "4", "--learning_rate", "1e-2", "--max_steps", "3", "--per_device_train_batch_size", "8",
+          "--report_to", "none", "--dataloader_num_workers", "0", "--eval_strategy", "no", "--save_strategy", "no",
+          "--use_cpu", "true"])  # fmt: skip
+    adapter = load_file(tmp_path / "lora" / "adapter" / "adapter_model.safetensors")
+    lora_b = {name: tensor for name, tensor in adapter.items() if "lora_B" in name}
+    assert lora_b and not [name for name in adapter if ".head." in name]
+    untrained = [name for name, tensor in lora_b.items() if not tensor.abs().sum()]
+    assert not untrained  # lora_B starts at zero: one that is still zero never trained
