@@ -263,3 +263,40 @@ def test_no_machine_paths_or_issue_numbers(page):
     )
     issues = re.findall(r"\bissues?\s+#?\d+|(?<![\w&/])#\d+\b", text, flags=re.IGNORECASE)
     assert not issues, f"{page.name} cites issue numbers: {issues}"
+
+
+def _python_block_after(text: str, heading: str) -> str:
+    section = text.split(heading, 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.mark.slow
+def test_the_readme_library_example_trains_with_the_thread_policy(tmp_path, tiny_clip_dir, shapes_csv):
+    """The README's "As a library" code, with a local model and the user's CSV where it names the Hub and
+    data/pairs.csv, run as a user's script: it trains and saves, and it imports clip_trainer before torch (else its
+    threads spin, several times slower on a shared CPU, and the trainer warns)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    code = _python_block_after((REPO / "README.md").read_text(), "## As a library")
+    assert "openai/clip-vit-base-patch32" in code and "data/pairs.csv" in code
+    code = code.replace("openai/clip-vit-base-patch32", str(tiny_clip_dir)).replace(
+        "num_train_epochs=5", "max_steps=2"
+    )
+    code = code.replace(
+        "per_device_train_batch_size=64", "per_device_train_batch_size=8, use_cpu=True, report_to='none'"
+    )
+    shutil.copytree(shapes_csv.parent, tmp_path / "data")
+    (tmp_path / "data" / shapes_csv.name).rename(tmp_path / "data" / "pairs.csv")
+    (tmp_path / "example.py").write_text(code)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    for name in ("CLIP_TRAINER_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):  # a user's fresh shell has none
+        env.pop(name, None)
+    done = subprocess.run(
+        [sys.executable, "example.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "torch was imported before clip_trainer" not in done.stderr
+    assert (tmp_path / "outputs" / "my-clip" / "model.safetensors").is_file()
