@@ -497,6 +497,23 @@ class CLIPContrastiveTrainer(Trainer):
 
             run_wise_ft(self, self.pretrained_weights)
 
+    def _load_callback_state(self) -> None:
+        """On resume, early stopping goes on counting where the checkpoint left it (its evaluations without
+        improvement, saved in `trainer_state.json`), so that a resumed run stops where the uninterrupted one would.
+        transformers restores callback states only with `restore_callback_states_from_checkpoint`, and then rebuilds
+        each callback from the checkpoint's arguments, which would undo a patience changed on the command line: the
+        counter alone is restored here, under the run's own patience."""
+        super()._load_callback_state()
+        stored = self.state.stateful_callbacks.get("EarlyStoppingCallback")
+        if self.args.restore_callback_states_from_checkpoint or not stored:
+            return
+        stored = stored[0] if isinstance(stored, list) else stored
+        counter = stored.get("attributes", {}).get("early_stopping_patience_counter")
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, EarlyStoppingCallback) and counter is not None:
+                callback.early_stopping_patience_counter = int(counter)
+                logger.info(f"Early stopping goes on from {counter} evaluation(s) without improvement.")
+
     def _check_resumable_settings(self, checkpoint: str) -> None:
         """Refuses, in one line, a setting that a checkpoint's optimizer state cannot follow.
 

@@ -90,6 +90,28 @@ def test_early_stopping_stops_the_run(base_args, tmp_path):
     assert len(evaluations) >= 3
 
 
+def test_a_resumed_run_stops_early_where_the_uninterrupted_one_stops(base_args, tmp_path):
+    """The checkpoint's count of evaluations without improvement goes on in the resumed run (it started from 0, so
+    the resumed run trained past the step where the uninterrupted one stopped)."""
+    import shutil
+
+    common = [*base_args, "--learning_rate", "0", "--max_steps", "40", "--eval_strategy", "steps", "--eval_steps", "2",
+              "--save_strategy", "steps", "--save_steps", "2", "--save_total_limit", "10",
+              "--early_stopping_patience", "3", "--early_stopping_threshold", "0.01"]  # fmt: skip
+    main([*common, "--output_dir", str(tmp_path / "whole")])
+    whole = json.loads((tmp_path / "whole" / "trainer_state.json").read_text())
+    # Nothing improves with a zero learning rate: best at step 2, then 3 evaluations without improvement.
+    assert whole["global_step"] == 8
+    (tmp_path / "resumed").mkdir()
+    shutil.copytree(tmp_path / "whole" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    shutil.copytree(
+        tmp_path / "whole" / "checkpoint-6", tmp_path / "resumed" / "checkpoint-6"
+    )  # 2 without improvement
+    main([*common, "--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint", "true"])
+    resumed = json.loads((tmp_path / "resumed" / "trainer_state.json").read_text())
+    assert resumed["global_step"] == whole["global_step"]
+
+
 def test_resume_from_checkpoint_reaches_the_same_end(base_args, tmp_path):
     common = [*base_args, "--max_steps", "6", "--save_strategy", "steps", "--save_steps", "3",
               "--save_total_limit", "5", "--lr_scheduler_type", "cosine"]  # fmt: skip
