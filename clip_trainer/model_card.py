@@ -685,15 +685,16 @@ def _plot_links(output_dir: str, plots: list[str]) -> list[str]:
 
 
 def _versions() -> list[tuple[str, str]]:
-    versions = []
-    for package in ("clip-trainer", "transformers", "torch", "datasets", "huggingface_hub"):
+    from .version import __version__
+
+    # clip-trainer's own version is the running code's: an editable install's metadata keeps the version it was
+    # installed at, and a checkout may run without any install.
+    versions = [("clip-trainer", __version__)]
+    for package in ("transformers", "torch", "datasets", "huggingface_hub"):
         try:
-            version = metadata.version(package)
+            versions.append((package, metadata.version(package)))
         except metadata.PackageNotFoundError:
-            if package != "clip-trainer":
-                continue
-            from .version import __version__ as version  # run from a checkout that is not pip-installed
-        versions.append((package, version))
+            continue
     return versions
 
 
@@ -889,8 +890,9 @@ def write_model_card(
         wise_ft ([`clip_trainer.wise_ft.WiseFTResult`], *optional*):
             The WiSE-FT table and the interpolation saved, with the reason; shown in a section of its own.
         saved_weights (`str`, *optional*):
-            For a run with `ema_decay`: which weights were saved, the moving average or the weights themselves, and
-            why (a sentence, [`EMACallback.saved_weights`]); shown under the first paragraph.
+            Which weights were saved: the step of the best checkpoint `load_best_model_at_end` kept, and for a run
+            with `ema_decay` the moving average or the weights themselves, and why ([`EMACallback.saved_weights`]);
+            shown under the first paragraph.
 
     Returns:
         `str`: the path of the card written.

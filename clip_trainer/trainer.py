@@ -456,11 +456,11 @@ class CLIPContrastiveTrainer(Trainer):
                 # The Trainer's own loader (safetensors, sharded or not); it has no public one.
                 self._load_from_checkpoint(best if best and os.path.isdir(best) else resume_from_checkpoint)
                 self.state = state
-                train_loss = next(
-                    (e["train_loss"] for e in reversed(state.log_history) if "train_loss" in e), float("nan")
-                )
                 self._finish_training()
-                return TrainOutput(state.global_step, train_loss, {"train_loss": train_loss})
+                # The figures of the training that made this model, when its run wrote them (the checkpoint holds
+                # no `train_loss`: it is logged after the last save); never a NaN, which is no JSON.
+                metrics = _finished_train_metrics(self.args.output_dir)
+                return TrainOutput(state.global_step, metrics.get("train_loss", float("nan")), metrics)
         if self.patch_dropout is not None and not self.patch_dropout.attached:  # a second `train()`
             self.patch_dropout.attach(self.model)
         if self.stream_position is None or not resume_from_checkpoint:
@@ -1156,10 +1156,29 @@ class CLIPContrastiveTrainer(Trainer):
             examples=[examples] if examples else [],
             eval_sets=list(self.extra_eval_datasets),
             wise_ft=self.wise_ft_result,
-            saved_weights=self.ema_callback.saved_weights if self.ema_callback is not None else None,
+            saved_weights=self._saved_weights_sentence(),
         )
         if card_data.lora is not None:  # replaces peft's template card of the adapter
             write_adapter_card(os.path.join(self.args.output_dir, ADAPTER_DIRNAME), card_data)
+
+    def _saved_weights_sentence(self) -> str | None:
+        """For the model card: which training step's weights were saved, when `load_best_model_at_end` kept the best
+        checkpoint (the card's step count is the run's, which may have gone on past it), and with `ema_decay` whether
+        they are the moving average."""
+        ema = self.ema_callback.saved_weights if self.ema_callback is not None else None
+        state = self.state
+        if not (self.args.load_best_model_at_end and state.best_model_checkpoint and state.best_global_step):
+            return ema
+        if ema is not None and os.path.basename(os.path.normpath(state.best_model_checkpoint)) in ema:
+            return ema  # the average of the best checkpoint, said already
+        metric = self.args.metric_for_best_model or "loss"
+        metric = metric if metric.startswith("eval_") else f"eval_{metric}"
+        kept = f"The weights kept are those of step {state.best_global_step:,}, the best evaluation by `{metric}`"
+        if state.best_metric is not None:
+            kept += f" ({state.best_metric:.4g})"
+        if state.best_global_step < state.global_step:
+            kept += f"; training went on to step {state.global_step:,}"
+        return " ".join(sentence for sentence in (kept + ".", ema) if sentence)
 
     # ------------------------------------------------------------------------------------------------------------
     # Evaluation
@@ -1581,3 +1600,18 @@ def _prepare_for_sharding(model: torch.nn.Module, fsdp: bool) -> list[str]:
     if fsdp:
         model.get_input_embeddings = lambda: None
     return reshaped
+
+
+def _finished_train_metrics(output_dir: str) -> dict[str, float]:
+    """The training figures a finished run left in `output_dir/train_results.json` (loss, runtime, samples/s, FLOPs),
+    for a "resume" that trains nothing; empty when there are none."""
+    import json
+
+    path = os.path.join(output_dir, "train_results.json")
+    try:
+        with open(path) as handle:
+            saved = json.load(handle)
+    except (OSError, ValueError):
+        return {}
+    keys = ("train_loss", "train_runtime", "train_samples_per_second", "train_steps_per_second", "total_flos")
+    return {key: saved[key] for key in keys if isinstance(saved.get(key), int | float) and math.isfinite(saved[key])}

@@ -157,10 +157,19 @@ def test_resuming_a_finished_run_trains_no_extra_step(base_args, tmp_path, lengt
     argv = [*checkpoint_args(base_args, out), *length, "--save_steps", "6" if length[1] == "-1" else "2"]
     run.main(argv)
     finished = json.loads((out / "trainer_state.json").read_text())
+    trained = json.loads((out / "train_results.json").read_text())
     weights = load_file(str(out / "model.safetensors"))
     run.main([*argv, "--resume_from_checkpoint", "true"])
     resumed = json.loads((out / "trainer_state.json").read_text())
     assert resumed["global_step"] == finished["global_step"]
+
+    # The training figures stay those of the training that made the model (they were a NaN train_loss, no JSON).
+    def no_nan(value):
+        raise AssertionError(f"{value} in train_results.json")
+
+    again_trained = json.loads((out / "train_results.json").read_text(), parse_constant=no_nan)
+    for key in ("train_loss", "train_runtime", "total_flos"):
+        assert again_trained[key] == trained[key], key
     assert [e["step"] for e in resumed["log_history"] if "loss" in e] == [
         e["step"] for e in finished["log_history"] if "loss" in e
     ]

@@ -102,6 +102,10 @@ def test_a_resumed_run_stops_early_where_the_uninterrupted_one_stops(base_args, 
     whole = json.loads((tmp_path / "whole" / "trainer_state.json").read_text())
     # Nothing improves with a zero learning rate: best at step 2, then 3 evaluations without improvement.
     assert whole["global_step"] == 8
+    # The card says which step's weights were kept: the run's step count alone would suggest the last.
+    card = (tmp_path / "whole" / "README.md").read_text()
+    assert "The weights kept are those of step 2, the best evaluation by `eval_loss`" in card
+    assert "training went on to step 8." in card
     (tmp_path / "resumed").mkdir()
     shutil.copytree(tmp_path / "whole" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
     shutil.copytree(
