@@ -6,17 +6,29 @@ and recoloured. The random resized crop *replaces* the preprocessor's resize and
 transform does): a box covering `scale` of the image's area with an aspect ratio in `ratio` is resized straight to the
 output size with the preprocessor's filter.
 
-Randomness comes from torch's global generator. The Trainer seeds it in every DataLoader worker from the worker's base
-seed and the process rank (`transformers.trainer_utils.seed_worker`), and torch draws new base seeds from the seeded
-main process for every DataLoader iterator: the crops differ across workers, processes and epochs, and a run with the
-same seed draws the same ones. (torchvision's `RandomResizedCrop`/`ColorJitter` do the same; torchvision is not a
-dependency of clip-trainer, so the few lines are written here, after torchvision's algorithms.)
+**Randomness.** Each training row's crop and colours are drawn from a `torch.Generator` of its own, seeded by
+[`augmentation_seed`] from the run's seed, the epoch and the row's index in the training set (a stream: the row's
+position in its reader's stream, which runs on from pass to pass, and its image). The trainer puts that seed in each
+row under [`AUGMENTATION_SEED_KEY`] (see [`AugmentationSeededRows`], [`seed_stream_augmentation`]); the epoch reaches
+the DataLoader's workers through the indices, as it does for caption sampling (`captions.py`). So a row is cropped
+alike in every run of the seed, whatever the number of workers or processes, and a run resumed from a checkpoint
+draws exactly what the uninterrupted run drew: torch's global generator, which a resume restores from `rng_state.pth`
+at another point of its stream (the DataLoader fetches ahead, skipped batches are not collated, workers are seeded
+anew), plays no part. Each epoch crops a row anew; two rows (two copies of one image among them) are cropped
+differently; dropout and every other random draw are left as they were. A distillation teacher replays the row's
+generator, so it sees the student's crop and colours at its own size. A row without a seed (a collator used outside
+the trainer, a torch `IterableDataset`) draws its generator's seed from torch's global generator instead.
+
+torchvision's `RandomResizedCrop`/`ColorJitter` draw the same way; torchvision is not a dependency of clip-trainer, so
+the few lines are written here, after torchvision's algorithms.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import PIL.Image
@@ -26,16 +38,45 @@ from PIL import ImageEnhance
 from .images import BadSampleError, rgb_pixels_or_bad_sample
 from .preprocessing import ImagePreprocessor
 
-__all__ = ["ImageAugmentation"]
+if TYPE_CHECKING:
+    from datasets import Dataset, IterableDataset
+
+__all__ = [
+    "AUGMENTATION_SEED_KEY",
+    "AugmentationSeededRows",
+    "ImageAugmentation",
+    "augmentation_seed",
+    "seed_stream_augmentation",
+]
+
+# The training row's entry that holds the seed of its augmentation's generator (put there by the trainer's data).
+AUGMENTATION_SEED_KEY = "_augmentation_seed"
+
+# Seeds are non-negative 63-bit integers: they fit the int64 column of a stream and `torch.Generator.manual_seed`.
+_SEED_MASK = (1 << 63) - 1
 
 
-def _uniform(low: float, high: float) -> float:
-    return low + (high - low) * float(torch.rand(()))
+def augmentation_seed(seed: int, draw: int, row: int) -> int:
+    """The seed of one training row's augmentation: a hash of `(seed, draw, row)`, so that neighbouring epochs and
+    rows get unrelated generators.
+
+    Args:
+        seed: the run's seed.
+        draw: the epoch (a stream: the row's position in its reader's stream).
+        row: the row's index in the training set (a stream: its image id, see `captions.training_image_id`).
+    """
+    # numpy's SeedSequence mixes a list of integers into well spread state; torch has no such hash of several.
+    entropy = [seed & _SEED_MASK, draw & _SEED_MASK, row & _SEED_MASK]
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]) & _SEED_MASK
 
 
-def _randint(high: int) -> int:
+def _uniform(low: float, high: float, generator: torch.Generator | None) -> float:
+    return low + (high - low) * float(torch.rand((), generator=generator))
+
+
+def _randint(high: int, generator: torch.Generator | None) -> int:
     """An integer in `[0, high)`."""
-    return int(torch.randint(high, ()))
+    return int(torch.randint(high, (), generator=generator))
 
 
 @dataclass(frozen=True)
@@ -67,19 +108,20 @@ class ImageAugmentation:
             grayscale_probability=float(data_args.grayscale_probability),
         )
 
-    def crop_box(self, width: int, height: int) -> tuple[int, int, int, int]:
+    def crop_box(self, width: int, height: int, generator: torch.Generator | None = None) -> tuple[int, int, int, int]:
         """A random `(left, top, right, bottom)` box, by torchvision's `RandomResizedCrop.get_params`: ten tries at
-        a box of the drawn area and ratio that fits, else the largest center box within `ratio`."""
+        a box of the drawn area and ratio that fits, else the largest center box within `ratio`. Drawn from
+        `generator` (`None`: torch's global generator)."""
         area = width * height
         log_low, log_high = math.log(self.ratio[0]), math.log(self.ratio[1])
         for _ in range(10):
-            target_area = area * _uniform(*self.scale)
-            aspect = math.exp(_uniform(log_low, log_high))
+            target_area = area * _uniform(*self.scale, generator)
+            aspect = math.exp(_uniform(log_low, log_high, generator))
             crop_width = round(math.sqrt(target_area * aspect))
             crop_height = round(math.sqrt(target_area / aspect))
             if 0 < crop_width <= width and 0 < crop_height <= height:
-                top = _randint(height - crop_height + 1)
-                left = _randint(width - crop_width + 1)
+                top = _randint(height - crop_height + 1, generator)
+                left = _randint(width - crop_width + 1, generator)
                 return left, top, left + crop_width, top + crop_height
         in_ratio = width / height
         if in_ratio < min(self.ratio):
@@ -91,15 +133,20 @@ class ImageAugmentation:
         top, left = (height - crop_height) // 2, (width - crop_width) // 2
         return left, top, left + crop_width, top + crop_height
 
-    def _jitter(self, image: PIL.Image.Image) -> PIL.Image.Image:
+    def _jitter(self, image: PIL.Image.Image, generator: torch.Generator | None) -> PIL.Image.Image:
         enhancers = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
         low, high = max(0.0, 1.0 - self.color_jitter), 1.0 + self.color_jitter
-        for index in torch.randperm(len(enhancers)).tolist():
-            image = enhancers[index](image).enhance(_uniform(low, high))
+        for index in torch.randperm(len(enhancers), generator=generator).tolist():
+            image = enhancers[index](image).enhance(_uniform(low, high, generator))
         return image
 
-    def __call__(self, image: PIL.Image.Image, preprocessor: ImagePreprocessor) -> np.ndarray:
+    def __call__(
+        self, image: PIL.Image.Image, preprocessor: ImagePreprocessor, generator: torch.Generator | None = None
+    ) -> np.ndarray:
         """A randomly cropped (and recoloured) `(3, height, width)` uint8 array of `preprocessor.output_size`.
+
+        The draws come from `generator` (`None`: torch's global generator) and depend on the image's size only, not
+        on the output size: a generator seeded alike gives a teacher's preprocessor the same crop and colours.
 
         Raises:
             [`BadSampleError`]: if the image has no pixels or cannot be resized.
@@ -109,12 +156,117 @@ class ImageAugmentation:
         try:
             out_height, out_width = preprocessor.output_size
             image = image.resize(
-                (out_width, out_height), resample=preprocessor.resample, box=self.crop_box(width, height)
+                (out_width, out_height), resample=preprocessor.resample, box=self.crop_box(width, height, generator)
             )
             if self.color_jitter > 0:
-                image = self._jitter(image)
-            if self.grayscale_probability > 0 and float(torch.rand(())) < self.grayscale_probability:
+                image = self._jitter(image, generator)
+            grayscale = self.grayscale_probability > 0
+            if grayscale and float(torch.rand((), generator=generator)) < self.grayscale_probability:
                 image = image.convert("L").convert("RGB")
             return np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1))
         except Exception as error:  # e.g. MemoryError on an absurd aspect ratio
             raise BadSampleError(f"cannot augment image ({type(error).__name__}: {error})") from None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Each training row's seed
+# --------------------------------------------------------------------------------------------------------------
+
+
+class AugmentationSeededRows(torch.utils.data.Dataset):
+    """A loaded training set whose rows carry the seed of their augmentation ([`AUGMENTATION_SEED_KEY`]): the run's
+    seed, the epoch and the row's index, through [`augmentation_seed`].
+
+    The epoch reaches the DataLoader's worker processes through the indices, as for `CaptionSampledDataset`: the
+    sampler ([`sampler`]) yields `epoch * len(dataset) + row`, and `__getitem__` takes the epoch back from the index,
+    so the seed is part of the index stream the main process sends (the same with any number of workers, and after a
+    resume, which replays the epoch's indices and skips the batches already trained on).
+
+    Args:
+        dataset (`datasets.Dataset`): the training rows.
+        seed (`int`): the run's seed.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    @property
+    def column_names(self) -> list[str]:
+        return self.dataset.column_names
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        epoch, position = divmod(int(index), len(self.dataset))
+        row = dict(self.dataset[position])
+        row[AUGMENTATION_SEED_KEY] = augmentation_seed(self.seed, epoch, position)
+        return row
+
+    def sampler(self, rows: torch.utils.data.Sampler | None = None) -> torch.utils.data.Sampler:
+        """The training sampler that tells `__getitem__` the epoch: with `rows` (the order of another
+        `train_sampling_strategy`), that order with each index offset by its epoch, else a random order drawn anew
+        each epoch from `seed + epoch` (the order accelerate's seedable sampler gives `train_sampling_strategy`
+        random)."""
+        from .captions import EpochSampler
+
+        if rows is None:
+            return EpochSampler(len(self.dataset), self.seed)
+        return EpochOffsetSampler(rows, len(self.dataset))
+
+
+class EpochOffsetSampler(torch.utils.data.Sampler[int]):
+    """Another sampler's indices, each offset by `epoch * num_rows` (see [`AugmentationSeededRows`]); `set_epoch`
+    (which the Trainer calls before each epoch) is passed on to it."""
+
+    def __init__(self, rows: torch.utils.data.Sampler, num_rows: int) -> None:
+        self.rows = rows
+        self.num_rows = num_rows
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        if hasattr(self.rows, "set_epoch"):
+            self.rows.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __iter__(self) -> Iterator[int]:
+        offset = self.epoch * self.num_rows
+        for row in self.rows:
+            yield offset + int(row)
+
+
+class _StreamAugmentationSeeds:
+    """Map with indices over a training stream: each row's [`AUGMENTATION_SEED_KEY`], from the run's seed, the row's
+    position in its reader's stream (which runs on across passes, and which a resumed stream restores) and its image
+    (each DataLoader worker of each process reads its own stream, whose positions start at 0 too). A class, not a
+    closure, so that DataLoader workers can pickle the stream."""
+
+    def __init__(self, seed: int, image_column: str, image_id_column: str | None) -> None:
+        self.seed = seed
+        self.image_column = image_column
+        self.image_id_column = image_id_column
+
+    def __call__(self, row: dict[str, Any], index: int) -> dict[str, Any]:
+        from .captions import training_image_id  # (captions.py imports this module)
+
+        image = training_image_id(row, self.image_column, self.image_id_column)
+        return {AUGMENTATION_SEED_KEY: augmentation_seed(self.seed, index, image)}
+
+
+def seed_stream_augmentation(
+    stream: IterableDataset, seed: int, image_column: str = "image", image_id_column: str | None = None
+) -> IterableDataset:
+    """The training stream with each row's augmentation seed (see [`_StreamAugmentationSeeds`])."""
+    import datasets
+
+    features = stream.features
+    if features is not None:
+        features = features.copy()
+        features[AUGMENTATION_SEED_KEY] = datasets.Value("int64")
+    return stream.map(
+        _StreamAugmentationSeeds(seed, image_column, image_id_column), with_indices=True, features=features
+    )

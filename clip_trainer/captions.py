@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from transformers.utils import logging
 
+from .augmentation import AUGMENTATION_SEED_KEY, augmentation_seed
 from .images import decode_base64_image
 from .rows import caption_list, check_caption, check_caption_list  # noqa: F401 - read here too
 
@@ -373,6 +374,8 @@ class CaptionSampledDataset(torch.utils.data.Dataset):
         captions = [caption_list(row.get(column)) for column in self.fields]
         image = training_image_id(row, self.image_column, self.image_id_column)
         row[self.caption_column] = choose_caption(captions, self.weights, self.seed, epoch, image)
+        # The seed of the row's augmentation (read only when the collator augments), by epoch too: see augmentation.py.
+        row[AUGMENTATION_SEED_KEY] = augmentation_seed(self.seed, epoch, position)
         return row
 
     def sampler(self) -> EpochSampler:

@@ -14,7 +14,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging
 
-from .augmentation import ImageAugmentation
+from .augmentation import AUGMENTATION_SEED_KEY, ImageAugmentation
 from .captions import caption_list, training_image_id
 from .data import IMAGE_ID_COLUMN, LABEL_COLUMN, SOURCE_ROW_COLUMN
 from .images import BadSampleError, load_image, looks_like_base64_image
@@ -66,6 +66,15 @@ def _image_file(value: Any) -> str:
     return ""
 
 
+def _augmentation_seed(row: dict[str, Any]) -> int:
+    """The seed of a row's augmentation: the one the trainer's data gives it (see `augmentation.py`), else, for a row
+    without one (a collator used on rows of the caller's), one drawn from torch's global generator."""
+    seed = row.get(AUGMENTATION_SEED_KEY)
+    if seed is None:
+        return int(torch.randint(0, 2**63 - 1, ()))
+    return int(seed)
+
+
 def _same_tokens_as_caption(text: Any, hard_negative_index: torch.Tensor) -> torch.Tensor:
     """`(B, K)`: whether each hard-negative slot holds the tokens of its row's caption (the batch's captions are the
     first `B` rows of `text`, its hard negatives the rest, padded alike)."""
@@ -112,7 +121,9 @@ class ImageTextCollator:
         padding: `"longest"` (the batch's longest caption) or `"max_length"` (always `max_seq_length`: one shape for
             compiled models, and what SigLIP was trained with).
         augmentation: a random [`ImageAugmentation`] used in place of the preprocessor's resize and crop, for
-            training batches only; the trainer evaluates with a copy of the collator that has none.
+            training batches only; the trainer evaluates with a copy of the collator that has none. Each row is
+            drawn from a generator seeded by its `AUGMENTATION_SEED_KEY` entry (see `augmentation.py`; a row
+            without one draws its seed from torch's global generator).
         image_id_column: the column naming each row's image, for the ids of rows without `_image_id`.
         hard_negative_column: the column of hard negatives (see above).
         row_image_ids: give rows without `_image_id` an image id (training); the evaluation collators turn it off,
@@ -163,13 +174,15 @@ class ImageTextCollator:
                 caption = check_caption(row.get(self.caption_column))
                 caption_read = True
                 image = load_image(row.get(self.image_column), max_pixels=self.max_image_pixels, draft_size=draft)
-                random_state = torch.get_rng_state() if self.teacher is not None else None
+                seed = None
                 if self.augmentation is not None:
-                    image_pixels = self.augmentation(image, self.image_preprocessor)
+                    seed = _augmentation_seed(row)
+                    generator = torch.Generator().manual_seed(seed)
+                    image_pixels = self.augmentation(image, self.image_preprocessor, generator)
                 else:
                     image_pixels = self.image_preprocessor(image)
                 if self.teacher is not None:
-                    teacher_pixels.append(self._teacher_pixels(image, random_state))
+                    teacher_pixels.append(self._teacher_pixels(image, seed))
                 pixels.append(image_pixels)
             except BadSampleError as error:
                 # Rows are checked for cheap faults before training; what is left (a corrupt file, a stream's row,
@@ -238,18 +251,13 @@ class ImageTextCollator:
         teacher_size = self.teacher.image_preprocessor.draft_size
         return None if teacher_size is None else (max(size[0], teacher_size[0]), max(size[1], teacher_size[1]))
 
-    def _teacher_pixels(self, image: Any, random_state: torch.Tensor) -> Any:
-        """The teacher's view of a row's image. With augmentation, the student's random draws are replayed (they
-        depend on the image's size only, not the output's), so the teacher sees the same crop and colours at its own
-        size; torch's generator then continues from where the student's draws left it."""
+    def _teacher_pixels(self, image: Any, seed: int | None) -> Any:
+        """The teacher's view of a row's image. With augmentation, the student's random draws are replayed from a
+        generator seeded alike (they depend on the image's size only, not the output's), so the teacher sees the same
+        crop and colours at its own size."""
         if self.augmentation is None:
             return self.teacher.image_preprocessor(image)
-        after = torch.get_rng_state()
-        torch.set_rng_state(random_state)
-        try:
-            return self.augmentation(image, self.teacher.image_preprocessor)
-        finally:
-            torch.set_rng_state(after)
+        return self.augmentation(image, self.teacher.image_preprocessor, torch.Generator().manual_seed(seed))
 
     def _teacher_inputs(self, teacher_pixels: list, captions: list[str]) -> dict[str, torch.Tensor]:
         """The teacher's model inputs of the batch, under `teacher_`-prefixed keys."""

@@ -11,7 +11,7 @@ from collections import defaultdict
 
 import torch
 from accelerate.utils import DistributedType
-from datasets import IterableDataset
+from datasets import Dataset, IterableDataset
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import CLIPModel, EarlyStoppingCallback, Trainer, TrainerState, enable_full_determinism, set_seed
@@ -245,8 +245,6 @@ class CLIPContrastiveTrainer(Trainer):
         # a library user gets exactly what `run_clip.py` builds from the same `DataArguments`.
         self.data_args = data_args if data_args is not None else DataArguments()
         if isinstance(self.teacher, StoredTeacher):
-            from datasets import Dataset
-
             if isinstance(train_dataset, Dataset):  # a stream is checked row by row, by the collator
                 self.teacher.store.check_covers(train_dataset, self.data_args)
         train_dataset = self._with_caption_sampling(train_dataset, args)
@@ -279,6 +277,8 @@ class CLIPContrastiveTrainer(Trainer):
         elif isinstance(self.teacher, StoredTeacher) and isinstance(data_collator, ImageTextCollator):
             if data_collator.teacher_embeddings is None:  # a collator of the caller's: it looks them up too
                 data_collator = dataclasses.replace(data_collator, teacher_embeddings=self.teacher.store)
+        # Each training row's augmentation is seeded by the run's seed, the epoch and the row (see augmentation.py).
+        train_dataset = self._with_augmentation_seeds(train_dataset, args, data_collator)
         # Zero-shot prompts are tokenized as the collator tokenizes captions (SigLIP: padded to its one length).
         self.text_padding = getattr(data_collator, "padding", self.family.text_padding)
         self.max_seq_length = getattr(data_collator, "max_seq_length", positions)
@@ -728,6 +728,28 @@ class CLIPContrastiveTrainer(Trainer):
         seed = args.data_seed if args.data_seed is not None else args.seed
         return CaptionSampledDataset.from_arguments(train_dataset, self.data_args, seed)
 
+    def _with_augmentation_seeds(self, train_dataset, args: CLIPTrainingArguments, data_collator):
+        """When the collator augments: a loaded training set wrapped, or a stream mapped, so that each row carries
+        the seed of its augmentation (see `clip_trainer.augmentation`), a draw that a resumed run repeats exactly. A
+        set that draws captions per epoch seeds its rows itself; any other training set is returned as it is."""
+        from .augmentation import AugmentationSeededRows, seed_stream_augmentation
+        from .stream import record_source, source_of
+
+        if getattr(data_collator, "augmentation", None) is None or train_dataset is None:
+            return train_dataset
+        seed = args.data_seed if args.data_seed is not None else args.seed
+        if isinstance(train_dataset, Dataset):
+            return AugmentationSeededRows(train_dataset, seed)
+        if isinstance(train_dataset, IterableDataset):
+            image_column = getattr(data_collator, "image_column", self.data_args.image_column)
+            image_id_column = getattr(data_collator, "image_id_column", self.data_args.image_id_column)
+            seeded = seed_stream_augmentation(train_dataset, seed, image_column, image_id_column)
+            source = source_of(train_dataset)
+            if source is not None:  # what the stream reads, for its saved position (see stream.py)
+                record_source(seeded, source)
+            return seeded
+        return train_dataset
+
     def _check_loss_relations(self) -> set[str]:
         """What the loss takes besides the embeddings (a loss class written for an older clip-trainer may take no image
         ids or hard negatives): refuses hard negatives it cannot use, warns when rows of one image will be negatives."""
@@ -748,13 +770,19 @@ class CLIPContrastiveTrainer(Trainer):
         return accepted
 
     def _get_train_sampler(self, train_dataset=None):
-        """The Trainer's sampler, or for a training set that draws captions per epoch its own (which passes the
-        epoch to the DataLoader's workers, see [`CaptionSampledDataset`])."""
+        """The Trainer's sampler, or for a training set that draws captions or augmentation seeds per epoch one that
+        passes the epoch to the DataLoader's workers (see [`CaptionSampledDataset`], [`AugmentationSeededRows`])."""
+        from .augmentation import AugmentationSeededRows
         from .captions import CaptionSampledDataset
 
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if isinstance(dataset, CaptionSampledDataset):
             return dataset.sampler()
+        if isinstance(dataset, AugmentationSeededRows):
+            if self.args.train_sampling_strategy == "random":
+                return dataset.sampler()
+            # Another order (sequential, by length): the Trainer's, over the rows, offset by the epoch.
+            return dataset.sampler(super()._get_train_sampler(dataset.dataset))
         return super()._get_train_sampler(train_dataset)
 
     # ------------------------------------------------------------------------------------------------------------

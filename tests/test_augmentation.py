@@ -54,17 +54,19 @@ def test_crops_differ_across_workers_and_epochs_and_follow_the_seed(tiny_clip_di
         dataloader_persistent_workers=False, eval_strategy="no",
     )  # fmt: skip
 
-    def epoch() -> list[torch.Tensor]:
-        return [batch["pixel_values"] for batch in trainer.get_train_dataloader()]
+    def epoch(number: int) -> list[torch.Tensor]:
+        loader = trainer.get_train_dataloader()
+        loader.set_epoch(number)  # as the Trainer does before each epoch
+        return [batch["pixel_values"] for batch in loader]
 
     torch.manual_seed(5)
-    first, second = epoch(), epoch()
-    torch.manual_seed(5)
-    again = epoch()
-    # Batches 0 and 1 come from the two workers: the same row, cropped differently.
+    first, second = epoch(0), epoch(1)
+    torch.manual_seed(6)  # torch's global generator plays no part: the run's seed, the epoch and the row do
+    again = epoch(0)
+    # Batches 0 and 1 come from the two workers: two rows of the same image, cropped differently.
     assert not torch.equal(first[0], first[1])
     assert any(not torch.equal(a, b) for a, b in zip(first, second))  # a new epoch draws new crops
-    assert all(torch.equal(a, b) for a, b in zip(first, again))  # the same seed draws the same ones
+    assert all(torch.equal(a, b) for a, b in zip(first, again))  # the same seed and epoch draw the same ones
 
 
 def test_crop_boxes_stay_inside_the_image_and_keep_the_area():
