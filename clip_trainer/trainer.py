@@ -152,6 +152,8 @@ def _model_resume_problem(checkpoint: str, model: nn.Module) -> str | None:
 
     if is_lora_model(model):
         return None  # the checkpoint holds the adapter, compared by `_lora_resume_problem`
+    if os.path.isfile(os.path.join(checkpoint, "latest")):
+        return None  # DeepSpeed's engine loads its own states (and ZeRO-3 leaves the model's tensors empty until then)
     saved = _saved_weight_shapes(checkpoint)
     if saved is None:
         return None
