@@ -202,6 +202,12 @@ def checkpoint_problems(folder: str) -> list[str]:
         problem = _safetensors_problem(os.path.join(folder, EMA_WEIGHTS_NAME))
         if problem:
             problems.append(problem)
+    else:
+        # Gone from a checkpoint of a run that kept one (deleted since): the checkpoint is as incomplete as one without
+        # its optimizer state, not one of a run "trained without `ema_decay`".
+        decay = saved_training_argument(folder, "ema_decay")
+        if decay is not None and decay is not UNKNOWN:
+            problems.append(f"{EMA_WEIGHTS_NAME} is missing (the run kept a moving average, `ema_decay` {decay:g})")
     problem = _torch_file_problem(os.path.join(folder, "scheduler.pt"))
     if problem:
         problems.append(problem)
@@ -216,6 +222,48 @@ def checkpoint_problems(folder: str) -> list[str]:
     return problems
 
 
+# What [`saved_training_argument`] returns when a checkpoint has no readable `training_args.bin`.
+UNKNOWN = object()
+
+
+def saved_training_argument(checkpoint: str, name: str):
+    """The value of the training argument `name` that the run which wrote `checkpoint` had, read from its
+    `training_args.bin` (the pickled arguments `Trainer._save_checkpoint` writes); [`UNKNOWN`] when that file is
+    missing or unreadable (written by another version), or has no such argument.
+
+    The Trainer saves its arguments only in this pickle: no readable file records them.
+    """
+    import torch
+
+    path = os.path.join(checkpoint, "training_args.bin")
+    if not os.path.isfile(path):
+        return UNKNOWN
+    try:
+        saved = torch.load(path, weights_only=False)  # our own file, written by `Trainer._save_checkpoint`
+    except Exception:  # written by another version (a class since renamed or moved), or cut short
+        return UNKNOWN
+    return getattr(saved, name, UNKNOWN)
+
+
+def _newest_complete_checkpoint(output_dir: str) -> tuple[str | None, list[str]]:
+    """The newest complete `checkpoint-N` folder in `output_dir` (or `None`), and the newer ones passed over."""
+    if not os.path.isdir(output_dir):
+        return None, []
+    numbered = []
+    for name in os.listdir(output_dir):
+        match = _CHECKPOINT_NAME.match(name)
+        if match and os.path.isdir(os.path.join(output_dir, name)):
+            numbered.append((int(match.group(1)), os.path.join(output_dir, name)))
+    passed_over = []
+    for _, folder in sorted(numbered, reverse=True):
+        problems = checkpoint_problems(folder)
+        if not problems:
+            return folder, passed_over
+        logger.warning(f"Passing over incomplete checkpoint {folder}: {'; '.join(problems)}.")
+        passed_over.append(folder)
+    return None, passed_over
+
+
 def latest_complete_checkpoint(output_dir: str) -> str | None:
     """The newest `checkpoint-N` folder in `output_dir` that is complete, or `None` when there is none.
 
@@ -224,19 +272,7 @@ def latest_complete_checkpoint(output_dir: str) -> str | None:
     optimizer state is missing). Incomplete folders are passed over with a warning saying what is wrong; they are
     not deleted, since what to do with them is the user's call.
     """
-    if not os.path.isdir(output_dir):
-        return None
-    numbered = []
-    for name in os.listdir(output_dir):
-        match = _CHECKPOINT_NAME.match(name)
-        if match and os.path.isdir(os.path.join(output_dir, name)):
-            numbered.append((int(match.group(1)), os.path.join(output_dir, name)))
-    for _, folder in sorted(numbered, reverse=True):
-        problems = checkpoint_problems(folder)
-        if not problems:
-            return folder
-        logger.warning(f"Passing over incomplete checkpoint {folder}: {'; '.join(problems)}.")
-    return None
+    return _newest_complete_checkpoint(output_dir)[0]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -258,16 +294,22 @@ def resolve_resume_checkpoint(resume_from_checkpoint: str | bool | None, output_
         problems = checkpoint_problems(value)
         if problems:
             newest = latest_complete_checkpoint(os.path.dirname(os.path.abspath(value)))
-            hint = f"; the newest complete one beside it is {newest!r}" if newest else ""
+            earlier = f" (the newest complete one beside it is {newest!r})" if newest else ""
             raise ConfigError(
-                f"`resume_from_checkpoint` is {value!r}, which is incomplete ({'; '.join(problems)}){hint}."
+                f"`resume_from_checkpoint` is {value!r}, which is incomplete ({'; '.join(problems)}). Resume from an "
+                f"earlier checkpoint{earlier}, or pass --resume_from_checkpoint true to take the newest complete one "
+                "in `output_dir`."
             )
         return value
-    last = latest_complete_checkpoint(output_dir)
+    last, passed_over = _newest_complete_checkpoint(output_dir)
     if last is None:
+        if passed_over:
+            held = f"only incomplete checkpoints ({len(passed_over)}, named in the warnings above)"
+        else:
+            held = "no checkpoint-* folder"
         raise ConfigError(
-            f"`resume_from_checkpoint` is true but {output_dir!r} holds no checkpoint-* folder that is complete "
-            "(incomplete ones are named in the warnings above); start without it, or give a checkpoint path."
+            f"`resume_from_checkpoint` is true but {output_dir!r} holds {held}; start without it, or give a "
+            "checkpoint path."
         )
     logger.info(f"Resuming from {last}.")
     return last

@@ -34,7 +34,7 @@ from torch.optim.swa_utils import get_ema_multi_avg_fn
 from transformers import TrainerCallback
 from transformers.utils import logging
 
-from .checkpoints import EMA_WEIGHTS_NAME
+from .checkpoints import EMA_WEIGHTS_NAME, UNKNOWN, saved_training_argument
 from .errors import ConfigError
 from .metrics import ema_metric_name
 
@@ -169,6 +169,14 @@ def ema_resume_problem(checkpoint: str, decay: float | None) -> str | None:
         "pointing at it)."
     )
     if not os.path.isfile(path):
+        kept = saved_training_argument(checkpoint, _DECAY_KEY)
+        if kept is not None and kept is not UNKNOWN:
+            # The run kept an average, and its file is gone (deleted or lost since): not a run without one.
+            return (
+                f"{checkpoint} is incomplete: its moving average ({EMA_WEIGHTS_NAME}) is missing, and the run that "
+                f"wrote it kept one (`ema_decay` {kept:g}). Resume from an earlier checkpoint, or pass "
+                "--resume_from_checkpoint true to take the newest complete one."
+            )
         if decay is None:
             return None
         return (

@@ -3,6 +3,7 @@ document and publish."""
 
 from __future__ import annotations
 
+import copy
 import logging as std_logging
 import os
 import sys
@@ -189,6 +190,8 @@ def _run(model_args, data_args, training_args, config, training: bool, resume_ch
             )
 
     # --- processor and model --------------------------------------------------------------------------------------
+    if processor is None and resume_checkpoint is not None:
+        processor = _checkpoint_processor(model_args, config, resume_checkpoint)
     if processor is None:
         # A new tokenizer for a new model, trained on the training captions (a stream's first 100,000).
         processor = load_processor(model_args, config, data.training_captions(data_args.caption_column))
@@ -235,6 +238,30 @@ def _run(model_args, data_args, training_args, config, training: bool, resume_ch
         if is_save_failure(error):
             raise SaveError(describe_save_error(error, training_args.output_dir)) from None
         raise
+
+
+def _checkpoint_processor(model_args, config, checkpoint: str):
+    """The processor of a resumed run that trained its own caption tokenizer: the checkpoint's tokenizer (saved with
+    each checkpoint), never one trained again. A tokenizer trained again gives the same captions other ids whenever
+    the captions seen differ (another `seed`, `max_train_samples` or data), so the saved weights would be read through
+    a scrambled vocabulary, or not load at all (another vocabulary size)."""
+    from .modeling import TOKENIZER_FILES
+
+    if not any(os.path.isfile(os.path.join(checkpoint, name)) for name in TOKENIZER_FILES):
+        raise ConfigError(
+            f"{checkpoint} holds no tokenizer ({TOKENIZER_FILES[0]}), and this run trains its own: resuming needs the "
+            "one the checkpoint was trained with. Give it with --tokenizer_name, or start a new run in a new "
+            "--output_dir."
+        )
+    # A copy, not `dataclasses.replace`: that would check the arguments again, and `tokenizer_vocab_size` with a
+    # `tokenizer_name` is refused there.
+    given = copy.copy(model_args)
+    given.tokenizer_name = checkpoint
+    processor = load_processor(given, config)
+    logger.info(
+        f"Resuming: the caption tokenizer is {checkpoint}'s ({len(processor.tokenizer)} tokens), not trained again."
+    )
+    return processor
 
 
 def _weights_origin(model_args, training_args: CLIPTrainingArguments) -> str:

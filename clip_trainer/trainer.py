@@ -14,7 +14,15 @@ from accelerate.utils import DistributedType
 from datasets import Dataset, IterableDataset
 from torch import nn
 from torch.utils.data import DataLoader
-from transformers import CLIPModel, EarlyStoppingCallback, Trainer, TrainerState, enable_full_determinism, set_seed
+from transformers import (
+    AutoConfig,
+    CLIPModel,
+    EarlyStoppingCallback,
+    Trainer,
+    TrainerState,
+    enable_full_determinism,
+    set_seed,
+)
 from transformers.integrations.integration_utils import TensorBoardCallback, default_logdir
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import TrainOutput, speed_metrics
@@ -89,6 +97,126 @@ def step_schedule(warmup_steps: int, step_size: int, gamma: float):
         return gamma ** ((step - warmup_steps) // step_size)
 
     return factor
+
+
+# The keys of a model's config that say nothing about its weights: left out when a resume compares them.
+_CONFIG_METADATA_KEYS = {
+    "transformers_version",
+    "_name_or_path",
+    "architectures",
+    "dtype",
+    "torch_dtype",
+    "_commit_hash",
+}
+
+
+def _flat_config(config: dict, prefix: str = "") -> dict[str, object]:
+    flat = {}
+    for key, value in config.items():
+        if key in _CONFIG_METADATA_KEYS:
+            continue
+        if isinstance(value, dict):
+            flat.update(_flat_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _saved_weight_shapes(checkpoint: str) -> dict[str, tuple[int, ...]] | None:
+    """The name and shape of each tensor in a checkpoint's `model.safetensors` (or its shards), read from the
+    headers alone; `None` for a layout without them (FSDP, DeepSpeed, a LoRA adapter)."""
+    import json
+
+    from safetensors import safe_open
+
+    index = os.path.join(checkpoint, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as handle:
+            files = sorted(set(json.load(handle)["weight_map"].values()))
+    elif os.path.isfile(os.path.join(checkpoint, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        return None
+    shapes = {}
+    for name in files:
+        with safe_open(os.path.join(checkpoint, name), framework="pt") as handle:
+            for key in handle.keys():
+                shapes[key] = tuple(handle.get_slice(key).get_shape())
+    return shapes
+
+
+def _model_resume_problem(checkpoint: str, model: nn.Module) -> str | None:
+    """Why `model` cannot load `checkpoint`'s weights (another model config: tensors of other shapes, or another
+    family), naming the config keys that differ; `None` when it can (or the checkpoint holds no whole model)."""
+    import json
+
+    if is_lora_model(model):
+        return None  # the checkpoint holds the adapter, compared by `_lora_resume_problem`
+    if os.path.isfile(os.path.join(checkpoint, "latest")):
+        return None  # DeepSpeed's engine loads its own states (and ZeRO-3 leaves the model's tensors empty until then)
+    saved = _saved_weight_shapes(checkpoint)
+    if saved is None:
+        return None
+    current = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    mismatched = sorted(name for name in saved.keys() & current.keys() if saved[name] != current[name])
+    before = {}
+    try:
+        # Through the config class, so that the keys `save_pretrained` leaves out at their defaults are compared too.
+        before = json.loads(AutoConfig.from_pretrained(checkpoint).to_json_string(use_diff=False))
+    except (OSError, ValueError, KeyError):  # no config.json, or one of a family this transformers does not know
+        config_path = os.path.join(checkpoint, "config.json")
+        if os.path.isfile(config_path):
+            with open(config_path, encoding="utf-8") as handle:
+                before = json.load(handle)
+    now = json.loads(model.config.to_json_string(use_diff=False))
+    other_family = before.get("model_type", now.get("model_type")) != now.get("model_type")
+    if not mismatched and not other_family:
+        return None
+    flat_before, flat_now = _flat_config(before), _flat_config(now)
+    # The keys both configs have: one that only one has is a default written by another transformers version.
+    differing = sorted(key for key in flat_before.keys() & flat_now.keys() if flat_before[key] != flat_now[key])
+    if other_family:
+        what = f"`model_type` {before.get('model_type')!r} in the checkpoint, {now.get('model_type')!r} in this run"
+    elif differing:
+        shown = [f"{key} ({flat_before[key]} -> {flat_now[key]})" for key in differing[:6]]
+        more = f" and {len(differing) - 6} more" if len(differing) > 6 else ""
+        what = f"model config {', '.join(shown)}{more}"
+    else:  # the same config, other shapes: the weights say what differs
+        shown = [f"{name} {list(saved[name])} -> {list(current[name])}" for name in mismatched[:3]]
+        what = f"weights {', '.join(shown)}"
+    return (
+        f"{checkpoint} holds another model than this run builds ({what}), so its weights cannot be loaded. Resume "
+        "with the model settings it was trained with (`config_name` or `model_name_or_path`, `max_seq_length`), or "
+        "train this model into a new --output_dir."
+    )
+
+
+def _lora_resume_problem(checkpoint: str, rank: int | None) -> str | None:
+    """Why a run with `lora_rank` `rank` (or without LoRA) cannot load `checkpoint`: a LoRA run's checkpoint holds
+    its adapter (`adapter_config.json`, with the rank `r`), any other run's the whole model."""
+    import json
+
+    from .checkpoints import ADAPTER_CONFIG_NAME
+
+    path = os.path.join(checkpoint, ADAPTER_CONFIG_NAME)
+    fix = "Resume with the settings it was trained with, or start this run in a new --output_dir."
+    if not os.path.isfile(path):
+        if rank is None or not os.path.isfile(os.path.join(checkpoint, "config.json")):
+            return None
+        return f"{checkpoint} holds a whole model (trained without LoRA), and this run sets `lora_rank` {rank}. {fix}"
+    with open(path, encoding="utf-8") as handle:
+        saved = json.load(handle).get("r")
+    if rank is None:
+        return (
+            f"{checkpoint} holds a LoRA adapter (`lora_rank` {saved}), and this run sets no `lora_rank`: "
+            f"resume with --lora_rank {saved}, or start this run in a new --output_dir."
+        )
+    if saved != rank:
+        return (
+            f"{checkpoint} holds a LoRA adapter of `lora_rank` {saved}, and this run sets {rank}: resume with "
+            f"--lora_rank {saved}, or start this run in a new --output_dir."
+        )
+    return None
 
 
 class CLIPContrastiveTrainer(Trainer):
@@ -435,14 +563,14 @@ class CLIPContrastiveTrainer(Trainer):
         - a streamed run restores the stream's saved position (see `stream.py`) instead of replaying the stream up
           to the checkpoint, which the Trainer decides before any callback runs.
         """
+        if resume_from_checkpoint is True:
+            # As `Trainer.train` resolves it, here so that the checkpoint's settings are checked below (with none,
+            # `Trainer.train` says so).
+            from transformers.trainer_utils import get_last_checkpoint
+
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir) or True
         if self.ema_callback is not None:
             checkpoint = resume_from_checkpoint
-            if checkpoint is True:  # as `Trainer.train` resolves it (a path is checked below)
-                from transformers.trainer_utils import get_last_checkpoint
-
-                checkpoint = get_last_checkpoint(self.args.output_dir)
-                if checkpoint is not None:
-                    self._check_resumable_settings(checkpoint)
             self.ema_callback.resume_from = checkpoint if isinstance(checkpoint, str) else None
         if isinstance(resume_from_checkpoint, str) and os.path.isdir(resume_from_checkpoint):
             self._check_resumable_settings(resume_from_checkpoint)
@@ -515,27 +643,28 @@ class CLIPContrastiveTrainer(Trainer):
                 logger.info(f"Early stopping goes on from {counter} evaluation(s) without improvement.")
 
     def _check_resumable_settings(self, checkpoint: str) -> None:
-        """Refuses, in one line, a setting that a checkpoint's optimizer state cannot follow.
+        """Refuses, in one line, a setting that a checkpoint's weights or optimizer state cannot follow.
 
-        `layerwise_lr_decay` decides the optimizer's parameter groups and their rates: changed on resume, the saved
-        state either does not load (another number of groups: a traceback deep in torch) or silently brings back the
-        old rates (the same number of groups). `ema_decay` is the decay of the average saved beside the weights, which
-        the run would continue with another decay (or drop, or start from nothing).
+        The model (its config) and LoRA (`lora_rank`, or none) decide which weights the checkpoint holds and their
+        shapes: changed on resume, loading them is a traceback of size mismatches or a missing file deep in the
+        Trainer. `layerwise_lr_decay` decides the optimizer's parameter groups and their rates: changed on resume, the
+        saved state either does not load (another number of groups: a traceback deep in torch) or silently brings back
+        the old rates (the same number of groups). `ema_decay` is the decay of the average saved beside the weights,
+        which the run would continue with another decay (or drop, or start from nothing).
         """
+        from .checkpoints import UNKNOWN, saved_training_argument
         from .ema import ema_resume_problem
 
+        problem = _lora_resume_problem(checkpoint, self.args.lora_rank) or _model_resume_problem(
+            checkpoint, self.model
+        )
+        if problem:
+            raise ConfigError(problem)
         problem = ema_resume_problem(checkpoint, self.args.ema_decay)
         if problem:
             raise ConfigError(problem)
-        path = os.path.join(checkpoint, "training_args.bin")
-        if not os.path.isfile(path):
-            return
-        try:
-            saved = torch.load(path, weights_only=False)  # our own file, written by `Trainer._save_checkpoint`
-        except Exception:  # written by another version: nothing to compare with
-            return
-        before, now = getattr(saved, "layerwise_lr_decay", None), self.args.layerwise_lr_decay
-        if before != now:
+        before, now = saved_training_argument(checkpoint, "layerwise_lr_decay"), self.args.layerwise_lr_decay
+        if before is not UNKNOWN and before != now:
             raise ConfigError(
                 f"{checkpoint} was trained with `layerwise_lr_decay` {before}, and this run sets {now}: the "
                 "optimizer's saved state holds the old per-layer rates. Resume with the same value, or start a new "
