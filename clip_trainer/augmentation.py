@@ -9,7 +9,7 @@ output size with the preprocessor's filter.
 **Randomness.** Each training row's crop and colours are drawn from a `torch.Generator` of its own, seeded by
 [`augmentation_seed`] from the run's seed, the epoch and the row's index in the training set (a stream: the row's
 position in its reader's stream, which runs on from pass to pass, and its image). The trainer puts that seed in each
-row under [`AUGMENTATION_SEED_KEY`] (see [`AugmentationSeededRows`], [`seed_stream_augmentation`]); the epoch reaches
+row under [`AUGMENTATION_SEED_KEY`] (see `captions.AugmentationSeededRows`, `captions.seed_stream_augmentation`); the epoch reaches
 the DataLoader's workers through the indices, as it does for caption sampling (`captions.py`). So a row is cropped
 alike in every run of the seed, whatever the number of workers or processes, and a run resumed from a checkpoint
 draws exactly what the uninterrupted run drew: torch's global generator, which a resume restores from `rng_state.pth`
@@ -26,9 +26,7 @@ the few lines are written here, after torchvision's algorithms.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import PIL.Image
@@ -38,16 +36,7 @@ from PIL import ImageEnhance
 from .images import BadSampleError, rgb_pixels_or_bad_sample
 from .preprocessing import ImagePreprocessor
 
-if TYPE_CHECKING:
-    from datasets import Dataset, IterableDataset
-
-__all__ = [
-    "AUGMENTATION_SEED_KEY",
-    "AugmentationSeededRows",
-    "ImageAugmentation",
-    "augmentation_seed",
-    "seed_stream_augmentation",
-]
+__all__ = ["AUGMENTATION_SEED_KEY", "ImageAugmentation", "augmentation_seed"]
 
 # The training row's entry that holds the seed of its augmentation's generator (put there by the trainer's data).
 AUGMENTATION_SEED_KEY = "_augmentation_seed"
@@ -166,107 +155,3 @@ class ImageAugmentation:
             return np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1))
         except Exception as error:  # e.g. MemoryError on an absurd aspect ratio
             raise BadSampleError(f"cannot augment image ({type(error).__name__}: {error})") from None
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Each training row's seed
-# --------------------------------------------------------------------------------------------------------------
-
-
-class AugmentationSeededRows(torch.utils.data.Dataset):
-    """A loaded training set whose rows carry the seed of their augmentation ([`AUGMENTATION_SEED_KEY`]): the run's
-    seed, the epoch and the row's index, through [`augmentation_seed`].
-
-    The epoch reaches the DataLoader's worker processes through the indices, as for `CaptionSampledDataset`: the
-    sampler ([`sampler`]) yields `epoch * len(dataset) + row`, and `__getitem__` takes the epoch back from the index,
-    so the seed is part of the index stream the main process sends (the same with any number of workers, and after a
-    resume, which replays the epoch's indices and skips the batches already trained on).
-
-    Args:
-        dataset (`datasets.Dataset`): the training rows.
-        seed (`int`): the run's seed.
-    """
-
-    def __init__(self, dataset: Dataset, seed: int) -> None:
-        self.dataset = dataset
-        self.seed = seed
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    @property
-    def column_names(self) -> list[str]:
-        return self.dataset.column_names
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        epoch, position = divmod(int(index), len(self.dataset))
-        row = dict(self.dataset[position])
-        row[AUGMENTATION_SEED_KEY] = augmentation_seed(self.seed, epoch, position)
-        return row
-
-    def sampler(self, rows: torch.utils.data.Sampler | None = None) -> torch.utils.data.Sampler:
-        """The training sampler that tells `__getitem__` the epoch: with `rows` (the order of another
-        `train_sampling_strategy`), that order with each index offset by its epoch, else a random order drawn anew
-        each epoch from `seed + epoch` (the order accelerate's seedable sampler gives `train_sampling_strategy`
-        random)."""
-        from .captions import EpochSampler
-
-        if rows is None:
-            return EpochSampler(len(self.dataset), self.seed)
-        return EpochOffsetSampler(rows, len(self.dataset))
-
-
-class EpochOffsetSampler(torch.utils.data.Sampler[int]):
-    """Another sampler's indices, each offset by `epoch * num_rows` (see [`AugmentationSeededRows`]); `set_epoch`
-    (which the Trainer calls before each epoch) is passed on to it."""
-
-    def __init__(self, rows: torch.utils.data.Sampler, num_rows: int) -> None:
-        self.rows = rows
-        self.num_rows = num_rows
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-        if hasattr(self.rows, "set_epoch"):
-            self.rows.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __iter__(self) -> Iterator[int]:
-        offset = self.epoch * self.num_rows
-        for row in self.rows:
-            yield offset + int(row)
-
-
-class _StreamAugmentationSeeds:
-    """Map with indices over a training stream: each row's [`AUGMENTATION_SEED_KEY`], from the run's seed, the row's
-    position in its reader's stream (which runs on across passes, and which a resumed stream restores) and its image
-    (each DataLoader worker of each process reads its own stream, whose positions start at 0 too). A class, not a
-    closure, so that DataLoader workers can pickle the stream."""
-
-    def __init__(self, seed: int, image_column: str, image_id_column: str | None) -> None:
-        self.seed = seed
-        self.image_column = image_column
-        self.image_id_column = image_id_column
-
-    def __call__(self, row: dict[str, Any], index: int) -> dict[str, Any]:
-        from .captions import training_image_id  # (captions.py imports this module)
-
-        image = training_image_id(row, self.image_column, self.image_id_column)
-        return {AUGMENTATION_SEED_KEY: augmentation_seed(self.seed, index, image)}
-
-
-def seed_stream_augmentation(
-    stream: IterableDataset, seed: int, image_column: str = "image", image_id_column: str | None = None
-) -> IterableDataset:
-    """The training stream with each row's augmentation seed (see [`_StreamAugmentationSeeds`])."""
-    import datasets
-
-    features = stream.features
-    if features is not None:
-        features = features.copy()
-        features[AUGMENTATION_SEED_KEY] = datasets.Value("int64")
-    return stream.map(
-        _StreamAugmentationSeeds(seed, image_column, image_id_column), with_indices=True, features=features
-    )

@@ -424,6 +424,106 @@ def needs_caption_sampling(dataset: Any, data_args: DataArguments) -> bool:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Each training row's augmentation seed (see augmentation.py)
+# --------------------------------------------------------------------------------------------------------------
+
+
+class AugmentationSeededRows(torch.utils.data.Dataset):
+    """A loaded training set whose rows carry the seed of their augmentation ([`AUGMENTATION_SEED_KEY`]): the run's
+    seed, the epoch and the row's index, through [`augmentation_seed`].
+
+    The epoch reaches the DataLoader's worker processes through the indices, as for `CaptionSampledDataset`: the
+    sampler ([`sampler`]) yields `epoch * len(dataset) + row`, and `__getitem__` takes the epoch back from the index,
+    so the seed is part of the index stream the main process sends (the same with any number of workers, and after a
+    resume, which replays the epoch's indices and skips the batches already trained on).
+
+    Args:
+        dataset (`datasets.Dataset`): the training rows.
+        seed (`int`): the run's seed.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    @property
+    def column_names(self) -> list[str]:
+        return self.dataset.column_names
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        epoch, position = divmod(int(index), len(self.dataset))
+        row = dict(self.dataset[position])
+        row[AUGMENTATION_SEED_KEY] = augmentation_seed(self.seed, epoch, position)
+        return row
+
+    def sampler(self, rows: torch.utils.data.Sampler | None = None) -> torch.utils.data.Sampler:
+        """The training sampler that tells `__getitem__` the epoch: with `rows` (the order of another
+        `train_sampling_strategy`), that order with each index offset by its epoch, else a random order drawn anew
+        each epoch from `seed + epoch` (the order accelerate's seedable sampler gives `train_sampling_strategy`
+        random)."""
+        if rows is None:
+            return EpochSampler(len(self.dataset), self.seed)
+        return EpochOffsetSampler(rows, len(self.dataset))
+
+
+class EpochOffsetSampler(torch.utils.data.Sampler[int]):
+    """Another sampler's indices, each offset by `epoch * num_rows` (see [`AugmentationSeededRows`]); `set_epoch`
+    (which the Trainer calls before each epoch) is passed on to it."""
+
+    def __init__(self, rows: torch.utils.data.Sampler, num_rows: int) -> None:
+        self.rows = rows
+        self.num_rows = num_rows
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        if hasattr(self.rows, "set_epoch"):
+            self.rows.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __iter__(self) -> Iterator[int]:
+        offset = self.epoch * self.num_rows
+        for row in self.rows:
+            yield offset + int(row)
+
+
+class _StreamAugmentationSeeds:
+    """Map with indices over a training stream: each row's [`AUGMENTATION_SEED_KEY`], from the run's seed, the row's
+    position in its reader's stream (which runs on across passes, and which a resumed stream restores) and its image
+    (each DataLoader worker of each process reads its own stream, whose positions start at 0 too). A class, not a
+    closure, so that DataLoader workers can pickle the stream."""
+
+    def __init__(self, seed: int, image_column: str, image_id_column: str | None) -> None:
+        self.seed = seed
+        self.image_column = image_column
+        self.image_id_column = image_id_column
+
+    def __call__(self, row: dict[str, Any], index: int) -> dict[str, Any]:
+        image = training_image_id(row, self.image_column, self.image_id_column)
+        return {AUGMENTATION_SEED_KEY: augmentation_seed(self.seed, index, image)}
+
+
+def seed_stream_augmentation(
+    stream: IterableDataset, seed: int, image_column: str = "image", image_id_column: str | None = None
+) -> IterableDataset:
+    """The training stream with each row's augmentation seed (see [`_StreamAugmentationSeeds`])."""
+    import datasets
+
+    features = stream.features
+    if features is not None:
+        features = features.copy()
+        features[AUGMENTATION_SEED_KEY] = datasets.Value("int64")
+    return stream.map(
+        _StreamAugmentationSeeds(seed, image_column, image_id_column), with_indices=True, features=features
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Preparing the splits
 # --------------------------------------------------------------------------------------------------------------
 

@@ -861,7 +861,7 @@ class CLIPContrastiveTrainer(Trainer):
         """When the collator augments: a loaded training set wrapped, or a stream mapped, so that each row carries
         the seed of its augmentation (see `clip_trainer.augmentation`), a draw that a resumed run repeats exactly. A
         set that draws captions per epoch seeds its rows itself; any other training set is returned as it is."""
-        from .augmentation import AugmentationSeededRows, seed_stream_augmentation
+        from .captions import AugmentationSeededRows, seed_stream_augmentation
         from .stream import record_source, source_of
 
         if getattr(data_collator, "augmentation", None) is None or train_dataset is None:
@@ -901,8 +901,7 @@ class CLIPContrastiveTrainer(Trainer):
     def _get_train_sampler(self, train_dataset=None):
         """The Trainer's sampler, or for a training set that draws captions or augmentation seeds per epoch one that
         passes the epoch to the DataLoader's workers (see [`CaptionSampledDataset`], [`AugmentationSeededRows`])."""
-        from .augmentation import AugmentationSeededRows
-        from .captions import CaptionSampledDataset
+        from .captions import AugmentationSeededRows, CaptionSampledDataset
 
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if isinstance(dataset, CaptionSampledDataset):
