@@ -8,6 +8,7 @@ import math
 import os
 import time
 from collections import defaultdict
+from collections.abc import Callable
 
 import torch
 from accelerate.utils import DistributedType
@@ -589,6 +590,9 @@ class CLIPContrastiveTrainer(Trainer):
                 # no `train_loss`: it is logged after the last save); never a NaN, which is no JSON.
                 metrics = _finished_train_metrics(self.args.output_dir)
                 return TrainOutput(state.global_step, metrics.get("train_loss", float("nan")), metrics)
+        for callback in self.callback_handler.callbacks:  # before the training DataLoader starts its workers
+            if isinstance(callback, StopOnSignalCallback):
+                callback.install()
         if self.patch_dropout is not None and not self.patch_dropout.attached:  # a second `train()`
             self.patch_dropout.attach(self.model)
         if self.stream_position is None or not resume_from_checkpoint:
@@ -1410,6 +1414,24 @@ class CLIPContrastiveTrainer(Trainer):
         chosen)."""
         return prefix == "eval" and self.ema_callback is not None and self.ema_callback.ema is not None
 
+    def get_train_dataloader(self) -> DataLoader:
+        """`Trainer.get_train_dataloader`, whose workers leave SIGTERM and SIGINT to the main process (see
+        [`WorkersLeaveStopSignals`])."""
+        loader = super().get_train_dataloader()
+        if self.args.dataloader_num_workers:
+            # Set after the Trainer built it: its own `worker_init_fn` (the seeding of map-style data) runs after. The
+            # DataLoader that starts the workers is the one accelerate's wrapper holds, when it holds one.
+            inner = getattr(loader, "base_dataloader", loader)
+            inner.worker_init_fn = WorkersLeaveStopSignals(inner.worker_init_fn)
+            if getattr(inner, "_initial_iter_for_state_dict", False) and getattr(inner, "_iterator", None) is not None:
+                # accelerate asked the `StatefulDataLoader` (a stream's loader) for its state when it wrapped it, which
+                # started its workers before this `worker_init_fn` was set: start them again with it. The state is the
+                # initial one either way (torchdata has no public call for this; these are its own fields).
+                inner._iterator._shutdown_workers()
+                inner._iterator = None
+                inner._initial_iter_for_state_dict = False
+        return loader
+
     def get_eval_dataloader(self, eval_dataset=None) -> DataLoader:
         """The evaluation DataLoader of the validation split (`None`), of a set by name (one of
         `extra_eval_datasets`, or a key of a dict `eval_dataset`), or of a given dataset.
@@ -1448,6 +1470,7 @@ class CLIPContrastiveTrainer(Trainer):
             prefetch_factor=self.args.dataloader_prefetch_factor,
             multiprocessing_context=self.args.dataloader_multiprocessing_context if workers else None,
             drop_last=False,
+            worker_init_fn=WorkersLeaveStopSignals() if workers else None,
         )
         loader = self.accelerator.prepare(loader)
         if reusable:
@@ -1771,3 +1794,26 @@ def _finished_train_metrics(output_dir: str) -> dict[str, float]:
         return {}
     keys = ("train_loss", "train_runtime", "train_samples_per_second", "train_steps_per_second", "total_flos")
     return {key: saved[key] for key in keys if isinstance(saved.get(key), int | float) and math.isfinite(saved[key])}
+
+
+class WorkersLeaveStopSignals:
+    """`worker_init_fn` of clip-trainer's DataLoaders: a worker ignores SIGTERM and SIGINT, then runs `then` (the
+    Trainer's own `worker_init_fn`, if any).
+
+    A cluster scheduler, `timeout` or a terminal's Ctrl-C signals the whole process group, workers included. A worker
+    killed by SIGTERM takes the main process down with "DataLoader worker is killed by signal" before it can save the
+    checkpoint its own handler ([`StopOnSignalCallback`]) promises. The main process alone decides: it finishes the
+    step, saves and stops, and shuts its workers down as usual; a worker whose main process died exits on its own
+    (torch's workers watch their parent). A class, so that workers started by spawn can unpickle it.
+    """
+
+    def __init__(self, then: Callable[[int], None] | None = None) -> None:
+        self.then = then
+
+    def __call__(self, worker_id: int) -> None:
+        import signal
+
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if self.then is not None:
+            self.then(worker_id)

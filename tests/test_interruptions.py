@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import drop_option
 from safetensors.torch import load_file
 
 from clip_trainer import run
@@ -48,19 +49,26 @@ def checkpoint_args(base_args: list[str], output_dir: Path) -> list[str]:
     return [*argv, "--max_steps", "8", "--save_strategy", "steps", "--save_steps", "4", "--logging_steps", "1"]
 
 
-def interrupt(base_args: list[str], out: Path, signal_number: int, tmp_path: Path) -> subprocess.CompletedProcess:
+def interrupt(
+    base_args: list[str], out: Path, signal_number: int, tmp_path: Path, group: bool = False
+) -> subprocess.CompletedProcess:
+    """Runs to step 2, then sends `signal_number` to the run, or with `group` to its whole process group (as a
+    scheduler, `timeout` or a terminal does: DataLoader workers included)."""
     marker = tmp_path / f"step-{signal_number}"
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     process = subprocess.Popen(
         [sys.executable, "-c", SLOWED_RUN, str(marker), *checkpoint_args(base_args, out)],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=group,
     )  # fmt: skip
     deadline = time.monotonic() + 240
     while not (marker.exists() and marker.read_text() == "2"):
         assert process.poll() is None, process.communicate()
         assert time.monotonic() < deadline, "the run never reached step 2"
         time.sleep(0.05)
-    process.send_signal(signal_number)
+    if group:
+        os.killpg(process.pid, signal_number)
+    else:
+        process.send_signal(signal_number)
     stdout, stderr = process.communicate(timeout=120)
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
@@ -88,6 +96,28 @@ def test_a_signal_saves_a_checkpoint_and_the_run_resumes_to_the_same_end(base_ar
     expected, got = load_file(str(reference / "model.safetensors")), load_file(str(stopped / "model.safetensors"))
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6, msg=key)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("data", ["loaded", "streamed"])
+def test_sigterm_to_the_process_group_with_dataloader_workers_saves_a_checkpoint(base_args, tmp_path, data):
+    """Workers got the group's SIGTERM too and died of it (torch's own handler in each worker), which took the run
+    down with "DataLoader worker is killed by signal" before its checkpoint; they now leave it to the main process.
+    Streamed, the workers start earlier (accelerate asks the stream's loader for its state when it wraps it)."""
+    argv = [*base_args, "--dataloader_num_workers", "1"]
+    if data == "streamed":
+        from test_streaming import write_parquet_shards
+
+        shards = write_parquet_shards(tmp_path / "shards", shards=2)
+        argv = [*drop_option(argv, "train_file"), "--dataset_name", str(shards), "--streaming", "true",
+                "--shuffle_buffer_size", "64", "--max_eval_samples", "8"]  # fmt: skip
+    stopped = tmp_path / "stopped"
+    result = interrupt(argv, stopped, signal.SIGTERM, tmp_path, group=True)
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "killed by signal" not in result.stderr
+    message = next(line for line in result.stderr.splitlines() if line.startswith("run_clip.py:"))
+    assert "Stopped by SIGTERM at step 3" in message
+    assert checkpoint_problems(str(stopped / "checkpoint-3")) == []
 
 
 def test_a_second_run_does_not_write_over_the_first_runs_checkpoints(base_args, tmp_path, capsys):
