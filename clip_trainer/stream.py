@@ -229,8 +229,8 @@ def check_shard_split(stream: IterableDataset, world_size: int, num_workers: int
         if excess >= UNEVEN_SHARDS_FACTOR:
             total = sum(sizes)
             logger.warning(
-                f"The training stream's {shards} shards are uneven ({min(sizes):,} to {max(sizes):,} training "
-                f"samples, {total:,} in all) for {readers} readers ({world_size} process(es) x {max(1, num_workers)} "
+                f"The training stream's {shards} shards are uneven ({min(sizes):,} to {max(sizes):,} samples, "
+                f"{total:,} in all) for {readers} readers ({world_size} process(es) x {max(1, num_workers)} "
                 f"DataLoader worker(s)), each reading its own shards and giving an equal share of the batches: a "
                 f"reader dealt the smallest shards starts its next pass sooner, so their samples can come round up "
                 f"to {excess:.2f}x as often as with an even split, {_times(most, fewest)} as often as those of the "
