@@ -94,7 +94,8 @@ def test_a_streamed_run_with_workers_warns_of_its_held_out_pairs(base_args, tmp_
     argv = list(base_args)
     argv[argv.index("--train_file") + 1] = "shards/{00000..00003}.tar"
     argv[argv.index("--dataloader_num_workers") + 1] = "2"
-    argv += ["--streaming", "true", "--max_steps", "2", "--max_eval_samples", "4"]
+    argv[argv.index("--eval_strategy") + 1] = "steps"  # a run that evaluates holds validation out of the stream
+    argv += ["--streaming", "true", "--max_steps", "2", "--eval_steps", "2", "--max_eval_samples", "4"]
     caplog.set_level(logging.WARNING, logger="clip_trainer")
     run.main(argv)
     log = logged(caplog)
