@@ -43,6 +43,7 @@ from .hub import NETWORK_ERRORS
 from .images import BadSampleError, decode_base64_image, is_url, load_image, looks_like_base64_image
 from .rows import find_bad_rows
 from .sources import (
+    SOURCE_ROW_COLUMN,
     ShardReport,
     check_mixture_size,
     expand_pattern,
@@ -54,6 +55,7 @@ from .sources import (
     log_mixture,
     mixed_columns,
     mixture_source_arguments,
+    mixture_source_key,
     pattern_suffix,
     resolve_data_path,
     webdataset_columns,
@@ -64,9 +66,6 @@ logger = logging.get_logger(__name__)
 
 IMAGE_ID_COLUMN = "_image_id"
 LABEL_COLUMN = "_label"
-# Where a row whose image is embedded bytes came from ("row 42 of /data/train.parquet"): a row of a file of paths is
-# named by its image's path, a tar sample by its key and shard, and a picture held as bytes by nothing else.
-SOURCE_ROW_COLUMN = "_source_row"
 FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 # The field separator of each kind of delimited text file (pandas' `sep`, Python's `csv` `delimiter`).
 SEPARATORS = {".csv": ",", ".tsv": "\t"}
@@ -154,14 +153,21 @@ def _stream(dataset: Dataset, streaming: bool) -> Dataset | IterableDataset:
 
 
 def _load_source(
-    data_args: DataArguments, cache_dir: str | None, streaming: bool, need_train: bool, report: ShardReport
+    data_args: DataArguments,
+    cache_dir: str | None,
+    streaming: bool,
+    need_train: bool,
+    report: ShardReport,
+    key: str | None = None,
 ) -> tuple[dict[str, Dataset | IterableDataset], DataSource]:
-    """The source's splits, with images kept encoded and relative paths resolved, and what the source is."""
+    """The source's splits, with images kept encoded and relative paths resolved, and what the source is. `key`
+    names the training source in messages (a mixture's source, see [`mixture_source_key`]), else its option."""
     if data_args.dataset_name is not None:
-        return _load_named_source(data_args, cache_dir, streaming, report)
+        return _load_named_source(data_args, cache_dir, streaming, report, key or "dataset_name")
     splits = {}
     if data_args.train_file is not None and (need_train or data_args.validation_file is None):
-        splits["train"] = _load_files(data_args.train_file, "train_file", data_args, cache_dir, streaming, report)
+        train_key = key or "train_file"
+        splits["train"] = _load_files(data_args.train_file, train_key, data_args, cache_dir, streaming, report)
     if data_args.validation_file is not None:
         # Loaded whole even when training streams: evaluation sees the same finite set every time.
         splits["validation"] = _load_files(
@@ -171,7 +177,7 @@ def _load_source(
 
 
 def _load_named_source(
-    data_args: DataArguments, cache_dir: str | None, streaming: bool, report: ShardReport
+    data_args: DataArguments, cache_dir: str | None, streaming: bool, report: ShardReport, key: str = "dataset_name"
 ) -> tuple[dict[str, Dataset | IterableDataset], DataSource]:
     """`dataset_name`, whatever [`resolve_data_path`] finds it is."""
     found = resolve_data_path("dataset_name", data_args.dataset_name)
@@ -196,14 +202,14 @@ def _load_named_source(
         splits = load_image_folder(name, found.folder_kind, data_args, cache_dir, streaming)
         return splits, _local_source(name, splits)
     if found.is_files:  # a data file, or shards, named as the dataset: its pairs are the training split
-        splits = {"train": _load_files(name, "dataset_name", data_args, cache_dir, streaming, report)}
+        splits = {"train": _load_files(name, key, data_args, cache_dir, streaming, report)}
         return splits, _local_source(name, splits)
     if found.kind == "data_folder":
         by_split = folder_splits(name)
         if by_split and all(file.lower().endswith(".tar") for files in by_split.values() for file in files):
             # WebDataset shards, split by datasets' file-name rules, each split read by clip-trainer's reader.
             splits = {
-                split: load_webdataset(files, "dataset_name", data_args, cache_dir, streaming, report)
+                split: load_webdataset(files, key, data_args, cache_dir, streaming, report)
                 for split, files in by_split.items()
             }
             return splits, _local_source(name, splits)
@@ -253,7 +259,8 @@ def _load_mixture(
     trains, validations, sizes = [], [], []
     for source in mixture:
         source_args = mixture_source_arguments(source, data_args)
-        splits, _ = _load_source(source_args, cache_dir, streaming, need_train=True, report=report)
+        key = mixture_source_key(source)  # shards it cannot read are named as the mixture's, not as `train_file`
+        splits, _ = _load_source(source_args, cache_dir, streaming, need_train=True, report=report, key=key)
         if "train" not in splits:
             raise ConfigError(
                 f"`train_mixture` source {source!r} has no `train` split; its splits are: {', '.join(splits)}."
@@ -353,12 +360,51 @@ def _load_data_files(
             )
         except Exception as error:
             raise _file_error(key, files, error) from None
+        if streaming and builder == "parquet" and _embedded_image_feature(dataset, data_args.image_column):
+            dataset = _named_parquet_stream(dataset, files)
         parts.append(_with_lazy_images(dataset, data_args.image_column, folder))
     loaded = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     if isinstance(loaded, Dataset) and _holds_image_bytes(loaded, data_args.image_column):
         loaded = loaded.add_column(SOURCE_ROW_COLUMN, _source_rows(key, [f for files in by_folder.values() for f in files],
                                                                    len(loaded)))  # fmt: skip
     return loaded
+
+
+def _embedded_image_feature(stream: IterableDataset, image_column: str) -> bool:
+    """Whether a stream's images are embedded (an `Image` or `{"bytes", "path"}` struct column), as far as its
+    features tell before a row is read."""
+    feature = (stream.features or {}).get(image_column)
+    return feature is not None and not (
+        isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
+    )
+
+
+class _ParquetRows:
+    """The rows of Parquet files, each with its name for messages (`row 15 of /data/b.parquet`), for
+    `IterableDataset.from_generator` (which deals the files out to processes and DataLoader workers, and records the
+    stream's position for resuming, as it does for `datasets`' own Parquet stream).
+
+    Written here because a `datasets` stream does not say which file, nor which row of it, a row came from, and a
+    picture held as bytes has no other name. Read with pyarrow, batch by batch, as `datasets`' Parquet builder reads.
+    """
+
+    def __call__(self, files: list[str]) -> Iterator[dict[str, Any]]:
+        import pyarrow.parquet as pq
+
+        for file in files:
+            name, row = os.path.abspath(file), 0
+            for batch in pq.ParquetFile(file).iter_batches(batch_size=1000):
+                for values in batch.to_pylist():
+                    yield {**values, SOURCE_ROW_COLUMN: f"row {row} of {name}"}
+                    row += 1
+
+
+def _named_parquet_stream(stream: IterableDataset, files: list[str]) -> IterableDataset:
+    """`datasets`' stream of Parquet `files` read by [`_ParquetRows`] instead: the same rows, shards and features,
+    each row named by its file and row."""
+    features = stream.features.copy()
+    features[SOURCE_ROW_COLUMN] = datasets.Value("string")
+    return IterableDataset.from_generator(_ParquetRows(), features=features, gen_kwargs={"files": list(files)})
 
 
 def _holds_image_bytes(dataset: Dataset, image_column: str, sample: int = 100) -> bool:
@@ -841,6 +887,25 @@ def _source_files(data_args: DataArguments) -> list[str]:
     return files
 
 
+def _held_out_per_shard(head: list[dict[str, Any]], read: StreamSource) -> list[int] | None:
+    """How many of the held-out `head` rows each shard of `read` gave, for the uneven-shards warning (see
+    `stream.check_shard_split`): by each tar row's shard (`__url__`), else by the shards' order and sample counts
+    (the head of the unshuffled stream is the first shards' first rows); `None` when the counts are unknown."""
+    if read.samples is None or len(read.samples) != len(read.shards):
+        return None
+    index = {shard: position for position, shard in enumerate(read.shards)}
+    counts = [0] * len(read.shards)
+    if head and all(row.get("__url__") in index for row in head):
+        for row in head:
+            counts[index[row["__url__"]]] += 1
+        return counts
+    left = len(head)
+    for position, size in enumerate(read.samples):
+        counts[position] = min(size, left)
+        left -= counts[position]
+    return counts
+
+
 def _column_names(stream: IterableDataset) -> list[str]:
     """The stream's columns; csv streams know them only once a row is read."""
     if stream.column_names is not None:
@@ -883,8 +948,10 @@ def _finish_training_stream(
         # Every row of a held-out image is left out of training: another caption of it, or a copy of its picture.
         train = train.filter(HeldOutImages(head, data_args.image_column, data_args.image_id_column))
         logger.info(f"Held out the first {len(head):,} pairs of the stream for validation.")
+        held_per_shard = _held_out_per_shard(head, read)
     else:
         validation = None
+        held_per_shard = None
     if data_args.max_train_samples is not None:
         train = train.take(data_args.max_train_samples)
     # Repeated without end: `max_steps` alone ends the run, and no process runs out of data before the others (which
@@ -895,7 +962,7 @@ def _finish_training_stream(
     train = sample_stream_captions(train, data_args, seed)
     # What the stream reads, for the warning on uneven shards and for the position saved with checkpoints.
     samples = read.samples if data_args.max_train_samples is None else None
-    record_source(train, StreamSource(read.shards, samples, data_args.shuffle_buffer_size))
+    record_source(train, StreamSource(read.shards, samples, data_args.shuffle_buffer_size, held_per_shard))
     logger.info(
         f"Streaming the training pairs ({train.num_shards} shard(s), shuffle buffer {data_args.shuffle_buffer_size:,})."
     )

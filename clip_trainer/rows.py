@@ -29,6 +29,11 @@ if TYPE_CHECKING:
 # --------------------------------------------------------------------------------------------------------------
 
 
+# Why a tar sample has no caption: its caption member is missing, or is there but does not decode (text that is not
+# UTF-8, bad JSON); the shard's reader said which when it met the first one (see `sources._ShardReader`).
+NO_SAMPLE_CAPTION = "no caption: its caption member is missing or not UTF-8 text (see the shard's warning)"
+
+
 def check_caption(caption: Any) -> str:
     """
     Validate one caption and return it as text, stripped of surrounding whitespace.
@@ -316,6 +321,8 @@ def find_bad_rows(
                     paths = _image_paths(batch.column(image_column)) if paths is None else paths
                     image = paths[position]
                     reason = error.reason + (f" (image {_resolve_path(image, base_dir)})" if image else "")
+                    if caption is None and sample_columns:
+                        reason = NO_SAMPLE_CAPTION
             if reason is None:
                 continue
             index = offset + position

@@ -56,6 +56,10 @@ logger = logging.get_logger(__name__)
 # Image members, in the order they are looked for.
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")
 WEBDATASET_KEY_COLUMNS = ("__key__", "__url__")
+# Where a row whose image is embedded bytes came from ("row 42 of /data/train.parquet"), or the tar sample of a
+# streamed mixture's row ("a sample k0012 of a/00003.tar"): a row of a file of paths is named by its image's path, a
+# tar sample by its key and shard, and a picture held as bytes by nothing else.
+SOURCE_ROW_COLUMN = "_source_row"
 METADATA_FILENAMES = ("metadata.csv", "metadata.jsonl", "metadata.parquet")
 # `.tsv` is CSV with tabs between the fields (open_clip's default separator).
 DATA_FILE_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet", ".tar")
@@ -538,6 +542,9 @@ class _SampleColumns:
             if json_key is not None:
                 value = value.get(json_key) if isinstance(value, dict) else None
             if column == self.caption_column:
+                if member in members and decoded[member] is None and problems is not None:
+                    # The member is there but does not decode: said as such, not as a missing caption.
+                    problems.append(f"{_member_name(key, member, None)} {_undecodable(member, members[member])}")
                 try:
                     value = caption_value(value, self.caption_lists)
                 except CaptionValueError as error:
@@ -547,6 +554,18 @@ class _SampleColumns:
             row[column] = value
         row["__key__"], row["__url__"] = key, shard
         return row
+
+
+def _undecodable(member: str, data: bytes) -> str:
+    """Why a text or json member does not decode, in words with the fix, for messages."""
+    try:
+        data.removeprefix(b"\xef\xbb\xbf").decode("utf-8")
+    except UnicodeDecodeError as error:
+        return (
+            f"is not UTF-8 text ({error.reason} at byte {error.start:,}: {data[max(0, error.start - 8) : error.start + 8]!r}); "
+            "write the caption as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)"
+        )
+    return f"does not decode as a .{member.rsplit('.', 1)[-1]} member (malformed); fix or re-create the sample"
 
 
 def _member_name(key: str, member: str, json_key: str | None) -> str:
@@ -637,12 +656,14 @@ class _ShardReader:
         without a caption; said here, where what the value was is known."""
         message = f"`{self.key}` shard {shard!r}: {problem}"
         if self.on_bad_rows == "error":
-            raise ConfigError(
-                f"{message}. Point `caption_column` at the captions (a txt member or json.<key>), fix the sample, or "
-                "set `on_bad_rows` to `skip`."
+            fix = (
+                "fix the sample"
+                if "decode" in problem or "UTF-8" in problem
+                else ("Point `caption_column` at the captions (a txt member or json.<key>), fix the sample")
             )
-        if (shard, "caption") not in _REPORTED_CAPTIONS:  # once per shard and process, as a cut is
-            _REPORTED_CAPTIONS.add((shard, "caption"))
+            raise ConfigError(f"{message}. {fix[0].upper()}{fix[1:]}, or set `on_bad_rows` to `skip`.")
+        if (os.path.abspath(shard), "caption") not in _REPORTED_CAPTIONS:  # once per shard and process, as a cut is
+            _REPORTED_CAPTIONS.add((os.path.abspath(shard), "caption"))
             logger.warning(message + "; its sample is left out (later ones in this shard are counted, not named).")
 
     def _report(self, shard: str, cut: ShardCutError) -> None:
@@ -889,10 +910,16 @@ def load_webdataset(
             f"`{key}` {readable[0]!r} holds no sample (an empty tar?); each shard needs image-caption pairs."
         )
     others = [{name for name in sample if not _is_image_member(name)} for _, sample in samples]
-    if any(members != others[0] for members in others):
+    odd = next((index for index, members in enumerate(others) if members != others[0]), None)
+    if odd is not None:
+        # Named with what each has, so that the odd one (often the first: a sample without its caption) is found.
+        def shown(index: int) -> str:
+            return f"{samples[index][0]} has {', '.join(sorted(others[index])) or 'no member but its image'}"
+
         raise ConfigError(
-            f"`{key}` {first!r} is not in WebDataset format: its first samples do not all have the same "
-            "members. Every sample needs the same extensions, e.g. 000001.jpg + 000001.txt (+ 000001.json)."
+            f"`{key}` {first!r} is not in WebDataset format: its first samples do not all have the same members "
+            f"({shown(0)}; {shown(odd)}). Every sample needs the same extensions, e.g. 000001.jpg + 000001.txt "
+            "(+ 000001.json)."
         )
     columns, features = _sample_columns(samples, data_args, first, key)
     reader = _ShardReader(columns, key, data_args.on_bad_rows)
@@ -1191,11 +1218,31 @@ def mixture_source_arguments(source: str, data_args: DataArguments) -> DataArgum
     )
 
 
+def mixture_source_key(source: str) -> str:
+    """How messages name a `train_mixture` source in place of the option that reads it (`train_file`, ...): they
+    quote a key as `{key}`, so this reads "`train_mixture` source `a/*.tar`"."""
+    return f"train_mixture` source `{source}"
+
+
+class _SampleNames:
+    """Batched map: each row's name for messages (`SOURCE_ROW_COLUMN`) in a streamed mixture, whose rows keep only
+    the columns every source has: a tar sample's key and shard, else the name the source gave it (or none)."""
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        if all(column in batch for column in WEBDATASET_KEY_COLUMNS):
+            keys, urls = (batch[column] for column in WEBDATASET_KEY_COLUMNS)
+            return {SOURCE_ROW_COLUMN: [f"a sample {key} of {url}" for key, url in zip(keys, urls)]}
+        size = len(next(iter(batch.values()), []))
+        return {SOURCE_ROW_COLUMN: batch.get(SOURCE_ROW_COLUMN, [None] * size)}
+
+
 def mixed_columns(
     dataset: Dataset | IterableDataset, data_args: DataArguments, source: str
 ) -> Dataset | IterableDataset:
     """A source's image and caption columns only, with the same features in every source, as `interleave_datasets`
-    needs: images as undecoded `Image` values (paths or bytes), captions as text."""
+    needs: images as undecoded `Image` values (paths or bytes), captions as text. A streamed source keeps its rows'
+    names too (`SOURCE_ROW_COLUMN`), for the collator's message on a sample it cannot use: a loaded source's rows
+    were checked (and named) before mixing, a stream's are met only in training."""
     columns = [data_args.image_column, data_args.caption_column]
     known = dataset.column_names
     if known is None and isinstance(dataset, IterableDataset):  # csv streams know their columns once read
@@ -1206,8 +1253,16 @@ def mixed_columns(
                 f"`train_mixture` source {source!r} has no {column!r} column (`{kind}`); its columns are: "
                 f"{', '.join(known)}. Every source needs the run's image and caption columns."
             )
-    dataset = dataset.select_columns(columns)
     features = datasets.Features({columns[0]: datasets.Image(decode=False), columns[1]: datasets.Value("string")})
+    if isinstance(dataset, IterableDataset):
+        named = None
+        if dataset.features is not None:
+            named = dataset.features.copy()
+            named[SOURCE_ROW_COLUMN] = datasets.Value("string")
+        dataset = dataset.map(_SampleNames(), batched=True, features=named)
+        columns = [*columns, SOURCE_ROW_COLUMN]
+        features[SOURCE_ROW_COLUMN] = datasets.Value("string")
+    dataset = dataset.select_columns(columns)
     if dataset.features is not None and _is_text_list(dataset.features[columns[1]]):
         # Arrow casts no list to text, and every source of a mixture needs the same features: a list of captions
         # becomes its JSON text, which the captions' readers take as the list (as a CSV cell holds one).

@@ -120,6 +120,17 @@ class StreamSource:
     shards: list[str]
     samples: list[int] | None = None
     shuffle_buffer_size: int | None = None
+    # Per shard, the rows held out of training for validation (the head of the stream, see `data.py`): they are in
+    # `samples` (what the shards hold) but never trained on, so they count against their shards' share.
+    held_out: list[int] | None = None
+
+    def training_samples(self) -> list[int] | None:
+        """Each shard's samples that training reads: `samples` less the held-out rows; `None` when not counted."""
+        if self.samples is None:
+            return None
+        if self.held_out is None or len(self.held_out) != len(self.samples):
+            return list(self.samples)
+        return [max(0, count - held) for count, held in zip(self.samples, self.held_out)]
 
     def identity(self) -> dict[str, Any]:
         """The shards, each with its sample count (else its size in bytes: a replaced shard holds other samples),
@@ -178,13 +189,35 @@ def _times(most: int, fewest: int) -> str:
     return f"{most / fewest:.2f}x" if fewest else "infinitely"
 
 
+def _held_out_cause(source: StreamSource | None, readers: int, layout: str) -> str:
+    """The end of the uneven-shards warning: what the rows held out of the stream for validation add to it, and the
+    fix (the held-out rows alone, when the shards are even without them)."""
+    fix = f"Write shards of equal size, a multiple of {readers} of them ({layout})."
+    if source is None or source.samples is None or not source.held_out or not any(source.held_out):
+        return fix
+    held, shards = sum(source.held_out), sum(1 for count in source.held_out if count)
+    first = source.shards[next(index for index, count in enumerate(source.held_out) if count)]
+    what = (
+        f"the validation set held out of the stream: its {held:,} pairs are the first of the stream, from {shards:,} "
+        f"shard(s) (first: {first}), and training leaves them out, so those shards hold fewer training samples"
+    )
+    even = min(source.samples) == max(source.samples) and uneven_shard_excess(source.samples, readers)[0] == 1.0
+    if not even:
+        return f"Part of it is {what}. {fix}"
+    return (
+        f"The cause is {what}: give a `validation_file` to train on every shard whole, or hold out fewer pairs "
+        f"(`max_eval_samples`) ({layout})."
+    )
+
+
 def check_shard_split(stream: IterableDataset, world_size: int, num_workers: int) -> None:
     """Warns when the stream's shards are not dealt out evenly: fewer shards than processes, uneven shard sizes
-    (when they are known, see [`StreamSource`]), or a shard count that is not a multiple of the readers."""
+    (when they are known, see [`StreamSource`]; the rows held out of the stream for validation count against the
+    shards they came from), or a shard count that is not a multiple of the readers."""
     readers = world_size * max(1, num_workers)
     shards = stream.num_shards
     source = source_of(stream)
-    sizes = source.samples if source is not None and source.samples is not None else None
+    sizes = source.training_samples() if source is not None else None
     layout = 'see "Laying out shards" in docs/data.md'
     if shards < world_size:
         logger.warning(
@@ -202,7 +235,7 @@ def check_shard_split(stream: IterableDataset, world_size: int, num_workers: int
                 f"reader dealt the smallest shards starts its next pass sooner, so their samples can come round up "
                 f"to {excess:.2f}x as often as with an even split, {_times(most, fewest)} as often as those of the "
                 f"reader with the most (at worst {fewest:,} samples make {1 / readers:.0%} of the draws instead of "
-                f"{fewest / total:.1%}). Write shards of equal size, a multiple of {readers} of them ({layout})."
+                f"{fewest / total:.1%}). {_held_out_cause(source, readers, layout)}"
             )
     elif shards % readers:
         # Equal (or unknown) sizes: only the count is uneven. With known sizes, say how much more often.

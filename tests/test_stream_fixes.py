@@ -1,0 +1,198 @@
+"""What a streamed run says about its data: the validation pairs held out of a stream count against the shards they
+came from in the uneven-shards warning; a streamed Parquet row whose image is embedded bytes, and a tar sample of a
+streamed mixture, are named when left out; shard messages of a mixture source name the source; a caption that is
+not UTF-8 is said to be so; a shard whose first samples differ names them."""
+
+from __future__ import annotations
+
+import io
+import logging
+import tarfile
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import draw_shape, shape_rows
+from test_webdataset import _add_member, write_tar_shards
+
+from clip_trainer import run
+from clip_trainer.arguments import ConfigError, DataArguments
+from clip_trainer.data import load_image_text_data
+from clip_trainer.stream import check_shard_split
+
+
+def logged(caplog) -> str:
+    return "\n".join(record.getMessage() for record in caplog.records)
+
+
+def collate_pass(data, tiny_clip_dir: Path, rows: int) -> None:
+    """Runs the first `rows` training rows of one pass through the run's collator (which names what it leaves out)."""
+    from transformers import AutoProcessor
+
+    from clip_trainer.collator import ImageTextCollator
+
+    collator = ImageTextCollator.from_processor(AutoProcessor.from_pretrained(tiny_clip_dir))
+    batch = list(data.one_pass.take(rows))
+    collator(batch)
+
+
+def png(index: int) -> bytes:
+    color, shape, background, _ = shape_rows()[index % len(shape_rows())]
+    buffer = io.BytesIO()
+    draw_shape(color, shape, background, size=32 + index).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Held-out rows and the uneven-shards warning
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_pairs_held_out_of_a_stream_count_against_their_shard_in_the_uneven_shards_warning(
+    tmp_path, monkeypatch, caplog
+):
+    monkeypatch.chdir(tmp_path)
+    write_tar_shards(tmp_path / "shards", shards=4, per_shard=8)
+    args = DataArguments(train_file="shards/{00000..00003}.tar", streaming=True, max_eval_samples=4)
+    data = load_image_text_data(args, seed=1)
+    held = [row["__url__"] for row in data.validation]
+    assert held == ["shards/00000.tar"] * 4  # the head of the unshuffled stream: the first shard's first samples
+    caplog.set_level(logging.WARNING, logger="clip_trainer")
+    check_shard_split(data.train, world_size=1, num_workers=2)
+    log = logged(caplog)
+    # Two readers of two shards each: the one dealt the first shard trains on 8 - 4 + 8 samples, the other on 16,
+    # and both give half the batches.
+    assert "1.33x as often as those of the reader with the most" in log
+    assert f"{(3 * 8 + 4) / (2 * (4 + 8)):.2f}x as often as with an even split" in log
+    assert "4 pairs are the first of the stream, from 1 shard(s) (first: shards/00000.tar)" in log
+    assert "give a `validation_file`" in log and "`max_eval_samples`" in log
+    assert "Write shards of equal size" not in log  # they are equal: the held-out pairs are the cause
+
+    # Without the hold-out, the same shards are even: nothing to say.
+    caplog.clear()
+    (tmp_path / "val.csv").write_text("image,caption\n")  # unused: validation off
+    data = load_image_text_data(
+        DataArguments(train_file="shards/{00000..00003}.tar", streaming=True), 1, evaluate=False
+    )
+    check_shard_split(data.train, world_size=1, num_workers=2)
+    assert "uneven" not in logged(caplog)
+
+
+def test_a_few_held_out_pairs_among_large_shards_give_no_warning(tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    write_tar_shards(tmp_path / "shards", shards=2, per_shard=30)
+    data = load_image_text_data(DataArguments(train_file="shards/*.tar", streaming=True, max_eval_samples=2), 1)
+    caplog.set_level(logging.WARNING, logger="clip_trainer")
+    check_shard_split(data.train, world_size=1, num_workers=2)
+    assert "uneven" not in logged(caplog)  # 28 against 30: 1.03x as often, below the warning's 1.1x
+
+
+@pytest.mark.slow
+def test_a_streamed_run_with_workers_warns_of_its_held_out_pairs(base_args, tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    write_tar_shards(tmp_path / "shards", shards=4, per_shard=8)
+    argv = list(base_args)
+    argv[argv.index("--train_file") + 1] = "shards/{00000..00003}.tar"
+    argv[argv.index("--dataloader_num_workers") + 1] = "2"
+    argv[argv.index("--eval_strategy") + 1] = "steps"  # a run that evaluates holds validation out of the stream
+    argv += ["--streaming", "true", "--max_steps", "2", "--eval_steps", "2", "--max_eval_samples", "4"]
+    caplog.set_level(logging.WARNING, logger="clip_trainer")
+    run.main(argv)
+    log = logged(caplog)
+    assert "1.33x as often as those of the reader with the most" in log
+    assert "The cause is the validation set held out of the stream" in log
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Naming what a stream leaves out
+# --------------------------------------------------------------------------------------------------------------
+
+
+def write_parquet(path: Path, rows: int, bad: int, offset: int = 0) -> None:
+    images = [{"bytes": png(offset + i) if i != bad else b"not an image" * 10, "path": None} for i in range(rows)]
+    captions = [shape_rows()[(offset + i) % len(shape_rows())][3] for i in range(rows)]
+    pd.DataFrame({"image": images, "caption": captions}).to_parquet(path)
+
+
+def test_a_streamed_parquet_row_with_bad_image_bytes_is_named_by_file_and_row(
+    tiny_clip_dir, shapes_csv, tmp_path, monkeypatch, caplog
+):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    write_parquet(tmp_path / "data" / "a.parquet", rows=6, bad=-1)
+    write_parquet(tmp_path / "data" / "b.parquet", rows=6, bad=4, offset=6)
+    common = dict(train_file="data/*.parquet", validation_file=str(shapes_csv))
+    streamed = load_image_text_data(DataArguments(streaming=True, **common), seed=1)
+    loaded = load_image_text_data(DataArguments(**common), seed=1, evaluate=False)
+    assert streamed.train.num_shards == 2  # still one shard per file, for processes and workers
+    rows = list(streamed.one_pass)
+    assert [row["caption"] for row in rows] == [shape_rows()[i % len(shape_rows())][3] for i in range(12)]
+    assert rows[0]["image"]["bytes"] == png(0)
+    assert rows[10]["_source_row"] == f"row 4 of {tmp_path / 'data' / 'b.parquet'}"
+    assert f"({tmp_path / 'data' / 'b.parquet'}, its row 4)" in loaded.train["_source_row"][10]  # the same row
+    caplog.set_level(logging.WARNING, logger="clip_trainer")
+    collate_pass(streamed, tiny_clip_dir, rows=12)
+    assert f"Leaving out row 4 of {tmp_path / 'data' / 'b.parquet'} that cannot be used" in logged(caplog)
+
+
+def bad_tar(path: Path, spoil: dict[int, dict[str, bytes | None]], samples: int = 6) -> None:
+    """A tar of `samples` samples `k<i>` (png + txt); `spoil` replaces (or with `None` removes) members of some."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for index in range(samples):
+            members = {"png": png(index), "txt": shape_rows()[index % len(shape_rows())][3].encode()}
+            members.update(spoil.get(index, {}))
+            for extension, data in members.items():
+                if data is not None:
+                    _add_member(tar, f"k{index:03d}.{extension}", data)
+
+
+def test_a_tar_sample_of_a_streamed_mixture_is_named_and_so_is_the_mixture_source(
+    tiny_clip_dir, shapes_csv, tmp_path, monkeypatch, caplog
+):
+    monkeypatch.chdir(tmp_path)
+    write_tar_shards(tmp_path / "good", shards=1, per_shard=6)
+    bad_tar(tmp_path / "bad" / "00000.tar", {2: {"png": b"this is not a png" * 10}})
+    (tmp_path / "bad" / "00001.tar").write_bytes(b"")
+    caplog.set_level(logging.WARNING, logger="clip_trainer")
+    mixture = {"good/00000.tar": 1, "bad/*.tar": 1}
+    args = DataArguments(train_mixture=mixture, streaming=True, validation_file=str(shapes_csv))
+    data = load_image_text_data(args, seed=1)
+    assert "`train_mixture` source `bad/*.tar`: left out 1 of 2 shard(s) that cannot be read" in logged(caplog)
+    assert "`train_file`" not in logged(caplog)
+    collate_pass(data, tiny_clip_dir, rows=12)
+    assert "Leaving out a sample k002 of bad/00000.tar that cannot be used" in logged(caplog)
+
+    (tmp_path / "bad" / "00000.tar").write_bytes(b"<html>gone</html>\n")
+    with pytest.raises(ConfigError, match=r"None of the 2 shards of `train_mixture` source `bad/\*\.tar` can be read"):
+        load_image_text_data(args, seed=1)
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_a_caption_that_is_not_utf8_is_said_to_be_so_naming_the_sample(
+    tiny_clip_dir, shapes_csv, tmp_path, monkeypatch, caplog, streaming
+):
+    monkeypatch.chdir(tmp_path)
+    bad_tar(tmp_path / "bad" / "00000.tar", {3: {"txt": "caf\xe9 cr\xe8me".encode("latin-1")}})
+    caplog.set_level(logging.WARNING, logger="clip_trainer")
+    args = DataArguments(train_file="bad/00000.tar", streaming=streaming, validation_file=str(shapes_csv))
+    data = load_image_text_data(args, seed=1)
+    if streaming:
+        collate_pass(data, tiny_clip_dir, rows=6)
+    log = logged(caplog)
+    assert "`train_file` shard 'bad/00000.tar': k003.txt is not UTF-8 text (invalid continuation byte at byte 3" in log
+    assert "missing caption (None)" not in log
+    if not streaming:
+        assert len(data.train) == 5
+    with pytest.raises(ConfigError, match=r"k003\.txt is not UTF-8 text .* Fix the sample, or set `on_bad_rows`"):
+        data = load_image_text_data(
+            DataArguments(train_file="bad/00000.tar", streaming=streaming, validation_file=str(shapes_csv),
+                          on_bad_rows="error"), seed=1)  # fmt: skip
+        list(data.one_pass)
+
+
+def test_a_shard_whose_first_sample_lacks_its_caption_names_the_samples(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    bad_tar(tmp_path / "bad" / "00000.tar", {0: {"txt": None}})
+    with pytest.raises(ConfigError, match=r"\(k000 has no member but its image; k001 has txt\)"):
+        load_image_text_data(DataArguments(train_file="bad/00000.tar", streaming=True), seed=1)
