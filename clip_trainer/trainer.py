@@ -59,6 +59,9 @@ from .trainable import TrainableParameters, TrainableParametersCallback, layerwi
 
 logger = logging.get_logger(__name__)
 
+# The key of `trainer_state.json`'s `stateful_callbacks` that keeps the count of training samples left out so far.
+SKIPPED_SAMPLES_STATE = "SkippedTrainingSamples"
+
 
 def clip_training_arguments(args) -> CLIPTrainingArguments:
     """`CLIPTrainingArguments` from a plain `transformers.TrainingArguments`: every field is taken as it is, except
@@ -508,6 +511,7 @@ class CLIPContrastiveTrainer(Trainer):
         # Device tensors once training runs (see `training_step`); read at logging steps only.
         self._skipped_samples: int | torch.Tensor = 0
         self._repeated_rows = 0  # rows accelerate repeated to fill an uneven epoch's last round, masked; not skipped
+        self._skipped_before_resume = 0  # over every process, up to the checkpoint a resumed run started from
         self.skipped_samples_total: int | None = None
         self._eval_loss_parts: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._samples_since_log = 0
@@ -634,7 +638,13 @@ class CLIPContrastiveTrainer(Trainer):
         improvement, saved in `trainer_state.json`), so that a resumed run stops where the uninterrupted one would.
         transformers restores callback states only with `restore_callback_states_from_checkpoint`, and then rebuilds
         each callback from the checkpoint's arguments, which would undo a patience changed on the command line: the
-        counter alone is restored here, under the run's own patience."""
+        counter alone is restored here, under the run's own patience.
+
+        The count of training samples left out as unusable goes on from the checkpoint's too (see
+        `_save_checkpoint`), so that `skipped_samples` counts the whole run."""
+        skipped = self.state.stateful_callbacks.pop(SKIPPED_SAMPLES_STATE, None)  # no callback of transformers'
+        if skipped is not None:
+            self._skipped_before_resume = int(skipped.get("attributes", {}).get("skipped_samples", 0))
         super()._load_callback_state()
         stored = self.state.stateful_callbacks.get("EarlyStoppingCallback")
         if self.args.restore_callback_states_from_checkpoint or not stored:
@@ -645,6 +655,13 @@ class CLIPContrastiveTrainer(Trainer):
             if isinstance(callback, EarlyStoppingCallback) and counter is not None:
                 callback.early_stopping_patience_counter = int(counter)
                 logger.info(f"Early stopping goes on from {counter} evaluation(s) without improvement.")
+
+    def _save_checkpoint(self, model, trial):
+        # The training samples left out so far, over every process (every process saves, so the sum is collective),
+        # kept with the state so that a resumed run counts on from them (see `_load_callback_state`).
+        skipped = self.skipped_training_samples()
+        self.state.stateful_callbacks[SKIPPED_SAMPLES_STATE] = {"args": {}, "attributes": {"skipped_samples": skipped}}
+        return super()._save_checkpoint(model, trial)
 
     def _check_resumable_settings(self, checkpoint: str) -> None:
         """Refuses, in one line, a setting that a checkpoint's weights or optimizer state cannot follow.
@@ -991,7 +1008,8 @@ class CLIPContrastiveTrainer(Trainer):
         local = torch.as_tensor(self._skipped_samples, device=self.args.device).long() - self._repeated_rows
         if self.args.world_size > 1:
             local = self.accelerator.reduce(local, reduction="sum")
-        self.skipped_samples_total = int(local)  # for the model card, which the main process writes alone
+        # For the model card, which the main process writes alone; a resumed run's count starts from its checkpoint's.
+        self.skipped_samples_total = int(local) + self._skipped_before_resume
         return self.skipped_samples_total
 
     def _repeated_rows_masked(self, batches):
@@ -1116,7 +1134,7 @@ class CLIPContrastiveTrainer(Trainer):
             self._flops_since_log = 0
             self._last_log_time, self._samples_since_log = now, 0
             self._finite_loss_sum = self._finite_loss_count = None
-            skipped = int(self._skipped_samples) - self._repeated_rows
+            skipped = int(self._skipped_samples) - self._repeated_rows + self._skipped_before_resume
             if skipped:
                 logs["skipped_samples"] = skipped
             if self.nonfinite_guard.skipped_steps:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import drop_option
+from conftest import drop_option, set_option
 from safetensors.torch import load_file
 
 from clip_trainer import run
@@ -178,6 +178,35 @@ def test_two_runs_cannot_write_into_one_folder_at_once(base_args, tmp_path, caps
     message = capsys.readouterr().err
     assert status == 2 and f"Another run (pid {os.getpid()}) is writing into" in message
     assert run.cli([*checkpoint_args(base_args, out), "--max_steps", "1"]) == 0  # free once it is done
+
+
+@pytest.mark.slow
+def test_a_resumed_run_counts_the_samples_left_out_before_its_checkpoint(base_args, tmp_path):
+    """`skipped_samples` (train_results.json, the model card) counted only what the resumed part left out."""
+    import csv
+    import shutil
+
+    csv_path = Path(base_args[base_args.index("--train_file") + 1])
+    rows = list(csv.DictReader(csv_path.open()))
+    for name in ("broken-1.png", "broken-2.png"):  # two pictures (not one, whose rows would be one image)
+        (tmp_path / name).write_bytes(b"\x89PNG\r\n\x1a\n" + name.encode() * 20)
+    with open(tmp_path / "pairs.csv", "w", newline="") as handle:  # two undecodable images among the pairs
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**row, "image": str(csv_path.parent / row["image"])})
+        writer.writerow({**rows[0], "image": str(tmp_path / "broken-1.png"), "caption": "a broken picture"})
+        writer.writerow({**rows[1], "image": str(tmp_path / "broken-2.png"), "caption": "another broken one"})
+    argv = [*base_args, "--train_file", str(tmp_path / "pairs.csv"), "--max_steps", "20", "--save_strategy", "steps",
+            "--save_steps", "10", "--save_total_limit", "3"]  # fmt: skip
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    run.main(set_option(argv, "output_dir", str(whole)))
+    expected = json.loads((whole / "train_results.json").read_text())["skipped_samples"]
+    assert expected == 4  # each broken row drawn once in each of the two epochs (74 pairs, 10 steps of 8)
+    resumed.mkdir()
+    shutil.copytree(whole / "checkpoint-10", resumed / "checkpoint-10")
+    run.main([*set_option(argv, "output_dir", str(resumed)), "--resume_from_checkpoint", "true"])
+    assert json.loads((resumed / "train_results.json").read_text())["skipped_samples"] == expected
 
 
 @pytest.mark.parametrize("length", [["--max_steps", "4"], ["--max_steps", "-1"]], ids=["steps", "epochs"])
