@@ -123,17 +123,20 @@ def test_torchrun_two_processes_evaluate_without_training_data(base_args, tmp_pa
 
 
 @pytest.mark.slow
-def test_an_uneven_last_batch_trains_as_in_one_process(base_args, tmp_path):
+@pytest.mark.parametrize("augment", ["false", "true"], ids=["plain", "augmented"])
+def test_an_uneven_last_batch_trains_as_in_one_process(base_args, tmp_path, augment):
     """22 pairs at an effective batch of 8: one process takes 8, 8 and 6; two processes of 4 take the same rows, and
     in the last round accelerate fills the second process's batch with 2 rows from the start of the epoch. Those are
-    masked, so every step's loss and the trained weights equal the one process's."""
+    masked, so every step's loss and the trained weights equal the one process's. Augmented too: each row's crop is
+    drawn from its own seed (the run's, the epoch, the row), whichever process takes it."""
     import torch
     from safetensors.torch import load_file
 
     from clip_trainer.run import main
 
     common = [*drop_option(drop_option(base_args, "num_train_epochs"), "logging_steps"), "--num_train_epochs", "1",
-              "--max_train_samples", "22", "--logging_steps", "1", "--lr_scheduler_type", "constant"]  # fmt: skip
+              "--max_train_samples", "22", "--logging_steps", "1", "--lr_scheduler_type", "constant",
+              "--augment", augment]  # fmt: skip
     one = tmp_path / "one"
     main([*set_option(common, "output_dir", str(one)), "--per_device_train_batch_size", "8"])
     two = tmp_path / "two"
