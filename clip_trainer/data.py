@@ -354,6 +354,8 @@ def _load_data_files(
             missing_words = {column: PANDAS_NA_WORDS for column in _columns_with_missing_words(data_args)}
             all_columns = dict.fromkeys(column for header in headers for column in header)  # their union, in order
             kwargs["na_values"] = {column: [""] for column in all_columns} | missing_words
+        if builder == "parquet":
+            _check_parquet_columns(key, files)
         try:
             dataset = datasets.load_dataset(
                 builder, data_files={"data": files}, split="data", cache_dir=cache_dir, streaming=streaming, **kwargs
@@ -441,6 +443,28 @@ def _numbered(prefix: str, start: int, count: int, suffix: str) -> pa.Array:
     """`prefix` + each number from `start` (`count` of them) + `suffix`, as an Arrow string array."""
     numbers = pa.array(np.arange(start, start + count, dtype=np.int64)).cast(pa.string())
     return pc.binary_join_element_wise(prefix, numbers, suffix, "")
+
+
+def _check_parquet_columns(key: str, files: list[str]) -> None:
+    """[`ConfigError`] naming the first Parquet file whose columns differ from the first file's. Loaded, `datasets`
+    fails on it with an error that names the first file and no cause; streamed, every row of that file would be left
+    out one by one, each a "missing caption". Reads each file's footer (a few KB), not its rows."""
+    import pyarrow.parquet as pq
+
+    if len(files) < 2:
+        return
+    columns = []
+    for file in files:
+        try:
+            columns.append(pq.read_schema(file).names)
+        except (OSError, ValueError, pa.ArrowException):
+            return  # not readable as Parquet: `datasets` says so, naming the file
+        if columns[-1] != columns[0]:
+            raise ConfigError(
+                f"`{key}`: {os.path.abspath(file)} has the columns {columns[-1]}, but {os.path.abspath(files[0])} has "
+                f"{columns[0]}; the files of one source need the same columns: rename them, or give the files as "
+                "separate `train_mixture` sources."
+            )
 
 
 def _parquet_row_counts(files: list[str]) -> list[int] | None:

@@ -1827,6 +1827,7 @@ class WorkersLeaveStopSignals:
 
     def __init__(self, then: Callable[[int], None] | None = None) -> None:
         self.then = then
+        _stop_workers_at_exit()
 
     def __call__(self, worker_id: int) -> None:
         import signal
@@ -1835,3 +1836,36 @@ class WorkersLeaveStopSignals:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         if self.then is not None:
             self.then(worker_id)
+
+
+_WORKERS_STOPPED_AT_EXIT = False
+
+
+def _stop_workers_at_exit() -> None:
+    """Registers, once per process, an exit handler that kills the DataLoader workers still alive.
+
+    torch leaves the workers of an iterator that is still referenced at exit to `multiprocessing`, whose own exit
+    handler terminates daemon processes with SIGTERM and then waits for them; a worker that ignores SIGTERM (see
+    [`WorkersLeaveStopSignals`]) would keep the process from ever exiting. Registered after `multiprocessing`'s, this
+    handler runs before it (exit handlers run last-registered first), and a worker has nothing to save.
+    """
+    global _WORKERS_STOPPED_AT_EXIT
+    if _WORKERS_STOPPED_AT_EXIT:
+        return
+    _WORKERS_STOPPED_AT_EXIT = True
+    import atexit
+    import multiprocessing.util  # noqa: F401 - registers its exit handler now, if it has not yet: ours must come after
+
+    atexit.register(_kill_dataloader_workers)
+
+
+def _kill_dataloader_workers() -> None:
+    import multiprocessing
+
+    # The daemon processes `multiprocessing` would terminate next (a started process no longer says what it runs);
+    # DataLoader workers are daemons.
+    workers = [process for process in multiprocessing.active_children() if process.daemon]
+    for process in workers:
+        process.kill()
+    for process in workers:
+        process.join(timeout=5)

@@ -114,6 +114,13 @@ def check_training_arguments(
 
         text_positions = max_text_positions(config)  # what the tower reads (AltCLIP: fewer than its table's rows)
     _check_caption_length(data_args, model_args, config, text_positions)
+    if training_args.train_sampling_strategy == "group_by_length":
+        # transformers groups by the length of `input_ids` (or `model_input_name`) in each row; image-text rows have
+        # none before the collator tokenizes them, and its sampler fails at the first step with a traceback.
+        raise ConfigError(
+            "`train_sampling_strategy` group_by_length groups rows by a token length that image-caption rows do not "
+            "have before the collator; use random (the default) or sequential."
+        )
     if training_args.early_stopping_patience is not None and training_args.eval_strategy == IntervalStrategy.NO:
         raise ConfigError(
             "`early_stopping_patience` stops on evaluations, but `eval_strategy` is no; set it to epoch or steps."

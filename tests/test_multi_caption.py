@@ -327,9 +327,9 @@ def test_another_sampling_strategy_is_refused_for_images_with_several_captions(t
     data_args = DataArguments(train_file=str(write_multi_caption_csv(tmp_path, rows=4)))
     train = load_image_text_data(data_args, seed=0, evaluate=False).train
     args = CLIPTrainingArguments(
-        output_dir=str(tmp_path / "out"), train_sampling_strategy="group_by_length", **FAST_TRAINING
+        output_dir=str(tmp_path / "out"), train_sampling_strategy="sequential", **FAST_TRAINING
     )
-    with pytest.raises(ConfigError, match="`train_sampling_strategy` is group_by_length.*use random"):
+    with pytest.raises(ConfigError, match="`train_sampling_strategy` is sequential.*use random"):
         CLIPContrastiveTrainer(
             model=AutoModel.from_pretrained(tiny_clip_dir),
             args=args,

@@ -196,3 +196,22 @@ def test_a_shard_whose_first_sample_lacks_its_caption_names_the_samples(tmp_path
     bad_tar(tmp_path / "bad" / "00000.tar", {0: {"txt": None}})
     with pytest.raises(ConfigError, match=r"\(k000 has no member but its image; k001 has txt\)"):
         load_image_text_data(DataArguments(train_file="bad/00000.tar", streaming=True), seed=1)
+
+
+@pytest.mark.parametrize("streaming", ["true", "false"], ids=["streamed", "loaded"])
+def test_a_parquet_file_with_other_columns_is_one_line_naming_it(base_args, tmp_path, streaming):
+    """Streamed, every row of such a file was left out one by one as a "missing caption" and the run trained on the
+    others; loaded, `datasets`' error named the first (good) file and no cause."""
+    import pyarrow.parquet as pq
+    from conftest import drop_option
+    from test_streaming import write_parquet_shards
+
+    shards = write_parquet_shards(tmp_path / "shards", shards=1)
+    good = next(shards.glob("*.parquet"))
+    table = pq.read_table(good).rename_columns(["img", "text"])
+    pq.write_table(table, shards / "train-odd.parquet")
+    with pytest.raises(ConfigError) as raised:
+        run.main([*drop_option(base_args, "train_file"), "--train_file", str(shards / "*.parquet"),
+              "--streaming", streaming, "--max_steps", "2"])  # fmt: skip
+    message = str(raised.value)
+    assert "train-odd.parquet has the columns ['img', 'text']" in message and "['image', 'caption']" in message
