@@ -311,13 +311,55 @@ def choose_caption(
     return options[int(rng.integers(len(options)))] if len(options) > 1 else options[0]
 
 
-class CaptionSampledDataset(torch.utils.data.Dataset):
+class AugmentationSeededRows(torch.utils.data.Dataset):
+    """A loaded training set whose rows carry the seed of their augmentation ([`AUGMENTATION_SEED_KEY`]): the run's
+    seed, the epoch and the row's index, through [`augmentation_seed`].
+
+    The epoch reaches the DataLoader's worker processes through the indices, as for `CaptionSampledDataset`: the
+    sampler ([`sampler`]) yields `epoch * len(dataset) + row`, and `__getitem__` takes the epoch back from the index,
+    so the seed is part of the index stream the main process sends (the same with any number of workers, and after a
+    resume, which replays the epoch's indices and skips the batches already trained on).
+
+    Args:
+        dataset (`datasets.Dataset`): the training rows.
+        seed (`int`): the run's seed.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    @property
+    def column_names(self) -> list[str]:
+        return self.dataset.column_names
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        epoch, position = divmod(int(index), len(self.dataset))
+        row = dict(self.dataset[position])
+        row[AUGMENTATION_SEED_KEY] = augmentation_seed(self.seed, epoch, position)
+        return row
+
+    def sampler(self, rows: torch.utils.data.Sampler | None = None) -> torch.utils.data.Sampler:
+        """The training sampler that tells `__getitem__` the epoch: with `rows` (the order of another
+        `train_sampling_strategy`), that order with each index offset by its epoch, else a random order drawn anew
+        each epoch from `seed + epoch` (the order accelerate's seedable sampler gives `train_sampling_strategy`
+        random)."""
+        if rows is None:
+            return EpochSampler(len(self.dataset), self.seed)
+        return EpochOffsetSampler(rows, len(self.dataset))
+
+
+class CaptionSampledDataset(AugmentationSeededRows):
     """A training set of one row per image, each with several captions, that gives each image one caption per epoch.
 
     The epoch reaches the DataLoader's worker processes (which live across epochs) through the indices:
     [`EpochSampler`] yields `epoch * len(dataset) + row`, and `__getitem__` takes the epoch back from the index. So the
     draw is part of the index stream that the main process sends, and is the same with any number of workers, after a
-    resume, and on every process of a distributed run (each draws the caption of an image from the same seed).
+    resume, and on every process of a distributed run (each draws the caption of an image from the same seed). Its
+    rows carry the seed of their augmentation too, as [`AugmentationSeededRows`]' do.
 
     Args:
         dataset (`datasets.Dataset`): rows whose caption columns hold lists of captions (or single captions).
@@ -338,11 +380,10 @@ class CaptionSampledDataset(torch.utils.data.Dataset):
         image_column: str = "image",
         image_id_column: str | None = None,
     ) -> None:
-        self.dataset = dataset
+        super().__init__(dataset, seed)
         self.caption_column = caption_column
         self.fields = fields
         self.weights = weights
-        self.seed = seed
         self.image_column = image_column
         self.image_id_column = image_id_column
 
@@ -361,26 +402,13 @@ class CaptionSampledDataset(torch.utils.data.Dataset):
             data_args.image_id_column,
         )
 
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    @property
-    def column_names(self) -> list[str]:
-        return self.dataset.column_names
-
     def __getitem__(self, index: int) -> dict[str, Any]:
-        epoch, position = divmod(int(index), len(self.dataset))
-        row = dict(self.dataset[position])
+        row = super().__getitem__(index)  # with the seed of its augmentation, by epoch too
+        epoch = int(index) // len(self.dataset)
         captions = [caption_list(row.get(column)) for column in self.fields]
         image = training_image_id(row, self.image_column, self.image_id_column)
         row[self.caption_column] = choose_caption(captions, self.weights, self.seed, epoch, image)
-        # The seed of the row's augmentation (read only when the collator augments), by epoch too: see augmentation.py.
-        row[AUGMENTATION_SEED_KEY] = augmentation_seed(self.seed, epoch, position)
         return row
-
-    def sampler(self) -> EpochSampler:
-        """The training sampler that tells `__getitem__` the epoch."""
-        return EpochSampler(len(self.dataset), self.seed)
 
 
 class EpochSampler(torch.utils.data.Sampler[int]):
@@ -426,47 +454,6 @@ def needs_caption_sampling(dataset: Any, data_args: DataArguments) -> bool:
 # --------------------------------------------------------------------------------------------------------------
 # Each training row's augmentation seed (see augmentation.py)
 # --------------------------------------------------------------------------------------------------------------
-
-
-class AugmentationSeededRows(torch.utils.data.Dataset):
-    """A loaded training set whose rows carry the seed of their augmentation ([`AUGMENTATION_SEED_KEY`]): the run's
-    seed, the epoch and the row's index, through [`augmentation_seed`].
-
-    The epoch reaches the DataLoader's worker processes through the indices, as for `CaptionSampledDataset`: the
-    sampler ([`sampler`]) yields `epoch * len(dataset) + row`, and `__getitem__` takes the epoch back from the index,
-    so the seed is part of the index stream the main process sends (the same with any number of workers, and after a
-    resume, which replays the epoch's indices and skips the batches already trained on).
-
-    Args:
-        dataset (`datasets.Dataset`): the training rows.
-        seed (`int`): the run's seed.
-    """
-
-    def __init__(self, dataset: Dataset, seed: int) -> None:
-        self.dataset = dataset
-        self.seed = seed
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    @property
-    def column_names(self) -> list[str]:
-        return self.dataset.column_names
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        epoch, position = divmod(int(index), len(self.dataset))
-        row = dict(self.dataset[position])
-        row[AUGMENTATION_SEED_KEY] = augmentation_seed(self.seed, epoch, position)
-        return row
-
-    def sampler(self, rows: torch.utils.data.Sampler | None = None) -> torch.utils.data.Sampler:
-        """The training sampler that tells `__getitem__` the epoch: with `rows` (the order of another
-        `train_sampling_strategy`), that order with each index offset by its epoch, else a random order drawn anew
-        each epoch from `seed + epoch` (the order accelerate's seedable sampler gives `train_sampling_strategy`
-        random)."""
-        if rows is None:
-            return EpochSampler(len(self.dataset), self.seed)
-        return EpochOffsetSampler(rows, len(self.dataset))
 
 
 class EpochOffsetSampler(torch.utils.data.Sampler[int]):
