@@ -24,7 +24,7 @@ import re
 import types
 import typing
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +76,15 @@ EXTRA_SCHEDULERS = ["step"]
 # argument class's `__post_init__` starts with [`check_field_values`], which reads every field's type annotation,
 # its `choices` and its `bounds` from the field's metadata; the parser leaves both to it (see `build_parser`), so the
 # command line, a config file and Python give the same one-line error.
+
+
+def field_default(item: Field) -> Any:
+    """A dataclass field's default (its `default_factory` called), or `MISSING` for a required field."""
+    if item.default is not MISSING:
+        return item.default
+    if item.default_factory is not MISSING:
+        return item.default_factory()
+    return MISSING
 
 
 @dataclass(frozen=True)
@@ -1350,9 +1359,9 @@ class CLIPTrainingArguments(TrainingArguments):
     def _check_fine_tuning_options(self) -> None:
         """LoRA against partial locking, and its package: what can be checked without the model (the values'
         types and ranges are checked by `check_field_values`)."""
+        defaults = {item.name: field_default(item) for item in fields(self)}
         if self.wise_ft_alphas is None and self.wise_ft_alpha is None:
-            default = type(self).__dataclass_fields__["wise_ft_min_retention"].default
-            if self.wise_ft_min_retention != default:
+            if self.wise_ft_min_retention != defaults["wise_ft_min_retention"]:
                 raise ConfigError(
                     f"`wise_ft_min_retention` is {self.wise_ft_min_retention:g}, but nothing is interpolated: it "
                     "chooses among `wise_ft_alphas`; add them (e.g. --wise_ft_alphas 0.25 0.5 0.75), or drop it."
@@ -1361,12 +1370,8 @@ class CLIPTrainingArguments(TrainingArguments):
             # A LoRA setting without `lora_rank` would be ignored, and the run would fine-tune every weight.
             given = [
                 f"`{key}`"
-                for key, default in (
-                    ("lora_alpha", None),
-                    ("lora_dropout", 0.0),
-                    ("lora_target_modules", list(DEFAULT_LORA_TARGET_MODULES)),
-                )
-                if (list(value) if isinstance(value := getattr(self, key), tuple) else value) != default
+                for key in ("lora_alpha", "lora_dropout", "lora_target_modules")
+                if (list(value) if isinstance(value := getattr(self, key), tuple) else value) != defaults[key]
             ]
             if given:
                 raise ConfigError(

@@ -269,10 +269,6 @@ class StopOnSignalCallback(TrainerCallback):
         self._previous: dict[int, object] = {}
 
     def _handle(self, signal_number: int, frame) -> None:
-        if _in_dataloader_worker():
-            # A DataLoader worker forked after the handler was installed has it too. A scheduler, `timeout` or a
-            # terminal signals the whole process group: the main process saves and stops, and shuts its workers down.
-            return
         if self.received is not None and signal_number == signal.SIGINT:
             raise KeyboardInterrupt
         self.received = signal_number
@@ -281,18 +277,12 @@ class StopOnSignalCallback(TrainerCallback):
             "(Ctrl-C again to stop at once)."
         )
 
-    def install(self) -> None:
-        """Installs the handlers (once until `on_train_end`). The trainer calls it before the training DataLoader is
-        built: its workers may start then (accelerate asks a `StatefulDataLoader` for its state), and a worker
-        started earlier keeps the default SIGTERM, which kills it and, with it, the run before the save."""
-        if self._previous or not _is_main_thread():
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.received = None
+        if not _is_main_thread():
             return
         for number in (signal.SIGTERM, signal.SIGINT):
             self._previous[number] = signal.signal(number, self._handle)
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.received = None
-        self.install()
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         received = self.received is not None
@@ -322,10 +312,6 @@ class StopOnSignalCallback(TrainerCallback):
             "--resume_from_checkpoint true.",
             self.received,
         )
-
-
-def _in_dataloader_worker() -> bool:
-    return torch.utils.data.get_worker_info() is not None
 
 
 def _is_main_thread() -> bool:

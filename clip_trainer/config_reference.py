@@ -28,7 +28,7 @@ from typing import Any
 
 from transformers import TrainingArguments
 
-from .arguments import CLIPTrainingArguments, DataArguments, ModelArguments
+from .arguments import CLIPTrainingArguments, DataArguments, ModelArguments, field_default
 from .command_line import CONFIG_RELATIVE_PATH_KEYS
 
 __all__ = ["REGENERATE_COMMAND", "default_output_path", "main", "render_configuration_reference"]
@@ -78,14 +78,6 @@ def _format_default(value: Any) -> str:
     if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
         return f"`{int(value)}`"
     return f"`{json.dumps(value)}`"
-
-
-def _default_of(item: Field) -> Any:
-    if item.default is not MISSING:
-        return item.default
-    if item.default_factory is not MISSING:
-        return item.default_factory()
-    return MISSING
 
 
 def _declared_type(item: Field) -> Any:
@@ -149,7 +141,7 @@ def _declared_fields(cls: type) -> list[Field]:
 def _option_table(items: list[Field]) -> list[str]:
     lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for item in items:
-        default = _format_default(_default_of(item)) if _default_of(item) is not MISSING else "required"
+        default = _format_default(field_default(item)) if field_default(item) is not MISSING else "required"
         lines.append(f"| `{item.name}` | {_format_type(_declared_type(item))} | {default} | {_help(item)} |")
     return lines
 
@@ -165,7 +157,7 @@ def _changed_training_fields() -> list[tuple[Field, Field, list[str] | None]]:
             continue
         base_choices = list(base.metadata.get("choices") or _enum_values(_resolved_type(base)))
         added = [choice for choice in item.metadata.get("choices") or [] if choice not in base_choices]
-        if _default_of(item) != _default_of(base) or added:
+        if field_default(item) != field_default(base) or added:
             changed.append((item, base, added or None))
     return changed
 
@@ -214,7 +206,7 @@ def render_configuration_reference() -> str:
     ]
     for item, base, added in _changed_training_fields():
         lines.append(
-            f"| `{item.name}` | {_format_default(_default_of(base))} | {_format_default(_default_of(item))} "
+            f"| `{item.name}` | {_format_default(field_default(base))} | {_format_default(field_default(item))} "
             f"| {_help(item, added)} |"
         )
     lines += [

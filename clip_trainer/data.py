@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -449,19 +450,16 @@ def _check_parquet_columns(key: str, files: list[str]) -> None:
     """[`ConfigError`] naming the first Parquet file whose columns differ from the first file's. Loaded, `datasets`
     fails on it with an error that names the first file and no cause; streamed, every row of that file would be left
     out one by one, each a "missing caption". Reads each file's footer (a few KB), not its rows."""
-    import pyarrow.parquet as pq
-
     if len(files) < 2:
         return
-    columns = []
-    for file in files:
-        try:
-            columns.append(pq.read_schema(file).names)
-        except (OSError, ValueError, pa.ArrowException):
-            return  # not readable as Parquet: `datasets` says so, naming the file
-        if columns[-1] != columns[0]:
+    footers = _parquet_footers(files)
+    if footers is None:
+        return  # not readable as Parquet: `datasets` says so, naming the file
+    columns = [footer.schema.to_arrow_schema().names for footer in footers]
+    for file, names in zip(files, columns):
+        if names != columns[0]:
             raise ConfigError(
-                f"`{key}`: {os.path.abspath(file)} has the columns {columns[-1]}, but {os.path.abspath(files[0])} has "
+                f"`{key}`: {os.path.abspath(file)} has the columns {names}, but {os.path.abspath(files[0])} has "
                 f"{columns[0]}; the files of one source need the same columns: rename them, or give the files as "
                 "separate `train_mixture` sources."
             )
@@ -469,14 +467,31 @@ def _check_parquet_columns(key: str, files: list[str]) -> None:
 
 def _parquet_row_counts(files: list[str]) -> list[int] | None:
     """Each Parquet file's row count, from its footer; `None` when any file is not Parquet or cannot be read."""
-    import pyarrow.parquet as pq
+    footers = _parquet_footers(files)
+    return None if footers is None else [footer.num_rows for footer in footers]
 
+
+def _parquet_footers(files: list[str]) -> list[Any] | None:
+    """Each Parquet file's footer (`pyarrow.parquet.FileMetaData`), read once for both of the checks above; `None`
+    when any file is not Parquet or cannot be read."""
     if not all(file.lower().endswith(".parquet") for file in files):
         return None
+    footers = []
     try:
-        return [pq.ParquetFile(file).metadata.num_rows for file in files]
-    except (OSError, ValueError):
+        for file in files:
+            info = os.stat(file)
+            footers.append(_parquet_footer(file, info.st_size, info.st_mtime_ns))
+    except (OSError, ValueError, pa.ArrowException):
         return None
+    return footers
+
+
+@functools.lru_cache(maxsize=4096)
+def _parquet_footer(file: str, size: int, mtime_ns: int) -> Any:
+    """A file's footer, read once for as long as its size and modification time stay the same."""
+    import pyarrow.parquet as pq
+
+    return pq.read_metadata(file)
 
 
 def _first_non_utf8(path: str, block_size: int = 1 << 20) -> tuple[str, int, int] | None:

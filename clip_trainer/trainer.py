@@ -594,9 +594,6 @@ class CLIPContrastiveTrainer(Trainer):
                 # no `train_loss`: it is logged after the last save); never a NaN, which is no JSON.
                 metrics = _finished_train_metrics(self.args.output_dir)
                 return TrainOutput(state.global_step, metrics.get("train_loss", float("nan")), metrics)
-        for callback in self.callback_handler.callbacks:  # before the training DataLoader starts its workers
-            if isinstance(callback, StopOnSignalCallback):
-                callback.install()
         if self.patch_dropout is not None and not self.patch_dropout.attached:  # a second `train()`
             self.patch_dropout.attach(self.model)
         if self.stream_position is None or not resume_from_checkpoint:
@@ -1347,8 +1344,8 @@ class CLIPContrastiveTrainer(Trainer):
         state = self.state
         if not (self.args.load_best_model_at_end and state.best_model_checkpoint and state.best_global_step):
             return ema
-        if ema is not None and os.path.basename(os.path.normpath(state.best_model_checkpoint)) in ema:
-            return ema  # the average of the best checkpoint, said already
+        if ema is not None and ema_metric_name(self.args.metric_for_best_model) is not None:
+            return ema  # the average of the best checkpoint was saved, and its sentence names that checkpoint
         metric = self.args.metric_for_best_model or "loss"
         metric = metric if metric.startswith("eval_") else f"eval_{metric}"
         kept = f"The weights kept are those of step {state.best_global_step:,}, the best evaluation by `{metric}`"

@@ -5,14 +5,13 @@ stop in one line."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_TEXT, TINY_VISION, draw_shape, shape_rows, write_shapes_csv
+from conftest import TINY_TEXT, TINY_VISION, draw_shape, needs_peft, shape_rows, write_shapes_csv
 from PIL import Image
 from test_distillation_loss import reference_distillation
 from test_gradient_cache import assert_gradients_close, gradients, make_batches, make_model
@@ -429,7 +428,7 @@ def test_a_siglip_student_distils_its_softmax_over_the_batch(one_batch_csv, teac
     assert first["loss"] == pytest.approx(sigmoid + divergence, rel=1e-4)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="peft is not installed")
+@needs_peft
 def test_lora_distils_from_the_plain_pretrained_model(tiny_clip_dir, one_batch_csv, tmp_path, recorded):
     out = tmp_path / "out"
     run.main([*distill_args(tiny_clip_dir, one_batch_csv, out), "--distill_from_pretrained", "true",

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import draw_shape
+from conftest import draw_shape, needs_peft
 from transformers import AutoProcessor, CLIPModel, pipeline
 
 from clip_trainer.arguments import ConfigError
 from clip_trainer.run import main
-
-needs_peft = pytest.mark.skipif(
-    importlib.util.find_spec("peft") is None, reason="peft is not installed (pip install 'clip-trainer[lora]')"
-)
 
 
 def embeddings(model, processor) -> tuple[torch.Tensor, torch.Tensor]:

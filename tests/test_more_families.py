@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_TEXT, TINY_VISION, build_trainer, draw_shape, shape_rows, write_shapes_csv
+from conftest import TINY_TEXT, TINY_VISION, build_trainer, draw_shape, needs_peft, shape_rows, write_shapes_csv
 from PIL import Image
 from transformers import (
     AltCLIPConfig,
@@ -198,7 +198,7 @@ def test_each_family_loads_with_its_classes_softmax_loss_and_towers(family, fami
     assert scales[id(named["text_projection.weight"])] == scales[id(named["logit_scale"])] == 1.0
 
 
-@pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="peft is not installed")
+@needs_peft
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_default_lora_targets_are_the_attention_projections_of_both_towers(family, family_dirs, tmp_path):
     from clip_trainer.lora import apply_lora
@@ -344,7 +344,7 @@ def test_partial_locking_by_the_command_keeps_each_towers_lower_layers(family, f
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="peft is not installed")
+@needs_peft
 def test_lora_by_the_command_adapts_chinese_clips_bert_text_tower(family_dirs, tmp_path, monkeypatch, caplog):
     """The default targets reach BERT's `query`/`key`/`value`: the merged text tower's attention changed, its MLP
     did not."""

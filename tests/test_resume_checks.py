@@ -3,20 +3,15 @@ LoRA rank or moving average cannot follow the checkpoint stops in one line that 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
 
 import pytest
-from conftest import TINY_TEXT, TINY_VISION, drop_option, set_option
+from conftest import TINY_TEXT, TINY_VISION, drop_option, needs_peft, set_option
 
 from clip_trainer import run
 from clip_trainer.checkpoints import EMA_WEIGHTS_NAME
-
-needs_peft = pytest.mark.skipif(
-    importlib.util.find_spec("peft") is None, reason="peft is not installed (pip install 'clip-trainer[lora]')"
-)
 
 
 def _write_config(path: Path, hidden_size: int = 32) -> str:
