@@ -13,6 +13,12 @@ table of held-out text-to-image recall@10 (median of the seeds, and each seed), 
 run on a quiet 2-core CPU, 7 runs:
 
     python benchmarks/distillation.py [--seeds 42 43 44] [--teacher DIR] [--work_dir DIR] [--arms alone distilled]
+        [--student_train_samples N] [--student_epochs E]
+
+`--student_train_samples N` trains both student arms on N pairs drawn at random (seed 0) from the split's training
+pairs, the teacher still on all of them: the regime distillation is for, a teacher with more data behind it than the
+student gets. `--student_epochs E` trains both students E epochs (the teacher keeps the demo's 10). Either option
+gives the runs folders of their own (`student-alone-n800-42`, `student-alone-e30-42`).
 
 Finished runs in `--work_dir` are reused, so another distillation setting (`--distillation_weight`,
 `--distillation_temperature`) can be tried against the stored teacher and runs of the student alone by running the
@@ -29,6 +35,8 @@ import statistics
 import sys
 import tempfile
 from pathlib import Path
+
+from datasets import DatasetDict, load_from_disk
 
 from clip_trainer.run import main as run
 
@@ -53,6 +61,18 @@ def main(argv: list[str] | None = None) -> dict:
         default=None,
         help="The distilled arm's `distillation_temperature` (default: none).",
     )
+    parser.add_argument(
+        "--student_train_samples",
+        type=int,
+        default=None,
+        help="Train the students on this many of the split's training pairs, drawn at random (default: all of them).",
+    )
+    parser.add_argument(
+        "--student_epochs",
+        type=int,
+        default=None,
+        help="Train both students this many epochs (default: the demo's 10; the teacher keeps the demo's).",
+    )
     parser.add_argument("--work_dir", default=None, help="Where to write data and models (default: a temp folder).")
     parser.add_argument(
         "--arms", nargs="+", choices=["alone", "distilled"], default=["alone", "distilled"], help="The arms to train."
@@ -70,6 +90,22 @@ def main(argv: list[str] | None = None) -> dict:
     teacher = Path(args.teacher) if args.teacher else work_dir / "teacher"
     if not (teacher / "model.safetensors").is_file():
         run([DEMO, *on_data, "--seed", "42", "--output_dir", str(teacher), *COMMON])
+    students_data, student_setting = on_data, ""
+    if args.student_train_samples is not None:
+        # The students' own split: the same held-out pairs, fewer training pairs (a random draw, not the first rows:
+        # the prepared split keeps the emoji data's order, which is grouped).
+        student_setting = f"-n{args.student_train_samples}"
+        subset = work_dir / f"data{student_setting}"
+        if not (subset / "dataset_dict.json").is_file():
+            splits = load_from_disk(str(data))
+            train = (
+                splits["train"].shuffle(seed=0).select(range(min(args.student_train_samples, len(splits["train"]))))
+            )
+            DatasetDict(train=train, validation=splits["validation"]).save_to_disk(str(subset))
+        students_data = ["--dataset_name", str(subset)]
+    if args.student_epochs is not None:
+        student_setting += f"-e{args.student_epochs}"
+        students_data = [*students_data, "--num_train_epochs", str(args.student_epochs)]
     distil = ["--teacher_model_name_or_path", str(teacher), "--distillation_weight", args.distillation_weight]
     if args.distillation_temperature is not None:
         distil += ["--distillation_temperature", args.distillation_temperature]
@@ -78,14 +114,14 @@ def main(argv: list[str] | None = None) -> dict:
     # settings tried in one work folder share the teacher and the student-alone runs but never each other's runs.
     setting = "" if args.distillation_weight == "1.0" else f"-w{args.distillation_weight}"
     setting += "" if args.distillation_temperature is None else f"-t{args.distillation_temperature}"
-    arms = {"student alone": ([], ""), "student + teacher": (distil, setting)}
+    arms = {"student alone": ([], student_setting), "student + teacher": (distil, student_setting + setting)}
     arms = {name: arm for name, arm in arms.items() if ("alone" if not arm[0] else "distilled") in args.arms}
     scores: dict[str, list[float]] = {name: [] for name in arms}
     for seed in args.seeds:
         for name, (flags, suffix) in arms.items():
             out = work_dir / f"{name.replace(' ', '-').replace('+', 'with')}{suffix}-{seed}"
             if not (out / "eval_results.json").is_file():
-                run([DEMO, *on_data, "--config_name", HALF_WIDTH, "--seed", str(seed), "--output_dir", str(out),
+                run([DEMO, *students_data, "--config_name", HALF_WIDTH, "--seed", str(seed), "--output_dir", str(out),
                      *flags, *COMMON])  # fmt: skip
             scores[name].append(recall(out))
             print(f"seed {seed}, {name}: {METRIC} {scores[name][-1]:.4f}", flush=True)
@@ -103,7 +139,8 @@ def main(argv: list[str] | None = None) -> dict:
     if gain is not None:
         print(f"distillation gain: {gain * 100:+.1f} points (target: at least +2)")
     summary = {"metric": METRIC, "seeds": args.seeds, "teacher": teacher_score, "scores": scores, "medians": medians,
-               "gain_points": None if gain is None else round(gain * 100, 2), "distillation_weight": float(args.distillation_weight),
+               "gain_points": None if gain is None else round(gain * 100, 2),
+               "student_train_samples": args.student_train_samples, "student_epochs": args.student_epochs, "distillation_weight": float(args.distillation_weight),
                "distillation_temperature": args.distillation_temperature}  # fmt: skip
     print(json.dumps(summary), flush=True)
     return summary

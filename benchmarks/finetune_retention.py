@@ -20,6 +20,11 @@ Recipes:
   an average over about 10 of the 50 steps, chosen by `metric_for_best_model eval_ema_t2i_recall@10`);
 - `... + distillation from the pretrained`: `distill_from_pretrained`, the starting model as a frozen teacher
   (`distillation_weight` 1, or 0.25 / 0.5 where the name says so), plain or with the vision tower locked;
+- `... + replay`: each fine-tuning batch also holds pretraining pairs (rehearsal): a `train_mixture` of the domain's
+  156 pairs and as many pairs drawn at random from the pretraining set (never the reference set), weight 1 each, at
+  batch 64, so that every step still sees about 32 domain pairs and an epoch has as many steps as the plain recipe's
+  (each step twice the pairs). It needs data like the pretraining data; here it is a sample of the very pretraining
+  set, the most replay can do;
 - `WiSE-FT a=...`: the plain (or vision-locked, EMA, distilled) fine-tune's weights interpolated with the pretrained
   ones (`wise_ft_alphas` 0.25 0.5 0.6 0.75 0.9, measured in the fine-tune's run; the rule's floor
   `wise_ft_min_retention` is `--wise_ft_min_retention`, 0.9 unless set).
@@ -81,6 +86,9 @@ RECIPES = {
     "vision locked + distillation from the pretrained (weight 0.5)": [
         "--freeze_vision_model", "true", "--distill_from_pretrained", "true", "--distillation_weight", "0.5",
     ],
+    # Rehearsal: the fine-tune's batches mix in pretraining pairs (REPLAY: the data flags are the mixture's).
+    "plain + replay": ["REPLAY"],
+    "vision locked + replay": ["REPLAY", "--freeze_vision_model", "true"],
     # A smaller step: the fine-tune stays nearer the pretrained weights while it trains (the plain recipe's rate is
     # 5e-4).
     "plain (lr 1e-4)": ["--learning_rate", "1e-4"],
@@ -99,13 +107,17 @@ WISE_FT_RECIPES = (
     "vision locked + distillation from the pretrained (weight 0.5)",
     "plain (lr 1e-4)",
     "plain (lr 2e-4)",
+    "plain + replay",
+    "vision locked + replay",
 )
+REPLAY = "REPLAY"  # in a recipe's flags: train on the domain mixed with pretraining pairs
 WISE_FT_ALPHAS = ("0.25", "0.5", "0.6", "0.75", "0.9")
 
 
-def write_splits(work_dir: Path, domain: str, seed: int) -> tuple[Path, Path]:
-    """Prepared folders: `pretrain` (train: other groups' 85%, validation: their 15%, the reference set) and
-    `domain` (train: 70% of the domain group, validation: the other 30%)."""
+def write_splits(work_dir: Path, domain: str, seed: int) -> tuple[Path, Path, Path]:
+    """Prepared folders: `pretrain` (train: other groups' 85%, validation: their 15%, the reference set), `domain`
+    (train: 70% of the domain group, validation: the other 30%) and `replay` (train only: as many pretraining pairs,
+    drawn at random, as the domain has training pairs)."""
     emoji = load_emoji_dataset()
     groups = sorted(set(emoji["group"]))
     if domain not in groups:
@@ -114,9 +126,11 @@ def write_splits(work_dir: Path, domain: str, seed: int) -> tuple[Path, Path]:
     others = emoji.filter(lambda group: group != domain, input_columns="group")
     pretrain = others.train_test_split(test_size=0.15, seed=seed)
     tuning = in_domain.train_test_split(test_size=0.3, seed=seed)
-    folders = work_dir / "pretrain-data", work_dir / "domain-data"
+    folders = work_dir / "pretrain-data", work_dir / "domain-data", work_dir / "replay-data"
     DatasetDict(train=pretrain["train"], validation=pretrain["test"]).save_to_disk(folders[0])
     DatasetDict(train=tuning["train"], validation=tuning["test"]).save_to_disk(folders[1])
+    replay = pretrain["train"].shuffle(seed=seed).select(range(len(tuning["train"])))
+    DatasetDict(train=replay).save_to_disk(folders[2])
     print(f"domain {domain!r}: {len(tuning['train'])} fine-tuning / {len(tuning['test'])} held-out pairs; "
           f"pretraining {len(pretrain['train'])} / reference {len(pretrain['test'])} pairs", flush=True)  # fmt: skip
     return folders
@@ -140,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     work_dir = Path(args.work_dir or tempfile.mkdtemp(prefix="finetune-retention-"))
     work_dir.mkdir(parents=True, exist_ok=True)
-    pretrain_data, domain_data = write_splits(work_dir, args.domain, args.seed)
+    pretrain_data, domain_data, replay_data = write_splits(work_dir, args.domain, args.seed)
     seed = ["--seed", str(args.seed)]
 
     pretrained = work_dir / "pretrained"
@@ -150,6 +164,11 @@ def main(argv: list[str] | None = None) -> dict:
     reference = json.dumps({"reference": {"dataset_name": str(pretrain_data), "split": "validation"}})
     fine_tune_data = ["--model_name_or_path", str(pretrained), "--dataset_name", str(domain_data),
                       "--extra_eval_sets", reference]  # fmt: skip
+    # Replay: the domain's pairs and the replay pairs, one each in turn on average; validation is the domain's own
+    # split (the replay folder has none, and nothing is held out of it).
+    mixture = json.dumps({str(domain_data): 1, str(replay_data): 1})
+    replay_data_flags = ["--model_name_or_path", str(pretrained), "--train_mixture", mixture,
+                         "--validation_split_percentage", "0", "--extra_eval_sets", reference]  # fmt: skip
     before = work_dir / "before"
     run([*fine_tune_data, *COMMON, *seed, "--do_eval", "--output_dir", str(before)])
     base = results(before)
@@ -168,7 +187,11 @@ def main(argv: list[str] | None = None) -> dict:
         metric = f"eval_ema_{METRIC}" if "--ema_decay" in flags else f"eval_{METRIC}"
         extra = ["--wise_ft_alphas", *WISE_FT_ALPHAS, "--metric_for_best_model", metric,
                  "--wise_ft_min_retention", args.wise_ft_min_retention] if wise else []  # fmt: skip
-        run([*fine_tune_data, *FINE_TUNE, *COMMON, *seed, *flags, *extra, "--output_dir", str(out),
+        data = fine_tune_data
+        if REPLAY in flags:  # twice the pairs per step, as many steps: batch 64 of which about 32 domain pairs
+            data = replay_data_flags
+            flags = [*(flag for flag in flags if flag != REPLAY), "--per_device_train_batch_size", "64"]
+        run([*data, *FINE_TUNE, *COMMON, *seed, *flags, *extra, "--output_dir", str(out),
              "--overwrite_output_dir", "true"])  # fmt: skip
         if not wise:
             final = results(out)
