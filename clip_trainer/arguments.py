@@ -506,7 +506,8 @@ class DataArguments:
         default="skip",
         metadata={
             "help": "What to do with rows whose image is missing/empty or whose caption is empty: skip them with a "
-            "logged summary, or stop before training with the same report.",
+            "logged summary (each one named in `dropped_rows.jsonl` in the output folder), or stop before training "
+            "with a report naming every one (up to 100).",
             "choices": ["skip", "error"],
         },
     )

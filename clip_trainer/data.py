@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
+import json
 import math
 import os
 import re
@@ -99,6 +100,51 @@ class DataSource:
         return self.name if self.kind == "hub" else None
 
 
+DROPPED_ROWS_FILE = "dropped_rows.jsonl"
+
+
+@dataclass
+class DroppedRows:
+    """The rows left out before training because they cannot be used (a missing or empty image file, an empty
+    caption, ...), over every split and source: the log names the first few of each, and a run writes every one to
+    `dropped_rows.jsonl` in its output folder (`where`: the data or source, `row`: as the log numbers it, `reason`),
+    so that nothing is left out without a trace.
+
+    Attributes:
+        count: rows left out.
+        named: one `{"where", "row", "reason"}` per row whose reason was kept (the first `NAMED_LIMIT` of each
+            check; a badly broken dataset cannot fill memory), in the order found.
+    """
+
+    NAMED_LIMIT = 10_000
+
+    count: int = 0
+    named: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, where: str, report: Any) -> None:
+        """Adds the rows of a [`BadRowReport`] found in `where` ("train data", a mixture's source)."""
+        self.count += report.num_bad
+        self.named.extend({"where": where, "row": row, "reason": reason} for row, reason in report.reasons.items())
+
+    def merge(self, other: DroppedRows) -> None:
+        self.count += other.count
+        self.named.extend(other.named)
+
+    def write(self, output_dir: str) -> str | None:
+        """Writes `dropped_rows.jsonl` into `output_dir` when a row was left out; returns its path."""
+        if not self.count:
+            return None
+        os.makedirs(output_dir, exist_ok=True)
+        path = os.path.join(output_dir, DROPPED_ROWS_FILE)
+        with open(path, "w", encoding="utf-8") as handle:
+            for entry in self.named:
+                handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
+            if self.count > len(self.named):
+                unnamed = {"where": None, "row": None, "reason": f"{self.count - len(self.named):,} more, not named"}
+                handle.write(json.dumps(unnamed) + "\n")
+        return path
+
+
 @dataclass
 class ImageTextData:
     """The splits a run trains and evaluates on.
@@ -118,6 +164,8 @@ class ImageTextData:
     shard_report: ShardReport = field(default_factory=ShardReport)
     # One pass over the training pairs (a stream before it is repeated and shuffled), for `training_captions`.
     one_pass: Dataset | IterableDataset | None = field(default=None, repr=False)
+    # The rows left out before training as unusable, for the run's results and `dropped_rows.jsonl`.
+    dropped_rows: DroppedRows = field(default_factory=DroppedRows)
 
     def training_captions(self, caption_column: str, limit: int = TOKENIZER_TRAINING_CAPTIONS) -> list[str]:
         """The first `limit` training captions (all of a loaded split), e.g. to train a tokenizer on."""
@@ -246,7 +294,13 @@ def _hub_error(name: str, error: Exception) -> ConfigError:
 
 
 def _load_mixture(
-    data_args: DataArguments, cache_dir: str | None, streaming: bool, seed: int, hold_out: bool, report: ShardReport
+    data_args: DataArguments,
+    cache_dir: str | None,
+    streaming: bool,
+    seed: int,
+    hold_out: bool,
+    report: ShardReport,
+    dropped: DroppedRows,
 ) -> tuple[dict[str, Dataset | IterableDataset], DataSource]:
     """`train_mixture`: each source loaded as if it were the run's only one, then drawn by weight with
     `datasets.interleave_datasets`.
@@ -272,7 +326,7 @@ def _load_mixture(
             # Checked source by source, before the split and the mixing: the report names the source and numbers
             # the rows as its file does (the mixture's order says nothing to whoever fixes the file).
             where = f"`train_mixture` source {source!r}"
-            train = _drop_bad_rows(_captions_as_text(train, data_args.caption_column), where, data_args)
+            train = _drop_bad_rows(_captions_as_text(train, data_args.caption_column), where, data_args, dropped)
             if len(train) == 0:
                 raise ConfigError(f"{where} has no pairs left after removing bad rows; check it (summary above).")
         validation = next((splits[name] for name in VALIDATION_SPLIT_NAMES if name in splits), None)
@@ -720,24 +774,33 @@ def _captions_as_text(dataset: Dataset, caption_column: str) -> Dataset:
     return dataset
 
 
-def _drop_bad_rows(dataset: Dataset, heading: str, data_args: DataArguments) -> Dataset:
-    """`dataset` without its bad rows, reported in one line that starts with `heading` ("train data", a source)."""
-    report = find_bad_rows(dataset, data_args.image_column, data_args.caption_column, base_dir=None)
+def _drop_bad_rows(dataset: Dataset, heading: str, data_args: DataArguments, dropped: DroppedRows) -> Dataset:
+    """`dataset` without its bad rows, reported in one line that starts with `heading` ("train data", a source) and
+    added to `dropped`. With `on_bad_rows error` the error names every bad row whose reason was kept (up to 100), so
+    that one run finds what to fix."""
+    report = find_bad_rows(
+        dataset, data_args.image_column, data_args.caption_column, base_dir=None, max_reports=DroppedRows.NAMED_LIMIT
+    )
     if not report.bad_indices:
         return dataset
-    message = f"{heading}: " + report.summary(len(dataset))
     if data_args.on_bad_rows == "error":
-        raise ConfigError(message + " Fix or remove these rows, or set `on_bad_rows` to `skip`.")
-    logger.warning(message)
+        raise ConfigError(
+            f"{heading}: " + report.summary(len(dataset), max_listed=100, left_out=False)
+            + ". Fix or remove these rows, or set `on_bad_rows` to `skip`."
+        )  # fmt: skip
+    logger.warning(
+        f"{heading}: " + report.summary(len(dataset), more_in=f"`{DROPPED_ROWS_FILE}` in the output folder")
+    )
+    dropped.add(heading, report)
     return dataset.select(report.good_indices())
 
 
-def _usable_training_rows(train: Dataset, data_args: DataArguments) -> Dataset:
+def _usable_training_rows(train: Dataset, data_args: DataArguments, dropped: DroppedRows) -> Dataset:
     """The training rows with their columns checked, captions as text and bad rows dropped (and reported)."""
     _check_columns(train.column_names, "train", data_args)
     if len(train) == 0:
         raise ConfigError("The training data has no rows (a header only?); it needs one row per image-caption pair.")
-    train = _drop_bad_rows(_captions_as_text(train, data_args.caption_column), "train data", data_args)
+    train = _drop_bad_rows(_captions_as_text(train, data_args.caption_column), "train data", data_args, dropped)
     if len(train) == 0:
         raise ConfigError("No training pairs are left after removing bad rows; check the data (summary above).")
     _report_hard_negatives(train, data_args.hard_negative_column, "train")
@@ -773,10 +836,12 @@ def _report_hard_negatives(dataset: Dataset, column: str | None, split: str) -> 
         )
 
 
-def _finish_training_split(train: Dataset, data_args: DataArguments, checked: bool = False) -> Dataset:
+def _finish_training_split(
+    train: Dataset, data_args: DataArguments, dropped: DroppedRows, checked: bool = False
+) -> Dataset:
     """The training split: its usable rows (found already when `checked`), cut to `max_train_samples`."""
     if not checked:
-        train = _usable_training_rows(train, data_args)
+        train = _usable_training_rows(train, data_args, dropped)
     if data_args.max_train_samples is not None:
         train = train.select(range(min(data_args.max_train_samples, len(train))))
     return train
@@ -816,7 +881,12 @@ def add_class_labels(dataset: Dataset, label_column: str) -> Dataset:
 
 
 def _finish_validation(
-    validation: Dataset | IterableDataset, data_args: DataArguments, split: str, checked: bool = False, seed: int = 0
+    validation: Dataset | IterableDataset,
+    data_args: DataArguments,
+    split: str,
+    dropped: DroppedRows,
+    checked: bool = False,
+    seed: int = 0,
 ) -> Dataset:
     """The one validation finisher: materialised, checked (unless `checked`), cut, with image ids and class labels."""
     if isinstance(validation, IterableDataset):
@@ -825,7 +895,7 @@ def _finish_validation(
     _check_columns(validation.column_names, split, data_args)
     if not checked:
         validation = _drop_bad_rows(
-            _captions_as_text(validation, data_args.caption_column), f"{split} data", data_args
+            _captions_as_text(validation, data_args.caption_column), f"{split} data", data_args, dropped
         )
     if data_args.max_eval_samples is not None and data_args.max_eval_samples < len(validation):
         # Drawn with the run's seed, in the file's order: the first rows of a file sorted by class or source would
@@ -1041,9 +1111,12 @@ def load_image_text_data(
     """
     streaming = data_args.streaming and train
     report = ShardReport()
+    dropped = DroppedRows()
     if data_args.train_mixture and train:
         hold_out_each = evaluate and data_args.validation_split_percentage > 0
-        splits, source = _load_mixture(data_args, cache_dir, streaming, seed, hold_out=hold_out_each, report=report)
+        splits, source = _load_mixture(
+            data_args, cache_dir, streaming, seed, hold_out=hold_out_each, report=report, dropped=dropped
+        )
     else:
         splits, source = _load_source(data_args, cache_dir, streaming, need_train=train, report=report)
     names = VALIDATION_SPLIT_NAMES if train else (*VALIDATION_SPLIT_NAMES, "test")
@@ -1072,7 +1145,7 @@ def load_image_text_data(
         # Bad rows are found before the split, so that the report numbers them as the data does (row 0: the first
         # data row read), not by their place in one side of a shuffled split.
         rows = len(train_split)
-        train_split = _usable_training_rows(train_split, data_args)
+        train_split = _usable_training_rows(train_split, data_args, dropped)
         train_split, validation = _held_out_split(train_split, data_args, seed)
         hold_out = False
         checked = True
@@ -1088,7 +1161,9 @@ def load_image_text_data(
         train_split = None
     elif isinstance(train_split, Dataset):
         # A mixture's sources were checked one by one before they were mixed.
-        train_split = _finish_training_split(train_split, data_args, checked=checked or bool(data_args.train_mixture))
+        train_split = _finish_training_split(
+            train_split, data_args, dropped, checked=checked or bool(data_args.train_mixture)
+        )
         if not data_args.prepare_only:
             # Several captions per image: rows of one image merged, one caption drawn per epoch (`caption_sampling`).
             # A prepared folder keeps the rows as they are; the run that trains from it merges them.
@@ -1100,17 +1175,26 @@ def load_image_text_data(
         train_split, held_out = _finish_training_stream(train_split, hold_out, data_args, seed)
         validation = held_out if hold_out else validation
     if validation is not None:
-        validation = _finish_validation(validation, data_args, "validation", checked=checked, seed=seed)
+        validation = _finish_validation(validation, data_args, "validation", dropped, checked=checked, seed=seed)
     sizes = [f"training pairs: {len(train_split):,}"] if isinstance(train_split, Dataset) else []
     sizes.append(f"validation pairs: {len(validation):,}" if validation is not None else "no validation pairs")
     logger.info("; ".join(sizes))
     return ImageTextData(
-        train=train_split, validation=validation, source=source, one_pass=one_pass, shard_report=report
+        train=train_split,
+        validation=validation,
+        source=source,
+        one_pass=one_pass,
+        shard_report=report,
+        dropped_rows=dropped,
     )
 
 
 def load_extra_eval_sets(
-    data_args: DataArguments, seed: int, cache_dir: str | None = None, report: ShardReport | None = None
+    data_args: DataArguments,
+    seed: int,
+    cache_dir: str | None = None,
+    report: ShardReport | None = None,
+    dropped: DroppedRows | None = None,
 ) -> dict[str, Dataset]:
     """The `extra_eval_sets` of `data_args`, each loaded as the validation split of an evaluation-only run (so every
     check of a validation split applies, and class names come from the set's own label column).
@@ -1119,7 +1203,8 @@ def load_extra_eval_sets(
     image ids and class labels), so that the run's collator reads every set.
 
     A set given as data files (a .csv/.json/.jsonl/.parquet file or .tar shards, one or a glob or brace range; see
-    [`resolve_data_path`]) is evaluated whole; shards it cannot read are added to `report`.
+    [`resolve_data_path`]) is evaluated whole; shards it cannot read are added to `report`, rows it leaves out as
+    unusable to `dropped`.
 
     Raises:
         [`ConfigError`]: naming the set and the problem.
@@ -1134,6 +1219,10 @@ def load_extra_eval_sets(
             raise ConfigError(f"`extra_eval_sets` entry {name!r}: {error}") from None
         if report is not None:
             report.merge(data.shard_report)
+        if dropped is not None:
+            for entry in data.dropped_rows.named:
+                entry["where"] = f"`extra_eval_sets` entry {name!r}"
+            dropped.merge(data.dropped_rows)
         dataset = data.validation
         kept = [set_args.image_column, set_args.caption_column, IMAGE_ID_COLUMN]
         if data_args.hard_negative_column in dataset.column_names:  # scored for hard-negative accuracy too
@@ -1191,8 +1280,9 @@ def save_prepared_data(data: ImageTextData, data_args: DataArguments, output_dir
     for name, dataset in (("train", data.train), ("validation", data.validation)):
         if dataset is None:
             continue
-        # The row names of the source files go too: the prepared folder is a source of its own.
-        dropped = (IMAGE_ID_COLUMN, LABEL_COLUMN, SOURCE_ROW_COLUMN)
+        # The row names of the source files go too, once they have named the rows left out: the prepared folder is a
+        # source of its own.
+        dropped = (IMAGE_ID_COLUMN, LABEL_COLUMN)
         dataset = dataset.remove_columns([c for c in dropped if c in dataset.column_names])
         features = dataset.features.copy()
         features[data_args.image_column] = datasets.Image(decode=False)
@@ -1204,15 +1294,23 @@ def save_prepared_data(data: ImageTextData, data_args: DataArguments, output_dir
             num_proc=data_args.preprocessing_num_workers,
             desc=f"Embedding {name} image bytes",
         )
-        problems = [(row, problem) for row, problem in enumerate(embedded["_problem"]) if problem]
+        # A row is named as its source names it (a file's row, a shard's sample), else by its image, which the
+        # problem names: its position in the split, shuffled and held out, is no row of any file.
+        names = embedded[SOURCE_ROW_COLUMN] if SOURCE_ROW_COLUMN in embedded.column_names else None
+        problems = [
+            (f"{names[position]}: {problem}" if names and names[position] else problem)
+            for position, problem in enumerate(embedded["_problem"])
+            if problem
+        ]
+        data.dropped_rows.count += len(problems)
+        data.dropped_rows.named.extend({"where": f"{name} data", "row": None, "reason": p} for p in problems)
         if problems:
-            shown = "; ".join(f"row {row}: {problem}" for row, problem in problems[:5])
             more = f"; and {len(problems) - 5:,} more" if len(problems) > 5 else ""
             logger.warning(
-                f"{name} data: left out {len(problems):,} row(s) whose image does not decode ({shown}{more})."
+                f"{name} data: left out {len(problems):,} row(s) whose image does not decode "
+                f"({'; '.join(problems[:5])}{more})."
             )
-        splits[name] = embedded.filter(lambda problem: not problem, input_columns="_problem").remove_columns(
-            "_problem"
-        )
+        kept = embedded.filter(lambda problem: not problem, input_columns="_problem")
+        splits[name] = kept.remove_columns([c for c in ("_problem", SOURCE_ROW_COLUMN) if c in kept.column_names])
     DatasetDict(splits).save_to_disk(output_dir)
     return output_dir

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import random
 import textwrap
+import warnings
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -459,5 +460,9 @@ def save_retrieval_gallery(
         base_dir=base_dir,
     )
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    figure.savefig(path, dpi=DPI)
+    with warnings.catch_warnings():
+        # A caption's emoji or a script the plotting font lacks is drawn as a box, and matplotlib warns once per
+        # character: a log full of them says nothing about the run.
+        warnings.filterwarnings("ignore", message=r"Glyph .* missing from font")
+        figure.savefig(path, dpi=DPI)
     return str(path)

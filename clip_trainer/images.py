@@ -177,14 +177,29 @@ def _check_size(image: PIL.Image.Image, max_pixels: int | None, where: str) -> N
         raise BadSampleError(f"image is empty ({width}x{height} pixels){where}")
 
 
-def _load_pixels(image: PIL.Image.Image, where: str) -> None:
+def _cut_short(data: bytes | None) -> bool:
+    """Whether encoded JPEG, PNG or WebP bytes end before their format's end: Pillow's decoders say "truncated" for
+    some cuts only (a JPEG cut inside its tables is "cannot load this image", a WebP "could not create decoder
+    object"), so the end marker is checked when a decode fails."""
+    if not data:
+        return False
+    if data.startswith(b"\xff\xd8"):  # JPEG: ends with its EOI marker (some writers pad after it)
+        return not data.rstrip(b"\x00").endswith(b"\xff\xd9")
+    if data.startswith(b"\x89PNG"):  # PNG: ends with its IEND chunk
+        return b"IEND" not in data[-16:]
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":  # WebP: the RIFF header says how long the file is
+        return int.from_bytes(data[4:8], "little") + 8 > len(data)
+    return False
+
+
+def _load_pixels(image: PIL.Image.Image, where: str, data: bytes | None = None) -> None:
     # `Image.open` only reads the header. Decoding here means a truncated file fails in this function, where we can
     # turn it into a `BadSampleError`, instead of later inside a resize. Truncated files are rejected rather than
     # padded with grey: `ImageFile.LOAD_TRUNCATED_IMAGES` is a process-wide switch we have no business flipping.
     try:
         image.load()
     except OSError as error:
-        if "truncated" in str(error):
+        if "truncated" in str(error).lower() or _cut_short(data):
             raise BadSampleError(f"truncated image{where}") from None
         raise BadSampleError(f"cannot decode image (OSError: {error}){where}") from None
     except PIL.Image.DecompressionBombError as error:
@@ -312,11 +327,13 @@ def load_image(
             except PIL.UnidentifiedImageError:
                 raise BadSampleError(f"not an image (cannot identify image file){where}") from None
             except Exception as error:  # broken headers raise SyntaxError, struct.error, ...
+                if "truncated" in str(error).lower() or _cut_short(data):
+                    raise BadSampleError(f"truncated image{where}") from None
                 raise BadSampleError(f"cannot open image ({type(error).__name__}: {error}){where}") from None
         _check_size(image, max_pixels, where)
         if draft_size is not None and image.format == "JPEG":
             image.draft(None, draft_size)  # before decoding; the size check above read the full size
-        _load_pixels(image, where)
+        _load_pixels(image, where, None if isinstance(value, PIL.Image.Image) else data)
         try:
             return to_rgb(_apply_exif_orientation(image))
         except Exception as error:  # exotic modes ("La", "LAB" variants) that Pillow cannot convert

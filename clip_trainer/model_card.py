@@ -364,6 +364,8 @@ class CLIPModelCardData:
             set that draws one caption per image and epoch has `num_train_images` rows).
         num_train_skipped: training samples left out as unusable (an image that did not decode, counted each time
             it was drawn); the trainer fills it from the run's count.
+        num_dropped_rows: rows of the data left out before training as unusable (a missing or empty image file,
+            an empty caption), which `dropped_rows.jsonl` in the output folder names.
         num_eval_unusable_pairs: evaluation pairs that could not be used (an image that did not decode), which the
             metrics leave out; the trainer reads it from its last evaluation.
         eval_origin: where the evaluation pairs came from: `held_out` (split off the training data before training,
@@ -402,6 +404,7 @@ class CLIPModelCardData:
     num_eval_images: int | None = None
     num_eval_unusable_pairs: int | None = None
     num_train_skipped: int | None = None
+    num_dropped_rows: int | None = None
     eval_origin: str | None = None
     eval_source: str | None = None
     held_out_percentage: float | None = None
@@ -754,6 +757,11 @@ def _data_sentences(card: CLIPModelCardData) -> str:
         trained += (
             f"; {_count(card.num_train_skipped)} of the samples drawn were left out as unusable (an image that did "
             "not decode, counted each time it was drawn)"
+        )
+    if card.num_dropped_rows:
+        trained += (
+            f"; {_count(card.num_dropped_rows)} rows of the data were left out before training as unusable (each "
+            "named in `dropped_rows.jsonl`)"
         )
     sentences.append(trained + ".")
     if card.num_eval_pairs:

@@ -109,7 +109,9 @@ class BadRowReport:
         keep[self.bad_indices] = False
         return np.flatnonzero(keep).tolist()
 
-    def summary(self, total: int | None = None, max_listed: int = 3) -> str:
+    def summary(
+        self, total: int | None = None, max_listed: int = 3, left_out: bool = True, more_in: str | None = None
+    ) -> str:
         """
         One line for the log, for example
         `"skipped 7 of 1,000 rows (5 image file not found, 2 empty caption): row 3: empty caption; row 17: image
@@ -120,6 +122,11 @@ class BadRowReport:
                 Row count to report against; defaults to `num_rows`.
             max_listed (`int`, *optional*, defaults to 3):
                 How many rows to name with their reasons.
+            left_out (`bool`, *optional*, defaults to `True`):
+                Whether the rows were left out ("skipped 7 of 1,000 rows"); else they stopped the run ("7 of 1,000
+                rows cannot be used").
+            more_in (`str`, *optional*):
+                The file that names the rows not listed here, said after their count.
         """
         total = self.num_rows if total is None else total
         if not self.bad_indices:
@@ -129,9 +136,12 @@ class BadRowReport:
         )
         # Only rows whose reason was kept (the first `max_reports`) can be named.
         listed = [f"row {i}: {self.reasons[i]}" for i in self.bad_indices[:max_listed] if i in self.reasons]
-        text = f"skipped {self.num_bad:,} of {total:,} rows ({counts}): " + "; ".join(listed)
+        head = f"skipped {self.num_bad:,} of {total:,} rows" if left_out else (
+            f"{self.num_bad:,} of {total:,} rows cannot be used"
+        )  # fmt: skip
+        text = f"{head} ({counts}): " + "; ".join(listed)
         if self.num_bad > len(listed):
-            text += f" (and {self.num_bad - len(listed):,} more)"
+            text += f" (and {self.num_bad - len(listed):,} more" + (f", each named in {more_in})" if more_in else ")")
         return text
 
 

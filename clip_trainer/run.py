@@ -171,6 +171,7 @@ def _run(model_args, data_args, training_args, config, training: bool, resume_ch
     if data_args.prepare_only:
         if training_args.should_save:
             save_prepared_data(data, data_args, training_args.output_dir)
+            data.dropped_rows.write(training_args.output_dir)
             teacher = training_args.teacher_model_name_or_path or (
                 model_args.model_name_or_path if training_args.distill_from_pretrained else None
             )
@@ -186,7 +187,11 @@ def _run(model_args, data_args, training_args, config, training: bool, resume_ch
     if data.validation is not None and (training_args.do_eval or training_args.eval_strategy != IntervalStrategy.NO):
         with training_args.main_process_first(desc="loading the extra evaluation sets"):
             extra_eval_sets = load_extra_eval_sets(
-                data_args, seed=training_args.seed, cache_dir=model_args.cache_dir, report=data.shard_report
+                data_args,
+                seed=training_args.seed,
+                cache_dir=model_args.cache_dir,
+                report=data.shard_report,
+                dropped=data.dropped_rows,
             )
 
     # --- processor and model --------------------------------------------------------------------------------------
@@ -208,6 +213,7 @@ def _run(model_args, data_args, training_args, config, training: bool, resume_ch
         dataset_id=data.source.hub_id,
         dataset_description=data_description(data.source),
         hyperparameters=given_settings(sys.argv[1:] if argv is None else argv, data_args, model_args, training_args),
+        num_dropped_rows=data.dropped_rows.count or None,
         **evaluation_origin(data_args, data.validation, training=training_args.do_train),
     )
     try:
@@ -286,6 +292,8 @@ def run_stages(
     args = trainer.args
     results: dict[str, float] = {}
     eval_metrics: dict[str, float] = {}
+    if args.should_save:  # every row left out before training, named, beside the results that count them
+        data.dropped_rows.write(args.output_dir)
     if args.do_train:
         # The LoRA merge and WiSE-FT are part of the trainer's `train`.
         train_result = trainer.train(resume_from_checkpoint=resume_checkpoint)
@@ -300,6 +308,8 @@ def run_stages(
         skipped = trainer.skipped_training_samples()
         if skipped:
             metrics["skipped_samples"] = skipped
+        if data.dropped_rows.count:  # rows left out before training (`dropped_rows.jsonl` names them)
+            metrics["dropped_rows"] = data.dropped_rows.count
         report = data.shard_report
         if report is not None and report.summary():
             # What was left out of a web-scale run goes in its summary, not only in a warning hours earlier.
@@ -319,6 +329,8 @@ def run_stages(
                 trainer.save_model()  # the trained weights are kept whatever stopped the evaluation
             raise
         metrics["eval_samples"] = len(data.validation)
+        if data.dropped_rows.count and not args.do_train:  # an evaluation alone: its results count them
+            metrics["eval_dropped_rows"] = data.dropped_rows.count
         for name, dataset in trainer.extra_eval_datasets.items():
             metrics[f"eval_{name}_samples"] = len(dataset)
         trainer.log_metrics("eval", metrics)

@@ -276,9 +276,13 @@ def test_prepare_only_copies_only_images(base_args, tmp_path, caplog):
     prepared = datasets.load_from_disk(str(out))
     total = sum(len(split) for split in prepared.values())
     assert total == 24
-    # The row left out is named with its file.
+    # The row left out is named with its file, not by its place in a shuffled split (which is no row of the file),
+    # and the prepared folder names it in `dropped_rows.jsonl`, which loading the folder ignores.
     said = [r.getMessage() for r in caplog.records if "whose image does not decode" in r.getMessage()]
     assert len(said) == 1 and "left out 1 row(s)" in said[0] and "data/../secret.txt" in said[0]
+    assert "row " not in said[0]
+    named = [json.loads(line) for line in (out / "dropped_rows.jsonl").read_text().splitlines()]
+    assert len(named) == 1 and "data/../secret.txt" in named[0]["reason"]
     for split in prepared.values():
         assert all(
             b"hunter2" not in (value["bytes"] or b"")

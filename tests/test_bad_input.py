@@ -31,7 +31,11 @@ UP_FRONT_BAD = {
 # Rows that pass the up-front check and are skipped when their batch is built.
 BATCH_TIME_BAD = {
     "images/truncated.png": "truncated image",
-    "images/truncated.jpg": "runcated",  # Pillow says "truncated image" or "Truncated File Read" by format
+    # Pillow's own words for a cut file vary by format and place ("Truncated File Read", "cannot load this image",
+    # "could not create decoder object"); each is named as what it is.
+    "images/truncated.jpg": "truncated image",
+    "images/truncated_smooth.jpg": "truncated image",
+    "images/truncated.webp": "truncated image",
     "images/not_an_image.jpg": "not an image",
     "images/bomb.png": "image too large",
 }
@@ -60,6 +64,10 @@ def write_odd_images(images: Path) -> None:
     (images / "empty.png").write_bytes(b"")
     (images / "truncated.png").write_bytes(png[: len(png) // 2])
     (images / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    smooth = Image.linear_gradient("L").resize((90, 70)).convert("RGB")  # compresses small: cut inside its tables
+    smooth_jpeg, webp = _encoded(smooth, "JPEG"), _encoded(draw_shape("red", "square", size=64), "WEBP")
+    (images / "truncated_smooth.jpg").write_bytes(smooth_jpeg[: len(smooth_jpeg) // 2])
+    (images / "truncated.webp").write_bytes(webp[: len(webp) // 2])
     (images / "not_an_image.jpg").write_text("this is a caption file, not a JPEG\n")
     draw_shape("red", "square", size=100).save(images / "bomb.png")
 
@@ -158,11 +166,23 @@ def test_bad_rows_are_skipped_counted_and_reported(base_args, tmp_path, caplog, 
         assert f"1 {kind}" in train_report
     listed = [int(row) for row in re.findall(r"row (\d+):", train_report)]
     assert listed == sorted(index[key] for key in UP_FRONT_BAD)[:3]
-    assert "(and 1 more)" in train_report
+    assert "(and 1 more, each named in `dropped_rows.jsonl` in the output folder)" in train_report
     assert "missing.png" in train_report  # the reason names the file
     validation_report = next(m for m in messages(caplog, "clip_trainer.data") if m.startswith("validation data:"))
     # The number 42 is a caption like any other (a product code, a year); the missing one is skipped.
     assert "skipped 1 of 6 rows" in validation_report and "missing caption" in validation_report
+
+    # --- every row left out up front is in the output folder: named, counted in the results and the card ---------
+    out = tmp_path / "out"
+    named = [json.loads(line) for line in (out / "dropped_rows.jsonl").read_text().splitlines()]
+    assert [(entry["where"], entry["row"]) for entry in named] == [
+        *(("train data", index[key]) for key in sorted(UP_FRONT_BAD, key=index.get)),
+        ("validation data", 4),  # the JSON-lines file's fifth row, its caption null
+    ]
+    assert "missing.png" in named[0]["reason"] and named[-1]["reason"].startswith("missing caption")
+    assert json.loads((out / "train_results.json").read_text())["dropped_rows"] == 5
+    assert json.loads((out / "all_results.json").read_text())["dropped_rows"] == 5
+    assert "5 rows of the data were left out before training as unusable" in (out / "README.md").read_text()
 
     # --- the rows only decoding can find are skipped when their batch is built, named and counted ---------------
     skip_warnings = [m for m in messages(caplog, "clip_trainer.collator") if m.startswith("Leaving out a sample")]
@@ -193,9 +213,10 @@ def test_on_bad_rows_error_stops_before_training_with_the_same_report(base_args,
     assert status == 2
     assert "Traceback" not in err
     message = next(line for line in err.splitlines() if line.startswith("run_clip.py: error:"))
-    assert f"train data: skipped 4 of {num_rows} rows" in message
-    assert [int(row) for row in re.findall(r"row (\d+):", message)] == sorted(index[k] for k in UP_FRONT_BAD)[:3]
-    assert "set `on_bad_rows` to `skip`" in message
+    assert f"train data: 4 of {num_rows} rows cannot be used" in message
+    # Every bad row is named, so that one run finds all there is to fix.
+    assert [int(row) for row in re.findall(r"row (\d+):", message)] == sorted(index[k] for k in UP_FRONT_BAD)
+    assert message.endswith(". Fix or remove these rows, or set `on_bad_rows` to `skip`.")
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 

@@ -124,6 +124,16 @@ def test_writes_a_png_of_the_documented_size(tmp_path):
     assert (np.abs(pixels.astype(int) - [30, 60, 220]).sum(-1) < 30).any()
 
 
+def test_emoji_captions_draw_without_a_warning_per_character(tmp_path, recwarn):
+    images, captions = shapes_data()
+    captions = [f"\U0001f389\U0001f431 {caption}" for caption in captions]  # glyphs DejaVu Sans lacks, first
+    embeds = torch.randn(len(images), 16, generator=torch.Generator().manual_seed(0))
+    path = save_retrieval_gallery(embeds, embeds, [encoded(image) for image in images], captions,
+                                  path=tmp_path / RETRIEVAL_EXAMPLES_FILENAME, num_queries=2, top_k=2)  # fmt: skip
+    assert Image.open(path).size == gallery_size(2, 2)
+    assert not [w for w in recwarn if "missing from font" in str(w.message)]
+
+
 def framed_thumbnails(figure, color="#1a9641"):
     """(title, pixels) of every thumbnail whose frame has `color`, top to bottom."""
     framed = []

@@ -160,5 +160,5 @@ def test_a_skipped_row_of_a_caption_folder_names_its_file(base_args, tmp_path, m
     assert f"empty caption (image {folder / 'circle' / 'red_white.jpg'})" in logged
     status = cli([*argv, "--on_bad_rows", "error", "--output_dir", "stopped"])
     [line] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("run_clip.py: error:")]
-    assert status == 2 and "skipped 3 of 24 rows (2 missing caption, 1 empty caption)" in line
+    assert status == 2 and "3 of 24 rows cannot be used (2 missing caption, 1 empty caption)" in line
     assert f"(image {folder / 'circle' / 'red_white.jpg'})" in line and "`on_bad_rows` to `skip`" in line

@@ -219,3 +219,26 @@ def test_bad_rows_of_a_mixture_are_named_by_source_and_numbered_as_in_its_file(
     load_image_text_data(DataArguments(train_file=str(bad)), seed=0, evaluate=False)
     [alone] = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
     assert "row 3: image file not found" in alone and "row 5: missing caption" in alone
+
+
+def test_replay_as_the_fine_tuning_docs_give_it_evaluates_on_the_users_pairs_alone(
+    two_sources, tiny_clip_dir, tmp_path, monkeypatch
+):
+    """docs/fine-tuning.md's replay: your pairs mixed 1:1 with general ones, `validation_file` your held-out pairs and
+    the general held-out pairs a reference set. Validation is exactly the file's rows (no general pair held out into
+    it), an epoch reads every pair of both sources, and the reference set is evaluated beside it."""
+    general, mine = two_sources
+    held_out = write_shapes_csv(tmp_path / "b", repeats=1, name="held-out.csv")
+    reference = write_shapes_csv(tmp_path / "general-val", repeats=1)
+    monkeypatch.chdir(tmp_path)
+    main(["--model_name_or_path", str(tiny_clip_dir), "--train_mixture", json.dumps({mine: 1, general: 1}),
+          "--validation_file", str(held_out), "--extra_eval_sets", json.dumps({"general": str(reference)}),
+          "--per_device_train_batch_size", "16", "--num_train_epochs", "1", "--do_train", "--do_eval",
+          "--output_dir", "out", "--report_to", "none", "--dataloader_num_workers", "0", "--eval_strategy", "no",
+          "--save_strategy", "no", "--use_cpu", "true"])  # fmt: skip
+    results = json.loads((tmp_path / "out" / "eval_results.json").read_text())
+    rows_in_file = sum(1 for _ in held_out.open()) - 1
+    assert results["eval_samples"] == rows_in_file == 24
+    assert "eval_general_t2i_recall@1" in results
+    state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
+    assert state["global_step"] == math.ceil((24 + 24) / 16)  # every pair of both sources, once

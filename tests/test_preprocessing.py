@@ -97,6 +97,27 @@ def test_other_modes_are_converted():
     assert out.shape == (3, 16, 16) and (out == 77).all()
 
 
+def test_a_sixteen_bit_image_is_what_the_processor_gives_after_to_rgb_as_the_docs_say():
+    """docs/model-families.md: more than 8 bits per pixel are scaled to 8 (transformers' processors clip them to
+    white); `clip_trainer.images.to_rgb` first gives the processor the pixels training saw."""
+    from clip_trainer.images import to_rgb
+
+    processor = CLIPImageProcessorPil(size={"shortest_edge": 24}, crop_size={"height": 24, "width": 24})
+    preprocessor = ImagePreprocessor.from_image_processor(processor)
+    ramp = (np.arange(40 * 30, dtype=np.uint32).reshape(30, 40) * 54).astype(np.uint16)  # 0 .. 64,746
+    image = PIL.Image.fromarray(ramp)
+    assert image.mode == "I;16"
+    ours = preprocessor.normalize(torch.from_numpy(preprocessor(image))[None])[0]
+    reference = processor(to_rgb(image), return_tensors="pt").pixel_values[0].float()
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-6)
+    # The scale is 65535 -> 255 (a division by 257), written out: the centred crop of a linear ramp keeps its mean
+    # grey level, within a uint8 step or two of resampling.
+    expected = ramp.astype(np.float64) / 257.0
+    assert abs(float(preprocessor(image).astype(np.float64).mean()) - expected.mean()) < 2.0
+    # Without it the processor clips: almost white.
+    assert processor(image, return_tensors="pt").pixel_values.mean() > ours.mean() + 1.0
+
+
 def test_siglip2_naflex_patches_equal_the_processors():
     from transformers.models.siglip2.image_processing_pil_siglip2 import Siglip2ImageProcessorPil
 
