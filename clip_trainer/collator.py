@@ -19,7 +19,7 @@ from .captions import caption_list, training_image_id
 from .data import IMAGE_ID_COLUMN, LABEL_COLUMN, SOURCE_ROW_COLUMN
 from .images import BadSampleError, load_image, looks_like_base64_image
 from .preprocessing import ImagePreprocessor
-from .rows import NO_SAMPLE_CAPTION, check_caption
+from .rows import check_caption, no_sample_caption
 
 logger = logging.get_logger(__name__)
 
@@ -190,7 +190,8 @@ class ImageTextCollator:
                 # up-front check does; an image's fault names its file already.
                 reason = error.reason if caption_read else error.reason + _image_file(row.get(self.image_column))
                 if not caption_read and row.get(self.caption_column) is None and row.get("__key__"):
-                    reason = NO_SAMPLE_CAPTION
+                    image = row.get(self.image_column)
+                    reason = no_sample_caption(row["__key__"], image.get("path") if isinstance(image, dict) else None)
                 logger.warning(f"Leaving out {_sample_name(row)} that cannot be used ({reason}).")
                 pixels.append(self.image_preprocessor.placeholder())
                 if self.teacher is not None:  # both views are appended only once both are made

@@ -34,6 +34,29 @@ if TYPE_CHECKING:
 NO_SAMPLE_CAPTION = "no caption: its caption member is missing or not UTF-8 text (see the shard's warning)"
 
 
+def dotted_names_cause(key: str, member: str) -> str:
+    """Why a tar sample's members are not what its files were called: `IMG_2021.05.01.jpg` is sample `IMG_2021`'s
+    member `05.01.jpg` (WebDataset's key is the name up to the first dot), so it has no `jpg` or `txt` member, and
+    samples named alike in a row become one. Said with an example name and the fix, for messages."""
+    name = f"{key}.{member}"
+    stem, extension = name.rsplit(".", 1)
+    return (
+        f"file names with dots before the extension ({name}): WebDataset's sample key is the name up to the first "
+        f"dot ({key}); rename the files so that the only dots are before the extension(s), e.g. "
+        f"{stem.replace('.', '_')}.{extension}"
+    )
+
+
+def no_sample_caption(key: str | None, image_path: str | None) -> str:
+    """Why the tar sample `key` has no caption, for its bad row: [`NO_SAMPLE_CAPTION`], or, when its image member
+    (`image_path` is `key.member`) has dots in its name, those dots (see [`dotted_names_cause`])."""
+    if key and image_path and image_path.startswith(f"{key}."):
+        member = image_path[len(key) + 1 :]
+        if "." in member:
+            return "no caption: " + dotted_names_cause(key, member)
+    return NO_SAMPLE_CAPTION
+
+
 def check_caption(caption: Any) -> str:
     """
     Validate one caption and return it as text, stripped of surrounding whitespace.
@@ -332,7 +355,9 @@ def find_bad_rows(
                     image = paths[position]
                     reason = error.reason + (f" (image {_resolve_path(image, base_dir)})" if image else "")
                     if caption is None and sample_columns:
-                        reason = NO_SAMPLE_CAPTION
+                        key = batch.column("__key__")[position].as_py() if "__key__" in sample_columns else None
+                        value = batch.column(image_column)[position].as_py()  # `{"bytes", "path": "key.jpg"}`
+                        reason = no_sample_caption(key, value.get("path") if isinstance(value, dict) else None)
             if reason is None:
                 continue
             index = offset + position

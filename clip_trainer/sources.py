@@ -44,6 +44,7 @@ from datasets import Dataset, IterableDataset
 from transformers.utils import logging
 
 from .errors import CaptionValueError, ConfigError, ShardCutError
+from .rows import dotted_names_cause
 from .stream import StreamSource, record_source
 
 # The data settings these readers use (`image_column`, `caption_column`, `label_column`, `image_id_column`,
@@ -542,6 +543,9 @@ class _SampleColumns:
             if json_key is not None:
                 value = value.get(json_key) if isinstance(value, dict) else None
             if column == self.caption_column:
+                dotted = _dotted_member(members, member) if member not in members else None
+                if dotted is not None and problems is not None:
+                    problems.append(f"sample {key} has no {member} member: {dotted_names_cause(key, dotted)}")
                 if member in members and decoded[member] is None and problems is not None:
                     # The member is there but does not decode: said as such, not as a missing caption.
                     problems.append(f"{_member_name(key, member, None)} {_undecodable(member, members[member])}")
@@ -554,6 +558,13 @@ class _SampleColumns:
             row[column] = value
         row["__key__"], row["__url__"] = key, shard
         return row
+
+
+def _dotted_member(members: Iterable[str], wanted: str) -> str | None:
+    """A member that would be `wanted` (`txt`) but for dots before its extension (`05.01.txt`: the file
+    `IMG_2021.05.01.txt`), or `None`."""
+    last = wanted.rsplit(".", 1)[-1]
+    return next((name for name in members if "." in name and name.rsplit(".", 1)[-1] == last), None)
 
 
 def _undecodable(member: str, data: bytes) -> str:
@@ -656,6 +667,8 @@ class _ShardReader:
         without a caption; said here, where what the value was is known."""
         message = f"`{self.key}` shard {shard!r}: {problem}"
         if self.on_bad_rows == "error":
+            if "WebDataset's sample key" in problem:  # dots in the file names: the problem says the fix
+                raise ConfigError(f"{message}; or set `on_bad_rows` to `skip`.")
             fix = (
                 "fix the sample"
                 if "decode" in problem or "UTF-8" in problem
@@ -779,13 +792,20 @@ def _row_columns(
     return lookups, row_features
 
 
-def _lookups(data_args: DataArguments, features: dict[str, Any], where: str) -> dict[str, tuple[str, str | None]]:
-    """Column -> (member, json key or None), for the caption column and the label and image id columns when named."""
-    lookups = {data_args.caption_column: _member_lookup(data_args.caption_column, features, "caption_column", where)}
+def _lookups(
+    data_args: DataArguments, features: dict[str, Any], where: str, member_keys: dict[str, str] | None = None
+) -> dict[str, tuple[str, str | None]]:
+    """Column -> (member, json key or None), for the caption column and the label and image id columns when named.
+    `member_keys` (member -> a sample key that has it) names a sample in messages."""
+    lookups = {
+        data_args.caption_column: _member_lookup(
+            data_args.caption_column, features, "caption_column", where, member_keys
+        )
+    }
     for kind in ("label_column", "image_id_column"):
         column = getattr(data_args, kind)
         if column is not None:
-            lookups[column] = _member_lookup(column, features, kind, where)
+            lookups[column] = _member_lookup(column, features, kind, where, member_keys)
     return lookups
 
 
@@ -853,7 +873,11 @@ def _sample_columns(
     else:  # whichever image the sample has, in this order, in whichever shard
         rest = sorted(name for name in images if name not in IMAGE_MEMBERS)
         image_members, any_image = [*IMAGE_MEMBERS, *rest], True
-    lookups = _lookups(data_args, shapes, where)
+    member_keys: dict[str, str] = {}
+    for name, sample in samples:
+        for member in sample:
+            member_keys.setdefault(member, name)
+    lookups = _lookups(data_args, shapes, where, member_keys)
     caption_column = data_args.caption_column
     made, as_list = _captions_of_samples(samples, lookups[caption_column], shard, key)
     _, row_features = _row_columns(data_args, _sample_features(made, where), where, lookups)
@@ -916,10 +940,15 @@ def load_webdataset(
         def shown(index: int) -> str:
             return f"{samples[index][0]} has {', '.join(sorted(others[index])) or 'no member but its image'}"
 
+        fix = "Every sample needs the same extensions, e.g. 000001.jpg + 000001.txt (+ 000001.json)."
+        dotted = next(((index, name) for index in (0, odd) for name in others[index] if "." in name), None)
+        if dotted is not None:
+            index, name = dotted
+            cause = dotted_names_cause(samples[index][0], name)
+            fix = f"{cause[0].upper()}{cause[1:]}."
         raise ConfigError(
             f"`{key}` {first!r} is not in WebDataset format: its first samples do not all have the same members "
-            f"({shown(0)}; {shown(odd)}). Every sample needs the same extensions, e.g. 000001.jpg + 000001.txt "
-            "(+ 000001.json)."
+            f"({shown(0)}; {shown(odd)}). {fix}"
         )
     columns, features = _sample_columns(samples, data_args, first, key)
     reader = _ShardReader(columns, key, data_args.on_bad_rows)
@@ -945,8 +974,11 @@ def load_webdataset(
         raise
 
 
-def _member_lookup(column: str, features: datasets.Features, kind: str, where: str) -> tuple[str, str | None]:
-    """Where a column's values are in a WebDataset sample: `(member, None)` or `("json", key)` (see module doc)."""
+def _member_lookup(
+    column: str, features: datasets.Features, kind: str, where: str, member_keys: dict[str, str] | None = None
+) -> tuple[str, str | None]:
+    """Where a column's values are in a WebDataset sample: `(member, None)` or `("json", key)` (see module doc).
+    `member_keys` (member -> a sample key that has it) names a sample in messages."""
     json_feature = features.get("json")
     json_keys = list(json_feature) if isinstance(json_feature, dict) else []
     members = [name for name in features if name not in WEBDATASET_KEY_COLUMNS]
@@ -961,6 +993,14 @@ def _member_lookup(column: str, features: datasets.Features, kind: str, where: s
         return "json", column
     if kind == "caption_column" and "txt" in features:
         return "txt", None
+    dotted = _dotted_member(members, column) or (_dotted_member(members, "txt") if kind == "caption_column" else None)
+    if dotted is not None:
+        # The setting names the member already: the dots in the file names, not the setting, are what is wrong.
+        sample_key = (member_keys or {}).get(dotted, "<key>")
+        raise ConfigError(
+            f"`{kind}` is {column!r}, but the samples of {where} have no {dotted.rsplit('.', 1)[-1]} member: "
+            f"{dotted_names_cause(sample_key, dotted)}."
+        )
     raise ConfigError(
         f"`{kind}` is {column!r}, but the samples of {where} have neither a json member with a {column!r} key nor "
         f"{'a txt member' if kind == 'caption_column' else 'such a member'}; their members are: {', '.join(members)}"
@@ -1056,11 +1096,12 @@ def image_folder_kind(path: str) -> str | None:
     for _, _, files in os.walk(path):
         names = set(files)
         has_metadata = has_metadata or any(name in names for name in METADATA_FILENAMES)
+        lower_names = {name.lower() for name in files}  # `cat.TXT` is a caption as `cat.txt` is
         for name in files:
             stem, extension = os.path.splitext(name)
             if extension.lower() in extensions:
                 has_images = True
-                has_captions = has_captions or stem + ".txt" in names
+                has_captions = has_captions or stem.lower() + ".txt" in lower_names
         if has_metadata and has_images:
             return "metadata"
     if has_images and has_captions:
@@ -1071,6 +1112,166 @@ def image_folder_kind(path: str) -> str | None:
 # Caption files named in the log, at most, per source and process: a folder with thousands of bad ones is
 # summed up by the rows report.
 MAX_CAPTION_FILES_LOGGED = 20
+# Images named in the warning about those a metadata file leaves out, at most.
+MAX_UNLISTED_IMAGES_NAMED = 3
+
+
+@dataclasses.dataclass
+class _FolderScan:
+    """What is under an image folder, as `datasets`' imagefolder would see it (hidden entries, `.x` and `__x`, left
+    out): its image files, the entries named like images that are no file (a broken link, a folder called `y.jpg`),
+    which imagefolder leaves out without a word, and its metadata files."""
+
+    images: list[str] = dataclasses.field(default_factory=list)
+    not_files: list[str] = dataclasses.field(default_factory=list)
+    metadata: list[str] = dataclasses.field(default_factory=list)
+
+
+def _scan_image_folder(path: str) -> _FolderScan:
+    """One walk over an image folder (symlinked folders not followed), names sorted within each folder."""
+    extensions = _image_extensions()
+    scan = _FolderScan()
+    folders = [os.path.abspath(path)]
+    while folders:
+        with os.scandir(folders.pop()) as entries:
+            for entry in sorted(entries, key=lambda entry: entry.name):
+                if entry.name.startswith((".", "__")):
+                    continue
+                is_image = os.path.splitext(entry.name)[1].lower() in extensions
+                if entry.is_dir(follow_symlinks=False):
+                    folders.append(entry.path)
+                    if is_image:
+                        scan.not_files.append(entry.path)
+                elif entry.name in METADATA_FILENAMES:
+                    scan.metadata.append(entry.path)
+                elif is_image:
+                    (scan.images if entry.is_file() else scan.not_files).append(entry.path)
+    return scan
+
+
+def _is_file_name_column(name: str) -> bool:
+    # The metadata columns that name an image, as imagefolder reads them.
+    return name == "file_name" or name.endswith("_file_name")
+
+
+def _listed_images(metadata_file: str) -> set[str] | None:
+    """The image paths a metadata file names (its `file_name` column, relative to its folder), or `None` when it is
+    not read here (no such column, or a file imagefolder read but this does not)."""
+    folder = os.path.dirname(metadata_file)
+    try:
+        if metadata_file.endswith(".csv"):
+            import pandas as pd
+
+            frame = pd.read_csv(metadata_file, usecols=_is_file_name_column, dtype=str, keep_default_na=False)
+            names = [name for column in frame.columns for name in frame[column]]
+            found = len(frame.columns) > 0
+        elif metadata_file.endswith(".jsonl"):
+            names, found = [], False
+            with open(metadata_file, encoding="utf-8") as handle:
+                for line in handle:
+                    row = json.loads(line) if line.strip() else {}
+                    columns = [column for column in row if _is_file_name_column(column)]
+                    found = found or bool(columns)
+                    names += [row[column] for column in columns]
+        else:
+            import pyarrow.parquet as pq
+
+            columns = [name for name in pq.read_schema(metadata_file).names if _is_file_name_column(name)]
+            table = pq.read_table(metadata_file, columns=columns)
+            names = [name for column in columns for name in table.column(column).to_pylist()]
+            found = bool(columns)
+    except Exception:  # whatever it is, imagefolder read it: no check rather than a false report
+        return None
+    if not found:
+        return None
+    return {os.path.normpath(os.path.join(folder, name)) for name in names if isinstance(name, str)}
+
+
+def _warn_unlisted_images(path: str, scan: _FolderScan) -> None:
+    """One line for the images that no metadata file names: imagefolder reads only the rows of its metadata files,
+    and leaves any other image out without a word."""
+    listed: set[str] = set()
+    for metadata_file in scan.metadata:
+        names = _listed_images(metadata_file)
+        if names is None:
+            return
+        listed |= names
+    unlisted = [image for image in scan.images if os.path.normpath(image) not in listed]
+    if not unlisted:
+        return
+    shown = [os.path.relpath(image, path) for image in unlisted[:MAX_UNLISTED_IMAGES_NAMED]]
+    more = f" and {len(unlisted) - len(shown):,} more" if len(unlisted) > len(shown) else ""
+    metadata_names = ", ".join(sorted({os.path.basename(name) for name in scan.metadata}))
+    logger.warning(
+        f"Image folder {path!r}: {len(unlisted):,} of its {len(scan.images):,} images are not in its metadata file "
+        f"({metadata_names}) and are left out: {', '.join(shown)}{more}. To train on them, list each in the metadata "
+        "file (a row with its file_name)."
+    )
+
+
+def _report_entries_that_are_no_file(path: str, not_files: list[str], on_bad_rows: str) -> None:
+    """A streamed folder's entries named like images that are no file, in one line (a stream has no rows check):
+    left out, or with `on_bad_rows` `error` the run's stop."""
+    reasons = [
+        f"{entry} is {'a directory' if os.path.isdir(entry) else 'no file (a broken link?)'}" for entry in not_files
+    ]
+    shown = "; ".join(reasons[:MAX_UNLISTED_IMAGES_NAMED])
+    more = (
+        f" and {len(reasons) - MAX_UNLISTED_IMAGES_NAMED:,} more" if len(reasons) > MAX_UNLISTED_IMAGES_NAMED else ""
+    )
+    message = f"Image folder {path!r}: {len(reasons):,} entries named like images are no image file ({shown}{more})"
+    if on_bad_rows == "error":
+        raise ConfigError(f"{message}. Replace or remove them, or set `on_bad_rows` to `skip`.")
+    logger.warning(message + "; they are left out.")
+
+
+def _split_of(entry: str, split_folders: dict[str, set[str]], default: str) -> str:
+    """The split an entry of an image folder belongs to: that of the images nearest to it (imagefolder tells splits
+    by folder and file names, `train/`, `validation/`), else `default`."""
+    folder = os.path.dirname(entry)
+    while True:
+        owners = [split for split, folders in split_folders.items() if folder in folders]
+        if len(owners) == 1:
+            return owners[0]
+        parent = os.path.dirname(folder)
+        if owners or parent == folder:
+            return default
+        folder = parent
+
+
+def _with_entries_that_are_no_file(
+    splits: dict[str, Dataset], not_files: list[str], image_column: str
+) -> dict[str, Dataset]:
+    """The splits with a row for each entry named like an image that is no file (a broken link, a folder called
+    `y.jpg`), which imagefolder leaves out without a word: the rows check reports them as a CSV row naming such a
+    path is reported (`image file not found`, `image path is a directory`), counted, and left out or stopping the
+    run by `on_bad_rows`."""
+    split_folders: dict[str, set[str]] = {}
+    for split, dataset in splits.items():
+        folders: set[str] = set()
+        for image in dataset.select_columns([image_column]).with_format("arrow")[image_column].to_pylist():
+            folder = os.path.dirname(os.path.abspath(image["path"])) if image and image.get("path") else None
+            while folder and folder not in folders:
+                folders.add(folder)
+                folder = os.path.dirname(folder) if os.path.dirname(folder) != folder else None
+        split_folders[split] = folders
+    default = "train" if "train" in splits else next(iter(splits))
+    added: dict[str, list[str]] = {}
+    for entry in not_files:
+        added.setdefault(_split_of(entry, split_folders, default), []).append(entry)
+    for split, entries in added.items():
+        dataset = splits[split]
+        rows: dict[str, list] = {column: [None] * len(entries) for column in dataset.column_names}
+        rows[image_column] = [{"bytes": None, "path": entry} for entry in entries]
+        label = dataset.features.get("label")
+        if isinstance(label, datasets.ClassLabel):  # imagefolder's class of a file: its folder's name
+            rows["label"] = [
+                label.str2int(name) if name in label.names else None
+                for name in (os.path.basename(os.path.dirname(entry)) for entry in entries)
+            ]
+        extra = Dataset.from_dict(rows, features=dataset.features)
+        splits[split] = datasets.concatenate_datasets([dataset, extra])
+    return splits
 
 
 class _SidecarCaptions:
@@ -1094,29 +1295,63 @@ class _SidecarCaptions:
         else:
             logger.warning(f"Caption file {name} {problem}: its image is left out.")
 
+    @staticmethod
+    def _other_cases(text_file: Path, listings: dict[Path, dict[str, list[str]]]) -> list[Path]:
+        """The caption files of `text_file`'s image whose extension is `.txt` in another case (`cat.TXT`, as
+        Windows and camera tools write it); the folder is listed once per batch, and only when a `.txt` is missing."""
+        folder = text_file.parent
+        if folder not in listings:
+            by_stem: dict[str, list[str]] = {}
+            try:
+                names = sorted(os.listdir(folder))
+            except OSError:
+                names = []
+            for name in names:
+                stem, extension = os.path.splitext(name)
+                if extension.lower() == ".txt" and extension != ".txt":
+                    by_stem.setdefault(stem, []).append(name)
+            listings[folder] = by_stem
+        return [folder / name for name in listings[folder].get(text_file.stem, [])]
+
+    def _read(self, text_file: Path) -> str | None:
+        """The caption in `text_file`, or `None` with the file named in the log; raises `FileNotFoundError`."""
+        try:
+            caption = text_file.read_text(encoding="utf-8-sig").strip()
+        except FileNotFoundError:
+            raise
+        except UnicodeDecodeError as error:
+            self._log(text_file, f"is not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8")
+            return None
+        except OSError as error:
+            self._log(text_file, f"cannot be read ({error.strerror or type(error).__name__})")
+            return None
+        if not caption:
+            self._log(text_file, "is empty")
+        return caption
+
+    def _caption(self, path: str, listings: dict[Path, dict[str, list[str]]]) -> str | None:
+        text_file = Path(path).with_suffix(".txt")
+        try:
+            return self._read(text_file)
+        except FileNotFoundError:
+            others = self._other_cases(text_file, listings)
+        if len(others) > 1:
+            self._log(others[0], f"and {others[1]} are both the caption of {path}; keep one")
+        elif not others:
+            self._log(text_file, f"is missing (no caption for {path})")
+        else:
+            try:
+                return self._read(others[0])
+            except FileNotFoundError:  # removed since the folder was listed
+                self._log(others[0], f"is missing (no caption for {path})")
+        return None
+
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         captions = []
+        listings: dict[Path, dict[str, list[str]]] = {}
         for image in batch[self.image_column]:
             path = image.get("path") if isinstance(image, dict) else image
-            if not isinstance(path, str):
-                captions.append(None)
-                continue
-            text_file = Path(path).with_suffix(".txt")
-            try:
-                caption = text_file.read_text(encoding="utf-8-sig").strip()
-            except FileNotFoundError:
-                self._log(text_file, f"is missing (no caption for {path})")
-                caption = None
-            except UnicodeDecodeError as error:
-                self._log(text_file, f"is not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8")
-                caption = None
-            except OSError as error:
-                self._log(text_file, f"cannot be read ({error.strerror or type(error).__name__})")
-                caption = None
-            else:
-                if not caption:
-                    self._log(text_file, "is empty")
-            captions.append(caption)
+            captions.append(self._caption(path, listings) if isinstance(path, str) else None)
         return {self.caption_column: captions}
 
 
@@ -1128,8 +1363,13 @@ def load_image_folder(
 
     Captions in same-named `.txt` files are added here: the imagefolder builder reads only a metadata file (any other
     file beside an image is ignored), and turning each `.txt` into a metadata row first would mean writing into the
-    user's folder.
+    user's folder. What imagefolder leaves out without a word is said here: images that no metadata file names (a
+    warning), and entries named like images that are no file (a broken link, a folder called `y.jpg`: rows that the
+    rows check reports, or, streamed, one line).
     """
+    scan = _scan_image_folder(path)
+    if kind == "metadata":
+        _warn_unlisted_images(path, scan)
     try:
         loaded = datasets.load_dataset("imagefolder", data_dir=path, cache_dir=cache_dir, streaming=streaming)
     except Exception as error:
@@ -1141,18 +1381,24 @@ def load_image_folder(
         dataset = dataset.cast_column("image", datasets.Image(decode=False))
         if data_args.image_column != "image":
             dataset = dataset.rename_column("image", data_args.image_column)
-        if kind == "captions":
-            features = dataset.features.copy()
-            features[data_args.caption_column] = datasets.Value("string")
-            captions = _SidecarCaptions(data_args.image_column, data_args.caption_column)
-            kwargs: dict[str, Any] = {"batched": True, "features": features}
-            if isinstance(dataset, Dataset):
-                kwargs["desc"] = "Reading the .txt captions"
-                # Read every run: the imagefolder builder's fingerprint covers the images, not the .txt files, so a
-                # cached map would keep a caption after its file was edited (and name no bad file again).
-                kwargs["load_from_cache_file"] = False
-            dataset = dataset.map(captions, **kwargs)
         splits[split] = dataset
+    if kind != "captions":
+        return splits
+    if scan.not_files and streaming:
+        _report_entries_that_are_no_file(path, scan.not_files, data_args.on_bad_rows)
+    elif scan.not_files:
+        splits = _with_entries_that_are_no_file(splits, scan.not_files, data_args.image_column)
+    for split, dataset in splits.items():
+        features = dataset.features.copy()
+        features[data_args.caption_column] = datasets.Value("string")
+        captions = _SidecarCaptions(data_args.image_column, data_args.caption_column)
+        kwargs: dict[str, Any] = {"batched": True, "features": features}
+        if isinstance(dataset, Dataset):
+            kwargs["desc"] = "Reading the .txt captions"
+            # Read every run: the imagefolder builder's fingerprint covers the images, not the .txt files, so a
+            # cached map would keep a caption after its file was edited (and name no bad file again).
+            kwargs["load_from_cache_file"] = False
+        splits[split] = dataset.map(captions, **kwargs)
     return splits
 
 

@@ -162,3 +162,84 @@ def test_a_skipped_row_of_a_caption_folder_names_its_file(base_args, tmp_path, m
     [line] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("run_clip.py: error:")]
     assert status == 2 and "3 of 24 rows cannot be used (2 missing caption, 1 empty caption)" in line
     assert f"(image {folder / 'circle' / 'red_white.jpg'})" in line and "`on_bad_rows` to `skip`" in line
+
+
+def _folder_args(base_args: list[str], folder: str, *extra: str) -> list[str]:
+    args = list(base_args)
+    del args[args.index("--train_file") : args.index("--train_file") + 2]
+    return [*args, "--dataset_name", folder, "--validation_split_percentage", "0", "--num_train_epochs", "1", *extra]
+
+
+def test_images_that_the_metadata_file_does_not_name_are_counted_and_named(base_args, tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    folder = write_metadata_folder(tmp_path / "pets")
+    with (folder / "metadata.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    unlisted = sorted(row["file_name"] for row in rows[20:])
+    with (folder / "metadata.csv").open("w", newline="") as handle:  # the last 4 images are not named
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows[:20])
+    caplog.set_level(logging.WARNING, logger="clip_trainer")
+    results = main(_folder_args(base_args, "pets", "--caption_column", "text"))
+    assert results["train_samples"] == 20
+    [line] = [record.getMessage() for record in caplog.records if "not in its metadata file" in record.getMessage()]
+    assert "4 of its 24 images are not in its metadata file (metadata.csv) and are left out" in line
+    assert f"{unlisted[0]}, {unlisted[1]}, {unlisted[2]} and 1 more" in line
+    assert "list each in the metadata file" in line
+
+
+def test_a_caption_file_whose_extension_is_upper_case_is_read(base_args, tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    folder = write_caption_folder(tmp_path / "camera")
+    (folder / "circle" / "red_white.txt").rename(folder / "circle" / "red_white.TXT")  # as Windows tools write it
+    (folder / "square" / "blue_black.txt").rename(folder / "square" / "blue_black.TXT")
+    (folder / "square" / "blue_black.Txt").write_text("another caption")  # two captions of one image
+    caplog.set_level(logging.WARNING, logger="clip_trainer")
+    results = main(_folder_args(base_args, "camera"))
+    assert results["train_samples"] == 23
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert "red_white" not in logged
+    both = f"{folder / 'square' / 'blue_black.TXT'} and {folder / 'square' / 'blue_black.Txt'}"
+    assert f"Caption file {both} are both the caption of {folder / 'square' / 'blue_black.jpg'}; keep one" in logged
+
+
+def write_folder_with_entries_that_are_no_file(folder: Path) -> Path:
+    """The caption folder with a broken link `circle/broken.jpg` and a folder `square/folder.jpg`, each with a .txt."""
+    write_caption_folder(folder)
+    (folder / "circle" / "broken.jpg").symlink_to("gone.jpg")  # a link to nothing
+    (folder / "circle" / "broken.txt").write_text("a broken link")
+    (folder / "square" / "folder.jpg").mkdir()
+    (folder / "square" / "folder.txt").write_text("a directory")
+    return folder
+
+
+def test_entries_named_like_images_that_are_no_file_are_bad_rows(base_args, tmp_path, monkeypatch, caplog, capsys):
+    monkeypatch.chdir(tmp_path)
+    folder = write_folder_with_entries_that_are_no_file(tmp_path / "captioned")
+    caplog.set_level(logging.WARNING, logger="clip_trainer")
+    results = main(_folder_args(base_args, "captioned"))
+    assert results["train_samples"] == 24
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert "skipped 2 of 26 rows (1 image" in logged
+    assert f"image file not found: {folder / 'circle' / 'broken.jpg'}" in logged
+    assert f"image path is a directory: {folder / 'square' / 'folder.jpg'}" in logged
+    status = cli([*_folder_args(base_args, "captioned"), "--on_bad_rows", "error", "--output_dir", "stopped"])
+    [line] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("run_clip.py: error:")]
+    assert status == 2 and "skipped 2 of 26 rows" in line and "`on_bad_rows` to `skip`" in line
+
+
+def test_entries_named_like_images_that_are_no_file_are_one_line_when_streamed(
+    base_args, tmp_path, monkeypatch, capsys
+):
+    """A stream has no rows check before training: they are said in one line (a warning; here the stop of
+    `on_bad_rows error`, which says the same before any model is built)."""
+    monkeypatch.chdir(tmp_path)
+    folder = write_folder_with_entries_that_are_no_file(tmp_path / "captioned")
+    args = _folder_args(base_args, "captioned", "--streaming", "true", "--max_steps", "1")
+    status = cli([*args, "--on_bad_rows", "error"])
+    [line] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("run_clip.py: error:")]
+    assert status == 2 and "2 entries named like images are no image file" in line
+    assert f"{folder / 'circle' / 'broken.jpg'} is no file (a broken link?)" in line
+    assert f"{folder / 'square' / 'folder.jpg'} is a directory" in line
+    assert "`on_bad_rows` to `skip`" in line

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 import clip_trainer.trainer
 from clip_trainer.arguments import ConfigError, DataArguments
 from clip_trainer.data import load_image_text_data
-from clip_trainer.run import main
+from clip_trainer.run import cli, main
 from clip_trainer.sources import expand_braces
 
 
@@ -420,3 +420,52 @@ def test_a_bad_sample_is_named_by_its_key_and_shard(tmp_path, caplog):
                          evaluate=False)  # fmt: skip
     report = next(r.getMessage() for r in caplog.records if "skipped 1 of 27 rows" in r.getMessage())
     assert "empty caption" in report and "(sample bad_1 of " in report and "00002.tar)" in report
+
+
+def _write_dotted_shard(path: Path, good: int, dotted: list[str]) -> None:
+    """A shard of `good` samples `k0000`, ... and then one sample per name of `dotted` (`IMG_2021.05.01`), each a
+    `.jpg` and a `.txt`: file names with dots before the extension, as cameras and exports write them."""
+    rows = shape_rows()
+    with tarfile.open(path, "w") as tar:
+        for index, name in enumerate([f"k{index:04d}" for index in range(good)] + dotted):
+            color, shape, background, caption = rows[index % len(rows)]
+            buffer = io.BytesIO()
+            draw_shape(color, shape, background, size=36 + index // len(rows)).save(buffer, format="JPEG")
+            _add_member(tar, f"{name}.jpg", buffer.getvalue())
+            _add_member(tar, f"{name}.txt", caption.encode())
+
+
+def _shard_args(base_args: list[str]) -> list[str]:
+    args = list(base_args)
+    args[args.index("--train_file") + 1] = "photos.tar"
+    return args
+
+
+def test_member_names_with_dots_are_named_as_the_cause(base_args, tmp_path, monkeypatch, capsys):
+    """WebDataset's key is the name up to the first dot: `IMG_2021.05.00.txt` is sample `IMG_2021`'s member
+    `05.00.txt`, and no sample has a `txt` member, although `caption_column` names it."""
+    monkeypatch.chdir(tmp_path)
+    _write_dotted_shard(tmp_path / "photos.tar", 0, [f"IMG_2021.05.{day:02d}" for day in range(8)])
+    status = cli([*_shard_args(base_args), "--caption_column", "txt"])
+    [line] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("run_clip.py: error:")]
+    assert status == 2
+    assert "`caption_column` is 'txt', but the samples of `train_file` 'photos.tar' have no txt member" in line
+    assert "file names with dots before the extension (IMG_2021.05.00.txt)" in line
+    assert "WebDataset's sample key is the name up to the first dot (IMG_2021)" in line
+    assert "rename the files so that the only dots are before the extension(s), e.g. IMG_2021_05_00.txt" in line
+    assert "Set `caption_column`" not in line  # it names the member already
+
+
+def test_a_later_sample_with_dots_in_its_names_is_a_bad_row_naming_them(base_args, tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    _write_dotted_shard(tmp_path / "photos.tar", 16, ["photo.2021.05"])
+    caplog.set_level(logging.WARNING, logger="clip_trainer")
+    results = main([*_shard_args(base_args), "--caption_column", "txt", "--max_steps", "1"])
+    assert results["train_samples"] == 16
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    dots = "file names with dots before the extension (photo.2021.05.{}): WebDataset's sample key is the name up to"
+    # The shard's warning, which the bad row points to, is there, and both name the cause and the fix.
+    assert "`train_file` shard 'photos.tar': sample photo has no txt member: " + dots.format("txt") in logged
+    assert "e.g. photo_2021_05.txt" in logged
+    assert "skipped 1 of 17 rows (1 no caption): row 16: no caption: " + dots.format("jpg") in logged
+    assert "e.g. photo_2021_05.jpg (sample photo of photos.tar)" in logged
