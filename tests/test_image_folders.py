@@ -226,7 +226,7 @@ def test_entries_named_like_images_that_are_no_file_are_bad_rows(base_args, tmp_
     assert f"image path is a directory: {folder / 'square' / 'folder.jpg'}" in logged
     status = cli([*_folder_args(base_args, "captioned"), "--on_bad_rows", "error", "--output_dir", "stopped"])
     [line] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("run_clip.py: error:")]
-    assert status == 2 and "skipped 2 of 26 rows" in line and "`on_bad_rows` to `skip`" in line
+    assert status == 2 and "2 of 26 rows cannot be used" in line and "`on_bad_rows` to `skip`" in line
 
 
 def test_entries_named_like_images_that_are_no_file_are_one_line_when_streamed(
