@@ -1061,6 +1061,7 @@ def _finish_training_stream(
     else:
         validation = None
         held_per_shard = None
+        held_out = 0
     if data_args.max_train_samples is not None:
         train = train.take(data_args.max_train_samples)
     # Repeated without end: `max_steps` alone ends the run, and no process runs out of data before the others (which
@@ -1071,7 +1072,17 @@ def _finish_training_stream(
     train = sample_stream_captions(train, data_args, seed)
     # What the stream reads, for the warning on uneven shards and for the position saved with checkpoints.
     samples = read.samples if data_args.max_train_samples is None else None
-    record_source(train, StreamSource(read.shards, samples, data_args.shuffle_buffer_size, held_per_shard))
+    record_source(
+        train,
+        StreamSource(
+            read.shards,
+            samples,
+            data_args.shuffle_buffer_size,
+            held_per_shard,
+            held_out_head=held_out,
+            max_train_samples=data_args.max_train_samples,
+        ),
+    )
     logger.info(
         f"Streaming the training pairs ({train.num_shards} shard(s), shuffle buffer {data_args.shuffle_buffer_size:,})."
     )

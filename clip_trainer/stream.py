@@ -123,6 +123,10 @@ class StreamSource:
     # Per shard, the rows held out of training for validation (the head of the stream, see `data.py`): they are in
     # `samples` (what the shards hold) but never trained on, so they count against their shards' share.
     held_out: list[int] | None = None
+    # How the training rows are cut from the stream: the head held out for validation (`max_eval_samples` pairs, 0
+    # with a validation file) and `max_train_samples`. Either changed moves every later row to another position.
+    held_out_head: int = 0
+    max_train_samples: int | None = None
 
     def training_samples(self) -> list[int] | None:
         """Each shard's samples that training reads: `samples` less the held-out rows; `None` when not counted."""
@@ -145,7 +149,12 @@ class StreamSource:
                 shards.append([name, self.samples[index]])
             else:
                 shards.append([name, os.path.getsize(shard) if os.path.isfile(shard) else -1])
-        return {"shards": shards, "shuffle_buffer_size": self.shuffle_buffer_size}
+        return {
+            "shards": shards,
+            "shuffle_buffer_size": self.shuffle_buffer_size,
+            "held_out_head": self.held_out_head,
+            "max_train_samples": self.max_train_samples,
+        }
 
 
 # The sources of the streams made by clip-trainer's loaders, looked up by the trainer (a stream carries no such note).
@@ -280,13 +289,21 @@ def _layout(args: Any) -> dict[str, int]:
 def _data_changes(saved: dict[str, Any] | None, current: dict[str, Any] | None) -> str:
     """What differs between the training data a stream position was saved with and this run's, in words; empty when
     nothing does or either is unknown (a checkpoint from before the data was saved with it)."""
-    if saved is None or current is None or saved == current:
+    if saved is None or current is None:
+        return ""
+    # A checkpoint saved before a key was kept with the position says nothing of it.
+    current = {key: value for key, value in current.items() if key in saved}
+    if saved == current:
         return ""
     changes = []
-    if saved.get("shuffle_buffer_size") != current.get("shuffle_buffer_size"):
-        changes.append(
-            f"`shuffle_buffer_size` was {saved.get('shuffle_buffer_size')} and is {current.get('shuffle_buffer_size')}"
-        )
+    for key, option in (
+        ("shuffle_buffer_size", "shuffle_buffer_size"),
+        ("held_out_head", "the pairs held out of the stream's head (`max_eval_samples`)"),
+        ("max_train_samples", "max_train_samples"),
+    ):
+        if key in saved and saved.get(key) != current.get(key):
+            name = f"`{option}`" if option == key else option
+            changes.append(f"{name} was {saved.get(key)} and is {current.get(key)}")
     before = {path: size for path, size in saved.get("shards", [])}
     now = {path: size for path, size in current.get("shards", [])}
     for label, names in (
@@ -296,7 +313,9 @@ def _data_changes(saved: dict[str, Any] | None, current: dict[str, Any] | None) 
     ):
         if names:
             changes.append(f"{len(names):,} shard(s) {label} (first: {names[0]})")
-    if not changes:
+    if not changes and [path for path, _ in saved.get("shards", [])] != [
+        path for path, _ in current.get("shards", [])
+    ]:
         changes.append("the shards are in another order")
     return "; ".join(changes)
 

@@ -107,10 +107,14 @@ def test_a_saved_position_is_read_back_only_for_the_same_layout(tmp_path):
     assert callback.read(checkpoint, SimpleNamespace(**{**vars(args), "process_index": 1})) is None  # not its file
 
 
-@pytest.mark.parametrize("change", ["deleted shard", "added shard", "replaced shard", "shuffle_buffer_size"])
+@pytest.mark.parametrize(
+    "change",
+    ["deleted shard", "added shard", "replaced shard", "shuffle_buffer_size", "max_eval_samples", "max_train_samples"],
+)
 def test_a_position_saved_over_other_data_is_not_loaded(tmp_path, caplog, change):
-    """The position is saved with the stream's shards and block size; a resume over other shards (one deleted, as in
-    the 30 repeated samples of a user's run) or another `shuffle_buffer_size` replays the stream and says why."""
+    """The position is saved with the stream's shards, block size and cut (the head held out for validation,
+    `max_train_samples`); a resume over other shards (one deleted, as in the 30 repeated samples of a user's run),
+    another `shuffle_buffer_size` or another cut replays the stream and says why."""
     from types import SimpleNamespace
 
     from clip_trainer.arguments import DataArguments
@@ -120,9 +124,10 @@ def test_a_position_saved_over_other_data_is_not_loaded(tmp_path, caplog, change
     shards = tmp_path / "shards"
     write_tar_shards(shards, shards=4, per_shard=5)
 
-    def callback(buffer: int = 4) -> StreamPositionCallback:
-        data_args = DataArguments(train_file=str(shards / "*.tar"), streaming=True, shuffle_buffer_size=buffer)
-        return StreamPositionCallback(source_of(load_image_text_data(data_args, seed=5, evaluate=False).train))
+    def callback(buffer: int = 4, held_out: int = 3, max_train_samples: int | None = None) -> StreamPositionCallback:
+        data_args = DataArguments(train_file=str(shards / "*.tar"), streaming=True, shuffle_buffer_size=buffer,
+                                  max_eval_samples=held_out, max_train_samples=max_train_samples)  # fmt: skip
+        return StreamPositionCallback(source_of(load_image_text_data(data_args, seed=5, evaluate=True).train))
 
     args = SimpleNamespace(
         output_dir=str(tmp_path), process_index=0, world_size=1, dataloader_num_workers=2,
@@ -141,8 +146,11 @@ def test_a_position_saved_over_other_data_is_not_loaded(tmp_path, caplog, change
             "added shard": "1 shard(s) new (first: 00004.tar)",
             "replaced shard": "1 shard(s) of another size (first: 00002.tar)",
             "shuffle_buffer_size": "`shuffle_buffer_size` was 4 and is 8",
+            "max_eval_samples": "the pairs held out of the stream's head (`max_eval_samples`) was 3 and is 5",
+            "max_train_samples": "`max_train_samples` was None and is 12",
         }[change],
     )
+    changed = {"max_eval_samples": {"held_out": 5}, "max_train_samples": {"max_train_samples": 12}}.get(change, {})
     if change == "deleted shard":
         (shards / "00003.tar").unlink()
     elif change == "added shard":
@@ -151,10 +159,10 @@ def test_a_position_saved_over_other_data_is_not_loaded(tmp_path, caplog, change
     elif change == "replaced shard":
         write_tar_shards(tmp_path / "other", shards=3, per_shard=7)
         (tmp_path / "other" / "00002.tar").replace(shards / "00002.tar")
-    else:
+    elif change == "shuffle_buffer_size":
         buffer = 8
     caplog.set_level(logging.WARNING, logger="clip_trainer")
-    assert callback(buffer).read(checkpoint, args) is None
+    assert callback(buffer, **changed).read(checkpoint, args) is None
     [message] = [
         r.getMessage() for r in caplog.records if "saved while streaming other training data" in r.getMessage()
     ]
@@ -238,7 +246,9 @@ def test_a_killed_streamed_run_resumes_at_the_sample_where_its_checkpoint_was_ta
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("change", ["dataloader_num_workers", "seed", "shuffle_buffer_size", "train_file"])
+@pytest.mark.parametrize(
+    "change", ["dataloader_num_workers", "seed", "shuffle_buffer_size", "train_file", "max_train_samples"]
+)
 def test_a_position_saved_with_another_layout_is_not_loaded(base_args, tmp_path, monkeypatch, caplog, change):
     shards = tmp_path / "shards"
     write_tar_shards(shards, shards=4, per_shard=5)
@@ -248,7 +258,10 @@ def test_a_position_saved_with_another_layout_is_not_loaded(base_args, tmp_path,
     assert (out / "checkpoint-4" / STREAM_STATE_NAME.format(rank=0)).is_file()
     changed = list(argv)
     value = {"dataloader_num_workers": "1", "train_file": str(shards / "{00000..00002}.tar")}.get(change, "7")
-    changed[changed.index(f"--{change}") + 1] = value
+    if f"--{change}" in changed:
+        changed[changed.index(f"--{change}") + 1] = value
+    else:  # a cut the first run did not make
+        changed += [f"--{change}", "18"]
     if change == "train_file":
         (shards / "00003.tar").unlink()  # a shard deleted between the runs
     caplog.set_level(logging.WARNING, logger="clip_trainer")
@@ -257,5 +270,6 @@ def test_a_position_saved_with_another_layout_is_not_loaded(base_args, tmp_path,
     expected = {
         "shuffle_buffer_size": "saved while streaming other training data: `shuffle_buffer_size` was 10 and is 7",
         "train_file": "saved while streaming other training data: 1 shard(s) gone (first: 00003.tar)",
+        "max_train_samples": "saved while streaming other training data: `max_train_samples` was None and is 18",
     }.get(change, "the saved stream position does not apply")
     assert any(expected in r.getMessage() for r in caplog.records)
