@@ -1307,6 +1307,17 @@ class CLIPTrainingArguments(TrainingArguments):
             self.metric_for_best_model = "eval_loss"
         if self.early_stopping_patience is not None:
             self.load_best_model_at_end = True
+            save, evaluate = (
+                str(getattr(self.save_strategy, "value", self.save_strategy)),
+                str(getattr(self.eval_strategy, "value", self.eval_strategy)),
+            )
+            if save not in (evaluate, "best") and evaluate != "no":
+                # transformers would stop on `load_best_model_at_end`, an option the user never set.
+                raise ConfigError(
+                    f"`early_stopping_patience` keeps the best checkpoint (it turns on `load_best_model_at_end`), "
+                    f"which needs a checkpoint at every evaluation: `save_strategy` is {save} and `eval_strategy` "
+                    f"{evaluate}; set --save_strategy {evaluate} (or best)."
+                )
         if self.dataloader_num_workers == 0:
             # Our default of persistent workers means nothing without workers, and torch refuses the pair.
             self.dataloader_persistent_workers = False

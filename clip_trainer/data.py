@@ -766,6 +766,45 @@ def _check_columns(columns: list[str], split: str, data_args: DataArguments) -> 
             )
 
 
+def check_given_columns(dataset: Any, split: str, data_args: DataArguments) -> None:
+    """The image and caption columns of a dataset given to the trainer (by a script, not loaded by the command) are
+    there: without them every row would be a bad sample and nothing would train, with a warning per row. A dataset
+    without column names (a torch one) is not checked."""
+    columns = getattr(dataset, "column_names", None)
+    if not columns:
+        return
+    caption_columns = (
+        list(data_args.caption_sampling)
+        if isinstance(data_args.caption_sampling, dict)
+        else [data_args.caption_column]
+    )
+    for key, column in [("image_column", data_args.image_column), *(("caption_column", c) for c in caption_columns)]:
+        if column not in columns:
+            raise ConfigError(
+                f"`{key}` is {column!r}, but the {split} dataset has no such column. Its columns are: "
+                f"{', '.join(c for c in columns if c != SOURCE_ROW_COLUMN)}. Name its columns in "
+                f"`DataArguments({key}=...)`, passed to the trainer as `data_args`."
+            )
+
+
+def prepared_for_evaluation(dataset: Any, data_args: DataArguments) -> Any:
+    """An evaluation set given to the trainer, made what the command makes of its validation split: a row per caption
+    (a row of several captions spread out), image ids (`image_id_column`, else the same file or bytes: one image) and,
+    when it has `label_column`, class labels for zero-shot accuracy. A set that has its image ids already (the
+    command's, or one prepared before) and a stream are returned as they are."""
+    if not isinstance(dataset, Dataset) or IMAGE_ID_COLUMN in dataset.column_names:
+        return dataset
+    check_given_columns(dataset, "evaluation", data_args)
+    if data_args.caption_column in dataset.column_names:
+        dataset = _captions_as_text(dataset, data_args.caption_column)
+    ready = expand_evaluation_captions(dataset, data_args)
+    id_column = data_args.image_id_column if data_args.image_id_column in ready.column_names else None
+    ready = add_image_ids(ready, data_args.image_column, id_column)
+    if data_args.label_column is not None and data_args.label_column in ready.column_names:
+        ready = add_class_labels(ready, data_args.label_column)
+    return ready
+
+
 def _captions_as_text(dataset: Dataset, caption_column: str) -> Dataset:
     # A JSON or parquet column of numbers is text to whoever wrote it (product codes, years).
     feature = dataset.features[caption_column]

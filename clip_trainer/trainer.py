@@ -75,6 +75,11 @@ def clip_training_arguments(args) -> CLIPTrainingArguments:
         )
     values = {field.name: getattr(args, field.name) for field in dataclasses.fields(TrainingArguments) if field.init}
     values["remove_unused_columns"] = False
+    metric = args.metric_for_best_model
+    if metric is not None and args.greater_is_better == (not metric.endswith("loss")):
+        # transformers filled it in as "greater is better" for any metric not ending in "loss" (it cannot tell that
+        # the user did not): left for clip-trainer's rule, which knows a median rank is lower-better.
+        values["greater_is_better"] = None
     return CLIPTrainingArguments(**values)
 
 
@@ -346,22 +351,41 @@ class CLIPContrastiveTrainer(Trainer):
                 open_clip_preprocess_config(image_processor, model.config.vision_config.image_size)
             except ConfigError as error:
                 raise ConfigError(f"`save_open_clip` cannot be honoured: {error} Drop --save_open_clip.") from None
+        # --- the data a script gives, as the command makes it ---------------------------------------------------------
+        from .data import LABEL_COLUMN, check_given_columns, prepared_for_evaluation
+
+        given_data_args = data_args if data_args is not None else DataArguments()
+        if isinstance(train_dataset, Dataset):
+            check_given_columns(train_dataset, "training", given_data_args)
+        # Evaluation sets get the command's image ids (rows of one image are one image) and class labels.
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {name: prepared_for_evaluation(d, given_data_args) for name, d in eval_dataset.items()}
+        else:
+            eval_dataset = prepared_for_evaluation(eval_dataset, given_data_args)
+        if extra_eval_datasets:
+            extra_eval_datasets = {
+                name: prepared_for_evaluation(d, given_data_args) for name, d in extra_eval_datasets.items()
+            }
         # --- the settings against each other and against the model (as the command checks them) -----------------
-        from .data import LABEL_COLUMN
         from .validation import check_training_arguments
 
-        labelled = any(LABEL_COLUMN in (getattr(d, "column_names", None) or []) for d in (eval_dataset, train_dataset))
+        def labelled(dataset) -> bool:
+            return LABEL_COLUMN in (getattr(dataset, "column_names", None) or [])
+
+        # A dict of evaluation sets reports each as `eval_{name}_*`, and no `eval_*` of its own.
+        named_sets = {**(eval_dataset if isinstance(eval_dataset, dict) else {}), **(extra_eval_datasets or {})}
         check_training_arguments(
-            data_args if data_args is not None else DataArguments(),
+            given_data_args,
             args,
             model.config,
-            has_labels=(data_args is not None and data_args.label_column is not None) or labelled,
-            extra_sets={
-                name: LABEL_COLUMN in (getattr(dataset, "column_names", None) or [])
-                for name, dataset in (extra_eval_datasets or {}).items()
-            }
-            if extra_eval_datasets
-            else None,
+            has_labels=labelled(eval_dataset)
+            or labelled(train_dataset)
+            or (
+                data_args is not None and data_args.label_column is not None and not isinstance(eval_dataset, Dataset)
+            ),
+            extra_sets={name: labelled(dataset) for name, dataset in named_sets.items()} if named_sets else None,
+            main_set=not isinstance(eval_dataset, dict),
+            training=train_dataset is not None,
         )
         # The teacher, frozen on this process's device; one with its own processor has its inputs made by the collator.
         self.teacher: Teacher | None = None
@@ -489,6 +513,11 @@ class CLIPContrastiveTrainer(Trainer):
         if not self.trainable_parameters.is_default:
             self.add_callback(TrainableParametersCallback(self.trainable_parameters))
         if self.args.early_stopping_patience is not None:
+            if any(isinstance(c, EarlyStoppingCallback) for c in self.callback_handler.callbacks):
+                raise ConfigError(
+                    "`early_stopping_patience` adds an EarlyStoppingCallback, and `callbacks` has one already: two "
+                    "would count on their own and the stricter would stop the run. Keep one of them."
+                )
             self.add_callback(
                 EarlyStoppingCallback(self.args.early_stopping_patience, self.args.early_stopping_threshold)
             )
@@ -1379,9 +1408,14 @@ class CLIPContrastiveTrainer(Trainer):
         return metrics
 
     def _evaluation_sets(self, eval_dataset, metric_key_prefix: str) -> list[tuple[str, object]]:
-        """`(metric prefix, dataset or set name)` of each set an `evaluate(eval_dataset)` call covers."""
+        """`(metric prefix, dataset or set name)` of each set an `evaluate(eval_dataset)` call covers; a dataset given
+        here is prepared as the trainer's own sets are (image ids, class labels)."""
+        from .data import prepared_for_evaluation
+
         if eval_dataset is not None and not isinstance(eval_dataset, dict):
-            return [(metric_key_prefix, eval_dataset)]
+            return [(metric_key_prefix, prepared_for_evaluation(eval_dataset, self.data_args))]
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {name: prepared_for_evaluation(d, self.data_args) for name, d in eval_dataset.items()}
         named = eval_dataset if eval_dataset is not None else self.eval_dataset
         sets: list[tuple[str, object]] = []
         if isinstance(named, dict):
@@ -1446,6 +1480,19 @@ class CLIPContrastiveTrainer(Trainer):
                 inner._iterator = None
                 inner._initial_iter_for_state_dict = False
         return loader
+
+    def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test"):
+        """`Trainer.predict`, with `test_dataset` prepared and batched as an evaluation set is (image ids and class
+        labels; the evaluation collator, never augmented; every pair kept), so that its metrics are `evaluate`'s."""
+        from .data import prepared_for_evaluation
+
+        dataset = prepared_for_evaluation(test_dataset, self.data_args)
+        return super().predict(dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+
+    def get_test_dataloader(self, test_dataset) -> DataLoader:
+        """`predict`'s DataLoader: the evaluation one (see [`get_eval_dataloader`]); transformers' would batch with
+        the training collator and drop the last batch with `dataloader_drop_last`."""
+        return self.get_eval_dataloader(test_dataset)
 
     def get_eval_dataloader(self, eval_dataset=None) -> DataLoader:
         """The evaluation DataLoader of the validation split (`None`), of a set by name (one of
@@ -1858,10 +1905,16 @@ def _stop_workers_at_exit() -> None:
 
 def _kill_dataloader_workers() -> None:
     import multiprocessing
+    import signal
 
     # The daemon processes `multiprocessing` would terminate next (a started process no longer says what it runs);
     # DataLoader workers are daemons.
     workers = [process for process in multiprocessing.active_children() if process.daemon]
+    if workers:
+        try:  # torch's SIGCHLD handler would raise "DataLoader worker ... is killed by signal" for each one
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        except ValueError:  # not the main thread: nothing to reset there
+            pass
     for process in workers:
         process.kill()
     for process in workers:

@@ -81,9 +81,14 @@ def check_arguments(
             "A model built from scratch (`config_name` without `model_name_or_path`) has nothing to evaluate before "
             "it trains: add --do_train, or evaluate a trained model with `model_name_or_path`."
         )
-    check_training_arguments(data_args, training_args, config, model_args=model_args, text_positions=text_positions)
-    if training_args.do_train:
-        _check_negatives(training_args)
+    check_training_arguments(
+        data_args,
+        training_args,
+        config,
+        model_args=model_args,
+        text_positions=text_positions,
+        training=training_args.do_train,
+    )
     if data_args.streaming and training_args.do_train and training_args.max_steps <= 0:
         raise ConfigError("Streaming data has no known length: set `max_steps` (e.g. --max_steps 10000).")
 
@@ -96,6 +101,8 @@ def check_training_arguments(
     text_positions: int | None = None,
     has_labels: bool | None = None,
     extra_sets: dict[str, bool] | None = None,
+    main_set: bool = True,
+    training: bool = False,
 ) -> None:
     """The checks the command and the trainer share: the settings against each other and against the model's config
     (caption length, early stopping, the metric that chooses the best model, the family's limits, WiSE-FT and partial
@@ -108,6 +115,9 @@ def check_training_arguments(
         has_labels: whether the evaluation data has class labels; by default, whether `label_column` is set.
         extra_sets: the extra evaluation sets' names and whether each has class labels; by default, those of
             `data_args.extra_eval_sets`.
+        main_set: whether there is a validation split reporting `eval_*` (a trainer given a dict of evaluation sets
+            has none: each reports `eval_{name}_*`).
+        training: whether the run trains (a batch must then hold at least two pairs).
     """
     if text_positions is None and getattr(config, "text_config", None) is not None:
         from .modeling import max_text_positions
@@ -133,7 +143,10 @@ def check_training_arguments(
         extra_sets=extra_sets,
         sigmoid_loss=_uses_sigmoid_loss(training_args, config),
         hard_negatives=data_args.hard_negative_column is not None,
+        main_set=main_set,
     )
+    if training:
+        _check_negatives(training_args)
     _check_model_family(data_args, training_args, config)
     _check_patch_dropout(training_args, config)
     _check_fine_tuning(model_args, training_args, config)
@@ -216,6 +229,7 @@ def _check_metric_for_best_model(
     extra_sets: dict[str, bool] | None = None,
     sigmoid_loss: bool | None = None,
     hard_negatives: bool = False,
+    main_set: bool = True,
 ) -> None:
     """Fails fast when `metric_for_best_model` names a metric that evaluation will never compute.
 
@@ -243,6 +257,8 @@ def _check_metric_for_best_model(
     directionless = {m.name for m in METRICS if m.greater_is_better is None}
     known = per_set | (labelled_only if has_labels else set())
     zeroshot_without_labels = labelled_only - known
+    if not main_set:  # no validation split: only the named sets report
+        known, zeroshot_without_labels = set(), set()
     if args.ema_decay is not None:  # the EMA's evaluation of the validation split: `eval_ema_{metric}`
         known |= {f"{EMA_PREFIX}_{key}" for key in known}
         zeroshot_without_labels |= {f"{EMA_PREFIX}_{key}" for key in zeroshot_without_labels}

@@ -50,7 +50,7 @@ def test_crops_differ_across_workers_and_epochs_and_follow_the_seed(tiny_clip_di
     data = load_image_text_data(DataArguments(train_file=str(shapes_csv)), seed=1, evaluate=False)
     same_row = Dataset.from_list([data.train[0]] * 4)
     trainer = augmenting_trainer(
-        tmp_path, tiny_clip_dir, same_row, None, per_device_train_batch_size=1, dataloader_num_workers=2,
+        tmp_path, tiny_clip_dir, same_row, None, per_device_train_batch_size=2, dataloader_num_workers=2,
         dataloader_persistent_workers=False, eval_strategy="no",
     )  # fmt: skip
 
@@ -63,7 +63,7 @@ def test_crops_differ_across_workers_and_epochs_and_follow_the_seed(tiny_clip_di
     first, second = epoch(0), epoch(1)
     torch.manual_seed(6)  # torch's global generator plays no part: the run's seed, the epoch and the row do
     again = epoch(0)
-    # Batches 0 and 1 come from the two workers: two rows of the same image, cropped differently.
+    # Batches 0 and 1 come from the two workers: rows of the same image, cropped differently.
     assert not torch.equal(first[0], first[1])
     assert any(not torch.equal(a, b) for a, b in zip(first, second))  # a new epoch draws new crops
     assert all(torch.equal(a, b) for a, b in zip(first, again))  # the same seed and epoch draw the same ones
