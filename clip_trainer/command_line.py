@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import functools
 import glob
 import importlib.util
@@ -338,6 +339,7 @@ CONFIG_RELATIVE_PATH_KEYS = (
     "vision_model_name_or_path",
     "text_model_name_or_path",
     "teacher_model_name_or_path",
+    "teacher_embeddings",
     "tokenizer_name",
     "image_processor_name",
     "dataset_name",
@@ -357,6 +359,8 @@ def _resolve_against_config(value: Any, config_dir: Path) -> Any:
     `train_mixture` object, each of its sources."""
     if isinstance(value, dict):
         return {_resolve_against_config(source, config_dir): weight for source, weight in value.items()}
+    if isinstance(value, str) and value.startswith("~"):  # a shell expands it on the command line; a file must
+        value = os.path.expanduser(value)
     if not isinstance(value, str) or not value or os.path.isabs(value) or value.lower() in ("true", "false"):
         return value
     candidate = config_dir / value
@@ -392,6 +396,11 @@ def _resolve_extra_eval_sets(value: Any, config_dir: Path) -> Any:
 def _resolve_config_value(key: str, value: Any, config_dir: Path) -> Any:
     if key == "extra_eval_sets":
         return _resolve_extra_eval_sets(value, config_dir)
+    if key == "train_mixture" and isinstance(value, str) and value.lstrip().startswith("{"):
+        try:  # the object written as JSON text: its sources are read beside the config file too
+            value = json.loads(value, object_pairs_hook=refuse_repeated_keys("train_mixture"))
+        except json.JSONDecodeError:
+            return value  # reported by DataArguments, with the fix
     return _resolve_against_config(value, config_dir) if key in CONFIG_RELATIVE_PATH_KEYS else value
 
 
@@ -432,9 +441,15 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, Data
     for key in merged:
         if not _given_as_flag(key, argv):  # a flag wins, whatever the file holds
             merged[key] = _config_value(actions[key], key, merged[key], set_in[key])
+    _refuse_repeated_flags(argv, actions)
+    # An empty value (`--max_seq_length ""`) gives an option its default, unsetting what a config file set: argparse
+    # would try to read "" as a number (or a list of one empty value).
+    argv, emptied = _without_empty_values(argv, actions)
     # Values from files become the parser's defaults, so that flags on the command line win.
     parser.set_defaults(**merged)
     namespace, remaining = parser.parse_known_args(argv)
+    for key in emptied:
+        setattr(namespace, key, _field_default(key))
     if remaining:
         flag = next((arg for arg in remaining if arg.startswith("-")), remaining[0])
         name = flag.lstrip("-").split("=")[0]
@@ -444,12 +459,25 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, Data
                     f"Unexpected argument `{flag}`: config files come first, before every flag (`run_clip.py "
                     f"{flag} ... --option value`); a flag's value is the one word after it."
                 )
+            if Path(flag).suffix.lower() in (".json", ".jsonc", ".json5", ".yaml", ".yml", ".toml"):
+                raise ConfigError(
+                    f"Unexpected argument `{flag}`: a config file is JSON without comments, named *.json (lower "
+                    "case); convert it to one and give it first."
+                )
             raise ConfigError(f"Unexpected argument `{flag}`.")
         raise ConfigError(f"Unknown option `{flag}`{unknown_option_hint(name, valid_keys, as_flag=True)}")
     # A run that turns on none of do_train/do_eval/do_predict trains (and evaluates when eval_strategy asks for it):
     # `--do_eval false` alone means "train, without the final evaluation", not "evaluate". Decided on the raw
     # options: TrainingArguments turns do_eval on by itself whenever eval_strategy is not "no".
-    named = [stage for stage in ("do_train", "do_eval", "do_predict") if stage in merged or f"--{stage}" in argv]
+    named = [
+        stage for stage in ("do_train", "do_eval", "do_predict") if stage in merged or _given_as_flag(stage, argv)
+    ]
+    best_given = "load_best_model_at_end" in merged or _given_as_flag("load_best_model_at_end", argv)
+    if best_given and not namespace.load_best_model_at_end and namespace.early_stopping_patience is not None:
+        raise ConfigError(
+            "`early_stopping_patience` saves the best checkpoint as the model (it turns on `load_best_model_at_end`), "
+            "and `load_best_model_at_end` is set to false: drop one of them."
+        )
     if "do_train" not in named and not any(getattr(namespace, stage) for stage in named):
         namespace.do_train = True
     outputs = []
@@ -510,6 +538,75 @@ def _config_value(action: argparse.Action, key: str, value: Any, path: str) -> A
         else:
             what = expected[0]
         raise InvalidValueError(key, f"`{key}` is {value!r} in {path}; it must be {what}.") from None
+
+
+def _flag_name(arg: str, actions: dict[str, argparse.Action]) -> str | None:
+    """The option a command-line word sets (`--do-eval=true` -> `do_eval`), or None for a value."""
+    if not arg.startswith("--"):
+        return None
+    name = arg[2:].split("=", 1)[0].replace("-", "_")
+    if name not in actions and name.startswith("no_") and name[3:] in actions:
+        name = name[3:]  # a boolean's `--no_` twin sets the same option
+    return name if name in actions else None
+
+
+# Options whose value is a list or a JSON object: given twice, the second would drop the first's values, which a user
+# adding a set, a source or an alpha means to keep. (A single value given twice keeps the last, as in most commands:
+# scripts append an override to a shared list of flags.)
+COLLECTION_OPTIONS = ("extra_eval_sets", "train_mixture", "caption_sampling")
+
+
+def _refuse_repeated_flags(argv: list[str], actions: dict[str, argparse.Action]) -> None:
+    """A list or JSON option given twice on the command line: argparse keeps the last one without a word, and the
+    first one's values are lost (a config file's repeated key is refused for the same reason)."""
+    seen: dict[str, str] = {}
+    for arg in argv:
+        name = _flag_name(arg, actions)
+        if name is None or not (actions[name].nargs in ("+", "*") or name in COLLECTION_OPTIONS):
+            continue
+        if name in seen:
+            raise ConfigError(
+                f"`--{name}` is given twice on the command line; the second would drop the first's values. Give "
+                "all its values after one flag (--wise_ft_alphas 0.25 0.5; one JSON object for a mapping)."
+            )
+        seen[name] = arg
+
+
+def _takes_empty_as_default(action: argparse.Action) -> bool:
+    """Whether an empty value of this option means its default: any option whose value is not one text (a number,
+    a boolean, a list), and `report_to` (a list of loggers written as one text)."""
+    return action.type not in (None, str) or action.nargs in ("+", "*") or action.dest == "report_to"
+
+
+def _without_empty_values(argv: list[str], actions: dict[str, argparse.Action]) -> tuple[list[str], list[str]]:
+    """`argv` without the options given an empty value (`--dropout ""`, `--dropout=`) that `_takes_empty_as_default`,
+    and those options."""
+    kept: list[str] = []
+    emptied: list[str] = []
+    index = 0
+    while index < len(argv):
+        arg, name = argv[index], _flag_name(argv[index], actions)
+        if name is not None and _takes_empty_as_default(actions[name]) and not arg[2:].startswith("no"):
+            if "=" in arg and arg.split("=", 1)[1] == "":
+                emptied.append(name)
+                index += 1
+                continue
+            if "=" not in arg and index + 1 < len(argv) and argv[index + 1] == "":
+                emptied.append(name)
+                index += 2
+                continue
+        kept.append(arg)
+        index += 1
+    return kept, emptied
+
+
+def _field_default(key: str) -> Any:
+    """The default of option `key` in its argument dataclass."""
+    from .arguments import ARGUMENT_CLASSES, field_default
+
+    item = next(item for cls in ARGUMENT_CLASSES for item in fields(cls) if item.name == key)
+    default = field_default(item)
+    return None if default is dataclasses.MISSING else default
 
 
 def _given_as_flag(key: str, argv: list[str]) -> bool:

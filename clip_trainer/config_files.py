@@ -225,7 +225,8 @@ def read_config_file(path: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise ConfigError(f"Config file {path!r} does not exist.")
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"), object_pairs_hook=_mark_repeated_keys)
+        # `utf-8-sig`: an editor's byte-order mark (Windows Notepad writes one) is not JSON, but says nothing either.
+        data = json.loads(Path(path).read_text(encoding="utf-8-sig"), object_pairs_hook=_mark_repeated_keys)
     except json.JSONDecodeError as error:
         raise ConfigError(f"Config file {path!r} is not valid JSON: {error}") from None
     if not isinstance(data, dict):

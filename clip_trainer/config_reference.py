@@ -48,7 +48,12 @@ python run_clip.py configs/default.json configs/my-overrides.json --learning_rat
 
 - An unknown key or flag stops the run at once and names the closest valid option
   (`Unknown option --learning_rat. Did you mean learning_rate?`).
-- An empty value on the command line unsets what a config file set: `--dataset_name ""` with `--train_file`.
+- An empty value on the command line unsets what a config file set, giving the option its default:
+  `--dataset_name ""` with `--train_file`, `--dropout ""`, `--wise_ft_alphas ""`.
+- Every spelling of a flag is the same flag: `--do_eval`, `--do_eval true`, `--do_eval=true`, `--do-eval`. A
+  single-valued flag given twice keeps the last (as in most commands: a script may append an override); a list or
+  JSON-object option given twice is refused, since the second would drop the first's values.
+- A config file is JSON (no comments), named `*.json`; a byte-order mark at its start is ignored.
 - A default of – means no value; the option's help says what the run does then.
 - `report_to: wandb` (or `tensorboard,wandb`) logs to Weights & Biases: `pip install 'clip-trainer[wandb]'`.
 - Booleans are `true`/`false` in JSON and on the command line (`--augment true`); lists are JSON lists in a config
@@ -61,7 +66,7 @@ python run_clip.py configs/default.json configs/my-overrides.json --learning_rat
   step-0 evaluation and final weights. `full_determinism: true` also makes the kernels deterministic, at some speed.
 
 **Paths in a config file** are read beside the config file: a relative value of {path_keys} is looked up in the
-config file's folder first, then in the working folder (a Hub id stays a Hub id), so
+config file's folder first, then in the working folder (a Hub id stays a Hub id; `~` is your home folder), so
 `python ~/clip-trainer/run_clip.py ~/clip-trainer/configs/demo.json` works from any folder. `output_dir`, what the
 run writes, stays relative to the working folder, as does every path given on the command line.
 """
