@@ -108,6 +108,23 @@ KNOWN_FOREIGN_NAMES: dict[str, tuple[str, str]] = {
         "use <dataset_name> (a folder of images with metadata.csv, or a prepared folder) or <train_file> (a CSV, "
         "JSON Lines or Parquet file)",
     ),
+    # TrainingArguments options transformers 5 removed (difflib would offer a neighbour: `logging_dir` ->
+    # logging_first_step, `save_safetensors` -> save_steps)
+    "logging_dir": (
+        "transformers 4's",
+        "removed in transformers 5; TensorBoard writes into output_dir/runs, or into the folder the "
+        "TENSORBOARD_LOGGING_DIR environment variable names",
+    ),
+    "no_cuda": ("transformers 4's", "use <use_cpu true>"),
+    "use_mps_device": (
+        "transformers 4's",
+        "removed in transformers 5; the MPS device is used whenever it is available (<use_cpu true> for the CPU)",
+    ),
+    "save_safetensors": ("transformers 4's", "removed in transformers 5; weights are always saved as safetensors"),
+    "fp16_opt_level": (
+        "transformers 4's",
+        "removed in transformers 5 with apex AMP; use <fp16 true> or <bf16 true> (torch's mixed precision)",
+    ),
 }
 
 # Words other tools use for what clip-trainer's option names call otherwise (`image` is `vision`, an encoder is a

@@ -81,6 +81,13 @@ def check_arguments(
             "A model built from scratch (`config_name` without `model_name_or_path`) has nothing to evaluate before "
             "it trains: add --do_train, or evaluate a trained model with `model_name_or_path`."
         )
+    if training_args.push_to_hub and not training_args.do_train:
+        # transformers would only fail in Trainer.__init__, after the data loaded, creating a repository named None.
+        raise ConfigError(
+            "`push_to_hub` uploads the trained model, but this run does not train (no --do_train): an evaluation "
+            "has no trained model to publish. Drop --push_to_hub; push from the run that trains the model, or upload "
+            "a folder with `hf upload`."
+        )
     check_training_arguments(
         data_args,
         training_args,
@@ -147,6 +154,7 @@ def check_training_arguments(
     )
     if training:
         _check_negatives(training_args)
+    _check_trainer_options(training_args)
     _check_model_family(data_args, training_args, config)
     _check_patch_dropout(training_args, config)
     _check_fine_tuning(model_args, training_args, config)
@@ -191,6 +199,26 @@ def _check_caption_length(
         from .positions import check_positions_extendable
 
         check_positions_extendable(config, length, readable_positions=text_positions)
+
+
+def _check_trainer_options(args: CLIPTrainingArguments) -> None:
+    """TrainingArguments options for language models that the Trainer applies to a model with one loss and one input
+    embedding: the contrastive loss is computed here, and a CLIP model has two towers."""
+    if args.label_smoothing_factor:
+        raise ConfigError(
+            f"`label_smoothing_factor` is {args.label_smoothing_factor}, but the contrastive loss does not use it "
+            "(transformers smooths the labels of its own loss only); drop it."
+        )
+    if args.neftune_noise_alpha is not None:
+        raise ConfigError(
+            "`neftune_noise_alpha` adds noise to a language model's input embeddings, which transformers cannot "
+            "find in a two-tower CLIP or SigLIP model; drop it."
+        )
+    if args.use_liger_kernel:
+        raise ConfigError(
+            "`use_liger_kernel` swaps in Liger's kernels for causal language models' layers and loss, none of "
+            "which a CLIP or SigLIP model has; drop it."
+        )
 
 
 def _check_negatives(args: CLIPTrainingArguments) -> None:
@@ -539,6 +567,12 @@ def _check_report_to(report_to: str | list[str] | None) -> None:
 
     names = [report_to] if isinstance(report_to, str) else list(report_to or [])
     known = sorted(INTEGRATION_TO_CALLBACK)
+    alone = [name for name in names if name in ("none", "all")]
+    if alone and len(names) > 1:
+        raise ConfigError(
+            f"`report_to` is {','.join(map(str, names))}: {alone[0]!r} must be alone (none logs nowhere, all to every "
+            f"installed logger); give only {alone[0]!r}, or only the loggers you want."
+        )
     for name in names:
         if name in (None, "none", "all"):
             continue

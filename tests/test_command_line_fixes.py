@@ -100,6 +100,12 @@ FOREIGN_FLAGS = [
     ("--pretrained", "`--model_name_or_path`", None),
     ("--accumulate_grad_batches", "`--gradient_accumulation_steps`", None),
     ("--gradient_clip_val", "`--max_grad_norm`", None),
+    # transformers 4's TrainingArguments, removed in transformers 5
+    ("--logging_dir", "TENSORBOARD_LOGGING_DIR environment variable", "logging_first_step"),
+    ("--no_cuda", "`--use_cpu true`", None),
+    ("--use_mps_device", "the MPS device is used whenever it is available (`--use_cpu true` for the CPU)", None),
+    ("--save_safetensors", "weights are always saved as safetensors", "save_steps"),
+    ("--fp16_opt_level", "apex AMP; use `--fp16 true` or `--bf16 true`", "fp16_full_eval"),
 ]
 
 
@@ -122,6 +128,8 @@ def test_other_tools_config_keys_point_at_the_right_option(base_args, user_folde
         "precision": '`"precision": "bf16"` (amp_bf16, bf16-mixed) is `"bf16": true`',
         "lock-image": '`"freeze_vision_model": true`',
         "trainer.max_epochs": "`num_train_epochs`",  # a Hydra key, flattened
+        "no_cuda": '`"use_cpu": true`',  # transformers 4's
+        "logging_dir": "TENSORBOARD_LOGGING_DIR environment variable",
     }
     for key, expected in cases.items():
         config = write_config(user_folder, {key: 1})

@@ -238,6 +238,20 @@ CASES = [
          ("`export_onnx`", "SigLIP 2's NaFlex", "Drop --export_onnx")),
     Case("unknown logger", lambda a, t, m: set_option(a, "report_to", "tensorbord"),
          ("`report_to` names 'tensorbord'", "Did you mean `tensorboard`?")),
+    Case("none with another logger", lambda a, t, m: set_option(a, "report_to", "tensorboard,none"),
+         ("`report_to` is tensorboard,none: 'none' must be alone",)),
+    Case("all with another logger", lambda a, t, m: set_option(a, "report_to", "tensorboard,all"),
+         ("`report_to` is tensorboard,all: 'all' must be alone",)),
+    Case("push_to_hub from an evaluation", lambda a, t, m: [*a, "--do_eval", "--push_to_hub", "true"],
+         ("`push_to_hub` uploads the trained model, but this run does not train", "an evaluation has no trained "
+          "model to publish", "`hf upload`")),
+    # --- TrainingArguments options the contrastive loss or a two-tower model cannot honour ------------------------
+    Case("label smoothing", lambda a, t, m: [*a, "--label_smoothing_factor", "0.1"],
+         ("`label_smoothing_factor` is 0.1, but the contrastive loss does not use it", "drop it")),
+    Case("NEFTune", lambda a, t, m: [*a, "--neftune_noise_alpha", "5"],
+         ("`neftune_noise_alpha` adds noise to a language model's input embeddings", "drop it")),
+    Case("Liger kernels", lambda a, t, m: [*a, "--use_liger_kernel", "true"],
+         ("`use_liger_kernel`", "causal language models", "drop it")),
     Case("resume with nothing to resume", lambda a, t, m: [*a, "--resume_from_checkpoint", "true"],
          ("holds no checkpoint",)),
     # --- output_dir ------------------------------------------------------------------------------------------------
