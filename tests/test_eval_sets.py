@@ -142,9 +142,11 @@ def test_metric_for_best_model_may_name_an_extra_set(tiny_clip_dir, sets, tmp_pa
         main([*argv, "--metric_for_best_model", "eval_ref_zeroshot_top1"])
     with pytest.raises(ConfigError, match="Did you mean `eval_ref_t2i_recall@5`"):
         main([*argv, "--metric_for_best_model", "eval_ref_t2i_recall@55"])
+    labelled = list(argv)
+    labelled[labelled.index("--extra_eval_sets") + 1] = json.dumps({"ref": {"path": str(sets["shapes"]),
+                                                                          "label_column": "x"}})  # fmt: skip
     with pytest.raises(ConfigError, match="entry 'ref'.*no such column"):  # checked when the set is loaded
-        main([*argv, "--extra_eval_sets", json.dumps({"ref": {"path": str(sets["shapes"]), "label_column": "x"}}),
-              "--max_steps", "1"])  # fmt: skip
+        main([*labelled, "--max_steps", "1"])
 
 
 def test_the_curves_draw_one_line_per_set():
