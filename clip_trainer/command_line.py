@@ -126,6 +126,8 @@ def _class_options(path: Path, class_name: str, group: str) -> list[Option]:
                 value = constants.get(ast.unparse(metadata["choices"]))
                 choices = tuple(str(choice) for choice in value) if isinstance(value, list | tuple) else None
         default = keywords.get("default", node.value if not isinstance(node.value, ast.Call) else None)
+        if default is not None and ast.unparse(default).startswith("TrainingArguments."):
+            default = ast.Constant("transformers' own")  # read from transformers, which this fast pass does not import
         options.append(
             Option(
                 name=node.target.id,
@@ -464,6 +466,15 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, Data
                     f"Unexpected argument `{flag}`: a config file is JSON without comments, named *.json (lower "
                     "case); convert it to one and give it first."
                 )
+            position = argv.index(flag) if flag in argv else -1
+            before = _flag_name(argv[position - 2], actions) if position >= 2 else None
+            if before is not None and actions[before].nargs is None and actions[before].type is not None:
+                # `--report_to tensorboard wandb`: a one-value option given two words.
+                raise ConfigError(
+                    f"Unexpected argument `{flag}`: `--{before}` takes one value ({argv[position - 1]!r}); "
+                    + ("separate several loggers with commas: --report_to tensorboard,wandb." if before == "report_to"
+                       else "quote a value that has spaces.")
+                )  # fmt: skip
             raise ConfigError(f"Unexpected argument `{flag}`.")
         raise ConfigError(f"Unknown option `{flag}`{unknown_option_hint(name, valid_keys, as_flag=True)}")
     # A run that turns on none of do_train/do_eval/do_predict trains (and evaluates when eval_strategy asks for it):

@@ -116,3 +116,20 @@ def test_a_single_value_given_twice_keeps_the_last_as_scripts_expect():
     _, _, training_args = parse_arguments(["--dataset_name", "emoji", "--output_dir", "o", "--learning_rate", "1e-4",
                                            "--learning_rate", "2e-4"])  # fmt: skip
     assert training_args.learning_rate == 2e-4
+
+
+def test_two_words_after_a_one_value_option_say_how_to_give_them(base_args, capsys):
+    status = run.cli([*base_args, "--report_to", "tensorboard", "wandb"])
+    [line] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("run_clip.py: error:")]
+    assert status == 2 and "`--report_to` takes one value ('tensorboard')" in line
+    assert "--report_to tensorboard,wandb" in line
+
+
+def test_the_fast_help_names_no_source_expression_as_a_default():
+    from clip_trainer.command_line import help_text
+
+    text = " ".join(help_text("run_clip.py").split())
+    assert "Default: TrainingArguments." not in text
+    assert (
+        "`adam` (torch.optim.Adam with L2 weight decay, as the seed project used). Default: transformers' own." in text
+    )
