@@ -787,12 +787,15 @@ def check_given_columns(dataset: Any, split: str, data_args: DataArguments) -> N
             )
 
 
-def prepared_for_evaluation(dataset: Any, data_args: DataArguments) -> Any:
+def prepared_for_evaluation(dataset: Any, data_args: DataArguments, check: bool = True) -> Any:
     """An evaluation set given to the trainer, made what the command makes of its validation split: a row per caption
     (a row of several captions spread out), image ids (`image_id_column`, else the same file or bytes: one image) and,
     when it has `label_column`, class labels for zero-shot accuracy. A set that has its image ids already (the
-    command's, or one prepared before) and a stream are returned as they are."""
+    command's, or one prepared before) and a stream are returned as they are; so is one without the image column
+    when not `check` (a caller's own collator reads columns of its own)."""
     if not isinstance(dataset, Dataset) or IMAGE_ID_COLUMN in dataset.column_names:
+        return dataset
+    if not check and data_args.image_column not in dataset.column_names:
         return dataset
     check_given_columns(dataset, "evaluation", data_args)
     if data_args.caption_column in dataset.column_names:

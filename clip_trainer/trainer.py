@@ -355,16 +355,23 @@ class CLIPContrastiveTrainer(Trainer):
         from .data import LABEL_COLUMN, check_given_columns, prepared_for_evaluation
 
         given_data_args = data_args if data_args is not None else DataArguments()
-        if isinstance(train_dataset, Dataset):
+        # A collator of the caller's may read columns of its own: the columns are checked against `data_args` only
+        # when the trainer builds the collator from them.
+        own_collator = self._checks_given_columns = data_collator is None
+        if isinstance(train_dataset, Dataset) and own_collator:
             check_given_columns(train_dataset, "training", given_data_args)
         # Evaluation sets get the command's image ids (rows of one image are one image) and class labels.
         if isinstance(eval_dataset, dict):
-            eval_dataset = {name: prepared_for_evaluation(d, given_data_args) for name, d in eval_dataset.items()}
+            eval_dataset = {
+                name: prepared_for_evaluation(d, given_data_args, check=own_collator)
+                for name, d in eval_dataset.items()
+            }
         else:
-            eval_dataset = prepared_for_evaluation(eval_dataset, given_data_args)
+            eval_dataset = prepared_for_evaluation(eval_dataset, given_data_args, check=own_collator)
         if extra_eval_datasets:
             extra_eval_datasets = {
-                name: prepared_for_evaluation(d, given_data_args) for name, d in extra_eval_datasets.items()
+                name: prepared_for_evaluation(d, given_data_args, check=own_collator)
+                for name, d in extra_eval_datasets.items()
             }
         # --- the settings against each other and against the model (as the command checks them) -----------------
         from .validation import check_training_arguments
@@ -1413,9 +1420,13 @@ class CLIPContrastiveTrainer(Trainer):
         from .data import prepared_for_evaluation
 
         if eval_dataset is not None and not isinstance(eval_dataset, dict):
-            return [(metric_key_prefix, prepared_for_evaluation(eval_dataset, self.data_args))]
+            ready = prepared_for_evaluation(eval_dataset, self.data_args, check=self._checks_given_columns)
+            return [(metric_key_prefix, ready)]
         if isinstance(eval_dataset, dict):
-            eval_dataset = {name: prepared_for_evaluation(d, self.data_args) for name, d in eval_dataset.items()}
+            eval_dataset = {
+                name: prepared_for_evaluation(d, self.data_args, check=self._checks_given_columns)
+                for name, d in eval_dataset.items()
+            }
         named = eval_dataset if eval_dataset is not None else self.eval_dataset
         sets: list[tuple[str, object]] = []
         if isinstance(named, dict):
@@ -1486,7 +1497,7 @@ class CLIPContrastiveTrainer(Trainer):
         labels; the evaluation collator, never augmented; every pair kept), so that its metrics are `evaluate`'s."""
         from .data import prepared_for_evaluation
 
-        dataset = prepared_for_evaluation(test_dataset, self.data_args)
+        dataset = prepared_for_evaluation(test_dataset, self.data_args, check=self._checks_given_columns)
         return super().predict(dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
 
     def get_test_dataloader(self, test_dataset) -> DataLoader:

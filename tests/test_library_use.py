@@ -179,3 +179,17 @@ def test_early_stopping_from_the_arguments_and_from_callbacks_is_refused(tiny_cl
     with pytest.raises(ConfigError, match="`callbacks` has one already"):
         trainer_for(tiny_clip_dir, tmp_path, train_dataset=photo_rows(), eval_dataset=photo_rows(), args=best,
                     callbacks=[EarlyStoppingCallback(1)])  # fmt: skip
+
+
+def test_a_collator_of_the_callers_reads_columns_of_its_own(tiny_clip_dir, tmp_path):
+    """The columns are checked against `data_args` when the trainer builds the collator; a caller's collator that
+    reads other columns is trusted, as transformers' Trainer trusts it."""
+    from clip_trainer import ImageTextCollator
+
+    processor = AutoProcessor.from_pretrained(tiny_clip_dir, backend="pil")
+    data = photo_rows().rename_columns({"image": "picture", "caption": "text"})
+    probe = trainer_for(tiny_clip_dir, tmp_path, train_dataset=photo_rows())
+    collator = ImageTextCollator(tokenizer=processor.tokenizer, image_preprocessor=probe.image_preprocessor,
+                                 max_seq_length=16, image_column="picture", caption_column="text")  # fmt: skip
+    trainer = trainer_for(tiny_clip_dir, tmp_path, train_dataset=data, eval_dataset=data, data_collator=collator)
+    assert trainer.train().training_loss > 0
