@@ -407,6 +407,20 @@ def _check_attention_available(implementation: str) -> None:
         )
 
 
+# Data options that act only when another is set (option -> the one it needs): set alone they are warned of.
+OPTIONS_THAT_NEED_ANOTHER = {
+    "augment_scale_min": "augment",
+    "color_jitter": "augment",
+    "grayscale_probability": "augment",
+    "shuffle_buffer_size": "streaming",
+    "mixture_stopping_strategy": "train_mixture",
+    "clip_benchmark_split": "clip_benchmark_dataset",
+    "clip_benchmark_task": "clip_benchmark_dataset",
+    "clip_benchmark_recall_k": "clip_benchmark_dataset",
+    "clip_benchmark_output": "clip_benchmark_dataset",
+}
+
+
 @dataclass
 class DataArguments:
     """Where the image-caption pairs come from and how they are split and cut."""
@@ -663,7 +677,7 @@ class DataArguments:
             raise ConfigError(
                 "`clip_benchmark_recall_k` is empty; give at least one k, e.g. --clip_benchmark_recall_k 5."
             )
-        self._check_augmentation()
+        self._warn_of_options_without_effect()
         self.extra_eval_sets = _parse_extra_eval_sets(self.extra_eval_sets)
         if self.validation_split_name is not None and not self.validation_split_name.strip():
             self.validation_split_name = None
@@ -717,12 +731,19 @@ class DataArguments:
                     )
         self.extra_eval_data_arguments()  # each entry checked as a validation split's arguments are
 
-    def _check_augmentation(self) -> None:
-        changed = self.augment_scale_min != 0.9 or self.color_jitter or self.grayscale_probability
-        if changed and not self.augment:
+    def _warn_of_options_without_effect(self) -> None:
+        """Options that act only with another one, set without it, would be ignored without a word: one warning per
+        option they need, naming them."""
+        defaults = {item.name: field_default(item) for item in fields(self)}
+        ignored: dict[str, list[str]] = {}
+        for option, needs in OPTIONS_THAT_NEED_ANOTHER.items():
+            if getattr(self, option) != defaults[option] and not getattr(self, needs):
+                ignored.setdefault(needs, []).append(f"`{option}`")
+        for needs, options in ignored.items():
             warnings.warn(
-                "`augment_scale_min`, `color_jitter` or `grayscale_probability` is set but `augment` is off, so "
-                "training images are not augmented; set `augment` to true.",
+                f"{' and '.join(options)} {'acts' if len(options) == 1 else 'act'} only with `{needs}`, which is not "
+                f"set, so {'it is' if len(options) == 1 else 'they are'} ignored; set `{needs}`, or drop "
+                f"{'it' if len(options) == 1 else 'them'}.",
                 UserWarning,
                 stacklevel=3,
             )
@@ -1347,6 +1368,7 @@ class CLIPTrainingArguments(TrainingArguments):
             self.optim = extra_optim
         if extra_scheduler:
             self.lr_scheduler_type = extra_scheduler
+        self._warn_of_options_without_effect()
         if self.patch_dropout_off_after_steps is not None and not self.patch_dropout:
             raise ConfigError(
                 "`patch_dropout_off_after_steps` is set but `patch_dropout` is 0; set `patch_dropout` (e.g. 0.5), or "
@@ -1367,6 +1389,32 @@ class CLIPTrainingArguments(TrainingArguments):
                 raise ConfigError(
                     f"zero-shot template {template!r} must contain exactly one `{{}}` for the class name."
                 )
+
+    def _warn_of_options_without_effect(self) -> None:
+        """Tuning values of a feature that is off would be ignored without a word (a feature's options that would
+        change what trains are refused instead, in `_check_fine_tuning_options` and above)."""
+        defaults = {item.name: field_default(item) for item in fields(self)}
+        if (
+            self.early_stopping_patience is None
+            and self.early_stopping_threshold != defaults["early_stopping_threshold"]
+        ):
+            warnings.warn(
+                "`early_stopping_threshold` acts only with `early_stopping_patience`, which is not set, so it is "
+                "ignored; set `early_stopping_patience`, or drop it.",
+                UserWarning,
+                stacklevel=3,
+            )
+        scheduler = getattr(self.lr_scheduler_type, "value", self.lr_scheduler_type)
+        step_options = [f"`{key}`" for key in ("lr_step_size", "lr_step_gamma") if getattr(self, key) != defaults[key]]
+        if step_options and scheduler != "step":
+            warnings.warn(
+                f"{' and '.join(step_options)} {'acts' if len(step_options) == 1 else 'act'} only with "
+                f"`lr_scheduler_type step`, but the scheduler is {scheduler}, so "
+                f"{'it is' if len(step_options) == 1 else 'they are'} ignored; set `lr_scheduler_type step`, or drop "
+                f"{'it' if len(step_options) == 1 else 'them'}.",
+                UserWarning,
+                stacklevel=3,
+            )
 
     def _check_fine_tuning_options(self) -> None:
         """LoRA against partial locking, and its package: what can be checked without the model (the values'

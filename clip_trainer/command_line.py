@@ -373,6 +373,48 @@ def _resolve_against_config(value: Any, config_dir: Path) -> Any:
     return str(candidate) if candidate.exists() else value
 
 
+# Keys whose value names something that must exist (a model, a file): written as a path in a config file and found
+# neither beside the file nor in the working folder, it is refused with both places named. (A Hub id, `name` or
+# `owner/name`, is looked up later; the data keys' patterns and folders have their own messages.)
+MUST_EXIST_KEYS = (
+    "model_name_or_path",
+    "config_name",
+    "vision_model_name_or_path",
+    "text_model_name_or_path",
+    "teacher_model_name_or_path",
+    "tokenizer_name",
+    "image_processor_name",
+    "train_file",
+    "validation_file",
+    "clip_benchmark_dataset",
+    "deepspeed",
+    "fsdp_config",
+)
+_FILE_SUFFIXES = (".json", ".csv", ".tsv", ".jsonl", ".parquet", ".tar", ".arrow", ".safetensors")
+
+
+def _refuse_path_found_nowhere(key: str, value: Any, config_file: str) -> None:
+    """A config file's relative path that is neither beside the config file nor in the working folder: the error
+    names both places (the one a later check would name is only the working folder's)."""
+    if key not in MUST_EXIST_KEYS or not isinstance(value, str) or not value or os.path.isabs(value):
+        return
+    if glob.has_magic(value) or "{" in value or os.path.exists(value):
+        return
+    written_as_path = (
+        value.startswith(("./", "../"))
+        or value.count("/") > 1
+        or Path(value).suffix.lower() in _FILE_SUFFIXES
+        or key in ("train_file", "validation_file")
+    )
+    if written_as_path:
+        beside = Path(config_file).resolve().parent / value
+        raise ConfigError(
+            f"`{key}` {value!r} in {config_file} is not on this machine: a relative path in a config file is "
+            f"looked up beside the file ({beside}), then in the working folder ({Path(value).resolve()}), and "
+            f"neither exists. Correct it in {config_file}, or give --{key} on the command line."
+        )
+
+
 def _resolve_extra_eval_sets(value: Any, config_dir: Path) -> Any:
     """`extra_eval_sets` from a config file, each entry's paths read beside the config file like other path keys."""
     if isinstance(value, str):
@@ -442,6 +484,7 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, Data
         actions.setdefault(action.dest, action)  # a boolean's own flag, not its `--no_` twin (no type) added after it
     for key in merged:
         if not _given_as_flag(key, argv):  # a flag wins, whatever the file holds
+            _refuse_path_found_nowhere(key, merged[key], set_in[key])
             merged[key] = _config_value(actions[key], key, merged[key], set_in[key])
     _refuse_repeated_flags(argv, actions)
     # An empty value (`--max_seq_length ""`) gives an option its default, unsetting what a config file set: argparse
@@ -570,7 +613,7 @@ COLLECTION_OPTIONS = ("extra_eval_sets", "train_mixture", "caption_sampling")
 def _refuse_repeated_flags(argv: list[str], actions: dict[str, argparse.Action]) -> None:
     """A list or JSON option given twice on the command line: argparse keeps the last one without a word, and the
     first one's values are lost (a config file's repeated key is refused for the same reason)."""
-    seen: dict[str, str] = {}
+    seen: set[str] = set()
     for arg in argv:
         name = _flag_name(arg, actions)
         if name is None or not (actions[name].nargs in ("+", "*") or name in COLLECTION_OPTIONS):
@@ -580,7 +623,7 @@ def _refuse_repeated_flags(argv: list[str], actions: dict[str, argparse.Action])
                 f"`--{name}` is given twice on the command line; the second would drop the first's values. Give "
                 "all its values after one flag (--wise_ft_alphas 0.25 0.5; one JSON object for a mapping)."
             )
-        seen[name] = arg
+        seen.add(name)
 
 
 def _takes_empty_as_default(action: argparse.Action) -> bool:

@@ -55,6 +55,12 @@ python run_clip.py configs/default.json configs/my-overrides.json --learning_rat
   JSON-object option given twice is refused, since the second would drop the first's values.
 - A config file is JSON (no comments), named `*.json`; a byte-order mark at its start is ignored.
 - A default of – means no value; the option's help says what the run does then.
+- An option that acts only with another (`color_jitter` with `augment`, `shuffle_buffer_size` with `streaming`,
+  `mixture_stopping_strategy` with `train_mixture`, the `clip_benchmark_*` options with `clip_benchmark_dataset`,
+  `early_stopping_threshold` with `early_stopping_patience`, `lr_step_size` / `lr_step_gamma` with the `step`
+  scheduler) set without it is named in a warning, and the run goes on without it. One that would change what trains
+  (`lora_alpha` without `lora_rank`, `patch_dropout_off_after_steps` without `patch_dropout`, `unfreeze_after_steps`
+  without a frozen tower, `wise_ft_min_retention` without `wise_ft_alphas`) stops the run.
 - `report_to: wandb` (or `tensorboard,wandb`) logs to Weights & Biases: `pip install 'clip-trainer[wandb]'`.
 - Booleans are `true`/`false` in JSON and on the command line (`--augment true`); lists are JSON lists in a config
   file and space-separated values on the command line (`--wise_ft_alphas 0.25 0.5`); `train_mixture` and
@@ -67,7 +73,8 @@ python run_clip.py configs/default.json configs/my-overrides.json --learning_rat
 
 **Paths in a config file** are read beside the config file: a relative value of {path_keys} is looked up in the
 config file's folder first, then in the working folder (a Hub id stays a Hub id; `~` is your home folder), so
-`python ~/clip-trainer/run_clip.py ~/clip-trainer/configs/demo.json` works from any folder. `output_dir`, what the
+`python ~/clip-trainer/run_clip.py ~/clip-trainer/configs/demo.json` works from any folder. A model or file path
+found in neither place stops the run with both places named. `output_dir`, what the
 run writes, stays relative to the working folder, as does every path given on the command line.
 """
 

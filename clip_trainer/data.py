@@ -730,21 +730,35 @@ def _with_lazy_images(
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _check_columns(columns: list[str], split: str, data_args: DataArguments) -> None:
-    wanted = {
-        "image_column": data_args.image_column,
-        "caption_column": data_args.caption_column,
-        "image_id_column": data_args.image_id_column,
-    }
+def _columns_named(split: str, data_args: DataArguments) -> list[tuple[str, str | None]]:
+    """The options that name a column of the `split` data, with their values."""
+    named = [
+        ("image_column", data_args.image_column),
+        ("caption_column", data_args.caption_column),
+        ("image_id_column", data_args.image_id_column),
+    ]
     if split != "train":
-        wanted["label_column"] = data_args.label_column
-    else:
-        wanted["hard_negative_column"] = data_args.hard_negative_column
-    columns_to_check = list(wanted.items())
-    if split == "train" and isinstance(data_args.caption_sampling, dict):
-        columns_to_check += [("caption_sampling", column) for column in data_args.caption_sampling]
+        return [*named, ("label_column", data_args.label_column)]
+    return [*named, ("hard_negative_column", data_args.hard_negative_column), *_sampled_columns(data_args)]
+
+
+def _sampled_columns(data_args: DataArguments) -> list[tuple[str, str]]:
+    if not isinstance(data_args.caption_sampling, dict):
+        return []
+    return [("caption_sampling", column) for column in data_args.caption_sampling]
+
+
+def _check_columns(
+    columns: list[str],
+    split: str,
+    data_args: DataArguments,
+    named: list[tuple[str, str | None]] | None = None,
+    how_to_set: str = "Set `{key}` to one of them.",
+) -> None:
+    """Every column an option names (`named`, default: all of them for `split`) is one of `columns`; else one error
+    that names the option, the data's columns and `how_to_set` the option right."""
     shown = [column for column in columns if column != SOURCE_ROW_COLUMN]
-    for key, column in columns_to_check:
+    for key, column in _columns_named(split, data_args) if named is None else named:
         if column is not None and column not in columns:
             spaced = [name for name in shown if name.strip() == column.strip() and name != column]
             if spaced:
@@ -762,7 +776,7 @@ def _check_columns(columns: list[str], split: str, data_args: DataArguments) -> 
                 )
             raise ConfigError(
                 f"`{key}` is {column!r}, but the {split} data has no such column. Its columns are: "
-                f"{', '.join(shown)}. Set `{key}` to one of them."
+                f"{', '.join(shown)}. {how_to_set.format(key=key)}"
             )
 
 
@@ -771,20 +785,15 @@ def check_given_columns(dataset: Any, split: str, data_args: DataArguments) -> N
     there: without them every row would be a bad sample and nothing would train, with a warning per row. A dataset
     without column names (a torch one) is not checked."""
     columns = getattr(dataset, "column_names", None)
-    if not columns:
-        return
-    caption_columns = (
-        list(data_args.caption_sampling)
-        if isinstance(data_args.caption_sampling, dict)
-        else [data_args.caption_column]
-    )
-    for key, column in [("image_column", data_args.image_column), *(("caption_column", c) for c in caption_columns)]:
-        if column not in columns:
-            raise ConfigError(
-                f"`{key}` is {column!r}, but the {split} dataset has no such column. Its columns are: "
-                f"{', '.join(c for c in columns if c != SOURCE_ROW_COLUMN)}. Name its columns in "
-                f"`DataArguments({key}=...)`, passed to the trainer as `data_args`."
-            )
+    if columns:
+        named = [("image_column", data_args.image_column), ("caption_column", data_args.caption_column)]
+        _check_columns(
+            columns,
+            split,
+            data_args,
+            named=[*named, *_sampled_columns(data_args)],
+            how_to_set="Name its columns in `DataArguments({key}=...)`, passed to the trainer as `data_args`.",
+        )
 
 
 def prepared_for_evaluation(dataset: Any, data_args: DataArguments, check: bool = True) -> Any:
@@ -1321,15 +1330,16 @@ class _EmbedImageBytes:
         return {self.image_column: images, "_problem": problems}
 
 
-def save_prepared_data(data: ImageTextData, data_args: DataArguments, output_dir: str) -> str:
+def save_prepared_data(data: ImageTextData, data_args: DataArguments, output_dir: str) -> DroppedRows:
     """Writes the checked train/validation splits to `output_dir` with images as their encoded bytes.
 
     This is the seed project's preparation step without its 600 KB float arrays: a later run trains from the folder
     with `--dataset_name output_dir`, with no network and no re-checking of files. Every image is decoded once on
     the way, and only files that decode as images are copied (a path to any other file, however it got into the
-    data, is left out and reported, so the prepared folder can be shared).
+    data, is left out and reported, so the prepared folder can be shared). Returns the rows left out that way.
     """
     splits = {}
+    undecodable = DroppedRows()
     for name, dataset in (("train", data.train), ("validation", data.validation)):
         if dataset is None:
             continue
@@ -1355,8 +1365,8 @@ def save_prepared_data(data: ImageTextData, data_args: DataArguments, output_dir
             for position, problem in enumerate(embedded["_problem"])
             if problem
         ]
-        data.dropped_rows.count += len(problems)
-        data.dropped_rows.named.extend({"where": f"{name} data", "row": None, "reason": p} for p in problems)
+        undecodable.count += len(problems)
+        undecodable.named.extend({"where": f"{name} data", "row": None, "reason": p} for p in problems)
         if problems:
             more = f"; and {len(problems) - 5:,} more" if len(problems) > 5 else ""
             logger.warning(
@@ -1366,4 +1376,4 @@ def save_prepared_data(data: ImageTextData, data_args: DataArguments, output_dir
         kept = embedded.filter(lambda problem: not problem, input_columns="_problem")
         splits[name] = kept.remove_columns([c for c in ("_problem", SOURCE_ROW_COLUMN) if c in kept.column_names])
     DatasetDict(splits).save_to_disk(output_dir)
-    return output_dir
+    return undecodable

@@ -170,7 +170,7 @@ def _run(model_args, data_args, training_args, config, training: bool, resume_ch
             )
     if data_args.prepare_only:
         if training_args.should_save:
-            save_prepared_data(data, data_args, training_args.output_dir)
+            data.dropped_rows.merge(save_prepared_data(data, data_args, training_args.output_dir))
             data.dropped_rows.write(training_args.output_dir)
             teacher = training_args.teacher_model_name_or_path or (
                 model_args.model_name_or_path if training_args.distill_from_pretrained else None

@@ -358,6 +358,9 @@ class CLIPContrastiveTrainer(Trainer):
         # A collator of the caller's may read columns of its own: the columns are checked against `data_args` only
         # when the trainer builds the collator from them.
         own_collator = self._checks_given_columns = data_collator is None
+        self._prepared_evaluation_sets: dict[
+            str, object
+        ] = {}  # fingerprint -> a set given to evaluate/predict, prepared
         if isinstance(train_dataset, Dataset) and own_collator:
             check_given_columns(train_dataset, "training", given_data_args)
         # Evaluation sets get the command's image ids (rows of one image are one image) and class labels.
@@ -381,15 +384,15 @@ class CLIPContrastiveTrainer(Trainer):
 
         # A dict of evaluation sets reports each as `eval_{name}_*`, and no `eval_*` of its own.
         named_sets = {**(eval_dataset if isinstance(eval_dataset, dict) else {}), **(extra_eval_datasets or {})}
+        # Class labels: in a dataset given (prepared), or promised by `label_column` for a set not given in memory.
+        labels_promised = data_args is not None and data_args.label_column is not None
+        has_labels = labelled(eval_dataset) or labelled(train_dataset)
+        has_labels = has_labels or (labels_promised and not isinstance(eval_dataset, Dataset))
         check_training_arguments(
             given_data_args,
             args,
             model.config,
-            has_labels=labelled(eval_dataset)
-            or labelled(train_dataset)
-            or (
-                data_args is not None and data_args.label_column is not None and not isinstance(eval_dataset, Dataset)
-            ),
+            has_labels=has_labels,
             extra_sets={name: labelled(dataset) for name, dataset in named_sets.items()} if named_sets else None,
             main_set=not isinstance(eval_dataset, dict),
             training=train_dataset is not None,
@@ -1417,16 +1420,10 @@ class CLIPContrastiveTrainer(Trainer):
     def _evaluation_sets(self, eval_dataset, metric_key_prefix: str) -> list[tuple[str, object]]:
         """`(metric prefix, dataset or set name)` of each set an `evaluate(eval_dataset)` call covers; a dataset given
         here is prepared as the trainer's own sets are (image ids, class labels)."""
-        from .data import prepared_for_evaluation
-
         if eval_dataset is not None and not isinstance(eval_dataset, dict):
-            ready = prepared_for_evaluation(eval_dataset, self.data_args, check=self._checks_given_columns)
-            return [(metric_key_prefix, ready)]
+            return [(metric_key_prefix, self._prepared_for_evaluation(eval_dataset))]
         if isinstance(eval_dataset, dict):
-            eval_dataset = {
-                name: prepared_for_evaluation(d, self.data_args, check=self._checks_given_columns)
-                for name, d in eval_dataset.items()
-            }
+            eval_dataset = {name: self._prepared_for_evaluation(d) for name, d in eval_dataset.items()}
         named = eval_dataset if eval_dataset is not None else self.eval_dataset
         sets: list[tuple[str, object]] = []
         if isinstance(named, dict):
@@ -1495,10 +1492,21 @@ class CLIPContrastiveTrainer(Trainer):
     def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test"):
         """`Trainer.predict`, with `test_dataset` prepared and batched as an evaluation set is (image ids and class
         labels; the evaluation collator, never augmented; every pair kept), so that its metrics are `evaluate`'s."""
+        dataset = self._prepared_for_evaluation(test_dataset)
+        return super().predict(dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+
+    def _prepared_for_evaluation(self, dataset):
+        """A dataset given to `evaluate` or `predict`, prepared as the trainer's own evaluation sets are; once per
+        dataset (by its `datasets` fingerprint), so that a set passed to every call has its images hashed once."""
         from .data import prepared_for_evaluation
 
-        dataset = prepared_for_evaluation(test_dataset, self.data_args, check=self._checks_given_columns)
-        return super().predict(dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        fingerprint = getattr(dataset, "_fingerprint", None)
+        if fingerprint is None:
+            return prepared_for_evaluation(dataset, self.data_args, check=self._checks_given_columns)
+        if fingerprint not in self._prepared_evaluation_sets:
+            ready = prepared_for_evaluation(dataset, self.data_args, check=self._checks_given_columns)
+            self._prepared_evaluation_sets[fingerprint] = ready
+        return self._prepared_evaluation_sets[fingerprint]
 
     def get_test_dataloader(self, test_dataset) -> DataLoader:
         """`predict`'s DataLoader: the evaluation one (see [`get_eval_dataloader`]); transformers' would batch with

@@ -81,6 +81,12 @@ def check_arguments(
             "A model built from scratch (`config_name` without `model_name_or_path`) has nothing to evaluate before "
             "it trains: add --do_train, or evaluate a trained model with `model_name_or_path`."
         )
+    if training_args.push_to_hub and data_args.prepare_only:
+        raise ConfigError(
+            "`push_to_hub` uploads a trained model, but `prepare_only` trains none: it writes the checked data to "
+            "`output_dir`. Drop --push_to_hub; to share the prepared folder, upload it as a dataset "
+            "(`hf upload REPO FOLDER --repo-type dataset`)."
+        )
     if training_args.push_to_hub and not training_args.do_train:
         # transformers would only fail in Trainer.__init__, after the data loaded, creating a repository named None.
         raise ConfigError(

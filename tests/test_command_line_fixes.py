@@ -16,6 +16,8 @@ from clip_trainer.cli import run_command
 from clip_trainer.command_line import option_table, parse_arguments
 from clip_trainer.config_files import KNOWN_FOREIGN_NAMES
 
+REPO = Path(__file__).resolve().parent.parent
+
 
 @pytest.fixture
 def user_folder(tmp_path, monkeypatch) -> Path:
@@ -250,3 +252,69 @@ def test_a_frozen_tower_that_unfreezes_to_its_top_layers_is_accepted(base_args, 
     flags = ["--freeze_vision_model", "true", "--vision_trainable_layers", "1", "--unfreeze_after_steps", "2"]
     model_args, data_args, training_args = parse_arguments([*base_args, *flags])
     check_arguments(model_args, data_args, training_args, None, config=load_model_config(model_args))
+
+
+# --- options that act only with another ----------------------------------------------------------------------------
+
+
+def test_prepare_only_with_push_to_hub_is_refused_before_the_data(
+    base_args, user_folder, stops_before_the_data, capsys
+):
+    # A preparation run trains nothing: the flag would be dropped without a word (or push an empty model repo).
+    args = [*base_args, "--prepare_only", "true", "--push_to_hub", "true", "--hub_model_id", "me/shapes"]
+    line = error_line(run.cli(args), capsys.readouterr().err)
+    assert "`push_to_hub` uploads a trained model, but `prepare_only` trains none" in line
+    assert "--repo-type dataset" in line
+
+
+@pytest.mark.parametrize(
+    ("flags", "named", "needs"),
+    [
+        (["--color_jitter", "0.4", "--grayscale_probability", "0.1"], "`color_jitter` and `grayscale_probability`",
+         "`augment`"),
+        (["--shuffle_buffer_size", "500"], "`shuffle_buffer_size`", "`streaming`"),
+        (["--mixture_stopping_strategy", "first_exhausted"], "`mixture_stopping_strategy`", "`train_mixture`"),
+        (["--clip_benchmark_split", "val"], "`clip_benchmark_split`", "`clip_benchmark_dataset`"),
+        (["--early_stopping_threshold", "0.01"], "`early_stopping_threshold`", "`early_stopping_patience`"),
+        (["--lr_step_size", "50"], "`lr_step_size`", "`lr_scheduler_type step`, but the scheduler is constant"),
+    ],
+)  # fmt: skip
+def test_an_option_without_the_one_it_needs_is_warned_of_by_name(
+    base_args, user_folder, stops_before_the_data, flags, named, needs
+):
+    # Set alone, each would be ignored without a word; the run still goes on (a config may keep them for later).
+    config = write_config(user_folder, {"augment": False})
+    with pytest.warns(UserWarning) as caught:
+        with pytest.raises(AssertionError, match="should have stopped the run before the data"):
+            run.main([config, *base_args, *flags])
+    said = [str(warning.message) for warning in caught if "acts only with" in str(warning.message)
+            or "act only with" in str(warning.message)]  # fmt: skip
+    assert len(said) == 1 and said[0].startswith(named) and f"only with {needs}" in said[0], said
+
+
+def test_an_option_with_the_one_it_needs_is_not_warned_of(base_args, user_folder, stops_before_the_data, recwarn):
+    with pytest.raises(AssertionError, match="should have stopped the run before the data"):
+        run.main([*base_args, "--augment", "true", "--color_jitter", "0.4", "--clip_benchmark_split", "test",
+                  "--lr_scheduler_type", "step", "--lr_step_size", "50"])  # fmt: skip
+    assert not [w for w in recwarn if "only with" in str(w.message)]
+
+
+# --- a config file's paths ------------------------------------------------------------------------------------------
+
+
+def test_a_copied_config_whose_path_is_nowhere_names_both_places_tried(user_folder, stops_before_the_data, capsys):
+    # The demo config copied into a folder of its own: its `models/...` is beside neither the copy nor the user.
+    (user_folder / "mine").mkdir()
+    (user_folder / "mine" / "demo.json").write_text((REPO / "configs" / "demo.json").read_text())
+    line = error_line(run.cli(["mine/demo.json", "--output_dir", "out"]), capsys.readouterr().err)
+    beside = user_folder.resolve() / "mine" / "models" / "clip-tiny-64px.json"
+    here = user_folder.resolve() / "models" / "clip-tiny-64px.json"
+    assert "`config_name` 'models/clip-tiny-64px.json' in mine/demo.json is not on this machine" in line
+    assert f"beside the file ({beside})" in line and f"in the working folder ({here})" in line
+    # Found in either place, or given on the command line, it is not refused here.
+    (user_folder / "models").mkdir()
+    (user_folder / "models" / "clip-tiny-64px.json").write_text(
+        (REPO / "configs" / "models" / "clip-tiny-64px.json").read_text()
+    )
+    with pytest.raises(AssertionError, match="should have stopped the run before the data"):
+        run.main(["mine/demo.json", "--output_dir", "out", "--report_to", "none"])

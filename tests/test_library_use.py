@@ -91,6 +91,22 @@ def test_predict_is_never_augmented_and_keeps_every_pair(tiny_clip_dir, tmp_path
     assert first["test_t2i_recall@1"] == evaluated["eval_t2i_recall@1"]
 
 
+def test_a_set_given_to_every_evaluate_call_is_prepared_once(tiny_clip_dir, tmp_path, monkeypatch):
+    import clip_trainer.data as data_module
+
+    prepared = []
+    prepare = data_module.add_image_ids
+    monkeypatch.setattr(data_module, "add_image_ids", lambda *a, **k: prepared.append(1) or prepare(*a, **k))
+    data = photo_rows()
+    trainer = trainer_for(tiny_clip_dir, tmp_path, data_args=DataArguments(image_id_column="photo"))
+    first, again = trainer.evaluate(data), trainer.evaluate(data)
+    assert again["eval_t2i_recall@1"] == first["eval_t2i_recall@1"]
+    assert trainer.predict(data).metrics["test_loss"] == pytest.approx(first["eval_loss"], abs=1e-6)
+    assert len(prepared) == 1
+    trainer.evaluate(data.select(range(6)))  # another set is prepared for itself
+    assert len(prepared) == 2
+
+
 def test_plain_training_arguments_keep_a_median_rank_lower_better(tiny_clip_dir, tmp_path):
     plain = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none",
                               eval_strategy="epoch", save_strategy="epoch", load_best_model_at_end=True,
@@ -126,7 +142,10 @@ def test_a_training_batch_of_one_pair_is_refused_as_the_command_refuses_it(tiny_
 
 def test_a_dataset_without_the_caption_column_is_one_line_naming_it(tiny_clip_dir, tmp_path):
     data = photo_rows().rename_column("caption", "text")
-    with pytest.raises(ConfigError, match=r"`caption_column` is 'caption', but the training dataset .* image, text"):
+    with pytest.raises(
+        ConfigError,
+        match=r"`caption_column` is 'caption', but the training data has no such column\. Its columns are: image, text, photo, shape\. Name its columns in `DataArguments\(caption_column=\.\.\.\)`",
+    ):
         trainer_for(tiny_clip_dir, tmp_path, train_dataset=data)
     trainer = trainer_for(tiny_clip_dir, tmp_path, train_dataset=data, data_args=DataArguments(caption_column="text"))
     assert trainer.data_collator.caption_column == "text"
