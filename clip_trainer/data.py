@@ -58,6 +58,7 @@ from .sources import (
     mixed_columns,
     mixture_source_arguments,
     mixture_source_key,
+    parquet_row_counts,
     pattern_suffix,
     resolve_data_path,
     webdataset_columns,
@@ -1094,7 +1095,12 @@ def _finish_training_stream(
         )
         raise _file_error(key, [str(source)], error) from None
     _check_columns(columns, "train", data_args)
-    read = source_of(train) or StreamSource(_source_files(data_args))
+    read = source_of(train)
+    if read is None:
+        files = _source_files(data_args)
+        # Parquet files say their rows in their footers (tar shards are counted where they are read); a mixture's
+        # shards are not its files.
+        read = StreamSource(files, None if data_args.train_mixture else parquet_row_counts(files))
     if hold_out:
         # The head of the unshuffled stream, so that every process and every restart holds out the same pairs.
         held_out = data_args.max_eval_samples or DEFAULT_STREAMING_EVAL_SAMPLES

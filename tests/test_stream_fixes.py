@@ -215,3 +215,32 @@ def test_a_parquet_file_with_other_columns_is_one_line_naming_it(base_args, tmp_
               "--streaming", streaming, "--max_steps", "2"])  # fmt: skip
     message = str(raised.value)
     assert "train-odd.parquet has the columns ['img', 'text']" in message and "['image', 'caption']" in message
+
+
+def test_uneven_parquet_files_of_a_stream_are_warned_of_as_tar_shards_are(base_args, tmp_path, monkeypatch, caplog):
+    # Parquet files give their row counts from their footers: 30, 2, 3 and 1 rows for 2 DataLoader workers.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    offset = 0
+    for index, rows in enumerate([30, 2, 3, 1]):
+        write_parquet(tmp_path / "data" / f"train-{index}.parquet", rows=rows, bad=-1, offset=offset)
+        offset += rows
+    argv = list(base_args)
+    argv[argv.index("--train_file") + 1] = "data/*.parquet"
+    argv[argv.index("--dataloader_num_workers") + 1] = "2"
+    argv[argv.index("--output_dir") + 1] = "out"
+    caplog.set_level(logging.WARNING, logger="clip_trainer")
+    run.main([*argv, "--streaming", "true", "--max_steps", "1", "--validation_split_percentage", "0",
+              "--eval_strategy", "no", "--shuffle_buffer_size", "8"])  # fmt: skip
+    [message] = [line for line in logged(caplog).splitlines() if "shards are uneven" in line]
+    # The fewest rows a worker can be dealt are its 2 smallest files', 1 + 2 = 3 of 36: half of the draws.
+    assert "(1 to 30 samples, 36 in all) for 2 readers" in message
+    assert f"up to {0.5 / (3 / 36):.2f}x as often as with an even split" in message
+
+    # Files of equal size: nothing to say.
+    caplog.clear()
+    for index in range(4):
+        write_parquet(tmp_path / "data" / f"train-{index}.parquet", rows=5, bad=-1, offset=5 * index)
+    data = load_image_text_data(DataArguments(train_file="data/*.parquet", streaming=True), 1, evaluate=False)
+    check_shard_split(data.train, world_size=1, num_workers=2)
+    assert "uneven" not in logged(caplog)
