@@ -58,7 +58,6 @@ from .sources import (
     mixed_columns,
     mixture_source_arguments,
     mixture_source_key,
-    parquet_row_counts,
     pattern_suffix,
     resolve_data_path,
     webdataset_columns,
@@ -419,7 +418,9 @@ def _load_data_files(
         except Exception as error:
             raise _file_error(key, files, error) from None
         if streaming and builder == "parquet" and _embedded_image_feature(dataset, data_args.image_column):
-            dataset = _named_parquet_stream(dataset, files)
+            dataset = _named_file_stream(dataset, files, _ParquetRows())
+        elif streaming and _streams_base64_json_lines(dataset, files, data_args.image_column):
+            dataset = _named_file_stream(dataset, files, _JsonLinesRows())
         parts.append(_with_lazy_images(dataset, data_args.image_column, folder))
     loaded = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     if isinstance(loaded, Dataset) and _holds_image_bytes(loaded, data_args.image_column):
@@ -457,12 +458,39 @@ class _ParquetRows:
                     row += 1
 
 
-def _named_parquet_stream(stream: IterableDataset, files: list[str]) -> IterableDataset:
-    """`datasets`' stream of Parquet `files` read by [`_ParquetRows`] instead: the same rows, shards and features,
-    each row named by its file and row."""
+class _JsonLinesRows:
+    """The rows of JSON Lines files, each with its name for messages (`row 15 of /data/b.jsonl`), as [`_ParquetRows`]
+    gives Parquet rows; for streams whose images are base64 text, which has no other name."""
+
+    def __call__(self, files: list[str]) -> Iterator[dict[str, Any]]:
+        for file in files:
+            name, row = os.path.abspath(file), 0
+            with open(file, encoding="utf-8") as lines:
+                for line in lines:
+                    if line.strip():  # as `datasets`' JSON builder, which skips blank lines
+                        yield {**json.loads(line), SOURCE_ROW_COLUMN: f"row {row} of {name}"}
+                        row += 1
+
+
+def _streams_base64_json_lines(stream: IterableDataset, files: list[str], image_column: str) -> bool:
+    """Whether `stream` reads local JSON Lines files whose images are base64 text (or `data:` URIs), judged from
+    its first row."""
+    if not files or not all(file.lower().endswith(".jsonl") and os.path.isfile(file) for file in files):
+        return False
+    try:
+        first = next(iter(stream.take(1)), None)
+    except Exception:  # a file that does not read is reported where the stream reads it
+        return False
+    value = (first or {}).get(image_column)
+    return isinstance(value, str) and looks_like_base64_image(value)
+
+
+def _named_file_stream(stream: IterableDataset, files: list[str], rows: Any) -> IterableDataset:
+    """`datasets`' stream of data `files` read by `rows` ([`_ParquetRows`], [`_JsonLinesRows`]) instead: the same
+    rows, shards and features, each row named by its file and row."""
     features = stream.features.copy()
     features[SOURCE_ROW_COLUMN] = datasets.Value("string")
-    return IterableDataset.from_generator(_ParquetRows(), features=features, gen_kwargs={"files": list(files)})
+    return IterableDataset.from_generator(rows, features=features, gen_kwargs={"files": list(files)})
 
 
 def _holds_image_bytes(dataset: Dataset, image_column: str, sample: int = 100) -> bool:
@@ -1100,7 +1128,7 @@ def _finish_training_stream(
         files = _source_files(data_args)
         # Parquet files say their rows in their footers (tar shards are counted where they are read); a mixture's
         # shards are not its files.
-        read = StreamSource(files, None if data_args.train_mixture else parquet_row_counts(files))
+        read = StreamSource(files, None if data_args.train_mixture else _parquet_row_counts(files))
     if hold_out:
         # The head of the unshuffled stream, so that every process and every restart holds out the same pairs.
         held_out = data_args.max_eval_samples or DEFAULT_STREAMING_EVAL_SAMPLES

@@ -305,19 +305,6 @@ def folder_splits(path: str) -> dict[str, list[str]]:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def parquet_row_counts(files: list[str]) -> list[int] | None:
-    """Each local Parquet file's rows, read from its footer (no row is read), for the uneven-shards warning of a
-    stream (each file is one of its shards); `None` unless every file is a readable local Parquet file."""
-    import pyarrow.parquet as pq
-
-    if not files or not all(path.lower().endswith(".parquet") and os.path.isfile(path) for path in files):
-        return None
-    try:
-        return [pq.ParquetFile(path).metadata.num_rows for path in files]
-    except (OSError, pa.ArrowException):  # a bad file is reported where the stream reads it
-        return None
-
-
 def is_webdataset(dataset: Dataset | IterableDataset) -> bool:
     """Whether `dataset` was read by `datasets`' webdataset builder (a Hub WebDataset repository)."""
     features = dataset.features

@@ -5,7 +5,9 @@ not UTF-8 is said to be so; a shard whose first samples differ names them."""
 
 from __future__ import annotations
 
+import base64
 import io
+import json
 import logging
 import tarfile
 from pathlib import Path
@@ -244,3 +246,32 @@ def test_uneven_parquet_files_of_a_stream_are_warned_of_as_tar_shards_are(base_a
     data = load_image_text_data(DataArguments(train_file="data/*.parquet", streaming=True), 1, evaluate=False)
     check_shard_split(data.train, world_size=1, num_workers=2)
     assert "uneven" not in logged(caplog)
+
+
+def test_a_streamed_json_lines_row_with_bad_base64_image_is_named_by_file_and_row(
+    base_args, shapes_csv, tmp_path, monkeypatch, caplog
+):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    for part in range(2):
+        with open(tmp_path / "data" / f"train-{part}.jsonl", "w") as lines:
+            for index in range(6):
+                image = png(6 * part + index) if (part, index) != (1, 4) else b"not an image at all" * 5
+                caption = shape_rows()[(6 * part + index) % len(shape_rows())][3]
+                lines.write(json.dumps({"image": base64.b64encode(image).decode(), "caption": caption}) + "\n")
+            lines.write("\n")  # a blank line, which is no row
+    args = DataArguments(train_file="data/*.jsonl", streaming=True, validation_file=str(shapes_csv))
+    data = load_image_text_data(args, seed=1)
+    assert data.train.num_shards == 2  # still one shard per file, for processes and workers
+    rows = list(data.one_pass)
+    assert [row["caption"] for row in rows] == [shape_rows()[i % len(shape_rows())][3] for i in range(12)]
+    assert rows[10]["_source_row"] == f"row 4 of {tmp_path / 'data' / 'train-1.jsonl'}"
+
+    argv = list(base_args)
+    argv[argv.index("--train_file") + 1] = "data/*.jsonl"
+    argv[argv.index("--output_dir") + 1] = "out"
+    argv[argv.index("--per_device_train_batch_size") + 1] = "12"
+    caplog.set_level(logging.WARNING, logger="clip_trainer")
+    run.main([*argv, "--streaming", "true", "--max_steps", "1", "--validation_file", str(shapes_csv),
+              "--eval_strategy", "no", "--shuffle_buffer_size", "1"])  # fmt: skip
+    assert f"Leaving out row 4 of {tmp_path / 'data' / 'train-1.jsonl'} that cannot be used" in logged(caplog)
