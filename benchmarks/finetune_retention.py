@@ -24,7 +24,10 @@ Recipes:
   156 pairs and as many pairs drawn at random from the pretraining set (never the reference set), weight 1 each, at
   batch 64, so that every step still sees about 32 domain pairs and an epoch has as many steps as the plain recipe's
   (each step twice the pairs). It needs data like the pretraining data; here it is a sample of the very pretraining
-  set, the most replay can do;
+  set, the most replay can do; `vision locked + replay (lr 1e-3)` / `(20 epochs)` give the text tower, the part that
+  trains, twice the step or twice the steps, and `vision locked + replay + EMA` a moving average;
+- `plain (lr 1e-4)`, `plain (lr 2e-4)`, `plain (20 epochs)`: the plain recipe with a smaller step, or twice the steps
+  (whether a longer fine-tune gains more than the plain reference every share is counted against);
 - `WiSE-FT a=...`: the plain (or vision-locked, EMA, distilled) fine-tune's weights interpolated with the pretrained
   ones (`wise_ft_alphas` 0.25 0.5 0.6 0.75 0.9, measured in the fine-tune's run; the rule's floor
   `wise_ft_min_retention` is `--wise_ft_min_retention`, 0.9 unless set).

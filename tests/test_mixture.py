@@ -235,8 +235,11 @@ def test_replay_as_the_fine_tuning_docs_give_it_evaluates_on_the_users_pairs_alo
           "--validation_file", str(held_out), "--extra_eval_sets", json.dumps({"general": str(reference)}),
           "--per_device_train_batch_size", "16", "--num_train_epochs", "1", "--do_train", "--do_eval",
           "--output_dir", "out", "--report_to", "none", "--dataloader_num_workers", "0", "--eval_strategy", "no",
-          "--save_strategy", "no", "--use_cpu", "true"])  # fmt: skip
+          "--save_strategy", "no", "--use_cpu", "true", "--freeze_vision_model", "true",
+          "--wise_ft_alpha", "0.75"])  # fmt: skip
     results = json.loads((tmp_path / "out" / "eval_results.json").read_text())
+    # The docs' recipe ends with WiSE-FT at a = 0.75: the weights saved are 1/4 the starting model's, 3/4 the tuned.
+    assert json.loads((tmp_path / "out" / "wise_ft_results.json").read_text())["alpha"] == 0.75
     rows_in_file = sum(1 for _ in held_out.open()) - 1
     assert results["eval_samples"] == rows_in_file == 24
     assert "eval_general_t2i_recall@1" in results
