@@ -1264,8 +1264,9 @@ class CLIPTrainingArguments(TrainingArguments):
         default_factory=lambda: list(DEFAULT_LORA_TARGET_MODULES),
         metadata={
             "help": "Modules that get adapters, matched by the end of their name (peft's rule); default: the "
-            "attention projections of both towers (and, for BERT-style text towers such as Chinese-CLIP's and "
-            "AltCLIP's, their `query`, `key`, `value` and `attention.output.dense`), not the modules inside a "
+            "attention projections of both towers (and, for BERT-style towers such as Chinese-CLIP's, AltCLIP's "
+            "and a dual encoder's ViT or BERT, their `query`, `key`, `value` and `attention.output.dense`), not "
+            "the modules inside a "
             "torch MultiheadAttention (SigLIP's pooling head), which never calls them. Needs `lora_rank`."
         },
     )

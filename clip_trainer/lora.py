@@ -115,6 +115,20 @@ def merged_from_state_dict(model: nn.Module, state_dict: dict) -> nn.Module:
     return fresh.merge_and_unload()
 
 
+def scale_saved_adapter(adapter_dir: str, factor: float) -> None:
+    """Multiplies the update `B A` of the adapter saved in `adapter_dir` by `factor` (its `lora_B` weights).
+
+    WiSE-FT's mix of a LoRA fine-tune with its base, `(1 - a) W0 + a (W0 + s B A)`, is `W0 + s (a B) A`: the adapter
+    scaled by `a`, merged into the base model, is the interpolated model saved beside it. Exact because LoRA trains
+    nothing but its adapters (see [`apply_lora`]); peft has no call that scales a saved adapter."""
+    from safetensors.torch import load_file, save_file
+
+    path = os.path.join(adapter_dir, "adapter_model.safetensors")
+    tensors = load_file(path)
+    scaled = {name: tensor * factor if ".lora_B." in name else tensor for name, tensor in tensors.items()}
+    save_file(scaled, path, metadata={"format": "pt"})
+
+
 def adapter_settings(adapter_dir: str) -> dict[str, Any] | None:
     """The LoRA settings saved in `adapter_dir` (rank `r`, `lora_alpha`, `lora_dropout`, `target_modules`) and the
     adapter's size (`num_parameters`), or `None` when it holds no adapter."""

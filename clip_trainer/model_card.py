@@ -362,6 +362,9 @@ class CLIPModelCardData:
             datasets when they are not given).
         num_train_images, num_eval_images: the images among them, when images have several captions (a training
             set that draws one caption per image and epoch has `num_train_images` rows).
+        num_train_rows: for a `train_mixture` whose rows have several captions: the rows of an epoch, drawn from
+            the sources by weight (a row repeated to fill the epoch counts each time), each drawing one caption per
+            epoch; a mixture keeps its rows as rows, so they are not images.
         num_train_skipped: training samples left out as unusable (an image that did not decode, counted each time
             it was drawn); the trainer fills it from the run's count.
         num_dropped_rows: rows of the data left out before training as unusable (a missing or empty image file,
@@ -401,6 +404,7 @@ class CLIPModelCardData:
     num_train_pairs: int | None = None
     num_eval_pairs: int | None = None
     num_train_images: int | None = None
+    num_train_rows: int | None = None
     num_eval_images: int | None = None
     num_eval_unusable_pairs: int | None = None
     num_train_skipped: int | None = None
@@ -567,6 +571,9 @@ def complete_card_data(card_data: CLIPModelCardData, trainer: CLIPContrastiveTra
         "batch_size": args.train_batch_size * args.world_size * args.gradient_accumulation_steps,
         "lora": adapter_settings(os.path.join(args.output_dir, ADAPTER_DIRNAME)),
     }
+    wise_ft = getattr(trainer, "wise_ft_result", None)
+    if filled["lora"] is not None and wise_ft is not None and wise_ft.alpha != 1:
+        filled["lora"]["wise_ft_alpha"] = wise_ft.alpha  # the saved adapter is scaled to the model saved
     from .data import IMAGE_ID_COLUMN
 
     filled.update(_training_counts(trainer))
@@ -607,6 +614,8 @@ def _training_counts(trainer: Any) -> dict[str, int]:
         return {"num_train_pairs": len(dataset)}
     table = dataset.dataset.select_columns(dataset.fields).with_format(None)
     pairs = sum(len(caption_list(value)) for column in dataset.fields for value in table[column])
+    if trainer.data_args.train_mixture:  # a mixture's rows stay rows (see `prepare_training_captions`)
+        return {"num_train_pairs": pairs, "num_train_rows": len(dataset)}
     return {"num_train_pairs": pairs, "num_train_images": len(dataset)}
 
 
@@ -743,6 +752,11 @@ def _data_sentences(card: CLIPModelCardData) -> str:
         trained = (
             f"It was trained on {_count(card.num_train_images)} images with {_count(card.num_train_pairs)} captions"
         )
+    elif card.num_train_rows is not None:
+        trained = (
+            f"It was trained on a mixture of sources, {_count(card.num_train_rows)} rows an epoch drawn by weight "
+            f"with {_count(card.num_train_pairs)} captions among them"
+        )
     elif card.num_train_pairs is not None:
         trained = f"It was trained on {_count(card.num_train_pairs)} image-caption pairs"
     else:
@@ -753,6 +767,8 @@ def _data_sentences(card: CLIPModelCardData) -> str:
             trained += f" ({_epochs(card.epochs)})"
     if card.num_train_images is not None and card.num_train_images != card.num_train_pairs:
         trained += ", one caption drawn per image each epoch"
+    elif card.num_train_rows is not None:
+        trained += ", one caption drawn per row each epoch"
     if card.num_train_skipped:
         trained += (
             f"; {_count(card.num_train_skipped)} of the samples drawn were left out as unusable (an image that did "
@@ -960,6 +976,9 @@ def write_model_card(
             "r": card_data.lora.get("r"),
             "alpha": f"{card_data.lora['lora_alpha']:g}" if card_data.lora.get("lora_alpha") is not None else "–",
             "targets": ", ".join(f"`{target}`" for target in card_data.lora.get("target_modules") or []),
+            "wise_ft_alpha": _plain_number(card_data.lora["wise_ft_alpha"])
+            if card_data.lora.get("wise_ft_alpha") is not None
+            else None,
         }
     card = ModelCard.from_template(
         metadata_card,
@@ -1051,13 +1070,21 @@ def write_adapter_card(adapter_dir: str, card_data: Any) -> str:
     size = f" ({lora['num_parameters']:,} parameters)" if lora.get("num_parameters") else ""
     dropout = f", dropout {lora['lora_dropout']:g}" if lora.get("lora_dropout") else ""
     parent = f"the Hub repository `{location}`" if card_data.repo_id else f"the parent folder, `{location}`"
+    wise_ft = ""
+    if lora.get("wise_ft_alpha") is not None:
+        alpha = _plain_number(lora["wise_ft_alpha"])
+        wise_ft = (
+            f" Its update is scaled by WiSE-FT's a = {alpha} (each `lora_B` x {alpha}): the model saved is "
+            f"(1 - a) x the base model + a x the fine-tuned one, which for a LoRA fine-tune is the base model with "
+            "the adapter's update times a."
+        )
     text = f"""
 # LoRA adapter of {output_name}
 
 A [LoRA](https://arxiv.org/abs/2106.09685) adapter{size} for a {family} model, {_origin(card_data.base_model)}, \
 trained with clip-trainer: rank {lora.get("r")}, alpha {_plain_number(lora.get("lora_alpha"))}{dropout}, on the modules \
 {targets}. Only the adapter was trained; every weight of the base model, the temperature included, stayed as it \
-was.
+was.{wise_ft}
 
 The model with this adapter merged into its weights is {parent}: it loads without peft \
 (`AutoModel.from_pretrained("{location}")`), and its card has the evaluation and usage code.

@@ -224,6 +224,8 @@ FAMILIES = {
         "vision-text-dual-encoder",
         vision_tower=None,
         text_tower=None,
+        # Its towers can be CLIP's (`q_proj`, ...), or ViT's and BERT's, which name theirs `query`, `key`, `value`.
+        lora_targets=(*DEFAULT_LORA_TARGET_MODULES, *_BERT_ATTENTION),
     ),
     # MetaCLIP 2 is CLIP's architecture with a multilingual (XLM-V) tokenizer; transformers pairs it with
     # CLIPProcessor.

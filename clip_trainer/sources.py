@@ -795,14 +795,14 @@ def _row_columns(
 def _lookups(
     data_args: DataArguments, features: dict[str, Any], where: str, member_keys: dict[str, str] | None = None
 ) -> dict[str, tuple[str, str | None]]:
-    """Column -> (member, json key or None), for the caption column and the label and image id columns when named.
-    `member_keys` (member -> a sample key that has it) names a sample in messages."""
+    """Column -> (member, json key or None), for the caption column and the label, image id and hard-negative columns
+    when named. `member_keys` (member -> a sample key that has it) names a sample in messages."""
     lookups = {
         data_args.caption_column: _member_lookup(
             data_args.caption_column, features, "caption_column", where, member_keys
         )
     }
-    for kind in ("label_column", "image_id_column"):
+    for kind in ("label_column", "image_id_column", "hard_negative_column"):
         column = getattr(data_args, kind)
         if column is not None:
             lookups[column] = _member_lookup(column, features, kind, where, member_keys)

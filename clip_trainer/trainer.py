@@ -663,11 +663,16 @@ class CLIPContrastiveTrainer(Trainer):
                 # Early stopping is over, and the evaluations after training score the saved model alone (no
                 # `eval_ema_*`): it would warn at each of them that its metric is missing.
                 self.remove_callback(EarlyStoppingCallback)
-        self.merge_lora()
+        adapter_dir = self.merge_lora()
         if self.pretrained_weights is not None:
             from .wise_ft import run_wise_ft
 
-            run_wise_ft(self, self.pretrained_weights)
+            result = run_wise_ft(self, self.pretrained_weights)
+            if adapter_dir is not None and result.alpha != 1 and self.args.should_save:
+                from .lora import scale_saved_adapter
+
+                # The adapter saved beside the model describes the model saved: the interpolation chosen.
+                scale_saved_adapter(adapter_dir, result.alpha)
 
     def _load_callback_state(self) -> None:
         """On resume, early stopping goes on counting where the checkpoint left it (its evaluations without
@@ -1326,22 +1331,24 @@ class CLIPContrastiveTrainer(Trainer):
         logger.info(f"open_clip files in {folder}: {paths}.")
         return paths
 
-    def merge_lora(self) -> None:
+    def merge_lora(self) -> str | None:
         """Saves the adapter into `output_dir/adapter/` and goes on with the plain merged model: what is evaluated,
-        interpolated (WiSE-FT) and saved afterwards is then exactly the model `from_pretrained` loads. A no-op for a
-        model without LoRA."""
+        interpolated (WiSE-FT) and saved afterwards is then exactly the model `from_pretrained` loads. Returns the
+        adapter's folder; `None` (and does nothing) for a model without LoRA."""
         if not is_lora_model(self.model):
-            return
+            return None
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
             # A sharded model cannot be merged in place: the merged model's own weights would stay sharded outside
             # FSDP's units, and DeepSpeed's engine holds (and saves) the model it was given. It goes on with its
             # adapters, which compute the same, and the final save merges a whole copy (and writes the adapter).
             logger.info("LoRA under FSDP or DeepSpeed: the adapters stay unmerged until the final save merges a copy.")
-            return
-        super().save_model(os.path.join(self.args.output_dir, ADAPTER_DIRNAME), _internal_call=True)
+            return None
+        adapter_dir = os.path.join(self.args.output_dir, ADAPTER_DIRNAME)
+        super().save_model(adapter_dir, _internal_call=True)
         merged = self.model.merge_and_unload()
         self.model = self.model_wrapped = merged
         self._tower_weights = None
+        return adapter_dir
 
     def create_model_card(self, *args, **kwargs) -> None:
         """Writes clip-trainer's model card (`README.md`: metrics before/after, curves, usage) and the training curves

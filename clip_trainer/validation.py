@@ -363,13 +363,45 @@ def _check_fine_tuning(model_args: ModelArguments | None, args: CLIPTrainingArgu
     whole weights on every process, towers deep enough."""
     wise_ft = args.wise_ft_alphas is not None or args.wise_ft_alpha is not None
     command = model_args is not None  # a trainer built in Python trains when `train()` is called
+    joined = command and model_args.model_name_or_path is None and model_args.vision_model_name_or_path is not None
+    if wise_ft and joined:
+        raise ConfigError(
+            "`wise_ft_alphas`/`wise_ft_alpha` interpolate between the pretrained and the fine-tuned model, but this "
+            "model is two towers joined by new projections in this run, so there is no pretrained model of it; drop "
+            "WiSE-FT (or use it when fine-tuning the saved model with `model_name_or_path`)."
+        )
     if wise_ft and command and model_args.model_name_or_path is None:
         raise ConfigError(
             "`wise_ft_alphas`/`wise_ft_alpha` interpolate between the pretrained and the fine-tuned weights, but this "
             "model is trained from scratch (no `model_name_or_path`); give a pretrained model or drop WiSE-FT."
         )
+    if args.lora_rank is not None and joined:
+        # LoRA freezes every weight but its adapters, so the new projections would stay random.
+        raise ConfigError(
+            "`lora_rank` trains adapters only, but this model is two towers joined by new projections in this run, "
+            "which LoRA would keep at their random start. Train the joined model without LoRA first, then "
+            "fine-tune the saved model with LoRA (--model_name_or_path OUTPUT_DIR --lora_rank 8)."
+        )
     if wise_ft and command and not args.do_train:
         raise ConfigError("`wise_ft_alphas`/`wise_ft_alpha` run after training; add --do_train or drop them.")
+    if command and not args.do_train:
+        # Options that change only how a model trains, given to a run that only evaluates.
+        given = [
+            f"`{key}`"
+            for key, value in (
+                ("lora_rank", args.lora_rank),
+                ("ema_decay", args.ema_decay),
+                ("patch_dropout", args.patch_dropout or None),
+            )
+            if value is not None
+        ]
+        if given:
+            flags = " ".join(f'--{name.strip("`")} ""' for name in given)
+            raise ConfigError(
+                f"{' and '.join(given)} {'changes' if len(given) == 1 else 'change'} how a model trains, but this run "
+                f"only evaluates (no --do_train); drop {'it' if len(given) == 1 else 'them'} (`{flags}` unsets a "
+                "config file's), or add --do_train."
+            )
     if wise_ft and command and not args.do_eval and args.eval_strategy == IntervalStrategy.NO:
         raise ConfigError(
             "WiSE-FT evaluates each interpolation, but this run does not evaluate (`eval_strategy` is no); add "

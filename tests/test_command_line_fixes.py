@@ -318,3 +318,17 @@ def test_a_copied_config_whose_path_is_nowhere_names_both_places_tried(user_fold
     )
     with pytest.raises(AssertionError, match="should have stopped the run before the data"):
         run.main(["mine/demo.json", "--output_dir", "out", "--report_to", "none"])
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [(["--ema_decay", "0.99"], "`ema_decay` changes"), (["--patch_dropout", "0.5"], "`patch_dropout` changes"),
+     (["--ema_decay", "0.99", "--patch_dropout", "0.5"], "`ema_decay` and `patch_dropout` change")],
+)  # fmt: skip
+def test_a_training_option_on_a_run_that_only_evaluates_is_refused(
+    base_args, user_folder, stops_before_the_data, capsys, flags, named
+):
+    # It would be accepted and do nothing (LoRA's adapters would even be counted as training in the log).
+    line = error_line(run.cli([*base_args, "--do_eval", *flags]), capsys.readouterr().err)
+    assert f"{named} how a model trains, but this run only evaluates (no --do_train)" in line
+    assert '--ema_decay ""' in line or '--patch_dropout ""' in line

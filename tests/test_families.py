@@ -4,6 +4,7 @@ existing guarantees (freezing, evaluation-only runs, cached accumulation, bad ro
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -209,6 +210,36 @@ def test_a_dual_encoder_from_two_towers_trains_reloads_and_classifies(base_args,
     assert abs(sum(p["score"] for p in predictions) - 1) < 1e-4
     # Training the whole model from the saved dual encoder continues as it would for CLIP.
     main([*base_args[:1], str(out), *base_args[2:], "--max_steps", "2", "--output_dir", str(tmp_path / "again")])
+    # LoRA's default targets are the attention projections of both towers, BERT's `query`, `key`, `value` and
+    # attention output included.
+    if importlib.util.find_spec("peft") is not None:
+        main([*base_args[:1], str(out), *base_args[2:], "--max_steps", "2", "--output_dir", str(tmp_path / "lora"),
+              "--lora_rank", "2"])  # fmt: skip
+        from safetensors import safe_open
+
+        with safe_open(str(tmp_path / "lora" / "adapter" / "adapter_model.safetensors"), "pt") as adapter:
+            names = list(adapter.keys())
+        for module in ("self_attn.q_proj", "self_attn.out_proj", "attention.self.query", "attention.self.value",
+                       "attention.output.dense"):  # fmt: skip
+            assert any(f"{module}.lora_A" in name for name in names), module
+        in_the_mlp = [name for name in names if "intermediate.dense" in name
+                      or ("output.dense" in name and "attention.output.dense" not in name)]  # fmt: skip
+        assert in_the_mlp == []
+
+
+def test_lora_and_wise_ft_on_two_towers_joined_in_the_run_are_refused(base_args, tower_dirs, capsys):
+    # Their new projections start random: LoRA would keep them so, and there is no pretrained model to interpolate.
+    vision, text = tower_dirs
+    argv = list(base_args)
+    index = argv.index("--model_name_or_path")
+    argv = [*argv[:index], *argv[index + 2 :], "--vision_model_name_or_path", str(vision),
+            "--text_model_name_or_path", str(text), "--projection_dim", "16"]  # fmt: skip
+    assert run.cli([*argv, "--lora_rank", "4"]) == 2
+    assert "two towers joined by new projections in this run, which LoRA would keep" in capsys.readouterr().err
+    assert run.cli([*argv, "--wise_ft_alphas", "0.5", "--do_train", "--do_eval"]) == 2
+    assert "two towers joined by new projections in this run, so there is no pretrained model" in (
+        capsys.readouterr().err
+    )
 
 
 def test_a_sigmoid_loss_for_a_model_without_a_bias_is_refused(base_args, capsys):

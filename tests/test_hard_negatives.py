@@ -18,6 +18,7 @@ from clip_trainer.captions import caption_list
 from clip_trainer.errors import ConfigError
 from clip_trainer.evaluation import RetrievalEvaluator, hard_negative_accuracy
 from clip_trainer.images import load_image
+from clip_trainer.run import main
 from clip_trainer.validation import check_training_arguments
 
 
@@ -223,3 +224,55 @@ def test_a_hard_negative_with_the_captions_tokens_ties_at_every_evaluation_batch
         assert main(argv) == 0
         results = json.loads((output / "eval_results.json").read_text())
         assert results["eval_hard_negative_accuracy"] == pytest.approx(expected, abs=1e-12), batch_size
+
+
+def _write_shard_with_negatives(path, rows) -> list[tuple[Image.Image, str, list[str]]]:
+    """A WebDataset shard whose json member holds each sample's caption and its hard negatives (the same shape in
+    another colour)."""
+    import io
+    import json
+    import tarfile
+
+    from conftest import draw_shape, shape_rows
+    from test_webdataset import _add_member
+
+    samples = []
+    with tarfile.open(path, "w") as tar:
+        for index, (color, shape, background, caption) in enumerate(shape_rows()[:rows]):
+            picture = draw_shape(color, shape, background, size=40 + index)
+            negatives = [caption.replace(color, other) for other in ("red", "green") if other != color][:1]
+            buffer = io.BytesIO()
+            picture.save(buffer, format="PNG")
+            _add_member(tar, f"k{index:03d}.png", buffer.getvalue())
+            _add_member(tar, f"k{index:03d}.json", json.dumps({"caption": caption, "negatives": negatives}).encode())
+            samples.append((picture, caption, negatives))
+    return samples
+
+
+def test_tar_shards_carry_hard_negatives_in_their_json(base_args, tmp_path, monkeypatch):
+    # `hard_negative_column` names a json key of the samples, as `caption_column` and `label_column` may.
+    monkeypatch.chdir(tmp_path)
+    _write_shard_with_negatives(tmp_path / "train.tar", rows=16)
+    validation = _write_shard_with_negatives(tmp_path / "val.tar", rows=12)
+    argv = list(base_args)
+    argv[argv.index("--train_file") + 1] = "train.tar"
+    argv[argv.index("--output_dir") + 1] = "out"
+    for spelling in ("negatives", "json.negatives"):
+        data = load_image_text_data(
+            DataArguments(train_file="train.tar", validation_file="val.tar", hard_negative_column=spelling), seed=0
+        )
+        assert caption_list(data.validation[0][spelling]) == validation[0][2]
+    metrics = main([*argv, "--validation_file", "val.tar", "--hard_negative_column", "negatives", "--max_steps", "2",
+                    "--do_train", "--do_eval"])  # fmt: skip
+
+    # Independently, from the saved model in float64: each image against its caption and its hard negatives.
+    model = AutoModel.from_pretrained(tmp_path / "out").eval()
+    processor = AutoProcessor.from_pretrained(tmp_path / "out", backend="pil")
+    wins = []
+    with torch.no_grad():
+        for picture, caption, negatives in validation:
+            image = _features(model.get_image_features(**processor.image_processor(picture, return_tensors="pt")))
+            tokens = processor.tokenizer([caption, *negatives], padding=True, return_tensors="pt")
+            scores = (image @ _features(model.get_text_features(**tokens)).T)[0]
+            wins.append(bool(scores[0] > scores[1:].max()))
+    assert metrics["eval_hard_negative_accuracy"] == pytest.approx(sum(wins) / len(wins), abs=1e-12)

@@ -137,6 +137,26 @@ def test_the_adapter_has_its_own_card(base_args, tiny_clip_dir, tmp_path, monkey
 
 
 @needs_peft
+def test_with_wise_ft_the_adapter_is_scaled_to_the_interpolation_saved(base_args, tiny_clip_dir, tmp_path):
+    """WiSE-FT at a of a LoRA fine-tune is the base model plus a x the adapter's update: the adapter saved beside the
+    model, merged into the base model as its card says, gives the model saved (not the a = 1 fine-tune)."""
+    from peft import PeftModel
+
+    out = Path(base_args[base_args.index("--output_dir") + 1])
+    main([*base_args, "--lora_rank", "4", "--lora_alpha", "8", "--learning_rate", "1e-2", "--num_train_epochs", "1",
+          "--wise_ft_alphas", "0.5", "--wise_ft_alpha", "0.5", "--do_train", "--do_eval"])  # fmt: skip
+    saved = CLIPModel.from_pretrained(out).state_dict()
+    base = CLIPModel.from_pretrained(tiny_clip_dir).state_dict()
+    merged = PeftModel.from_pretrained(CLIPModel.from_pretrained(tiny_clip_dir), out / "adapter").merge_and_unload()
+    name = "vision_model.encoder.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(saved[name], base[name])  # the update is there, at half its size
+    for key, weight in merged.state_dict().items():
+        torch.testing.assert_close(weight, saved[key], atol=1e-6, rtol=0, msg=key)
+    assert "its update scaled by WiSE-FT's a = 0.5" in (out / "README.md").read_text()
+    assert "Its update is scaled by WiSE-FT's a = 0.5" in (out / "adapter" / "README.md").read_text()
+
+
+@needs_peft
 def test_a_pushed_lora_run_names_its_hub_repository(base_args, tmp_path, fake_hub):
     main([*base_args, "--lora_rank", "4", "--max_steps", "2", "--push_to_hub", "true", "--hub_token", "hf_test",
           "--hub_model_id", "clip-lora"])  # fmt: skip

@@ -4,8 +4,10 @@ sources in a config file are read against its folder, and a mixture trains throu
 
 from __future__ import annotations
 
+import csv
 import json
 import math
+import re
 
 import pytest
 from conftest import write_shapes_csv
@@ -245,3 +247,35 @@ def test_replay_as_the_fine_tuning_docs_give_it_evaluates_on_the_users_pairs_alo
     assert "eval_general_t2i_recall@1" in results
     state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
     assert state["global_step"] == math.ceil((24 + 24) / 16)  # every pair of both sources, once
+
+
+def test_the_card_of_a_mixture_with_several_captions_a_row_counts_rows_not_images(
+    tiny_clip_dir, tmp_path, monkeypatch
+):
+    # Two sources over the same 12 pictures, one with two captions a row: the mixture's rows stay rows (its
+    # repetitions are its weighting), so the card must not call them images, nor say one caption per image.
+    from test_multi_caption import write_multi_caption_csv
+
+    multi = write_multi_caption_csv(tmp_path / "multi", rows=12)
+    single = tmp_path / "multi" / "single.csv"
+    with multi.open() as source, single.open("w", newline="") as target:
+        rows = list(csv.DictReader(source))
+        writer = csv.writer(target)
+        writer.writerow(["image", "caption"])
+        writer.writerows([row["image"], json.loads(row["caption"])[0]] for row in rows)
+    monkeypatch.chdir(tmp_path)
+    main(["--model_name_or_path", str(tiny_clip_dir), "--train_mixture", json.dumps({str(multi): 1, str(single): 1}),
+          "--validation_file", str(single), "--per_device_train_batch_size", "8", "--num_train_epochs", "1",
+          "--do_train", "--output_dir", "out", "--report_to", "none", "--dataloader_num_workers", "0",
+          "--eval_strategy", "no", "--save_strategy", "no", "--use_cpu", "true"])  # fmt: skip
+    card = (tmp_path / "out" / "README.md").read_text()
+    [sentence] = re.findall(r"It was trained on [^.]*\.", card)
+    assert "images" not in sentence and "one caption drawn per image" not in sentence
+    # The epoch's rows as the mixture draws them (all-exhausted: both sources read through, the one that runs out
+    # first repeated), and the captions they hold.
+    mixture = DataArguments(train_mixture={str(multi): 1, str(single): 1}, validation_file=str(single))
+    train = load_image_text_data(mixture, seed=42, evaluate=False).train
+    captions = sum(len(value) if isinstance(value, list) else 1 for value in train["caption"])
+    assert len(train) > 24 and captions > len(train)
+    assert f"a mixture of sources, {len(train)} rows an epoch drawn by weight with {captions} captions" in sentence
+    assert "one caption drawn per row each epoch" in sentence
