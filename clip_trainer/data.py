@@ -417,9 +417,11 @@ def _load_data_files(
             )
         except Exception as error:
             raise _file_error(key, files, error) from None
-        if streaming and builder == "parquet" and _embedded_image_feature(dataset, data_args.image_column):
+        # A streamed local Parquet or JSON Lines file is read by clip-trainer's readers: its rows named by file and
+        # row, and a part that cannot be read left out with a warning instead of stopping the run.
+        if streaming and builder == "parquet" and _local_files_ending(files, ".parquet"):
             dataset = _named_file_stream(dataset, files, _ParquetRows())
-        elif streaming and _streams_base64_json_lines(dataset, files, data_args.image_column):
+        elif streaming and _local_files_ending(files, ".jsonl"):
             dataset = _named_file_stream(dataset, files, _JsonLinesRows())
         parts.append(_with_lazy_images(dataset, data_args.image_column, folder))
     loaded = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
@@ -429,22 +431,15 @@ def _load_data_files(
     return loaded
 
 
-def _embedded_image_feature(stream: IterableDataset, image_column: str) -> bool:
-    """Whether a stream's images are embedded (an `Image` or `{"bytes", "path"}` struct column), as far as its
-    features tell before a row is read."""
-    feature = (stream.features or {}).get(image_column)
-    return feature is not None and not (
-        isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
-    )
-
-
 class _ParquetRows:
     """The rows of Parquet files, each with its name for messages (`row 15 of /data/b.parquet`), for
     `IterableDataset.from_generator` (which deals the files out to processes and DataLoader workers, and records the
     stream's position for resuming, as it does for `datasets`' own Parquet stream).
 
-    Written here because a `datasets` stream does not say which file, nor which row of it, a row came from, and a
-    picture held as bytes has no other name. Read with pyarrow, batch by batch, as `datasets`' Parquet builder reads.
+    Written here because a `datasets` stream does not say which file, nor which row of it, a row came from (a
+    picture held as bytes has no other name), and stops the whole run at a file it cannot read: here the rest of such
+    a file is left out, with a warning naming it and the row it stopped at. Read with pyarrow, batch by batch, as
+    `datasets`' Parquet builder reads.
     """
 
     def __call__(self, files: list[str]) -> Iterator[dict[str, Any]]:
@@ -452,37 +447,50 @@ class _ParquetRows:
 
         for file in files:
             name, row = os.path.abspath(file), 0
-            for batch in pq.ParquetFile(file).iter_batches(batch_size=1000):
-                for values in batch.to_pylist():
-                    yield {**values, SOURCE_ROW_COLUMN: f"row {row} of {name}"}
-                    row += 1
+            try:
+                for batch in pq.ParquetFile(file).iter_batches(batch_size=1000):
+                    for values in batch.to_pylist():
+                        yield {**values, SOURCE_ROW_COLUMN: f"row {row} of {name}"}
+                        row += 1
+            except (OSError, pa.ArrowException) as error:
+                logger.warning(
+                    f"Leaving out {name} from its row {row} on: it cannot be read ({type(error).__name__}: "
+                    f"{str(error).splitlines()[0][:200]}); a file cut short or overwritten? Training goes on with "
+                    "the other files; replace this one and resume to train on it."
+                )
 
 
 class _JsonLinesRows:
     """The rows of JSON Lines files, each with its name for messages (`row 15 of /data/b.jsonl`), as [`_ParquetRows`]
-    gives Parquet rows; for streams whose images are base64 text, which has no other name."""
+    gives Parquet rows. A line that is not a JSON object (a file cut short mid-line, a line edited by hand) is left
+    out with a warning naming its file and line, where `datasets`' JSON builder would stop the whole run there."""
 
     def __call__(self, files: list[str]) -> Iterator[dict[str, Any]]:
         for file in files:
             name, row = os.path.abspath(file), 0
-            with open(file, encoding="utf-8") as lines:
-                for line in lines:
-                    if line.strip():  # as `datasets`' JSON builder, which skips blank lines
-                        yield {**json.loads(line), SOURCE_ROW_COLUMN: f"row {row} of {name}"}
-                        row += 1
+            with open(file, encoding="utf-8", errors="replace") as lines:
+                for number, line in enumerate(lines, start=1):
+                    if not line.strip():  # as `datasets`' JSON builder, which skips blank lines
+                        continue
+                    try:
+                        values = json.loads(line)
+                    except json.JSONDecodeError as error:
+                        values, reason = None, f"not JSON ({error.msg} at character {error.colno})"
+                    else:
+                        reason = f"not a JSON object but {type(values).__name__}"
+                    if not isinstance(values, dict):
+                        logger.warning(
+                            f"Leaving out line {number} of {name}: {reason}; a file cut short, or a line edited by "
+                            "hand? Every line must be one JSON object, e.g. "
+                            '{"image": "images/1.jpg", "caption": "a cat"}.'
+                        )
+                        continue
+                    yield {**values, SOURCE_ROW_COLUMN: f"row {row} of {name}"}
+                    row += 1
 
 
-def _streams_base64_json_lines(stream: IterableDataset, files: list[str], image_column: str) -> bool:
-    """Whether `stream` reads local JSON Lines files whose images are base64 text (or `data:` URIs), judged from
-    its first row."""
-    if not files or not all(file.lower().endswith(".jsonl") and os.path.isfile(file) for file in files):
-        return False
-    try:
-        first = next(iter(stream.take(1)), None)
-    except Exception:  # a file that does not read is reported where the stream reads it
-        return False
-    value = (first or {}).get(image_column)
-    return isinstance(value, str) and looks_like_base64_image(value)
+def _local_files_ending(files: list[str], suffix: str) -> bool:
+    return bool(files) and all(file.lower().endswith(suffix) and os.path.isfile(file) for file in files)
 
 
 def _named_file_stream(stream: IterableDataset, files: list[str], rows: Any) -> IterableDataset:

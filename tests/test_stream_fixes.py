@@ -275,3 +275,54 @@ def test_a_streamed_json_lines_row_with_bad_base64_image_is_named_by_file_and_ro
     run.main([*argv, "--streaming", "true", "--max_steps", "1", "--validation_file", str(shapes_csv),
               "--eval_strategy", "no", "--shuffle_buffer_size", "1"])  # fmt: skip
     assert f"Leaving out row 4 of {tmp_path / 'data' / 'train-1.jsonl'} that cannot be used" in logged(caplog)
+
+
+def test_a_streamed_run_leaves_out_a_bad_json_line_or_a_cut_parquet_file_and_goes_on(
+    base_args, shapes_csv, tmp_path, monkeypatch, caplog
+):
+    # The second file of each stream is damaged: a JSON Lines file with a line cut short and a line that is no
+    # object, a Parquet file whose pages do not decode. `datasets` would stop the run there, after the first file.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "jsonl").mkdir()
+    (tmp_path / "parquet").mkdir()
+    for part in range(2):
+        with open(tmp_path / "jsonl" / f"train-{part}.jsonl", "w") as lines:
+            for index in range(6):
+                image = base64.b64encode(png(6 * part + index)).decode()
+                caption = shape_rows()[(6 * part + index) % len(shape_rows())][3]
+                lines.write(json.dumps({"image": image, "caption": caption}) + "\n")
+                if part == 1 and index == 2:
+                    lines.write('["a list", "not an object"]\n')
+            if part == 1:
+                lines.write('{"image": "iVBORw0KGgo", "capt')  # cut short mid-line
+        write_parquet(tmp_path / "parquet" / f"train-{part}.parquet", rows=6, bad=-1, offset=6 * part)
+    cut = tmp_path / "parquet" / "train-1.parquet"
+    data = bytearray(cut.read_bytes())
+    data[4:300] = bytes(296)  # its first pages overwritten (a disk or copy fault); its footer still says 6 rows
+    cut.write_bytes(bytes(data))
+
+    caplog.set_level(logging.WARNING, logger="clip_trainer")
+    jsonl = load_image_text_data(
+        DataArguments(train_file="jsonl/*.jsonl", streaming=True, validation_file=str(shapes_csv)), seed=1
+    )
+    assert len(list(jsonl.one_pass)) == 12  # every good line, once
+    named = tmp_path / "jsonl" / "train-1.jsonl"
+    assert f"Leaving out line 4 of {named}: not a JSON object but list" in logged(caplog)
+    assert f"Leaving out line 8 of {named}: not JSON (Unterminated string" in logged(caplog)
+
+    parquet = load_image_text_data(
+        DataArguments(train_file="parquet/*.parquet", streaming=True, validation_file=str(shapes_csv)), seed=1
+    )
+    rows = list(parquet.one_pass)
+    assert len(rows) == 6 and all(row["_source_row"].endswith("train-0.parquet") for row in rows)
+    assert f"Leaving out {cut} from its row" in logged(caplog) and "it cannot be read" in logged(caplog)
+
+    # The command trains past both, to its last step.
+    for folder, pattern in (("jsonl", "jsonl/*.jsonl"), ("parquet", "parquet/*.parquet")):
+        argv = list(base_args)
+        argv[argv.index("--train_file") + 1] = pattern
+        argv[argv.index("--output_dir") + 1] = f"out-{folder}"
+        results = run.main([*argv, "--streaming", "true", "--max_steps", "4", "--validation_file", str(shapes_csv),
+                            "--eval_strategy", "no", "--shuffle_buffer_size", "1"])  # fmt: skip
+        assert json.loads((tmp_path / f"out-{folder}" / "trainer_state.json").read_text())["global_step"] == 4
+        assert results is not None
