@@ -418,11 +418,14 @@ def _load_data_files(
         except Exception as error:
             raise _file_error(key, files, error) from None
         # A streamed local Parquet or JSON Lines file is read by clip-trainer's readers: its rows named by file and
-        # row, and a part that cannot be read left out with a warning instead of stopping the run.
-        if streaming and builder == "parquet" and _local_files_ending(files, ".parquet"):
-            dataset = _named_file_stream(dataset, files, _ParquetRows())
-        elif streaming and _local_files_ending(files, ".jsonl"):
-            dataset = _named_file_stream(dataset, files, _JsonLinesRows())
+        # row, and a part that cannot be read left out with a warning instead of stopping the run. (Without the
+        # columns, which `datasets` learns from the first file, its stream stays: reading it reports the first
+        # file's fault in one line.)
+        if streaming and dataset.features is not None:
+            if builder == "parquet" and _local_files_ending(files, ".parquet"):
+                dataset = _named_file_stream(dataset, files, _ParquetRows())
+            elif _local_files_ending(files, ".jsonl"):
+                dataset = _named_file_stream(dataset, files, _JsonLinesRows())
         parts.append(_with_lazy_images(dataset, data_args.image_column, folder))
     loaded = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     if isinstance(loaded, Dataset) and _holds_image_bytes(loaded, data_args.image_column):
@@ -475,7 +478,7 @@ class _JsonLinesRows:
                     try:
                         values = json.loads(line)
                     except json.JSONDecodeError as error:
-                        values, reason = None, f"not JSON ({error.msg} at character {error.colno})"
+                        values, reason = None, f"not JSON ({error.msg.removesuffix(' at')} at column {error.colno})"
                     else:
                         reason = f"not a JSON object but {type(values).__name__}"
                     if not isinstance(values, dict):
@@ -719,7 +722,33 @@ def _file_error(key: str, files: list[str], error: Exception) -> ConfigError:
                 "image-caption pair."
             )
         cause = cause.__cause__ or cause.__context__
+    bad_line = _first_line_not_a_json_object(files)
+    if bad_line is not None:  # pyarrow's words ("Column() changed from object to string in row 0") do not say it
+        file, number, reason = bad_line
+        return ConfigError(
+            f"`{key}` {file!r}: line {number} is {reason}; every line of a JSON Lines file must be one JSON object, "
+            'e.g. {"image": "images/1.jpg", "caption": "a cat"} (a file cut short mid-line, or a line edited by hand?).'
+        )
     return ConfigError(f"Cannot read `{key}` {files[0]!r}: {type(error).__name__}: {error}")
+
+
+def _first_line_not_a_json_object(files: list[str]) -> tuple[str, int, str] | None:
+    """The first line of local JSON Lines `files` that is not a JSON object: (file, line counted from 1, what it is
+    instead); `None` when every line is one (or no file is JSON Lines)."""
+    for file in files:
+        if not file.lower().endswith(".jsonl") or not os.path.isfile(file):
+            continue
+        with open(file, encoding="utf-8", errors="replace") as lines:
+            for number, line in enumerate(lines, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    value = json.loads(line)
+                except json.JSONDecodeError as error:
+                    return file, number, f"not JSON ({error.msg.removesuffix(' at')} at column {error.colno})"
+                if not isinstance(value, dict):
+                    return file, number, f"a JSON {type(value).__name__}, not an object"
+    return None
 
 
 def _is_url_or_bytes(value: str) -> bool:

@@ -9,6 +9,7 @@ import base64
 import io
 import json
 import logging
+import re
 import tarfile
 from pathlib import Path
 
@@ -326,3 +327,16 @@ def test_a_streamed_run_leaves_out_a_bad_json_line_or_a_cut_parquet_file_and_goe
                             "--eval_strategy", "no", "--shuffle_buffer_size", "1"])  # fmt: skip
         assert json.loads((tmp_path / f"out-{folder}" / "trainer_state.json").read_text())["global_step"] == 4
         assert results is not None
+
+
+@pytest.mark.parametrize("streaming", [True, False], ids=["streamed", "loaded"])
+def test_a_json_lines_file_whose_line_is_no_object_names_the_line(shapes_csv, tmp_path, streaming):
+    # pyarrow says "Column() changed from object to string in row 0" of a list line, or names a cut line's row.
+    for bad, said in (('["a list"]', "line 3 is a JSON list, not an object"),
+                      ('{"image": "a.png", "capt', "line 3 is not JSON (Unterminated string")):  # fmt: skip
+        path = tmp_path / "pairs.jsonl"
+        path.write_text('{"image": "a.png", "caption": "a"}\n{"image": "b.png", "caption": "b"}\n' + bad)  # its end
+        with pytest.raises(ConfigError, match=re.escape(f"`train_file` {str(path)!r}: {said}")):
+            load_image_text_data(
+                DataArguments(train_file=str(path), streaming=streaming, validation_file=str(shapes_csv)), seed=1
+            )
