@@ -1158,7 +1158,7 @@ def _finish_training_stream(
         key, source = (
             ("train_file", data_args.train_file) if data_args.train_file else ("dataset_name", data_args.dataset_name)
         )
-        raise _file_error(key, [str(source)], error) from None
+        raise _file_error(key, _expand(str(source)), error) from None  # each file of a glob, to find the bad one
     _check_columns(columns, "train", data_args)
     read = source_of(train)
     if read is None:

@@ -340,3 +340,15 @@ def test_a_json_lines_file_whose_line_is_no_object_names_the_line(shapes_csv, tm
             load_image_text_data(
                 DataArguments(train_file=str(path), streaming=streaming, validation_file=str(shapes_csv)), seed=1
             )
+
+
+def test_a_streamed_csv_glob_with_an_overlong_row_names_its_file(shapes_csv, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "csvs").mkdir()
+    lines = shapes_csv.read_text().splitlines()
+    (tmp_path / "csvs" / "a.csv").write_text("\n".join(lines[:6]) + "\n")
+    (tmp_path / "csvs" / "b.csv").write_text("\n".join([lines[0], *lines[6:9], lines[9] + ",extra"]) + "\n")
+    with pytest.raises(ConfigError, match=r"`train_file` 'csvs/b\.csv': line 5 has 4 fields where the header has 3"):
+        load_image_text_data(
+            DataArguments(train_file="csvs/*.csv", streaming=True, validation_file=str(shapes_csv)), 1
+        )
