@@ -304,12 +304,17 @@ def resolve_resume_checkpoint(resume_from_checkpoint: str | bool | None, output_
     last, passed_over = _newest_complete_checkpoint(output_dir)
     if last is None:
         if passed_over:
-            held = f"only incomplete checkpoints ({len(passed_over)}, named in the warnings above)"
-        else:
-            held = "no checkpoint-* folder"
+            # A run stopped while writing its first checkpoint: nothing to resume, and its folders would stop a
+            # new run in this `output_dir` (see `claim_output_dir`), so the way out is to delete them.
+            raise ConfigError(
+                f"`resume_from_checkpoint` is true but {output_dir!r} holds only incomplete checkpoints "
+                f"({len(passed_over)}, named in the warnings above: a run stopped while saving its first one), so "
+                "there is nothing to resume. Start over with --overwrite_output_dir true (it deletes them) and "
+                "without --resume_from_checkpoint, or choose another --output_dir."
+            )
         raise ConfigError(
-            f"`resume_from_checkpoint` is true but {output_dir!r} holds {held}; start without it, or give a "
-            "checkpoint path."
+            f"`resume_from_checkpoint` is true but {output_dir!r} holds no checkpoint-* folder; start without it, "
+            "or give a checkpoint path."
         )
     logger.info(f"Resuming from {last}.")
     return last
@@ -436,10 +441,17 @@ def claim_output_dir(
     if existing and not resuming:
         if not overwrite:
             lock.release()
+            named = f"{', '.join(existing[:3])}{', ...' if len(existing) > 3 else ''}"
+            if latest_complete_checkpoint(output_dir) is None:  # a run stopped while saving its first checkpoint
+                raise ConfigError(
+                    f"`output_dir` {output_dir!r} holds only incomplete checkpoints of an earlier run ({named}, "
+                    "stopped while saving), so there is nothing to resume. Pass --overwrite_output_dir true to delete "
+                    "them and start over, or choose another --output_dir."
+                )
             raise ConfigError(
-                f"`output_dir` {output_dir!r} holds checkpoints of an earlier run ({', '.join(existing[:3])}"
-                f"{', ...' if len(existing) > 3 else ''}). Continue it with --resume_from_checkpoint true, choose "
-                "another --output_dir, or pass --overwrite_output_dir true to delete them and start over."
+                f"`output_dir` {output_dir!r} holds checkpoints of an earlier run ({named}). Continue it with "
+                "--resume_from_checkpoint true, choose another --output_dir, or pass --overwrite_output_dir true to "
+                "delete them and start over."
             )
         for name in existing:
             shutil.rmtree(os.path.join(output_dir, name))
@@ -496,13 +508,37 @@ def describe_save_error(error: BaseException, output_dir: str) -> str:
     checkpoint is its end trains nothing when resumed and only writes the final model.
     """
     newest = latest_complete_checkpoint(output_dir)
-    where = f" The newest complete checkpoint is {newest}." if newest else " No complete checkpoint was written."
     errno_of = getattr(error, "errno", None)
-    if errno_of == errno.ENOSPC or re.search(
-        r"No space left|StorageFull|file write failed|unexpected pos", str(error)
-    ):
+    said_full = errno_of == errno.ENOSPC or re.search(r"No space left|StorageFull", str(error))
+    unspecific = re.search(r"file write failed|unexpected pos", str(error))  # torch's writer gives no errno
+    if said_full or (unspecific and _free_bytes(output_dir) < _NEARLY_FULL):
         what = f"The disk is full: saving into {output_dir!r} failed"
+        fix = "Free space or choose another `output_dir`"
+    elif unspecific or errno_of == errno.EFBIG:
+        what = (
+            f"Saving into {output_dir!r} failed ({str(error).strip().splitlines()[0]}) although the disk has "
+            f"{_free_bytes(output_dir) / 2**30:.1f} GiB free: a limit on the size of a file (`ulimit -f`, a FAT32 "
+            "or exFAT drive's 4 GiB) is the likely cause"
+        )
+        fix = "Lift the limit or choose an `output_dir` on another file system"
     else:
         reason = getattr(error, "strerror", None) or str(error).strip().splitlines()[0]
         what = f"Saving into {output_dir!r} failed ({reason})"
-    return f"{what}.{where} Free space or choose another `output_dir`, then resume with --resume_from_checkpoint true."
+        fix = "Free space or choose another `output_dir`"
+    if newest:
+        return f"{what}. The newest complete checkpoint is {newest}. {fix}, then resume with --resume_from_checkpoint true."
+    return (
+        f"{what}. No complete checkpoint was written, so there is nothing to resume: {fix[0].lower()}{fix[1:]}, then "
+        "start over with --overwrite_output_dir true (it deletes the incomplete checkpoints)."
+    )
+
+
+# Free space under which a write that failed without saying why is taken for a full disk.
+_NEARLY_FULL = 64 * 2**20
+
+
+def _free_bytes(folder: str) -> int:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return 0

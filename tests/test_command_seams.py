@@ -21,7 +21,7 @@ from conftest import SLOWED_CLI, drop_option, set_option
 from PIL import Image
 from transformers import AutoModel, AutoProcessor
 
-from clip_trainer import run
+from clip_trainer import checkpoints, run
 from clip_trainer.checkpoints import LOCK_FILE_NAME, checkpoint_problems
 
 REPO = Path(__file__).resolve().parents[1]
@@ -253,10 +253,20 @@ def test_a_full_disk_in_torch_save_is_one_line(base_args, tmp_path, monkeypatch,
         raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 4096 vs 3990")
 
     monkeypatch.setattr(trainer_module.torch, "save", failing_save)
+    # torch's writer says no errno: the free space tells a full disk from a limit on a file's size.
+    monkeypatch.setattr(checkpoints, "_free_bytes", lambda folder: 10 * 2**20)
     status = run.cli([*base_args, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "2"])
     err = capsys.readouterr().err
     assert status == 1 and "Traceback" not in err
-    assert "The disk is full" in err and "No complete checkpoint was written" in err
+    assert "The disk is full" in err and "No complete checkpoint was written, so there is nothing to resume" in err
+    assert "start over with --overwrite_output_dir true" in err and "--resume_from_checkpoint true" not in err
+
+    monkeypatch.setattr(checkpoints, "_free_bytes", lambda folder: 50 * 2**30)
+    status = run.cli([*base_args, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "2",
+                      "--overwrite_output_dir", "true"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert status == 1 and "The disk is full" not in err
+    assert "although the disk has 50.0 GiB free: a limit on the size of a file (`ulimit -f`" in err
 
 
 # --------------------------------------------------------------------------------------------------------------

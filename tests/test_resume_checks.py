@@ -186,4 +186,13 @@ def test_resume_true_without_checkpoints_mentions_no_warnings(base_args, tmp_pat
     err = capsys.readouterr().err
     assert status == 2
     assert "Passing over incomplete checkpoint empty/checkpoint-4: optimizer.pt is unreadable" in caplog.text
-    assert "holds only incomplete checkpoints (1, named in the warnings above)" in _last_error(err)
+    assert "holds only incomplete checkpoints (1, named in the warnings above" in _last_error(err)
+    # The way out it names works: the same folder without --resume_from_checkpoint is refused, and says to
+    # overwrite, which then trains (a run stopped while saving its first checkpoint, not a loop of messages).
+    assert "Start over with --overwrite_output_dir true" in _last_error(err)
+    status = run.cli([*base_args, "--output_dir", "empty"])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert "holds only incomplete checkpoints of an earlier run (checkpoint-4, stopped while saving)" in err
+    assert "--resume_from_checkpoint" not in _last_error(err)
+    assert run.cli([*base_args, "--output_dir", "empty", "--overwrite_output_dir", "true"]) == 0
