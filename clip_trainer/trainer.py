@@ -608,11 +608,11 @@ class CLIPContrastiveTrainer(Trainer):
           to the checkpoint, which the Trainer decides before any callback runs.
         """
         if resume_from_checkpoint is True:
-            # As `Trainer.train` resolves it, here so that the checkpoint's settings are checked below (with none,
-            # `Trainer.train` says so).
-            from transformers.trainer_utils import get_last_checkpoint
+            # As the command resolves it (transformers' `get_last_checkpoint` would take a half-written checkpoint
+            # that a crash left newest), here so that the checkpoint's settings are checked below.
+            from .checkpoints import resolve_resume_checkpoint
 
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir) or True
+            resume_from_checkpoint = resolve_resume_checkpoint(True, self.args.output_dir)
         if self.ema_callback is not None:
             checkpoint = resume_from_checkpoint
             self.ema_callback.resume_from = checkpoint if isinstance(checkpoint, str) else None

@@ -212,3 +212,28 @@ def test_a_collator_of_the_callers_reads_columns_of_its_own(tiny_clip_dir, tmp_p
                                  max_seq_length=16, image_column="picture", caption_column="text")  # fmt: skip
     trainer = trainer_for(tiny_clip_dir, tmp_path, train_dataset=data, eval_dataset=data, data_collator=collator)
     assert trainer.train().training_loss > 0
+
+
+def test_a_script_resuming_with_true_passes_over_a_half_written_checkpoint(base_args, tiny_clip_dir, tmp_path, caplog):
+    # The newest checkpoint is what a kill during its save leaves: no trainer state, no optimizer. The command
+    # passes it over; so does `trainer.train(resume_from_checkpoint=True)` (transformers' own rule takes the newest).
+    import logging
+
+    from clip_trainer.run import main
+
+    out = tmp_path / "out"
+    argv = [*base_args, "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2"]
+    argv[argv.index("--output_dir") + 1] = str(out)
+    main(argv)
+    for name in ("trainer_state.json", "optimizer.pt"):
+        (out / "checkpoint-4" / name).unlink()
+    data = Dataset.from_list(
+        [{"image": draw_shape(c, s, b), "caption": caption} for c, s, b, caption in shape_rows()[:16]]
+    )
+    trainer = trainer_for(out / "checkpoint-2", tmp_path, train_dataset=data,
+                          args={"output_dir": str(out), "max_steps": 6, "per_device_train_batch_size": 8,
+                                "save_strategy": "no", "seed": 1})  # fmt: skip
+    caplog.set_level(logging.WARNING, logger="clip_trainer")
+    trainer.train(resume_from_checkpoint=True)
+    assert f"Passing over incomplete checkpoint {out / 'checkpoint-4'}" in caplog.text
+    assert trainer.state.global_step == 6
