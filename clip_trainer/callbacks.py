@@ -249,6 +249,14 @@ def _parameters(model, optimizer) -> list[torch.nn.Parameter]:
 # --------------------------------------------------------------------------------------------------------------
 
 
+class StoppedAtOnce(KeyboardInterrupt):
+    """A second SIGINT or SIGTERM while a run waits for its step to end: it stops where it is, saving nothing."""
+
+    def __init__(self, signal_number: int) -> None:
+        super().__init__(signal_number)
+        self.signal_number = signal_number
+
+
 class StopOnSignalCallback(TrainerCallback):
     """Saves a checkpoint and stops at the end of the current step when the process gets SIGTERM or SIGINT.
 
@@ -256,7 +264,7 @@ class StopOnSignalCallback(TrainerCallback):
     checkpoint) and Ctrl-C raises `KeyboardInterrupt` with a traceback and nothing saved. Here the handler only sets a
     flag; at the next step end the callback asks the Trainer to save (even with `save_strategy=no`) and to stop, and
     `on_train_end` raises [`TrainingInterrupted`] so that the caller does not take the run for a finished one. A
-    second Ctrl-C while waiting for the step to end interrupts at once, as users expect.
+    second Ctrl-C (or SIGTERM) while waiting for the step to end interrupts at once, as users expect.
 
     Under several processes every one gets the signal from the launcher (torchrun forwards it), but not necessarily
     before the same step; they must agree on the step to save at (the save has collectives). They agree through an
@@ -269,12 +277,14 @@ class StopOnSignalCallback(TrainerCallback):
         self._previous: dict[int, object] = {}
 
     def _handle(self, signal_number: int, frame) -> None:
-        if self.received is not None and signal_number == signal.SIGINT:
-            raise KeyboardInterrupt
+        if self.received is not None:
+            # A second signal of either kind stops at once: a step that never ends (a DataLoader worker that died
+            # or hangs) would otherwise keep a scheduler's SIGTERM waiting for ever.
+            raise StoppedAtOnce(signal_number)
         self.received = signal_number
         logger.warning(
             f"Got {signal.Signals(signal_number).name}: saving a checkpoint at the end of this step, then stopping "
-            "(Ctrl-C again to stop at once)."
+            "(Ctrl-C, or the same signal again, to stop at once)."
         )
 
     def on_train_begin(self, args, state, control, **kwargs):

@@ -23,11 +23,13 @@ def run_command(argv: list[str] | None = None, prog: str = "run_clip.py") -> int
     try:
         if check_command_line(argv, prog):
             return 0
+        from .run import cli  # torch, transformers, datasets: seconds in which Ctrl-C lands in an import
     except ConfigError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
-    from .run import cli
-
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted (Ctrl-C) while starting; nothing was written.", file=sys.stderr)
+        return 130
     return cli(argv, prog=prog)
 
 

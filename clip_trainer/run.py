@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import logging as std_logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -422,7 +423,9 @@ def cli(argv: list[str] | None = None, prog: str = "run_clip.py") -> int:
     except TrainingInterrupted as error:
         print(f"\n{prog}: {error}", file=sys.stderr)
         return 128 + error.signal_number
-    except KeyboardInterrupt:
-        print(f"\n{prog}: interrupted (Ctrl-C); nothing was saved since the last checkpoint.", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as error:
+        number = getattr(error, "signal_number", signal.SIGINT)
+        how = "Ctrl-C" if number == signal.SIGINT else signal.Signals(number).name
+        print(f"\n{prog}: interrupted ({how}); nothing was saved since the last checkpoint.", file=sys.stderr)
+        return 128 + number
     return 0

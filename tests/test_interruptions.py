@@ -252,3 +252,56 @@ def test_a_full_disk_while_saving_is_one_line_that_says_what_was_kept(base_args,
     message = next(line for line in err.splitlines() if "run_clip.py: error:" in line)
     assert "The disk is full" in message and f"{out / 'checkpoint-4'}" in message
     assert "--resume_from_checkpoint true" in message
+
+
+# The run in its own process, its third step never ending (as when a DataLoader worker died or hangs).
+HUNG_RUN = """
+import sys, time
+from pathlib import Path
+from clip_trainer.trainer import CLIPContrastiveTrainer as T
+step = T.training_step
+def hang(self, *args, **kwargs):
+    Path(sys.argv[1]).write_text(str(self.state.global_step))
+    if self.state.global_step >= 2:
+        time.sleep(600)
+    return step(self, *args, **kwargs)
+T.training_step = hang
+from clip_trainer.run import cli
+sys.exit(cli(sys.argv[2:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_second_sigterm_stops_a_run_whose_step_never_ends(base_args, tmp_path):
+    # The first SIGTERM waits for the step to end, to save there; a scheduler's second one must not wait for ever.
+    marker, out = tmp_path / "step", tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    process = subprocess.Popen(
+        [sys.executable, "-c", HUNG_RUN, str(marker), *checkpoint_args(base_args, out)],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not (marker.exists() and marker.read_text() == "2"):
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "the run never reached step 2"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    time.sleep(1)
+    assert process.poll() is None  # waiting for the step to end
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM
+    assert "interrupted (SIGTERM); nothing was saved since the last checkpoint" in stderr
+    assert "Traceback" not in stderr
+
+
+def test_ctrl_c_while_the_command_starts_is_one_line(monkeypatch, capsys):
+    from clip_trainer import cli, command_line
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C lands in the seconds of importing torch and transformers
+
+    monkeypatch.setattr(command_line, "check_command_line", interrupted)
+    assert cli.run_command(["configs/demo.json"]) == 130
+    err = capsys.readouterr().err
+    assert "run_clip.py: interrupted (Ctrl-C) while starting; nothing was written." in err and "Traceback" not in err
