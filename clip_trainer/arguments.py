@@ -1016,9 +1016,10 @@ class CLIPTrainingArguments(TrainingArguments):
         default=False,
         metadata={
             "help": "Train into an `output_dir` that holds another run's checkpoints (they are deleted first) or a "
-            "saved model (replaced by this run's); evaluate into a folder that holds a saved model (its tokenizer, "
-            "processor and results are replaced). Without it such a run stops and says how to resume or where else "
-            "to write."
+            "saved model (replaced by this run's; what the earlier run wrote that this one may not, such as onnx/, "
+            "adapter/, dropped_rows.jsonl, wise_ft_results.json, is removed; other files stay); evaluate into a "
+            "folder that holds a saved model (its tokenizer, processor and results are replaced). Without it such a "
+            "run stops and says how to resume or where else to write."
         },
     )
     freeze_vision_model: bool = field(

@@ -426,7 +426,8 @@ def claim_output_dir(
     - `output_dir` must be a folder this process can create and write (not a file, not on a read-only file system);
     - for a training run, if it holds another run's checkpoints, the run resumes from them (`resuming`), or deletes
       them first (`overwrite`, i.e. `--overwrite_output_dir`), or stops and says so: the Trainer would otherwise mix
-      the two runs' checkpoints and then rotate the older run's away without a word;
+      the two runs' checkpoints and then rotate the older run's away without a word; `overwrite` also removes what
+      the earlier run wrote that this one may not write again (`EARLIER_RUN_OUTPUTS`: `onnx/`, `adapter/`, ...);
     - a training run without checkpoints to resume, and an evaluation-only run (`evaluating`), stop when the folder
       holds a saved model, unless `overwrite`: the final save would replace it, and an evaluation would replace its
       tokenizer, processor files and results (for the evaluated model's own folder, its training run's results,
@@ -456,7 +457,9 @@ def claim_output_dir(
         for name in existing:
             shutil.rmtree(os.path.join(output_dir, name))
         logger.warning(f"`overwrite_output_dir`: deleted {len(existing)} checkpoint(s) of an earlier run.")
-    elif ((training and not resuming) or evaluating) and not overwrite and _holds_saved_model(output_dir):
+    if overwrite and training and not resuming:
+        _remove_earlier_outputs(output_dir)
+    if ((training and not resuming) or evaluating) and not overwrite and _holds_saved_model(output_dir):
         lock.release()
         replaced = (
             "which this run's final save would replace"
@@ -470,6 +473,43 @@ def claim_output_dir(
             "--overwrite_output_dir true to write there anyway."
         )
     return lock
+
+
+# What a training run writes into `output_dir` that a later run may not write again (an option it does not set,
+# weights saved in one file where the earlier run's were sharded), so that with `overwrite_output_dir` an earlier
+# run's leftovers never sit beside the new model looking like its own (an `onnx/` of other weights). Only these
+# names go: anything else in the folder is the user's. The files every run rewrites (the model's, the card, the
+# results, `trainer_state.json`) are replaced by the new run itself; `runs/` keeps each run's TensorBoard events in a
+# folder of its own.
+EARLIER_RUN_OUTPUTS = (
+    "onnx",
+    "adapter",
+    "open_clip_config.json",
+    "open_clip_model.safetensors",
+    "wise_ft_results.json",
+    "wise_ft.png",
+    "dropped_rows.jsonl",
+    "clip_benchmark_results.json",
+    "retrieval_examples.png",
+    "training_curves.png",
+    "model.safetensors.index.json",
+)
+_WEIGHT_SHARD = re.compile(r"^model-\d+-of-\d+\.safetensors$")
+
+
+def _remove_earlier_outputs(output_dir: str) -> None:
+    """Removes what an earlier training run left in `output_dir` (see `EARLIER_RUN_OUTPUTS`), naming it."""
+    removed = []
+    for name in sorted(os.listdir(output_dir)):
+        if name not in EARLIER_RUN_OUTPUTS and not _WEIGHT_SHARD.match(name):
+            continue
+        path = os.path.join(output_dir, name)
+        shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+        removed.append(name)
+    if removed:
+        logger.warning(
+            f"`overwrite_output_dir`: removed what an earlier run left in {output_dir}: {', '.join(removed)}."
+        )
 
 
 # The files that make a folder a saved model (transformers' `save_pretrained`).

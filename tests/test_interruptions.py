@@ -162,9 +162,19 @@ def test_a_training_run_does_not_replace_a_saved_model_without_being_asked(
     assert "`output_dir` 'start' holds a saved model" in capsys.readouterr().err
     assert (tmp_path / "start" / "model.safetensors").read_bytes() == start
 
-    # Asked for: replaced.
+    # Asked for: replaced, and what the earlier run wrote that this one does not (an ONNX export, an adapter, its
+    # dropped rows, sharded weights) is gone, so that it never passes for this run's; the user's own files stay.
+    out = tmp_path / "out"
+    for folder in ("onnx", "adapter"):
+        (out / folder).mkdir()
+        (out / folder / "vision_model.onnx").write_bytes(b"an earlier model")
+    for name in ("dropped_rows.jsonl", "wise_ft_results.json", "model-00001-of-00002.safetensors", "notes.txt"):
+        (out / name).write_text("earlier")
     run.main([*no_checkpoints, "--overwrite_output_dir", "true", "--seed", "7"])
     assert (tmp_path / "out" / "model.safetensors").read_bytes() != weights
+    left = sorted(path.name for path in out.iterdir())
+    assert not {"onnx", "adapter", "dropped_rows.jsonl", "wise_ft_results.json"} & set(left), left
+    assert "model-00001-of-00002.safetensors" not in left and (out / "notes.txt").read_text() == "earlier"
 
 
 def test_two_runs_cannot_write_into_one_folder_at_once(base_args, tmp_path, capsys):
