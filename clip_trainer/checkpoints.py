@@ -80,10 +80,41 @@ def _torch_file_problem(path: str) -> str | None:
         return f"{os.path.basename(path)} is missing"
     try:
         with zipfile.ZipFile(path) as archive:
-            archive.namelist()
-    except (zipfile.BadZipFile, OSError) as error:
+            # Every entry against its CRC: a file of the right length with a block of zeros in it (what a power
+            # loss can leave of an unsynced write) has an intact directory, and `torch.load` reads the zeros as data.
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as error:
         return f"{os.path.basename(path)} is unreadable ({error})"
+    if damaged is not None:
+        return f"{os.path.basename(path)} is damaged (its entry {damaged} fails its checksum)"
     return None
+
+
+# The model's and the processor's JSON files a resume reads from a checkpoint, when the checkpoint has them.
+_CHECKPOINT_JSON_FILES = (
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+)
+# The files a tokenizer is built from besides `tokenizer_config.json` (a fast tokenizer's `tokenizer.json`, or a slow
+# one's vocabulary).
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "spiece.model", "sentencepiece.bpe.model")
+
+
+def _model_files_problems(folder: str) -> list[str]:
+    """The checkpoint's config and processor files that a resume loads: each JSON file present parses, and a
+    tokenizer config comes with the tokenizer it describes."""
+    problems = [
+        problem
+        for name in _CHECKPOINT_JSON_FILES
+        if os.path.exists(os.path.join(folder, name)) and (problem := _json_problem(os.path.join(folder, name)))
+    ]
+    has_tokenizer = any(os.path.exists(os.path.join(folder, name)) for name in _TOKENIZER_FILES)
+    if os.path.exists(os.path.join(folder, "tokenizer_config.json")) and not has_tokenizer:
+        problems.append("tokenizer.json is missing (tokenizer_config.json is there)")
+    return problems
 
 
 def _distributed_checkpoint_problem(path: str) -> str | None:
@@ -174,8 +205,9 @@ def checkpoint_problems(folder: str) -> list[str]:
     renamed at the end: the weights, config and processor, then `optimizer.pt`, `scheduler.pt` and `scaler.pt`,
     `rng_state.pth` (`rng_state_<rank>.pth` with several processes), and `trainer_state.json` last. A process killed on
     the way leaves a folder under the final name with some of these missing or cut short. Every file a resume loads is
-    checked cheaply: the safetensors headers (single file, or index and every shard, and `ema.safetensors` when there
-    is one), the zip directory of each `torch.save` file, and that `trainer_state.json` parses.
+    checked: the safetensors headers (single file, or index and every shard, and `ema.safetensors` when there is one),
+    each `torch.save` file's zip entries against their checksums (which reads them: the optimizer state is about
+    twice the weights), and that `trainer_state.json` and the config and processor JSON files parse.
 
     The layouts checked are the Trainer's for one process or DDP, LoRA's, FSDP's (sharded: each
     `torch.distributed.checkpoint` folder's metadata and the bytes it points to; full: the two `torch.save` files),
@@ -194,6 +226,7 @@ def checkpoint_problems(folder: str) -> list[str]:
         problems.append(f"{TRAINER_STATE_NAME} is unreadable ({error})")
 
     problems.extend(_model_and_optimizer_problems(folder))
+    problems.extend(_model_files_problems(folder))
 
     if os.path.exists(os.path.join(folder, EMA_WEIGHTS_NAME)):
         # A run with `ema_decay` writes it with the weights, under a temporary name renamed when complete, before

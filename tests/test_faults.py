@@ -240,6 +240,13 @@ def finished_run(base_args, tmp_path) -> Path:
     return out
 
 
+def _zero_inside(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    start = len(data) // 3
+    data[start : start + 256] = bytes(256)
+    path.write_bytes(bytes(data))
+
+
 def _damaged_copies(source: Path, root: Path) -> dict[str, Path]:
     """Copies of a complete checkpoint, each broken the way a kill at some point of `_save_checkpoint` breaks it."""
     damage = {
@@ -254,6 +261,12 @@ def _damaged_copies(source: Path, root: Path) -> dict[str, Path]:
         "no scheduler.pt": lambda f: (f / "scheduler.pt").unlink(),
         "no rng state": lambda f: (f / "rng_state.pth").unlink(),
         "rng state empty": lambda f: (f / "rng_state.pth").write_bytes(b""),
+        # Full length, a block of zeros inside (an unsynced write after a power loss): torch.load reads the zeros.
+        "optimizer.pt zeroed inside": lambda f: _zero_inside(f / "optimizer.pt"),
+        "rng state zeroed inside": lambda f: _zero_inside(f / "rng_state.pth"),
+        "config.json not JSON": lambda f: (f / "config.json").write_text('{"model_type": "clip", "proj'),
+        "tokenizer.json missing": lambda f: (f / "tokenizer.json").unlink(),
+        "tokenizer.json not JSON": lambda f: (f / "tokenizer.json").write_text("{"),
     }
     copies = {}
     for name, breaking in damage.items():
@@ -280,6 +293,21 @@ def test_incomplete_checkpoints_are_found_and_passed_over(finished_run, tmp_path
     warned = " ".join(r.getMessage() for r in caplog.records if r.name == "clip_trainer.checkpoints")
     assert "checkpoint-6: model.safetensors is unreadable" in warned and "checkpoint-10" in warned
     assert latest_complete_checkpoint(str(tmp_path / "nowhere")) is None
+
+
+def test_a_checkpoint_damaged_inside_is_passed_over_by_the_command(finished_run, base_args, tmp_path, capsys, caplog):
+    # Its newest checkpoint's optimizer state has zeros inside, its config is cut: resuming takes checkpoint-2,
+    # with a warning naming both, and ends where the run was asked to end (no traceback from torch.load).
+    _zero_inside(finished_run / "checkpoint-4" / "optimizer.pt")
+    (finished_run / "checkpoint-4" / "config.json").write_text('{"model_type": "clip", "proj')
+    caplog.set_level(logging.WARNING, logger="clip_trainer")
+    status = run.cli([*_checkpoint_args(base_args, finished_run), "--max_steps", "4", "--save_total_limit", "5",
+                      "--resume_from_checkpoint", "true"])  # fmt: skip
+    assert status == 0, capsys.readouterr().err
+    warned = caplog.text
+    assert "Passing over incomplete checkpoint" in warned and "checkpoint-4" in warned
+    assert "optimizer.pt is damaged (its entry" in warned and "config.json is unreadable" in warned
+    assert json.loads((finished_run / "trainer_state.json").read_text())["global_step"] == 4
 
 
 @pytest.mark.slow  # a run in its own process, killed and resumed: CI's slow tier
