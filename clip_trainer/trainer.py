@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import math
 import os
+import shutil
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -607,6 +608,7 @@ class CLIPContrastiveTrainer(Trainer):
         - a streamed run restores the stream's saved position (see `stream.py`) instead of replaying the stream up
           to the checkpoint, which the Trainer decides before any callback runs.
         """
+        self._warn_if_shared_memory_is_small()
         if resume_from_checkpoint is True:
             # As the command resolves it (transformers' `get_last_checkpoint` would take a half-written checkpoint
             # that a crash left newest), here so that the checkpoint's settings are checked below.
@@ -642,6 +644,32 @@ class CLIPContrastiveTrainer(Trainer):
                 output = super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
         self._finish_training()
         return output
+
+    def _warn_if_shared_memory_is_small(self) -> None:
+        """DataLoader workers hand each batch to the main process through shared memory (`/dev/shm` on Linux); a
+        batch that does not fit there stalls the run with no error (torch's main process waits for ever: Docker's
+        default `/dev/shm` is 64 MB). When the batches in flight could take half of it, one warning says so first,
+        with the two ways out."""
+        workers = self.args.dataloader_num_workers
+        collator = self.data_collator
+        preprocessor = getattr(collator, "image_preprocessor", None)
+        if not workers or preprocessor is None or not os.path.isdir("/dev/shm"):
+            return
+        try:
+            free = shutil.disk_usage("/dev/shm").free
+        except OSError:
+            return
+        image_bytes = preprocessor.placeholder().nbytes  # uint8 pixels at the model's input size
+        prefetch = self.args.dataloader_prefetch_factor or 2
+        batches = self.args.per_device_train_batch_size + self.args.per_device_eval_batch_size  # both loaders' workers
+        in_flight = workers * prefetch * batches * image_bytes
+        if in_flight > free / 2:
+            logger.warning(
+                f"Shared memory (/dev/shm) has {free / 2**20:,.1f} MiB free, and {workers} DataLoader worker(s) can "
+                f"hold about {in_flight / 2**20:,.1f} MiB of batches in it: a batch that does not fit stalls the run "
+                "without an error. Give it more room (Docker: `docker run --shm-size 2g`), or pass "
+                "--dataloader_num_workers 0 to load in the main process."
+            )
 
     def _finish_training(self) -> None:
         """What follows the last step, before anything is saved: with `ema_decay`, the moving average goes into the

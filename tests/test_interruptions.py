@@ -315,3 +315,29 @@ def test_ctrl_c_while_the_command_starts_is_one_line(monkeypatch, capsys):
     assert cli.run_command(["configs/demo.json"]) == 130
     err = capsys.readouterr().err
     assert "run_clip.py: interrupted (Ctrl-C) while starting; nothing was written." in err and "Traceback" not in err
+
+
+def test_a_shared_memory_too_small_for_the_workers_batches_is_warned_of(base_args, tmp_path, monkeypatch, caplog):
+    # DataLoader workers pass batches through /dev/shm; one that does not fit stalls the run without an error.
+    import collections
+    import logging
+
+    import clip_trainer.trainer as trainer_module
+
+    usage = collections.namedtuple("usage", "total used free")
+    caplog.set_level(logging.WARNING, logger="clip_trainer")
+    argv = [*set_option(base_args, "dataloader_num_workers", "1"), "--max_steps", "1"]
+    monkeypatch.setattr(trainer_module.shutil, "disk_usage", lambda path: usage(64 * 2**20, 0, 2**15))
+    run.main(set_option(argv, "output_dir", str(tmp_path / "small")))
+    [said] = [r.getMessage() for r in caplog.records if "Shared memory (/dev/shm)" in r.getMessage()]
+    # 1 worker x 2 batches prefetched x (8 + 16 pairs) x the model's uint8 pixels, against 32 KiB free.
+    from transformers import AutoImageProcessor
+
+    crop = AutoImageProcessor.from_pretrained(base_args[base_args.index("--model_name_or_path") + 1]).crop_size
+    in_flight = 1 * 2 * (8 + 16) * 3 * crop["height"] * crop["width"]
+    assert f"has 0.0 MiB free, and 1 DataLoader worker(s) can hold about {in_flight / 2**20:,.1f} MiB" in said
+    assert "--shm-size" in said and "--dataloader_num_workers 0" in said
+    caplog.clear()
+    monkeypatch.setattr(trainer_module.shutil, "disk_usage", lambda path: usage(2**31, 0, 2**31))
+    run.main(set_option(argv, "output_dir", str(tmp_path / "roomy")))
+    assert "Shared memory" not in caplog.text
