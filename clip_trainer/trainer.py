@@ -359,9 +359,8 @@ class CLIPContrastiveTrainer(Trainer):
         # A collator of the caller's may read columns of its own: the columns are checked against `data_args` only
         # when the trainer builds the collator from them.
         own_collator = self._checks_given_columns = data_collator is None
-        self._prepared_evaluation_sets: dict[
-            str, object
-        ] = {}  # fingerprint -> a set given to evaluate/predict, prepared
+        # A dataset's fingerprint -> the dataset, given to `evaluate` or `predict`, prepared (see below).
+        self._prepared_evaluation_sets: dict[str, object] = {}
         if isinstance(train_dataset, Dataset) and own_collator:
             check_given_columns(train_dataset, "training", given_data_args)
         # Evaluation sets get the command's image ids (rows of one image are one image) and class labels.
