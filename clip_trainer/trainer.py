@@ -625,6 +625,9 @@ class CLIPContrastiveTrainer(Trainer):
                 logger.info(
                     f"{resume_from_checkpoint} is at step {state.global_step}, the end of this run: nothing to train."
                 )
+                # The state the run ended with, when it got as far as saving it: the checkpoint's lacks what came
+                # after its save (an evaluation at the epoch's end), and the best model chosen from it.
+                state = _finished_state(self.args.output_dir, state) or state
                 best = state.best_model_checkpoint if self.args.load_best_model_at_end else None
                 # The Trainer's own loader (safetensors, sharded or not); it has no public one.
                 self._load_from_checkpoint(best if best and os.path.isdir(best) else resume_from_checkpoint)
@@ -1894,6 +1897,20 @@ def _prepare_for_sharding(model: torch.nn.Module, fsdp: bool) -> list[str]:
     if fsdp:
         model.get_input_embeddings = lambda: None
     return reshaped
+
+
+def _finished_state(output_dir: str, checkpoint_state: TrainerState) -> TrainerState | None:
+    """The `trainer_state.json` a finished run saved in `output_dir` after its training, when it continues
+    `checkpoint_state` (the same step, the checkpoint's log its beginning); `None` when there is none."""
+    path = os.path.join(output_dir, TRAINER_STATE_NAME)
+    try:
+        finished = TrainerState.load_from_json(path)
+    except (OSError, ValueError, TypeError):
+        return None
+    logged = checkpoint_state.log_history
+    if finished.global_step != checkpoint_state.global_step or finished.log_history[: len(logged)] != logged:
+        return None
+    return finished
 
 
 def _finished_train_metrics(output_dir: str) -> dict[str, float]:

@@ -223,7 +223,9 @@ def test_a_resumed_run_counts_the_samples_left_out_before_its_checkpoint(base_ar
 def test_resuming_a_finished_run_trains_no_extra_step(base_args, tmp_path, length):
     out = tmp_path / "out"
     # Epochs: 2 of 9 steps (72 pairs, batch 8), saved every 6 steps and at the end.
-    argv = [*checkpoint_args(base_args, out), *length, "--save_steps", "6" if length[1] == "-1" else "2"]
+    # Evaluated at each epoch's end, after that step's checkpoint was saved: the checkpoint's state lacks it.
+    argv = [*checkpoint_args(base_args, out), *length, "--save_steps", "6" if length[1] == "-1" else "2",
+            "--eval_strategy", "epoch"]  # fmt: skip
     run.main(argv)
     finished = json.loads((out / "trainer_state.json").read_text())
     trained = json.loads((out / "train_results.json").read_text())
@@ -244,6 +246,14 @@ def test_resuming_a_finished_run_trains_no_extra_step(base_args, tmp_path, lengt
     ]
     again = load_file(str(out / "model.safetensors"))
     assert all(torch.equal(again[key], weights[key]) for key in weights)
+    # Every evaluation of the run is still in its state, the last one included (the curves and the best model's
+    # choice read them).
+    evaluated = [(e["step"], e["eval_loss"]) for e in finished["log_history"] if "eval_loss" in e]
+    assert evaluated[-1][0] == finished["global_step"]
+    assert [(e["step"], e["eval_loss"]) for e in resumed["log_history"] if "eval_loss" in e][: len(evaluated)] == (
+        evaluated
+    )
+    assert resumed["best_global_step"] == finished["best_global_step"]
 
 
 def test_a_full_disk_while_saving_is_one_line_that_says_what_was_kept(base_args, tmp_path, monkeypatch, capsys):
