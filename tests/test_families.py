@@ -188,12 +188,16 @@ def tower_dirs(tmp_path_factory) -> tuple[Path, Path]:
     return root / "vision", root / "text"
 
 
-def test_a_dual_encoder_from_two_towers_trains_reloads_and_classifies(base_args, tower_dirs, tmp_path):
+def joined_towers_args(base_args: list[str], tower_dirs: tuple[Path, Path]) -> list[str]:
+    """`base_args` with the two towers to join (new projections of 16) in place of `model_name_or_path`."""
     vision, text = tower_dirs
-    argv = list(base_args)
-    index = argv.index("--model_name_or_path")
-    argv = [*argv[:index], *argv[index + 2 :], "--vision_model_name_or_path", str(vision),
+    index = base_args.index("--model_name_or_path")
+    return [*base_args[:index], *base_args[index + 2 :], "--vision_model_name_or_path", str(vision),
             "--text_model_name_or_path", str(text), "--projection_dim", "16"]  # fmt: skip
+
+
+def test_a_dual_encoder_from_two_towers_trains_reloads_and_classifies(base_args, tower_dirs, tmp_path):
+    argv = joined_towers_args(base_args, tower_dirs)
     out = tmp_path / "out"
     main([*argv, "--num_train_epochs", "6", "--eval_strategy", "epoch", "--eval_on_start", "true"])
     history = evaluations(out)
@@ -229,11 +233,7 @@ def test_a_dual_encoder_from_two_towers_trains_reloads_and_classifies(base_args,
 
 def test_lora_and_wise_ft_on_two_towers_joined_in_the_run_are_refused(base_args, tower_dirs, capsys):
     # Their new projections start random: LoRA would keep them so, and there is no pretrained model to interpolate.
-    vision, text = tower_dirs
-    argv = list(base_args)
-    index = argv.index("--model_name_or_path")
-    argv = [*argv[:index], *argv[index + 2 :], "--vision_model_name_or_path", str(vision),
-            "--text_model_name_or_path", str(text), "--projection_dim", "16"]  # fmt: skip
+    argv = joined_towers_args(base_args, tower_dirs)
     assert run.cli([*argv, "--lora_rank", "4"]) == 2
     assert "two towers joined by new projections in this run, which LoRA would keep" in capsys.readouterr().err
     assert run.cli([*argv, "--wise_ft_alphas", "0.5", "--do_train", "--do_eval"]) == 2

@@ -25,8 +25,9 @@ from clip_trainer.trainer import CLIPContrastiveTrainer
 
 REPO = Path(__file__).resolve().parent.parent
 
-# The run in its own process, each step after the first slowed down (the numbers are not changed) and announced in
-# a file, so that the test can send its signal mid-run.
+# The run in its own process, each step after the first slowed down by `seconds` (the numbers are not changed; 600:
+# a step that never ends, as when a DataLoader worker died) and announced in a file, so that the test can send its
+# signal mid-run.
 SLOWED_RUN = """
 import sys, time
 from pathlib import Path
@@ -35,7 +36,7 @@ step = T.training_step
 def slow(self, *args, **kwargs):
     Path(sys.argv[1]).write_text(str(self.state.global_step))
     if self.state.global_step >= 2:
-        time.sleep(1.5)
+        time.sleep({seconds})
     return step(self, *args, **kwargs)
 T.training_step = slow
 from clip_trainer.run import cli
@@ -49,22 +50,29 @@ def checkpoint_args(base_args: list[str], output_dir: Path) -> list[str]:
     return [*argv, "--max_steps", "8", "--save_strategy", "steps", "--save_steps", "4", "--logging_steps", "1"]
 
 
-def interrupt(
-    base_args: list[str], out: Path, signal_number: int, tmp_path: Path, group: bool = False
-) -> subprocess.CompletedProcess:
-    """Runs to step 2, then sends `signal_number` to the run, or with `group` to its whole process group (as a
-    scheduler, `timeout` or a terminal does: DataLoader workers included)."""
-    marker = tmp_path / f"step-{signal_number}"
+def run_to_step_2(base_args: list[str], out: Path, marker: Path, seconds: float, group: bool) -> subprocess.Popen:
+    """Starts the run in its own process (in a session of its own with `group`), each step from the third on slowed
+    by `seconds`, and returns it once it reached step 2."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     process = subprocess.Popen(
-        [sys.executable, "-c", SLOWED_RUN, str(marker), *checkpoint_args(base_args, out)],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=group,
+        [sys.executable, "-c", SLOWED_RUN.format(seconds=seconds), str(marker), *checkpoint_args(base_args, out)],
+        cwd=marker.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=group,
     )  # fmt: skip
     deadline = time.monotonic() + 240
     while not (marker.exists() and marker.read_text() == "2"):
         assert process.poll() is None, process.communicate()
         assert time.monotonic() < deadline, "the run never reached step 2"
         time.sleep(0.05)
+    return process
+
+
+def interrupt(
+    base_args: list[str], out: Path, signal_number: int, tmp_path: Path, group: bool = False
+) -> subprocess.CompletedProcess:
+    """Runs to step 2, then sends `signal_number` to the run, or with `group` to its whole process group (as a
+    scheduler, `timeout` or a terminal does: DataLoader workers included)."""
+    process = run_to_step_2(base_args, out, tmp_path / f"step-{signal_number}", seconds=1.5, group=group)
     if group:
         os.killpg(process.pid, signal_number)
     else:
@@ -274,37 +282,10 @@ def test_a_full_disk_while_saving_is_one_line_that_says_what_was_kept(base_args,
     assert "--resume_from_checkpoint true" in message
 
 
-# The run in its own process, its third step never ending (as when a DataLoader worker died or hangs).
-HUNG_RUN = """
-import sys, time
-from pathlib import Path
-from clip_trainer.trainer import CLIPContrastiveTrainer as T
-step = T.training_step
-def hang(self, *args, **kwargs):
-    Path(sys.argv[1]).write_text(str(self.state.global_step))
-    if self.state.global_step >= 2:
-        time.sleep(600)
-    return step(self, *args, **kwargs)
-T.training_step = hang
-from clip_trainer.run import cli
-sys.exit(cli(sys.argv[2:]))
-"""
-
-
 @pytest.mark.slow
 def test_a_second_sigterm_stops_a_run_whose_step_never_ends(base_args, tmp_path):
     # The first SIGTERM waits for the step to end, to save there; a scheduler's second one must not wait for ever.
-    marker, out = tmp_path / "step", tmp_path / "out"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    process = subprocess.Popen(
-        [sys.executable, "-c", HUNG_RUN, str(marker), *checkpoint_args(base_args, out)],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    deadline = time.monotonic() + 240
-    while not (marker.exists() and marker.read_text() == "2"):
-        assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline, "the run never reached step 2"
-        time.sleep(0.05)
+    process = run_to_step_2(base_args, tmp_path / "out", tmp_path / "step", seconds=600, group=False)
     process.send_signal(signal.SIGTERM)
     time.sleep(1)
     assert process.poll() is None  # waiting for the step to end
