@@ -407,6 +407,17 @@ def _check_attention_available(implementation: str) -> None:
         )
 
 
+def _warn_ignored(options: list[str], needs: str, because: str) -> None:
+    """One warning that `options` act only with `needs`, which this run does not give (`because`)."""
+    one = len(options) == 1
+    warnings.warn(
+        f"{' and '.join(options)} {'acts' if one else 'act'} only with {needs}, {because}, so "
+        f"{'it is' if one else 'they are'} ignored; set {needs}, or drop {'it' if one else 'them'}.",
+        UserWarning,
+        stacklevel=4,
+    )
+
+
 # Data options that act only when another is set (option -> the one it needs): set alone they are warned of.
 OPTIONS_THAT_NEED_ANOTHER = {
     "augment_scale_min": "augment",
@@ -740,13 +751,7 @@ class DataArguments:
             if getattr(self, option) != defaults[option] and not getattr(self, needs):
                 ignored.setdefault(needs, []).append(f"`{option}`")
         for needs, options in ignored.items():
-            warnings.warn(
-                f"{' and '.join(options)} {'acts' if len(options) == 1 else 'act'} only with `{needs}`, which is not "
-                f"set, so {'it is' if len(options) == 1 else 'they are'} ignored; set `{needs}`, or drop "
-                f"{'it' if len(options) == 1 else 'them'}.",
-                UserWarning,
-                stacklevel=3,
-            )
+            _warn_ignored(options, f"`{needs}`", "which is not set")
 
     def extra_eval_data_arguments(self) -> dict[str, DataArguments]:
         """One `DataArguments` per entry of `extra_eval_sets`, for [`load_image_text_data`] with `train=False`, so
@@ -1396,27 +1401,13 @@ class CLIPTrainingArguments(TrainingArguments):
         """Tuning values of a feature that is off would be ignored without a word (a feature's options that would
         change what trains are refused instead, in `_check_fine_tuning_options` and above)."""
         defaults = {item.name: field_default(item) for item in fields(self)}
-        if (
-            self.early_stopping_patience is None
-            and self.early_stopping_threshold != defaults["early_stopping_threshold"]
-        ):
-            warnings.warn(
-                "`early_stopping_threshold` acts only with `early_stopping_patience`, which is not set, so it is "
-                "ignored; set `early_stopping_patience`, or drop it.",
-                UserWarning,
-                stacklevel=3,
-            )
+        threshold = self.early_stopping_threshold != defaults["early_stopping_threshold"]
+        if self.early_stopping_patience is None and threshold:
+            _warn_ignored(["`early_stopping_threshold`"], "`early_stopping_patience`", "which is not set")
         scheduler = getattr(self.lr_scheduler_type, "value", self.lr_scheduler_type)
         step_options = [f"`{key}`" for key in ("lr_step_size", "lr_step_gamma") if getattr(self, key) != defaults[key]]
         if step_options and scheduler != "step":
-            warnings.warn(
-                f"{' and '.join(step_options)} {'acts' if len(step_options) == 1 else 'act'} only with "
-                f"`lr_scheduler_type step`, but the scheduler is {scheduler}, so "
-                f"{'it is' if len(step_options) == 1 else 'they are'} ignored; set `lr_scheduler_type step`, or drop "
-                f"{'it' if len(step_options) == 1 else 'them'}.",
-                UserWarning,
-                stacklevel=3,
-            )
+            _warn_ignored(step_options, "`lr_scheduler_type step`", f"but the scheduler is {scheduler}")
 
     def _check_fine_tuning_options(self) -> None:
         """LoRA against partial locking, and its package: what can be checked without the model (the values'

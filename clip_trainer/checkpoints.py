@@ -537,7 +537,10 @@ def _remove_earlier_outputs(output_dir: str) -> None:
         if name not in EARLIER_RUN_OUTPUTS and not _WEIGHT_SHARD.match(name):
             continue
         path = os.path.join(output_dir, name)
-        shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
         removed.append(name)
     if removed:
         logger.warning(
@@ -584,13 +587,14 @@ def describe_save_error(error: BaseException, output_dir: str) -> str:
     errno_of = getattr(error, "errno", None)
     said_full = errno_of == errno.ENOSPC or re.search(r"No space left|StorageFull", str(error))
     unspecific = re.search(r"file write failed|unexpected pos", str(error))  # torch's writer gives no errno
-    if said_full or (unspecific and _free_bytes(output_dir) < _NEARLY_FULL):
+    free = _free_bytes(output_dir)
+    if said_full or (unspecific and free < _NEARLY_FULL):
         what = f"The disk is full: saving into {output_dir!r} failed"
         fix = "Free space or choose another `output_dir`"
     elif unspecific or errno_of == errno.EFBIG:
         what = (
             f"Saving into {output_dir!r} failed ({str(error).strip().splitlines()[0]}) although the disk has "
-            f"{_free_bytes(output_dir) / 2**30:.1f} GiB free: a limit on the size of a file (`ulimit -f`, a FAT32 "
+            f"{free / 2**30:.1f} GiB free: a limit on the size of a file (`ulimit -f`, a FAT32 "
             "or exFAT drive's 4 GiB) is the likely cause"
         )
         fix = "Lift the limit or choose an `output_dir` on another file system"

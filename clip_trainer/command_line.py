@@ -25,7 +25,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config_files import read_config_file, refuse_repeated_keys, unknown_option_hint
+from .config_files import read_config_file, refuse_repeated_keys, unknown_option_hint, written_as_path
 from .errors import ConfigError, InvalidValueError
 
 if TYPE_CHECKING:
@@ -390,7 +390,6 @@ MUST_EXIST_KEYS = (
     "deepspeed",
     "fsdp_config",
 )
-_FILE_SUFFIXES = (".json", ".csv", ".tsv", ".jsonl", ".parquet", ".tar", ".arrow", ".safetensors")
 
 
 def _refuse_path_found_nowhere(key: str, value: Any, config_file: str) -> None:
@@ -400,13 +399,7 @@ def _refuse_path_found_nowhere(key: str, value: Any, config_file: str) -> None:
         return
     if glob.has_magic(value) or "{" in value or os.path.exists(value):
         return
-    written_as_path = (
-        value.startswith(("./", "../"))
-        or value.count("/") > 1
-        or Path(value).suffix.lower() in _FILE_SUFFIXES
-        or key in ("train_file", "validation_file")
-    )
-    if written_as_path:
+    if written_as_path(value) or key in ("train_file", "validation_file"):
         beside = Path(config_file).resolve().parent / value
         raise ConfigError(
             f"`{key}` {value!r} in {config_file} is not on this machine: a relative path in a config file is "
@@ -594,12 +587,15 @@ def _config_value(action: argparse.Action, key: str, value: Any, path: str) -> A
         raise InvalidValueError(key, f"`{key}` is {value!r} in {path}; it must be {what}.") from None
 
 
+def _spelled_name(arg: str) -> str | None:
+    """The name a command-line word spells as a flag (`--do-eval=true` -> `do_eval`), or None for a value."""
+    return arg[2:].split("=", 1)[0].replace("-", "_") if arg.startswith("--") else None
+
+
 def _flag_name(arg: str, actions: dict[str, argparse.Action]) -> str | None:
-    """The option a command-line word sets (`--do-eval=true` -> `do_eval`), or None for a value."""
-    if not arg.startswith("--"):
-        return None
-    name = arg[2:].split("=", 1)[0].replace("-", "_")
-    if name not in actions and name.startswith("no_") and name[3:] in actions:
+    """The option a command-line word sets (`--do-eval=true`, `--no_do_eval` -> `do_eval`), or None for a value."""
+    name = _spelled_name(arg)
+    if name is not None and name not in actions and name.startswith("no_") and name[3:] in actions:
         name = name[3:]  # a boolean's `--no_` twin sets the same option
     return name if name in actions else None
 
@@ -664,5 +660,4 @@ def _field_default(key: str) -> Any:
 
 
 def _given_as_flag(key: str, argv: list[str]) -> bool:
-    flags = {f"--{key}", f"--{key.replace('_', '-')}", f"--no_{key}", f"--no-{key.replace('_', '-')}"}
-    return any(arg.split("=", 1)[0] in flags for arg in argv)
+    return any(_spelled_name(arg) in (key, f"no_{key}") for arg in argv)

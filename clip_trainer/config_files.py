@@ -238,6 +238,12 @@ def _find_repeated_key(value: Any, where: tuple[str, ...] = ()) -> tuple[tuple[s
     return None
 
 
+def written_as_path(value: str) -> bool:
+    """Whether a model or file option's value can only be a path: a Hub id is `name` or `owner/name`, so a value
+    starting with `.`, `/` or `~`, with more than one `/`, or naming a `.json` file is none."""
+    return value.startswith((".", "/", "~")) or value.count("/") > 1 or value.endswith(".json")
+
+
 def read_config_file(path: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise ConfigError(f"Config file {path!r} does not exist.")

@@ -475,21 +475,31 @@ class _JsonLinesRows:
                 for number, line in enumerate(lines, start=1):
                     if not line.strip():  # as `datasets`' JSON builder, which skips blank lines
                         continue
-                    try:
-                        values = json.loads(line)
-                    except json.JSONDecodeError as error:
-                        values, reason = None, f"not JSON ({error.msg.removesuffix(' at')} at column {error.colno})"
-                    else:
-                        reason = f"not a JSON object but {type(values).__name__}"
-                    if not isinstance(values, dict):
+                    values, problem = _json_object(line)
+                    if problem is not None:
                         logger.warning(
-                            f"Leaving out line {number} of {name}: {reason}; a file cut short, or a line edited by "
-                            "hand? Every line must be one JSON object, e.g. "
-                            '{"image": "images/1.jpg", "caption": "a cat"}.'
+                            f"Leaving out line {number} of {name}: it is {problem}; a file cut short, or a line edited "
+                            f"by hand? {_ONE_OBJECT_A_LINE}"
                         )
                         continue
                     yield {**values, SOURCE_ROW_COLUMN: f"row {row} of {name}"}
                     row += 1
+
+
+_ONE_OBJECT_A_LINE = (
+    'Every line of a JSON Lines file must be one JSON object, e.g. {"image": "1.jpg", "caption": "a cat"}.'
+)
+
+
+def _json_object(line: str) -> tuple[dict | None, str | None]:
+    """A JSON Lines line as its object, or `None` and what it is instead (`not JSON (...)`, `a JSON list, ...`)."""
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as error:
+        return None, f"not JSON ({error.msg.removesuffix(' at')} at column {error.colno})"
+    if not isinstance(value, dict):
+        return None, f"a JSON {type(value).__name__}, not an object"
+    return value, None
 
 
 def _local_files_ending(files: list[str], suffix: str) -> bool:
@@ -726,8 +736,8 @@ def _file_error(key: str, files: list[str], error: Exception) -> ConfigError:
     if bad_line is not None:  # pyarrow's words ("Column() changed from object to string in row 0") do not say it
         file, number, reason = bad_line
         return ConfigError(
-            f"`{key}` {file!r}: line {number} is {reason}; every line of a JSON Lines file must be one JSON object, "
-            'e.g. {"image": "images/1.jpg", "caption": "a cat"} (a file cut short mid-line, or a line edited by hand?).'
+            f"`{key}` {file!r}: line {number} is {reason} (a file cut short mid-line, or a line edited by hand?). "
+            f"{_ONE_OBJECT_A_LINE}"
         )
     return ConfigError(f"Cannot read `{key}` {files[0]!r}: {type(error).__name__}: {error}")
 
@@ -740,14 +750,9 @@ def _first_line_not_a_json_object(files: list[str]) -> tuple[str, int, str] | No
             continue
         with open(file, encoding="utf-8", errors="replace") as lines:
             for number, line in enumerate(lines, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    value = json.loads(line)
-                except json.JSONDecodeError as error:
-                    return file, number, f"not JSON ({error.msg.removesuffix(' at')} at column {error.colno})"
-                if not isinstance(value, dict):
-                    return file, number, f"a JSON {type(value).__name__}, not an object"
+                problem = _json_object(line)[1] if line.strip() else None
+                if problem is not None:
+                    return file, number, problem
     return None
 
 
@@ -867,7 +872,9 @@ def prepared_for_evaluation(dataset: Any, data_args: DataArguments, check: bool 
     (a row of several captions spread out), image ids (`image_id_column`, else the same file or bytes: one image) and,
     when it has `label_column`, class labels for zero-shot accuracy. A set that has its image ids already (the
     command's, or one prepared before) and a stream are returned as they are; so is one without the image column
-    when not `check` (a caller's own collator reads columns of its own)."""
+    when not `check` (a caller's own collator reads columns of its own). A dict of sets is prepared set by set."""
+    if isinstance(dataset, dict):
+        return {name: prepared_for_evaluation(each, data_args, check) for name, each in dataset.items()}
     if not isinstance(dataset, Dataset) or IMAGE_ID_COLUMN in dataset.column_names:
         return dataset
     if not check and data_args.image_column not in dataset.column_names:

@@ -45,6 +45,7 @@ from transformers import (
 from transformers.utils import logging
 
 from .arguments import DEFAULT_LORA_TARGET_MODULES, ConfigError, ModelArguments
+from .config_files import written_as_path
 
 logger = logging.get_logger(__name__)
 
@@ -298,8 +299,7 @@ def _not_on_this_machine(source: str, key: str) -> str:
 def _auto_config(source: str, key: str, model_args: ModelArguments) -> PretrainedConfig:
     if os.path.isdir(source) and not os.path.isfile(os.path.join(source, "config.json")):
         raise ConfigError(f"`{key}` {source!r} is a folder without a config.json, so it is not a saved model.")
-    written_as_path = source.startswith((".", "/", "~")) or source.count("/") > 1 or source.endswith(".json")
-    if not os.path.exists(source) and written_as_path:
+    if not os.path.exists(source) and written_as_path(source):
         # A Hub id is `name` or `owner/name`: anything else is a path, and looking it up on the Hub would only
         # answer with a network error.
         raise ConfigError(_not_on_this_machine(source, key) + ".")

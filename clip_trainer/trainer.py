@@ -364,18 +364,9 @@ class CLIPContrastiveTrainer(Trainer):
         if isinstance(train_dataset, Dataset) and own_collator:
             check_given_columns(train_dataset, "training", given_data_args)
         # Evaluation sets get the command's image ids (rows of one image are one image) and class labels.
-        if isinstance(eval_dataset, dict):
-            eval_dataset = {
-                name: prepared_for_evaluation(d, given_data_args, check=own_collator)
-                for name, d in eval_dataset.items()
-            }
-        else:
-            eval_dataset = prepared_for_evaluation(eval_dataset, given_data_args, check=own_collator)
+        eval_dataset = prepared_for_evaluation(eval_dataset, given_data_args, check=own_collator)
         if extra_eval_datasets:
-            extra_eval_datasets = {
-                name: prepared_for_evaluation(d, given_data_args, check=own_collator)
-                for name, d in extra_eval_datasets.items()
-            }
+            extra_eval_datasets = prepared_for_evaluation(extra_eval_datasets, given_data_args, check=own_collator)
         # --- the settings against each other and against the model (as the command checks them) -----------------
         from .validation import check_training_arguments
 
@@ -1457,10 +1448,10 @@ class CLIPContrastiveTrainer(Trainer):
     def _evaluation_sets(self, eval_dataset, metric_key_prefix: str) -> list[tuple[str, object]]:
         """`(metric prefix, dataset or set name)` of each set an `evaluate(eval_dataset)` call covers; a dataset given
         here is prepared as the trainer's own sets are (image ids, class labels)."""
-        if eval_dataset is not None and not isinstance(eval_dataset, dict):
-            return [(metric_key_prefix, self._prepared_for_evaluation(eval_dataset))]
-        if isinstance(eval_dataset, dict):
-            eval_dataset = {name: self._prepared_for_evaluation(d) for name, d in eval_dataset.items()}
+        if eval_dataset is not None:
+            eval_dataset = self._prepared_for_evaluation(eval_dataset)
+            if not isinstance(eval_dataset, dict):
+                return [(metric_key_prefix, eval_dataset)]
         named = eval_dataset if eval_dataset is not None else self.eval_dataset
         sets: list[tuple[str, object]] = []
         if isinstance(named, dict):
@@ -1533,10 +1524,13 @@ class CLIPContrastiveTrainer(Trainer):
         return super().predict(dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
 
     def _prepared_for_evaluation(self, dataset):
-        """A dataset given to `evaluate` or `predict`, prepared as the trainer's own evaluation sets are; once per
-        dataset (by its `datasets` fingerprint), so that a set passed to every call has its images hashed once."""
+        """A dataset (or a dict of them) given to `evaluate` or `predict`, prepared as the trainer's own evaluation sets
+        are; once per dataset (by its `datasets` fingerprint), so that a set passed to every call has its images
+        hashed once."""
         from .data import prepared_for_evaluation
 
+        if isinstance(dataset, dict):
+            return {name: self._prepared_for_evaluation(each) for name, each in dataset.items()}
         fingerprint = getattr(dataset, "_fingerprint", None)
         if fingerprint is None:
             return prepared_for_evaluation(dataset, self.data_args, check=self._checks_given_columns)

@@ -308,8 +308,8 @@ def test_a_streamed_run_leaves_out_a_bad_json_line_or_a_cut_parquet_file_and_goe
     )
     assert len(list(jsonl.one_pass)) == 12  # every good line, once
     named = tmp_path / "jsonl" / "train-1.jsonl"
-    assert f"Leaving out line 4 of {named}: not a JSON object but list" in logged(caplog)
-    assert f"Leaving out line 8 of {named}: not JSON (Unterminated string" in logged(caplog)
+    assert f"Leaving out line 4 of {named}: it is a JSON list, not an object" in logged(caplog)
+    assert f"Leaving out line 8 of {named}: it is not JSON (Unterminated string" in logged(caplog)
 
     parquet = load_image_text_data(
         DataArguments(train_file="parquet/*.parquet", streaming=True, validation_file=str(shapes_csv)), seed=1
