@@ -18,7 +18,9 @@ run on a quiet 2-core CPU, 7 runs:
 `--student_train_samples N` trains both student arms on N pairs drawn at random (seed 0) from the split's training
 pairs, the teacher still on all of them: the regime distillation is for, a teacher with more data behind it than the
 student gets. `--student_epochs E` trains both students E epochs (the teacher keeps the demo's 10). Either option
-gives the runs folders of their own (`student-alone-n800-42`, `student-alone-e30-42`).
+gives the runs folders of their own (`student-alone-n800-42`, `student-alone-e30-42`). `--teacher_epochs E` trains
+the teacher E epochs instead of the demo's 10 (in `teacher-e60`; its distilled students in `...-T60-42`): a teacher
+clearly stronger than the student alone, on the same pairs.
 
 Finished runs in `--work_dir` are reused, so another distillation setting (`--distillation_weight`,
 `--distillation_temperature`) can be tried against the stored teacher and runs of the student alone by running the
@@ -73,6 +75,12 @@ def main(argv: list[str] | None = None) -> dict:
         default=None,
         help="Train both students this many epochs (default: the demo's 10; the teacher keeps the demo's).",
     )
+    parser.add_argument(
+        "--teacher_epochs",
+        type=int,
+        default=None,
+        help="Train the teacher this many epochs (default: the demo's 10); ignored with --teacher.",
+    )
     parser.add_argument("--work_dir", default=None, help="Where to write data and models (default: a temp folder).")
     parser.add_argument(
         "--arms", nargs="+", choices=["alone", "distilled"], default=["alone", "distilled"], help="The arms to train."
@@ -87,9 +95,11 @@ def main(argv: list[str] | None = None) -> dict:
         run([DEMO, "--prepare_only", "true", "--output_dir", str(data), *COMMON])
     on_data = ["--dataset_name", str(data)]
 
-    teacher = Path(args.teacher) if args.teacher else work_dir / "teacher"
+    teacher_setting = "" if args.teacher or args.teacher_epochs is None else f"-e{args.teacher_epochs}"
+    teacher = Path(args.teacher) if args.teacher else work_dir / f"teacher{teacher_setting}"
     if not (teacher / "model.safetensors").is_file():
-        run([DEMO, *on_data, "--seed", "42", "--output_dir", str(teacher), *COMMON])
+        teacher_budget = [] if args.teacher_epochs is None else ["--num_train_epochs", str(args.teacher_epochs)]
+        run([DEMO, *on_data, *teacher_budget, "--seed", "42", "--output_dir", str(teacher), *COMMON])
     students_data, student_setting = on_data, ""
     if args.student_train_samples is not None:
         # The students' own split: the same held-out pairs, fewer training pairs (a random draw, not the first rows:
@@ -114,6 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
     # settings tried in one work folder share the teacher and the student-alone runs but never each other's runs.
     setting = "" if args.distillation_weight == "1.0" else f"-w{args.distillation_weight}"
     setting += "" if args.distillation_temperature is None else f"-t{args.distillation_temperature}"
+    setting += teacher_setting.replace("-e", "-T")
     arms = {"student alone": ([], student_setting), "student + teacher": (distil, student_setting + setting)}
     arms = {name: arm for name, arm in arms.items() if ("alone" if not arm[0] else "distilled") in args.arms}
     scores: dict[str, list[float]] = {name: [] for name in arms}
@@ -133,14 +144,15 @@ def main(argv: list[str] | None = None) -> dict:
     print("| model | median | per seed |")
     print("|---|---|---|")
     if teacher_score is not None:
-        print(f"| teacher (demo model, seed 42) | {teacher_score:.1%} | – |")
+        budget = f", {args.teacher_epochs} epochs" if teacher_setting else ""
+        print(f"| teacher (demo model{budget}, seed 42) | {teacher_score:.1%} | – |")
     for name, values in scores.items():
         print(f"| half-width {name} | {medians[name]:.1%} | {' / '.join(f'{v:.1%}' for v in values)} |")
     if gain is not None:
         print(f"distillation gain: {gain * 100:+.1f} points (target: at least +2)")
     summary = {"metric": METRIC, "seeds": args.seeds, "teacher": teacher_score, "scores": scores, "medians": medians,
                "gain_points": None if gain is None else round(gain * 100, 2),
-               "student_train_samples": args.student_train_samples, "student_epochs": args.student_epochs, "distillation_weight": float(args.distillation_weight),
+               "student_train_samples": args.student_train_samples, "student_epochs": args.student_epochs, "teacher_epochs": args.teacher_epochs, "distillation_weight": float(args.distillation_weight),
                "distillation_temperature": args.distillation_temperature}  # fmt: skip
     print(json.dumps(summary), flush=True)
     return summary

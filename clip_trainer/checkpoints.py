@@ -558,6 +558,48 @@ def _holds_saved_model(folder: str) -> bool:
     return has_config and any(os.path.isfile(os.path.join(folder, name)) for name in _MODEL_WEIGHTS)
 
 
+def saved_model_problems(folder: str, since: float) -> list[str]:
+    """What keeps `folder` from holding a whole model saved at `since` (a `time.time()`) or later: its config and
+    weights (one file, or the shards its index names) must read, and the weights be newer (an earlier run's are not
+    this run's). Empty: the model is there."""
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        if problem := _json_problem(index):
+            return [problem]
+        with open(index, encoding="utf-8") as handle:
+            weights = sorted(set(json.load(handle).get("weight_map", {}).values()))
+    else:
+        weights = ["model.safetensors"]
+    problems = [problem for problem in [_json_problem(os.path.join(folder, "config.json"))] if problem]
+    for name in weights:
+        path = os.path.join(folder, name)
+        if problem := _safetensors_problem(path):
+            problems.append(problem)
+        elif os.path.getmtime(path) < since - 2:  # two seconds: the coarsest clock of a file system (FAT's)
+            problems.append(f"{name} is older than this run's training")
+    return problems
+
+
+def share_saved_weights(path: str) -> None:
+    """Gives the safetensors files at `path` (a file, or every one under a folder) the mode the process's umask gives
+    a new file, as the JSON files beside them have.
+
+    safetensors 0.8 writes each file through a temporary file that it creates with mode 0600 and renames into place,
+    so `model.safetensors` could be read by its owner alone (a teammate, a serving container running as another user,
+    a Docker image built as root could not load the model). Only files left at 0600 are changed: a mode the user set
+    stays, and a umask of 077 keeps them private."""
+    umask = os.umask(0o077)  # reading the umask sets it: restore it at once (never through a permissive 0)
+    os.umask(umask)
+    mode = 0o666 & ~umask
+    if os.path.isdir(path):
+        files = [os.path.join(root, name) for root, _, names in os.walk(path) for name in names]
+    else:
+        files = [path]
+    for file in files:
+        if file.endswith(".safetensors") and os.path.isfile(file) and os.stat(file).st_mode & 0o777 == 0o600:
+            os.chmod(file, mode)
+
+
 # Errors of the file system that a save can meet hours into a run.
 _DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EIO}
 # What the writers that raise no `OSError` say when the disk refuses a write: torch.save's zip writer

@@ -18,6 +18,7 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.utils import logging
 
+from .checkpoints import share_saved_weights
 from .collator import ROW_INFO_KEYS, TEACHER_PREFIX, TeacherProcessing
 from .errors import ConfigError
 from .preprocessing import ImagePreprocessor, UnsupportedImageProcessorError
@@ -294,10 +295,7 @@ class StoredTeacherEmbeddings:
             path,
             metadata={"teacher": self.teacher, "inverse_temperature": repr(self.inverse_temperature)},
         )
-        # safetensors writes through a private temporary file (mode 0600); give it the mode of the folder's others.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(path, 0o666 & ~umask)
+        share_saved_weights(path)
         return path
 
     @classmethod

@@ -264,7 +264,8 @@ def given_settings(argv: Sequence[str], *arguments: Any) -> dict[str, str]:
         *arguments: the parsed argument dataclasses, in the order the table lists them (data, model, training).
 
     Returns:
-        `dict[str, str]`: name to rendered value, in field order of each dataclass. Paths, Hub settings, tokens,
+        `dict[str, str]`: name to rendered value, in field order of each dataclass. Settings given as `null` where that
+        is the default, paths, Hub settings, tokens,
         `cache_dir` and the stage flags (`do_train`, ...) are left out; local paths of the settings that remain
         (`config_name`, `train_file`, ...) are shown by their last component.
     """
@@ -274,8 +275,11 @@ def given_settings(argv: Sequence[str], *arguments: Any) -> dict[str, str]:
     for args in arguments:
         for field in dataclasses.fields(args):
             name = field.name
+            value = getattr(args, name)
+            if value is None and field.default is None:
+                continue  # given as `null` (a config's value unset): the default, nothing to list
             if name in given and _is_hyperparameter(name) and name not in _NOT_SETTINGS:
-                settings[name] = _render(_public(getattr(args, name)))
+                settings[name] = _render(_public(value))
     return settings
 
 

@@ -8,6 +8,7 @@ import logging as std_logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import datasets
@@ -17,7 +18,14 @@ from transformers.utils import logging
 
 from .arguments import CLIPTrainingArguments
 from .callbacks import NonFiniteTrainingError, TrainingInterrupted
-from .checkpoints import claim_output_dir, describe_save_error, is_save_failure, resolve_resume_checkpoint
+from .checkpoints import (
+    claim_output_dir,
+    describe_save_error,
+    is_save_failure,
+    latest_complete_checkpoint,
+    resolve_resume_checkpoint,
+    saved_model_problems,
+)
 from .clip_benchmark import (
     DEFAULT_OUTPUT_FILENAME,
     ClipBenchmarkSet,
@@ -289,39 +297,63 @@ def run_stages(
     pretrained: str = "",
 ) -> dict[str, float]:
     """Train, evaluate (the validation split, then `benchmark`), then save (the model, its ONNX graphs, the card, the
-    push: the trainer's final save), each as configured."""
+    push: the trainer's final save), each as configured.
+
+    A Ctrl-C after training (the trainer turns one during training into a checkpoint) leaves with the problems of the
+    trained model's files in `output_dir` as `trained_model_problems` (none: it was saved whole), for the message."""
     args = trainer.args
     results: dict[str, float] = {}
-    eval_metrics: dict[str, float] = {}
     if args.should_save:  # every row left out before training, named, beside the results that count them
         data.dropped_rows.write(args.output_dir)
     if args.do_train:
-        # The LoRA merge and WiSE-FT are part of the trainer's `train`.
-        train_result = trainer.train(resume_from_checkpoint=resume_checkpoint)
-        metrics = dict(train_result.metrics)
-        if hasattr(data.train, "__len__"):
-            metrics["train_samples"] = len(data.train)
-        else:  # a stream: the samples drawn, every optimizer step a full batch on every process
-            batch = args.train_batch_size * args.gradient_accumulation_steps * args.world_size
-            metrics["train_samples"] = trainer.state.global_step * batch
-        # Samples left out as unusable (a corrupt image counts each time it is drawn), over every process: what the
-        # warnings named during the run, in its summary.
-        skipped = trainer.skipped_training_samples()
-        if skipped:
-            metrics["skipped_samples"] = skipped
-        if data.dropped_rows.count:  # rows left out before training (`dropped_rows.jsonl` names them)
-            metrics["dropped_rows"] = data.dropped_rows.count
-        report = data.shard_report
-        if report is not None and report.summary():
-            # What was left out of a web-scale run goes in its summary, not only in a warning hours earlier.
-            metrics["skipped_shards"] = report.skipped_shards
-            metrics["truncated_shards"] = len(report.truncated)
-            metrics["skipped_shard_samples"] = report.skipped_samples
-            logger.warning(f"Data: {report.summary()}.")
-        trainer.log_metrics("train", metrics)
-        trainer.save_metrics("train", metrics)
-        trainer.save_state()
-        results.update(metrics)
+        results.update(_train_stage(trainer, data, resume_checkpoint))
+    trained_at = time.time()
+    try:
+        results.update(_evaluate_and_save_stages(trainer, data, benchmark, pretrained))
+    except KeyboardInterrupt as interrupt:
+        if args.do_train and args.should_save:
+            interrupt.trained_model_problems = saved_model_problems(args.output_dir, since=trained_at)
+            interrupt.output_dir = args.output_dir
+        raise
+    return results
+
+
+def _train_stage(trainer: CLIPContrastiveTrainer, data: ImageTextData, resume_checkpoint: str | None) -> dict:
+    args = trainer.args
+    # The LoRA merge and WiSE-FT are part of the trainer's `train`.
+    train_result = trainer.train(resume_from_checkpoint=resume_checkpoint)
+    metrics = dict(train_result.metrics)
+    if hasattr(data.train, "__len__"):
+        metrics["train_samples"] = len(data.train)
+    else:  # a stream: the samples drawn, every optimizer step a full batch on every process
+        batch = args.train_batch_size * args.gradient_accumulation_steps * args.world_size
+        metrics["train_samples"] = trainer.state.global_step * batch
+    # Samples left out as unusable (a corrupt image counts each time it is drawn), over every process: what the
+    # warnings named during the run, in its summary.
+    skipped = trainer.skipped_training_samples()
+    if skipped:
+        metrics["skipped_samples"] = skipped
+    if data.dropped_rows.count:  # rows left out before training (`dropped_rows.jsonl` names them)
+        metrics["dropped_rows"] = data.dropped_rows.count
+    report = data.shard_report
+    if report is not None and report.summary():
+        # What was left out of a web-scale run goes in its summary, not only in a warning hours earlier.
+        metrics["skipped_shards"] = report.skipped_shards
+        metrics["truncated_shards"] = len(report.truncated)
+        metrics["skipped_shard_samples"] = report.skipped_samples
+        logger.warning(f"Data: {report.summary()}.")
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)
+    trainer.save_state()
+    return metrics
+
+
+def _evaluate_and_save_stages(
+    trainer: CLIPContrastiveTrainer, data: ImageTextData, benchmark: ClipBenchmarkSet | None, pretrained: str
+) -> dict[str, float]:
+    args = trainer.args
+    results: dict[str, float] = {}
+    eval_metrics: dict[str, float] = {}
     if args.do_eval:
         try:
             metrics = trainer.evaluate()
@@ -400,6 +432,26 @@ def _close_process_group() -> None:
         dist.destroy_process_group()
 
 
+def _what_was_saved(interrupt: KeyboardInterrupt) -> str:
+    """What an interrupted run left (see `run_stages`): during training a second signal stops at once, after training
+    the trained model may or may not be saved whole."""
+    problems = getattr(interrupt, "trained_model_problems", None)
+    if problems is None:
+        return "nothing was saved since the last checkpoint."
+    if not problems:
+        return (
+            f"training had ended, and the trained model is saved in {interrupt.output_dir}; what the run writes after "
+            "it (the evaluation's results, the model card and its pictures, ONNX graphs, the upload) may be missing."
+        )
+    not_whole = (
+        f"training had ended, but the trained model in {interrupt.output_dir} is not whole ({'; '.join(problems)})"
+    )
+    checkpoint = latest_complete_checkpoint(interrupt.output_dir)
+    if checkpoint is None:
+        return f"{not_whole}, and the run has no checkpoint: train it again with `--overwrite_output_dir true`."
+    return f"{not_whole}. {checkpoint} holds the weights saved last: `--resume_from_checkpoint true` finishes the run."
+
+
 def cli(argv: list[str] | None = None, prog: str = "run_clip.py") -> int:
     """`run_clip.py`'s entry point: a mistake or a fault prints one message, never a traceback.
 
@@ -426,6 +478,6 @@ def cli(argv: list[str] | None = None, prog: str = "run_clip.py") -> int:
     except KeyboardInterrupt as error:
         number = getattr(error, "signal_number", signal.SIGINT)
         how = "Ctrl-C" if number == signal.SIGINT else signal.Signals(number).name
-        print(f"\n{prog}: interrupted ({how}); nothing was saved since the last checkpoint.", file=sys.stderr)
+        print(f"\n{prog}: interrupted ({how}); {_what_was_saved(error)}", file=sys.stderr)
         return 128 + number
     return 0

@@ -36,6 +36,7 @@ from .callbacks import (
     NonFiniteLossCallback,
     StopOnSignalCallback,
 )
+from .checkpoints import share_saved_weights
 from .collator import TEACHER_PREFIX, ImageTextCollator
 from .consumers import write_consumer_files
 from .distillation import StoredTeacher, StoredTeacherEmbeddings, Teacher
@@ -1231,6 +1232,8 @@ class CLIPContrastiveTrainer(Trainer):
             if self.ema_callback is not None and output_dir is not None and self.args.should_save:
                 # With the checkpoint's weights, before its optimizer state and `trainer_state.json`.
                 self.ema_callback.save(output_dir)
+            if output_dir is not None and self.args.should_save and os.path.isdir(output_dir):
+                share_saved_weights(output_dir)
             return
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if is_lora_model(self.model) and (self.is_fsdp_enabled or self.is_deepspeed_enabled):
@@ -1252,6 +1255,7 @@ class CLIPContrastiveTrainer(Trainer):
             super().save_model(output_dir, _internal_call=True)
         if not self.args.should_save:
             return
+        share_saved_weights(output_dir)
         # What transformers.js, transformers 4.x and sentence-transformers read besides `save_pretrained`'s files
         # (see consumers.py); sentence-transformers tokenizes captions as this run did (SigLIP: one padded length).
         write_consumer_files(output_dir, text_padding=self.text_padding, max_length=self.max_seq_length)

@@ -40,6 +40,7 @@ from torch import nn
 from transformers.utils import logging
 
 from .arguments import ConfigError, describe_load_error
+from .checkpoints import share_saved_weights
 
 # Named, not `__name__`: `python -m clip_trainer.wise_ft` runs this module as `__main__`.
 logger = logging.get_logger("clip_trainer.wise_ft")
@@ -308,6 +309,7 @@ def interpolate_saved_models(
         raise ConfigError(str(error)) from None
     tuned.load_state_dict(mixed)
     tuned.save_pretrained(output_dir)
+    share_saved_weights(output_dir)
     processor_from = None
     for source in (fine_tuned, pretrained):
         try:

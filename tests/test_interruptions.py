@@ -282,6 +282,62 @@ def test_a_full_disk_while_saving_is_one_line_that_says_what_was_kept(base_args,
     assert "--resume_from_checkpoint true" in message
 
 
+def test_ctrl_c_after_training_says_whether_the_trained_model_is_saved(base_args, tmp_path, monkeypatch, capsys):
+    # Training ended, the weights are written, Ctrl-C lands while the card is drawn: the model is there to use.
+    out = tmp_path / "out"
+    argv = checkpoint_args(base_args, out)
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(CLIPContrastiveTrainer, "create_model_card", interrupted)
+    assert run.cli(argv) == 130
+    err = capsys.readouterr().err
+    assert f"interrupted (Ctrl-C); training had ended, and the trained model is saved in {out}" in err
+    assert "Traceback" not in err and "nothing was saved" not in err
+    assert torch.equal(load_file(out / "model.safetensors")["logit_scale"], load_file(
+        out / "checkpoint-8" / "model.safetensors")["logit_scale"])  # fmt: skip
+
+
+def test_ctrl_c_while_the_trained_model_is_written_points_to_its_checkpoint(base_args, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    argv = checkpoint_args(base_args, out)
+    original = CLIPContrastiveTrainer.save_model
+
+    def cut_short(self, output_dir=None, _internal_call=False):
+        original(self, output_dir, _internal_call)
+        if not _internal_call:  # the final save: Ctrl-C while model.safetensors is half written
+            weights = out / "model.safetensors"
+            weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(CLIPContrastiveTrainer, "save_model", cut_short)
+    assert run.cli(argv) == 130
+    err = capsys.readouterr().err
+    assert f"training had ended, but the trained model in {out} is not whole (model.safetensors is unreadable" in err
+    assert f"{out / 'checkpoint-8'} holds the weights saved last: `--resume_from_checkpoint true`" in err
+    monkeypatch.setattr(CLIPContrastiveTrainer, "save_model", original)
+    # What the message says works: the run finishes from the checkpoint, and its model is the checkpoint's weights.
+    assert run.cli([*argv, "--resume_from_checkpoint", "true"]) == 0
+    saved, checkpoint = load_file(out / "model.safetensors"), load_file(out / "checkpoint-8" / "model.safetensors")
+    assert saved.keys() == checkpoint.keys() and all(torch.equal(saved[k], checkpoint[k]) for k in saved)
+
+
+def test_a_saved_model_from_an_earlier_run_does_not_count_as_this_runs(tmp_path):
+    from safetensors.torch import save_file
+
+    from clip_trainer.checkpoints import saved_model_problems
+
+    (tmp_path / "config.json").write_text("{}")
+    save_file({"w": torch.zeros(2)}, tmp_path / "model.safetensors")
+    assert saved_model_problems(str(tmp_path), since=time.time()) == []
+    assert saved_model_problems(str(tmp_path), since=time.time() + 60) == [
+        "model.safetensors is older than this run's training"
+    ]
+    (tmp_path / "config.json").write_text("{")
+    assert saved_model_problems(str(tmp_path), since=0)[0].startswith("config.json is unreadable")
+
+
 @pytest.mark.slow
 def test_a_second_sigterm_stops_a_run_whose_step_never_ends(base_args, tmp_path):
     # The first SIGTERM waits for the step to end, to save there; a scheduler's second one must not wait for ever.

@@ -107,6 +107,19 @@ def test_card_of_a_run_loads_from_where_it_says_and_counts_agree(tiny_clip_dir, 
     assert model["Tokenizer"] == [f"{len(AutoProcessor.from_pretrained(out).tokenizer):,} tokens"]
 
 
+def test_settings_a_config_unsets_are_not_listed_as_none(tiny_clip_dir, tmp_path, monkeypatch):
+    # A config copied from another run, with the values it does not want set to null: the card lists what was set.
+    user = tmp_path / "user"
+    write_shapes_csv(user / "data", repeats=1)
+    monkeypatch.chdir(user)
+    config = {"zeroshot_templates": None, "label_column": "shape", "max_steps": 2, "eval_strategy": "no"}
+    Path("mine.json").write_text(json.dumps(config))
+    main(["mine.json", *run_args(tiny_clip_dir, "data/pairs.csv", "outputs/unset")])
+    settings = table((user / "outputs" / "unset" / "README.md").read_text(), "Training hyperparameters")
+    assert "`zeroshot_templates`" not in settings and settings["`label_column`"] == ["shape"]
+    assert ["None"] not in settings.values()
+
+
 def unbalanced_validation_csv(folder: Path) -> tuple[Path, list[str]]:
     """A validation file of the shapes: every circle, two squares, one triangle and one row without a label."""
     source = write_shapes_csv(folder, repeats=1, name="source.csv")

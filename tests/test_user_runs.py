@@ -3,13 +3,15 @@
 - an evaluation with a model and a validation file, and no training data;
 - a config file whose relative paths are read beside it, whatever the working folder;
 - one seed, one run: a model trained from scratch twice gives the same step-0 evaluation and the same weights;
-- the model card of a run, as the Hub shows it: pictures next to it, no claim of a Hub dataset that does not exist.
+- the model card of a run, as the Hub shows it: pictures next to it, no claim of a Hub dataset that does not exist;
+- the files a run writes are as readable as the user's umask makes new files (a teammate or a container can load them).
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -158,3 +160,24 @@ def test_a_run_ends_with_retrieval_examples_in_the_card_and_an_onnx_export(base_
     card = (out / "README.md").read_text()
     assert "![Retrieval examples](retrieval_examples.png)" in card
     assert (out / "onnx" / "vision_model.onnx").is_file() and (out / "onnx" / "text_model.onnx").is_file()
+
+
+def test_the_weights_a_run_writes_are_as_readable_as_its_other_files(base_args, tmp_path, monkeypatch):
+    # safetensors 0.8 writes through a temporary file of mode 0600: a model only its owner could load.
+    out = tmp_path / "out"
+    argv = [*base_args, "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2", "--ema_decay", "0.9",
+            "--save_open_clip", "true"]  # fmt: skip
+    argv[argv.index("--output_dir") + 1] = str(out)
+    umask = os.umask(0o027)  # group-readable: neither safetensors' 0600 nor the usual 0644
+    try:
+        main(argv)
+    finally:
+        os.umask(umask)
+    weights = sorted(out.rglob("*.safetensors"))
+    names = {path.relative_to(out).as_posix() for path in weights}
+    assert {"model.safetensors", "open_clip_model.safetensors", "checkpoint-4/model.safetensors",
+            "checkpoint-4/ema.safetensors"} <= names  # fmt: skip
+    assert {path.relative_to(out).as_posix(): oct(path.stat().st_mode & 0o777) for path in weights} == {
+        name: oct(0o640) for name in names
+    }
+    assert (out / "config.json").stat().st_mode & 0o777 == 0o640

@@ -41,6 +41,7 @@ from transformers.image_utils import PILImageResampling
 from transformers.utils import logging
 
 from ..arguments import describe_load_error
+from ..checkpoints import share_saved_weights
 from ..errors import ConfigError, OpenCLIPConversionError
 from .open_clip_weights import clip_to_open_clip, clip_weight_pairs
 
@@ -317,6 +318,7 @@ def save_open_clip(
         "weights": os.path.join(folder, OPEN_CLIP_WEIGHTS_NAME),
     }
     save_file(state, paths["weights"], metadata={"format": "pt"})
+    share_saved_weights(paths["weights"])
     with open(paths["config"], "w", encoding="utf-8") as handle:
         json.dump({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}, handle, indent=2)
         handle.write("\n")
