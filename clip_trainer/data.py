@@ -426,6 +426,9 @@ def _load_data_files(
                 dataset = _named_file_stream(dataset, files, _ParquetRows())
             elif _local_files_ending(files, ".jsonl"):
                 dataset = _named_file_stream(dataset, files, _JsonLinesRows())
+
+        if streaming and builder == "csv" and all(os.path.isfile(file) for file in files):
+            dataset = _named_file_stream(dataset, files, _CsvRows(kwargs))
         parts.append(_with_lazy_images(dataset, data_args.image_column, folder))
     loaded = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     if isinstance(loaded, Dataset) and _holds_image_bytes(loaded, data_args.image_column):
@@ -486,6 +489,146 @@ class _JsonLinesRows:
                     row += 1
 
 
+class _CsvRows:
+    """The rows of CSV (or TSV) files, each with its name for messages (`line 15 of /data/b.csv`), as [`_ParquetRows`]
+    gives Parquet rows.
+
+    Written here because `datasets` reads a streamed CSV file with pandas in blocks of 10,000 rows, and one record
+    pandas cannot read (a quote left open, bytes that are not UTF-8, more fields than the header) stops the whole
+    run when its block comes, hours in. Here Python's `csv` module splits the file into records (quoted commas and
+    line breaks in captions read as pandas reads them); a record that cannot be a row is left out with a warning
+    naming its file and line, and the lines a quote left open would have swallowed are read again as rows of their
+    own. The records that remain are read by pandas with the options `datasets` was given, a block at a time, every
+    column as text (as the run reads captions, paths, ids and labels): pandas would guess each block's types anew.
+    """
+
+    BLOCK_ROWS = 1000
+
+    def __init__(self, read_options: dict[str, Any]) -> None:
+        self.read_options = read_options
+        self.separator = read_options.get("sep", ",")
+
+    def __call__(self, files: list[str]) -> Iterator[dict[str, Any]]:
+        for file in files:
+            yield from self._rows(os.path.abspath(file))
+
+    def _rows(self, name: str) -> Iterator[dict[str, Any]]:
+        records = _csv_record_texts(name, self.separator)
+        header = next(records, None)
+        if header is None or header[2] is not None:
+            logger.warning(f"Leaving out {name}: its header cannot be read ({header[2] if header else 'empty'}).")
+            return
+        columns = next(csv.reader([header[1]], delimiter=self.separator))
+        converters = self.read_options.get("converters") or {}
+        options = {**self.read_options, "dtype": {column: str for column in columns if column not in converters}}
+        block: list[tuple[int, str]] = []
+        for line, text, problem in records:
+            if problem is not None:
+                logger.warning(f"Leaving out line {line} of {name}: {problem}. Training goes on with the other rows.")
+                continue
+            block.append((line, text))
+            if len(block) == self.BLOCK_ROWS:
+                yield from _csv_block_rows(name, header[1], block, options)
+                block = []
+        if block:
+            yield from _csv_block_rows(name, header[1], block, options)
+
+
+def _csv_block_rows(
+    name: str, header: str, block: list[tuple[int, str]], options: dict[str, Any]
+) -> Iterator[dict[str, Any]]:
+    """The rows of CSV records `block` ((line, text) each) of file `name`, read by pandas under its `header` with
+    `options`, each named by its line; a record pandas refuses is left out with a warning naming it."""
+    rows = _read_csv_records(header, [text for _, text in block], options)
+    if rows is None or len(rows) != len(block):  # one record at a time, to name the one pandas refuses
+        rows = []
+        for line, text in block:
+            row = _read_csv_records(header, [text], options)
+            if row is None or len(row) != 1:
+                logger.warning(
+                    f"Leaving out line {line} of {name}: pandas cannot read it as a row of the file's columns. "
+                    "Training goes on with the other rows."
+                )
+                rows.append(None)
+            else:
+                rows.append(row[0])
+    for (line, _), values in zip(block, rows):
+        if values is not None:
+            yield {**values, SOURCE_ROW_COLUMN: f"line {line} of {name}"}
+
+
+def _read_csv_records(header: str, texts: list[str], options: dict[str, Any]) -> list[dict[str, Any]] | None:
+    import io
+
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(io.StringIO(header + "".join(texts)), **options)
+    except ValueError:  # pandas' ParserError is one
+        return None
+    return pa.Table.from_pandas(frame, preserve_index=False).to_pylist()  # missing values (NaN) as None
+
+
+def _csv_record_texts(path: str, separator: str) -> Iterator[tuple[int, str, str | None]]:
+    """(first line, text, problem) of each record of a CSV file, the header first; `problem` says why a record cannot
+    be a row (its text is then empty). Blank lines are skipped, as pandas skips them.
+
+    A record that runs over several lines (a quoted caption with line breaks) must have the header's number of
+    fields; one that does not, or that a quote left open to the end of the file, is reported at its first line, and
+    the lines after it are read again."""
+    pending: list[tuple[int, bytes]] = []  # lines to read again, the next one last
+    fields_expected: int | None = None
+    with open(path, "rb") as handle:
+        numbered = enumerate(handle, start=1)
+
+        def next_line() -> tuple[int, bytes] | None:
+            return pending.pop() if pending else next(numbered, None)
+
+        while (first := next_line()) is not None:
+            number, raw = first
+            if number == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")  # a byte-order mark, as Excel writes
+            consumed = [(number, raw)]
+            problem = None
+            try:
+                fields = next(csv.reader(_decoded_lines(consumed, next_line), delimiter=separator), [])
+            except UnicodeDecodeError as error:
+                if len(consumed) == 1:
+                    problem = f"it is not UTF-8 text ({error.reason}); save the file as UTF-8"
+                else:
+                    problem = f"its record runs on into line {consumed[-1][0]}, which is not UTF-8 text"
+                fields = []
+            except csv.Error as error:  # a field past the `csv` module's limit: a quote left open
+                fields, problem = [], f"it cannot be read as CSV ({error})"
+            if problem is None and not fields:
+                continue  # a blank line
+            if fields_expected is None:
+                fields_expected = len(fields)
+            text = b"".join(raw for _, raw in consumed).decode("utf-8", errors="replace")
+            if problem is None and len(fields) > fields_expected:
+                problem = (
+                    f"it has {len(fields)} fields where the header has {fields_expected}; a caption with a comma must "
+                    'be quoted ("a red, round sign")'
+                )
+            if problem is None and len(consumed) > 1:
+                if len(fields) != fields_expected or text.count('"') % 2:
+                    problem = "a quote opened there is never closed (a caption cut short, or with a stray quote?)"
+            if problem is not None:
+                pending.extend(reversed(consumed[1:]))  # the lines it swallowed are read again, as rows of their own
+                yield number, "", problem
+                continue
+            yield number, text if text.endswith("\n") else text + "\n", None
+
+
+def _decoded_lines(consumed: list[tuple[int, bytes]], next_line) -> Iterator[str]:
+    """The record's first line (`consumed`'s one), then the lines `next_line` gives as the `csv` module asks for more
+    (a quoted field going on), each added to `consumed`, decoded from UTF-8."""
+    yield consumed[0][1].decode("utf-8")
+    while (line := next_line()) is not None:
+        consumed.append(line)
+        yield line[1].decode("utf-8")
+
+
 _ONE_OBJECT_A_LINE = (
     'Every line of a JSON Lines file must be one JSON object, e.g. {"image": "1.jpg", "caption": "a cat"}.'
 )
@@ -507,10 +650,12 @@ def _local_files_ending(files: list[str], suffix: str) -> bool:
 
 
 def _named_file_stream(stream: IterableDataset, files: list[str], rows: Any) -> IterableDataset:
-    """`datasets`' stream of data `files` read by `rows` ([`_ParquetRows`], [`_JsonLinesRows`]) instead: the same
-    rows, shards and features, each row named by its file and row."""
-    features = stream.features.copy()
-    features[SOURCE_ROW_COLUMN] = datasets.Value("string")
+    """`datasets`' stream of data `files` read by `rows` ([`_ParquetRows`], [`_JsonLinesRows`], [`_CsvRows`])
+    instead: the same rows, shards and features, each row named by its file and row."""
+    features = None
+    if stream.features is not None:  # a CSV stream's columns are known once read
+        features = stream.features.copy()
+        features[SOURCE_ROW_COLUMN] = datasets.Value("string")
     return IterableDataset.from_generator(rows, features=features, gen_kwargs={"files": list(files)})
 
 

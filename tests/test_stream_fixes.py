@@ -342,13 +342,78 @@ def test_a_json_lines_file_whose_line_is_no_object_names_the_line(shapes_csv, tm
             )
 
 
-def test_a_streamed_csv_glob_with_an_overlong_row_names_its_file(shapes_csv, tmp_path, monkeypatch):
+def test_a_streamed_csv_glob_with_an_overlong_row_names_its_file_and_line_and_goes_on(
+    shapes_csv, tmp_path, monkeypatch, caplog
+):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "csvs").mkdir()
     lines = shapes_csv.read_text().splitlines()
     (tmp_path / "csvs" / "a.csv").write_text("\n".join(lines[:6]) + "\n")
     (tmp_path / "csvs" / "b.csv").write_text("\n".join([lines[0], *lines[6:9], lines[9] + ",extra"]) + "\n")
-    with pytest.raises(ConfigError, match=r"`train_file` 'csvs/b\.csv': line 5 has 4 fields where the header has 3"):
-        load_image_text_data(
-            DataArguments(train_file="csvs/*.csv", streaming=True, validation_file=str(shapes_csv)), 1
-        )
+    caplog.set_level(logging.WARNING, logger="clip_trainer")
+    data = load_image_text_data(
+        DataArguments(train_file="csvs/*.csv", streaming=True, validation_file=str(shapes_csv)), 1
+    )
+    assert [row["caption"] for row in data.one_pass] == [line.split(",")[1] for line in lines[1:9]]
+    assert (
+        f"Leaving out line 5 of {tmp_path / 'csvs' / 'b.csv'}: it has 4 fields where the header has 3; a caption "
+        'with a comma must be quoted ("a red, round sign")'
+    ) in logged(caplog)
+
+
+def damaged_csv(folder: Path, shapes_csv: Path) -> tuple[Path, list[str]]:
+    """A CSV of the shapes data with, among its rows: a caption with quoted commas and a line break, one with quotes
+    in it, a line that is not UTF-8, a quote left open (the lines it would swallow are good rows), a row with a
+    field too many; returns it and the captions of its good rows, in order."""
+    rows = [line.split(",") for line in shapes_csv.read_text().splitlines()[1:13]]
+    images = [image for image, *_ in rows]
+    good = [caption for _, caption, _ in rows]
+    good[1] = 'a red, round "sign"\non two lines'
+    text = [b"\xef\xbb\xbfimage,caption,shape\n"]  # a byte-order mark, as Excel writes
+    for index, (image, caption) in enumerate(zip(images, good)):
+        quoted = '"' + caption.replace('"', '""') + '"'
+        text.append(f"{image},{quoted},NA\n".encode())
+        if index == 3:
+            text.append(f"{image},caf\xe9 in Latin-1,shape\n".encode("latin-1"))
+        if index == 6:
+            text.append(f'{image},"a caption cut short,circle\n'.encode())
+        if index == 9:
+            text.append(f"{image},a caption,circle,one field too many\n".encode())
+    path = shapes_csv.parent / f"damaged-{folder.name}.csv"  # beside the images, whose paths are relative
+    path.write_bytes(b"".join(text))
+    return path, good
+
+
+def test_a_streamed_csv_leaves_out_the_records_it_cannot_read_and_keeps_every_other_row(
+    base_args, shapes_csv, tmp_path, monkeypatch, caplog
+):
+    # `datasets` reads a streamed CSV with pandas in blocks of 10,000 rows, and stops the run at the first block with
+    # a record pandas cannot read, hours in. The good rows read as pandas reads the file without the bad records.
+    monkeypatch.chdir(tmp_path)
+    path, good = damaged_csv(tmp_path, shapes_csv)
+    caplog.set_level(logging.WARNING, logger="clip_trainer")
+    data = load_image_text_data(
+        DataArguments(train_file=str(path), streaming=True, validation_file=str(shapes_csv)), 1
+    )
+    rows = list(data.one_pass)
+    assert [row["caption"] for row in rows] == good
+    assert all(row["shape"] == "NA" for row in rows)  # text as written, as a loaded file's (not pandas' missing)
+    assert [row["_source_row"] for row in rows[:4]] == [f"line {n} of {path}" for n in (2, 3, 5, 6)]
+    said = logged(caplog)
+    assert f"Leaving out line 7 of {path}: it is not UTF-8 text (invalid continuation byte)" in said
+    assert f"Leaving out line 11 of {path}: a quote opened there is never closed" in said
+    assert f"Leaving out line 15 of {path}: it has 4 fields where the header has 3" in said
+    # The reference: pandas reading the file without the records left out.
+    kept = b"".join(
+        line for number, line in enumerate(path.read_bytes().splitlines(True), 1) if number not in (7, 11, 15)
+    )
+    reference = pd.read_csv(io.BytesIO(kept), keep_default_na=False, dtype=str)
+    assert reference["caption"].tolist() == good and reference["shape"].tolist() == ["NA"] * len(good)
+    assert [str(shapes_csv.parent / image) for image in reference["image"]] == [row["image"] for row in rows]
+
+    # The command trains past all of them, to its last step.
+    argv = list(base_args)
+    argv[argv.index("--train_file") + 1] = str(path)
+    run.main([*argv, "--streaming", "true", "--max_steps", "4", "--validation_file", str(shapes_csv),
+              "--eval_strategy", "no", "--shuffle_buffer_size", "1"])  # fmt: skip
+    assert json.loads((tmp_path / "out" / "trainer_state.json").read_text())["global_step"] == 4
