@@ -407,6 +407,7 @@ def _load_data_files(
             # negative written "NA" is what R and spreadsheets write for a missing value: missing, as pandas reads it.
             kwargs["keep_default_na"] = False
             missing_words = {column: PANDAS_NA_WORDS for column in _columns_with_missing_words(data_args)}
+            _check_same_columns(key, files, headers)
             all_columns = dict.fromkeys(column for header in headers for column in header)  # their union, in order
             kwargs["na_values"] = {column: [""] for column in all_columns} | missing_words
         if builder == "parquet":
@@ -423,18 +424,31 @@ def _load_data_files(
         # file's fault in one line.)
         if streaming and dataset.features is not None:
             if builder == "parquet" and _local_files_ending(files, ".parquet"):
-                dataset = _named_file_stream(dataset, files, _ParquetRows())
+                dataset = _named_file_stream(dataset.features, files, _ParquetRows())
             elif _local_files_ending(files, ".jsonl"):
-                dataset = _named_file_stream(dataset, files, _JsonLinesRows())
+                dataset = _named_file_stream(dataset.features, files, _JsonLinesRows())
 
         if streaming and builder == "csv" and all(os.path.isfile(file) for file in files):
-            dataset = _named_file_stream(dataset, files, _CsvRows(kwargs))
+            # Every column as text (see `_CsvRows`), known before a row is read.
+            columns = datasets.Features({column: datasets.Value("string") for column in headers[0]})
+            dataset = _named_file_stream(columns, files, _CsvRows(kwargs))
         parts.append(_with_lazy_images(dataset, data_args.image_column, folder))
     loaded = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     if isinstance(loaded, Dataset) and _holds_image_bytes(loaded, data_args.image_column):
         loaded = loaded.add_column(SOURCE_ROW_COLUMN, _source_rows(key, [f for files in by_folder.values() for f in files],
                                                                    len(loaded)))  # fmt: skip
     return loaded
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """Warns that a streamed file's line is left out, once per process (and DataLoader worker): a stream is read on
+    every pass, and a small one many times over. Training goes on with the other rows."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        logger.warning(f"{message} Training goes on with the other rows.")
 
 
 class _ParquetRows:
@@ -480,7 +494,7 @@ class _JsonLinesRows:
                         continue
                     values, problem = _json_object(line)
                     if problem is not None:
-                        logger.warning(
+                        _warn_once(
                             f"Leaving out line {number} of {name}: it is {problem}; a file cut short, or a line edited "
                             f"by hand? {_ONE_OBJECT_A_LINE}"
                         )
@@ -516,7 +530,7 @@ class _CsvRows:
         records = _csv_record_texts(name, self.separator)
         header = next(records, None)
         if header is None or header[2] is not None:
-            logger.warning(f"Leaving out {name}: its header cannot be read ({header[2] if header else 'empty'}).")
+            _warn_once(f"Leaving out {name}: its header cannot be read ({header[2] if header else 'empty'}).")
             return
         columns = next(csv.reader([header[1]], delimiter=self.separator))
         converters = self.read_options.get("converters") or {}
@@ -524,7 +538,7 @@ class _CsvRows:
         block: list[tuple[int, str]] = []
         for line, text, problem in records:
             if problem is not None:
-                logger.warning(f"Leaving out line {line} of {name}: {problem}. Training goes on with the other rows.")
+                _warn_once(f"Leaving out line {line} of {name}: {problem}.")
                 continue
             block.append((line, text))
             if len(block) == self.BLOCK_ROWS:
@@ -538,23 +552,18 @@ def _csv_block_rows(
     name: str, header: str, block: list[tuple[int, str]], options: dict[str, Any]
 ) -> Iterator[dict[str, Any]]:
     """The rows of CSV records `block` ((line, text) each) of file `name`, read by pandas under its `header` with
-    `options`, each named by its line; a record pandas refuses is left out with a warning naming it."""
+    `options`, each named by its line; a record pandas refuses all the same is left out with a warning naming it
+    (found by halving the block: a few reads of pandas, not one per record)."""
     rows = _read_csv_records(header, [text for _, text in block], options)
-    if rows is None or len(rows) != len(block):  # one record at a time, to name the one pandas refuses
-        rows = []
-        for line, text in block:
-            row = _read_csv_records(header, [text], options)
-            if row is None or len(row) != 1:
-                logger.warning(
-                    f"Leaving out line {line} of {name}: pandas cannot read it as a row of the file's columns. "
-                    "Training goes on with the other rows."
-                )
-                rows.append(None)
-            else:
-                rows.append(row[0])
-    for (line, _), values in zip(block, rows):
-        if values is not None:
+    if rows is not None and len(rows) == len(block):
+        for (line, _), values in zip(block, rows):
             yield {**values, SOURCE_ROW_COLUMN: f"line {line} of {name}"}
+    elif len(block) == 1:
+        _warn_once(f"Leaving out line {block[0][0]} of {name}: pandas cannot read it as a row of the file's columns.")
+    else:
+        middle = len(block) // 2
+        yield from _csv_block_rows(name, header, block[:middle], options)
+        yield from _csv_block_rows(name, header, block[middle:], options)
 
 
 def _read_csv_records(header: str, texts: list[str], options: dict[str, Any]) -> list[dict[str, Any]] | None:
@@ -569,64 +578,104 @@ def _read_csv_records(header: str, texts: list[str], options: dict[str, Any]) ->
     return pa.Table.from_pandas(frame, preserve_index=False).to_pylist()  # missing values (NaN) as None
 
 
+# The longest field the `csv` module reads (its default, 128K characters, is shorter than a long caption or a
+# `data:` URI image, which pandas reads whole); a quote left open reads on to this length, or to the file's end.
+_CSV_FIELD_LIMIT = 64 << 20
+
+
 def _csv_record_texts(path: str, separator: str) -> Iterator[tuple[int, str, str | None]]:
     """(first line, text, problem) of each record of a CSV file, the header first; `problem` says why a record cannot
-    be a row (its text is then empty). Blank lines are skipped, as pandas skips them.
+    be a row, as pandas would refuse it (its text is then empty). Lines end at `\n`, `\r\n` or a lone `\r`, as
+    pandas reads them; blank lines (or of spaces only) are skipped, as pandas skips them.
 
-    A record that runs over several lines (a quoted caption with line breaks) must have the header's number of
-    fields; one that does not, or that a quote left open to the end of the file, is reported at its first line, and
-    the lines after it are read again."""
-    pending: list[tuple[int, bytes]] = []  # lines to read again, the next one last
+    A record that pandas refuses: one with more fields than the header, one that a quote left open runs on to the end
+    of the file (or past `_CSV_FIELD_LIMIT`), one with bytes that are not UTF-8. It is reported at its first line,
+    and the lines it ran on over are read again, as records of their own."""
+    csv.field_size_limit(max(csv.field_size_limit(), _CSV_FIELD_LIMIT))
+    pending: list[tuple[int, str]] = []  # lines to read again, the next one last
     fields_expected: int | None = None
-    with open(path, "rb") as handle:
+    # Undecodable bytes are kept as lone surrogates (`surrogateescape`), so that one bad line is found as such.
+    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
         numbered = enumerate(handle, start=1)
 
-        def next_line() -> tuple[int, bytes] | None:
+        def next_line() -> tuple[int, str] | None:
             return pending.pop() if pending else next(numbered, None)
 
         while (first := next_line()) is not None:
-            number, raw = first
-            if number == 1:
-                raw = raw.removeprefix(b"\xef\xbb\xbf")  # a byte-order mark, as Excel writes
-            consumed = [(number, raw)]
+            record = _CsvRecord(first, next_line)
             problem = None
             try:
-                fields = next(csv.reader(_decoded_lines(consumed, next_line), delimiter=separator), [])
-            except UnicodeDecodeError as error:
-                if len(consumed) == 1:
-                    problem = f"it is not UTF-8 text ({error.reason}); save the file as UTF-8"
-                else:
-                    problem = f"its record runs on into line {consumed[-1][0]}, which is not UTF-8 text"
-                fields = []
-            except csv.Error as error:  # a field past the `csv` module's limit: a quote left open
-                fields, problem = [], f"it cannot be read as CSV ({error})"
-            if problem is None and not fields:
+                fields = next(csv.reader(record.lines(), delimiter=separator), [])
+            except csv.Error as error:  # a field past the limit: a quote left open
+                fields, problem = [], f"it cannot be read as CSV ({error}): a quote opened there is never closed?"
+            text = "".join(line for _, line in record.consumed)
+            if problem is None and len(fields) <= 1 and not "".join(fields).strip():
                 continue  # a blank line
             if fields_expected is None:
                 fields_expected = len(fields)
-            text = b"".join(raw for _, raw in consumed).decode("utf-8", errors="replace")
-            if problem is None and len(fields) > fields_expected:
+            if problem is None and record.undecodable is not None:
+                number, reason = record.undecodable
+                problem = f"it is not UTF-8 text ({reason}); save the file as UTF-8"
+                if number != first[0]:
+                    problem = f"its record runs on into line {number}, which is not UTF-8 text ({reason})"
+            elif problem is None and (
+                record.ran_out or (len(record.consumed) > 1 and not _strict_csv(text, separator))
+            ):
+                # Left open to the end of the file, or closed by the quote that opens a later line's field (which a
+                # quoted field running over lines never is: its closing quote is followed by a separator or the end).
+                problem = "a quote opened there is never closed (a caption cut short, or a stray quote?)"
+            elif problem is None and len(fields) > fields_expected:
                 problem = (
                     f"it has {len(fields)} fields where the header has {fields_expected}; a caption with a comma must "
                     'be quoted ("a red, round sign")'
                 )
-            if problem is None and len(consumed) > 1:
-                if len(fields) != fields_expected or text.count('"') % 2:
-                    problem = "a quote opened there is never closed (a caption cut short, or with a stray quote?)"
             if problem is not None:
-                pending.extend(reversed(consumed[1:]))  # the lines it swallowed are read again, as rows of their own
-                yield number, "", problem
+                pending.extend(reversed(record.consumed[1:]))  # the lines it ran on over are read again
+                yield first[0], "", problem
                 continue
-            yield number, text if text.endswith("\n") else text + "\n", None
+            yield first[0], text if text.endswith(("\n", "\r")) else text + "\n", None
 
 
-def _decoded_lines(consumed: list[tuple[int, bytes]], next_line) -> Iterator[str]:
-    """The record's first line (`consumed`'s one), then the lines `next_line` gives as the `csv` module asks for more
-    (a quoted field going on), each added to `consumed`, decoded from UTF-8."""
-    yield consumed[0][1].decode("utf-8")
-    while (line := next_line()) is not None:
-        consumed.append(line)
-        yield line[1].decode("utf-8")
+def _strict_csv(text: str, separator: str) -> bool:
+    """Whether `text` is well-formed CSV: every quoted field closed by a quote followed by a separator or a line's end."""
+    import io
+
+    try:
+        list(csv.reader(io.StringIO(text, newline=""), delimiter=separator, strict=True))
+    except csv.Error:
+        return False
+    return True
+
+
+class _CsvRecord:
+    """The lines of one CSV record as the `csv` module asks for them: its first line, then one more each time a quoted
+    field goes on past a line's end. Keeps what it gave (`consumed`), whether the file ended inside the record
+    (`ran_out`: a quote left open) and the first line that is not UTF-8 (`undecodable`: line, reason)."""
+
+    def __init__(self, first: tuple[int, str], next_line) -> None:
+        self.consumed = [first]
+        self.next_line = next_line
+        self.ran_out = False
+        self.undecodable: tuple[int, str] | None = None
+
+    def lines(self) -> Iterator[str]:
+        yield self._checked(self.consumed[0])
+        while (line := self.next_line()) is not None:
+            self.consumed.append(line)
+            yield self._checked(line)
+        self.ran_out = True
+
+    def _checked(self, line: tuple[int, str]) -> str:
+        if self.undecodable is None:
+            try:
+                line[1].encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate: a byte that was not UTF-8
+                raw = line[1].encode("utf-8", errors="surrogateescape")
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError as error:
+                    self.undecodable = (line[0], error.reason)
+        return line[1]
 
 
 _ONE_OBJECT_A_LINE = (
@@ -649,13 +698,12 @@ def _local_files_ending(files: list[str], suffix: str) -> bool:
     return bool(files) and all(file.lower().endswith(suffix) and os.path.isfile(file) for file in files)
 
 
-def _named_file_stream(stream: IterableDataset, files: list[str], rows: Any) -> IterableDataset:
-    """`datasets`' stream of data `files` read by `rows` ([`_ParquetRows`], [`_JsonLinesRows`], [`_CsvRows`])
-    instead: the same rows, shards and features, each row named by its file and row."""
-    features = None
-    if stream.features is not None:  # a CSV stream's columns are known once read
-        features = stream.features.copy()
-        features[SOURCE_ROW_COLUMN] = datasets.Value("string")
+def _named_file_stream(features: datasets.Features, files: list[str], rows: Any) -> IterableDataset:
+    """A stream of data `files` read by `rows` ([`_ParquetRows`], [`_JsonLinesRows`], [`_CsvRows`]) instead of
+    `datasets`' readers: the same rows, shards and `features` (those `datasets` found), each row named by its file and
+    row."""
+    features = features.copy()
+    features[SOURCE_ROW_COLUMN] = datasets.Value("string")
     return IterableDataset.from_generator(rows, features=features, gen_kwargs={"files": list(files)})
 
 
@@ -693,6 +741,19 @@ def _numbered(prefix: str, start: int, count: int, suffix: str) -> pa.Array:
     """`prefix` + each number from `start` (`count` of them) + `suffix`, as an Arrow string array."""
     numbers = pa.array(np.arange(start, start + count, dtype=np.int64)).cast(pa.string())
     return pc.binary_join_element_wise(prefix, numbers, suffix, "")
+
+
+def _check_same_columns(key: str, files: list[str], headers: list[list[str]]) -> None:
+    """[`ConfigError`] naming the first CSV file of a glob whose columns are not the first file's (in any order).
+    Loaded, `datasets` fails on it with an error headed by the first file; streamed, a column would be missing from
+    that file's rows."""
+    for file, header in zip(files, headers):
+        if set(header) != set(headers[0]):
+            raise ConfigError(
+                f"`{key}`: {os.path.abspath(file)} has the columns {header}, but {os.path.abspath(files[0])} has "
+                f"{headers[0]}; the files of one source need the same columns: rename them, or give the files as "
+                "separate `train_mixture` sources."
+            )
 
 
 def _check_parquet_columns(key: str, files: list[str]) -> None:
@@ -743,13 +804,18 @@ def _parquet_footer(file: str, size: int, mtime_ns: int) -> Any:
     return pq.read_metadata(file)
 
 
-def _first_non_utf8(path: str, block_size: int = 1 << 20) -> tuple[str, int, int] | None:
+def _first_non_utf8(path: str, block_size: int = 1 << 20, max_bytes: int | None = None) -> tuple[str, int, int] | None:
     """The first byte of a local file that is not UTF-8: (the decoder's reason, its offset from the start of the
-    file, its line, counted from 1), or `None` when the whole file decodes (or cannot be opened)."""
+    file, its line, counted from 1), or `None` when the whole file (or its first `max_bytes`) decodes (or cannot be
+    opened)."""
     offset, line, carried = 0, 1, b""
+    if max_bytes is not None:
+        block_size = min(block_size, max_bytes)
     try:
         with open(path, "rb") as file:
             while True:
+                if max_bytes is not None and offset + len(carried) >= max_bytes:
+                    return None  # the head decodes (a character cut at its end is not read on)
                 block = file.read(block_size)
                 data = carried + block
                 if not data:
@@ -782,7 +848,7 @@ def _csv_records(path: str) -> Iterator[tuple[int, list[str]]]:
     """(line, fields) of each record of a CSV file (a `.tsv` one split at tabs), read with Python's `csv` module;
     nothing more from a file that cannot be read as UTF-8 CSV."""
     try:
-        with open(path, newline="", encoding="utf-8") as handle:
+        with open(path, newline="", encoding="utf-8-sig") as handle:  # a byte-order mark is no text
             reader = csv.reader(handle, delimiter=SEPARATORS.get(Path(path).suffix.lower(), ","))
             for fields in reader:
                 yield reader.line_num, fields
@@ -794,14 +860,55 @@ def _csv_records(path: str) -> Iterator[tuple[int, list[str]]]:
 _SEPARATOR_NAMES = {"\t": "tab", ";": "semicolon", ",": "comma", "|": "pipe"}
 
 
+def _check_csv_encoding(key: str, path: str, head_bytes: int = 256 << 10) -> None:
+    """One line for a CSV file that is not UTF-8 from its start (Excel's "Unicode Text" is UTF-16; a Windows export
+    often cp1252): a whole-file fix, where a stream would otherwise leave out every row with an accent, one by one.
+    Reads the file's first `head_bytes` only, so that a stream of large files starts at once; a later bad line is
+    left out of a stream with a warning, and is one line in a loaded file."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(head_bytes)
+    except OSError:
+        return
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise ConfigError(
+            f'`{key}` {path!r} is UTF-16 text (Excel\'s "Unicode Text"); save it as UTF-8 ("CSV UTF-8"), e.g. '
+            "`iconv -f UTF-16 -t UTF-8 in.csv > out.csv`."
+        )
+    position = _first_non_utf8(path, max_bytes=head_bytes)
+    if position is not None:
+        reason, byte, line = position
+        raise ConfigError(
+            f"`{key}` {path!r} is not UTF-8 text ({reason} at byte {byte:,}, line {line:,}); save it as UTF-8 (e.g. "
+            "`iconv -f cp1252 -t utf-8 in.csv > out.csv` for a Windows export, `-f latin1` for others)."
+        )
+
+
 def check_csv_header(key: str, path: str) -> list[str]:
     """A CSV (or TSV) file's header fields (none for a file that cannot be read as UTF-8 CSV), or a one-line
     [`ConfigError`] for a header that pandas would read wrongly without a word: one column whose name holds another
     separator (a tab-separated file named `.csv`: its columns would be `image\tcaption`), or two columns of one name
     (pandas renames the second `caption.1`, and the run would train on the first without saying so)."""
-    _, header = next(_csv_records(path), (0, []))
+    _check_csv_encoding(key, path)
+    records = _csv_records(path)
+    _, header = next(records, (0, []))
     suffix = Path(path).suffix.lower()
     separator = SEPARATORS.get(suffix, ",")
+    excel_hint = re.fullmatch(r"sep=(.)", separator.join(header).strip(), flags=re.IGNORECASE)
+    if excel_hint:
+        also = "" if excel_hint.group(1) == separator else f", and save it with {_SEPARATOR_NAMES[separator]}s"
+        raise ConfigError(
+            f"`{key}` {path!r} starts with Excel's separator line {separator.join(header)!r}, which pandas would read "
+            f"as the header: delete that first line (e.g. `sed -i 1d {path}`){also}."
+        )
+    line, first_row = next(records, (0, []))
+    if len(first_row) == len(header) + 1 and first_row[-1] == "" and header[-1] != "":
+        raise ConfigError(
+            f"`{key}` {path!r}: its rows end with a separator (line {line} has {len(first_row)} fields, the last one "
+            f"empty, where the header has {len(header)}), and pandas would read the first column as the rows' index "
+            "and shift the others. Remove the separator at the end of each line (e.g. `sed -i 's/,$//' FILE`), or "
+            "end the header with one too."
+        )
     if len(header) == 1:
         found = [other for other in _SEPARATOR_NAMES if other != separator and other in header[0]]
         if found:
@@ -853,7 +960,8 @@ def _file_error(key: str, files: list[str], error: Exception) -> ConfigError:
                     reason, byte, line = position
                     return ConfigError(
                         f"`{key}` {name!r} is not UTF-8 text ({reason} at byte {byte:,}, line {line:,}); save it as "
-                        "UTF-8 (e.g. `iconv -f latin1 -t utf-8 in.csv > out.csv`)."
+                        "UTF-8 (e.g. `iconv -f cp1252 -t utf-8 in.csv > out.csv` for a Windows export, `-f latin1` "
+                        "for others)."
                     )
             return ConfigError(
                 f"`{key}` {files[0]!r} is not UTF-8 text ({cause.reason}); save it as UTF-8 "
@@ -871,6 +979,10 @@ def _file_error(key: str, files: list[str], error: Exception) -> ConfigError:
                 "a comma must be quoted (\"a red, round sign\"), as CSV writers such as pandas' `to_csv` or Python's "
                 "`csv` module do."
             )
+        unreadable = _first_unreadable_csv_record(files) if type(cause).__name__ == "ParserError" else None
+        if unreadable is not None:  # pandas says "EOF inside string starting at row 5", of a file it does not name
+            file, line, problem = unreadable
+            return ConfigError(f"`{key}` {file!r}: line {line} cannot be read: {problem}.")
         if type(cause).__name__ == "EmptyDataError" or "corresponds to no data" in str(cause):
             return ConfigError(
                 f"`{key}` {files[0]!r} has no rows (empty, or a header only); it needs a header row and one row per "
@@ -885,6 +997,19 @@ def _file_error(key: str, files: list[str], error: Exception) -> ConfigError:
             f"{_ONE_OBJECT_A_LINE}"
         )
     return ConfigError(f"Cannot read `{key}` {files[0]!r}: {type(error).__name__}: {error}")
+
+
+def _first_unreadable_csv_record(files: list[str]) -> tuple[str, int, str] | None:
+    """The first record of local CSV (or TSV) `files` that pandas refuses (see [`_csv_record_texts`]): (file, line,
+    why); `None` when there is none."""
+    for file in files:
+        separator = SEPARATORS.get(Path(file).suffix.lower())
+        if separator is None or not os.path.isfile(file):
+            continue
+        for line, _, problem in _csv_record_texts(file, separator):
+            if problem is not None:
+                return file, line, problem
+    return None
 
 
 def _first_line_not_a_json_object(files: list[str]) -> tuple[str, int, str] | None:
@@ -1285,13 +1410,15 @@ def _held_out_per_shard(head: list[dict[str, Any]], read: StreamSource) -> list[
 
 
 def _column_names(stream: IterableDataset) -> list[str]:
-    """The stream's columns; csv streams know them only once a row is read."""
-    if stream.column_names is not None:
-        return list(stream.column_names)
+    """The stream's columns (some streams know them only once a row is read), once its first row is read: a stream
+    without a row would train no step and save the untrained model as if it had."""
     first = next(iter(stream.take(1)), None)
     if first is None:
-        raise ConfigError("The training stream is empty; check `dataset_name` / `train_file`.")
-    return list(first)
+        raise ConfigError(
+            "The training stream has no rows (a header only, or every row left out: see the warnings above); check "
+            "`dataset_name` / `train_file`."
+        )
+    return list(stream.column_names) if stream.column_names is not None else list(first)
 
 
 def _finish_training_stream(

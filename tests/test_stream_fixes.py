@@ -361,16 +361,25 @@ def test_a_streamed_csv_glob_with_an_overlong_row_names_its_file_and_line_and_go
     ) in logged(caplog)
 
 
+# Good rows before the damaged ones, past the head (256 KiB) that is checked for another encoding at the start: the
+# damage is met mid-stream, as in a large file.
+PADDING_ROWS = 300
+
+
 def damaged_csv(folder: Path, shapes_csv: Path) -> tuple[Path, list[str]]:
-    """A CSV of the shapes data with, among its rows: a caption with quoted commas and a line break, one with quotes
-    in it, a line that is not UTF-8, a quote left open (the lines it would swallow are good rows), a row with a
-    field too many; returns it and the captions of its good rows, in order."""
+    """A CSV of the shapes data with, after `PADDING_ROWS` good rows of 1 KB each, among its rows: a caption with
+    quoted commas and a line break, one with quotes in it, a line that is not UTF-8, a quote left open (the lines it
+    would swallow are good rows), a row with a field too many; returns it and the captions of its good rows, in
+    order."""
     rows = [line.split(",") for line in shapes_csv.read_text().splitlines()[1:13]]
     images = [image for image, *_ in rows]
     good = [caption for _, caption, _ in rows]
     good[1] = 'a red, round "sign"\non two lines'
+    padding = [f"{index} {'a long caption ' * 70}" for index in range(PADDING_ROWS)]
     text = [b"\xef\xbb\xbfimage,caption,shape\n"]  # a byte-order mark, as Excel writes
-    for index, (image, caption) in enumerate(zip(images, good)):
+    text += [f"{images[index % len(images)]},{caption},NA\n".encode() for index, caption in enumerate(padding)]
+    good = padding + good
+    for index, (image, caption) in enumerate(zip(images, good[PADDING_ROWS:])):
         quoted = '"' + caption.replace('"', '""') + '"'
         text.append(f"{image},{quoted},NA\n".encode())
         if index == 3:
@@ -398,14 +407,18 @@ def test_a_streamed_csv_leaves_out_the_records_it_cannot_read_and_keeps_every_ot
     rows = list(data.one_pass)
     assert [row["caption"] for row in rows] == good
     assert all(row["shape"] == "NA" for row in rows)  # text as written, as a loaded file's (not pandas' missing)
-    assert [row["_source_row"] for row in rows[:4]] == [f"line {n} of {path}" for n in (2, 3, 5, 6)]
+    at = PADDING_ROWS  # the lines below count from the first line after the padding
+    named = [row["_source_row"] for row in rows[at : at + 4]]
+    assert named == [f"line {at + n} of {path}" for n in (2, 3, 5, 6)]
     said = logged(caplog)
-    assert f"Leaving out line 7 of {path}: it is not UTF-8 text (invalid continuation byte)" in said
-    assert f"Leaving out line 11 of {path}: a quote opened there is never closed" in said
-    assert f"Leaving out line 15 of {path}: it has 4 fields where the header has 3" in said
+    assert f"Leaving out line {at + 7} of {path}: it is not UTF-8 text (invalid continuation byte)" in said
+    assert f"Leaving out line {at + 11} of {path}: a quote opened there is never closed" in said
+    assert f"Leaving out line {at + 15} of {path}: it has 4 fields where the header has 3" in said
+    assert said.count(f"Leaving out line {at + 7} of {path}") == 1  # once, however often the stream is read
     # The reference: pandas reading the file without the records left out.
+    left_out = {at + 7, at + 11, at + 15}
     kept = b"".join(
-        line for number, line in enumerate(path.read_bytes().splitlines(True), 1) if number not in (7, 11, 15)
+        line for number, line in enumerate(path.read_bytes().splitlines(True), 1) if number not in left_out
     )
     reference = pd.read_csv(io.BytesIO(kept), keep_default_na=False, dtype=str)
     assert reference["caption"].tolist() == good and reference["shape"].tolist() == ["NA"] * len(good)
