@@ -16,7 +16,7 @@ from transformers.utils import logging
 
 from .augmentation import AUGMENTATION_SEED_KEY, ImageAugmentation
 from .captions import caption_list, training_image_id
-from .data import IMAGE_ID_COLUMN, LABEL_COLUMN, SOURCE_ROW_COLUMN
+from .data import IMAGE_ID_COLUMN, LABEL_COLUMN, SOURCE_ROW_COLUMN, is_unreadable_row
 from .images import BadSampleError, load_image, looks_like_base64_image
 from .preprocessing import ImagePreprocessor
 from .rows import check_caption, no_sample_caption
@@ -171,6 +171,8 @@ class ImageTextCollator:
         for row in rows:
             caption_read = False
             try:
+                if is_unreadable_row(row):
+                    raise BadSampleError("no image and no caption: its record could not be read")
                 caption = check_caption(row.get(self.caption_column))
                 caption_read = True
                 image = load_image(row.get(self.image_column), max_pixels=self.max_image_pixels, draft_size=draft)

@@ -443,6 +443,20 @@ def _load_data_files(
 _WARNED: set[str] = set()
 
 
+def unreadable_row(name: str) -> dict[str, Any]:
+    """The row a streamed file's record that cannot be read becomes: its name (`SOURCE_ROW_COLUMN`) and no other
+    value (the reader has said why in a warning). The collator leaves it out and the trainer counts it among the
+    skipped samples, as a corrupt image: what a stream leaves out is counted in `train_results.json` and the card."""
+    return {SOURCE_ROW_COLUMN: name}
+
+
+def is_unreadable_row(row: dict[str, Any]) -> bool:
+    """Whether `row` is an [`unreadable_row`]: a name and nothing else (clip-trainer's own `_` columns aside)."""
+    return bool(row.get(SOURCE_ROW_COLUMN)) and all(
+        value is None for key, value in row.items() if key != SOURCE_ROW_COLUMN and not key.startswith("_")
+    )
+
+
 def _warn_once(message: str) -> None:
     """Warns that a streamed file's line is left out, once per process (and DataLoader worker): a stream is read on
     every pass, and a small one many times over. Training goes on with the other rows."""
@@ -466,18 +480,23 @@ class _ParquetRows:
         import pyarrow.parquet as pq
 
         for file in files:
-            name, row = os.path.abspath(file), 0
+            name, row, total = os.path.abspath(file), 0, None
             try:
-                for batch in pq.ParquetFile(file).iter_batches(batch_size=1000):
+                parquet = pq.ParquetFile(file)
+                total = parquet.metadata.num_rows
+                for batch in parquet.iter_batches(batch_size=1000):
                     for values in batch.to_pylist():
                         yield {**values, SOURCE_ROW_COLUMN: f"row {row} of {name}"}
                         row += 1
             except (OSError, pa.ArrowException) as error:
-                logger.warning(
+                _warn_once(
                     f"Leaving out {name} from its row {row} on: it cannot be read ({type(error).__name__}: "
-                    f"{str(error).splitlines()[0][:200]}); a file cut short or overwritten? Training goes on with "
-                    "the other files; replace this one and resume to train on it."
+                    f"{str(error).splitlines()[0][:200]}); a file cut short or overwritten? Replace it and resume to "
+                    "train on it."
                 )
+                # The rows its footer counts, each as an unreadable row: the trainer counts them as skipped samples.
+                for lost in range(row, total or row):
+                    yield unreadable_row(f"row {lost} of {name}")
 
 
 class _JsonLinesRows:
@@ -498,6 +517,7 @@ class _JsonLinesRows:
                             f"Leaving out line {number} of {name}: it is {problem}; a file cut short, or a line edited "
                             f"by hand? {_ONE_OBJECT_A_LINE}"
                         )
+                        yield unreadable_row(f"line {number} of {name}")
                         continue
                     yield {**values, SOURCE_ROW_COLUMN: f"row {row} of {name}"}
                     row += 1
@@ -539,6 +559,9 @@ class _CsvRows:
         for line, text, problem in records:
             if problem is not None:
                 _warn_once(f"Leaving out line {line} of {name}: {problem}.")
+                yield from _csv_block_rows(name, header[1], block, options)  # the rows before it, in order
+                block = []
+                yield unreadable_row(f"line {line} of {name}")
                 continue
             block.append((line, text))
             if len(block) == self.BLOCK_ROWS:
@@ -560,6 +583,7 @@ def _csv_block_rows(
             yield {**values, SOURCE_ROW_COLUMN: f"line {line} of {name}"}
     elif len(block) == 1:
         _warn_once(f"Leaving out line {block[0][0]} of {name}: pandas cannot read it as a row of the file's columns.")
+        yield unreadable_row(f"line {block[0][0]} of {name}")
     else:
         middle = len(block) // 2
         yield from _csv_block_rows(name, header, block[:middle], options)

@@ -148,7 +148,7 @@ def _read_file(path: str) -> bytes:
                 raise BadSampleError(f"not an image (cannot identify image file): {path}")
             data = header + file.read()
     except FileNotFoundError:
-        raise BadSampleError(f"image file not found: {path}") from None
+        raise BadSampleError(image_not_found(path)) from None
     except IsADirectoryError:
         raise BadSampleError(f"image path is a directory: {path}") from None
     except OSError as error:
@@ -268,6 +268,18 @@ def _apply_exif_orientation(image: PIL.Image.Image) -> PIL.Image.Image:
     except Exception:  # same as above
         logger.debug("Ignoring EXIF orientation %r that could not be applied.", orientation)
         return image
+
+
+def image_not_found(path: str) -> str:
+    """The reason for an image path that names no file; a path with spaces around it (a CSV field written
+    `a.jpg , caption`) says so, since the message would not show them."""
+    reason = f"image file not found: {path}"
+    folder, name = os.path.split(path)
+    if name != name.strip():
+        stripped = os.path.join(folder, name.strip())
+        there = ", and that file exists" if os.path.isfile(stripped) else ""
+        reason += f" (the name {name!r} has spaces around it, part of the name; without them: {stripped!r}{there})"
+    return reason
 
 
 def load_image(

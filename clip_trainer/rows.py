@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .images import BadSampleError, decode_base64_image, is_url
+from .images import BadSampleError, decode_base64_image, image_not_found, is_url
 
 if TYPE_CHECKING:
     import datasets
@@ -184,7 +184,7 @@ def _check_path_cheaply(path: str, base_dir: str | None, cache: dict[str, str | 
     try:
         info = os.stat(resolved)
     except FileNotFoundError:
-        reason = None if decode_base64_image(path) else f"image file not found: {resolved}"
+        reason = None if decode_base64_image(path) else image_not_found(resolved)
     except OSError as error:
         # A base64 image long enough is no file name ("File name too long"): decoded, as the image loader does.
         if decode_base64_image(path):

@@ -137,3 +137,15 @@ def test_a_stream_without_a_row_is_an_error_not_a_run_of_no_step(base_args, shap
     with pytest.raises(ConfigError, match=r"The training stream has no rows \(a header only, or every row left out"):
         run.main([*argv, "--streaming", "true", "--max_steps", "2", "--validation_file", str(shapes_csv)])
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_an_image_path_with_spaces_around_it_says_so(pairs, caplog):
+    # "a.png , caption": the space is part of the path pandas reads, and a message would not show it.
+    folder, rows = pairs
+    lines = [f"{image},{caption}" for image, caption in rows]
+    path = write(folder, "spaced.csv", "image,caption\n" + f"{rows[0][0]} ,{rows[0][1]}\n" + "\n".join(lines[1:]))
+    validation = write(folder, "validation.csv", "image,caption\n" + "\n".join(lines[:4]))
+    assert len(rows_read(path, validation, streaming=False)) == len(rows) - 1
+    name = Path(rows[0][0]).name
+    assert f"(the name '{name} ' has spaces around it, part of the name; without them: " in caplog.text
+    assert f"{name}', and that file exists)" in caplog.text

@@ -20,7 +20,7 @@ from test_webdataset import _add_member, write_tar_shards
 
 from clip_trainer import run
 from clip_trainer.arguments import ConfigError, DataArguments
-from clip_trainer.data import load_image_text_data
+from clip_trainer.data import is_unreadable_row, load_image_text_data
 from clip_trainer.stream import check_shard_split
 
 
@@ -306,16 +306,21 @@ def test_a_streamed_run_leaves_out_a_bad_json_line_or_a_cut_parquet_file_and_goe
     jsonl = load_image_text_data(
         DataArguments(train_file="jsonl/*.jsonl", streaming=True, validation_file=str(shapes_csv)), seed=1
     )
-    assert len(list(jsonl.one_pass)) == 12  # every good line, once
+    rows = list(jsonl.one_pass)
     named = tmp_path / "jsonl" / "train-1.jsonl"
+    # Every good line, once, and each bad line as a row that names it and holds nothing (the trainer counts it).
+    assert len([row for row in rows if not is_unreadable_row(row)]) == 12
+    assert [row["_source_row"] for row in rows if is_unreadable_row(row)] == [f"line {n} of {named}" for n in (4, 8)]
     assert f"Leaving out line 4 of {named}: it is a JSON list, not an object" in logged(caplog)
     assert f"Leaving out line 8 of {named}: it is not JSON (Unterminated string" in logged(caplog)
 
     parquet = load_image_text_data(
         DataArguments(train_file="parquet/*.parquet", streaming=True, validation_file=str(shapes_csv)), seed=1
     )
-    rows = list(parquet.one_pass)
+    rows = [row for row in parquet.one_pass if not is_unreadable_row(row)]
     assert len(rows) == 6 and all(row["_source_row"].endswith("train-0.parquet") for row in rows)
+    lost = [row["_source_row"] for row in parquet.one_pass if is_unreadable_row(row)]
+    assert lost == [f"row {n} of {cut}" for n in range(6)]  # the rows its footer counts
     assert f"Leaving out {cut} from its row" in logged(caplog) and "it cannot be read" in logged(caplog)
 
     # The command trains past both, to its last step.
@@ -326,7 +331,8 @@ def test_a_streamed_run_leaves_out_a_bad_json_line_or_a_cut_parquet_file_and_goe
         results = run.main([*argv, "--streaming", "true", "--max_steps", "4", "--validation_file", str(shapes_csv),
                             "--eval_strategy", "no", "--shuffle_buffer_size", "1"])  # fmt: skip
         assert json.loads((tmp_path / f"out-{folder}" / "trainer_state.json").read_text())["global_step"] == 4
-        assert results is not None
+        # What was left out is counted: 4 steps of 8 rows read the 14 (or 12) rows of the stream twice and more.
+        assert results["skipped_samples"] >= 2 * (2 if folder == "jsonl" else 6)
 
 
 @pytest.mark.parametrize("streaming", [True, False], ids=["streamed", "loaded"])
@@ -354,7 +360,9 @@ def test_a_streamed_csv_glob_with_an_overlong_row_names_its_file_and_line_and_go
     data = load_image_text_data(
         DataArguments(train_file="csvs/*.csv", streaming=True, validation_file=str(shapes_csv)), 1
     )
-    assert [row["caption"] for row in data.one_pass] == [line.split(",")[1] for line in lines[1:9]]
+    assert [row["caption"] for row in data.one_pass if not is_unreadable_row(row)] == [
+        line.split(",")[1] for line in lines[1:9]
+    ]
     assert (
         f"Leaving out line 5 of {tmp_path / 'csvs' / 'b.csv'}: it has 4 fields where the header has 3; a caption "
         'with a comma must be quoted ("a red, round sign")'
@@ -404,7 +412,7 @@ def test_a_streamed_csv_leaves_out_the_records_it_cannot_read_and_keeps_every_ot
     data = load_image_text_data(
         DataArguments(train_file=str(path), streaming=True, validation_file=str(shapes_csv)), 1
     )
-    rows = list(data.one_pass)
+    rows = [row for row in data.one_pass if not is_unreadable_row(row)]
     assert [row["caption"] for row in rows] == good
     assert all(row["shape"] == "NA" for row in rows)  # text as written, as a loaded file's (not pandas' missing)
     at = PADDING_ROWS  # the lines below count from the first line after the padding
@@ -424,9 +432,16 @@ def test_a_streamed_csv_leaves_out_the_records_it_cannot_read_and_keeps_every_ot
     assert reference["caption"].tolist() == good and reference["shape"].tolist() == ["NA"] * len(good)
     assert [str(shapes_csv.parent / image) for image in reference["image"]] == [row["image"] for row in rows]
 
-    # The command trains past all of them, to its last step.
+    # The records left out hold their place in the stream, as rows that name them.
+    unreadable = [row["_source_row"] for row in data.one_pass if is_unreadable_row(row)]
+    assert unreadable == [f"line {at + n} of {path}" for n in (7, 11, 15)]
+
+    # The command trains past all of them, to its last step, and counts them.
     argv = list(base_args)
     argv[argv.index("--train_file") + 1] = str(path)
-    run.main([*argv, "--streaming", "true", "--max_steps", "4", "--validation_file", str(shapes_csv),
-              "--eval_strategy", "no", "--shuffle_buffer_size", "1"])  # fmt: skip
-    assert json.loads((tmp_path / "out" / "trainer_state.json").read_text())["global_step"] == 4
+    steps = (len(good) + 3) // 8 + 1  # one pass, and a step more
+    results = run.main([*argv, "--streaming", "true", "--max_steps", str(steps), "--validation_file",
+                        str(shapes_csv), "--eval_strategy", "no", "--shuffle_buffer_size", "1"])  # fmt: skip
+    assert json.loads((tmp_path / "out" / "trainer_state.json").read_text())["global_step"] == steps
+    assert results["skipped_samples"] == 3
+    assert f"Leaving out line {at + 7} of {path} that cannot be used (no image and no caption" in logged(caplog)
