@@ -531,9 +531,10 @@ class _CsvRows:
     pandas cannot read (a quote left open, bytes that are not UTF-8, more fields than the header) stops the whole
     run when its block comes, hours in. Here Python's `csv` module splits the file into records (quoted commas and
     line breaks in captions read as pandas reads them); a record that cannot be a row is left out with a warning
-    naming its file and line, and the lines a quote left open would have swallowed are read again as rows of their
-    own. The records that remain are read by pandas with the options `datasets` was given, a block at a time, every
-    column as text (as the run reads captions, paths, ids and labels): pandas would guess each block's types anew.
+    naming its file and line (and keeps its place as an [`unreadable_row`], which the trainer counts), and the lines
+    a quote left open would have swallowed are read again as rows of their own. The records that remain are read by
+    pandas with the options `datasets` was given, a block at a time, every column as text (as the run reads
+    captions, paths, ids and labels): pandas would guess each block's types anew.
     """
 
     BLOCK_ROWS = 1000
