@@ -475,7 +475,8 @@ class DataArguments:
             "help": "What training makes of several captions per image (a caption column of lists, e.g. JSON text "
             '\'["a cat", "a cat on a mat"]\' in a CSV cell, or several rows of one image): `uniform` merges the '
             "rows of an image and draws one of its captions per epoch, uniformly, seeded by the run's seed, the "
-            "epoch and the image (an epoch is then one pass over the images); `all` trains on every caption every "
+            "epoch and the image's row (an epoch is then one pass over the images); `all` trains on every caption "
+            "every "
             'epoch; a JSON object of caption columns -> weights, e.g. \'{"caption": 3, "keywords": 1}\' (it must '
             "name `caption_column`), draws a column per image and epoch by weight, then one of its captions. Rows of "
             "one image in a batch are never each other's negatives, whichever you choose; evaluation scores every "

@@ -6,7 +6,7 @@ CSV cell may hold them as JSON text, `["a cat", "a cat on a mat"]`), and several
 [`image_identities`]). `caption_sampling` says what training makes of them:
 
 - `uniform` (the default): the rows of one image become one training row holding all its captions, and each epoch
-  draws one of them, uniformly, with a seed made of the run's seed, the epoch and the image, so that a run repeats
+  draws one of them, uniformly, with a seed made of the run's seed, the epoch and the image's row, so that a run repeats
   exactly, a resumed run included, and each epoch sees another caption. An epoch is one pass over the *images*.
 - `all`: every caption is a training pair in every epoch (a list is spread over one row per caption).
 - a JSON object of caption columns and weights, `{"title": 3, "description": 1}`: each epoch draws a column for each
@@ -294,7 +294,7 @@ def choose_caption(
         weights: each column's weight (columns without a caption are not drawn); `None`: one column.
         seed: the run's seed.
         draw: the epoch (a stream: the row's position in the stream).
-        image: the image's id ([`key_to_id`]).
+        image: the image: its row in a loaded training set, its id ([`key_to_id`]) in a stream.
 
     Returns:
         `str | None`: the caption, or `None` when the image has none (the collator then leaves the row out).
@@ -358,7 +358,8 @@ class CaptionSampledDataset(AugmentationSeededRows):
     The epoch reaches the DataLoader's worker processes (which live across epochs) through the indices:
     [`EpochSampler`] yields `epoch * len(dataset) + row`, and `__getitem__` takes the epoch back from the index. So the
     draw is part of the index stream that the main process sends, and is the same with any number of workers, after a
-    resume, and on every process of a distributed run (each draws the caption of an image from the same seed). Its
+    resume, and on every process of a distributed run (each draws the caption of an image from the same seed: the run's,
+    the epoch and the image's row). Its
     rows carry the seed of their augmentation too, as [`AugmentationSeededRows`]' do.
 
     Args:
@@ -367,7 +368,6 @@ class CaptionSampledDataset(AugmentationSeededRows):
         fields (`list[str]`): the caption columns drawn from (see [`caption_fields`]).
         weights (`list[float]`, *optional*): their weights (see [`field_weights`]).
         seed (`int`): the run's seed.
-        image_column / image_id_column: what identifies an image (see [`image_key`]).
     """
 
     def __init__(
@@ -377,15 +377,11 @@ class CaptionSampledDataset(AugmentationSeededRows):
         fields: list[str],
         weights: list[float] | None,
         seed: int,
-        image_column: str = "image",
-        image_id_column: str | None = None,
     ) -> None:
         super().__init__(dataset, seed)
         self.caption_column = caption_column
         self.fields = fields
         self.weights = weights
-        self.image_column = image_column
-        self.image_id_column = image_id_column
 
     @classmethod
     def from_arguments(cls, dataset: Dataset, data_args: DataArguments, seed: int) -> CaptionSampledDataset:
@@ -398,16 +394,15 @@ class CaptionSampledDataset(AugmentationSeededRows):
             fields,
             None if weights is None else [weights[column] for column in fields],
             seed,
-            data_args.image_column,
-            data_args.image_id_column,
         )
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         row = super().__getitem__(index)  # with the seed of its augmentation, by epoch too
-        epoch = int(index) // len(self.dataset)
+        epoch, position = divmod(int(index), len(self.dataset))
         captions = [caption_list(row.get(column)) for column in self.fields]
-        image = training_image_id(row, self.image_column, self.image_id_column)
-        row[self.caption_column] = choose_caption(captions, self.weights, self.seed, epoch, image)
+        # The image by its row (one per image), not by its file or bytes: the same from the files and from the folder
+        # a preparation run wrote of them (which holds the images' bytes in place of their paths).
+        row[self.caption_column] = choose_caption(captions, self.weights, self.seed, epoch, position)
         return row
 
 
@@ -635,7 +630,7 @@ def prepare_training_captions(dataset: Dataset, data_args: DataArguments, merge_
     how = "uniformly" if not isinstance(data_args.caption_sampling, dict) else "by column weight"
     logger.info(
         f"{len(dataset):,} training rows show {len(groups):,} images with {total:,} captions: each epoch draws one "
-        f"caption per image ({how}, seeded by the run's seed, the epoch and the image; `caption_sampling`)."
+        f"caption per image ({how}, seeded by the run's seed, the epoch and the image's row; `caption_sampling`)."
     )
     return merged
 

@@ -938,10 +938,11 @@ def check_csv_header(key: str, path: str) -> list[str]:
         found = [other for other in _SEPARATOR_NAMES if other != separator and other in header[0]]
         if found:
             name = _SEPARATOR_NAMES[found[0]]
+            read_it = {"semicolon": "sep=';'", "pipe": r"sep=r'\s*\|\s*', engine='python'"}.get(name, "sep=';'")
             fix = {
                 "tab": "name it .tsv (read as tab-separated) or save it with commas",
                 "comma": "name it .csv or save it with tabs",
-            }.get(name, "save it with commas (e.g. pandas: `pd.read_csv(path, sep=';').to_csv(out, index=False)`)")
+            }.get(name, f"save it with commas (e.g. pandas: `pd.read_csv(path, {read_it}).to_csv(out, index=False)`)")
             raise ConfigError(
                 f"`{key}` {path!r} looks {name}-separated: its header {header[0]!r} is one column with {name}s in it, "
                 f"where a {suffix} file separates its fields with {_SEPARATOR_NAMES[separator]}s; {fix}."
@@ -1125,6 +1126,12 @@ def _check_columns(
     that names the option, the data's columns and `how_to_set` the option right."""
     shown = [column for column in columns if column != SOURCE_ROW_COLUMN]
     for key, column in _columns_named(split, data_args) if named is None else named:
+        if column is not None and column not in columns and {"images", "annotations"} <= set(columns):
+            raise ConfigError(
+                f"The {split} data is COCO's captions file (one JSON object with `images` and `annotations`), not one "
+                "pair per row: convert it to JSON Lines, one line per image with its file and its captions (see "
+                '"COCO and Flickr30k" in docs/data-formats.md).'
+            )
         if column is not None and column not in columns:
             spaced = [name for name in shown if name.strip() == column.strip() and name != column]
             if spaced:
@@ -1188,9 +1195,27 @@ def prepared_for_evaluation(dataset: Any, data_args: DataArguments, check: bool 
 def _captions_as_text(dataset: Dataset, caption_column: str) -> Dataset:
     # A JSON or parquet column of numbers is text to whoever wrote it (product codes, years).
     feature = dataset.features[caption_column]
+    if isinstance(feature, datasets.ClassLabel):
+        # A classification dataset's label (an imagefolder's class folders) as its class name, as zero-shot reads it:
+        # `datasets` stores the class number, and a cast to text would train on "5", not on "red".
+        features = dataset.features.copy()
+        features[caption_column] = datasets.Value("string")
+        return dataset.map(
+            _ClassNames(caption_column, feature), batched=True, features=features, desc="Class names as captions"
+        )
     if isinstance(feature, datasets.Value) and feature.dtype not in ("string", "large_string"):
         return dataset.cast_column(caption_column, datasets.Value("string"))
     return dataset
+
+
+class _ClassNames:
+    """Batched map: a `ClassLabel` column's numbers as their class names (a missing label stays missing)."""
+
+    def __init__(self, column: str, feature: datasets.ClassLabel) -> None:
+        self.column, self.feature = column, feature
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        return {self.column: [None if n is None or n < 0 else self.feature.int2str(n) for n in batch[self.column]]}
 
 
 def _drop_bad_rows(dataset: Dataset, heading: str, data_args: DataArguments, dropped: DroppedRows) -> Dataset:

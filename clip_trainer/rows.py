@@ -174,7 +174,17 @@ def _resolve_path(path: str, base_dir: str | None) -> str:
     return path
 
 
+# How `datasets`' `Dataset.to_csv` writes an `Image` value: the text of its dict, bytes and all (found anywhere in
+# the path: a relative one has its file's folder put before it).
+_IMAGE_DICT_AS_TEXT = ("{'bytes':", '{"bytes":', "{'path':", '{"path":')
+
+
 def _check_path_cheaply(path: str, base_dir: str | None, cache: dict[str, str | None]) -> str | None:
+    if any(text in path for text in _IMAGE_DICT_AS_TEXT):
+        return (
+            "the image is the text of a {'bytes': ..., 'path': ...} dict, as `datasets`' `to_csv` writes an Image "
+            "column: export the dataset with `to_parquet` or `save_to_disk` instead"
+        )
     if is_url(path):
         return f"image is a URL, and URLs are not fetched: {path[:100]} (download the images and give their paths)"
     resolved = _resolve_path(path, base_dir)

@@ -276,6 +276,7 @@ def resolve_data_path(key: str, path: str) -> DataPath:
                 f"`{key}` is {path!r}, a folder without data: no .csv, .tsv, .json, .jsonl, .parquet or .tar file, no "
                 "images with a metadata file or .txt captions, and no prepared dataset in it."
             )
+        _refuse_img2dataset_folder(key, path, local)
         return DataPath(key, path, "data_folder")
     if suffix in DATA_FILE_SUFFIXES:
         raise ConfigError(f"`{key}` is {path!r}, which does not exist.")
@@ -285,6 +286,20 @@ def resolve_data_path(key: str, path: str) -> DataPath:
             "the path, or give a Hub dataset id (owner/name)."
         )
     return DataPath(key, path, "hub")
+
+
+def _refuse_img2dataset_folder(key: str, path: str, folder: str) -> None:
+    """One line for img2dataset's output folder given whole: `datasets` would read the `.parquet` file beside each
+    shard (`00000.parquet`: its urls, keys and download status), not the pairs in the `.tar` shards."""
+    names = os.listdir(folder)
+    shards = {name[: -len(".tar")] for name in names if name.endswith(".tar")}
+    sidecars = {name[: -len(".parquet")] for name in names if name.endswith(".parquet")}
+    if shards and sidecars and sidecars <= shards:
+        pattern = os.path.join(path, "*.tar")
+        raise ConfigError(
+            f"`{key}` is {path!r}, img2dataset's output: its .parquet files are the download's metadata (urls and "
+            f"status), not the pairs, which are in the .tar shards; give the shards: `--train_file '{pattern}'`."
+        )
 
 
 def is_prepared_folder(path: str) -> bool:

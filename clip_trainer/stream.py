@@ -233,6 +233,16 @@ def check_shard_split(stream: IterableDataset, world_size: int, num_workers: int
             f"The training stream has {shards} shard(s) for {world_size} processes: every process reads all of it and "
             "keeps every n-th batch. Give at least as many shards (files) as processes to read each one once."
         )
+    elif shards < readers and shards % world_size == 0 and (sizes is None or min(sizes) == max(sizes)):
+        # `datasets` stops the DataLoader workers that get no shard ("Too many dataloader workers"): the others read
+        # one shard each, evenly, and the stopped ones cost only their start.
+        active = shards // world_size
+        logger.warning(
+            f"The training stream has {shards} shard(s) for {readers} readers ({world_size} process(es) x "
+            f"{num_workers} DataLoader workers): `datasets` stops the workers that get no shard, so {active} per "
+            f"process read it (evenly). Set `dataloader_num_workers` to {active}, or split the data into a multiple "
+            f"of {readers} files to decode images in every worker ({layout})."
+        )
     elif sizes is not None and len(sizes) == shards and readers > 1 and min(sizes) < max(sizes):
         excess, fewest, most = uneven_shard_excess(sizes, readers)
         if excess >= UNEVEN_SHARDS_FACTOR:

@@ -10,6 +10,7 @@ open (loaded), a glob whose files have other columns, rows that end with a separ
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -149,3 +150,55 @@ def test_an_image_path_with_spaces_around_it_says_so(pairs, caplog):
     name = Path(rows[0][0]).name
     assert f"(the name '{name} ' has spaces around it, part of the name; without them: " in caplog.text
     assert f"{name}', and that file exists)" in caplog.text
+
+
+def test_a_csv_written_by_datasets_to_csv_from_an_image_column_says_so(pairs, caplog):
+    # `Dataset.to_csv` writes each Image value as the text of its dict, its bytes included: no file name.
+    import datasets
+
+    folder, rows = pairs
+    images = [str(folder / image) for image, _ in rows]
+    data = datasets.Dataset.from_dict({"image": images, "caption": [caption for _, caption in rows]})
+    data = data.cast_column("image", datasets.Image())
+    data.to_csv(str(folder / "exported.csv"), index=False)  # {'bytes': None, 'path': '/.../x.png'}
+    as_bytes = [{"bytes": Path(image).read_bytes(), "path": None} for image in images]
+    embedded = datasets.Dataset.from_dict({"image": as_bytes, "caption": data["caption"]}, features=data.features)
+    embedded.to_csv(str(folder / "embedded.csv"), index=False)  # {'bytes': b'\x89PNG...', 'path': None}
+    validation = write(folder, "validation.csv", "image,caption\n" + "\n".join(f"{i},{c}" for i, c in rows[:4]))
+    for name in ("exported.csv", "embedded.csv"):
+        with pytest.raises(ConfigError, match="No training pairs"):
+            rows_read(folder / name, validation, streaming=False)
+    assert "the image is the text of a {'bytes': ..., 'path': ...} dict, as `datasets`' `to_csv` writes" in caplog.text
+    assert "export the dataset with `to_parquet` or `save_to_disk` instead" in caplog.text
+    assert "\\x89PNG" not in caplog.text and "File name too long" not in caplog.text  # no bytes in the log
+
+
+def test_coco_and_flickr30k_convert_as_the_docs_show_and_the_coco_file_itself_says_so(pairs, tmp_path, monkeypatch):
+    folder, rows = pairs
+    monkeypatch.chdir(tmp_path)
+    for subfolder in ("train2017", "flickr30k_images"):
+        (tmp_path / subfolder).mkdir()
+        for image, _ in rows[:4]:
+            (tmp_path / subfolder / Path(image).name).write_bytes((folder / image).read_bytes())
+    names = [Path(image).name for image, _ in rows[:4]]
+    coco = {"info": {}, "licenses": [], "images": [{"id": i, "file_name": name} for i, name in enumerate(names)],
+            "annotations": [{"id": 10 * i + k, "image_id": i, "caption": f" {rows[i][1]}, take {k} "}
+                            for i in range(4) for k in range(5)]}  # fmt: skip
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "captions_train2017.json").write_text(json.dumps(coco))
+    flickr = ["image_name| comment_number| comment"]
+    flickr += [f"{name}| {k}| {rows[i][1]}, take {k}" for i, name in enumerate(names) for k in range(5)]
+    (tmp_path / "flickr30k_images" / "results.csv").write_text("\n".join(flickr) + "\n")
+
+    with pytest.raises(
+        ConfigError, match=r"is COCO's captions file \(one JSON object with `images` and `annotations`"
+    ):
+        load_image_text_data(DataArguments(train_file="annotations/captions_train2017.json"), 1)
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "data-formats.md").read_text()
+    section = docs.split("### COCO and Flickr30k", 1)[1]
+    exec(re.search(r"```python\n(.*?)```", section, flags=re.DOTALL).group(1), {})
+    for converted in ("train2017/coco-train.jsonl", "flickr30k_images/flickr-train.jsonl"):
+        data = load_image_text_data(DataArguments(train_file=converted, validation_file=converted), 1)
+        assert data.validation.num_rows == 20  # every caption of the 4 images scored
+        assert sorted(set(data.validation["caption"])) == sorted(f"{rows[i][1]}, take {k}" for i in range(4)
+                                                                 for k in range(5))  # fmt: skip

@@ -327,7 +327,12 @@ def _write_delimited(path: Path, header: list[str], separator: str = ",", rows: 
 
 @pytest.mark.parametrize(
     "separator, named, fix",
-    [("\t", "tab-separated", "name it .tsv"), (";", "semicolon-separated", "save it with commas")],
+    [
+        ("\t", "tab-separated", "name it .tsv"),
+        (";", "semicolon-separated", "`pd.read_csv(path, sep=';').to_csv(out, index=False)`"),
+        # Flickr30k's results.csv: pipes with spaces around them.
+        ("|", "pipe-separated", r"`pd.read_csv(path, sep=r'\s*\|\s*', engine='python').to_csv(out, index=False)`"),
+    ],
 )
 def test_a_csv_written_with_another_separator_says_so(tmp_path, monkeypatch, separator, named, fix):
     monkeypatch.chdir(tmp_path)
@@ -375,3 +380,19 @@ def test_a_tsv_file_trains_and_evaluates_as_its_csv_twin(tmp_path, monkeypatch):
     assert tsv["eval_samples"] == csv_["eval_samples"] == 6  # half of the 12 rows
     for key in ("eval_loss", "eval_mean_recall", "eval_zeroshot_top1"):
         assert tsv[key] == pytest.approx(csv_[key]), key
+
+
+def test_a_class_label_column_as_captions_trains_on_the_class_names(tmp_path, monkeypatch):
+    # An imagefolder's class folders, or a classification dataset saved with `save_to_disk`: `datasets` stores the
+    # class number, and the captions must be the names zero-shot reads from the same column.
+    import datasets
+
+    monkeypatch.chdir(tmp_path)
+    names = ["red circle", "green square", "blue triangle"]
+    images = [{"bytes": _png(index), "path": None} for index in range(12)]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+    data = datasets.Dataset.from_dict({"image": images, "label": [i % 3 for i in range(12)]}, features=features)
+    datasets.DatasetDict(train=data, validation=data.select(range(6))).save_to_disk("classes")
+    loaded = load_image_text_data(DataArguments(dataset_name="classes", caption_column="label"), seed=1)
+    assert sorted(set(loaded.train["label"])) == sorted(names)
+    assert [loaded.validation[i]["label"] for i in range(3)] == names

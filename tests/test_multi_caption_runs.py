@@ -98,6 +98,28 @@ def test_a_multi_caption_run_with_hard_negatives_trains_and_evaluates(tmp_path, 
 
 
 @pytest.mark.slow
+def test_a_prepared_folder_draws_the_captions_its_files_draw(tmp_path, monkeypatch, tiny_clip_dir):
+    # The folder a preparation run writes holds the images' bytes where the CSV held their paths: the caption drawn
+    # for an image each epoch must not depend on how the image is stored, or the two runs train different models.
+    first = _run(
+        tmp_path, monkeypatch, tiny_clip_dir, "--validation_split_percentage", "25", "--num_train_epochs", "3"
+    )
+    state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
+    prepare = ["--model_name_or_path", str(tiny_clip_dir), *RUN, "--validation_split_percentage", "25"]
+    prepare[prepare.index("--output_dir") + 1] = "prepared"
+    run.main([*prepare, "--prepare_only", "true"])
+    again = list(RUN)
+    again[again.index("--train_file") : again.index("--train_file") + 2] = ["--dataset_name", "prepared"]
+    again[again.index("--output_dir") + 1] = "out-prepared"
+    second = run.main(["--model_name_or_path", str(tiny_clip_dir), *again, "--per_device_train_batch_size", "8",
+                       "--per_device_eval_batch_size", "16", "--num_train_epochs", "3", "--eval_strategy", "epoch"])  # fmt: skip
+    losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+    prepared = json.loads((tmp_path / "out-prepared" / "trainer_state.json").read_text())
+    assert [entry["loss"] for entry in prepared["log_history"] if "loss" in entry] == losses
+    assert second["train_loss"] == first["train_loss"] and second["eval_loss"] == first["eval_loss"]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "extra",
     [

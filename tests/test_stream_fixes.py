@@ -90,6 +90,21 @@ def test_a_few_held_out_pairs_among_large_shards_give_no_warning(tmp_path, monke
     assert "uneven" not in logged(caplog)  # 28 against 30: 1.03x as often, below the warning's 1.1x
 
 
+def test_fewer_shards_than_workers_say_the_workers_stop_not_that_sampling_is_uneven(
+    shapes_csv, tmp_path, monkeypatch, caplog
+):
+    # One CSV is one shard: `datasets` stops the second worker, and the one left reads every row once a pass.
+    monkeypatch.chdir(tmp_path)
+    data = load_image_text_data(
+        DataArguments(train_file=str(shapes_csv), streaming=True, validation_file=str(shapes_csv)), 1
+    )
+    caplog.set_level(logging.WARNING, logger="clip_trainer")
+    check_shard_split(data.train, world_size=1, num_workers=2)
+    said = logged(caplog)
+    assert "1 shard(s) for 2 readers (1 process(es) x 2 DataLoader workers): `datasets` stops the workers" in said
+    assert "Set `dataloader_num_workers` to 1" in said and "come round more often" not in said
+
+
 @pytest.mark.slow
 def test_a_streamed_run_with_workers_warns_of_its_held_out_pairs(base_args, tmp_path, monkeypatch, caplog):
     monkeypatch.chdir(tmp_path)

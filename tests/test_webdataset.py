@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import tarfile
 from collections import defaultdict
 from pathlib import Path
@@ -469,3 +470,22 @@ def test_a_later_sample_with_dots_in_its_names_is_a_bad_row_naming_them(base_arg
     assert "e.g. photo_2021_05.txt" in logged
     assert "skipped 1 of 17 rows (1 no caption): row 16: no caption: " + dots.format("jpg") in logged
     assert "e.g. photo_2021_05.jpg (sample photo of photos.tar)" in logged
+
+
+def test_img2datasets_output_folder_given_whole_points_to_its_shards(tmp_path, monkeypatch):
+    # img2dataset writes 00000.tar with 00000.parquet (urls, status) and 00000_stats.json beside it: `datasets`, given
+    # the folder, would read the .parquet metadata as the pairs.
+    import pandas as pd
+
+    monkeypatch.chdir(tmp_path)
+    write_tar_shards(tmp_path / "shards", shards=2, per_shard=4)
+    for shard in ("00000", "00001"):
+        pd.DataFrame({"url": ["http://x/1.jpg"], "key": [f"{shard}0000"], "status": ["success"]}).to_parquet(
+            tmp_path / "shards" / f"{shard}.parquet"
+        )
+        (tmp_path / "shards" / f"{shard}_stats.json").write_text("{}")
+    with pytest.raises(ConfigError, match=re.escape("img2dataset's output: its .parquet files are the download's "
+                                                    "metadata (urls and status), not the pairs")):  # fmt: skip
+        load_image_text_data(DataArguments(dataset_name="shards"), 1)
+    data = load_image_text_data(DataArguments(train_file="shards/*.tar", validation_split_percentage=25), 1)
+    assert len(data.train) + len(data.validation) == 8
