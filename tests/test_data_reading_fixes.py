@@ -266,8 +266,9 @@ def test_a_streamed_blank_caption_is_called_empty_and_named_by_its_image(tmp_pat
     run.main(_run_args(config, "out", "--train_file", "pairs.csv", "--streaming", "true",
                        "--validation_split_percentage", "0"))  # fmt: skip
     left_out = {message for message in _warnings(caplog) if message.startswith("Leaving out")}
-    image = tmp_path / "images/5.png"
-    assert left_out == {f"Leaving out a sample that cannot be used (empty caption (image {image}))."}, left_out
+    image, csv_file = tmp_path / "images/5.png", tmp_path / "pairs.csv"
+    # Named by its line of the CSV too, which the stream reads record by record.
+    assert left_out == {f"Leaving out line 7 of {csv_file} that cannot be used (empty caption (image {image}))."}
 
 
 # --------------------------------------------------------------------------------------------------------------
