@@ -384,6 +384,11 @@ class ShardReport:
         return "; ".join(parts)
 
 
+# A whole tar with no member: what img2dataset writes for a shard whose downloads all failed. Left out of a run, never a
+# reason to stop one (it holds nothing to lose).
+EMPTY_TAR = "holds no sample (an empty tar?)"
+
+
 def shard_problem(path: str) -> tuple[str, bool] | None:
     """What is wrong with a local tar shard, from its first and last blocks only: `(reason, readable_in_part)`, or
     `None` for a shard that looks whole.
@@ -405,7 +410,7 @@ def shard_problem(path: str) -> tuple[str, bool] | None:
     try:
         tarfile.TarInfo.frombuf(head, tarfile.ENCODING, "surrogateescape")
     except tarfile.EOFHeaderError:
-        return "holds no sample (an empty tar?)", False
+        return EMPTY_TAR, False
     except tarfile.HeaderError:
         html = head.lstrip()[:1] == b"<"
         return "is not a tar file" + (" (it starts like an HTML page: a failed download?)" if html else ""), False
@@ -720,7 +725,7 @@ def check_shards(files: list[str], key: str, on_bad_rows: str) -> tuple[list[str
             readable.append(path)
             continue
         reason, in_part = problem
-        if on_bad_rows == "error":
+        if on_bad_rows == "error" and reason != EMPTY_TAR:
             raise ConfigError(
                 f"`{key}` shard {path!r} {reason}. Re-download or re-create it, or leave it out of `{key}` (or set "
                 "`on_bad_rows` to `skip` to go on without what cannot be read)."

@@ -147,6 +147,22 @@ def test_a_shard_cut_between_the_members_of_a_sample_counts_that_sample_as_left_
 
 
 @pytest.mark.parametrize("streaming", ["true", "false"], ids=["streamed", "loaded"])
+def test_an_empty_tar_as_img2dataset_writes_it_is_left_out_without_stopping_the_run(
+    base_args, tmp_path, monkeypatch, caplog, streaming
+):
+    # img2dataset writes a whole tar with no member for a shard whose downloads all failed: nothing to lose, so even
+    # `on_bad_rows error` trains on the other shards.
+    import tarfile
+
+    monkeypatch.chdir(tmp_path)
+    write_tar_shards(tmp_path / "shards", shards=6, per_shard=6)
+    tarfile.open(tmp_path / "shards" / "00003.tar", "w").close()
+    results = run.main(run_args(base_args, "--on_bad_rows", "error", "--streaming", streaming, "--max_steps", "2"))
+    assert results["skipped_shards"] == 1
+    assert "00003.tar holds no sample (an empty tar?)" in logged(caplog)
+
+
+@pytest.mark.parametrize("streaming", ["true", "false"], ids=["streamed", "loaded"])
 @pytest.mark.parametrize(
     "kind, reason",
     [
