@@ -157,6 +157,19 @@ def _deepspeed_problems(folder: str) -> list[str]:
     return problems
 
 
+def _weight_files(folder: str) -> tuple[list[str], str | None]:
+    """The safetensors files of a model saved in `folder`: the shards its index names, else `model.safetensors`;
+    and the index's problem when it cannot be read (no files then)."""
+    index_path = os.path.join(folder, SAFE_WEIGHTS_INDEX_NAME)
+    if not os.path.isfile(index_path):
+        return [SAFE_WEIGHTS_NAME], None
+    try:
+        with open(index_path, encoding="utf-8") as handle:
+            return sorted(set(json.load(handle)["weight_map"].values())), None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        return [], f"{SAFE_WEIGHTS_INDEX_NAME} is unreadable ({error!r})"
+
+
 def _model_and_optimizer_problems(folder: str) -> list[str]:
     """The weights and the optimizer state, in whichever layout the run saved them."""
     if os.path.isfile(os.path.join(folder, DEEPSPEED_LATEST)):
@@ -168,16 +181,12 @@ def _model_and_optimizer_problems(folder: str) -> list[str]:
     if os.path.isfile(os.path.join(folder, FSDP_FULL_FILES[0])):
         return [p for name in FSDP_FULL_FILES if (p := _torch_file_problem(os.path.join(folder, name)))]
     problems = []
-    index_path = os.path.join(folder, SAFE_WEIGHTS_INDEX_NAME)
-    if os.path.isfile(index_path):
-        try:
-            with open(index_path, encoding="utf-8") as handle:
-                shards = sorted(set(json.load(handle)["weight_map"].values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-            problems.append(f"{SAFE_WEIGHTS_INDEX_NAME} is unreadable ({error!r})")
-            shards = []
-        problems.extend(p for shard in shards if (p := _safetensors_problem(os.path.join(folder, shard))))
-    elif os.path.isfile(os.path.join(folder, ADAPTER_CONFIG_NAME)):
+    has_index = os.path.isfile(os.path.join(folder, SAFE_WEIGHTS_INDEX_NAME))
+    if has_index or not os.path.isfile(os.path.join(folder, ADAPTER_CONFIG_NAME)):
+        weights, problem = _weight_files(folder)
+        problems.extend([problem] if problem else [])
+        problems.extend(p for name in weights if (p := _safetensors_problem(os.path.join(folder, name))))
+    else:
         # A LoRA run's checkpoint holds its adapter (peft's files), not the whole model.
         problems.extend(
             p
@@ -188,10 +197,6 @@ def _model_and_optimizer_problems(folder: str) -> list[str]:
                 else _safetensors_problem(os.path.join(folder, name))
             )
         )
-    else:
-        problem = _safetensors_problem(os.path.join(folder, SAFE_WEIGHTS_NAME))
-        if problem:
-            problems.append(problem)
     problem = _torch_file_problem(os.path.join(folder, "optimizer.pt"))
     if problem:
         problems.append(problem)
@@ -562,15 +567,8 @@ def saved_model_problems(folder: str, since: float) -> list[str]:
     """What keeps `folder` from holding a whole model saved at `since` (a `time.time()`) or later: its config and
     weights (one file, or the shards its index names) must read, and the weights be newer (an earlier run's are not
     this run's). Empty: the model is there."""
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        if problem := _json_problem(index):
-            return [problem]
-        with open(index, encoding="utf-8") as handle:
-            weights = sorted(set(json.load(handle).get("weight_map", {}).values()))
-    else:
-        weights = ["model.safetensors"]
-    problems = [problem for problem in [_json_problem(os.path.join(folder, "config.json"))] if problem]
+    weights, index_problem = _weight_files(folder)
+    problems = [problem for problem in (index_problem, _json_problem(os.path.join(folder, "config.json"))) if problem]
     for name in weights:
         path = os.path.join(folder, name)
         if problem := _safetensors_problem(path):

@@ -829,18 +829,13 @@ def _parquet_footer(file: str, size: int, mtime_ns: int) -> Any:
     return pq.read_metadata(file)
 
 
-def _first_non_utf8(path: str, block_size: int = 1 << 20, max_bytes: int | None = None) -> tuple[str, int, int] | None:
+def _first_non_utf8(path: str, block_size: int = 1 << 20) -> tuple[str, int, int] | None:
     """The first byte of a local file that is not UTF-8: (the decoder's reason, its offset from the start of the
-    file, its line, counted from 1), or `None` when the whole file (or its first `max_bytes`) decodes (or cannot be
-    opened)."""
+    file, its line, counted from 1), or `None` when the whole file decodes (or cannot be opened)."""
     offset, line, carried = 0, 1, b""
-    if max_bytes is not None:
-        block_size = min(block_size, max_bytes)
     try:
         with open(path, "rb") as file:
             while True:
-                if max_bytes is not None and offset + len(carried) >= max_bytes:
-                    return None  # the head decodes (a character cut at its end is not read on)
                 block = file.read(block_size)
                 data = carried + block
                 if not data:
@@ -885,6 +880,11 @@ def _csv_records(path: str) -> Iterator[tuple[int, list[str]]]:
 _SEPARATOR_NAMES = {"\t": "tab", ";": "semicolon", ",": "comma", "|": "pipe"}
 
 
+_SAVE_AS_UTF8 = (
+    "save it as UTF-8 (e.g. `iconv -f cp1252 -t utf-8 in.csv > out.csv` for a Windows export, `-f latin1` for others)"
+)
+
+
 def _check_csv_encoding(key: str, path: str, head_bytes: int = 256 << 10) -> None:
     """One line for a CSV file that is not UTF-8 from its start (Excel's "Unicode Text" is UTF-16; a Windows export
     often cp1252): a whole-file fix, where a stream would otherwise leave out every row with an accent, one by one.
@@ -900,13 +900,16 @@ def _check_csv_encoding(key: str, path: str, head_bytes: int = 256 << 10) -> Non
             f'`{key}` {path!r} is UTF-16 text (Excel\'s "Unicode Text"); save it as UTF-8 ("CSV UTF-8"), e.g. '
             "`iconv -f UTF-16 -t UTF-8 in.csv > out.csv`."
         )
-    position = _first_non_utf8(path, max_bytes=head_bytes)
-    if position is not None:
-        reason, byte, line = position
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as error:
+        if error.reason == "unexpected end of data" and len(head) == head_bytes:
+            return  # a character cut by the head's end
+        line = head.count(b"\n", 0, error.start) + 1
         raise ConfigError(
-            f"`{key}` {path!r} is not UTF-8 text ({reason} at byte {byte:,}, line {line:,}); save it as UTF-8 (e.g. "
-            "`iconv -f cp1252 -t utf-8 in.csv > out.csv` for a Windows export, `-f latin1` for others)."
-        )
+            f"`{key}` {path!r} is not UTF-8 text ({error.reason} at byte {error.start:,}, line {line:,}); "
+            f"{_SAVE_AS_UTF8}."
+        ) from None
 
 
 def check_csv_header(key: str, path: str) -> list[str]:
@@ -958,21 +961,6 @@ def check_csv_header(key: str, path: str) -> list[str]:
     return header
 
 
-# pandas' message for a row with more fields than the header ("C error: Expected 2 fields in line 3, saw 3").
-_FIELD_COUNT = re.compile(r"Expected (\d+) fields in line (\d+), saw (\d+)")
-
-
-def _first_overlong_row(files: list[str]) -> tuple[str, int, int, int] | None:
-    """The first row of the CSV `files` with more fields than its header: (file, header fields, line, fields)."""
-    for name in files:
-        records = _csv_records(name)
-        _, header = next(records, (0, []))
-        for line, fields in records:
-            if len(fields) > len(header):
-                return name, len(header), line, len(fields)
-    return None
-
-
 def _file_error(key: str, files: list[str], error: Exception) -> ConfigError:
     """A data file `datasets` could not read, said in one line with the fix."""
     cause: BaseException | None = error
@@ -985,28 +973,13 @@ def _file_error(key: str, files: list[str], error: Exception) -> ConfigError:
                 if position is not None:
                     reason, byte, line = position
                     return ConfigError(
-                        f"`{key}` {name!r} is not UTF-8 text ({reason} at byte {byte:,}, line {line:,}); save it as "
-                        "UTF-8 (e.g. `iconv -f cp1252 -t utf-8 in.csv > out.csv` for a Windows export, `-f latin1` "
-                        "for others)."
+                        f"`{key}` {name!r} is not UTF-8 text ({reason} at byte {byte:,}, line {line:,}); {_SAVE_AS_UTF8}."
                     )
-            return ConfigError(
-                f"`{key}` {files[0]!r} is not UTF-8 text ({cause.reason}); save it as UTF-8 "
-                "(e.g. `iconv -f latin1 -t utf-8 in.csv > out.csv`)."
-            )
-        fields = _FIELD_COUNT.search(str(cause)) if type(cause).__name__ == "ParserError" else None
-        if fields is not None:
-            # pandas does not say which file of several; find the row again with the `csv` module.
-            file, (expected, line, found) = files[0], fields.groups()
-            overlong = _first_overlong_row(files)
-            if overlong is not None:
-                file, expected, line, found = overlong
-            return ConfigError(
-                f"`{key}` {file!r}: line {line} has {found} fields where the header has {expected}; a caption with "
-                "a comma must be quoted (\"a red, round sign\"), as CSV writers such as pandas' `to_csv` or Python's "
-                "`csv` module do."
-            )
+            return ConfigError(f"`{key}` {files[0]!r} is not UTF-8 text ({cause.reason}); {_SAVE_AS_UTF8}.")
         unreadable = _first_unreadable_csv_record(files) if type(cause).__name__ == "ParserError" else None
-        if unreadable is not None:  # pandas says "EOF inside string starting at row 5", of a file it does not name
+        if unreadable is not None:
+            # pandas says "Expected 2 fields in line 3, saw 3" or "EOF inside string starting at row 5", of a file it
+            # does not name (of several): the record is found again as the stream's reader finds it.
             file, line, problem = unreadable
             return ConfigError(f"`{key}` {file!r}: line {line} cannot be read: {problem}.")
         if type(cause).__name__ == "EmptyDataError" or "corresponds to no data" in str(cause):

@@ -950,9 +950,7 @@ def load_webdataset(
         raise ConfigError(f"None of the {len(files):,} shards of `{key}` can be read: {found.summary()}.")
     first, samples = _first_samples(readable, _SAMPLES_FOR_FEATURES)
     if not samples:
-        raise ConfigError(
-            f"`{key}` {readable[0]!r} holds no sample (an empty tar?); each shard needs image-caption pairs."
-        )
+        raise ConfigError(f"`{key}` {readable[0]!r} {EMPTY_TAR}; each shard needs image-caption pairs.")
     others = [{name for name in sample if not _is_image_member(name)} for _, sample in samples]
     odd = next((index for index, members in enumerate(others) if members != others[0]), None)
     if odd is not None:

@@ -1229,10 +1229,10 @@ class CLIPContrastiveTrainer(Trainer):
         """
         if _internal_call:
             super().save_model(output_dir, _internal_call)
-            if self.ema_callback is not None and output_dir is not None and self.args.should_save:
-                # With the checkpoint's weights, before its optimizer state and `trainer_state.json`.
-                self.ema_callback.save(output_dir)
-            if output_dir is not None and self.args.should_save and os.path.isdir(output_dir):
+            if output_dir is not None and self.args.should_save:
+                if self.ema_callback is not None:
+                    # With the checkpoint's weights, before its optimizer state and `trainer_state.json`.
+                    self.ema_callback.save(output_dir)
                 share_saved_weights(output_dir)
             return
         output_dir = output_dir if output_dir is not None else self.args.output_dir

@@ -296,7 +296,7 @@ CASES = [
     # An unquoted comma in a caption, in the second file of a glob: the file and line are named, and the fix.
     Case("a caption with an unquoted comma",
          lambda a, t, m: set_option(a, "train_file", two_csvs_the_second_with_an_unquoted_comma(t)),
-         ("`train_file`", "p2.csv': line 4 has 3 fields where the header has 2", "must be quoted"), "data"),
+         ("`train_file`", "p2.csv': line 4 cannot be read: it has 3 fields where the header has 2", "must be quoted"), "data"),
     Case("a validation set with one pair",
          lambda a, t, m: [*a, "--eval_strategy", "epoch", "--validation_file",
                           csv_file(t, f"image,caption\nnone.png,a cat\n{an_image(a)},a red circle\n", name="val.csv")],
