@@ -42,7 +42,14 @@ from .captions import (
     sample_stream_captions,
 )
 from .hub import NETWORK_ERRORS
-from .images import BadSampleError, decode_base64_image, is_url, load_image, looks_like_base64_image
+from .images import (
+    BadSampleError,
+    decode_base64_image,
+    is_url,
+    load_image,
+    looks_like_base64_image,
+    resolve_image_path,
+)
 from .rows import find_bad_rows
 from .sources import (
     SOURCE_ROW_COLUMN,
@@ -352,12 +359,21 @@ def _load_mixture(
             if isinstance(validation, IterableDataset):  # a streamed source's own validation split, read once
                 validations[index] = Dataset.from_list(list(validation.take(limit)), features=validation.features)
         mixed["validation"] = datasets.concatenate_datasets(validations)
-    names = ", ".join(os.path.basename(os.path.normpath(source)) for source in mixture)
+    names = ", ".join(_data_name(source) for source in mixture)
     return mixed, DataSource("local", names, f"a weighted mixture of {len(mixture)} sources ({names})")
 
 
+def _data_name(path: str) -> str:
+    """How the card and the log name local data: its file or folder, with the folder above a glob or brace range
+    (`shards/{00000..00009}.tar`: the pattern alone says nothing of which shards)."""
+    folder, name = os.path.split(os.path.normpath(path))
+    if any(character in name for character in "*?[{") and os.path.basename(folder):
+        return f"{os.path.basename(folder)}/{name}"
+    return name
+
+
 def _local_source(path: str, splits: dict) -> DataSource:
-    name = os.path.basename(os.path.normpath(path))
+    name = _data_name(path)
     sizes = [f"{len(dataset):,} {split}" for split, dataset in splits.items() if isinstance(dataset, Dataset)]
     return DataSource("local", name, f"local data `{name}`" + (f" ({', '.join(sizes)} pairs)" if sizes else ""))
 
@@ -1030,8 +1046,8 @@ def _is_url_or_bytes(value: str) -> bool:
 
 
 def _resolve_image_value(value: Any, base_dir: str) -> Any:
-    if isinstance(value, str) and value and not os.path.isabs(value) and not _is_url_or_bytes(value):
-        return os.path.join(base_dir, value)
+    if isinstance(value, str) and value and not _is_url_or_bytes(value):
+        return resolve_image_path(value, base_dir)
     if isinstance(value, dict) and not value.get("bytes") and isinstance(value.get("path"), str):
         return {**value, "path": _resolve_image_value(value["path"], base_dir)}
     return value
@@ -1611,7 +1627,9 @@ def load_image_text_data(
         validation = held_out if hold_out else validation
     if validation is not None:
         validation = _finish_validation(validation, data_args, "validation", dropped, checked=checked, seed=seed)
-    sizes = [f"training pairs: {len(train_split):,}"] if isinstance(train_split, Dataset) else []
+    # A preparation run keeps an image's rows apart (the run that trains from its folder merges them): rows, not pairs.
+    what = "training rows" if data_args.prepare_only else "training pairs"
+    sizes = [f"{what}: {len(train_split):,}"] if isinstance(train_split, Dataset) else []
     sizes.append(f"validation pairs: {len(validation):,}" if validation is not None else "no validation pairs")
     logger.info("; ".join(sizes))
     return ImageTextData(
@@ -1749,4 +1767,7 @@ def save_prepared_data(data: ImageTextData, data_args: DataArguments, output_dir
         kept = embedded.filter(lambda problem: not problem, input_columns="_problem")
         splits[name] = kept.remove_columns([c for c in ("_problem", SOURCE_ROW_COLUMN) if c in kept.column_names])
     DatasetDict(splits).save_to_disk(output_dir)
+    # Rows, not pairs: a prepared folder keeps one row per caption, and the run that trains from it merges an
+    # image's rows (`caption_sampling`), so its count of training pairs can be smaller.
+    logger.info("Prepared rows written: " + "; ".join(f"{name} {len(split):,}" for name, split in splits.items()))
     return undecodable

@@ -13,6 +13,7 @@ import os
 import re
 import warnings
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import numpy as np
 import PIL.Image
@@ -48,7 +49,22 @@ ImageSource = PIL.Image.Image | str | os.PathLike | bytes | bytearray | memoryvi
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _resolve_path(path: str, base_dir: str | None) -> str:
+def file_url_path(path: str) -> str:
+    """The local path of a `file://` URL (as img2dataset's input lists and some exports write local images:
+    `file:///data/a%20b.jpg` is `/data/a b.jpg`); any other value unchanged."""
+    if not path[:7].lower() == "file://":
+        return path
+    parts = urlsplit(path)
+    # `file://host/path` names a file on another machine; only the local forms are read.
+    if parts.netloc not in ("", "localhost"):
+        return path
+    return unquote(parts.path)
+
+
+def resolve_image_path(path: str, base_dir: str | None) -> str:
+    """An image path as a file to open: a `file://` URL's path, a relative path joined to `base_dir` (the folder of
+    the file that lists it)."""
+    path = file_url_path(path)
     if base_dir is not None and not os.path.isabs(path):
         return os.path.join(base_dir, path)
     return path
@@ -81,7 +97,7 @@ def decode_base64_image(text: str) -> bytes | None:
 
 def _names_an_image(path: str, base_dir: str | None) -> bool:
     """Whether a path value leads to an image: an existing file, a URL (refused, with its own reason), or base64."""
-    return os.path.exists(_resolve_path(path, base_dir)) or is_url(path) or decode_base64_image(path) is not None
+    return os.path.exists(resolve_image_path(path, base_dir)) or is_url(path) or decode_base64_image(path) is not None
 
 
 def _url_error(url: str) -> BadSampleError:
@@ -125,7 +141,7 @@ def _split_source(
             raise BadSampleError("image path is empty")
         if is_url(path):
             raise _url_error(path)
-        resolved = _resolve_path(path, base_dir)
+        resolved = resolve_image_path(path, base_dir)
         if not os.path.exists(resolved):
             data = decode_base64_image(path)
             if data:

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .images import BadSampleError, decode_base64_image, image_not_found, is_url
+from .images import BadSampleError, decode_base64_image, image_not_found, is_url, resolve_image_path
 
 if TYPE_CHECKING:
     import datasets
@@ -168,12 +168,6 @@ class BadRowReport:
         return text
 
 
-def _resolve_path(path: str, base_dir: str | None) -> str:
-    if base_dir is not None and not os.path.isabs(path):
-        return os.path.join(base_dir, path)
-    return path
-
-
 # How `datasets`' `Dataset.to_csv` writes an `Image` value: the text of its dict, bytes and all (found anywhere in
 # the path: a relative one has its file's folder put before it).
 _IMAGE_DICT_AS_TEXT = ("{'bytes':", '{"bytes":', "{'path':", '{"path":')
@@ -187,7 +181,7 @@ def _check_path_cheaply(path: str, base_dir: str | None, cache: dict[str, str | 
         )
     if is_url(path):
         return f"image is a URL, and URLs are not fetched: {path[:100]} (download the images and give their paths)"
-    resolved = _resolve_path(path, base_dir)
+    resolved = resolve_image_path(path, base_dir)
     if resolved in cache:
         # Datasets like COCO repeat each image once per caption; stat it once.
         return cache[resolved]
@@ -363,7 +357,7 @@ def find_bad_rows(
                     # The row's image file names the pair (and, in a folder of .txt captions, its caption file).
                     paths = _image_paths(batch.column(image_column)) if paths is None else paths
                     image = paths[position]
-                    reason = error.reason + (f" (image {_resolve_path(image, base_dir)})" if image else "")
+                    reason = error.reason + (f" (image {resolve_image_path(image, base_dir)})" if image else "")
                     if caption is None and sample_columns:
                         key = batch.column("__key__")[position].as_py() if "__key__" in sample_columns else None
                         value = batch.column(image_column)[position].as_py()  # `{"bytes", "path": "key.jpg"}`

@@ -271,11 +271,17 @@ def test_prepare_only_copies_only_images(base_args, tmp_path, caplog):
     with train.open("a", newline="") as handle:
         csv.writer(handle).writerow(["../secret.txt", "a blue circle on white", "circle"])  # readable, no image
     out = tmp_path / "prepared"
-    caplog.set_level(logging.WARNING, logger="clip_trainer")
+    caplog.set_level(logging.INFO, logger="clip_trainer")
     main([*set_option(set_option(base_args, "train_file", str(train)), "output_dir", str(out)), "--prepare_only"])
     prepared = datasets.load_from_disk(str(out))
     total = sum(len(split) for split in prepared.values())
     assert total == 24
+    # The log counts rows (a prepared folder keeps an image's rows apart), before and after the row left out.
+    messages = [r.getMessage() for r in caplog.records]
+    written = f"Prepared rows written: train {len(prepared['train'])}; validation {len(prepared['validation'])}"
+    assert written in messages
+    assert any(m.startswith("training rows: ") for m in messages)
+    assert not any("training pairs: " in m for m in messages)
     # The row left out is named with its file, not by its place in a shuffled split (which is no row of the file),
     # and the prepared folder names it in `dropped_rows.jsonl`, which loading the folder ignores.
     said = [r.getMessage() for r in caplog.records if "whose image does not decode" in r.getMessage()]

@@ -19,6 +19,7 @@ from conftest import TINY_TEXT, TINY_VISION, draw_shape, shape_rows
 from clip_trainer import run
 from clip_trainer.arguments import ConfigError, DataArguments
 from clip_trainer.data import load_image_text_data
+from clip_trainer.images import load_image
 
 # --------------------------------------------------------------------------------------------------------------
 # Data made here
@@ -397,3 +398,43 @@ def test_a_class_label_column_as_captions_trains_on_the_class_names(tmp_path, mo
     loaded = load_image_text_data(DataArguments(dataset_name="classes", caption_column="label"), seed=1)
     assert sorted(set(loaded.train["label"])) == sorted(names)
     assert [loaded.validation[i]["label"] for i in range(3)] == names
+
+
+def test_local_file_urls_train_and_evaluate_as_the_paths_they_name(tmp_path, monkeypatch):
+    # img2dataset's input lists and some exports name local images as `file:///...` URLs, with spaces as `%20`.
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "my images"
+    folder.mkdir()
+    rows = []
+    for index in range(12):
+        (folder / f"{index} a.png").write_bytes(_png(index))
+        rows.append((folder / f"{index} a.png", _captions(index)[0]))
+    with open("paths.csv", "w", newline="") as handle:
+        csv.writer(handle).writerows([("image", "caption"), *((f"my images/{p.name}", c) for p, c in rows)])
+    with open("urls.csv", "w", newline="") as handle:
+        csv.writer(handle).writerows([("image", "caption"), *((p.as_uri(), c) for p, c in rows)])
+    assert "%20" in Path("urls.csv").read_text()
+    config = _tiny_config(tmp_path)
+    results = {
+        name: run.main(
+            _run_args(
+                config,
+                f"out-{name}",
+                "--train_file",
+                f"{name}.csv",
+                "--do_train",
+                "--do_eval",
+                "--validation_split_percentage",
+                "50",
+            )
+        )  # fmt: skip
+        for name in ("paths", "urls")
+    }
+    assert results["urls"]["eval_samples"] == results["paths"]["eval_samples"] == 6
+    for key in ("eval_loss", "eval_mean_recall", "train_loss"):
+        assert results["urls"][key] == pytest.approx(results["paths"][key]), key
+    assert not Path("out-urls/dropped_rows.jsonl").exists()
+    # Streamed, every row reads its image (one pass of the stream, which otherwise repeats).
+    streamed = load_image_text_data(DataArguments(train_file="urls.csv", streaming=True, max_eval_samples=2), seed=0)
+    images = [load_image(row["image"]) for row in streamed.one_pass]
+    assert len(images) == 12 and {image.size for image in images} == {(36, 36)}

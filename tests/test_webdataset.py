@@ -184,6 +184,8 @@ def test_shards_train_with_two_dataloader_workers(base_args, shards, tmp_path, s
     assert any(key.startswith("eval_t2i_recall") for entry in state["log_history"] for key in entry)
     # Loaded: 48 pairs less the 15% (8) held out; a stream counts the samples it drew: 6 steps of 8.
     assert results["train_samples"] == (48 - 8 if streaming == "false" else 6 * 8)
+    # The card names the shards by their pattern and its folder (the pattern alone does not say which shards).
+    assert f"local data `{shards.name}/{{00000..00003}}.tar`" in (tmp_path / "out" / "README.md").read_text()
 
 
 @pytest.mark.parametrize("streaming", ["true", "false"], ids=["streamed", "loaded"])
