@@ -23,7 +23,7 @@ the teacher E epochs instead of the demo's 10 (in `teacher-e60`; its distilled s
 clearly stronger than the student alone, on the same pairs.
 
 Finished runs in `--work_dir` are reused, so another distillation setting (`--distillation_weight`,
-`--distillation_temperature`) can be tried against the stored teacher and runs of the student alone by running the
+`--distillation_temperature`, `--distillation_intra_modal_weight`) can be tried against the stored teacher and runs of the student alone by running the
 script again with the same `--work_dir`: a setting other than the default writes its distilled runs to folders named
 by it (`student-with-teacher-w4-t0.1-42`), so settings never reuse each other's runs.
 """
@@ -62,6 +62,11 @@ def main(argv: list[str] | None = None) -> dict:
         "--distillation_temperature",
         default=None,
         help="The distilled arm's `distillation_temperature` (default: none).",
+    )
+    parser.add_argument(
+        "--distillation_intra_modal_weight",
+        default=None,
+        help="The distilled arm's `distillation_intra_modal_weight` (default: none, the cross-modal term alone).",
     )
     parser.add_argument(
         "--student_train_samples",
@@ -119,11 +124,14 @@ def main(argv: list[str] | None = None) -> dict:
     distil = ["--teacher_model_name_or_path", str(teacher), "--distillation_weight", args.distillation_weight]
     if args.distillation_temperature is not None:
         distil += ["--distillation_temperature", args.distillation_temperature]
+    if args.distillation_intra_modal_weight is not None:
+        distil += ["--distillation_intra_modal_weight", args.distillation_intra_modal_weight]
 
     # A setting other than the default gets its own folders (and the default keeps the names it always had), so that
     # settings tried in one work folder share the teacher and the student-alone runs but never each other's runs.
     setting = "" if args.distillation_weight == "1.0" else f"-w{args.distillation_weight}"
     setting += "" if args.distillation_temperature is None else f"-t{args.distillation_temperature}"
+    setting += "" if args.distillation_intra_modal_weight is None else f"-i{args.distillation_intra_modal_weight}"
     setting += teacher_setting.replace("-e", "-T")
     arms = {"student alone": ([], student_setting), "student + teacher": (distil, student_setting + setting)}
     arms = {name: arm for name, arm in arms.items() if ("alone" if not arm[0] else "distilled") in args.arms}
@@ -153,7 +161,8 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {"metric": METRIC, "seeds": args.seeds, "teacher": teacher_score, "scores": scores, "medians": medians,
                "gain_points": None if gain is None else round(gain * 100, 2),
                "student_train_samples": args.student_train_samples, "student_epochs": args.student_epochs, "teacher_epochs": args.teacher_epochs, "distillation_weight": float(args.distillation_weight),
-               "distillation_temperature": args.distillation_temperature}  # fmt: skip
+               "distillation_temperature": args.distillation_temperature,
+               "distillation_intra_modal_weight": args.distillation_intra_modal_weight}  # fmt: skip
     print(json.dumps(summary), flush=True)
     return summary
 

@@ -1189,6 +1189,16 @@ class CLIPTrainingArguments(TrainingArguments):
             ),
         },
     )
+    distillation_intra_modal_weight: float | None = field(
+        default=None,
+        metadata={
+            "help": "Adds to the distillation term this weight x the KL divergence from the teacher's image-to-image "
+            "and text-to-text similarity distributions over each batch (each row over the other rows) to the "
+            "student's: which images and captions the teacher finds alike. Most useful when the teacher learned from "
+            "more data than the student trains on. Empty: 0 (the image-to-text and text-to-image term alone).",
+            "bounds": Bounds(0, hint="e.g. 1; empty: 0"),
+        },
+    )
     # --- Fine-tuning without forgetting: partial locking, layer-wise rates, WiSE-FT, LoRA ---------------------------
     vision_trainable_layers: int | None = field(
         default=None,

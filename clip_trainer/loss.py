@@ -703,28 +703,24 @@ def _sigmoid_hard_negative_sum(
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _masked_log_softmax(logits: torch.Tensor, row_valid: torch.Tensor, column_valid: torch.Tensor) -> torch.Tensor:
-    """Each row's log-softmax over its valid columns, with 0 (not -inf) at invalid columns and in invalid rows.
+def _masked_log_softmax(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Each row's log-softmax over the columns `keep` (`(rows, columns)`) marks, with 0 (not -inf) elsewhere.
 
     Zeros rather than -inf: a zero probability times a `-inf - -inf` difference would be NaN, in the forward and in
-    the backward, even where it is multiplied by 0. An invalid row's logits are replaced by zeros before the softmax
-    (as in [`_masked_cross_entropies`]), so that a row with no valid column anywhere gives no NaN either.
+    the backward, even where it is multiplied by 0. A row with no column kept has its logits replaced by zeros
+    before the softmax (as in [`_masked_cross_entropies`]), so that it gives no NaN either.
     """
-    column_mask = torch.where(column_valid, 0.0, float("-inf")).to(logits.dtype)
-    logits = torch.where(row_valid[:, None], logits + column_mask, torch.zeros_like(logits))
-    keep = row_valid[:, None] & column_valid[None, :]
+    row_kept = keep.any(dim=-1, keepdim=True)
+    logits = torch.where(row_kept, logits.masked_fill(~keep, float("-inf")), torch.zeros_like(logits))
     return torch.where(keep, logits.log_softmax(dim=-1), torch.zeros_like(logits))
 
 
-def _kl_divergence_sum(
-    teacher_logits: torch.Tensor, student_logits: torch.Tensor, row_valid: torch.Tensor, column_valid: torch.Tensor
-) -> torch.Tensor:
-    """`sum_i KL(softmax(teacher_logits[i]) || softmax(student_logits[i]))` over the valid rows, each softmax over
-    the valid columns. `torch.nn.functional.kl_div` takes no mask, and its zero-target convention would still need
-    the masked entries out of the student's softmax, so the few lines are written here."""
-    teacher_log_probs = _masked_log_softmax(teacher_logits, row_valid, column_valid)
-    student_log_probs = _masked_log_softmax(student_logits, row_valid, column_valid)
-    keep = row_valid[:, None] & column_valid[None, :]
+def _kl_divergence_sum(teacher_logits: torch.Tensor, student_logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """`sum_i KL(softmax(teacher_logits[i]) || softmax(student_logits[i]))`, each softmax over the columns `keep`
+    marks in its row (a row with none adds 0). `torch.nn.functional.kl_div` takes no mask, and its zero-target
+    convention would still need the masked entries out of the student's softmax, so the few lines are written here."""
+    teacher_log_probs = _masked_log_softmax(teacher_logits, keep)
+    student_log_probs = _masked_log_softmax(student_logits, keep)
     teacher_probs = torch.where(keep, teacher_log_probs.exp(), torch.zeros_like(teacher_log_probs))
     return (teacher_probs * (teacher_log_probs - student_log_probs)).sum()
 
@@ -740,6 +736,7 @@ def distillation_loss(
     pad_to: int | None = None,
     valid: torch.Tensor | None = None,
     group: dist.ProcessGroup | None = None,
+    intra_modal_weight: float = 0.0,
 ) -> torch.Tensor:
     """The KL divergence from the teacher's similarity distributions over the batch to the student's.
 
@@ -751,7 +748,15 @@ def distillation_loss(
         `(mean_i KL(p_i2t_i || q_i2t_i) + mean_i KL(p_t2i_i || q_t2i_i)) / 2`
 
     with `p` the teacher's and `q` the student's distributions, the means over the valid pairs. It is 0 when the
-    student ranks the batch as the teacher does, at the same sharpness. For SigLIP models too the distributions are
+    student ranks the batch as the teacher does, at the same sharpness.
+
+    With `intra_modal_weight` `w > 0` the loss adds `w x (mean_i KL(p_i2i_i || q_i2i_i) + mean_i KL(p_t2t_i ||
+    q_t2t_i)) / 2`: each image's distribution over the batch's *other* images (the softmax of `inverse_temperature x
+    cosine`, its own column left out), and each text's over the other texts. These tell which images (and captions)
+    the teacher finds alike, which the cross-modal distributions of a teacher trained on the same pairs hardly do:
+    on its own training pairs they are nearly one-hot, while a student trained on fewer pairs than its teacher
+    learns from the teacher's neighbourhoods (the benchmark in docs/fine-tuning.md). The means are over the valid
+    pairs; a pair with no other valid pair in the batch adds 0. For SigLIP models too the distributions are
     softmaxes over the batch of the model's logits: SigLIP's bias shifts a whole row and leaves its softmax unchanged.
 
     The teacher's embeddings and inverse temperature are constants (no gradient is asked of them); the student's
@@ -772,12 +777,16 @@ def distillation_loss(
         valid (`torch.Tensor` of shape `(batch,)`, *optional*): `False` for rows that are no pair: they are neither
             rows nor columns of any distribution. With no valid pair the loss is 0, still connected to the graph.
         group: the process group; defaults to the world.
+        intra_modal_weight (`float`, *optional*, defaults to 0): the weight of the image-to-image and text-to-text
+            term (above); 0 leaves it out.
     """
     distributed = gather and dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+    first_row = 0  # this process's first row among the columns
     if distributed:
         world_size = dist.get_world_size(group)
         rows, row_valid, all_valid = _padding_and_validity(student_image_embeds, pad_to, valid, group)
         column_valid = all_valid.flatten()
+        first_row = dist.get_rank(group) * rows
         # The student's columns keep their gradients (back to the process that owns them); the teacher's have none.
         student_images = gather_with_gradient(_pad_rows(student_image_embeds, rows), group)
         student_texts = gather_with_gradient(_pad_rows(student_text_embeds, rows), group)
@@ -791,17 +800,25 @@ def distillation_loss(
         student_images, student_texts = student_image_embeds, student_text_embeds
         teacher_images, teacher_texts = teacher_image_embeds, teacher_text_embeds
 
-    total = _kl_divergence_sum(
-        teacher_inverse_temperature * teacher_image_embeds @ teacher_texts.T,
-        student_inverse_temperature * student_image_embeds @ student_texts.T,
-        row_valid,
-        column_valid,
-    ) + _kl_divergence_sum(
-        teacher_inverse_temperature * teacher_text_embeds @ teacher_images.T,
-        student_inverse_temperature * student_text_embeds @ student_images.T,
-        row_valid,
-        column_valid,
-    )
+    keep = row_valid[:, None] & column_valid[None, :]
+
+    def divergence(teacher_rows, teacher_columns, student_rows, student_columns, pairs):
+        return _kl_divergence_sum(
+            teacher_inverse_temperature * teacher_rows @ teacher_columns.T,
+            student_inverse_temperature * student_rows @ student_columns.T,
+            pairs,
+        )
+
+    total = divergence(teacher_image_embeds, teacher_texts, student_image_embeds, student_texts, keep)
+    total = total + divergence(teacher_text_embeds, teacher_images, student_text_embeds, student_images, keep)
+    if intra_modal_weight:
+        # Each row's own column (its place among every process's rows) is no neighbour of itself.
+        own = torch.arange(len(row_valid), device=keep.device) + first_row
+        others = keep.clone()
+        others[torch.arange(len(row_valid), device=keep.device), own] = False
+        intra = divergence(teacher_image_embeds, teacher_images, student_image_embeds, student_images, others)
+        intra = intra + divergence(teacher_text_embeds, teacher_texts, student_text_embeds, student_texts, others)
+        total = total + intra_modal_weight * intra
     # As in `distributed_clip_loss`: over the global number of pairs, times the world size that DDP's averaging
     # divides by again; clamped so that a batch without pairs gives 0, not 0 / 0.
     return total / 2 / column_valid.sum().clamp(min=1) * world_size

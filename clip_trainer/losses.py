@@ -262,7 +262,8 @@ def build_loss(model: nn.Module, family: ModelFamily, args: CLIPTrainingArgument
 class DistillationLoss:
     """The distillation term a run with a teacher adds to the contrastive loss: `weight x` [`distillation_loss`], the
     KL divergence from the teacher's image-to-text and text-to-image distributions over the batch to the student's
-    (gathered across processes like the contrastive loss's negatives).
+    (gathered across processes like the contrastive loss's negatives), plus `intra_modal_weight x` the image-to-image
+    and text-to-text one.
 
     Args:
         weight (`float`, *optional*, defaults to 1): what the KL divergence is multiplied by before it is added.
@@ -272,12 +273,21 @@ class DistillationLoss:
             teacher's sharpness (as open_clip's `DistillClipLoss` does).
         gather_negatives (`bool`, *optional*, defaults to `True`): under distributed training, the distributions
             are over the global batch.
+        intra_modal_weight (`float`, *optional*, defaults to 0): adds this weight x the image-to-image and
+            text-to-text divergence ([`distillation_loss`]) inside the term.
     """
 
-    def __init__(self, weight: float = 1.0, temperature: float | None = None, gather_negatives: bool = True) -> None:
+    def __init__(
+        self,
+        weight: float = 1.0,
+        temperature: float | None = None,
+        gather_negatives: bool = True,
+        intra_modal_weight: float = 0.0,
+    ) -> None:
         self.weight = weight
         self.temperature = temperature
         self.gather_negatives = gather_negatives
+        self.intra_modal_weight = intra_modal_weight
 
     @classmethod
     def from_arguments(cls, args: CLIPTrainingArguments) -> DistillationLoss | None:
@@ -290,7 +300,8 @@ class DistillationLoss:
         ):
             return None
         weight = 1.0 if args.distillation_weight is None else args.distillation_weight
-        return cls(weight, args.distillation_temperature, args.gather_negatives)
+        intra_modal_weight = args.distillation_intra_modal_weight or 0.0
+        return cls(weight, args.distillation_temperature, args.gather_negatives, intra_modal_weight)
 
     def inverse_temperatures(
         self, student: torch.Tensor, teacher: torch.Tensor
@@ -331,6 +342,7 @@ class DistillationLoss:
             gather=self.gather_negatives,
             pad_to=pad_to,
             valid=valid,
+            intra_modal_weight=self.intra_modal_weight,
         )
 
     def __repr__(self) -> str:

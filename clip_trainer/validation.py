@@ -551,7 +551,7 @@ def _check_distillation(
         if getattr(args, key) not in (None, False)
     ]
     preparing = data_args.prepare_only
-    for key in ("distillation_weight", "distillation_temperature"):
+    for key in ("distillation_weight", "distillation_temperature", "distillation_intra_modal_weight"):
         if getattr(args, key) is not None and (not teachers or preparing):
             raise ConfigError(
                 f"`{key}` is set, but there is no teacher to distil from; set `teacher_model_name_or_path` (or "

@@ -186,21 +186,28 @@ def test_the_logged_loss_is_contrastive_plus_weighted_kl_and_the_teacher_never_c
     assert len(training_logs(out)) == 2 and all("distillation_kl" in entry for entry in training_logs(out))
 
 
-def test_cached_accumulation_logs_the_same_loss_as_one_batch(tiny_clip_dir, teacher_dir, one_batch_csv, tmp_path):
+@pytest.mark.parametrize("intra_modal_weight", [None, "0.5"])
+def test_cached_accumulation_logs_the_same_loss_as_one_batch(
+    tiny_clip_dir, teacher_dir, one_batch_csv, tmp_path, intra_modal_weight
+):
     """Two micro-batches of 12 with cached accumulation: the first step's loss is the 24-pair batch's, with the
-    teacher's distributions over all 24 pairs, and a fixed distillation temperature."""
+    teacher's distributions over all 24 pairs, and a fixed distillation temperature; with the image-to-image and
+    text-to-text term, each row's distributions over the other 23."""
     out = tmp_path / "out"
     argv = [*distill_args(tiny_clip_dir, one_batch_csv, out), "--teacher_model_name_or_path", str(teacher_dir),
             "--distillation_temperature", "0.1", "--per_device_train_batch_size", "12",
             "--gradient_accumulation_steps", "2"]  # fmt: skip
+    if intra_modal_weight is not None:
+        argv += ["--distillation_intra_modal_weight", intra_modal_weight]
     run.main(argv)
     student_image, student_text, student_scale = float64_embeddings(tiny_clip_dir, one_batch_csv)
     teacher_image, teacher_text, _ = float64_embeddings(teacher_dir, one_batch_csv)
     contrastive = reference_clip_loss(student_image.tolist(), student_text.tolist(), student_scale)
     # With a temperature, both distributions are softmax(cosine / 0.1).
     divergence = reference_distillation(
-        student_image.tolist(), student_text.tolist(), teacher_image.tolist(), teacher_text.tolist(), 10.0, 10.0
-    )
+        student_image.tolist(), student_text.tolist(), teacher_image.tolist(), teacher_text.tolist(), 10.0, 10.0,
+        float(intra_modal_weight or 0),
+    )  # fmt: skip
     first = training_logs(out)[0]
     assert first["distillation_kl"] == pytest.approx(divergence, rel=1e-4)
     assert first["loss"] == pytest.approx(contrastive + divergence, rel=1e-4)
@@ -307,9 +314,11 @@ def test_a_naflex_teacher_embeds_its_own_patches(tiny_clip_dir):
 # --- cached accumulation: the teacher's embeddings are constants of the accumulated batch ----------------------
 
 
-def test_cached_accumulation_with_distillation_equals_one_big_batch():
+@pytest.mark.parametrize("intra_modal_weight", [0.0, 0.8])
+def test_cached_accumulation_with_distillation_equals_one_big_batch(intra_modal_weight):
     """float64, with dropout in the student and a teacher of another width: the cached gradients and loss equal one
-    backward of `clip_loss + weight x distillation_loss` over the concatenated batch."""
+    backward of `clip_loss + weight x distillation_loss` over the concatenated batch (with and without the
+    intra-modal term)."""
     student = make_model(torch.float64, dropout=0.3)
     config = CLIPConfig(
         text_config={**TINY_TEXT, "hidden_size": 48, "vocab_size": 64, "max_position_embeddings": 7, "bos_token_id": 0,
@@ -335,7 +344,7 @@ def test_cached_accumulation_with_distillation_equals_one_big_batch():
     def loss(images, texts, scale, pad_to, valid, teacher_image, teacher_text):
         base = contrastive_loss(images, texts, scale, pad_to=pad_to, valid=valid)
         kl = distillation_loss(images, texts, teacher_image, teacher_text, scale, teacher_scale, pad_to=pad_to,
-                               valid=valid)  # fmt: skip
+                               valid=valid, intra_modal_weight=intra_modal_weight)  # fmt: skip
         return base + weight * kl
 
     cache = GradientCache(
@@ -361,7 +370,8 @@ def test_cached_accumulation_with_distillation_equals_one_big_batch():
     with torch.no_grad():
         teacher_image, teacher_text = embed(teacher, {k: torch.cat([b[k] for b in batches]) for k in batches[0]})
     scale = student.logit_scale.exp()
-    kl = distillation_loss(image, text, teacher_image, teacher_text, scale, teacher_scale)
+    kl = distillation_loss(image, text, teacher_image, teacher_text, scale, teacher_scale,
+                           intra_modal_weight=intra_modal_weight)  # fmt: skip
     expected_loss = clip_loss(image, text, scale) + weight * kl
     expected_loss.backward()
     expected = gradients(student)
@@ -380,6 +390,11 @@ def test_cached_accumulation_with_distillation_equals_one_big_batch():
     [
         (["--distillation_weight", "0.5"], "there is no teacher to distil from"),
         (["--distillation_temperature", "0.1"], "there is no teacher to distil from"),
+        (["--distillation_intra_modal_weight", "1"], "there is no teacher to distil from"),
+        (
+            ["--teacher_model_name_or_path", "TEACHER", "--distillation_intra_modal_weight", "-1"],
+            "`distillation_intra_modal_weight`",
+        ),
         (["--distillation_weight", "0"], "`distillation_weight` is 0"),
         (["--teacher_model_name_or_path", "TEACHER", "--distill_from_pretrained", "true"], "keep one of them"),
         (["--teacher_model_name_or_path", "{tmp}/nowhere"], "`teacher_model_name_or_path`"),
@@ -477,7 +492,8 @@ def test_torchrun_two_processes_distil_over_the_global_batch(tiny_clip_dir, teac
                                                              teacher):  # fmt: skip
     """2 processes of 12 pairs each: the first logged loss and KL divergence are those of all 24 pairs at once (the
     distributions are over the gathered global batch), with cached accumulation on top; the same with the teacher's
-    embeddings stored by a preparation run and looked up by each process's collator."""
+    embeddings stored by a preparation run and looked up by each process's collator, with the image-to-image and
+    text-to-text term (each row left out of its own distribution at its place in the global batch)."""
     from test_distributed_run import torchrun
 
     out = tmp_path / "out"
@@ -499,14 +515,18 @@ def test_torchrun_two_processes_distil_over_the_global_batch(tiny_clip_dir, teac
             "--teacher_embeddings",
             str(prepared),
         ]
+    intra_modal_weight = 0.0 if teacher == "live" else 0.6
+    if intra_modal_weight:
+        argv += ["--distillation_intra_modal_weight", str(intra_modal_weight)]
     result = torchrun([*argv, "--gradient_accumulation_steps", "2", "--ddp_backend", "gloo",
                        "--distillation_weight", "0.5"])  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
     image, text, scale = float64_embeddings(tiny_clip_dir, one_batch_csv)
     teacher_image, teacher_text, teacher_scale = float64_embeddings(teacher_dir, one_batch_csv)
     divergence = reference_distillation(
-        image.tolist(), text.tolist(), teacher_image.tolist(), teacher_text.tolist(), scale, teacher_scale
-    )
+        image.tolist(), text.tolist(), teacher_image.tolist(), teacher_text.tolist(), scale, teacher_scale,
+        intra_modal_weight,
+    )  # fmt: skip
     first = training_logs(out)[0]
     assert first["distillation_kl"] == pytest.approx(divergence, rel=1e-4)
     contrastive = reference_clip_loss(image.tolist(), text.tolist(), scale)
@@ -537,10 +557,12 @@ def test_the_documented_commands_run(tmp_path, monkeypatch):
              "false", "--eval_on_start", "false", "--report_to", "none", "--dataloader_num_workers", "0",
              "--dataloader_persistent_workers", "false"]  # fmt: skip
     commands = documented_commands()
-    assert len(commands) == 5 and any("--teacher_embeddings" in c for c in commands)
+    assert len(commands) == 6 and any("--teacher_embeddings" in c for c in commands)
     for command in commands:
         run.main([*command, *short] if "--prepare_only" not in command else command)
-    for folder in ("outputs/demo", "outputs/demo-half-distilled", "outputs/demo-kept", "outputs/demo-half-stored"):
+    folders = ("outputs/demo", "outputs/demo-half-distilled", "outputs/demo-half-neighbours", "outputs/demo-kept",
+               "outputs/demo-half-stored")  # fmt: skip
+    for folder in folders:
         assert (tmp_path / folder / "model.safetensors").is_file()
     assert (tmp_path / "outputs/emoji-with-teacher/teacher_embeddings.safetensors").is_file()
     half = json.loads((tmp_path / "outputs/demo-half-distilled/config.json").read_text())
