@@ -49,16 +49,20 @@ ImageSource = PIL.Image.Image | str | os.PathLike | bytes | bytearray | memoryvi
 # --------------------------------------------------------------------------------------------------------------
 
 
-def file_url_path(path: str) -> str:
-    """The local path of a `file://` URL (as img2dataset's input lists and some exports write local images:
-    `file:///data/a%20b.jpg` is `/data/a b.jpg`); any other value unchanged."""
-    if not path[:7].lower() == "file://":
-        return path
+def _file_url(path: str) -> tuple[str, str] | None:
+    """`(host, path)` of a `file:` URL with an absolute path (`file:///a`, `file://localhost/a`, `file:/a`, the short
+    form of RFC 8089 that Java and Spark write), else `None`."""
+    if path[:5].lower() != "file:":
+        return None
     parts = urlsplit(path)
-    # `file://host/path` names a file on another machine; only the local forms are read.
-    if parts.netloc not in ("", "localhost"):
-        return path
-    return unquote(parts.path)
+    return (parts.netloc, unquote(parts.path)) if parts.path.startswith("/") else None
+
+
+def file_url_path(path: str) -> str:
+    """The local path of a `file:` URL (as img2dataset's input lists and some exports write local images:
+    `file:///data/a%20b.jpg` is `/data/a b.jpg`); any other value, a URL naming another machine included, unchanged."""
+    url = _file_url(path)
+    return url[1] if url is not None and url[0] in ("", "localhost") else path
 
 
 def resolve_image_path(path: str, base_dir: str | None) -> str:
@@ -71,8 +75,23 @@ def resolve_image_path(path: str, base_dir: str | None) -> str:
 
 
 def is_url(text: str) -> bool:
-    """Whether an image value is a URL; clip-trainer reads local files and embedded bytes only."""
-    return text.lower().startswith(URL_PREFIXES)
+    """Whether an image value is a URL that is not a local file; clip-trainer reads local files and embedded bytes
+    only."""
+    url = _file_url(text)
+    return text.lower().startswith(URL_PREFIXES) or (url is not None and url[0] not in ("", "localhost"))
+
+
+def url_reason(url: str) -> str:
+    """Why a URL row is left out, with the fix."""
+    if url[:5].lower() == "file:":
+        return (
+            f"image is a file:// URL on another machine ({urlsplit(url).netloc!r}): {url[:100]} (copy the images here "
+            "and give their paths, or file:///absolute/path for a file on this machine)"
+        )
+    return (
+        f"image is a URL, and URLs are not fetched: {url[:100]} (download the images first, e.g. with img2dataset, "
+        "and give their paths)"
+    )
 
 
 def looks_like_base64_image(text: str) -> bool:
@@ -98,13 +117,6 @@ def decode_base64_image(text: str) -> bytes | None:
 def _names_an_image(path: str, base_dir: str | None) -> bool:
     """Whether a path value leads to an image: an existing file, a URL (refused, with its own reason), or base64."""
     return os.path.exists(resolve_image_path(path, base_dir)) or is_url(path) or decode_base64_image(path) is not None
-
-
-def _url_error(url: str) -> BadSampleError:
-    return BadSampleError(
-        f"image is a URL, and URLs are not fetched: {url[:100]} (download the images first, e.g. with img2dataset, "
-        "and give their paths)"
-    )
 
 
 def _split_source(
@@ -140,7 +152,7 @@ def _split_source(
         if not path.strip():
             raise BadSampleError("image path is empty")
         if is_url(path):
-            raise _url_error(path)
+            raise BadSampleError(url_reason(path))
         resolved = resolve_image_path(path, base_dir)
         if not os.path.exists(resolved):
             data = decode_base64_image(path)

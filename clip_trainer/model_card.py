@@ -87,6 +87,9 @@ def _render(value: Any) -> str:
         return ", ".join(_render(item) for item in value) if value else "none"
     if isinstance(value, Mapping):
         return json.dumps(value, sort_keys=True, default=str)
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        # `TrainingArguments` stores some counts as floats (`logging_steps`, which may be a fraction): 25, not 25.0.
+        return str(int(value))
     return str(value)
 
 
@@ -552,6 +555,28 @@ def model_architecture(model: Any, tokenizer: Any = None) -> list[tuple[str, str
     return rows
 
 
+def _loss_text(trainer: CLIPContrastiveTrainer) -> str:
+    """The loss trained, in words: the contrastive loss, and the distillation term with its teacher and weights."""
+    text = trainer.contrastive_loss.card_text
+    distillation = getattr(trainer, "distillation", None)
+    if distillation is None:
+        return text
+    args = trainer.args
+    if args.teacher_model_name_or_path is not None:
+        teacher = f"the teacher `{_public(args.teacher_model_name_or_path)}`"
+    elif args.teacher_embeddings is not None:
+        teacher = "a teacher's stored embeddings"
+    else:
+        teacher = "a frozen copy of the starting model"
+    text += (
+        f", plus {distillation.weight:g} x the KL divergence from the image-to-text and text-to-image similarity "
+        f"distributions of {teacher} to the model's"
+    )
+    if distillation.intra_modal_weight:
+        text += f" and {distillation.intra_modal_weight:g} x that of the image-to-image and text-to-text ones"
+    return text + " (distillation)"
+
+
 def complete_card_data(card_data: CLIPModelCardData, trainer: CLIPContrastiveTrainer) -> CLIPModelCardData:
     """`card_data` with every field it leaves `None` that the trainer knows filled in: family and loss, where the
     model is (Hub id or output folder), pair counts, the zero-shot evaluation's templates and classes, text length,
@@ -563,7 +588,7 @@ def complete_card_data(card_data: CLIPModelCardData, trainer: CLIPContrastiveTra
     filled: dict[str, Any] = {
         "family": trainer.family.name,
         "family_docs": trainer.family.docs,
-        "loss": trainer.contrastive_loss.card_text,
+        "loss": _loss_text(trainer),
         # `Trainer.init_hf_repo` resolves the full id (`user/name`) when it pushes.
         "repo_id": getattr(trainer, "hub_model_id", None) or args.hub_model_id,
         "output_dir": args.output_dir,

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .images import BadSampleError, decode_base64_image, image_not_found, is_url, resolve_image_path
+from .images import BadSampleError, decode_base64_image, image_not_found, is_url, resolve_image_path, url_reason
 
 if TYPE_CHECKING:
     import datasets
@@ -180,7 +180,7 @@ def _check_path_cheaply(path: str, base_dir: str | None, cache: dict[str, str | 
             "column: export the dataset with `to_parquet` or `save_to_disk` instead"
         )
     if is_url(path):
-        return f"image is a URL, and URLs are not fetched: {path[:100]} (download the images and give their paths)"
+        return url_reason(path)
     resolved = resolve_image_path(path, base_dir)
     if resolved in cache:
         # Datasets like COCO repeat each image once per caption; stat it once.

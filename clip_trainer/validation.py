@@ -554,10 +554,10 @@ def _check_distillation(
     for key in ("distillation_weight", "distillation_temperature", "distillation_intra_modal_weight"):
         if getattr(args, key) is not None and (not teachers or preparing):
             raise ConfigError(
-                f"`{key}` is set, but there is no teacher to distil from; set `teacher_model_name_or_path` (or "
+                f"`{key}` is a training setting and this is a preparation run; give it to the run that trains."
+                if preparing
+                else f"`{key}` is set, but there is no teacher to distil from; set `teacher_model_name_or_path` (or "
                 f"`teacher_embeddings`, `distill_from_pretrained`), or drop `{key}`."
-                if not teachers
-                else f"`{key}` is a training setting and this is a preparation run; give it to the run that trains."
             )
     if not teachers:
         return

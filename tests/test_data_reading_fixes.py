@@ -411,9 +411,12 @@ def test_local_file_urls_train_and_evaluate_as_the_paths_they_name(tmp_path, mon
         rows.append((folder / f"{index} a.png", _captions(index)[0]))
     with open("paths.csv", "w", newline="") as handle:
         csv.writer(handle).writerows([("image", "caption"), *((f"my images/{p.name}", c) for p, c in rows)])
+    # The three local forms: `file:///`, `file://localhost/` and RFC 8089's short `file:/` (Java, Spark).
+    forms = [lambda p: p.as_uri(), lambda p: p.as_uri().replace("file://", "file://localhost"),
+             lambda p: p.as_uri().replace("file://", "file:")]  # fmt: skip
     with open("urls.csv", "w", newline="") as handle:
-        csv.writer(handle).writerows([("image", "caption"), *((p.as_uri(), c) for p, c in rows)])
-    assert "%20" in Path("urls.csv").read_text()
+        csv.writer(handle).writerows([("image", "caption"), *((forms[i % 3](p), c) for i, (p, c) in enumerate(rows))])
+    assert "%20" in Path("urls.csv").read_text() and "file:/" + str(folder)[1:4] in Path("urls.csv").read_text()
     config = _tiny_config(tmp_path)
     results = {
         name: run.main(
@@ -438,3 +441,9 @@ def test_local_file_urls_train_and_evaluate_as_the_paths_they_name(tmp_path, mon
     streamed = load_image_text_data(DataArguments(train_file="urls.csv", streaming=True, max_eval_samples=2), seed=0)
     images = [load_image(row["image"]) for row in streamed.one_pass]
     assert len(images) == 12 and {image.size for image in images} == {(36, 36)}
+    # A file URL on another machine is a URL that is not fetched, said so with the local form, not a made-up path.
+    Path("remote.csv").write_text(Path("paths.csv").read_text() + "file://otherhost/data/x.png,a picture elsewhere\n")
+    run.main(_run_args(config, "out-remote", "--train_file", "remote.csv", "--do_train"))
+    (dropped,) = [json.loads(line) for line in Path("out-remote/dropped_rows.jsonl").read_text().splitlines()]
+    assert "file:// URL on another machine ('otherhost')" in dropped["reason"]
+    assert "file:///absolute/path" in dropped["reason"] and "/file:" not in dropped["reason"]

@@ -211,6 +211,12 @@ def test_cached_accumulation_logs_the_same_loss_as_one_batch(
     first = training_logs(out)[0]
     assert first["distillation_kl"] == pytest.approx(divergence, rel=1e-4)
     assert first["loss"] == pytest.approx(contrastive + divergence, rel=1e-4)
+    # The card names the loss trained: the contrastive loss, the teacher, and each weight.
+    card = " ".join((out / "README.md").read_text().split())
+    said = ("plus 1 x the KL divergence from the image-to-text and text-to-image similarity distributions of the "
+            f"teacher `{teacher_dir.name}`")  # fmt: skip
+    assert said in card
+    assert ("and 0.5 x that of the image-to-image and text-to-text ones" in card) == (intra_modal_weight is not None)
 
 
 def test_the_pretrained_model_as_its_own_teacher(tiny_clip_dir, one_batch_csv, tmp_path, recorded):
@@ -391,6 +397,7 @@ def test_cached_accumulation_with_distillation_equals_one_big_batch(intra_modal_
         (["--distillation_weight", "0.5"], "there is no teacher to distil from"),
         (["--distillation_temperature", "0.1"], "there is no teacher to distil from"),
         (["--distillation_intra_modal_weight", "1"], "there is no teacher to distil from"),
+        (["--prepare_only", "true", "--distillation_intra_modal_weight", "1"], "this is a preparation run"),
         (
             ["--teacher_model_name_or_path", "TEACHER", "--distillation_intra_modal_weight", "-1"],
             "`distillation_intra_modal_weight`",

@@ -247,7 +247,7 @@ def test_non_default_training_arguments(tmp_path: Path) -> None:
         "eval_strategy": "epoch",
         "metric_for_best_model": "eval_mean_recall",
         "accelerator_config": "split_batches=True",
-        "max_logit_scale": "50.0",
+        "max_logit_scale": "50",
     }
     # A setting given explicitly that differs from what would be derived stays.
     explicit = non_default_training_arguments(dataclasses.replace(args, greater_is_better=False))

@@ -50,7 +50,8 @@ def test_card_of_a_run_loads_from_where_it_says_and_counts_agree(tiny_clip_dir, 
     csv_path = write_shapes_csv(user / "data", repeats=3)
     monkeypatch.chdir(user)
     main([*run_args(tiny_clip_dir, "data/pairs.csv", "outputs/card"), "--label_column", "shape",
-          "--zeroshot_templates", *TEMPLATES, "--augment", "true", "--color_jitter", "0.2"])  # fmt: skip
+          "--zeroshot_templates", *TEMPLATES, "--augment", "true", "--color_jitter", "0.2",
+          "--logging_steps", "5"])  # fmt: skip
     out = user / "outputs" / "card"
     text = (out / "README.md").read_text()
     train_samples = json.loads((out / "train_results.json").read_text())["train_samples"]
@@ -88,6 +89,7 @@ def test_card_of_a_run_loads_from_where_it_says_and_counts_agree(tiny_clip_dir, 
     assert settings["`augment`"] == ["True"] and settings["`color_jitter`"] == ["0.2"]
     assert settings["`label_column`"] == ["shape"] and settings["`zeroshot_templates`"] == ["a {} on white, a {}"]
     assert settings["`learning_rate`"] == ["0.003"] and settings["`eval_strategy`"] == ["epoch"]
+    assert settings["`logging_steps`"] == ["5"]  # a count the Trainer stores as a float, shown as given
     for internal in ("accelerator_config", "do_train", "do_eval", "greater_is_better", "output_dir", "logging_dir"):
         assert f"`{internal}`" not in settings, internal
     assert str(tmp_path) not in text
