@@ -49,26 +49,22 @@ ImageSource = PIL.Image.Image | str | os.PathLike | bytes | bytearray | memoryvi
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _file_url(path: str) -> tuple[str, str] | None:
-    """`(host, path)` of a `file:` URL with an absolute path (`file:///a`, `file://localhost/a`, `file:/a`, the short
-    form of RFC 8089 that Java and Spark write), else `None`."""
+def _file_url(path: str) -> tuple[bool, str] | None:
+    """`(on this machine, path)` of a `file:` URL with an absolute path (`file:///a`, `file://localhost/a`, `file:/a`,
+    the short form of RFC 8089 that Java and Spark write), else `None`."""
     if path[:5].lower() != "file:":
         return None
     parts = urlsplit(path)
-    return (parts.netloc, unquote(parts.path)) if parts.path.startswith("/") else None
-
-
-def file_url_path(path: str) -> str:
-    """The local path of a `file:` URL (as img2dataset's input lists and some exports write local images:
-    `file:///data/a%20b.jpg` is `/data/a b.jpg`); any other value, a URL naming another machine included, unchanged."""
-    url = _file_url(path)
-    return url[1] if url is not None and url[0] in ("", "localhost") else path
+    return (parts.netloc in ("", "localhost"), unquote(parts.path)) if parts.path.startswith("/") else None
 
 
 def resolve_image_path(path: str, base_dir: str | None) -> str:
-    """An image path as a file to open: a `file://` URL's path, a relative path joined to `base_dir` (the folder of
-    the file that lists it)."""
-    path = file_url_path(path)
+    """An image path as a file to open: a local `file:` URL's path (as img2dataset's input lists and some exports
+    write local images: `file:///data/a%20b.jpg` is `/data/a b.jpg`), a relative path joined to `base_dir` (the folder
+    of the file that lists it)."""
+    url = _file_url(path)
+    if url is not None and url[0]:
+        path = url[1]
     if base_dir is not None and not os.path.isabs(path):
         return os.path.join(base_dir, path)
     return path
@@ -78,7 +74,7 @@ def is_url(text: str) -> bool:
     """Whether an image value is a URL that is not a local file; clip-trainer reads local files and embedded bytes
     only."""
     url = _file_url(text)
-    return text.lower().startswith(URL_PREFIXES) or (url is not None and url[0] not in ("", "localhost"))
+    return text.lower().startswith(URL_PREFIXES) or (url is not None and not url[0])
 
 
 def url_reason(url: str) -> str:

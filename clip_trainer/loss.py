@@ -813,9 +813,9 @@ def distillation_loss(
     total = total + divergence(teacher_text_embeds, teacher_images, student_text_embeds, student_images, keep)
     if intra_modal_weight:
         # Each row's own column (its place among every process's rows) is no neighbour of itself.
-        own = torch.arange(len(row_valid), device=keep.device) + first_row
+        local_rows = torch.arange(len(row_valid), device=keep.device)
         others = keep.clone()
-        others[torch.arange(len(row_valid), device=keep.device), own] = False
+        others[local_rows, local_rows + first_row] = False
         intra = divergence(teacher_image_embeds, teacher_images, student_image_embeds, student_images, others)
         intra = intra + divergence(teacher_text_embeds, teacher_texts, student_text_embeds, student_texts, others)
         total = total + intra_modal_weight * intra
