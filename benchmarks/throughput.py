@@ -33,6 +33,7 @@ do), and the speed-up over the first value is printed; FLOPs per pair are counte
 Usage:
     python benchmarks/throughput.py --preset tiny                    # CPU: 1-2 minutes on 2 cores
     python benchmarks/throughput.py --preset tiny --patch-dropout 0,0.5,0.75
+    python benchmarks/throughput.py --preset demo --caption-words 12  # the demo's model; (c) bounds its step
     python benchmarks/throughput.py --preset vit-b-32                # one GPU: ViT-B/32, batch 256, ~4 minutes
     python benchmarks/throughput.py --preset vit-b-32 --only a,c --steps 100 --source-size 640x480
 
@@ -144,6 +145,31 @@ PRESETS = {
         steps=16,
         warmup=3,
         tokenizer_vocab_size=1024,
+    ),
+    # The bundled demo's model (configs/models/clip-tiny-64px.json) and batch: (c) is the most its step can give.
+    "demo": Preset(
+        vision={
+            "hidden_size": 128,
+            "intermediate_size": 512,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "image_size": 64,
+            "patch_size": 16,
+        },
+        text={
+            "hidden_size": 128,
+            "intermediate_size": 512,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 32,
+        },
+        projection_dim=128,
+        vocab_size=4096,
+        batch_size=64,
+        source_size=(72, 72),
+        steps=40,
+        warmup=5,
+        tokenizer_vocab_size=2048,
     ),
     # The architecture of openai/clip-vit-base-patch32 (random weights; nothing is downloaded).
     "vit-b-32": Preset(
@@ -535,9 +561,13 @@ def run_stock_trainer(setup: Setup) -> dict[str, float]:
 
 
 def device_batch(setup: Setup, rows: int) -> dict[str, torch.Tensor]:
-    """The first `rows` training rows through the stock collator (float pixels, full-context tokens), on the device."""
+    """The first `rows` training rows through the stock collator (float pixels), on the device, with the tokens cut to
+    the batch's longest caption as (a) pads them: (c) is then the ceiling of (a) also with captions shorter than the
+    context (`--caption-words`). The columns cut are padding, which the causal text tower never reads."""
     train = datasets.load_from_disk(str(setup.data_dir))["train"]
     batch = setup.stock_collator()([train[i] for i in range(rows)])
+    longest = int(batch["attention_mask"].sum(dim=1).max())
+    batch["input_ids"], batch["attention_mask"] = batch["input_ids"][:, :longest], batch["attention_mask"][:, :longest]
     return {key: value.to(setup.device) for key, value in batch.items() if isinstance(value, torch.Tensor)}
 
 
@@ -601,7 +631,10 @@ RUNNERS = {"a": run_clip_trainer, "b": run_stock_trainer, "c": run_plain_loop}
 def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--preset", choices=sorted(PRESETS), default=None, help="tiny (CPU default) or vit-b-32 (GPU default)."
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="tiny (CPU default), demo (the bundled demo's model) or vit-b-32 (GPU default).",
     )
     parser.add_argument("--steps", type=int, default=None, help="Timed optimizer steps per variant.")
     parser.add_argument("--warmup", type=int, default=None, help="Untimed steps first (compilation, worker start).")

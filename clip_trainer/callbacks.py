@@ -50,9 +50,14 @@ class ClampLogitScaleCallback(TrainerCallback):
 def all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
     """Whether every element of every tensor is finite, as a boolean tensor on the first tensor's device.
 
-    Computed without a host synchronisation: one fused `torch._foreach_norm` per device (the max-norm, which cannot
-    overflow on its own as a 2-norm of large finite values can, and is NaN or inf exactly when an element is), then
-    one reduction. The caller decides when to read it.
+    On an accelerator, computed without a host synchronisation: one fused `torch._foreach_norm` per device (the
+    max-norm, which cannot overflow on its own as a 2-norm of large finite values can, and is NaN or inf exactly when
+    an element is), then one reduction. The caller decides when to read it.
+
+    On the CPU, where reading a flag costs nothing but `_foreach_norm` is a loop of one kernel per tensor and the
+    max-norm's kernel is slow (2.8 ms a step for the demo's 78 gradients, against 0.2 ms for the 2-norms), the
+    2-norms are computed and read first: when all are finite, so is every element. Only when one is not (a NaN or
+    inf, or a 2-norm overflowing on large finite values) does the max-norm decide.
     """
     # An empty tensor is finite; `_foreach_norm` has no max-norm of one (FSDP2 leaves some processes an empty shard).
     tensors = [tensor for tensor in tensors if tensor.numel() > 0]
@@ -62,10 +67,12 @@ def all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
     for tensor in tensors:
         by_device.setdefault(tensor.device, []).append(tensor)
     first_device = tensors[0].device
-    flags = [
-        torch.stack(torch._foreach_norm(group, float("inf"))).isfinite().all().to(first_device)
-        for group in by_device.values()
-    ]
+    flags = []
+    for device, group in by_device.items():
+        if device.type == "cpu" and bool(torch.stack(torch._foreach_norm(group, 2.0)).isfinite().all()):
+            flags.append(torch.tensor(True, device=first_device))
+            continue
+        flags.append(torch.stack(torch._foreach_norm(group, float("inf"))).isfinite().all().to(first_device))
     return torch.stack(flags).all()
 
 

@@ -133,6 +133,9 @@ class ImageTextCollator:
             `teacher_attention_mask`). An augmented image reaches the teacher with the same crop and colours.
         teacher_embeddings: a [`StoredTeacherEmbeddings`] of the training data (written by a preparation run): the
             batch holds each row's stored teacher embeddings, `teacher_image_embeds` and `teacher_text_embeds`.
+        decoded_images: a [`DecodedImages`] of the training set (see `image_cache.py`, set by the trainer): rows
+            whose image it holds take their pixels from it instead of decoding the image (not with augmentation or
+            `teacher`).
     """
 
     tokenizer: PreTrainedTokenizerBase
@@ -149,6 +152,7 @@ class ImageTextCollator:
     row_image_ids: bool = True
     teacher: TeacherProcessing | None = None
     teacher_embeddings: Any = None
+    decoded_images: Any = None
 
     @classmethod
     def from_processor(cls, processor: Any, **kwargs: Any) -> ImageTextCollator:
@@ -175,16 +179,18 @@ class ImageTextCollator:
                     raise BadSampleError("no image and no caption: its record could not be read")
                 caption = check_caption(row.get(self.caption_column))
                 caption_read = True
-                image = load_image(row.get(self.image_column), max_pixels=self.max_image_pixels, draft_size=draft)
-                seed = None
-                if self.augmentation is not None:
-                    seed = _augmentation_seed(row)
-                    generator = torch.Generator().manual_seed(seed)
-                    image_pixels = self.augmentation(image, self.image_preprocessor, generator)
-                else:
-                    image_pixels = self.image_preprocessor(image)
-                if self.teacher is not None:
-                    teacher_pixels.append(self._teacher_pixels(image, seed))
+                image_pixels = self._decoded_pixels(row)
+                if image_pixels is None:
+                    image = load_image(row.get(self.image_column), max_pixels=self.max_image_pixels, draft_size=draft)
+                    seed = None
+                    if self.augmentation is not None:
+                        seed = _augmentation_seed(row)
+                        generator = torch.Generator().manual_seed(seed)
+                        image_pixels = self.augmentation(image, self.image_preprocessor, generator)
+                    else:
+                        image_pixels = self.image_preprocessor(image)
+                    if self.teacher is not None:
+                        teacher_pixels.append(self._teacher_pixels(image, seed))
                 pixels.append(image_pixels)
             except BadSampleError as error:
                 # Rows are checked for cheap faults before training; what is left (a corrupt file, a stream's row,
@@ -247,6 +253,23 @@ class ImageTextCollator:
             index[position, : len(negatives)] = torch.arange(len(flat), len(flat) + len(negatives))
             flat.extend(negatives)
         return flat, index
+
+    def decode_image(self, image: Any) -> Any:
+        """One image value (path, bytes, `datasets` dict or PIL image) decoded and preprocessed as a row without
+        augmentation is: the model's uint8 pixels.
+
+        Raises:
+            [`BadSampleError`]: the image cannot be used.
+        """
+        draft = self._draft_size() if self.jpeg_draft else None
+        return self.image_preprocessor(load_image(image, max_pixels=self.max_image_pixels, draft_size=draft))
+
+    def _decoded_pixels(self, row: dict[str, Any]) -> Any:
+        """The row's pixels from `decoded_images` (see `image_cache.py`), when it holds them and they are the row's
+        input: not with augmentation or a teacher's own view of the image, which start from the decoded image."""
+        if self.decoded_images is None or self.augmentation is not None or self.teacher is not None:
+            return None
+        return self.decoded_images.lookup(row)
 
     def _draft_size(self) -> tuple[int, int] | None:
         """The JPEG draft size that loses no pixel the student or the teacher keeps: the larger of the two."""

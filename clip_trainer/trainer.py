@@ -485,6 +485,7 @@ class CLIPContrastiveTrainer(Trainer):
         self.patch_dropout = attach_patch_dropout(self.model, self.args)
         if self.patch_dropout is not None:
             self.patch_dropout.step = lambda: self.state.global_step
+        self._decoded_images_decided = False  # whether the training images are kept decoded (image_cache.py)
         # Added after the Trainer's reporters, so that their `on_train_end` runs before these raise (when they stopped
         # the run). The signal callback goes first: it restores the process's handlers before it raises.
         self.add_callback(StopOnSignalCallback())
@@ -1505,7 +1506,9 @@ class CLIPContrastiveTrainer(Trainer):
 
     def get_train_dataloader(self) -> DataLoader:
         """`Trainer.get_train_dataloader`, whose workers leave SIGTERM and SIGINT to the main process (see
-        [`WorkersLeaveStopSignals`])."""
+        [`WorkersLeaveStopSignals`]), and whose collator takes the pixels of the training images decoded once, when
+        they are kept (see `image_cache.py`)."""
+        self._keep_decoded_training_images()
         loader = super().get_train_dataloader()
         if self.args.dataloader_num_workers:
             # Set after the Trainer built it: its own `worker_init_fn` (the seeding of map-style data) runs after. The
@@ -1520,6 +1523,56 @@ class CLIPContrastiveTrainer(Trainer):
                 inner._iterator = None
                 inner._initial_iter_for_state_dict = False
         return loader
+
+    def _keep_decoded_training_images(self) -> None:
+        """Decodes the training images once and gives the training collator their pixels, when
+        `decoded_image_cache_mb` allows it (see `image_cache.py`); decided once per trainer."""
+        if self._decoded_images_decided:
+            return
+        self._decoded_images_decided = True
+        reason = self._decoded_images_unused()
+        if reason is not None:
+            if reason:
+                logger.info(f"The training images are decoded at every epoch: {reason}.")
+            return
+        from .image_cache import decode_training_images
+
+        budget = self.args.decoded_image_cache_mb
+        collator = self.data_collator
+        cache = decode_training_images(
+            self.train_dataset, collator, self.args.dataloader_num_workers, int(budget * 2**20)
+        )
+        if cache is None:
+            height, width = collator.image_preprocessor.output_size
+            size = len(self.train_dataset) * 3 * height * width / 2**20
+            logger.info(
+                f"The training images are decoded at every epoch: their pixels would take {size:,.0f} MiB, more than "
+                f"`decoded_image_cache_mb` ({budget:g}); raise it to keep them in memory."
+            )
+            return
+        self.data_collator = dataclasses.replace(collator, decoded_images=cache)
+
+    def _decoded_images_unused(self) -> str | None:
+        """Why the training images are not kept decoded (`""`: nothing to tell), or `None` when they may be."""
+        collator, dataset = self.data_collator, self.train_dataset
+        if self.args.decoded_image_cache_mb == 0 or not isinstance(collator, ImageTextCollator):
+            return ""
+        streamed = isinstance(dataset, IterableDataset | torch.utils.data.IterableDataset)
+        if dataset is None or streamed or not hasattr(dataset, "__len__"):
+            return ""  # a stream is read once per pass, from where it lies
+        if collator.decoded_images is not None:
+            return ""  # a collator of the caller's that has them
+        if collator.augmentation is not None:
+            return "they are augmented (a new crop at each epoch)"
+        if collator.teacher is not None:
+            return "the distillation teacher takes its own view of each image"
+        if collator.image_preprocessor.output_size is None:
+            return "NaFlex keeps each image at its own size"
+        planned = self._planned_steps()
+        rows = planned * self.args.train_batch_size * self.args.gradient_accumulation_steps if planned else 0
+        if rows < 2 * len(dataset):
+            return ""  # read at most about once per process: decoding ahead would save nothing
+        return None
 
     def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test"):
         """`Trainer.predict`, with `test_dataset` prepared and batched as an evaluation set is (image ids and class

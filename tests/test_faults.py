@@ -41,6 +41,9 @@ def test_all_finite_is_one_device_flag():
     assert all_finite([*finite, torch.tensor([1.0, math.nan])]).item() is False
     assert all_finite([torch.tensor([-math.inf]), *finite]).item() is False
     assert all_finite([torch.full((4,), 3e38)]).item() is True  # a 2-norm would overflow; the max-norm does not
+    # An overflowing 2-norm beside a NaN, and an inf among bfloat16 values: the max-norm still finds them.
+    assert all_finite([torch.full((4,), 3e38), torch.tensor([0.0, math.nan])]).item() is False
+    assert all_finite([torch.tensor([1.0, math.inf, 2.0], dtype=torch.bfloat16), *finite]).item() is False
     assert all_finite([]).item() is True
 
 
