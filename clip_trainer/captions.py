@@ -77,8 +77,19 @@ def image_key(row: dict[str, Any], image_column: str, image_id_column: str | Non
     if isinstance(value, bytes | bytearray | memoryview):
         return _content_key(value)
     if hasattr(value, "tobytes"):  # a decoded PIL image
-        return "pixels:" + hashlib.blake2b(value.tobytes(), digest_size=16).hexdigest()
+        return "pixels:" + _picture_digest(value)
     return "path:" + str(value)
+
+
+def _picture_digest(image: Any) -> str:
+    """A digest of a decoded PIL image as the picture it shows: its raw bytes with its mode, size, palette and
+    transparency (the same bytes are another picture in another mode or shape, or under another palette)."""
+    digest = hashlib.blake2b(digest_size=16)
+    palette = image.getpalette() if image.mode in ("P", "PA") else None
+    header = (image.mode, image.size, palette, image.info.get("transparency"))
+    digest.update(repr(header).encode())
+    digest.update(image.tobytes())
+    return digest.hexdigest()
 
 
 def _stored_image(value: Any) -> Any:

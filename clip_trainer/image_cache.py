@@ -82,7 +82,10 @@ def _as_list(items: list) -> list:
 
 def decode_training_images(dataset: Any, collator: Any, workers: int, max_bytes: int) -> DecodedImages | None:
     """Decodes every row's image of a map-style training set with `collator` (an `ImageTextCollator` that does not
-    augment), in `workers` DataLoader workers; `None` when one pixel per row would take more than `max_bytes`."""
+    augment), in `workers` DataLoader workers; `None` when one image per row could take more than `max_bytes`.
+
+    The budget is checked before anything is decoded, so against one image per row: the most the pixels can take
+    (rows of one picture share an entry, but which rows show one picture is known only once they are read)."""
     height, width = collator.image_preprocessor.output_size
     rows = len(dataset)
     if rows * 3 * height * width > max_bytes:
@@ -90,8 +93,14 @@ def decode_training_images(dataset: Any, collator: Any, workers: int, max_bytes:
     start = time.perf_counter()
     pixels = np.empty((rows, 3, height, width), dtype=np.uint8)
     slots: dict[str, int] = {}
+    # A generator of its own: a DataLoader draws its workers' base seed when it starts, which from torch's global
+    # generator would move every later draw of the run (dropout), and the run would no longer be the one without.
     loader = torch.utils.data.DataLoader(
-        _RowImages(dataset, collator), batch_size=64, num_workers=workers, collate_fn=_as_list
+        _RowImages(dataset, collator),
+        batch_size=64,
+        num_workers=workers,
+        collate_fn=_as_list,
+        generator=torch.Generator(),
     )
     failed = 0
     for batch in loader:

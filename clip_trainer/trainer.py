@@ -1544,10 +1544,12 @@ class CLIPContrastiveTrainer(Trainer):
         )
         if cache is None:
             height, width = collator.image_preprocessor.output_size
-            size = len(self.train_dataset) * 3 * height * width / 2**20
+            rows = len(self.train_dataset)
+            size = rows * 3 * height * width / 2**20
             logger.info(
-                f"The training images are decoded at every epoch: their pixels would take {size:,.0f} MiB, more than "
-                f"`decoded_image_cache_mb` ({budget:g}); raise it to keep them in memory."
+                f"The training images are decoded at every epoch: their pixels could take up to {size:,.1f} MiB (one "
+                f"{height}x{width} image for each of the {rows:,} training rows), more than `decoded_image_cache_mb` "
+                f"({budget:g}); raise it to keep them in memory."
             )
             return
         self.data_collator = dataclasses.replace(collator, decoded_images=cache)

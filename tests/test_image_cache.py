@@ -8,6 +8,7 @@ import dataclasses
 import json
 import logging
 
+import numpy as np
 import pytest
 import torch
 from conftest import build_trainer, set_option, write_shapes_csv
@@ -79,6 +80,28 @@ def test_the_kept_pixels_are_the_collators_and_its_batches_unchanged(tiny_clip_d
     assert any("Leaving out" in record.getMessage() for record in caplog.records)
 
 
+def test_decoded_pictures_are_told_apart_by_mode_shape_and_palette(tiny_clip_dir):
+    """A training set of decoded PIL images (a `datasets.Dataset` built in memory): pictures with the same raw bytes
+    under another palette, or in another shape, are different pictures, each with its own pixels."""
+    indices = np.zeros((40, 40), np.uint8)
+    indices[10:30, 5:20] = 1
+    pictures = []
+    for colour in [(255, 0, 0), (0, 0, 255), (0, 0, 0)]:  # one icon under three palettes
+        picture = Image.fromarray(indices, "P")
+        picture.putpalette([255, 255, 255, *colour] + [0] * 762)
+        pictures.append(picture)
+    stripes = np.arange(20 * 60 * 3, dtype=np.uint8)
+    pictures += [Image.fromarray(stripes.reshape(20, 60, 3)), Image.fromarray(stripes.reshape(60, 20, 3))]
+    rows = [{"image": picture, "caption": f"picture {index}"} for index, picture in enumerate(pictures)]
+    collator = ImageTextCollator.from_processor(AutoProcessor.from_pretrained(tiny_clip_dir, backend="pil"))
+    cache = decode_training_images(rows, collator, workers=0, max_bytes=2**30)
+    assert len(cache.slots) == 5
+    for row in rows:
+        assert (cache.lookup(row) == collator.decode_image(row["image"])).all()
+    assert torch.equal(dataclasses.replace(collator, decoded_images=cache)(rows)["pixel_values"],
+                       collator(rows)["pixel_values"])  # fmt: skip
+
+
 def _trained(out):
     state = json.loads((out / "trainer_state.json").read_text())
     return [entry["loss"] for entry in state["log_history"] if "loss" in entry], load_file(out / "model.safetensors")
@@ -94,6 +117,8 @@ def test_a_run_with_the_images_kept_trains_as_one_that_decodes_them_every_epoch(
     argv = set_option(set_option(base_args, "train_file", str(train)), "num_train_epochs", "3")
     argv = set_option(set_option(argv, "validation_split_percentage", "0"), "dataloader_num_workers", str(workers))
     argv = set_option(argv, "dataloader_persistent_workers", str(workers > 0).lower())
+    # Dropout draws from torch's global generator, which decoding ahead must leave where it was.
+    argv = set_option(argv, "dropout", "0.1")
     decoded = []
     load_image = collator_module.load_image
     monkeypatch.setattr(
@@ -135,7 +160,10 @@ def test_when_the_images_are_not_kept(tiny_clip_dir, shapes_csv, tmp_path, caplo
     assert not kept(num_train_epochs=1)
     assert not kept(decoded_image_cache_mb=0)
     assert not kept(decoded_image_cache_mb=0.1)  # 72 images of 3 KiB
-    assert "more than `decoded_image_cache_mb` (0.1); raise it" in caplog.text
+    assert (
+        "could take up to 0.2 MiB (one 32x32 image for each of the 72 training rows), more than `decoded_image_cache_mb` (0.1); raise it"
+        in caplog.text
+    )
     assert not kept(augment=True)
     assert "decoded at every epoch: they are augmented" in caplog.text
     # By steps: 18 steps of 8 read the 72 rows twice, 17 do not.
