@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging
 
 from .augmentation import AUGMENTATION_SEED_KEY, ImageAugmentation
-from .captions import caption_list, training_image_id
+from .captions import caption_list, image_key, key_to_id, training_image_id
 from .data import IMAGE_ID_COLUMN, LABEL_COLUMN, SOURCE_ROW_COLUMN, is_unreadable_row
 from .images import BadSampleError, load_image, looks_like_base64_image
 from .preprocessing import ImagePreprocessor
@@ -171,15 +171,20 @@ class ImageTextCollator:
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         pixels, captions, valid = [], [], []
         teacher_pixels = []
+        # Each row's picture key when the kept pixels are looked up, reused for its image id (one digest of its bytes).
+        pictures: dict[int, str] = {}
         draft = self._draft_size() if self.jpeg_draft else None
-        for row in rows:
+        for position, row in enumerate(rows):
             caption_read = False
             try:
                 if is_unreadable_row(row):
                     raise BadSampleError("no image and no caption: its record could not be read")
                 caption = check_caption(row.get(self.caption_column))
                 caption_read = True
-                image_pixels = self._decoded_pixels(row)
+                image_pixels = None
+                if self._reads_decoded_images:
+                    pictures[position] = image_key(row, self.image_column)
+                    image_pixels = self.decoded_images.lookup(pictures[position])
                 if image_pixels is None:
                     image = load_image(row.get(self.image_column), max_pixels=self.max_image_pixels, draft_size=draft)
                     seed = None
@@ -231,7 +236,12 @@ class ImageTextCollator:
         if rows and IMAGE_ID_COLUMN in rows[0]:
             batch["image_ids"] = torch.tensor([row[IMAGE_ID_COLUMN] for row in rows], dtype=torch.long)
         elif rows and (self.row_image_ids or self.teacher_embeddings is not None):
-            ids = [training_image_id(row, self.image_column, self.image_id_column) for row in rows]
+            ids = [
+                key_to_id(pictures[position])
+                if position in pictures and self.image_id_column is None
+                else training_image_id(row, self.image_column, self.image_id_column)
+                for position, row in enumerate(rows)
+            ]
             if self.row_image_ids:
                 batch["image_ids"] = torch.tensor(ids, dtype=torch.long)
             if self.teacher_embeddings is not None:
@@ -264,12 +274,11 @@ class ImageTextCollator:
         draft = self._draft_size() if self.jpeg_draft else None
         return self.image_preprocessor(load_image(image, max_pixels=self.max_image_pixels, draft_size=draft))
 
-    def _decoded_pixels(self, row: dict[str, Any]) -> Any:
-        """The row's pixels from `decoded_images` (see `image_cache.py`), when it holds them and they are the row's
-        input: not with augmentation or a teacher's own view of the image, which start from the decoded image."""
-        if self.decoded_images is None or self.augmentation is not None or self.teacher is not None:
-            return None
-        return self.decoded_images.lookup(row)
+    @property
+    def _reads_decoded_images(self) -> bool:
+        """Whether rows take their pixels from `decoded_images` (see `image_cache.py`): not with augmentation or a
+        teacher's own view of the image, which start from the decoded image."""
+        return self.decoded_images is not None and self.augmentation is None and self.teacher is None
 
     def _draft_size(self) -> tuple[int, int] | None:
         """The JPEG draft size that loses no pixel the student or the teacher keeps: the larger of the two."""

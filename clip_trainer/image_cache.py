@@ -32,7 +32,7 @@ from .images import BadSampleError
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["DecodedImages", "decode_training_images"]
+__all__ = ["DecodedImages", "decode_training_images", "most_bytes"]
 
 
 @dataclass
@@ -42,11 +42,11 @@ class DecodedImages:
 
     pixels: np.ndarray
     slots: dict[str, int]
-    image_column: str
 
-    def lookup(self, row: dict[str, Any]) -> np.ndarray | None:
-        """The row's preprocessed pixels, or `None` when its image was not kept (it failed to decode)."""
-        slot = self.slots.get(image_key(row, self.image_column))
+    def lookup(self, picture: str) -> np.ndarray | None:
+        """The preprocessed pixels of a row's picture ([`captions.image_key`] without the image id column), or `None`
+        when its image was not kept (it failed to decode)."""
+        slot = self.slots.get(picture)
         return None if slot is None else self.pixels[slot]
 
     @property
@@ -80,16 +80,18 @@ def _as_list(items: list) -> list:
     return items
 
 
-def decode_training_images(dataset: Any, collator: Any, workers: int, max_bytes: int) -> DecodedImages | None:
-    """Decodes every row's image of a map-style training set with `collator` (an `ImageTextCollator` that does not
-    augment), in `workers` DataLoader workers; `None` when one image per row could take more than `max_bytes`.
+def most_bytes(dataset: Any, collator: Any) -> int:
+    """The most memory the decoded images of `dataset` can take: one image per row. (Rows of one picture share an
+    entry, but which rows show one picture is known only once they are read; the budget is checked before.)"""
+    height, width = collator.image_preprocessor.output_size
+    return len(dataset) * 3 * height * width
 
-    The budget is checked before anything is decoded, so against one image per row: the most the pixels can take
-    (rows of one picture share an entry, but which rows show one picture is known only once they are read)."""
+
+def decode_training_images(dataset: Any, collator: Any, workers: int) -> DecodedImages:
+    """Decodes every row's image of a map-style training set with `collator` (an `ImageTextCollator` that does not
+    augment), in `workers` DataLoader workers."""
     height, width = collator.image_preprocessor.output_size
     rows = len(dataset)
-    if rows * 3 * height * width > max_bytes:
-        return None
     start = time.perf_counter()
     pixels = np.empty((rows, 3, height, width), dtype=np.uint8)
     slots: dict[str, int] = {}
@@ -110,7 +112,7 @@ def decode_training_images(dataset: Any, collator: Any, workers: int, max_bytes:
             elif key not in slots:
                 pixels[len(slots)] = image
                 slots[key] = len(slots)
-    cache = DecodedImages(pixels[: len(slots)], slots, collator.image_column)
+    cache = DecodedImages(pixels[: len(slots)], slots)
     left_out = f"; {failed:,} row(s) whose image cannot be used are met at each epoch as before" if failed else ""
     logger.info(
         f"Decoded the training set's {len(slots):,} images once in {time.perf_counter() - start:.1f} s and kept "

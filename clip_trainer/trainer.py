@@ -1537,21 +1537,8 @@ class CLIPContrastiveTrainer(Trainer):
             return
         from .image_cache import decode_training_images
 
-        budget = self.args.decoded_image_cache_mb
         collator = self.data_collator
-        cache = decode_training_images(
-            self.train_dataset, collator, self.args.dataloader_num_workers, int(budget * 2**20)
-        )
-        if cache is None:
-            height, width = collator.image_preprocessor.output_size
-            rows = len(self.train_dataset)
-            size = rows * 3 * height * width / 2**20
-            logger.info(
-                f"The training images are decoded at every epoch: their pixels could take up to {size:,.1f} MiB (one "
-                f"{height}x{width} image for each of the {rows:,} training rows), more than `decoded_image_cache_mb` "
-                f"({budget:g}); raise it to keep them in memory."
-            )
-            return
+        cache = decode_training_images(self.train_dataset, collator, self.args.dataloader_num_workers)
         self.data_collator = dataclasses.replace(collator, decoded_images=cache)
 
     def _decoded_images_unused(self) -> str | None:
@@ -1574,6 +1561,16 @@ class CLIPContrastiveTrainer(Trainer):
         rows = planned * self.args.train_batch_size * self.args.gradient_accumulation_steps if planned else 0
         if rows < 2 * len(dataset):
             return ""  # read at most about once per process: decoding ahead would save nothing
+        from .image_cache import most_bytes
+
+        size, budget = most_bytes(dataset, collator) / 2**20, self.args.decoded_image_cache_mb
+        if size > budget:
+            height, width = collator.image_preprocessor.output_size
+            return (
+                f"their pixels could take up to {size:,.1f} MiB (one {height}x{width} image for each of the "
+                f"{len(dataset):,} training rows), more than `decoded_image_cache_mb` ({budget:g}); raise it to keep "
+                "them in memory"
+            )
         return None
 
     def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test"):

@@ -18,8 +18,9 @@ from transformers import AutoProcessor
 
 import clip_trainer.collator as collator_module
 from clip_trainer.augmentation import ImageAugmentation
+from clip_trainer.captions import image_key
 from clip_trainer.collator import ImageTextCollator
-from clip_trainer.image_cache import decode_training_images
+from clip_trainer.image_cache import decode_training_images, most_bytes
 from clip_trainer.images import BadSampleError
 from clip_trainer.run import main
 
@@ -46,20 +47,20 @@ def test_the_kept_pixels_are_the_collators_and_its_batches_unchanged(tiny_clip_d
     (tmp_path / "images/truncated.png").write_bytes(whole[: len(whole) // 2])
     rows.append({"image": str(tmp_path / "images/truncated.png"), "caption": "half a picture"})
     collator = ImageTextCollator.from_processor(AutoProcessor.from_pretrained(tiny_clip_dir, backend="pil"))
-    cache = decode_training_images(rows, collator, workers=0, max_bytes=2**30)
+    cache = decode_training_images(rows, collator, workers=0)
     # 27 rows: 24 pictures kept once each (the one named twice shares its entry), the corrupt and the truncated files
     # not kept.
     assert len(rows) == 27 and len(cache.slots) == 24 and cache.pixels.shape == (24, 3, 32, 32)
     for row in rows:
         if "corrupt" in row["image"] or "truncated" in row["image"]:
-            assert cache.lookup(row) is None
+            assert cache.lookup(image_key(row, "image")) is None
         else:
-            assert (cache.lookup(row) == collator.decode_image(row["image"])).all()
+            assert (cache.lookup(image_key(row, "image")) == collator.decode_image(row["image"])).all()
     # Built in a DataLoader worker: the same pixels.
-    in_worker = decode_training_images(rows, collator, workers=1, max_bytes=2**30)
+    in_worker = decode_training_images(rows, collator, workers=1)
     assert in_worker.slots == cache.slots and (in_worker.pixels == cache.pixels).all()
-    # More than the budget: nothing is kept.
-    assert decode_training_images(rows, collator, workers=0, max_bytes=27 * 3 * 32 * 32 - 1) is None
+    # The budget is checked against one image per row, the most the pixels can take.
+    assert most_bytes(rows, collator) == 27 * 3 * 32 * 32
 
     expected = collator(rows)
     decoded = []
@@ -94,10 +95,10 @@ def test_decoded_pictures_are_told_apart_by_mode_shape_and_palette(tiny_clip_dir
     pictures += [Image.fromarray(stripes.reshape(20, 60, 3)), Image.fromarray(stripes.reshape(60, 20, 3))]
     rows = [{"image": picture, "caption": f"picture {index}"} for index, picture in enumerate(pictures)]
     collator = ImageTextCollator.from_processor(AutoProcessor.from_pretrained(tiny_clip_dir, backend="pil"))
-    cache = decode_training_images(rows, collator, workers=0, max_bytes=2**30)
+    cache = decode_training_images(rows, collator, workers=0)
     assert len(cache.slots) == 5
     for row in rows:
-        assert (cache.lookup(row) == collator.decode_image(row["image"])).all()
+        assert (cache.lookup(image_key(row, "image")) == collator.decode_image(row["image"])).all()
     assert torch.equal(dataclasses.replace(collator, decoded_images=cache)(rows)["pixel_values"],
                        collator(rows)["pixel_values"])  # fmt: skip
 
